@@ -1,0 +1,154 @@
+//! Length-delimited postcard frames over one stream.
+
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::{Framed, LengthDelimitedCodec};
+
+use crate::ProtoError;
+
+/// Largest frame either side accepts. Data chunks are far smaller
+/// ([`crate::IO_CHUNK`]); this bounds what a hostile peer can make us buffer.
+pub const MAX_FRAME: usize = 1024 * 1024;
+
+/// A typed frame channel over a byte stream.
+pub struct FrameStream<S> {
+    inner: Framed<S, LengthDelimitedCodec>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> FrameStream<S> {
+    pub fn new(io: S) -> Self {
+        let codec = LengthDelimitedCodec::builder()
+            .max_frame_length(MAX_FRAME)
+            .new_codec();
+        FrameStream {
+            inner: Framed::new(io, codec),
+        }
+    }
+
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), ProtoError> {
+        let bytes = postcard::to_stdvec(msg)?;
+        self.inner.send(Bytes::from(bytes)).await?;
+        Ok(())
+    }
+
+    /// Next frame, or `None` at a clean end of stream.
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ProtoError> {
+        match self.inner.next().await {
+            None => Ok(None),
+            Some(frame) => Ok(Some(postcard::from_bytes(&frame?)?)),
+        }
+    }
+
+    /// Next frame; end of stream is an error naming what was expected.
+    pub async fn expect<T: DeserializeOwned>(
+        &mut self,
+        what: &'static str,
+    ) -> Result<T, ProtoError> {
+        self.recv()
+            .await?
+            .ok_or(ProtoError::UnexpectedEof(what))
+    }
+
+    /// Flush and shut down the write side.
+    pub async fn close(&mut self) -> Result<(), ProtoError> {
+        SinkExt::<Bytes>::close(&mut self.inner).await?;
+        Ok(())
+    }
+
+    pub fn into_inner(self) -> S {
+        self.inner.into_inner()
+    }
+
+    /// Split into independent read and write halves.
+    pub fn split(self) -> (FrameReader<S>, FrameWriter<S>) {
+        let (w, r) = self.inner.split();
+        (FrameReader { inner: r }, FrameWriter { inner: w })
+    }
+}
+
+pub struct FrameReader<S> {
+    inner: futures::stream::SplitStream<Framed<S, LengthDelimitedCodec>>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> FrameReader<S> {
+    pub async fn recv<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ProtoError> {
+        match self.inner.next().await {
+            None => Ok(None),
+            Some(frame) => Ok(Some(postcard::from_bytes(&frame?)?)),
+        }
+    }
+}
+
+pub struct FrameWriter<S> {
+    inner: futures::stream::SplitSink<Framed<S, LengthDelimitedCodec>, Bytes>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> FrameWriter<S> {
+    pub async fn send<T: Serialize>(&mut self, msg: &T) -> Result<(), ProtoError> {
+        let bytes = postcard::to_stdvec(msg)?;
+        self.inner.send(Bytes::from(bytes)).await?;
+        Ok(())
+    }
+
+    pub async fn close(&mut self) -> Result<(), ProtoError> {
+        self.inner.close().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ExecEvent, ExecInput, ExitStatus, Request};
+
+    #[tokio::test]
+    async fn round_trip_and_split() {
+        let (a, b) = tokio::io::duplex(4096);
+        let mut a = FrameStream::new(a);
+        let mut b = FrameStream::new(b);
+        a.send(&Request::Ping).await.unwrap();
+        assert_eq!(b.recv::<Request>().await.unwrap(), Some(Request::Ping));
+        let (mut br, mut bw) = b.split();
+        bw.send(&ExecEvent::Exit(ExitStatus::Code(7))).await.unwrap();
+        a.send(&ExecInput::Stdin(b"hi".to_vec())).await.unwrap();
+        assert_eq!(
+            a.recv::<ExecEvent>().await.unwrap(),
+            Some(ExecEvent::Exit(ExitStatus::Code(7)))
+        );
+        assert_eq!(
+            br.recv::<ExecInput>().await.unwrap(),
+            Some(ExecInput::Stdin(b"hi".to_vec()))
+        );
+        drop(a);
+        assert_eq!(br.recv::<ExecInput>().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn oversized_frame_is_rejected_without_buffering_it() {
+        use tokio::io::AsyncWriteExt;
+        let (mut raw, b) = tokio::io::duplex(64);
+        let mut b = FrameStream::new(b);
+        let writer = tokio::spawn(async move {
+            // Claim a 64 MiB frame; the reader must refuse at the header.
+            let _ = raw.write_all(&(64u32 * 1024 * 1024).to_be_bytes()).await;
+            let _ = raw.write_all(&[0u8; 32]).await;
+            raw
+        });
+        assert!(b.recv::<Request>().await.is_err());
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn garbage_is_a_decode_error_not_a_panic() {
+        let (a, b) = tokio::io::duplex(4096);
+        let mut a = FrameStream::new(a);
+        let mut b = FrameStream::new(b);
+        a.inner.send(Bytes::from_static(&[0xff, 0xff, 0xff, 0x7f])).await.unwrap();
+        assert!(matches!(
+            b.recv::<Request>().await,
+            Err(ProtoError::Decode(_))
+        ));
+    }
+}

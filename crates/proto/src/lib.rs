@@ -1,0 +1,46 @@
+//! The host <-> guest protocol.
+//!
+//! One virtio-serial port carries everything. After a line-based handshake that
+//! checks protocol versions ([`handshake`]), both sides run a yamux session over the
+//! port ([`mux`]). Every stream the host opens starts with one [`Request`] frame;
+//! frames are length-delimited postcard messages ([`frame`]) bounded by
+//! [`frame::MAX_FRAME`], so a hostile guest cannot make the host buffer more.
+//!
+//! This is the only crate compiled for both sides, which keeps the trust boundary
+//! visible in the crate graph.
+
+pub mod frame;
+pub mod handshake;
+pub mod messages;
+pub mod mux;
+
+pub use messages::*;
+
+/// Version of everything in this crate that crosses the boundary. Bump it on any
+/// change to the handshake, the framing or a message type.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port (`-device virtserialport,name=...`).
+pub const PORT_NAME: &str = "sandpen";
+
+/// virtiofs tag of the workspace mount.
+pub const WORKSPACE_TAG: &str = "workspace";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("I/O on the guest channel: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed message on the guest channel: {0}")]
+    Decode(#[from] postcard::Error),
+    #[error(
+        "the guest speaks protocol version {guest}, this sandpen speaks {host}; \
+         rebuild the image's initramfs with this sandpen (`sandpen image build`)"
+    )]
+    VersionMismatch { guest: u32, host: u32 },
+    #[error("the peer closed the stream before {0}")]
+    UnexpectedEof(&'static str),
+    #[error("protocol violation: {0}")]
+    Violation(String),
+    #[error("multiplexer: {0}")]
+    Mux(#[from] yamux::ConnectionError),
+}

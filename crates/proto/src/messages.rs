@@ -1,0 +1,116 @@
+//! Messages. Field order is wire format: append, never reorder, and bump
+//! [`crate::PROTOCOL_VERSION`] when a type changes.
+
+use serde::{Deserialize, Serialize};
+
+/// The first frame of every host-opened stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Configure the guest once after boot. Answered with [`SetupReply`].
+    Setup(GuestSetup),
+    /// Run a process. Followed by [`ExecInput`] frames from the host and
+    /// [`ExecEvent`] frames from the guest.
+    Exec(ExecRequest),
+    /// Liveness and facts about the guest. Answered with [`Pong`].
+    Ping,
+    /// Stop every process, flush disks and power off. Answered with [`Ack`] just
+    /// before the power-off.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestSetup {
+    pub hostname: String,
+    pub user: GuestUser,
+    pub mounts: Vec<ShareMount>,
+    /// Environment added to every exec'd process (before the request's own).
+    pub env: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// A virtiofs share and where it goes in the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareMount {
+    pub tag: String,
+    pub path: String,
+    pub read_only: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SetupReply {
+    Ok { kernel_release: String },
+    Failed { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    pub uptime_ms: u64,
+    pub kernel_release: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// Added after the guest's defaults for the user (HOME, USER, PATH, ...).
+    pub env: Vec<(String, String)>,
+    pub cwd: Option<String>,
+    /// User name or numeric uid; `None` means the sandbox user.
+    pub user: Option<String>,
+    /// Allocate a pseudo-terminal of this size; stdout carries the merged output.
+    pub tty: Option<WinSize>,
+}
+
+/// Host -> guest frames after [`Request::Exec`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecInput {
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
+    StdinEof,
+    Resize(WinSize),
+    Signal(i32),
+}
+
+/// Guest -> host frames after [`Request::Exec`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecEvent {
+    Started { pid: u32 },
+    /// The process could not be started. `code` follows the shell convention:
+    /// 127 not found, 126 not executable, 125 anything else.
+    Failed { code: u8, message: String },
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    Exit(ExitStatus),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The status a shell would report: the code, or 128 + signal.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+/// Largest chunk of stdin/stdout/stderr put into one frame.
+pub const IO_CHUNK: usize = 32 * 1024;

@@ -1,0 +1,119 @@
+//! Early boot in the initramfs: essentials, boot modules, root disk, switch root.
+
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use nix::mount::MsFlags;
+
+use crate::log;
+use crate::sys::{mount_fs, wait_for};
+
+const MODULES_DIR: &str = "/sandpen/modules";
+const ROOT_DEVICE: &str = "/dev/vda";
+const NEW_ROOT: &str = "/newroot";
+
+/// `finit_module` flag: the file is compressed and the kernel decompresses it.
+const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
+
+pub fn early_boot() -> Result<()> {
+    let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
+    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs("proc", "/proc", "proc", nosuid_noexec, None)?;
+    mount_fs("sysfs", "/sys", "sysfs", nosuid_noexec, None)?;
+
+    load_boot_modules()?;
+
+    wait_for(Path::new(ROOT_DEVICE), Duration::from_secs(20))?;
+    mount_fs(ROOT_DEVICE, NEW_ROOT, "ext4", MsFlags::MS_NOATIME, None)
+        .context("mounting the root disk")?;
+    switch_root()?;
+    mount_runtime_filesystems()?;
+    Ok(())
+}
+
+fn load_boot_modules() -> Result<()> {
+    let order = match std::fs::read_to_string(Path::new(MODULES_DIR).join("load-order")) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).context("reading the module load order"),
+    };
+    for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = Path::new(MODULES_DIR).join(name);
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("opening module {}", path.display()))?;
+        let compressed = name.ends_with(".xz") || name.ends_with(".zst") || name.ends_with(".gz");
+        let flags = if compressed { MODULE_INIT_COMPRESSED_FILE } else { 0 };
+        let params = CString::default();
+        // SAFETY: finit_module reads the module from a valid open fd and a
+        // NUL-terminated (empty) parameter string; it touches no memory of ours
+        // beyond those arguments.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_finit_module,
+                file.as_raw_fd(),
+                params.as_ptr(),
+                flags,
+            )
+        };
+        if rc != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EEXIST) {
+                return Err(err).with_context(|| format!("loading module {name}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Moves the kernel filesystems into the new root and makes it `/`. PID 1 keeps
+/// running from the initramfs copy of itself, which stays in memory.
+fn switch_root() -> Result<()> {
+    for fs in ["/dev", "/proc", "/sys"] {
+        let target = format!("{NEW_ROOT}{fs}");
+        std::fs::create_dir_all(&target).with_context(|| format!("mkdir {target}"))?;
+        nix::mount::mount(Some(fs), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+            .with_context(|| format!("moving {fs} into the root disk"))?;
+    }
+    nix::unistd::chdir(NEW_ROOT).context("chdir to the new root")?;
+    nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .context("moving the new root to /")?;
+    nix::unistd::chroot(".").context("chroot into the new root")?;
+    nix::unistd::chdir("/").context("chdir /")?;
+    Ok(())
+}
+
+fn mount_runtime_filesystems() -> Result<()> {
+    let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount_fs(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("gid=5,mode=620,ptmxmode=666"),
+    )?;
+    mount_fs("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
+    mount_fs("tmpfs", "/run", "tmpfs", nosuid_nodev, Some("mode=0755"))?;
+    mount_fs("tmpfs", "/tmp", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
+    if let Err(e) = mount_fs(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        nosuid_nodev | MsFlags::MS_NOEXEC,
+        None,
+    ) {
+        log!("cgroup2 not mounted: {e:#}");
+    }
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
+    std::fs::create_dir_all("/run/lock").ok();
+    Ok(())
+}

@@ -1,0 +1,104 @@
+//! Small system helpers: mounts, power-off, device waits.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use nix::mount::{mount, MsFlags};
+
+use crate::log;
+
+pub fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+    std::fs::create_dir_all(target).with_context(|| format!("mkdir {target}"))?;
+    mount(Some(source), target, Some(fstype), flags, data)
+        .with_context(|| format!("mount {fstype} {source} on {target}"))
+}
+
+/// Waits for a device node to appear (devtmpfs creates it when the driver binds).
+pub fn wait_for(path: &Path, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    while !path.exists() {
+        if start.elapsed() > timeout {
+            anyhow::bail!("{} did not appear within {:?}", path.display(), timeout);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    // reboot(2) does not return on success; if it failed, there is nothing left to do.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Stops every other process, flushes and unmounts what it can, and powers off.
+pub fn shutdown_and_power_off() -> ! {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    log!("shutting down");
+    let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < deadline && other_processes_remain() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    nix::unistd::sync();
+    for m in crate::setup::mounted_shares() {
+        let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    if let Err(e) = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    ) {
+        log!("remounting / read-only failed: {e}");
+    }
+    power_off()
+}
+
+/// True while any process other than PID 1 and kernel threads is alive.
+fn other_processes_remain() -> bool {
+    // Reap whatever has exited so it does not count.
+    while let Ok(status) = nix::sys::wait::waitpid(
+        None,
+        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+    ) {
+        if status == nix::sys::wait::WaitStatus::StillAlive {
+            break;
+        }
+    }
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            return false;
+        };
+        // Kernel threads have an empty cmdline.
+        pid != 1
+            && std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| !c.is_empty())
+                .unwrap_or(false)
+    })
+}
+
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+pub fn uptime_ms() -> u64 {
+    std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()))
+        .map(|secs| (secs * 1000.0) as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,81 @@
+//! The one error type of this crate. Every variant says what failed and what to do.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while building, loading or using an image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("image {name:?} not found: run `sandpen image build` first")]
+    NotFound { name: String },
+
+    #[error(
+        "invalid image name {name:?}: use letters, digits, '.', '_' or '-', \
+         starting with a letter or digit (at most 64 characters)"
+    )]
+    InvalidName { name: String },
+
+    #[error("`{tool}` not found in PATH: install the Debian package `{package}` (apt-get install {package})")]
+    MissingTool { tool: String, package: String },
+
+    #[error(
+        "building an image needs root, because debootstrap does: run `sudo -E sandpen image build` \
+         (an unprivileged build through mmdebstrap is not supported yet)"
+    )]
+    NotRoot,
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("`{tool}` failed ({status}); full log: {}\n--- last lines ---\n{tail}", log.display())]
+    CommandFailed {
+        tool: String,
+        status: String,
+        log: PathBuf,
+        tail: String,
+    },
+
+    #[error("kernel {}: {reason}", path.display())]
+    Kernel { path: PathBuf, reason: String },
+
+    #[error("boot module {module}: {reason}")]
+    Module { module: String, reason: String },
+
+    #[error("manifest {}: {source}; rebuild with `sandpen image build`", path.display())]
+    Manifest {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    #[error(
+        "{} still has mounts under it ({mounts}); unmount them (umount -R) and remove it by hand",
+        dir.display()
+    )]
+    StillMounted { dir: PathBuf, mounts: String },
+}
+
+impl ImageError {
+    /// Wraps an I/O error with a sentence naming the file and the action.
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        ImageError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Adds context to `io::Result` in one call.
+pub(crate) trait IoContext<T> {
+    /// Maps the error to [`ImageError::Io`] with a lazily built context.
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T, ImageError>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, context: impl FnOnce() -> String) -> Result<T, ImageError> {
+        self.map_err(|source| ImageError::io(context(), source))
+    }
+}

@@ -1,0 +1,315 @@
+//! What an image is built from, and the cache key over it.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::modules::BOOT_MODULES;
+
+/// Bump when the build recipe changes in a way the inputs below do not show, so
+/// that existing images are rebuilt.
+pub const RECIPE_VERSION: u32 = 1;
+
+/// The Debian suite images are built from unless told otherwise.
+pub const DEFAULT_SUITE: &str = "trixie";
+
+/// The mirror used when the host names none.
+pub const FALLBACK_MIRROR: &str = "http://deb.debian.org/debian";
+
+/// Packages every image gets, on top of debootstrap's minbase.
+pub const BASE_PACKAGES: &[&str] = &[
+    "linux-image-cloud-amd64",
+    "ca-certificates",
+    "sudo",
+    "iproute2",
+    "nftables",
+    "kmod",
+    "procps",
+    "curl",
+    "git",
+    "less",
+    "openssl",
+    "bash-completion",
+    "e2fsprogs",
+];
+
+/// Where the host keeps locally added CA certificates, and where the rootfs gets them.
+pub const HOST_CA_DIR: &str = "/usr/local/share/ca-certificates";
+
+const HOST_DEBIAN_SOURCES: &str = "/etc/apt/sources.list.d/debian.sources";
+
+/// The inputs of a build. Their hash, [`ImageSpec::key`], is the cache key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    /// Image name, also the directory name under the images root ("default").
+    pub name: String,
+    /// Debian suite ("trixie").
+    pub suite: String,
+    /// Debian mirror URL for debootstrap and the image's apt sources.
+    pub mirror: String,
+    /// Extra packages passed to debootstrap's `--include`.
+    pub packages: Vec<String>,
+    /// CA certificates (PEM, `.crt`) to trust inside the image, e.g. for a
+    /// TLS-intercepting proxy between the build and the internet.
+    pub extra_ca_certs: Vec<PathBuf>,
+}
+
+impl ImageSpec {
+    /// The spec for `name` on this host: trixie, the host's Debian mirror, and the
+    /// host's extra CA certificates.
+    pub fn default_for(name: &str) -> ImageSpec {
+        ImageSpec {
+            name: name.to_string(),
+            suite: DEFAULT_SUITE.to_string(),
+            mirror: host_mirror(),
+            packages: Vec::new(),
+            extra_ca_certs: find_ca_certs(Path::new(HOST_CA_DIR)),
+        }
+    }
+
+    /// sha256 (hex) over a canonical form of every input: the fields above (package
+    /// order and duplicates do not matter), the CA files' names and contents, the
+    /// base packages, the boot modules and [`RECIPE_VERSION`]. An unreadable CA file
+    /// gives a key of its own; the build then fails on it with a clear error.
+    pub fn key(&self) -> String {
+        #[derive(Serialize)]
+        struct KeyInput<'a> {
+            recipe_version: u32,
+            name: &'a str,
+            suite: &'a str,
+            mirror: &'a str,
+            base_packages: &'a [&'a str],
+            packages: Vec<&'a str>,
+            boot_modules: &'a [&'a str],
+            ca_certs: Vec<(String, String)>,
+        }
+        let mut ca_certs: Vec<(String, String)> = self
+            .extra_ca_certs
+            .iter()
+            .map(|path| {
+                let content = match fs::read(path) {
+                    Ok(bytes) => hex::encode(Sha256::digest(&bytes)),
+                    Err(e) => format!("unreadable: {:?}", e.kind()),
+                };
+                (ca_dest_name(path), content)
+            })
+            .collect();
+        ca_certs.sort();
+        let input = KeyInput {
+            recipe_version: RECIPE_VERSION,
+            name: &self.name,
+            suite: &self.suite,
+            mirror: self.mirror.trim_end_matches('/'),
+            base_packages: BASE_PACKAGES,
+            packages: self.extra_packages(),
+            boot_modules: BOOT_MODULES,
+            ca_certs,
+        };
+        // Serializing plain strings and numbers cannot fail.
+        let canonical = serde_json::to_vec(&input).unwrap_or_default();
+        hex::encode(Sha256::digest(&canonical))
+    }
+
+    /// `spec.packages` trimmed, sorted, without duplicates or base packages.
+    pub(crate) fn extra_packages(&self) -> Vec<&str> {
+        let mut packages: Vec<&str> = self
+            .packages
+            .iter()
+            .map(|p| p.trim())
+            .filter(|p| !p.is_empty() && !BASE_PACKAGES.contains(p))
+            .collect();
+        packages.sort_unstable();
+        packages.dedup();
+        packages
+    }
+
+    /// Every package passed to `--include`: base first, then the extras.
+    pub fn all_packages(&self) -> Vec<String> {
+        BASE_PACKAGES
+            .iter()
+            .copied()
+            .chain(self.extra_packages())
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// The file name a CA certificate gets under the rootfs's `HOST_CA_DIR`: its path
+/// below the host's `HOST_CA_DIR` when it is there, else its file name; always `.crt`,
+/// which `update-ca-certificates` requires.
+pub(crate) fn ca_dest_name(path: &Path) -> String {
+    let rel = path
+        .strip_prefix(HOST_CA_DIR)
+        .ok()
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .map(|rel| rel.to_string_lossy().into_owned())
+        .or_else(|| path.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "extra".to_string());
+    if rel.ends_with(".crt") {
+        rel
+    } else {
+        format!("{rel}.crt")
+    }
+}
+
+/// The host's Debian mirror, or [`FALLBACK_MIRROR`].
+fn host_mirror() -> String {
+    fs::read_to_string(HOST_DEBIAN_SOURCES)
+        .ok()
+        .and_then(|text| mirror_from_sources(&text))
+        .unwrap_or_else(|| FALLBACK_MIRROR.to_string())
+}
+
+/// The first http(s) URI of the first `URIs:` line of a deb822 sources file.
+pub(crate) fn mirror_from_sources(text: &str) -> Option<String> {
+    text.lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .filter_map(|line| {
+            let (field, value) = line.split_once(':')?;
+            field.trim().eq_ignore_ascii_case("URIs").then_some(value)
+        })
+        .flat_map(str::split_whitespace)
+        .find(|uri| uri.starts_with("http://") || uri.starts_with("https://"))
+        .map(|uri| uri.trim_end_matches('/').to_string())
+}
+
+/// `*.crt` files under `dir`, recursively, following symlinks as
+/// `update-ca-certificates` does, sorted.
+pub(crate) fn find_ca_certs(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut depth_guard = 0;
+    while let Some(dir) = stack.pop() {
+        depth_guard += 1;
+        if depth_guard > 10_000 {
+            break; // a symlink loop; what we have is enough
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match fs::metadata(&path) {
+                Ok(meta) if meta.is_dir() => stack.push(path),
+                Ok(meta) if meta.is_file() && path.extension().is_some_and(|e| e == "crt") => {
+                    found.push(path)
+                }
+                _ => {}
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ImageSpec {
+        ImageSpec {
+            name: "default".into(),
+            suite: "trixie".into(),
+            mirror: "http://deb.debian.org/debian".into(),
+            packages: vec!["nodejs".into(), "npm".into()],
+            extra_ca_certs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn key_is_stable_hex() {
+        let key = spec().key();
+        assert_eq!(key.len(), 64);
+        assert!(key.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(key, spec().key());
+    }
+
+    #[test]
+    fn key_ignores_package_order_duplicates_and_trailing_slash() {
+        let mut other = spec();
+        other.packages = vec!["npm".into(), "nodejs".into(), "npm".into(), "curl".into()];
+        other.mirror.push('/');
+        assert_eq!(spec().key(), other.key());
+    }
+
+    #[test]
+    fn key_changes_with_each_input() {
+        let base = spec().key();
+        let mut s = spec();
+        s.name = "agents".into();
+        assert_ne!(s.key(), base);
+        let mut s = spec();
+        s.suite = "forky".into();
+        assert_ne!(s.key(), base);
+        let mut s = spec();
+        s.mirror = "http://mirror.example/debian".into();
+        assert_ne!(s.key(), base);
+        let mut s = spec();
+        s.packages.push("docker.io".into());
+        assert_ne!(s.key(), base);
+    }
+
+    #[test]
+    fn key_follows_ca_file_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("corp.crt");
+        fs::write(&ca, "one").unwrap();
+        let mut s = spec();
+        s.extra_ca_certs = vec![ca.clone()];
+        let first = s.key();
+        assert_ne!(first, spec().key());
+        fs::write(&ca, "two").unwrap();
+        let second = s.key();
+        assert_ne!(first, second);
+        fs::remove_file(&ca).unwrap();
+        assert_ne!(s.key(), second);
+    }
+
+    #[test]
+    fn mirror_comes_from_first_http_uri() {
+        let text = "Types: deb\n# URIs: http://commented.example/\nURIs: http://deb.debian.org/debian/ http://other\n\
+                    Suites: bookworm\n\nTypes: deb\nURIs: http://deb.debian.org/debian-security\n";
+        assert_eq!(
+            mirror_from_sources(text).as_deref(),
+            Some("http://deb.debian.org/debian")
+        );
+        assert_eq!(mirror_from_sources("URIs: cdrom:/x file:/y\n"), None);
+        assert_eq!(mirror_from_sources(""), None);
+    }
+
+    #[test]
+    fn ca_names_keep_subdirs_and_end_in_crt() {
+        assert_eq!(
+            ca_dest_name(Path::new("/usr/local/share/ca-certificates/corp/a.crt")),
+            "corp/a.crt"
+        );
+        assert_eq!(
+            ca_dest_name(Path::new("/home/u/proxy.pem")),
+            "proxy.pem.crt"
+        );
+    }
+
+    #[test]
+    fn finds_crt_files_recursively() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("sub")).unwrap();
+        fs::write(dir.path().join("b.crt"), "x").unwrap();
+        fs::write(dir.path().join("sub/a.crt"), "x").unwrap();
+        fs::write(dir.path().join("readme.txt"), "x").unwrap();
+        let found = find_ca_certs(dir.path());
+        assert_eq!(
+            found,
+            vec![dir.path().join("b.crt"), dir.path().join("sub/a.crt")]
+        );
+        assert!(find_ca_certs(&dir.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn all_packages_puts_base_first() {
+        let all = spec().all_packages();
+        assert_eq!(all[0], "linux-image-cloud-amd64");
+        assert_eq!(&all[all.len() - 2..], ["nodejs", "npm"]);
+    }
+}

@@ -1,1 +1,193 @@
-fn main() {}
+//! `sandpen`: arguments and output. The work is done by the library crates.
+
+mod attach;
+mod commands;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit status for sandpen's own errors (Docker's convention).
+pub const EXIT_SANDPEN_ERROR: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "sandpen",
+    version,
+    about = "Run AI coding agents unsupervised in a microVM per workspace",
+    long_about = None,
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct CreateArgs {
+    /// Name of the sandbox (default: from the workspace folder)
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Virtual CPUs
+    #[arg(long, default_value_t = sandpen_supervisor::sandbox::DEFAULT_CPUS)]
+    pub cpus: u32,
+    /// Guest memory, e.g. 2G or 512M
+    #[arg(long, default_value = "2G")]
+    pub memory: String,
+    /// Disk size of the sandbox in GiB (copy-on-write; grows as used)
+    #[arg(long, default_value_t = sandpen_supervisor::sandbox::DEFAULT_DISK_GIB)]
+    pub disk: u32,
+    /// Image to boot
+    #[arg(long, default_value = "default")]
+    pub image: String,
+    /// Accelerator: auto, kvm or tcg
+    #[arg(long, env = "SANDPEN_ACCEL", default_value = "auto")]
+    pub accel: String,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the workspace's sandbox if missing, start it, and attach to it
+    Run {
+        /// What to run: shell (default), claude, codex, gemini, kiro, opencode; or a workspace path
+        agent: Option<String>,
+        /// Workspace folder (default: the current directory)
+        workspace: Option<PathBuf>,
+        #[command(flatten)]
+        create: CreateArgs,
+        /// Command (for shell) or agent arguments, after --
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Create a sandbox for a workspace without starting it
+    Create {
+        /// Workspace folder (default: the current directory)
+        workspace: Option<PathBuf>,
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// Start a stopped sandbox
+    Start { name: String },
+    /// Stop a running sandbox (the guest shuts down cleanly)
+    Stop {
+        name: String,
+        /// Seconds to wait before forcing it off
+        #[arg(short, long, default_value_t = 30)]
+        time: u64,
+    },
+    /// Remove sandboxes and everything they stored
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+        /// Stop running ones first
+        #[arg(short, long)]
+        force: bool,
+    },
+    /// List sandboxes
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a sandbox's console log
+    Logs {
+        name: String,
+        /// Keep printing new lines
+        #[arg(short, long)]
+        follow: bool,
+        /// The supervisor's log instead of the guest console
+        #[arg(long)]
+        supervisor: bool,
+    },
+    /// Run a command in a running sandbox
+    Exec {
+        /// Keep stdin open
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a terminal
+        #[arg(short, long)]
+        tty: bool,
+        /// User name or uid (default: agent)
+        #[arg(short, long)]
+        user: Option<String>,
+        /// Working directory (default: the workspace)
+        #[arg(short, long)]
+        workdir: Option<String>,
+        /// Environment variables
+        #[arg(short, long = "env", value_name = "K=V")]
+        env: Vec<String>,
+        name: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Build, list and remove images
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Check this host: QEMU, KVM or TCG, file server, image tools
+    Doctor,
+    /// Internal: the per-sandbox supervisor process
+    #[command(hide = true)]
+    Supervise { name: String },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build an image (a no-op when its inputs have not changed)
+    Build {
+        /// Image name
+        #[arg(long, default_value = "default")]
+        name: String,
+        /// Debian suite
+        #[arg(long)]
+        suite: Option<String>,
+        /// Debian mirror
+        #[arg(long)]
+        mirror: Option<String>,
+        /// Extra Debian packages
+        #[arg(long = "package", value_name = "PKG")]
+        packages: Vec<String>,
+    },
+    /// List images
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image
+    Rm { name: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Supervise { name } = &cli.command {
+        return commands::supervise(name);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SANDPEN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .without_time()
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sandpen: error: cannot start the runtime: {e}");
+            return ExitCode::from(EXIT_SANDPEN_ERROR);
+        }
+    };
+    let result = rt.block_on(commands::dispatch(cli.command));
+    let code = match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("sandpen: error: {}", commands::one_line(&e));
+            i32::from(EXIT_SANDPEN_ERROR)
+        }
+    };
+    // Stdin may be held by a blocking reader thread; do not wait for it.
+    rt.shutdown_background();
+    ExitCode::from(code.clamp(0, 255) as u8)
+}

@@ -5,10 +5,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use sandpen_proto::fdio::FdStream;
 use sandpen_proto::frame::FrameStream;
 use sandpen_proto::mux::{self, Mode, MuxStream};
 use sandpen_proto::{handshake, Ack, GuestSetup, Pong, Request, SetupReply, PORT_NAME};
-use tokio::net::unix::pipe;
 use tokio::sync::Notify;
 
 use crate::reaper::Reaper;
@@ -46,9 +46,7 @@ pub async fn serve(reaper: Arc<Reaper>) -> Result<()> {
         .write(true)
         .open(&port)
         .with_context(|| format!("opening {}", port.display()))?;
-    let rx = pipe::Receiver::from_file_unchecked(file.try_clone()?)?;
-    let tx = pipe::Sender::from_file_unchecked(file)?;
-    let mut io = tokio::io::join(rx, tx);
+    let mut io = FdStream::new(file)?;
     handshake::guest(&mut io, Duration::from_millis(100)).await?;
     log!("host channel up at {} ms", sys::uptime_ms());
 
@@ -63,6 +61,7 @@ pub async fn serve(reaper: Arc<Reaper>) -> Result<()> {
         tokio::select! {
             stream = inbound.recv() => match stream {
                 Some(stream) => {
+                    log!("stream accepted");
                     let state = state.clone();
                     tokio::spawn(async move {
                         if let Err(e) = handle_stream(stream, state).await {
@@ -84,6 +83,7 @@ pub async fn serve(reaper: Arc<Reaper>) -> Result<()> {
 async fn handle_stream(stream: MuxStream, state: Arc<GuestState>) -> Result<()> {
     let mut frames = FrameStream::new(stream);
     let request: Request = frames.expect("a request").await?;
+    log!("request {:?}", std::mem::discriminant(&request));
     match request {
         Request::Ping => {
             frames

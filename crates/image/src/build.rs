@@ -49,6 +49,7 @@ pub fn build(
     progress: &MultiProgress,
 ) -> Result<BuildOutcome, ImageError> {
     store::validate_name(&spec.name)?;
+    spec.validate()?;
     let key = spec.key();
     match store::load(images_root, &spec.name) {
         Ok(image) if image.manifest.key == key && image.manifest.files_present(&image.dir) => {
@@ -76,11 +77,11 @@ pub fn build(
         tools: &tools,
         progress,
     }
-    .run(started);
+    .run(started)
+    .and_then(|manifest| Ok((manifest, install(images_root, &spec.name, &build_dir)?)));
 
     match result {
-        Ok(manifest) => {
-            let dir = install(images_root, &spec.name, &build_dir)?;
+        Ok((manifest, dir)) => {
             if let Some(owner) = owner {
                 chown_tree(&dir, owner);
             }
@@ -187,6 +188,10 @@ impl Builder<'_> {
             .arg(&rootfs)
             .arg(format!("{size_mib}M"));
         self.run_logged(cmd, "mkfs.ext4", Some(&step))?;
+        // The manifest vouches for rootfs.img, so it must be on disk first.
+        File::open(&rootfs)
+            .and_then(|f| f.sync_all())
+            .ctx(|| format!("syncing {}", rootfs.display()))?;
         fsutil::remove_tree(&root)?;
         timings.push(step.done(&format!("{size_mib} MiB")));
 

@@ -14,6 +14,13 @@ pub enum ImageError {
     )]
     InvalidName { name: String },
 
+    #[error("invalid {field} {value:?} in the image spec: {reason}")]
+    InvalidSpec {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+
     #[error("`{tool}` not found in PATH: install the Debian package `{package}` (apt-get install {package})")]
     MissingTool { tool: String, package: String },
 
@@ -30,7 +37,11 @@ pub enum ImageError {
         source: std::io::Error,
     },
 
-    #[error("`{tool}` failed ({status}); full log: {}\n--- last lines ---\n{tail}", log.display())]
+    #[error(
+        "`{tool}` failed ({status}): {hint}; full log: {}\n--- last lines ---\n{tail}",
+        log.display(),
+        hint = command_hint(tool)
+    )]
     CommandFailed {
         tool: String,
         status: String,
@@ -56,6 +67,18 @@ pub enum ImageError {
         dir.display()
     )]
     StillMounted { dir: PathBuf, mounts: String },
+}
+
+/// What to look at when a build command fails.
+fn command_hint(tool: &str) -> &'static str {
+    match tool {
+        "debootstrap" => {
+            "check the suite name, the mirror and the network \
+             (debootstrap honours http_proxy when a proxy is needed)"
+        }
+        "mkfs.ext4" => "check the free space where images are kept",
+        _ => "it ran inside the new rootfs; see its output below",
+    }
 }
 
 impl ImageError {

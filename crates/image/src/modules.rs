@@ -10,7 +10,9 @@ use crate::fsutil;
 
 /// Modules the guest needs to reach its root disk on QEMU's microvm. Everything
 /// else it needs at boot (ext4, virtiofs, fuse, virtio_console) is built in.
-pub const BOOT_MODULES: &[&str] = &["virtio_mmio", "virtio_blk"];
+/// `virtio_rng` seeds the guest's entropy pool at boot: without it (and with no
+/// RDRAND, as under TCG) `getrandom` blocks for a long time.
+pub const BOOT_MODULES: &[&str] = &["virtio_mmio", "virtio_blk", "virtio_rng"];
 
 /// The name of the file listing module file names in load order.
 pub const LOAD_ORDER_FILE: &str = "load-order";

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::error::ImageError;
 use crate::modules::BOOT_MODULES;
 
 /// Bump when the build recipe changes in a way the inputs below do not show, so
@@ -112,6 +113,53 @@ impl ImageSpec {
         hex::encode(Sha256::digest(&canonical))
     }
 
+    /// Checks the fields that become debootstrap arguments, so none can pass for
+    /// an option or split the `--include` list.
+    pub fn validate(&self) -> Result<(), ImageError> {
+        let invalid = |field, value: &str, reason| ImageError::InvalidSpec {
+            field,
+            value: value.to_string(),
+            reason,
+        };
+        let suite_ok = !self.suite.is_empty()
+            && self.suite.as_bytes()[0].is_ascii_alphanumeric()
+            && self
+                .suite
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if !suite_ok {
+            return Err(invalid(
+                "suite",
+                &self.suite,
+                "use a Debian suite name such as trixie",
+            ));
+        }
+        let mirror_ok = ["http://", "https://", "file:/"]
+            .iter()
+            .any(|scheme| self.mirror.starts_with(scheme))
+            && !self.mirror.chars().any(char::is_whitespace);
+        if !mirror_ok {
+            return Err(invalid(
+                "mirror",
+                &self.mirror,
+                "use an http://, https:// or file:/ URL such as http://deb.debian.org/debian",
+            ));
+        }
+        for package in &self.packages {
+            let name = package.trim();
+            // Debian policy: lower case letters, digits, + - . ; at least two characters.
+            let ok = name.len() >= 2
+                && name.as_bytes()[0].is_ascii_alphanumeric()
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.')
+                });
+            if !ok {
+                return Err(invalid("package", package, "not a Debian package name"));
+            }
+        }
+        Ok(())
+    }
+
     /// `spec.packages` trimmed, sorted, without duplicates or base packages.
     pub(crate) fn extra_packages(&self) -> Vec<&str> {
         let mut packages: Vec<&str> = self
@@ -180,10 +228,10 @@ pub(crate) fn mirror_from_sources(text: &str) -> Option<String> {
 pub(crate) fn find_ca_certs(dir: &Path) -> Vec<PathBuf> {
     let mut found = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
-    let mut depth_guard = 0;
+    let mut dirs_visited = 0;
     while let Some(dir) = stack.pop() {
-        depth_guard += 1;
-        if depth_guard > 10_000 {
+        dirs_visited += 1;
+        if dirs_visited > 10_000 {
             break; // a symlink loop; what we have is enough
         }
         let Ok(entries) = fs::read_dir(&dir) else {
@@ -304,6 +352,24 @@ mod tests {
             vec![dir.path().join("b.crt"), dir.path().join("sub/a.crt")]
         );
         assert!(find_ca_certs(&dir.path().join("missing")).is_empty());
+    }
+
+    #[test]
+    fn validate_refuses_what_could_become_an_option() {
+        assert!(spec().validate().is_ok());
+        assert!(ImageSpec::default_for("x").validate().is_ok());
+        let mut s = spec();
+        s.suite = "--foreign".into();
+        assert!(s.validate().unwrap_err().to_string().contains("suite"));
+        let mut s = spec();
+        s.mirror = "ftp://x".into();
+        assert!(s.validate().unwrap_err().to_string().contains("mirror"));
+        let mut s = spec();
+        s.packages = vec!["vim,evil".into()];
+        assert!(s.validate().unwrap_err().to_string().contains("vim,evil"));
+        let mut s = spec();
+        s.packages = vec!["g++".into(), "libstdc++6".into(), " nodejs ".into()];
+        assert!(s.validate().is_ok());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The whole build, end to end: debootstrap from the network, as root, ≈2 minutes.
 //! Run with `cargo test -p sandpen-image -- --ignored --nocapture`.
-//! `SANDPEN_TEST_IMAGES_ROOT=DIR` builds there and keeps the result.
+//! `SANDPEN_TEST_IMAGES_ROOT=DIR` builds there and keeps the result;
+//! `SANDPEN_TEST_GUEST=PATH` makes the initramfs around that guest binary.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -126,8 +127,15 @@ fn full_build_end_to_end() {
     assert!(again.elapsed().as_secs() < 5);
 
     // The initramfs around a guest binary.
-    let guest = root.join("fake-guest");
-    fake_static_guest(&guest);
+    // SANDPEN_TEST_GUEST=PATH puts a real (static) guest binary in as /init.
+    let guest = match std::env::var_os("SANDPEN_TEST_GUEST") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let guest = root.join("fake-guest");
+            fake_static_guest(&guest);
+            guest
+        }
+    };
     let initrd = load(&root, "e2e").unwrap().ensure_initrd(&guest).unwrap();
     let listing = Command::new("cpio")
         .args(["-it", "--quiet"])
@@ -151,4 +159,47 @@ fn full_build_end_to_end() {
         remove(&root, "e2e").unwrap();
         assert!(list(&root).unwrap().is_empty());
     }
+}
+
+#[test]
+#[ignore = "needs root and debootstrap"]
+fn failed_build_cleans_up_and_keeps_the_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("images");
+    let mut spec = ImageSpec::default_for("broken");
+    spec.suite = "no-such-suite".into();
+    let progress = MultiProgress::with_draw_target(ProgressDrawTarget::hidden());
+    let err = match build(&root, &spec, &progress) {
+        Err(ImageError::NotRoot) => {
+            eprintln!("note: not root; skipping");
+            return;
+        }
+        Err(err) => err,
+        Ok(_) => panic!("a build of a suite that does not exist succeeded"),
+    };
+    let text = err.to_string();
+    eprintln!("{text}");
+    let ImageError::CommandFailed {
+        tool, log, tail, ..
+    } = err
+    else {
+        panic!("expected CommandFailed, got {text}");
+    };
+    assert_eq!(tool, "debootstrap");
+    assert!(tail.contains("no-such-suite"), "{tail}");
+    assert!(
+        log.is_file(),
+        "the failed build's log is kept at {}",
+        log.display()
+    );
+    let left: Vec<_> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".build-"))
+        .collect();
+    assert!(left.is_empty(), "build directory left behind: {left:?}");
+    assert!(matches!(
+        load(&root, "broken"),
+        Err(ImageError::NotFound { .. })
+    ));
 }

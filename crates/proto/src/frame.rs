@@ -61,6 +61,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameStream<S> {
         self.inner.into_inner()
     }
 
+    /// The stream and any bytes already read past the last frame, for a caller
+    /// that switches from frames to raw bytes.
+    pub fn into_parts(self) -> (S, bytes::BytesMut) {
+        let parts = self.inner.into_parts();
+        (parts.io, parts.read_buf)
+    }
+
     /// Split into independent read and write halves.
     pub fn split(self) -> (FrameReader<S>, FrameWriter<S>) {
         let (w, r) = self.inner.split();

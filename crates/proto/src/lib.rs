@@ -9,6 +9,7 @@
 //! This is the only crate compiled for both sides, which keeps the trust boundary
 //! visible in the crate graph.
 
+pub mod fdio;
 pub mod frame;
 pub mod handshake;
 pub mod messages;

@@ -128,3 +128,33 @@ mod tests {
         assert_eq!(all, b"from b");
     }
 }
+
+#[cfg(test)]
+mod fd_tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// The guest runs its session over a raw descriptor ([`crate::fdio::FdStream`]).
+    #[tokio::test]
+    async fn session_over_fd_stream() {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let a = tokio::net::UnixStream::from_std(a).unwrap();
+        let (host, _host_inbound, host_driver) = session(a, Mode::Server);
+        tokio::spawn(host_driver);
+        let b = std::fs::File::from(std::os::fd::OwnedFd::from(b));
+        let (_guest, mut guest_inbound, guest_driver) =
+            session(crate::fdio::FdStream::new(b).unwrap(), Mode::Client);
+        tokio::spawn(guest_driver);
+        let mut s = host.open().await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        s.flush().await.unwrap();
+        let mut r = tokio::time::timeout(std::time::Duration::from_secs(5), guest_inbound.recv())
+            .await
+            .expect("the guest got no stream")
+            .unwrap();
+        let mut buf = [0u8; 4];
+        r.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+    }
+}

@@ -1,0 +1,559 @@
+//! One function per command.
+
+use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use sandpen_image::{BuildOutcome, ImageSpec};
+use sandpen_proto::ExecRequest;
+use sandpen_supervisor::control::{self, State};
+use sandpen_supervisor::sandbox::{self, CreateOptions, SandboxConfig, GUEST_USER};
+use sandpen_supervisor::{lifecycle, Dirs};
+use serde::Serialize;
+
+use crate::{attach, Command, CreateArgs, ImageCommand, EXIT_SANDPEN_ERROR};
+
+/// The agents `run` knows. Only `shell` is available in this version.
+const AGENTS: &[&str] = &["shell", "claude", "codex", "gemini", "kiro", "opencode"];
+
+/// An error as one line: the outermost context and its causes.
+pub fn one_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+pub fn supervise(name: &str) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SANDPEN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
+    match sandpen_supervisor::supervise::main(name) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(EXIT_SANDPEN_ERROR)
+        }
+    }
+}
+
+pub async fn dispatch(command: Command) -> Result<i32> {
+    let dirs = Dirs::from_env();
+    match command {
+        Command::Run {
+            agent,
+            workspace,
+            create,
+            args,
+        } => run(&dirs, agent, workspace, create, args).await,
+        Command::Create { workspace, create } => {
+            let ws = workspace_path(workspace)?;
+            let config = create_sandbox(&dirs, &ws, &create, "shell").await?;
+            println!("{}", config.name);
+            Ok(0)
+        }
+        Command::Start { name } => {
+            sandbox::load(&dirs, &name)?;
+            start(&dirs, &name).await?;
+            Ok(0)
+        }
+        Command::Stop { name, time } => {
+            stop(&dirs, &name, Duration::from_secs(time)).await?;
+            Ok(0)
+        }
+        Command::Rm { names, force } => {
+            for name in names {
+                rm(&dirs, &name, force).await?;
+            }
+            Ok(0)
+        }
+        Command::Ls { json } => ls(&dirs, json).await,
+        Command::Logs {
+            name,
+            follow,
+            supervisor,
+        } => logs(&dirs, &name, follow, supervisor).await,
+        Command::Exec {
+            interactive,
+            tty,
+            user,
+            workdir,
+            env,
+            name,
+            command,
+        } => {
+            let config = sandbox::load(&dirs, &name)?;
+            let paths = dirs.sandbox(&name);
+            if !matches!(control::state(&paths).await, State::Running(_)) {
+                bail!("sandbox {name} is not running; start it with `sandpen start {name}`");
+            }
+            let env = env
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .with_context(|| format!("-e {kv}: expected K=V"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            exec(&dirs, &config, command, env, user, workdir, tty, interactive).await
+        }
+        Command::Image(cmd) => image(&dirs, cmd).await,
+        Command::Doctor => doctor(&dirs),
+        Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
+    }
+}
+
+fn workspace_path(arg: Option<PathBuf>) -> Result<PathBuf> {
+    let path = match arg {
+        Some(p) => p,
+        None => std::env::current_dir().context("reading the current directory")?,
+    };
+    let canonical = path
+        .canonicalize()
+        .with_context(|| format!("workspace {}", path.display()))?;
+    if !canonical.is_dir() {
+        bail!("workspace {} is not a directory", canonical.display());
+    }
+    Ok(canonical)
+}
+
+fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOptions> {
+    Ok(CreateOptions {
+        name: args.name.clone(),
+        workspace: ws.to_path_buf(),
+        image: args.image.clone(),
+        agent: agent.to_string(),
+        cpus: sandbox::validate_cpus(args.cpus)?,
+        memory_mib: sandbox::parse_memory_mib(&args.memory)?,
+        disk_gib: args.disk,
+        accel: args.accel.parse()?,
+    })
+}
+
+async fn create_sandbox(dirs: &Dirs, ws: &Path, args: &CreateArgs, agent: &str) -> Result<SandboxConfig> {
+    let opts = create_options(ws, args, agent)?;
+    let image = ensure_image(dirs, &opts.image)?;
+    Ok(sandbox::create(dirs, &opts, &image.rootfs())?)
+}
+
+/// Loads an image, building the default one on first use.
+fn ensure_image(dirs: &Dirs, name: &str) -> Result<sandpen_image::Image> {
+    match sandpen_image::load(&dirs.images(), name) {
+        Ok(image) => Ok(image),
+        Err(sandpen_image::ImageError::NotFound { .. }) if name == "default" => {
+            eprintln!("sandpen: building the default image (first use; a few minutes)");
+            let progress = indicatif::MultiProgress::new();
+            let outcome = sandpen_image::build(&dirs.images(), &ImageSpec::default_for(name), &progress)?;
+            Ok(outcome.into_image())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn start(dirs: &Dirs, name: &str) -> Result<()> {
+    let config = sandbox::load(dirs, name)?;
+    let decision = sandpen_vm::choose_accel(config.accel)?;
+    if decision.accel == sandpen_vm::Accel::Tcg && std::io::stderr().is_terminal() {
+        eprintln!("sandpen: {}", decision.reason);
+    }
+    let spinner = std::io::stderr().is_terminal().then(|| {
+        let s = indicatif::ProgressBar::new_spinner();
+        s.set_message(format!("starting {name}"));
+        s.enable_steady_tick(Duration::from_millis(100));
+        s
+    });
+    let started = lifecycle::start(dirs, name).await;
+    if let Some(s) = spinner {
+        s.finish_and_clear();
+    }
+    started.with_context(|| format!("starting sandbox {name}"))?;
+    Ok(())
+}
+
+async fn stop(dirs: &Dirs, name: &str, timeout: Duration) -> Result<()> {
+    sandbox::load(dirs, name)?;
+    let paths = dirs.sandbox(name);
+    match control::state(&paths).await {
+        State::Stopped => Ok(()),
+        State::Running(_) => Ok(control::stop(&paths, timeout).await?),
+        State::Starting | State::Unresponsive => {
+            control::kill_supervisor(&paths);
+            Ok(())
+        }
+    }
+}
+
+async fn rm(dirs: &Dirs, name: &str, force: bool) -> Result<()> {
+    sandbox::load(dirs, name)?;
+    let paths = dirs.sandbox(name);
+    if control::supervisor_alive(&paths) {
+        if !force {
+            bail!("sandbox {name} is running; stop it first, or use `sandpen rm -f {name}`");
+        }
+        if control::stop(&paths, Duration::from_secs(10)).await.is_err() {
+            control::kill_supervisor(&paths);
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while control::supervisor_alive(&paths) && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    sandbox::remove(dirs, name)?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn exec(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    argv: Vec<String>,
+    mut env: Vec<(String, String)>,
+    user: Option<String>,
+    workdir: Option<String>,
+    tty: bool,
+    interactive: bool,
+) -> Result<i32> {
+    let size = if tty { attach::terminal_size() } else { None };
+    if tty {
+        if let Ok(term) = std::env::var("TERM") {
+            env.insert(0, ("TERM".into(), term));
+        }
+    }
+    let req = ExecRequest {
+        argv,
+        env,
+        cwd: Some(workdir.unwrap_or_else(|| config.workspace.to_string_lossy().into_owned())),
+        user: Some(user.unwrap_or_else(|| GUEST_USER.into())),
+        tty: tty.then_some(size.unwrap_or(sandpen_proto::WinSize { rows: 24, cols: 80 })),
+    };
+    let frames = control::exec(&dirs.sandbox(&config.name), req).await?;
+    attach::attach(frames, tty, interactive || tty).await
+}
+
+async fn run(
+    dirs: &Dirs,
+    agent: Option<String>,
+    workspace: Option<PathBuf>,
+    create: CreateArgs,
+    args: Vec<String>,
+) -> Result<i32> {
+    // `sandpen run ./path` names a workspace, not an agent.
+    let (agent, workspace) = match (agent, workspace) {
+        (Some(a), ws) if AGENTS.contains(&a.as_str()) => (a, ws),
+        (Some(a), None) => ("shell".to_string(), Some(PathBuf::from(a))),
+        (Some(a), Some(_)) => bail!(
+            "unknown agent {a:?}: use one of {}",
+            AGENTS.join(", ")
+        ),
+        (None, ws) => ("shell".to_string(), ws),
+    };
+    if agent != "shell" {
+        bail!(
+            "the {agent} agent is not available in this version of sandpen yet \
+             (agent images are planned); use `sandpen run shell`"
+        );
+    }
+    let ws = workspace_path(workspace)?;
+    let config = match &create.name {
+        Some(name) => match sandbox::load(dirs, name) {
+            Ok(c) => c,
+            Err(sandpen_supervisor::SupervisorError::UnknownSandbox(_)) => {
+                create_sandbox(dirs, &ws, &create, &agent).await?
+            }
+            Err(e) => return Err(e.into()),
+        },
+        None => match sandbox::find_by_workspace(dirs, &ws)? {
+            Some(c) => c,
+            None => {
+                // Validate what the user typed before any slow work.
+                create_options(&ws, &create, &agent)?;
+                create_sandbox(dirs, &ws, &create, &agent).await?
+            }
+        },
+    };
+    let paths = dirs.sandbox(&config.name);
+    if !matches!(control::state(&paths).await, State::Running(_)) {
+        start(dirs, &config.name).await?;
+    }
+    let tty = attach::want_tty();
+    let argv = if args.is_empty() {
+        vec!["/bin/bash".to_string(), "-l".to_string()]
+    } else {
+        args
+    };
+    exec(dirs, &config, argv, vec![], None, None, tty, true).await
+}
+
+#[derive(Serialize)]
+struct LsRow {
+    name: String,
+    status: String,
+    workspace: PathBuf,
+    image: String,
+    agent: String,
+    cpus: u32,
+    memory_mib: u32,
+    uptime_secs: Option<u64>,
+    accel: Option<String>,
+    created_at: String,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
+    let mut rows = Vec::new();
+    for c in sandbox::list(dirs)? {
+        let state = control::state(&dirs.sandbox(&c.name)).await;
+        let (uptime, accel) = match &state {
+            State::Running(s) => (
+                Some(now_ms().saturating_sub(s.started_at_unix_ms) / 1000),
+                Some(s.accel.clone()),
+            ),
+            _ => (None, None),
+        };
+        rows.push(LsRow {
+            status: state.label().to_string(),
+            name: c.name,
+            workspace: c.workspace,
+            image: c.image,
+            agent: c.agent,
+            cpus: c.cpus,
+            memory_mib: c.memory_mib,
+            uptime_secs: uptime,
+            accel,
+            created_at: c.created_at,
+        });
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(0);
+    }
+    let mut out = vec![[
+        "NAME".to_string(),
+        "STATUS".into(),
+        "WORKSPACE".into(),
+        "IMAGE".into(),
+        "CPUS".into(),
+        "MEMORY".into(),
+        "UPTIME".into(),
+    ]];
+    for r in rows {
+        out.push([
+            r.name,
+            r.status,
+            r.workspace.display().to_string(),
+            r.image,
+            r.cpus.to_string(),
+            format!("{}M", r.memory_mib),
+            r.uptime_secs.map(human_duration).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    print_table(&out);
+    Ok(0)
+}
+
+fn print_table<const N: usize>(rows: &[[String; N]]) {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut stdout = std::io::stdout().lock();
+    for row in rows {
+        let line = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ");
+        let _ = writeln!(stdout, "{}", line.trim_end());
+    }
+}
+
+async fn logs(dirs: &Dirs, name: &str, follow: bool, supervisor: bool) -> Result<i32> {
+    sandbox::load(dirs, name)?;
+    let paths = dirs.sandbox(name);
+    let path = if supervisor {
+        paths.supervisor_log()
+    } else {
+        paths.console_log()
+    };
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => return Ok(0),
+        Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+    };
+    let mut stdout = std::io::stdout();
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf)?;
+    stdout.write_all(&buf)?;
+    stdout.flush()?;
+    while follow {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let len = file.metadata()?.len();
+        let pos = file.stream_position()?;
+        if len < pos {
+            file.seek(SeekFrom::Start(0))?;
+        }
+        buf.clear();
+        file.read_to_end(&mut buf)?;
+        stdout.write_all(&buf)?;
+        stdout.flush()?;
+    }
+    Ok(0)
+}
+
+async fn image(dirs: &Dirs, cmd: ImageCommand) -> Result<i32> {
+    match cmd {
+        ImageCommand::Build {
+            name,
+            suite,
+            mirror,
+            packages,
+        } => {
+            let mut spec = ImageSpec::default_for(&name);
+            if let Some(s) = suite {
+                spec.suite = s;
+            }
+            if let Some(m) = mirror {
+                spec.mirror = m;
+            }
+            spec.packages.extend(packages);
+            let progress = indicatif::MultiProgress::new();
+            match sandpen_image::build(&dirs.images(), &spec, &progress)? {
+                BuildOutcome::UpToDate(image) => {
+                    println!("image {} is up to date ({})", image.name, image.dir.display())
+                }
+                BuildOutcome::Built(image) => println!(
+                    "built image {} in {:.0} s: kernel {}, rootfs {} MiB ({})",
+                    image.name,
+                    image.manifest.build_seconds,
+                    image.manifest.kernel_release,
+                    image.manifest.sizes.rootfs_image >> 20,
+                    image.dir.display()
+                ),
+            }
+            Ok(0)
+        }
+        ImageCommand::Ls { json } => {
+            let images = sandpen_image::list(&dirs.images())?;
+            if json {
+                let manifests: Vec<_> = images.iter().map(|i| &i.manifest).collect();
+                println!("{}", serde_json::to_string_pretty(&manifests)?);
+                return Ok(0);
+            }
+            let mut rows = vec![[
+                "NAME".to_string(),
+                "SUITE".into(),
+                "KERNEL".into(),
+                "ROOTFS".into(),
+                "CREATED".into(),
+            ]];
+            for i in images {
+                rows.push([
+                    i.name.clone(),
+                    i.manifest.suite.clone(),
+                    i.manifest.kernel_release.clone(),
+                    format!("{} MiB", i.manifest.sizes.rootfs_image >> 20),
+                    i.manifest.created_at.date().to_string(),
+                ]);
+            }
+            print_table(&rows);
+            Ok(0)
+        }
+        ImageCommand::Rm { name } => {
+            let users: Vec<String> = sandbox::list(dirs)?
+                .into_iter()
+                .filter(|c| c.image == name)
+                .map(|c| c.name)
+                .collect();
+            if !users.is_empty() {
+                bail!(
+                    "image {name} is used by sandboxes {}; remove them first (`sandpen rm`)",
+                    users.join(", ")
+                );
+            }
+            sandpen_image::remove(&dirs.images(), &name)?;
+            Ok(0)
+        }
+    }
+}
+
+fn doctor(dirs: &Dirs) -> Result<i32> {
+    let mut problems = 0;
+    let mut check = |what: &str, found: Option<String>, fix: &str| match found {
+        Some(detail) => println!("ok    {what}: {detail}"),
+        None => {
+            problems += 1;
+            println!("MISSING {what}: {fix}");
+        }
+    };
+    let tool = |name: &str| sandpen_vm::which(name).map(|p| p.display().to_string());
+    check(
+        "qemu-system-x86_64",
+        tool("qemu-system-x86_64"),
+        "apt install qemu-system-x86",
+    );
+    check("qemu-img", tool("qemu-img"), "apt install qemu-utils");
+    check(
+        "virtiofsd",
+        tool("virtiofsd").or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd"))
+                .filter(|p| p.is_file())
+                .map(|p| p.display().to_string())
+        }),
+        "cargo install virtiofsd (needs libseccomp-dev libcap-ng-dev pkg-config)",
+    );
+    check(
+        "sandpen-guest",
+        sandpen_supervisor::guest_binary()
+            .ok()
+            .map(|p| p.display().to_string()),
+        "build it with scripts/build",
+    );
+    check(
+        "debootstrap (image builds)",
+        tool("debootstrap"),
+        "apt install debootstrap",
+    );
+    check(
+        "mkfs.ext4 (image builds)",
+        tool("mkfs.ext4").or_else(|| Some("/usr/sbin/mkfs.ext4".to_string()).filter(|p| Path::new(p).exists())),
+        "apt install e2fsprogs",
+    );
+    let decision = sandpen_vm::choose_accel(sandpen_vm::AccelChoice::Auto)?;
+    println!("accel {}: {}", decision.accel, decision.reason);
+    match sandpen_image::list(&dirs.images()) {
+        Ok(images) if !images.is_empty() => println!(
+            "ok    images: {}",
+            images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+        _ => println!("note  no images yet: `sandpen run` builds the default one on first use"),
+    }
+    println!("      state: {}", dirs.state.display());
+    println!("      images: {}", dirs.images().display());
+    Ok(if problems == 0 { 0 } else { 1 })
+}

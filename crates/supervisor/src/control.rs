@@ -1,0 +1,155 @@
+//! The control API between the CLI and a sandbox's supervisor, over
+//! `run/control.sock`. Host-internal: both ends are the same user's sandpen.
+//!
+//! An exec turns the connection into a relay: after [`ControlReply::ExecStarted`]
+//! the CLI speaks the guest's exec frames directly, and the supervisor copies
+//! bytes between the CLI and one multiplexed guest stream.
+
+use std::fs::OpenOptions;
+use std::time::Duration;
+
+use sandpen_proto::frame::FrameStream;
+use sandpen_proto::ExecRequest;
+use serde::{Deserialize, Serialize};
+use tokio::net::UnixStream;
+
+use crate::paths::SandboxPaths;
+use crate::SupervisorError;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ControlRequest {
+    Status,
+    Exec(ExecRequest),
+    Stop,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ControlReply {
+    Status(RuntimeStatus),
+    ExecStarted,
+    Stopping,
+    Error(String),
+}
+
+/// A running sandbox, as its supervisor reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeStatus {
+    pub supervisor_pid: u32,
+    pub qemu_pid: u32,
+    pub file_server_pids: Vec<u32>,
+    pub started_at_unix_ms: u64,
+    pub accel: String,
+    pub accel_reason: String,
+    pub kernel_release: String,
+    /// From starting QEMU to the guest answering the handshake, and to setup done.
+    pub channel_ms: u64,
+    pub ready_ms: u64,
+}
+
+/// What `ls` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Stopped,
+    /// A supervisor holds the lock but does not answer yet (booting).
+    Starting,
+    Running(RuntimeStatus),
+    /// A supervisor holds the lock but did not answer in time.
+    Unresponsive,
+}
+
+impl State {
+    pub fn label(&self) -> &'static str {
+        match self {
+            State::Stopped => "stopped",
+            State::Starting => "starting",
+            State::Running(_) => "running",
+            State::Unresponsive => "unresponsive",
+        }
+    }
+}
+
+/// True while a supervisor process holds the sandbox's lock. The kernel drops a
+/// flock when its holder dies, so a crashed supervisor reads as not alive.
+pub fn supervisor_alive(paths: &SandboxPaths) -> bool {
+    use nix::fcntl::{Flock, FlockArg};
+    let Ok(file) = OpenOptions::new().read(true).open(paths.lock()) else {
+        return false;
+    };
+    match Flock::lock(file, FlockArg::LockSharedNonblock) {
+        Ok(_shared) => false,
+        Err((_, errno)) => errno == nix::errno::Errno::EWOULDBLOCK,
+    }
+}
+
+async fn connect(paths: &SandboxPaths) -> Result<FrameStream<UnixStream>, SupervisorError> {
+    let sock = paths.control_socket();
+    let stream = UnixStream::connect(&sock)
+        .await
+        .map_err(|e| SupervisorError::io(format!("connecting to {}", sock.display()), e))?;
+    Ok(FrameStream::new(stream))
+}
+
+async fn request(paths: &SandboxPaths, req: &ControlRequest) -> Result<(FrameStream<UnixStream>, ControlReply), SupervisorError> {
+    let mut frames = connect(paths).await?;
+    frames.send(req).await?;
+    let reply = frames.expect::<ControlReply>("the supervisor's reply").await?;
+    if let ControlReply::Error(e) = reply {
+        return Err(SupervisorError::Boot(e));
+    }
+    Ok((frames, reply))
+}
+
+pub async fn state(paths: &SandboxPaths) -> State {
+    if !supervisor_alive(paths) {
+        return State::Stopped;
+    }
+    if !paths.control_socket().exists() {
+        return State::Starting;
+    }
+    match tokio::time::timeout(Duration::from_secs(3), request(paths, &ControlRequest::Status)).await {
+        Ok(Ok((_, ControlReply::Status(s)))) => State::Running(s),
+        Ok(_) if !supervisor_alive(paths) => State::Stopped,
+        Ok(Err(_)) => State::Starting,
+        Ok(Ok(_)) | Err(_) => State::Unresponsive,
+    }
+}
+
+/// Starts an exec; the returned stream then carries `ExecInput` / `ExecEvent` frames.
+pub async fn exec(paths: &SandboxPaths, req: ExecRequest) -> Result<FrameStream<UnixStream>, SupervisorError> {
+    match request(paths, &ControlRequest::Exec(req)).await? {
+        (frames, ControlReply::ExecStarted) => Ok(frames),
+        (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Asks the supervisor to shut the guest down, and waits until it has exited.
+pub async fn stop(paths: &SandboxPaths, timeout: Duration) -> Result<(), SupervisorError> {
+    let (mut frames, _) = request(paths, &ControlRequest::Stop).await?;
+    // The supervisor closes the connection when it exits.
+    let _ = tokio::time::timeout(timeout, frames.recv::<ControlReply>()).await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    while supervisor_alive(paths) {
+        if tokio::time::Instant::now() > deadline {
+            return Err(SupervisorError::Boot(format!(
+                "the supervisor did not exit within {timeout:?}; see {}",
+                paths.supervisor_log().display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// Kills a supervisor that does not answer (its QEMU and file server die with it).
+pub fn kill_supervisor(paths: &SandboxPaths) {
+    if let Ok(pid) = std::fs::read_to_string(paths.pid_file()) {
+        if let Ok(pid) = pid.trim().parse::<i32>() {
+            if supervisor_alive(paths) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}

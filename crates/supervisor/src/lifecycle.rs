@@ -1,0 +1,83 @@
+//! Starting a sandbox: spawn its supervisor, detached, and wait for the boot outcome.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+
+use crate::control::{self, State};
+use crate::paths::Dirs;
+use crate::SupervisorError;
+
+/// Starts the sandbox unless it runs already. Blocks until the guest is ready or
+/// the boot failed; the supervisor then lives on by itself.
+pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
+    let _config = crate::sandbox::load(dirs, name)?;
+    let paths = dirs.sandbox(name);
+    match control::state(&paths).await {
+        State::Running(_) => return Ok(false),
+        State::Starting => {
+            return Err(SupervisorError::Invalid(format!(
+                "sandbox {name} is starting already"
+            )))
+        }
+        State::Unresponsive => {
+            return Err(SupervisorError::Invalid(format!(
+                "sandbox {name} has a supervisor that does not answer; `sandpen stop {name}` ends it"
+            )))
+        }
+        State::Stopped => {}
+    }
+    for d in [paths.run(), paths.logs()] {
+        std::fs::create_dir_all(&d)
+            .map_err(|e| SupervisorError::io(format!("creating {}", d.display()), e))?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(paths.supervisor_log())
+        .map_err(|e| SupervisorError::io("opening the supervisor log", e))?;
+    let exe = std::env::current_exe().map_err(|e| SupervisorError::io("finding sandpen", e))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("supervise")
+        .arg(name)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    // SAFETY: setsid is async-signal-safe; it detaches the supervisor from the
+    // CLI's session so that closing the terminal does not stop the sandbox.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::unistd::setsid()?;
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| SupervisorError::io("starting the supervisor", e))?;
+    let stdout = child.stdout.take();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        if let Some(out) = stdout {
+            let _ = BufReader::new(out).read_line(&mut line);
+        }
+        line
+    })
+    .await
+    .unwrap_or_default();
+    // Reap it if it already exited; otherwise it runs on, detached.
+    let _ = child.try_wait();
+    let line = outcome.trim();
+    if line == "ready" {
+        return Ok(true);
+    }
+    let reason = line.strip_prefix("error: ").unwrap_or(line);
+    let reason = if reason.is_empty() {
+        format!(
+            "the supervisor exited without a word; see {}",
+            paths.supervisor_log().display()
+        )
+    } else {
+        reason.to_string()
+    };
+    Err(SupervisorError::Boot(reason))
+}

@@ -1,0 +1,454 @@
+//! The supervisor process: one per running sandbox, detached from the CLI.
+//!
+//! It holds `run/supervisor.lock` for its whole life, starts the file server and
+//! QEMU as children that die with it, brings the guest up over the channel, then
+//! serves the control API until QEMU exits or a stop is asked for.
+//!
+//! It reports the outcome of the boot on its stdout (`ready` or `error: ...`),
+//! which the starting CLI reads; everything else goes to `logs/supervisor.log`.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sandpen_proto::frame::FrameStream;
+use sandpen_proto::mux::{self, Mode, MuxHandle};
+use sandpen_proto::{handshake, Ack, GuestSetup, GuestUser, Request, SetupReply, ShareMount, WORKSPACE_TAG};
+use tokio::io::AsyncWriteExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::process::{Child, Command};
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc;
+
+use crate::control::{ControlReply, ControlRequest, RuntimeStatus};
+use crate::fileserver::{self, RunningShare, ShareSpec};
+use crate::paths::{Dirs, SandboxPaths};
+use crate::sandbox::{self, SandboxConfig, GUEST_USER};
+use crate::SupervisorError;
+
+/// How long a boot may take before it is given up. Generous: under software
+/// emulation on a loaded host a boot takes seconds, not milliseconds.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a guest gets to power off after a stop before QEMU is told to quit.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+/// Console logs above this size are rotated at start.
+const CONSOLE_LOG_MAX: u64 = 8 << 20;
+
+/// Makes a child die when the supervisor does, so a killed supervisor never
+/// leaves a VM running with nobody to answer for it.
+pub fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) is async-signal-safe and touches no memory
+    // of the parent; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Entry point of `sandpen supervise NAME`.
+pub fn main(name: &str) -> Result<(), SupervisorError> {
+    // One thread: children get PR_SET_PDEATHSIG from the thread that forks them,
+    // so that thread must live as long as the supervisor does.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| SupervisorError::io("starting the runtime", e))?;
+    rt.block_on(supervise(name))
+}
+
+fn report(line: &str) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn supervise(name: &str) -> Result<(), SupervisorError> {
+    let dirs = Dirs::from_env();
+    let config = sandbox::load(&dirs, name)?;
+    let paths = dirs.sandbox(name);
+    for d in [paths.run(), paths.logs()] {
+        std::fs::create_dir_all(&d)
+            .map_err(|e| SupervisorError::io(format!("creating {}", d.display()), e))?;
+    }
+    let _lock = take_lock(&paths)?;
+    clean_run_dir(&paths);
+    rotate(&paths.console_log());
+    std::fs::write(paths.pid_file(), std::process::id().to_string())
+        .map_err(|e| SupervisorError::io("writing the pid file", e))?;
+
+    let booted = boot(&dirs, &config, &paths).await;
+    let result = match booted {
+        Ok(vm) => {
+            report("ready");
+            tracing::info!(ready_ms = vm.status.ready_ms, "sandbox {name} is running");
+            serve(vm, &paths).await
+        }
+        Err(e) => {
+            report(&format!("error: {e}"));
+            Err(e)
+        }
+    };
+    clean_run_dir(&paths);
+    result
+}
+
+fn take_lock(paths: &SandboxPaths) -> Result<nix::fcntl::Flock<std::fs::File>, SupervisorError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .read(true)
+            .open(paths.lock())
+            .map_err(|e| SupervisorError::io("opening the lock file", e))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            // A CLI probing liveness holds a shared lock for an instant.
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(_) => {
+                return Err(SupervisorError::Invalid(
+                    "this sandbox already has a supervisor".into(),
+                ))
+            }
+        }
+    }
+}
+
+/// Removes sockets and the pid file left by a supervisor that died.
+fn clean_run_dir(paths: &SandboxPaths) {
+    if let Ok(entries) = std::fs::read_dir(paths.run()) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.ends_with(".sock") || name == "supervisor.pid" {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+fn rotate(log: &std::path::Path) {
+    if std::fs::metadata(log).map(|m| m.len() > CONSOLE_LOG_MAX).unwrap_or(false) {
+        let _ = std::fs::rename(log, log.with_extension("log.1"));
+    }
+}
+
+struct Vm {
+    config: SandboxConfig,
+    qemu: Child,
+    shares: Vec<RunningShare>,
+    mux: MuxHandle,
+    status: RuntimeStatus,
+    listener: UnixListener,
+}
+
+async fn boot(dirs: &Dirs, config: &SandboxConfig, paths: &SandboxPaths) -> Result<Vm, SupervisorError> {
+    let image = sandpen_image::load(&dirs.images(), &config.image)?;
+    let initrd = image.ensure_initrd(&crate::guest_binary()?)?;
+    let accel = sandpen_vm::choose_accel(config.accel)?;
+    tracing::info!(accel = %accel.accel, reason = %accel.reason, "accelerator");
+
+    if !config.workspace.is_dir() {
+        return Err(SupervisorError::Invalid(format!(
+            "the workspace {} no longer exists",
+            config.workspace.display()
+        )));
+    }
+    let share = ShareSpec {
+        tag: WORKSPACE_TAG.into(),
+        host_path: config.workspace.clone(),
+        socket: paths.share_socket(0),
+        read_only: false,
+        guest_uid: config.guest_uid,
+        guest_gid: config.guest_gid,
+    };
+    let shares = vec![fileserver::start(&share, &paths.fs_log()).await?];
+
+    let vm_config = sandpen_vm::VmConfig {
+        name: config.name.clone(),
+        accel: accel.accel,
+        cpus: config.cpus,
+        memory_mib: config.memory_mib,
+        kernel: image.kernel(),
+        initrd,
+        disk: paths.disk(),
+        channel_socket: paths.channel_socket(),
+        qmp_socket: paths.qmp_socket(),
+        console_log: paths.console_log(),
+        shares: shares
+            .iter()
+            .map(|s| sandpen_vm::FsShare {
+                tag: s.spec.tag.clone(),
+                socket: s.spec.socket.clone(),
+            })
+            .collect(),
+        tsc_khz: sandpen_vm::qemu::host_tsc_khz(),
+    };
+    let qemu_bin = sandpen_vm::which("qemu-system-x86_64").ok_or_else(|| {
+        SupervisorError::Vm(sandpen_vm::VmError::MissingTool {
+            tool: "qemu-system-x86_64".into(),
+            package: "qemu-system-x86".into(),
+        })
+    })?;
+    let qemu_log = paths.logs().join("qemu.log");
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&qemu_log)
+        .map_err(|e| SupervisorError::io(format!("opening {}", qemu_log.display()), e))?;
+    let log2 = log.try_clone().map_err(|e| SupervisorError::io("log handle", e))?;
+    let mut cmd = Command::new(&qemu_bin);
+    cmd.args(vm_config.args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .kill_on_drop(true);
+    die_with_parent(&mut cmd);
+    let started = Instant::now();
+    let started_at_unix_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let mut qemu = cmd
+        .spawn()
+        .map_err(|e| SupervisorError::io(format!("starting {}", qemu_bin.display()), e))?;
+    let qemu_pid = qemu.id().unwrap_or(0);
+    let died = |status: std::process::ExitStatus| {
+        SupervisorError::Boot(format!(
+            "QEMU exited during boot ({status}); see {} and {}",
+            qemu_log.display(),
+            paths.console_log().display()
+        ))
+    };
+
+    // The channel socket appears once QEMU has parsed its arguments.
+    let mut channel = loop {
+        if let Ok(Some(status)) = qemu.try_wait() {
+            return Err(died(status));
+        }
+        if started.elapsed() > BOOT_TIMEOUT {
+            return Err(SupervisorError::Boot("QEMU did not open the guest channel".into()));
+        }
+        match UnixStream::connect(paths.channel_socket()).await {
+            Ok(s) => break s,
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    tokio::select! {
+        r = tokio::time::timeout(BOOT_TIMEOUT, handshake::host(&mut channel)) => match r {
+            Ok(r) => r?,
+            Err(_) => return Err(SupervisorError::Boot(format!(
+                "the guest did not answer within {BOOT_TIMEOUT:?}; see {}",
+                paths.console_log().display()
+            ))),
+        },
+        status = qemu.wait() => {
+            let status = status.map_err(|e| SupervisorError::io("waiting for QEMU", e))?;
+            return Err(died(status));
+        }
+    }
+    let channel_ms = started.elapsed().as_millis() as u64;
+    let (handle, _inbound, driver) = mux::session(channel, Mode::Server);
+    tokio::spawn(async move {
+        if let Err(e) = driver.await {
+            tracing::warn!("guest channel ended: {e}");
+        }
+    });
+
+    let setup = GuestSetup {
+        hostname: config.name.clone(),
+        user: GuestUser {
+            name: GUEST_USER.into(),
+            uid: config.guest_uid,
+            gid: config.guest_gid,
+        },
+        mounts: shares
+            .iter()
+            .map(|s| ShareMount {
+                tag: s.spec.tag.clone(),
+                path: s.spec.host_path.to_string_lossy().into_owned(),
+                read_only: s.spec.read_only,
+            })
+            .collect(),
+        env: vec![("SANDPEN_SANDBOX".into(), config.name.clone())],
+    };
+    let reply = tokio::select! {
+        r = tokio::time::timeout(BOOT_TIMEOUT, send_setup(&handle, setup)) => r
+            .map_err(|_| SupervisorError::Boot("the guest did not finish its setup".into()))??,
+        status = qemu.wait() => {
+            let status = status.map_err(|e| SupervisorError::io("waiting for QEMU", e))?;
+            return Err(died(status));
+        }
+    };
+    let kernel_release = match reply {
+        SetupReply::Ok { kernel_release } => kernel_release,
+        SetupReply::Failed { message } => {
+            return Err(SupervisorError::Boot(format!("guest setup failed: {message}")))
+        }
+    };
+    let listener = UnixListener::bind(paths.control_socket())
+        .map_err(|e| SupervisorError::io(format!("binding {}", paths.control_socket().display()), e))?;
+    let ready_ms = started.elapsed().as_millis() as u64;
+    let status = RuntimeStatus {
+        supervisor_pid: std::process::id(),
+        qemu_pid,
+        file_server_pids: shares.iter().filter_map(|s| s.child.id()).collect(),
+        started_at_unix_ms,
+        accel: accel.accel.to_string(),
+        accel_reason: accel.reason,
+        kernel_release,
+        channel_ms,
+        ready_ms,
+    };
+    Ok(Vm {
+        config: config.clone(),
+        qemu,
+        shares,
+        mux: handle,
+        status,
+        listener,
+    })
+}
+
+async fn send_setup(handle: &MuxHandle, setup: GuestSetup) -> Result<SetupReply, SupervisorError> {
+    let stream = handle.open().await?;
+    tracing::info!("setup stream open");
+    let mut frames = FrameStream::new(stream);
+    frames.send(&Request::Setup(setup)).await?;
+    tracing::info!("setup sent");
+    Ok(frames.expect::<SetupReply>("the setup reply").await?)
+}
+
+async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> {
+    let (stop_tx, mut stop_rx) = mpsc::channel::<()>(1);
+    let mut sigterm = signal(SignalKind::terminate())
+        .map_err(|e| SupervisorError::io("watching SIGTERM", e))?;
+    let mut sigint = signal(SignalKind::interrupt())
+        .map_err(|e| SupervisorError::io("watching SIGINT", e))?;
+    let status = Arc::new(vm.status.clone());
+    let exit = loop {
+        tokio::select! {
+            st = vm.qemu.wait() => {
+                break match st {
+                    Ok(s) if s.success() => {
+                        tracing::info!("the guest powered off");
+                        Ok(())
+                    }
+                    Ok(s) => {
+                        tracing::warn!("QEMU exited: {s}");
+                        Err(SupervisorError::Boot(format!("QEMU exited: {s}")))
+                    }
+                    Err(e) => Err(SupervisorError::io("waiting for QEMU", e)),
+                };
+            }
+            conn = vm.listener.accept() => {
+                if let Ok((conn, _)) = conn {
+                    let mux = vm.mux.clone();
+                    let stop_tx = stop_tx.clone();
+                    let status = status.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = handle_control(conn, mux, stop_tx, status).await {
+                            tracing::debug!("control connection: {e}");
+                        }
+                    });
+                }
+            }
+            _ = stop_rx.recv() => {
+                shutdown(&mut vm, paths).await;
+                break Ok(());
+            }
+            _ = sigterm.recv() => {
+                shutdown(&mut vm, paths).await;
+                break Ok(());
+            }
+            _ = sigint.recv() => {
+                shutdown(&mut vm, paths).await;
+                break Ok(());
+            }
+        }
+    };
+    for share in &mut vm.shares {
+        let _ = share.child.start_kill();
+        let _ = share.child.wait().await;
+    }
+    tracing::info!("sandbox {} stopped", vm.config.name);
+    exit
+}
+
+async fn shutdown(vm: &mut Vm, paths: &SandboxPaths) {
+    let asked = tokio::time::timeout(Duration::from_secs(5), async {
+        let stream = vm.mux.open().await?;
+        let mut frames = FrameStream::new(stream);
+        frames.send(&Request::Shutdown).await?;
+        frames.expect::<Ack>("the shutdown ack").await?;
+        Ok::<(), SupervisorError>(())
+    })
+    .await;
+    if !matches!(asked, Ok(Ok(()))) {
+        tracing::warn!("the guest did not acknowledge the shutdown: {asked:?}");
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, vm.qemu.wait()).await.is_ok() {
+        return;
+    }
+    tracing::warn!("the guest did not power off in {SHUTDOWN_GRACE:?}; telling QEMU to quit");
+    if let Ok(mut qmp) = sandpen_vm::qmp::Qmp::connect(&paths.qmp_socket()).await {
+        let _ = qmp.execute("quit", None).await;
+    }
+    if tokio::time::timeout(Duration::from_secs(5), vm.qemu.wait()).await.is_err() {
+        let _ = vm.qemu.start_kill();
+        let _ = vm.qemu.wait().await;
+    }
+}
+
+async fn handle_control(
+    conn: UnixStream,
+    mux: MuxHandle,
+    stop_tx: mpsc::Sender<()>,
+    status: Arc<RuntimeStatus>,
+) -> Result<(), SupervisorError> {
+    let mut frames = FrameStream::new(conn);
+    let Some(request) = frames.recv::<ControlRequest>().await? else {
+        return Ok(());
+    };
+    match request {
+        ControlRequest::Status => {
+            frames.send(&ControlReply::Status((*status).clone())).await?;
+        }
+        ControlRequest::Stop => {
+            frames.send(&ControlReply::Stopping).await?;
+            let _ = stop_tx.send(()).await;
+            // Hold the connection: it closes when the supervisor exits.
+            std::future::pending::<()>().await;
+        }
+        ControlRequest::Exec(req) => {
+            let stream = match mux.open().await {
+                Ok(s) => s,
+                Err(e) => {
+                    frames.send(&ControlReply::Error(format!("the guest channel: {e}"))).await?;
+                    return Ok(());
+                }
+            };
+            let mut guest = FrameStream::new(stream);
+            guest.send(&Request::Exec(req)).await?;
+            frames.send(&ControlReply::ExecStarted).await?;
+            let (mut cli, early) = frames.into_parts();
+            let mut guest = guest.into_inner();
+            if !early.is_empty() {
+                guest
+                    .write_all(&early)
+                    .await
+                    .map_err(|e| SupervisorError::io("relaying to the guest", e))?;
+            }
+            let _ = tokio::io::copy_bidirectional(&mut cli, &mut guest).await;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! The QEMU command line of a sandbox VM.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use crate::Accel;
+
+/// QEMU's own seccomp filter: no obsolete syscalls, no privilege changes, no
+/// spawning, no resource-control calls.
+pub const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// A vhost-user-fs share: the guest mounts `tag`; the file server listens on `socket`.
+#[derive(Debug, Clone)]
+pub struct FsShare {
+    pub tag: String,
+    pub socket: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub name: String,
+    pub accel: Accel,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub disk: PathBuf,
+    pub channel_socket: PathBuf,
+    pub qmp_socket: PathBuf,
+    pub console_log: PathBuf,
+    pub shares: Vec<FsShare>,
+    /// Host TSC frequency. Under TCG the guest cannot calibrate its clock on
+    /// microvm without it and hangs at boot.
+    pub tsc_khz: Option<u64>,
+}
+
+impl VmConfig {
+    pub fn kernel_cmdline(&self) -> String {
+        let mut words = vec![
+            "console=ttyS0",
+            "quiet",
+            "panic=-1",
+            "mitigations=off",
+            "cryptomgr.notests",
+            "8250.nr_uarts=1",
+            "random.trust_cpu=on",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        if self.accel == Accel::Tcg {
+            if let Some(khz) = self.tsc_khz {
+                words.push(format!("tsc_early_khz={khz}"));
+                words.push("tsc=reliable".into());
+            }
+        }
+        words.join(" ")
+    }
+
+    /// Arguments for `qemu-system-x86_64`.
+    pub fn args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |s: &str| a.push(OsString::from(s));
+        let mem = format!("{}M", self.memory_mib);
+        push("-name");
+        push(&format!("sandpen-{},process=sandpen-qemu-{}", self.name, self.name));
+        push("-M");
+        push("microvm,x-option-roms=off,pit=off,pic=off,rtc=on,acpi=on,memory-backend=mem");
+        push("-object");
+        push(&format!("memory-backend-memfd,id=mem,size={mem},share=on"));
+        push("-m");
+        push(&mem);
+        push("-smp");
+        push(&self.cpus.to_string());
+        match self.accel {
+            Accel::Kvm => {
+                push("-accel");
+                push("kvm");
+                push("-cpu");
+                push("host");
+            }
+            Accel::Tcg => {
+                push("-accel");
+                push("tcg");
+            }
+        }
+        for s in [
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-no-reboot",
+            "-sandbox",
+            SECCOMP,
+        ] {
+            push(s);
+        }
+        push("-chardev");
+        push(&format!(
+            "file,id=console,path={},append=on",
+            self.console_log.display()
+        ));
+        push("-serial");
+        push("chardev:console");
+        push("-kernel");
+        push(&self.kernel.to_string_lossy());
+        push("-initrd");
+        push(&self.initrd.to_string_lossy());
+        push("-append");
+        push(&self.kernel_cmdline());
+        push("-drive");
+        push(&format!(
+            "file={},format=qcow2,if=none,id=root,discard=unmap,cache=writeback",
+            self.disk.display()
+        ));
+        push("-device");
+        push("virtio-blk-device,drive=root");
+        // Entropy: without it the guest's getrandom blocks where the CPU has no RDRAND.
+        push("-device");
+        push("virtio-rng-device");
+        push("-device");
+        push("virtio-serial-device,id=vser0");
+        push("-chardev");
+        push(&format!(
+            "socket,id=channel,path={},server=on,wait=off",
+            self.channel_socket.display()
+        ));
+        push("-device");
+        push(&format!(
+            "virtserialport,bus=vser0.0,chardev=channel,name={}",
+            sandpen_port_name()
+        ));
+        for (i, share) in self.shares.iter().enumerate() {
+            push("-chardev");
+            push(&format!("socket,id=fs{i},path={}", share.socket.display()));
+            push("-device");
+            push(&format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag));
+        }
+        push("-qmp");
+        push(&format!("unix:{},server=on,wait=off", self.qmp_socket.display()));
+        a
+    }
+}
+
+fn sandpen_port_name() -> &'static str {
+    // Kept in step with sandpen_proto::PORT_NAME; the vm crate does not depend on proto.
+    "sandpen"
+}
+
+/// The host's TSC frequency in kHz, from the kernel log line or /proc/cpuinfo.
+pub fn host_tsc_khz() -> Option<u64> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+    parse_cpu_mhz(&cpuinfo)
+}
+
+fn parse_cpu_mhz(cpuinfo: &str) -> Option<u64> {
+    let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
+    let mhz: f64 = line.split(':').nth(1)?.trim().parse().ok()?;
+    Some((mhz * 1000.0).round() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(accel: Accel) -> VmConfig {
+        VmConfig {
+            name: "demo".into(),
+            accel,
+            cpus: 2,
+            memory_mib: 1024,
+            kernel: "/img/vmlinux".into(),
+            initrd: "/img/initrd.img".into(),
+            disk: "/s/disk.qcow2".into(),
+            channel_socket: "/s/run/channel.sock".into(),
+            qmp_socket: "/s/run/qmp.sock".into(),
+            console_log: "/s/logs/console.log".into(),
+            shares: vec![FsShare {
+                tag: "workspace".into(),
+                socket: "/s/run/fs0.sock".into(),
+            }],
+            tsc_khz: Some(2_596_134),
+        }
+    }
+
+    fn joined(c: &VmConfig) -> String {
+        c.args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn no_network_device_and_seccomp_on() {
+        let line = joined(&config(Accel::Tcg));
+        assert!(line.contains("-nodefaults"));
+        assert!(!line.contains("netdev") && !line.contains("virtio-net") && !line.contains("-nic"));
+        assert!(line.contains(&format!("-sandbox {SECCOMP}")));
+        assert!(line.contains("vhost-user-fs-device,chardev=fs0,tag=workspace"));
+        assert!(line.contains("memory-backend-memfd,id=mem,size=1024M,share=on"));
+    }
+
+    #[test]
+    fn accel_specific_options() {
+        let tcg = config(Accel::Tcg);
+        assert!(joined(&tcg).contains("-accel tcg"));
+        assert!(tcg.kernel_cmdline().contains("tsc_early_khz=2596134"));
+        let kvm = config(Accel::Kvm);
+        assert!(joined(&kvm).contains("-accel kvm -cpu host"));
+        assert!(!kvm.kernel_cmdline().contains("tsc_early_khz"));
+    }
+
+    #[test]
+    fn cpu_mhz_parsing() {
+        assert_eq!(parse_cpu_mhz("model\t: x\ncpu MHz\t\t: 2596.134\n"), Some(2_596_134));
+        assert_eq!(parse_cpu_mhz("nothing"), None);
+    }
+}

@@ -61,7 +61,6 @@ pub async fn serve(reaper: Arc<Reaper>) -> Result<()> {
         tokio::select! {
             stream = inbound.recv() => match stream {
                 Some(stream) => {
-                    log!("stream accepted");
                     let state = state.clone();
                     tokio::spawn(async move {
                         if let Err(e) = handle_stream(stream, state).await {
@@ -83,7 +82,6 @@ pub async fn serve(reaper: Arc<Reaper>) -> Result<()> {
 async fn handle_stream(stream: MuxStream, state: Arc<GuestState>) -> Result<()> {
     let mut frames = FrameStream::new(stream);
     let request: Request = frames.expect("a request").await?;
-    log!("request {:?}", std::mem::discriminant(&request));
     match request {
         Request::Ping => {
             frames

@@ -22,7 +22,7 @@ use crate::channel::GuestState;
 use crate::reaper::Reaper;
 use crate::users::{self, Account};
 
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long output is still collected after the process exits, for descendants
 /// that keep its stdout open.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_millis(500);

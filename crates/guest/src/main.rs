@@ -30,6 +30,9 @@ fn main() {
         );
         std::process::exit(2);
     }
+    // The kernel starts init with almost no environment; the tools setup runs
+    // (useradd, ip, resize2fs) live in sbin directories.
+    std::env::set_var("PATH", exec::DEFAULT_PATH);
     if let Err(e) = boot::early_boot() {
         log!("boot failed: {e:#}");
         sys::power_off();

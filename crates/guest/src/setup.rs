@@ -24,13 +24,9 @@ pub fn mounted_shares() -> Vec<String> {
 
 /// Runs external commands, so call it from a blocking context.
 pub fn apply(setup: &GuestSetup, reaper: &Arc<Reaper>) -> Result<()> {
-    log!("setup: hostname");
     set_hostname(&setup.hostname)?;
-    log!("setup: lo");
     loopback_up(reaper);
-    log!("setup: user");
     ensure_user(reaper, &setup.user)?;
-    log!("setup: mounts");
     for m in &setup.mounts {
         mount_share(&m.tag, &m.path, m.read_only)?;
     }

@@ -320,10 +320,8 @@ async fn boot(dirs: &Dirs, config: &SandboxConfig, paths: &SandboxPaths) -> Resu
 
 async fn send_setup(handle: &MuxHandle, setup: GuestSetup) -> Result<SetupReply, SupervisorError> {
     let stream = handle.open().await?;
-    tracing::info!("setup stream open");
     let mut frames = FrameStream::new(stream);
     frames.send(&Request::Setup(setup)).await?;
-    tracing::info!("setup sent");
     Ok(frames.expect::<SetupReply>("the setup reply").await?)
 }
 

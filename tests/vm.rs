@@ -34,12 +34,18 @@ fn env() -> &'static Env {
                 PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
                     .join(".cache/sandpen-test")
             });
-        let root = tempfile::Builder::new().prefix("sandpen-e2e-").tempdir().unwrap();
+        let root = tempfile::Builder::new()
+            .prefix("sandpen-e2e-")
+            .tempdir()
+            .unwrap();
         let ws = root.path().join(NAME);
         std::fs::create_dir(&ws).unwrap();
         Env {
             bin: PathBuf::from(env!("CARGO_BIN_EXE_sandpen")),
-            state: tempfile::Builder::new().prefix("sandpen-state-").tempdir().unwrap(),
+            state: tempfile::Builder::new()
+                .prefix("sandpen-state-")
+                .tempdir()
+                .unwrap(),
             data,
             _root: root,
             ws: ws.canonicalize().unwrap(),
@@ -94,7 +100,8 @@ fn guest(sh: &str) -> Result<String, Failed> {
 
 fn status_of(name: &str) -> Result<String, Failed> {
     let out = expect_ok(&sandpen(&["ls", "--json"]), "ls --json")?;
-    let rows: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("ls --json: {e}: {out}"))?;
+    let rows: serde_json::Value =
+        serde_json::from_str(&out).map_err(|e| format!("ls --json: {e}: {out}"))?;
     Ok(rows
         .as_array()
         .and_then(|a| a.iter().find(|r| r["name"] == name))
@@ -106,7 +113,10 @@ fn status_of(name: &str) -> Result<String, Failed> {
 
 fn errors_are_one_line_and_125() -> Result<(), Failed> {
     let cases: [(&[&str], &str); 4] = [
-        (&["exec", "no-such-sandbox", "--", "true"], "no sandbox named"),
+        (
+            &["exec", "no-such-sandbox", "--", "true"],
+            "no sandbox named",
+        ),
         (&["start", "no-such-sandbox"], "no sandbox named"),
         (&["create", "--memory", "lots"], "invalid memory size"),
         (&["create", "--image", "no-such-image"], "not found"),
@@ -114,35 +124,69 @@ fn errors_are_one_line_and_125() -> Result<(), Failed> {
     for (args, needle) in cases {
         let out = sandpen(args);
         let err = text(&out.stderr);
-        check(out.status.code() == Some(125), format!("{args:?}: exit {:?}, {err}", out.status.code()))?;
-        check(err.trim().lines().count() == 1, format!("{args:?}: not one line: {err:?}"))?;
-        check(err.contains(needle), format!("{args:?}: {err:?} lacks {needle:?}"))?;
+        check(
+            out.status.code() == Some(125),
+            format!("{args:?}: exit {:?}, {err}", out.status.code()),
+        )?;
+        check(
+            err.trim().lines().count() == 1,
+            format!("{args:?}: not one line: {err:?}"),
+        )?;
+        check(
+            err.contains(needle),
+            format!("{args:?}: {err:?} lacks {needle:?}"),
+        )?;
     }
-    check(status_of(NAME)? == "absent", "a failed create left a sandbox behind")
+    check(
+        status_of(NAME)? == "absent",
+        "a failed create left a sandbox behind",
+    )
 }
 
 // ---- the shared sandbox ----
 
 fn run_prints_and_exits_with_status() -> Result<(), Failed> {
     let t = Instant::now();
-    let out = sandpen(&["run", "--cpus", "1", "--memory", "1G", "--", "sh", "-c", "echo hi; exit 7"]);
-    eprintln!("    first run (create + cold boot): {:.1} s", t.elapsed().as_secs_f64());
+    let out = sandpen(&[
+        "run",
+        "--cpus",
+        "1",
+        "--memory",
+        "1G",
+        "--",
+        "sh",
+        "-c",
+        "echo hi; exit 7",
+    ]);
+    eprintln!(
+        "    first run (create + cold boot): {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     check(
         out.status.code() == Some(7),
         format!("exit {:?}; stderr {}", out.status.code(), text(&out.stderr)),
     )?;
-    check(text(&out.stdout) == "hi\n", format!("stdout {:?}", text(&out.stdout)))
+    check(
+        text(&out.stdout) == "hi\n",
+        format!("stdout {:?}", text(&out.stdout)),
+    )
 }
 
 fn run_pwd_is_the_host_path() -> Result<(), Failed> {
     let out = expect_ok(&sandpen(&["run", "--", "pwd"]), "run -- pwd")?;
-    check(out.trim() == env().ws.to_str().unwrap(), format!("pwd {out:?} vs {:?}", env().ws))
+    check(
+        out.trim() == env().ws.to_str().unwrap(),
+        format!("pwd {out:?} vs {:?}", env().ws),
+    )
 }
 
 fn second_run_reuses_the_sandbox() -> Result<(), Failed> {
     let out = expect_ok(&sandpen(&["ls", "--json"]), "ls")?;
     let rows: serde_json::Value = serde_json::from_str(&out)?;
-    check(rows.as_array().map(|a| a.len()) == Some(1), format!("expected one sandbox: {out}"))
+    check(
+        rows.as_array().map(|a| a.len()) == Some(1),
+        format!("expected one sandbox: {out}"),
+    )
 }
 
 fn guest_kernel_is_not_the_hosts() -> Result<(), Failed> {
@@ -174,11 +218,18 @@ fn workspace_files_keep_host_ownership() -> Result<(), Failed> {
     guest("echo from-guest > made-in-guest.txt")?;
     let meta = std::fs::metadata(ws.join("made-in-guest.txt"))?;
     let me = nix_uid();
-    check(meta.uid() == me, format!("guest file owned by {} on the host, want {me}", meta.uid()))?;
-    check(std::fs::read_to_string(ws.join("made-in-guest.txt"))? == "from-guest\n", "content")?;
+    check(
+        meta.uid() == me,
+        format!("guest file owned by {} on the host, want {me}", meta.uid()),
+    )?;
+    check(
+        std::fs::read_to_string(ws.join("made-in-guest.txt"))? == "from-guest\n",
+        "content",
+    )?;
     // Host -> guest.
     std::fs::write(ws.join("made-on-host.txt"), "from-host\n")?;
-    let seen = guest("stat -c %U made-on-host.txt; cat made-on-host.txt; echo more >> made-on-host.txt")?;
+    let seen =
+        guest("stat -c %U made-on-host.txt; cat made-on-host.txt; echo more >> made-on-host.txt")?;
     check(seen == "agent\nfrom-host\n", format!("guest saw {seen:?}"))?;
     check(
         std::fs::read_to_string(ws.join("made-on-host.txt"))? == "from-host\nmore\n",
@@ -187,18 +238,34 @@ fn workspace_files_keep_host_ownership() -> Result<(), Failed> {
 }
 
 fn nix_uid() -> u32 {
-    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(0)
 }
 
 fn ls_json_has_the_fields() -> Result<(), Failed> {
     let out = expect_ok(&sandpen(&["ls", "--json"]), "ls --json")?;
     let rows: serde_json::Value = serde_json::from_str(&out)?;
     let row = &rows[0];
-    for field in ["name", "status", "workspace", "image", "cpus", "memory_mib", "uptime_secs"] {
+    for field in [
+        "name",
+        "status",
+        "workspace",
+        "image",
+        "cpus",
+        "memory_mib",
+        "uptime_secs",
+    ] {
         check(!row[field].is_null(), format!("missing {field}: {row}"))?;
     }
-    check(row["status"] == "running" && row["cpus"] == 1 && row["memory_mib"] == 1024, format!("{row}"))?;
-    check(row["workspace"] == env().ws.to_str().unwrap(), format!("{row}"))?;
+    check(
+        row["status"] == "running" && row["cpus"] == 1 && row["memory_mib"] == 1024,
+        format!("{row}"),
+    )?;
+    check(
+        row["workspace"] == env().ws.to_str().unwrap(),
+        format!("{row}"),
+    )?;
     let table = expect_ok(&sandpen(&["ls"]), "ls")?;
     check(
         table.starts_with("NAME") && table.contains("UPTIME") && table.contains(NAME),
@@ -209,36 +276,94 @@ fn ls_json_has_the_fields() -> Result<(), Failed> {
 fn exec_works_while_run_is_attached() -> Result<(), Failed> {
     let marker = env().ws.join("release-run");
     let _ = std::fs::remove_file(&marker);
-    let run = cmd(&["run", "--", "sh", "-c", "while [ ! -e release-run ]; do sleep 0.1; done; echo run-done"])
-        .stdout(Stdio::piped())
-        .spawn()?;
+    let run = cmd(&[
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "while [ ! -e release-run ]; do sleep 0.1; done; echo run-done",
+    ])
+    .stdout(Stdio::piped())
+    .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
     let out = guest("echo concurrent")?;
     check(out == "concurrent\n", format!("exec got {out:?}"))?;
     std::fs::write(&marker, "")?;
     let run = run.wait_with_output()?;
-    check(run.status.success() && text(&run.stdout) == "run-done\n", format!("run: {:?}", text(&run.stdout)))
+    check(
+        run.status.success() && text(&run.stdout) == "run-done\n",
+        format!("run: {:?}", text(&run.stdout)),
+    )
 }
 
 fn stdin_stdout_stderr_are_separate() -> Result<(), Failed> {
-    let mut child = cmd(&["exec", "-i", NAME, "--", "sh", "-c", "tr a-z A-Z; echo to-stderr >&2"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
+    let mut child = cmd(&[
+        "exec",
+        "-i",
+        NAME,
+        "--",
+        "sh",
+        "-c",
+        "tr a-z A-Z; echo to-stderr >&2",
+    ])
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()?;
     child.stdin.take().unwrap().write_all(b"hello stdin\n")?;
     let out = child.wait_with_output()?;
-    check(text(&out.stdout) == "HELLO STDIN\n", format!("stdout {:?}", text(&out.stdout)))?;
-    check(text(&out.stderr) == "to-stderr\n", format!("stderr {:?}", text(&out.stderr)))
+    check(
+        text(&out.stdout) == "HELLO STDIN\n",
+        format!("stdout {:?}", text(&out.stdout)),
+    )?;
+    check(
+        text(&out.stderr) == "to-stderr\n",
+        format!("stderr {:?}", text(&out.stderr)),
+    )
 }
 
 fn exit_codes_follow_the_shell() -> Result<(), Failed> {
     let code = |args: &[&str]| sandpen(args).status.code();
-    check(code(&["exec", NAME, "--", "no-such-command"]) == Some(127), "not found should be 127")?;
-    check(code(&["exec", NAME, "--", "/etc/hostname"]) == Some(126), "not executable should be 126")?;
-    check(code(&["exec", NAME, "--", "sh", "-c", "kill -KILL $$"]) == Some(137), "SIGKILL should be 137")?;
-    check(code(&["exec", "-u", "root", NAME, "--", "sh", "-c", "test $(id -u) = 0"]) == Some(0), "-u root")?;
-    check(code(&["exec", "-w", "/tmp", "-e", "A=b", NAME, "--", "sh", "-c", "test $PWD = /tmp && test $A = b"]) == Some(0), "-w and -e")
+    check(
+        code(&["exec", NAME, "--", "no-such-command"]) == Some(127),
+        "not found should be 127",
+    )?;
+    check(
+        code(&["exec", NAME, "--", "/etc/hostname"]) == Some(126),
+        "not executable should be 126",
+    )?;
+    check(
+        code(&["exec", NAME, "--", "sh", "-c", "kill -KILL $$"]) == Some(137),
+        "SIGKILL should be 137",
+    )?;
+    check(
+        code(&[
+            "exec",
+            "-u",
+            "root",
+            NAME,
+            "--",
+            "sh",
+            "-c",
+            "test $(id -u) = 0",
+        ]) == Some(0),
+        "-u root",
+    )?;
+    check(
+        code(&[
+            "exec",
+            "-w",
+            "/tmp",
+            "-e",
+            "A=b",
+            NAME,
+            "--",
+            "sh",
+            "-c",
+            "test $PWD = /tmp && test $A = b",
+        ]) == Some(0),
+        "-w and -e",
+    )
 }
 
 /// A terminal: raw mode, the guest sees a tty with our size, and ^C typed at the
@@ -285,18 +410,36 @@ sys.stdout.write("\nEXIT=%d\n" % os.waitstatus_to_exitcode(status))
     let s = text(&out.stdout);
     check(s.contains("33 111"), format!("window size not passed: {s}"))?;
     check(s.contains("/dev/pts/"), format!("no tty in the guest: {s}"))?;
-    check(s.contains("got-sigint"), format!("^C did not reach the guest: {s}"))?;
+    check(
+        s.contains("got-sigint"),
+        format!("^C did not reach the guest: {s}"),
+    )?;
     check(s.contains("EXIT=3"), format!("exit status not passed: {s}"))
 }
 
 // ---- lifecycle ----
 
 fn stop_then_start_keeps_the_disk() -> Result<(), Failed> {
-    expect_ok(&sandpen(&["exec", "-u", "root", NAME, "--", "sh", "-c", "echo kept > /root/marker"]), "write marker")?;
+    expect_ok(
+        &sandpen(&[
+            "exec",
+            "-u",
+            "root",
+            NAME,
+            "--",
+            "sh",
+            "-c",
+            "echo kept > /root/marker",
+        ]),
+        "write marker",
+    )?;
     expect_ok(&sandpen(&["stop", NAME]), "stop")?;
     check(status_of(NAME)? == "stopped", "not stopped after stop")?;
     expect_ok(&sandpen(&["start", NAME]), "start")?;
-    let out = expect_ok(&sandpen(&["exec", "-u", "root", NAME, "--", "cat", "/root/marker"]), "read marker")?;
+    let out = expect_ok(
+        &sandpen(&["exec", "-u", "root", NAME, "--", "cat", "/root/marker"]),
+        "read marker",
+    )?;
     check(out == "kept\n", format!("marker {out:?}"))
 }
 
@@ -321,15 +464,21 @@ fn wait_for_status(want: &str) -> Result<(), Failed> {
 
 fn kill_9_qemu_reads_stopped_and_starts_again() -> Result<(), Failed> {
     let state = env().state.path().to_string_lossy().into_owned();
-    let qemu = pid_of(&format!("sandpen-qemu-{NAME}.*{state}")).or_else(|| pid_of(&format!("sandpen-{NAME},process")));
+    let qemu = pid_of(&format!("sandpen-qemu-{NAME}.*{state}"))
+        .or_else(|| pid_of(&format!("sandpen-{NAME},process")));
     let qemu = qemu.ok_or("QEMU not found")?;
-    Command::new("kill").args(["-9", &qemu.to_string()]).status()?;
+    Command::new("kill")
+        .args(["-9", &qemu.to_string()])
+        .status()?;
     let t = Instant::now();
     wait_for_status("stopped")?;
     let ls_time = t.elapsed();
     expect_ok(&sandpen(&["start", NAME]), "start after kill -9 of QEMU")?;
     check(guest("echo back")? == "back\n", "guest not back")?;
-    check(ls_time < Duration::from_secs(10), format!("ls took {ls_time:?} to say stopped"))
+    check(
+        ls_time < Duration::from_secs(10),
+        format!("ls took {ls_time:?} to say stopped"),
+    )
 }
 
 fn kill_9_supervisor_reads_stopped_and_starts_again() -> Result<(), Failed> {
@@ -338,19 +487,31 @@ fn kill_9_supervisor_reads_stopped_and_starts_again() -> Result<(), Failed> {
     let pid = std::fs::read_to_string(&pidfile)?;
     Command::new("kill").args(["-9", pid.trim()]).status()?;
     wait_for_status("stopped")?;
-    expect_ok(&sandpen(&["start", NAME]), "start after kill -9 of the supervisor")?;
+    expect_ok(
+        &sandpen(&["start", NAME]),
+        "start after kill -9 of the supervisor",
+    )?;
     check(guest("echo back")? == "back\n", "guest not back")
 }
 
 fn rm_f_removes_every_trace() -> Result<(), Failed> {
     let out = sandpen(&["rm", NAME]);
-    check(out.status.code() == Some(125), "rm of a running sandbox without -f must refuse")?;
+    check(
+        out.status.code() == Some(125),
+        "rm of a running sandbox without -f must refuse",
+    )?;
     expect_ok(&sandpen(&["rm", "-f", NAME]), "rm -f")?;
     let dir = env().state.path().join("sandpen/sandboxes");
-    let left: Vec<_> = std::fs::read_dir(&dir)?.flatten().map(|e| e.file_name()).collect();
+    let left: Vec<_> = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
     check(left.is_empty(), format!("left behind: {left:?}"))?;
     check(status_of(NAME)? == "absent", "still listed")?;
-    check(pid_of(&format!("sandpen-qemu-{NAME}")).is_none() || !qemu_of_this_run_alive(), "QEMU still running")
+    check(
+        pid_of(&format!("sandpen-qemu-{NAME}")).is_none() || !qemu_of_this_run_alive(),
+        "QEMU still running",
+    )
 }
 
 fn qemu_of_this_run_alive() -> bool {
@@ -358,28 +519,60 @@ fn qemu_of_this_run_alive() -> bool {
     pid_of(&state).is_some()
 }
 
+type TestFn = fn() -> Result<(), Failed>;
+
 fn main() {
     let args = Arguments {
         test_threads: Some(1),
         ..Arguments::from_args()
     };
-    let tests: Vec<(&str, fn() -> Result<(), Failed>)> = vec![
+    let tests: Vec<(&str, TestFn)> = vec![
         ("errors_are_one_line_and_125", errors_are_one_line_and_125),
-        ("run_prints_and_exits_with_status", run_prints_and_exits_with_status),
+        (
+            "run_prints_and_exits_with_status",
+            run_prints_and_exits_with_status,
+        ),
         ("run_pwd_is_the_host_path", run_pwd_is_the_host_path),
-        ("second_run_reuses_the_sandbox", second_run_reuses_the_sandbox),
-        ("guest_kernel_is_not_the_hosts", guest_kernel_is_not_the_hosts),
-        ("no_network_card_only_loopback", no_network_card_only_loopback),
+        (
+            "second_run_reuses_the_sandbox",
+            second_run_reuses_the_sandbox,
+        ),
+        (
+            "guest_kernel_is_not_the_hosts",
+            guest_kernel_is_not_the_hosts,
+        ),
+        (
+            "no_network_card_only_loopback",
+            no_network_card_only_loopback,
+        ),
         ("runs_as_agent_with_sudo", runs_as_agent_with_sudo),
-        ("workspace_files_keep_host_ownership", workspace_files_keep_host_ownership),
+        (
+            "workspace_files_keep_host_ownership",
+            workspace_files_keep_host_ownership,
+        ),
         ("ls_json_has_the_fields", ls_json_has_the_fields),
-        ("exec_works_while_run_is_attached", exec_works_while_run_is_attached),
-        ("stdin_stdout_stderr_are_separate", stdin_stdout_stderr_are_separate),
+        (
+            "exec_works_while_run_is_attached",
+            exec_works_while_run_is_attached,
+        ),
+        (
+            "stdin_stdout_stderr_are_separate",
+            stdin_stdout_stderr_are_separate,
+        ),
         ("exit_codes_follow_the_shell", exit_codes_follow_the_shell),
         ("tty_and_ctrl_c", tty_and_ctrl_c),
-        ("stop_then_start_keeps_the_disk", stop_then_start_keeps_the_disk),
-        ("kill_9_qemu_reads_stopped_and_starts_again", kill_9_qemu_reads_stopped_and_starts_again),
-        ("kill_9_supervisor_reads_stopped_and_starts_again", kill_9_supervisor_reads_stopped_and_starts_again),
+        (
+            "stop_then_start_keeps_the_disk",
+            stop_then_start_keeps_the_disk,
+        ),
+        (
+            "kill_9_qemu_reads_stopped_and_starts_again",
+            kill_9_qemu_reads_stopped_and_starts_again,
+        ),
+        (
+            "kill_9_supervisor_reads_stopped_and_starts_again",
+            kill_9_supervisor_reads_stopped_and_starts_again,
+        ),
         ("rm_f_removes_every_trace", rm_f_removes_every_trace),
     ];
     let trials = tests

@@ -58,7 +58,11 @@ pub fn want_tty() -> bool {
 }
 
 /// Drives an exec until the process exits; returns its shell-style status.
-pub async fn attach(frames: FrameStream<UnixStream>, tty: bool, forward_stdin: bool) -> Result<i32> {
+pub async fn attach(
+    frames: FrameStream<UnixStream>,
+    tty: bool,
+    forward_stdin: bool,
+) -> Result<i32> {
     let _raw = if tty { Some(RawMode::enter()?) } else { None };
     let (mut events, mut input) = frames.split();
     let (tx, mut rx) = mpsc::channel::<ExecInput>(16);
@@ -81,7 +85,11 @@ pub async fn attach(frames: FrameStream<UnixStream>, tty: bool, forward_stdin: b
                 match stdin.read(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if stdin_tx.send(ExecInput::Stdin(buf[..n].to_vec())).await.is_err() {
+                        if stdin_tx
+                            .send(ExecInput::Stdin(buf[..n].to_vec()))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }

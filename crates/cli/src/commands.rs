@@ -102,7 +102,17 @@ pub async fn dispatch(command: Command) -> Result<i32> {
                         .with_context(|| format!("-e {kv}: expected K=V"))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            exec(&dirs, &config, command, env, user, workdir, tty, interactive).await
+            exec(
+                &dirs,
+                &config,
+                command,
+                env,
+                user,
+                workdir,
+                tty,
+                interactive,
+            )
+            .await
         }
         Command::Image(cmd) => image(&dirs, cmd).await,
         Command::Doctor => doctor(&dirs),
@@ -137,7 +147,12 @@ fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOpt
     })
 }
 
-async fn create_sandbox(dirs: &Dirs, ws: &Path, args: &CreateArgs, agent: &str) -> Result<SandboxConfig> {
+async fn create_sandbox(
+    dirs: &Dirs,
+    ws: &Path,
+    args: &CreateArgs,
+    agent: &str,
+) -> Result<SandboxConfig> {
     let opts = create_options(ws, args, agent)?;
     let image = ensure_image(dirs, &opts.image)?;
     Ok(sandbox::create(dirs, &opts, &image.rootfs())?)
@@ -150,7 +165,8 @@ fn ensure_image(dirs: &Dirs, name: &str) -> Result<sandpen_image::Image> {
         Err(sandpen_image::ImageError::NotFound { .. }) if name == "default" => {
             eprintln!("sandpen: building the default image (first use; a few minutes)");
             let progress = indicatif::MultiProgress::new();
-            let outcome = sandpen_image::build(&dirs.images(), &ImageSpec::default_for(name), &progress)?;
+            let outcome =
+                sandpen_image::build(&dirs.images(), &ImageSpec::default_for(name), &progress)?;
             Ok(outcome.into_image())
         }
         Err(e) => Err(e.into()),
@@ -197,7 +213,10 @@ async fn rm(dirs: &Dirs, name: &str, force: bool) -> Result<()> {
         if !force {
             bail!("sandbox {name} is running; stop it first, or use `sandpen rm -f {name}`");
         }
-        if control::stop(&paths, Duration::from_secs(10)).await.is_err() {
+        if control::stop(&paths, Duration::from_secs(10))
+            .await
+            .is_err()
+        {
             control::kill_supervisor(&paths);
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while control::supervisor_alive(&paths) && std::time::Instant::now() < deadline {
@@ -248,10 +267,7 @@ async fn run(
     let (agent, workspace) = match (agent, workspace) {
         (Some(a), ws) if AGENTS.contains(&a.as_str()) => (a, ws),
         (Some(a), None) => ("shell".to_string(), Some(PathBuf::from(a))),
-        (Some(a), Some(_)) => bail!(
-            "unknown agent {a:?}: use one of {}",
-            AGENTS.join(", ")
-        ),
+        (Some(a), Some(_)) => bail!("unknown agent {a:?}: use one of {}", AGENTS.join(", ")),
         (None, ws) => ("shell".to_string(), ws),
     };
     if agent != "shell" {
@@ -366,7 +382,9 @@ async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
             r.image,
             r.cpus.to_string(),
             format!("{}M", r.memory_mib),
-            r.uptime_secs.map(human_duration).unwrap_or_else(|| "-".into()),
+            r.uptime_secs
+                .map(human_duration)
+                .unwrap_or_else(|| "-".into()),
         ]);
     }
     print_table(&out);
@@ -410,7 +428,10 @@ async fn logs(dirs: &Dirs, name: &str, follow: bool, supervisor: bool) -> Result
     file.read_to_end(&mut buf)?;
     stdout.write_all(&buf)?;
     stdout.flush()?;
-    while follow {
+    if !follow {
+        return Ok(0);
+    }
+    loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let len = file.metadata()?.len();
         let pos = file.stream_position()?;
@@ -422,7 +443,6 @@ async fn logs(dirs: &Dirs, name: &str, follow: bool, supervisor: bool) -> Result
         stdout.write_all(&buf)?;
         stdout.flush()?;
     }
-    Ok(0)
 }
 
 async fn image(dirs: &Dirs, cmd: ImageCommand) -> Result<i32> {
@@ -444,7 +464,11 @@ async fn image(dirs: &Dirs, cmd: ImageCommand) -> Result<i32> {
             let progress = indicatif::MultiProgress::new();
             match sandpen_image::build(&dirs.images(), &spec, &progress)? {
                 BuildOutcome::UpToDate(image) => {
-                    println!("image {} is up to date ({})", image.name, image.dir.display())
+                    println!(
+                        "image {} is up to date ({})",
+                        image.name,
+                        image.dir.display()
+                    )
                 }
                 BuildOutcome::Built(image) => println!(
                     "built image {} in {:.0} s: kernel {}, rootfs {} MiB ({})",
@@ -541,7 +565,8 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
     );
     check(
         "mkfs.ext4 (image builds)",
-        tool("mkfs.ext4").or_else(|| Some("/usr/sbin/mkfs.ext4".to_string()).filter(|p| Path::new(p).exists())),
+        tool("mkfs.ext4")
+            .or_else(|| Some("/usr/sbin/mkfs.ext4".to_string()).filter(|p| Path::new(p).exists())),
         "apt install e2fsprogs",
     );
     let decision = sandpen_vm::choose_accel(sandpen_vm::AccelChoice::Auto)?;
@@ -549,7 +574,11 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
     match sandpen_image::list(&dirs.images()) {
         Ok(images) if !images.is_empty() => println!(
             "ok    images: {}",
-            images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+            images
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
         _ => println!("note  no images yet: `sandpen run` builds the default one on first use"),
     }

@@ -20,7 +20,13 @@ const MODULE_INIT_COMPRESSED_FILE: libc::c_uint = 4;
 
 pub fn early_boot() -> Result<()> {
     let nosuid_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC | MsFlags::MS_NODEV;
-    mount_fs("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount_fs(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     mount_fs("proc", "/proc", "proc", nosuid_noexec, None)?;
     mount_fs("sysfs", "/sys", "sysfs", nosuid_noexec, None)?;
 
@@ -45,7 +51,11 @@ fn load_boot_modules() -> Result<()> {
         let file = std::fs::File::open(&path)
             .with_context(|| format!("opening module {}", path.display()))?;
         let compressed = name.ends_with(".xz") || name.ends_with(".zst") || name.ends_with(".gz");
-        let flags = if compressed { MODULE_INIT_COMPRESSED_FILE } else { 0 };
+        let flags = if compressed {
+            MODULE_INIT_COMPRESSED_FILE
+        } else {
+            0
+        };
         let params = CString::default();
         // SAFETY: finit_module reads the module from a valid open fd and a
         // NUL-terminated (empty) parameter string; it touches no memory of ours
@@ -74,8 +84,14 @@ fn switch_root() -> Result<()> {
     for fs in ["/dev", "/proc", "/sys"] {
         let target = format!("{NEW_ROOT}{fs}");
         std::fs::create_dir_all(&target).with_context(|| format!("mkdir {target}"))?;
-        nix::mount::mount(Some(fs), target.as_str(), None::<&str>, MsFlags::MS_MOVE, None::<&str>)
-            .with_context(|| format!("moving {fs} into the root disk"))?;
+        nix::mount::mount(
+            Some(fs),
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .with_context(|| format!("moving {fs} into the root disk"))?;
     }
     nix::unistd::chdir(NEW_ROOT).context("chdir to the new root")?;
     nix::mount::mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
@@ -94,7 +110,13 @@ fn mount_runtime_filesystems() -> Result<()> {
         MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
         Some("gid=5,mode=620,ptmxmode=666"),
     )?;
-    mount_fs("tmpfs", "/dev/shm", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
+    mount_fs(
+        "tmpfs",
+        "/dev/shm",
+        "tmpfs",
+        nosuid_nodev,
+        Some("mode=1777"),
+    )?;
     mount_fs("tmpfs", "/run", "tmpfs", nosuid_nodev, Some("mode=0755"))?;
     mount_fs("tmpfs", "/tmp", "tmpfs", nosuid_nodev, Some("mode=1777"))?;
     if let Err(e) = mount_fs(

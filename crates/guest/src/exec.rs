@@ -37,7 +37,11 @@ where
 
 /// The environment a process starts with: the user's basics, then the sandbox's,
 /// then the request's.
-fn environment(account: &Account, setup: Option<&GuestSetup>, req: &ExecRequest) -> Vec<(String, String)> {
+fn environment(
+    account: &Account,
+    setup: Option<&GuestSetup>,
+    req: &ExecRequest,
+) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), DEFAULT_PATH.into()),
         ("HOME".into(), account.home.clone()),
@@ -93,7 +97,10 @@ where
         .unwrap_or_else(|| account.home.clone());
     if !std::path::Path::new(&cwd).is_dir() {
         output
-            .send(&failed(126, format!("working directory {cwd}: no such directory in the sandbox")))
+            .send(&failed(
+                126,
+                format!("working directory {cwd}: no such directory in the sandbox"),
+            ))
             .await?;
         return Ok(());
     }
@@ -117,7 +124,9 @@ where
         let master = unsafe { AsyncFd::register(pty.master) }.map_err(io::Error::from)?;
         pty_master = Some(Arc::new(master));
     } else {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
     }
     let tty = req.tty.is_some();
     let (uid, gid, groups) = (account.uid, account.gid, account.groups.clone());
@@ -177,10 +186,14 @@ where
         stdin_task = tokio::spawn(write_stdin(StdinSink::Pty(master.clone()), stdin_rx));
     } else {
         if let Some(o) = child.stdout.take() {
-            stdout = Some(Source::Pipe(pipe::Receiver::from_owned_fd(OwnedFd::from(o))?));
+            stdout = Some(Source::Pipe(pipe::Receiver::from_owned_fd(OwnedFd::from(
+                o,
+            ))?));
         }
         if let Some(e) = child.stderr.take() {
-            stderr = Some(Source::Pipe(pipe::Receiver::from_owned_fd(OwnedFd::from(e))?));
+            stderr = Some(Source::Pipe(pipe::Receiver::from_owned_fd(OwnedFd::from(
+                e,
+            ))?));
         }
         let sink = match child.stdin.take() {
             Some(i) => StdinSink::Pipe(pipe::Sender::from_owned_fd(OwnedFd::from(i))?),
@@ -321,7 +334,9 @@ async fn write_stdin(sink: StdinSink, mut rx: mpsc::Receiver<Vec<u8>>) {
             while let Some(data) = rx.recv().await {
                 let mut rest = &data[..];
                 while !rest.is_empty() {
-                    let Ok(mut guard) = m.writable().await else { return };
+                    let Ok(mut guard) = m.writable().await else {
+                        return;
+                    };
                     match guard.try_io(|fd| {
                         nix::unistd::write(fd.get_ref(), rest).map_err(io::Error::from)
                     }) {
@@ -380,10 +395,15 @@ mod tests {
             env: vec![("FOO".into(), "bar".into())],
             cwd: Some("/".into()),
             user: Some(me()),
-            tty: tty.then_some(WinSize { rows: 30, cols: 100 }),
+            tty: tty.then_some(WinSize {
+                rows: 30,
+                cols: 100,
+            }),
         };
         let server = tokio::spawn(async move {
-            run_with(FrameStream::new(guest), req, &reaper, None).await.unwrap();
+            run_with(FrameStream::new(guest), req, &reaper, None)
+                .await
+                .unwrap();
         });
         let mut host = FrameStream::new(host);
         if !stdin.is_empty() {
@@ -419,14 +439,26 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn not_found_is_127_and_signal_is_reported() {
         let (_, _, last) = exec(&["/no/such/binary"], b"", false).await;
-        assert!(matches!(last, Some(ExecEvent::Failed { code: 127, .. })), "{last:?}");
+        assert!(
+            matches!(last, Some(ExecEvent::Failed { code: 127, .. })),
+            "{last:?}"
+        );
         let (_, _, last) = exec(&["sh", "-c", "kill -TERM $$"], b"", false).await;
         assert_eq!(last, Some(ExecEvent::Exit(ExitStatus::Signal(15))));
     }
 
     #[tokio::test(flavor = "multi_thread")]
     async fn tty_merges_output_and_reports_size() {
-        let (out, err, last) = exec(&["sh", "-c", "stty size; echo oops >&2; tty -s && echo isatty"], b"", true).await;
+        let (out, err, last) = exec(
+            &[
+                "sh",
+                "-c",
+                "stty size; echo oops >&2; tty -s && echo isatty",
+            ],
+            b"",
+            true,
+        )
+        .await;
         let text = String::from_utf8_lossy(&out);
         assert!(text.contains("30 100"), "{text:?}");
         assert!(text.contains("oops") && text.contains("isatty"), "{text:?}");

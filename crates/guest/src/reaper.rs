@@ -58,7 +58,9 @@ impl Reaper {
     /// Like [`Command::output`], but the exit status comes from the reaper, which
     /// would otherwise race `Command::wait` for it. Blocks: not for async contexts.
     pub fn output(&self, cmd: &mut Command) -> std::io::Result<Output> {
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let (mut child, status) = {
             let mut reg = self.lock();
             let child = cmd.spawn()?;

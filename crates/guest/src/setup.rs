@@ -51,7 +51,9 @@ fn loopback_up(reaper: &Reaper) {
 }
 
 fn run(reaper: &Reaper, cmd: &mut Command) -> Result<()> {
-    let out = reaper.output(cmd).with_context(|| format!("running {cmd:?}"))?;
+    let out = reaper
+        .output(cmd)
+        .with_context(|| format!("running {cmd:?}"))?;
     if !out.status.success() {
         bail!(
             "{cmd:?} failed: {}",
@@ -68,8 +70,14 @@ fn ensure_user(reaper: &Reaper, user: &GuestUser) -> Result<()> {
     match crate::users::lookup(&user.name) {
         Some(a) if a.uid == user.uid && a.gid == user.gid => {}
         Some(_) => {
-            run(reaper, Command::new("groupmod").args(["-g", &gid, &user.name]))?;
-            run(reaper, Command::new("usermod").args(["-u", &uid, "-g", &gid, &user.name]))?;
+            run(
+                reaper,
+                Command::new("groupmod").args(["-g", &gid, &user.name]),
+            )?;
+            run(
+                reaper,
+                Command::new("usermod").args(["-u", &uid, "-g", &gid, &user.name]),
+            )?;
         }
         None => {
             let group_exists = std::fs::read_to_string("/etc/group")
@@ -77,7 +85,10 @@ fn ensure_user(reaper: &Reaper, user: &GuestUser) -> Result<()> {
                 .lines()
                 .any(|l| l.split(':').nth(2) == Some(gid.as_str()));
             if !group_exists {
-                run(reaper, Command::new("groupadd").args(["-g", &gid, &user.name]))?;
+                run(
+                    reaper,
+                    Command::new("groupadd").args(["-g", &gid, &user.name]),
+                )?;
             }
             let mut groups = vec!["sudo"];
             if std::fs::read_to_string("/etc/group")
@@ -87,18 +98,21 @@ fn ensure_user(reaper: &Reaper, user: &GuestUser) -> Result<()> {
             {
                 groups.push("docker");
             }
-            run(reaper, Command::new("useradd").args([
-                "-m",
-                "-u",
-                &uid,
-                "-g",
-                &gid,
-                "-G",
-                &groups.join(","),
-                "-s",
-                "/bin/bash",
-                &user.name,
-            ]))?;
+            run(
+                reaper,
+                Command::new("useradd").args([
+                    "-m",
+                    "-u",
+                    &uid,
+                    "-g",
+                    &gid,
+                    "-G",
+                    &groups.join(","),
+                    "-s",
+                    "/bin/bash",
+                    &user.name,
+                ]),
+            )?;
         }
     }
     let sudoers = Path::new("/etc/sudoers.d/sandpen");
@@ -146,14 +160,14 @@ fn mount_share(tag: &str, path: &str, read_only: bool) -> Result<()> {
 /// The root disk is a qcow2 overlay that may be larger than the image's ext4;
 /// grow the filesystem online to fill it.
 fn grow_root_in_background(reaper: Arc<Reaper>) {
-    std::thread::spawn(move || {
-        match reaper.output(Command::new("resize2fs").arg("/dev/vda")) {
+    std::thread::spawn(
+        move || match reaper.output(Command::new("resize2fs").arg("/dev/vda")) {
             Ok(out) if out.status.success() => {}
             Ok(out) => log!(
                 "resize2fs /dev/vda: {}",
                 String::from_utf8_lossy(&out.stderr).trim()
             ),
             Err(e) => log!("resize2fs not run: {e}"),
-        }
-    });
+        },
+    );
 }

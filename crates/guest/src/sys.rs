@@ -8,7 +8,13 @@ use nix::mount::{mount, MsFlags};
 
 use crate::log;
 
-pub fn mount_fs(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<()> {
+pub fn mount_fs(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<()> {
     std::fs::create_dir_all(target).with_context(|| format!("mkdir {target}"))?;
     mount(Some(source), target, Some(fstype), flags, data)
         .with_context(|| format!("mount {fstype} {source} on {target}"))
@@ -65,10 +71,8 @@ pub fn shutdown_and_power_off() -> ! {
 /// True while any process other than PID 1 and kernel threads is alive.
 fn other_processes_remain() -> bool {
     // Reap whatever has exited so it does not count.
-    while let Ok(status) = nix::sys::wait::waitpid(
-        None,
-        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
-    ) {
+    while let Ok(status) = nix::sys::wait::waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG))
+    {
         if status == nix::sys::wait::WaitStatus::StillAlive {
             break;
         }
@@ -98,7 +102,11 @@ pub fn kernel_release() -> String {
 pub fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
         .ok()
-        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse::<f64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .next()
+                .and_then(|x| x.parse::<f64>().ok())
+        })
         .map(|secs| (secs * 1000.0) as u64)
         .unwrap_or(0)
 }

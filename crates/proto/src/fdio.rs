@@ -20,20 +20,24 @@ impl FdStream {
     pub fn new(file: File) -> io::Result<FdStream> {
         let fd = file.as_raw_fd();
         // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory is passed.
-        unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-                return Err(io::Error::last_os_error());
-            }
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+            return Err(io::Error::last_os_error());
         }
-        Ok(FdStream {
-            inner: AsyncFd::try_new(file).map_err(|e| e.into_parts().1)?,
-        })
+        // SAFETY: the File is moved into the AsyncFd, so its descriptor stays open
+        // and names the same open file for the AsyncFd's whole life.
+        let inner = unsafe { AsyncFd::register(file) }.map_err(io::Error::from)?;
+        Ok(FdStream { inner })
     }
 }
 
 impl AsyncRead for FdStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.inner.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
@@ -50,7 +54,11 @@ impl AsyncRead for FdStream {
 }
 
 impl AsyncWrite for FdStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
         loop {
             let mut guard = ready!(self.inner.poll_write_ready(cx))?;
             match guard.try_io(|f| f.get_ref().write(data)) {

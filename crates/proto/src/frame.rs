@@ -46,9 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> FrameStream<S> {
         &mut self,
         what: &'static str,
     ) -> Result<T, ProtoError> {
-        self.recv()
-            .await?
-            .ok_or(ProtoError::UnexpectedEof(what))
+        self.recv().await?.ok_or(ProtoError::UnexpectedEof(what))
     }
 
     /// Flush and shut down the write side.
@@ -118,7 +116,9 @@ mod tests {
         a.send(&Request::Ping).await.unwrap();
         assert_eq!(b.recv::<Request>().await.unwrap(), Some(Request::Ping));
         let (mut br, mut bw) = b.split();
-        bw.send(&ExecEvent::Exit(ExitStatus::Code(7))).await.unwrap();
+        bw.send(&ExecEvent::Exit(ExitStatus::Code(7)))
+            .await
+            .unwrap();
         a.send(&ExecInput::Stdin(b"hi".to_vec())).await.unwrap();
         assert_eq!(
             a.recv::<ExecEvent>().await.unwrap(),
@@ -152,7 +152,10 @@ mod tests {
         let (a, b) = tokio::io::duplex(4096);
         let mut a = FrameStream::new(a);
         let mut b = FrameStream::new(b);
-        a.inner.send(Bytes::from_static(&[0xff, 0xff, 0xff, 0x7f])).await.unwrap();
+        a.inner
+            .send(Bytes::from_static(&[0xff, 0xff, 0xff, 0x7f]))
+            .await
+            .unwrap();
         assert!(matches!(
             b.recv::<Request>().await,
             Err(ProtoError::Decode(_))

@@ -148,7 +148,13 @@ mod tests {
             .unwrap();
         let err = host(&mut h).await.unwrap_err();
         assert!(
-            matches!(err, ProtoError::VersionMismatch { guest: 999, host: PROTOCOL_VERSION }),
+            matches!(
+                err,
+                ProtoError::VersionMismatch {
+                    guest: 999,
+                    host: PROTOCOL_VERSION
+                }
+            ),
             "{err}"
         );
         assert!(err.to_string().contains("version 999"));

@@ -87,10 +87,15 @@ pub enum ExecInput {
 /// Guest -> host frames after [`Request::Exec`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ExecEvent {
-    Started { pid: u32 },
+    Started {
+        pid: u32,
+    },
     /// The process could not be started. `code` follows the shell convention:
     /// 127 not found, 126 not executable, 125 anything else.
-    Failed { code: u8, message: String },
+    Failed {
+        code: u8,
+        message: String,
+    },
     Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
     Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
     Exit(ExitStatus),
@@ -114,3 +119,23 @@ impl ExitStatus {
 
 /// Largest chunk of stdin/stdout/stderr put into one frame.
 pub const IO_CHUNK: usize = 32 * 1024;
+
+/// The first frame of every guest-opened stream: one outbound connection that
+/// the guest wants the host to make. Raw bytes follow in both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressOpen {
+    pub mode: EgressMode,
+    /// The name the guest resolved through its DNS stub, or a literal IP when
+    /// the guest connected to an address it did not get from the stub.
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EgressMode {
+    /// Redirected by nftables; the bytes are the client's own (TLS or HTTP).
+    Transparent,
+    /// Accepted on the guest's HTTP proxy port; the bytes start with the client's
+    /// proxy request (CONNECT or an absolute-form request).
+    HttpProxy,
+}

@@ -89,10 +89,15 @@ async fn connect(paths: &SandboxPaths) -> Result<FrameStream<UnixStream>, Superv
     Ok(FrameStream::new(stream))
 }
 
-async fn request(paths: &SandboxPaths, req: &ControlRequest) -> Result<(FrameStream<UnixStream>, ControlReply), SupervisorError> {
+async fn request(
+    paths: &SandboxPaths,
+    req: &ControlRequest,
+) -> Result<(FrameStream<UnixStream>, ControlReply), SupervisorError> {
     let mut frames = connect(paths).await?;
     frames.send(req).await?;
-    let reply = frames.expect::<ControlReply>("the supervisor's reply").await?;
+    let reply = frames
+        .expect::<ControlReply>("the supervisor's reply")
+        .await?;
     if let ControlReply::Error(e) = reply {
         return Err(SupervisorError::Boot(e));
     }
@@ -106,7 +111,12 @@ pub async fn state(paths: &SandboxPaths) -> State {
     if !paths.control_socket().exists() {
         return State::Starting;
     }
-    match tokio::time::timeout(Duration::from_secs(3), request(paths, &ControlRequest::Status)).await {
+    match tokio::time::timeout(
+        Duration::from_secs(3),
+        request(paths, &ControlRequest::Status),
+    )
+    .await
+    {
         Ok(Ok((_, ControlReply::Status(s)))) => State::Running(s),
         Ok(_) if !supervisor_alive(paths) => State::Stopped,
         Ok(Err(_)) => State::Starting,
@@ -115,7 +125,10 @@ pub async fn state(paths: &SandboxPaths) -> State {
 }
 
 /// Starts an exec; the returned stream then carries `ExecInput` / `ExecEvent` frames.
-pub async fn exec(paths: &SandboxPaths, req: ExecRequest) -> Result<FrameStream<UnixStream>, SupervisorError> {
+pub async fn exec(
+    paths: &SandboxPaths,
+    req: ExecRequest,
+) -> Result<FrameStream<UnixStream>, SupervisorError> {
     match request(paths, &ControlRequest::Exec(req)).await? {
         (frames, ControlReply::ExecStarted) => Ok(frames),
         (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),

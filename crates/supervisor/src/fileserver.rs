@@ -66,7 +66,10 @@ pub fn virtiofsd_args(spec: &ShareSpec, host_uid: u32, host_gid: u32) -> Vec<Str
     }
     if host_uid == 0 {
         args.push(format!("--translate-uid=map:{}:0:1", spec.guest_uid));
-        args.push(format!("--translate-gid=map:{}:{}:1", spec.guest_gid, host_gid));
+        args.push(format!(
+            "--translate-gid=map:{}:{}:1",
+            spec.guest_gid, host_gid
+        ));
     } else {
         // Without privileges there are no other uids to switch to, and the
         // namespace sandbox needs user namespaces that hosts often restrict.

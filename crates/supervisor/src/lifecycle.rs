@@ -22,8 +22,8 @@ pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
         }
         State::Unresponsive => {
             return Err(SupervisorError::Invalid(format!(
-                "sandbox {name} has a supervisor that does not answer; `sandpen stop {name}` ends it"
-            )))
+            "sandbox {name} has a supervisor that does not answer; `sandpen stop {name}` ends it"
+        )))
         }
         State::Stopped => {}
     }

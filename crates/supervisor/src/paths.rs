@@ -18,7 +18,9 @@ fn xdg(var: &str, home_fallback: &str) -> PathBuf {
     match std::env::var_os(var) {
         Some(v) if Path::new(&v).is_absolute() => PathBuf::from(v),
         _ => {
-            let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/".into());
+            let home = std::env::var_os("HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| "/".into());
             home.join(home_fallback)
         }
     }

@@ -87,9 +87,19 @@ pub fn name_from_workspace(workspace: &Path) -> String {
         .unwrap_or_default();
     let mut name: String = base
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' { c } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
         .collect();
-    name = name.trim_matches(|c| c == '-' || c == '.').chars().take(40).collect();
+    name = name
+        .trim_matches(|c| c == '-' || c == '.')
+        .chars()
+        .take(40)
+        .collect();
     if name.is_empty() {
         name = "sandbox".into();
     }
@@ -99,7 +109,9 @@ pub fn name_from_workspace(workspace: &Path) -> String {
 pub fn validate_name(name: &str) -> Result<(), SupervisorError> {
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         && !name.starts_with(['.', '-']);
     if ok {
         Ok(())
@@ -116,7 +128,9 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SupervisorError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
-        path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+        path.file_name()
+            .map(|f| f.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let io = |what: &str, e| SupervisorError::io(format!("{what} {}", tmp.display()), e);
@@ -136,11 +150,15 @@ pub fn load(dirs: &Dirs, name: &str) -> Result<SandboxConfig, SupervisorError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(SupervisorError::UnknownSandbox(name.to_string()))
         }
-        Err(e) => return Err(SupervisorError::io(format!("reading {}", path.display()), e)),
+        Err(e) => {
+            return Err(SupervisorError::io(
+                format!("reading {}", path.display()),
+                e,
+            ))
+        }
     };
-    serde_json::from_slice(&data).map_err(|e| {
-        SupervisorError::Invalid(format!("{} is damaged: {e}", path.display()))
-    })
+    serde_json::from_slice(&data)
+        .map_err(|e| SupervisorError::Invalid(format!("{} is damaged: {e}", path.display())))
 }
 
 /// Every sandbox, sorted by name. Unreadable entries are skipped with a warning.
@@ -149,7 +167,12 @@ pub fn list(dirs: &Dirs) -> Result<Vec<SandboxConfig>, SupervisorError> {
     let entries = match std::fs::read_dir(&root) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
-        Err(e) => return Err(SupervisorError::io(format!("reading {}", root.display()), e)),
+        Err(e) => {
+            return Err(SupervisorError::io(
+                format!("reading {}", root.display()),
+                e,
+            ))
+        }
     };
     let mut out = Vec::new();
     for entry in entries.flatten() {
@@ -166,7 +189,10 @@ pub fn list(dirs: &Dirs) -> Result<Vec<SandboxConfig>, SupervisorError> {
     Ok(out)
 }
 
-pub fn find_by_workspace(dirs: &Dirs, workspace: &Path) -> Result<Option<SandboxConfig>, SupervisorError> {
+pub fn find_by_workspace(
+    dirs: &Dirs,
+    workspace: &Path,
+) -> Result<Option<SandboxConfig>, SupervisorError> {
     Ok(list(dirs)?.into_iter().find(|c| c.workspace == workspace))
 }
 
@@ -182,9 +208,10 @@ pub fn create(
     opts: &CreateOptions,
     image_rootfs: &Path,
 ) -> Result<SandboxConfig, SupervisorError> {
-    let workspace = opts.workspace.canonicalize().map_err(|e| {
-        SupervisorError::io(format!("workspace {}", opts.workspace.display()), e)
-    })?;
+    let workspace = opts
+        .workspace
+        .canonicalize()
+        .map_err(|e| SupervisorError::io(format!("workspace {}", opts.workspace.display()), e))?;
     if !workspace.is_dir() {
         return Err(SupervisorError::Invalid(format!(
             "workspace {} is not a directory",
@@ -208,7 +235,10 @@ pub fn create(
     };
     let paths = dirs.sandbox(&name);
     // Build in a temporary folder and rename, so a crash never leaves half a sandbox.
-    let tmp = SandboxPaths::new(dirs.sandboxes().join(format!(".{name}.creating-{}", std::process::id())));
+    let tmp = SandboxPaths::new(
+        dirs.sandboxes()
+            .join(format!(".{name}.creating-{}", std::process::id())),
+    );
     let result = (|| {
         for d in [tmp.dir.clone(), tmp.run(), tmp.logs()] {
             std::fs::create_dir_all(&d)
@@ -217,7 +247,11 @@ pub fn create(
         sandpen_vm::disk::create_overlay(image_rootfs, &tmp.disk(), opts.disk_gib)?;
         let host_uid = nix::unistd::getuid().as_raw();
         let host_gid = nix::unistd::getgid().as_raw();
-        let (guest_uid, guest_gid) = if host_uid == 0 { (1000, 1000) } else { (host_uid, host_gid) };
+        let (guest_uid, guest_gid) = if host_uid == 0 {
+            (1000, 1000)
+        } else {
+            (host_uid, host_gid)
+        };
         let config = SandboxConfig {
             name: name.clone(),
             workspace: workspace.clone(),
@@ -264,7 +298,9 @@ pub fn remove(dirs: &Dirs, name: &str) -> Result<(), SupervisorError> {
         return Err(SupervisorError::UnknownSandbox(name.to_string()));
     }
     // Rename first so a half-finished removal never looks like a sandbox.
-    let doomed = dirs.sandboxes().join(format!(".{name}.removing-{}", std::process::id()));
+    let doomed = dirs
+        .sandboxes()
+        .join(format!(".{name}.removing-{}", std::process::id()));
     std::fs::rename(&paths.dir, &doomed)
         .map_err(|e| SupervisorError::io(format!("removing {}", paths.dir.display()), e))?;
     std::fs::remove_dir_all(&doomed)
@@ -289,8 +325,14 @@ mod tests {
 
     #[test]
     fn names_from_folders() {
-        assert_eq!(name_from_workspace(Path::new("/home/me/src/myproject")), "myproject");
-        assert_eq!(name_from_workspace(Path::new("/x/My Project!")), "my-project");
+        assert_eq!(
+            name_from_workspace(Path::new("/home/me/src/myproject")),
+            "myproject"
+        );
+        assert_eq!(
+            name_from_workspace(Path::new("/x/My Project!")),
+            "my-project"
+        );
         assert_eq!(name_from_workspace(Path::new("/")), "sandbox");
         assert!(validate_name("../etc").is_err());
         assert!(validate_name("ok-name_1.2").is_ok());
@@ -318,7 +360,10 @@ mod tests {
         assert!(matches!(e, SupervisorError::UnknownSandbox(_)));
         std::fs::create_dir_all(dirs.sandbox("bad").dir).unwrap();
         std::fs::write(dirs.sandbox("bad").config(), b"{").unwrap();
-        assert!(load(&dirs, "bad").unwrap_err().to_string().contains("damaged"));
+        assert!(load(&dirs, "bad")
+            .unwrap_err()
+            .to_string()
+            .contains("damaged"));
         assert!(list(&dirs).unwrap().is_empty());
     }
 }

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sandpen_proto::frame::FrameStream;
 use sandpen_proto::mux::{self, Mode, MuxHandle};
-use sandpen_proto::{handshake, Ack, GuestSetup, GuestUser, Request, SetupReply, ShareMount, WORKSPACE_TAG};
+use sandpen_proto::{
+    handshake, Ack, GuestSetup, GuestUser, Request, SetupReply, ShareMount, WORKSPACE_TAG,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::process::{Child, Command};
@@ -136,7 +138,10 @@ fn clean_run_dir(paths: &SandboxPaths) {
 }
 
 fn rotate(log: &std::path::Path) {
-    if std::fs::metadata(log).map(|m| m.len() > CONSOLE_LOG_MAX).unwrap_or(false) {
+    if std::fs::metadata(log)
+        .map(|m| m.len() > CONSOLE_LOG_MAX)
+        .unwrap_or(false)
+    {
         let _ = std::fs::rename(log, log.with_extension("log.1"));
     }
 }
@@ -150,7 +155,11 @@ struct Vm {
     listener: UnixListener,
 }
 
-async fn boot(dirs: &Dirs, config: &SandboxConfig, paths: &SandboxPaths) -> Result<Vm, SupervisorError> {
+async fn boot(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    paths: &SandboxPaths,
+) -> Result<Vm, SupervisorError> {
     let image = sandpen_image::load(&dirs.images(), &config.image)?;
     let initrd = image.ensure_initrd(&crate::guest_binary()?)?;
     let accel = sandpen_vm::choose_accel(config.accel)?;
@@ -204,7 +213,9 @@ async fn boot(dirs: &Dirs, config: &SandboxConfig, paths: &SandboxPaths) -> Resu
         .append(true)
         .open(&qemu_log)
         .map_err(|e| SupervisorError::io(format!("opening {}", qemu_log.display()), e))?;
-    let log2 = log.try_clone().map_err(|e| SupervisorError::io("log handle", e))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| SupervisorError::io("log handle", e))?;
     let mut cmd = Command::new(&qemu_bin);
     cmd.args(vm_config.args())
         .stdin(Stdio::null())
@@ -235,7 +246,9 @@ async fn boot(dirs: &Dirs, config: &SandboxConfig, paths: &SandboxPaths) -> Resu
             return Err(died(status));
         }
         if started.elapsed() > BOOT_TIMEOUT {
-            return Err(SupervisorError::Boot("QEMU did not open the guest channel".into()));
+            return Err(SupervisorError::Boot(
+                "QEMU did not open the guest channel".into(),
+            ));
         }
         match UnixStream::connect(paths.channel_socket()).await {
             Ok(s) => break s,
@@ -291,11 +304,14 @@ async fn boot(dirs: &Dirs, config: &SandboxConfig, paths: &SandboxPaths) -> Resu
     let kernel_release = match reply {
         SetupReply::Ok { kernel_release } => kernel_release,
         SetupReply::Failed { message } => {
-            return Err(SupervisorError::Boot(format!("guest setup failed: {message}")))
+            return Err(SupervisorError::Boot(format!(
+                "guest setup failed: {message}"
+            )))
         }
     };
-    let listener = UnixListener::bind(paths.control_socket())
-        .map_err(|e| SupervisorError::io(format!("binding {}", paths.control_socket().display()), e))?;
+    let listener = UnixListener::bind(paths.control_socket()).map_err(|e| {
+        SupervisorError::io(format!("binding {}", paths.control_socket().display()), e)
+    })?;
     let ready_ms = started.elapsed().as_millis() as u64;
     let status = RuntimeStatus {
         supervisor_pid: std::process::id(),
@@ -327,10 +343,10 @@ async fn send_setup(handle: &MuxHandle, setup: GuestSetup) -> Result<SetupReply,
 
 async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> {
     let (stop_tx, mut stop_rx) = mpsc::channel::<()>(1);
-    let mut sigterm = signal(SignalKind::terminate())
-        .map_err(|e| SupervisorError::io("watching SIGTERM", e))?;
-    let mut sigint = signal(SignalKind::interrupt())
-        .map_err(|e| SupervisorError::io("watching SIGINT", e))?;
+    let mut sigterm =
+        signal(SignalKind::terminate()).map_err(|e| SupervisorError::io("watching SIGTERM", e))?;
+    let mut sigint =
+        signal(SignalKind::interrupt()).map_err(|e| SupervisorError::io("watching SIGINT", e))?;
     let status = Arc::new(vm.status.clone());
     let exit = loop {
         tokio::select! {
@@ -393,14 +409,20 @@ async fn shutdown(vm: &mut Vm, paths: &SandboxPaths) {
     if !matches!(asked, Ok(Ok(()))) {
         tracing::warn!("the guest did not acknowledge the shutdown: {asked:?}");
     }
-    if tokio::time::timeout(SHUTDOWN_GRACE, vm.qemu.wait()).await.is_ok() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, vm.qemu.wait())
+        .await
+        .is_ok()
+    {
         return;
     }
     tracing::warn!("the guest did not power off in {SHUTDOWN_GRACE:?}; telling QEMU to quit");
     if let Ok(mut qmp) = sandpen_vm::qmp::Qmp::connect(&paths.qmp_socket()).await {
         let _ = qmp.execute("quit", None).await;
     }
-    if tokio::time::timeout(Duration::from_secs(5), vm.qemu.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(5), vm.qemu.wait())
+        .await
+        .is_err()
+    {
         let _ = vm.qemu.start_kill();
         let _ = vm.qemu.wait().await;
     }
@@ -418,7 +440,9 @@ async fn handle_control(
     };
     match request {
         ControlRequest::Status => {
-            frames.send(&ControlReply::Status((*status).clone())).await?;
+            frames
+                .send(&ControlReply::Status((*status).clone()))
+                .await?;
         }
         ControlRequest::Stop => {
             frames.send(&ControlReply::Stopping).await?;
@@ -430,7 +454,9 @@ async fn handle_control(
             let stream = match mux.open().await {
                 Ok(s) => s,
                 Err(e) => {
-                    frames.send(&ControlReply::Error(format!("the guest channel: {e}"))).await?;
+                    frames
+                        .send(&ControlReply::Error(format!("the guest channel: {e}")))
+                        .await?;
                     return Ok(());
                 }
             };

@@ -89,7 +89,9 @@ fn probe_kvm_at(dev: &Path, pvm_marker: &Path) -> KvmProbe {
     // fd is a valid open /dev/kvm for the duration of the call.
     let version = unsafe { libc::ioctl(file.as_raw_fd(), KVM_GET_API_VERSION, 0) };
     if version != KVM_API_VERSION {
-        return KvmProbe::BadApi(format!("KVM API version {version}, expected {KVM_API_VERSION}"));
+        return KvmProbe::BadApi(format!(
+            "KVM API version {version}, expected {KVM_API_VERSION}"
+        ));
     }
     KvmProbe::Usable
 }
@@ -167,7 +169,10 @@ mod tests {
 
     #[test]
     fn explicit_choices() {
-        assert_eq!(decide(AccelChoice::Tcg, &KvmProbe::Usable).unwrap().accel, Accel::Tcg);
+        assert_eq!(
+            decide(AccelChoice::Tcg, &KvmProbe::Usable).unwrap().accel,
+            Accel::Tcg
+        );
         let err = decide(AccelChoice::Kvm, &KvmProbe::Missing).unwrap_err();
         assert!(err.to_string().contains("--accel tcg"));
         let no_access = decide(AccelChoice::Kvm, &KvmProbe::NoAccess("denied".into()))
@@ -187,6 +192,9 @@ mod tests {
         let fake = dir.path().join("kvm");
         std::fs::write(&fake, b"").unwrap();
         std::fs::create_dir(dir.path().join("pvm")).unwrap();
-        assert_eq!(probe_kvm_at(&fake, &dir.path().join("pvm")), KvmProbe::Paravirtual);
+        assert_eq!(
+            probe_kvm_at(&fake, &dir.path().join("pvm")),
+            KvmProbe::Paravirtual
+        );
     }
 }

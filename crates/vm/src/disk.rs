@@ -55,6 +55,9 @@ mod tests {
             .unwrap();
         let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
         assert_eq!(info["virtual-size"], 4u64 << 30);
-        assert!(info["backing-filename"].as_str().unwrap().ends_with("base.img"));
+        assert!(info["backing-filename"]
+            .as_str()
+            .unwrap()
+            .ends_with("base.img"));
     }
 }

@@ -63,7 +63,10 @@ impl VmConfig {
         let mut push = |s: &str| a.push(OsString::from(s));
         let mem = format!("{}M", self.memory_mib);
         push("-name");
-        push(&format!("sandpen-{},process=sandpen-qemu-{}", self.name, self.name));
+        push(&format!(
+            "sandpen-{},process=sandpen-qemu-{}",
+            self.name, self.name
+        ));
         push("-M");
         push("microvm,x-option-roms=off,pit=off,pic=off,rtc=on,acpi=on,memory-backend=mem");
         push("-object");
@@ -133,10 +136,16 @@ impl VmConfig {
             push("-chardev");
             push(&format!("socket,id=fs{i},path={}", share.socket.display()));
             push("-device");
-            push(&format!("vhost-user-fs-device,chardev=fs{i},tag={}", share.tag));
+            push(&format!(
+                "vhost-user-fs-device,chardev=fs{i},tag={}",
+                share.tag
+            ));
         }
         push("-qmp");
-        push(&format!("unix:{},server=on,wait=off", self.qmp_socket.display()));
+        push(&format!(
+            "unix:{},server=on,wait=off",
+            self.qmp_socket.display()
+        ));
         a
     }
 }
@@ -212,7 +221,10 @@ mod tests {
 
     #[test]
     fn cpu_mhz_parsing() {
-        assert_eq!(parse_cpu_mhz("model\t: x\ncpu MHz\t\t: 2596.134\n"), Some(2_596_134));
+        assert_eq!(
+            parse_cpu_mhz("model\t: x\ncpu MHz\t\t: 2596.134\n"),
+            Some(2_596_134)
+        );
         assert_eq!(parse_cpu_mhz("nothing"), None);
     }
 }

@@ -48,7 +48,11 @@ impl Qmp {
     }
 
     /// Runs one command and returns its `return` value; events in between are skipped.
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, VmError> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, VmError> {
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;

@@ -30,6 +30,15 @@ pub fn early_boot() -> Result<()> {
     mount_fs("proc", "/proc", "proc", nosuid_noexec, None)?;
     mount_fs("sysfs", "/sys", "sysfs", nosuid_noexec, None)?;
 
+    // Benchmark baseline: the kernel and initramfs have reached /init; stop here.
+    if std::fs::read_to_string("/proc/cmdline")
+        .map(|c| c.split_whitespace().any(|w| w == "sandpen.bare"))
+        .unwrap_or(false)
+    {
+        log!("bare boot: /init reached at {} ms", crate::sys::uptime_ms());
+        crate::sys::power_off();
+    }
+
     load_boot_modules()?;
 
     wait_for(Path::new(ROOT_DEVICE), Duration::from_secs(20))?;

@@ -68,8 +68,9 @@ pub fn guest_binary() -> Result<std::path::PathBuf, SupervisorError> {
     if let Ok(exe) = std::env::current_exe() {
         if let Some(dir) = exe.parent() {
             candidates.push(dir.join("sandpen-guest"));
-            // target/{debug,release}/sandpen -> target/x86_64-unknown-linux-gnu/release/sandpen-guest
-            if let Some(target) = dir.parent() {
+            // A development tree: target/{debug,release}[/deps]/X ->
+            // target/x86_64-unknown-linux-gnu/release/sandpen-guest
+            for target in dir.ancestors().skip(1).take(2) {
                 for profile in ["release", "debug"] {
                     candidates.push(
                         target

@@ -200,6 +200,7 @@ async fn boot(
             })
             .collect(),
         tsc_khz: sandpen_vm::qemu::host_tsc_khz(),
+        extra_cmdline: vec![],
     };
     let qemu_bin = sandpen_vm::which("qemu-system-x86_64").ok_or_else(|| {
         SupervisorError::Vm(sandpen_vm::VmError::MissingTool {

@@ -9,6 +9,9 @@ use crate::Accel;
 /// spawning, no resource-control calls.
 pub const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// TCG translation-cache size (MiB), for the software-emulation path only.
+pub const TCG_TB_SIZE_MIB: u32 = 32;
+
 /// A vhost-user-fs share: the guest mounts `tag`; the file server listens on `socket`.
 #[derive(Debug, Clone)]
 pub struct FsShare {
@@ -29,6 +32,8 @@ pub struct VmConfig {
     pub qmp_socket: PathBuf,
     pub console_log: PathBuf,
     pub shares: Vec<FsShare>,
+    /// Extra kernel command-line words (benchmarks use `sandpen.bare`).
+    pub extra_cmdline: Vec<String>,
     /// Host TSC frequency. Under TCG the guest cannot calibrate its clock on
     /// microvm without it and hangs at boot.
     pub tsc_khz: Option<u64>,
@@ -54,6 +59,7 @@ impl VmConfig {
                 words.push("tsc=reliable".into());
             }
         }
+        words.extend(self.extra_cmdline.iter().cloned());
         words.join(" ")
     }
 
@@ -83,8 +89,10 @@ impl VmConfig {
                 push("host");
             }
             Accel::Tcg => {
+                // Bound the translation cache: QEMU's default grows to hundreds of
+                // MiB of host memory per VM.
                 push("-accel");
-                push("tcg");
+                push(&format!("tcg,tb-size={TCG_TB_SIZE_MIB}"));
             }
         }
         for s in [
@@ -188,6 +196,7 @@ mod tests {
                 socket: "/s/run/fs0.sock".into(),
             }],
             tsc_khz: Some(2_596_134),
+            extra_cmdline: vec![],
         }
     }
 
@@ -212,7 +221,7 @@ mod tests {
     #[test]
     fn accel_specific_options() {
         let tcg = config(Accel::Tcg);
-        assert!(joined(&tcg).contains("-accel tcg"));
+        assert!(joined(&tcg).contains("-accel tcg,tb-size="));
         assert!(tcg.kernel_cmdline().contains("tsc_early_khz=2596134"));
         let kvm = config(Accel::Kvm);
         assert!(joined(&kvm).contains("-accel kvm -cpu host"));

@@ -1,0 +1,440 @@
+//! Policy files: TOML, loaded strictly, edited in place.
+//!
+//! ```toml
+//! # The global file is $XDG_CONFIG_HOME/sandpen/policy.toml; a sandbox's file
+//! # has the same format. Every key is optional.
+//! mode = "enforce"          # enforce | learn | ask
+//! preset = "balanced"       # deny-all | balanced | allow-all
+//!
+//! [[network]]
+//! id = 1                    # stable; `sandpen policy` writes it
+//! action = "allow"          # allow | deny
+//! target = "*.example.org:443"
+//!
+//! [[network]]
+//! id = 2
+//! action = "deny"
+//! target = "evil.example"
+//! ```
+//!
+//! - A sandbox file's `mode` and `preset` override the global file's. With no
+//!   `preset` anywhere, the preset is `deny-all`. Rules of both files apply.
+//! - `id` is unique within a file. A hand-written table without `id` gets the
+//!   next free id after the file's largest, in file order.
+//! - Anything else is an error that names the file, line and column: a TOML
+//!   syntax error, an unknown key, a wrong type, a bad target, a duplicate id.
+//!   A file that cannot be read as a policy is never treated as empty.
+//! - Edits ([`PolicyFile::add_rule`], [`PolicyFile::remove_rule`],
+//!   [`PolicyFile::set_mode`], [`PolicyFile::init_preset`]) go through
+//!   `toml_edit`, so comments, order and formatting survive; [`PolicyFile::save`]
+//!   writes atomically.
+
+use std::io;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use toml_edit::{value, ArrayOfTables, Document, DocumentMut, Item, Table};
+
+use crate::{Action, Mode, Preset, Rule, RuleSource, Scope, Target, TargetError};
+
+/// Errors from loading, editing or saving a policy file.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file is not a valid policy; `line` and `column` count from 1.
+    #[error("{}:{line}:{column}: {message}", path.display())]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("cannot read policy file {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot write policy file {}: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+    #[error("{}: no network rule with id {id}", path.display())]
+    NoSuchRule { path: PathBuf, id: u32 },
+    #[error(transparent)]
+    Target(#[from] TargetError),
+}
+
+/// The global policy file: `$XDG_CONFIG_HOME/sandpen/policy.toml`, or
+/// `$HOME/.config/sandpen/policy.toml`. `None` when neither variable is set.
+pub fn global_policy_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| PathBuf::from(h).join(".config"))
+        })?;
+    Some(base.join("sandpen").join("policy.toml"))
+}
+
+const NEW_FILE_HEADER: &str = "\
+# sandpen network policy. Format: docs/policy.md.
+# Edit by hand or with `sandpen policy allow|deny|rm|mode|init`.
+";
+
+/// One policy file, parsed and validated, with its text kept for edits.
+#[derive(Debug, Clone)]
+pub struct PolicyFile {
+    path: PathBuf,
+    scope: Scope,
+    text: String,
+    mode: Option<Mode>,
+    preset: Option<Preset>,
+    rules: Vec<Rule>,
+}
+
+/// Line and column (from 1) of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let column = before.get(line_start..).map_or(0, |s| s.chars().count()) + 1;
+    (line, column)
+}
+
+struct Checker<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Checker<'_> {
+    fn err(&self, span: Option<Range<usize>>, message: impl Into<String>) -> PolicyError {
+        let (line, column) = line_col(self.text, span.map_or(0, |s| s.start));
+        PolicyError::Invalid {
+            path: self.path.to_path_buf(),
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+
+    fn string<'i>(&self, item: &'i Item, what: &str) -> Result<&'i str, PolicyError> {
+        item.as_str()
+            .ok_or_else(|| self.err(item.span(), format!("`{what}` must be a string")))
+    }
+}
+
+impl PolicyFile {
+    /// Read and validate `path`. A missing file is an empty policy file (that
+    /// `save` will create); an unreadable or invalid one is an error.
+    pub fn load(path: &Path, scope: Scope) -> Result<PolicyFile, PolicyError> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => PolicyFile::parse(text, path, scope),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(PolicyFile::empty(path, scope)),
+            Err(source) => Err(PolicyError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
+    /// A file with no settings and no rules, not yet on disk.
+    pub fn empty(path: &Path, scope: Scope) -> PolicyFile {
+        PolicyFile {
+            path: path.to_path_buf(),
+            scope,
+            text: NEW_FILE_HEADER.to_string(),
+            mode: None,
+            preset: None,
+            rules: Vec::new(),
+        }
+    }
+
+    /// Validate `text` as the contents of `path`.
+    pub fn parse(text: String, path: &Path, scope: Scope) -> Result<PolicyFile, PolicyError> {
+        let ck = Checker { path, text: &text };
+        let doc = Document::parse(text.as_str()).map_err(|e| ck.err(e.span(), e.message().trim()))?;
+        let mut mode = None;
+        let mut preset = None;
+        // (id or None, action, target, line)
+        let mut entries: Vec<(Option<(u32, Option<Range<usize>>)>, Action, Target, usize)> = Vec::new();
+        for (key, item) in doc.iter() {
+            let key_span = doc.key(key).and_then(|k| k.span()).or_else(|| item.span());
+            match key {
+                "mode" => {
+                    let s = ck.string(item, "mode")?;
+                    mode = Some(Mode::parse(s).ok_or_else(|| {
+                        ck.err(
+                            item.span(),
+                            format!("unknown mode `{s}` (expected enforce, learn or ask)"),
+                        )
+                    })?);
+                }
+                "preset" => {
+                    let s = ck.string(item, "preset")?;
+                    preset = Some(Preset::parse(s).ok_or_else(|| {
+                        ck.err(
+                            item.span(),
+                            format!("unknown preset `{s}` (expected deny-all, balanced or allow-all)"),
+                        )
+                    })?);
+                }
+                "network" => {
+                    let Some(tables) = item.as_array_of_tables() else {
+                        return Err(ck.err(
+                            key_span,
+                            "`network` must be written as [[network]] tables",
+                        ));
+                    };
+                    for table in tables.iter() {
+                        entries.push(Self::check_rule(&ck, table)?);
+                    }
+                }
+                other => {
+                    return Err(ck.err(
+                        key_span,
+                        format!("unknown key `{other}` (expected mode, preset or [[network]])"),
+                    ))
+                }
+            }
+        }
+
+        let mut used: Vec<u32> = Vec::new();
+        for (id, ..) in &entries {
+            if let Some((id, span)) = id {
+                if used.contains(id) {
+                    return Err(ck.err(span.clone(), format!("duplicate rule id {id}")));
+                }
+                used.push(*id);
+            }
+        }
+        let mut next = used.iter().copied().max().unwrap_or(0);
+        let mut rules = Vec::with_capacity(entries.len());
+        for (id, action, target, line) in entries {
+            let id = match id {
+                Some((id, _)) => id,
+                None => {
+                    next = next.checked_add(1).ok_or_else(|| {
+                        ck.err(None, "rule ids are exhausted; renumber the file")
+                    })?;
+                    next
+                }
+            };
+            rules.push(Rule {
+                id,
+                scope,
+                action,
+                target,
+                source: RuleSource::File {
+                    path: path.to_path_buf(),
+                    line,
+                },
+            });
+        }
+        drop(doc);
+        Ok(PolicyFile {
+            path: path.to_path_buf(),
+            scope,
+            text,
+            mode,
+            preset,
+            rules,
+        })
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn check_rule(
+        ck: &Checker<'_>,
+        table: &Table,
+    ) -> Result<(Option<(u32, Option<Range<usize>>)>, Action, Target, usize), PolicyError> {
+        let line = line_col(ck.text, table.span().map_or(0, |s| s.start)).0;
+        let mut id = None;
+        let mut action = None;
+        let mut target = None;
+        for (key, item) in table.iter() {
+            let key_span = table.key(key).and_then(|k| k.span()).or_else(|| item.span());
+            match key {
+                "id" => {
+                    let n = item
+                        .as_integer()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| {
+                            ck.err(item.span(), "`id` must be a positive integer")
+                        })?;
+                    id = Some((n, item.span()));
+                }
+                "action" => {
+                    let s = ck.string(item, "action")?;
+                    action = Some(match s {
+                        "allow" => Action::Allow,
+                        "deny" => Action::Deny,
+                        _ => {
+                            return Err(ck.err(
+                                item.span(),
+                                format!("unknown action `{s}` (expected allow or deny)"),
+                            ))
+                        }
+                    });
+                }
+                "target" => {
+                    let s = ck.string(item, "target")?;
+                    target = Some(
+                        Target::parse(s).map_err(|e| ck.err(item.span(), e.to_string()))?,
+                    );
+                }
+                other => {
+                    return Err(ck.err(
+                        key_span,
+                        format!("unknown key `{other}` in [[network]] (expected id, action, target)"),
+                    ))
+                }
+            }
+        }
+        let at = table.span();
+        let action =
+            action.ok_or_else(|| ck.err(at.clone(), "[[network]] rule without `action`"))?;
+        let target = target.ok_or_else(|| ck.err(at, "[[network]] rule without `target`"))?;
+        Ok((id, action, target, line))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn scope(&self) -> Scope {
+        self.scope
+    }
+
+    pub fn mode(&self) -> Option<Mode> {
+        self.mode
+    }
+
+    pub fn preset(&self) -> Option<Preset> {
+        self.preset
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The file's text, with all edits so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    fn edit(&mut self, f: impl FnOnce(&mut DocumentMut)) -> Result<(), PolicyError> {
+        let mut doc: DocumentMut = self.text.parse().map_err(|e: toml_edit::TomlError| {
+            Checker {
+                path: &self.path,
+                text: &self.text,
+            }
+            .err(e.span(), e.message().trim())
+        })?;
+        f(&mut doc);
+        *self = PolicyFile::parse(doc.to_string(), &self.path, self.scope)?;
+        Ok(())
+    }
+
+    /// Append a rule (in memory; call [`save`](Self::save)). If the same
+    /// action and target is already in the file, that rule is returned and
+    /// nothing is added.
+    pub fn add_rule(&mut self, action: Action, target: &str) -> Result<Rule, PolicyError> {
+        let target = Target::parse(target)?;
+        if let Some(r) = self
+            .rules
+            .iter()
+            .find(|r| r.action == action && r.target == target)
+        {
+            return Ok(r.clone());
+        }
+        let id = self.rules.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+        let text = target.to_string();
+        self.edit(|doc| {
+            let mut t = Table::new();
+            t.insert("id", value(i64::from(id)));
+            t.insert("action", value(action.as_str()));
+            t.insert("target", value(text));
+            let entry = doc
+                .entry("network")
+                .or_insert(Item::ArrayOfTables(ArrayOfTables::new()));
+            if let Some(a) = entry.as_array_of_tables_mut() {
+                a.push(t);
+            }
+        })?;
+        self.rules
+            .iter()
+            .find(|r| r.id == id)
+            .cloned()
+            .ok_or_else(|| PolicyError::NoSuchRule {
+                path: self.path.clone(),
+                id,
+            })
+    }
+
+    /// Remove the rule with this id (in memory; call [`save`](Self::save)).
+    pub fn remove_rule(&mut self, id: u32) -> Result<Rule, PolicyError> {
+        let index = self
+            .rules
+            .iter()
+            .position(|r| r.id == id)
+            .ok_or_else(|| PolicyError::NoSuchRule {
+                path: self.path.clone(),
+                id,
+            })?;
+        let removed = self.rules[index].clone();
+        // Rules are in file order, so the rule's index is its table's index.
+        self.edit(|doc| {
+            let now_empty = match doc.get_mut("network").and_then(|i| i.as_array_of_tables_mut()) {
+                Some(a) => {
+                    a.remove(index);
+                    a.is_empty()
+                }
+                None => false,
+            };
+            if now_empty {
+                doc.remove("network");
+            }
+        })?;
+        Ok(removed)
+    }
+
+    /// Set `mode` (in memory; call [`save`](Self::save)).
+    pub fn set_mode(&mut self, mode: Mode) -> Result<(), PolicyError> {
+        self.edit(|doc| set_value(doc, "mode", mode.as_str()))
+    }
+
+    /// Set `preset` (in memory; call [`save`](Self::save)). Rules are kept.
+    pub fn init_preset(&mut self, preset: Preset) -> Result<(), PolicyError> {
+        self.edit(|doc| set_value(doc, "preset", preset.as_str()))
+    }
+
+    /// Write the file atomically (temp file + rename), creating its directory.
+    pub fn save(&self) -> Result<(), PolicyError> {
+        let werr = |source| PolicyError::Write {
+            path: self.path.clone(),
+            source,
+        };
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(werr)?;
+        }
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(format!(".tmp.{}", std::process::id()));
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, self.text.as_bytes()).map_err(werr)?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            werr(e)
+        })
+    }
+}
+
+/// Set a top-level string, keeping its decor (comments) if it exists.
+fn set_value(doc: &mut DocumentMut, key: &str, v: &str) {
+    match doc.get_mut(key).and_then(|i| i.as_value_mut()) {
+        Some(old) => {
+            let decor = old.decor().clone();
+            *old = v.into();
+            *old.decor_mut() = decor;
+        }
+        None => {
+            doc.insert(key, value(v));
+        }
+    }
+}

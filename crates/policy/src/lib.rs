@@ -1,0 +1,480 @@
+//! sandpen's network policy: rules, presets, policy files and the one
+//! evaluation function, [`Policy::check`], that both the egress proxy and
+//! `sandpen policy check` call, so they can never disagree.
+//!
+//! # Rules
+//!
+//! A rule is an action (`allow` or `deny`) and a [`Target`]: `example.com`,
+//! `*.example.com` (one or more labels below, not the apex), `**` (everything),
+//! a literal IP or a CIDR range, each with an optional `:PORT` (no port = any
+//! port). Rules come from three [`Scope`]s: the global file, the sandbox's file
+//! and the built-in preset named by either file. Deny wins over allow; when
+//! nothing matches, the connection is denied.
+//!
+//! # Addresses
+//!
+//! After a name is allowed, the proxy resolves it on the host and calls
+//! `check` again with the addresses. An address in a [blocked range](is_blocked)
+//! (loopback, RFC 1918, link-local and the metadata address, CGNAT, the guest's
+//! fake-IP range 198.18.0.0/15, ULA, multicast, unspecified) is refused with
+//! reason `blocked-address` unless an allow rule with a CIDR target covers it,
+//! or the name was mapped to it by an [`AddHost`] override. A deny rule with a
+//! CIDR target denies names that resolve into it. Allow rules with a CIDR
+//! target never allow a *name* (the host resolves only names that a name rule
+//! allowed, so a denied name is never looked up: no DNS side channel).
+//!
+//! # Modes
+//!
+//! `enforce` applies the policy. `learn` turns policy denials into
+//! `would-deny` verdicts that let the connection through; it never waives the
+//! safety checks (`blocked-address`, `invalid-host`, and the proxy's
+//! `sni-mismatch` / `host-mismatch`). `ask` is evaluated as `enforce` for now.
+//!
+//! The file format is documented on [`file`] and in docs/policy.md.
+
+mod blocked;
+pub mod file;
+mod preset;
+mod target;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use blocked::{blocked_ranges, is_blocked};
+pub use file::{global_policy_path, PolicyError, PolicyFile};
+pub use preset::Preset;
+pub use target::{canonical, normalize_name, Host, HostPattern, Target, TargetError};
+
+/// What a rule does when it matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Allow => "allow",
+            Action::Deny => "deny",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a rule lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// `$XDG_CONFIG_HOME/sandpen/policy.toml`, shared by every sandbox.
+    Global,
+    /// The sandbox's own policy file.
+    Sandbox,
+    /// The built-in rules of the preset that a file names.
+    Preset,
+}
+
+impl Scope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Global => "global",
+            Scope::Sandbox => "sandbox",
+            Scope::Preset => "preset",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How the policy is applied.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    #[default]
+    Enforce,
+    /// Allow everything the safety checks allow; report what enforce would deny.
+    Learn,
+    /// Hold unknown destinations until the user answers.
+    // TODO(ask mode, a later issue: DESIGN.md "Egress", mode `ask`): hold the
+    // connection and ask the CLI / web page; until then it is evaluated as enforce.
+    Ask,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Learn => "learn",
+            Mode::Ask => "ask",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "enforce" => Some(Mode::Enforce),
+            "learn" => Some(Mode::Learn),
+            "ask" => Some(Mode::Ask),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a rule was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleSource {
+    /// A `[[network]]` table in a policy file, at this line.
+    File { path: PathBuf, line: usize },
+    /// A built-in preset.
+    Preset(Preset),
+}
+
+impl fmt::Display for RuleSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuleSource::File { path, line } => write!(f, "{}:{line}", path.display()),
+            RuleSource::Preset(p) => write!(f, "preset {p}"),
+        }
+    }
+}
+
+/// One network rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Stable within its scope: written in the file, never renumbered.
+    pub id: u32,
+    pub scope: Scope,
+    pub action: Action,
+    pub target: Target,
+    pub source: RuleSource,
+}
+
+impl Rule {
+    /// The short reference carried by decisions and audit records.
+    pub fn to_ref(&self) -> RuleRef {
+        RuleRef {
+            id: self.id,
+            scope: self.scope,
+            text: format!("{} {}", self.action, self.target),
+        }
+    }
+}
+
+/// Which rule decided: `rule 3 (global: allow *.example.org:443)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleRef {
+    pub id: u32,
+    pub scope: Scope,
+    /// `ACTION TARGET`.
+    pub text: String,
+}
+
+impl fmt::Display for RuleRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "rule {} ({}: {})", self.id, self.scope, self.text)
+    }
+}
+
+/// `--add-host NAME:IP`: the proxy resolves NAME to IP without DNS, and may
+/// connect to IP for NAME even inside a blocked range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddHost {
+    pub name: String,
+    pub ip: IpAddr,
+}
+
+impl AddHost {
+    /// Parse `NAME:IP` (the IP may be IPv6, optionally in brackets).
+    pub fn parse(s: &str) -> Result<AddHost, TargetError> {
+        let bad = |why: &str| TargetError {
+            input: s.to_string(),
+            why: why.to_string(),
+        };
+        let (name, ip) = s.split_once(':').ok_or_else(|| bad("expected NAME:IP"))?;
+        let ip = ip.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(ip);
+        let ip: IpAddr = ip
+            .parse()
+            .map_err(|_| bad("the part after `:` is not an IP address"))?;
+        let name = normalize_name(name).map_err(|e| bad(&e.why))?;
+        Ok(AddHost { name, ip })
+    }
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Learn mode: let through, but enforce would have denied it.
+    WouldDeny,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Allow => "allow",
+            Verdict::Deny => "deny",
+            Verdict::WouldDeny => "would-deny",
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Reason codes used in decisions and audit records.
+pub mod reason {
+    pub const ALLOWED_BY_RULE: &str = "allowed-by-rule";
+    pub const DENIED_BY_RULE: &str = "denied-by-rule";
+    pub const NO_MATCHING_RULE: &str = "no-matching-rule";
+    pub const DENIED_ADDRESS: &str = "denied-address";
+    pub const BLOCKED_ADDRESS: &str = "blocked-address";
+    pub const INVALID_HOST: &str = "invalid-host";
+}
+
+/// A verdict, the rule that gave it (if one did) and a reason code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub verdict: Verdict,
+    pub rule: Option<RuleRef>,
+    /// A reason code from [`reason`] (the proxy adds its own, e.g.
+    /// `sni-mismatch`), optionally followed by `: detail`.
+    pub reason: String,
+}
+
+impl Decision {
+    pub fn new(verdict: Verdict, rule: Option<RuleRef>, reason: impl Into<String>) -> Self {
+        Decision {
+            verdict,
+            rule,
+            reason: reason.into(),
+        }
+    }
+
+    /// A hard deny with no rule, e.g. a protocol check in the proxy.
+    pub fn deny(reason: impl Into<String>) -> Self {
+        Decision::new(Verdict::Deny, None, reason)
+    }
+
+    /// The reason code without its detail: `blocked-address` for
+    /// `blocked-address: 127.0.0.1`.
+    pub fn reason_code(&self) -> &str {
+        self.reason.split(':').next().unwrap_or_default()
+    }
+
+    /// May the connection proceed? True for allow and would-deny.
+    pub fn permits(&self) -> bool {
+        self.verdict != Verdict::Deny
+    }
+}
+
+impl fmt::Display for Decision {
+    /// `allowed by rule 3 (global: allow *.example.org:443)`,
+    /// `denied: no-matching-rule`, ...
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let word = match self.verdict {
+            Verdict::Allow => "allowed",
+            Verdict::Deny => "denied",
+            Verdict::WouldDeny => "allowed (learn mode), enforce would deny",
+        };
+        match &self.rule {
+            Some(r) if self.reason == reason::ALLOWED_BY_RULE || self.reason == reason::DENIED_BY_RULE => {
+                write!(f, "{word} by {r}")
+            }
+            Some(r) => write!(f, "{word}: {} ({r})", self.reason),
+            None => write!(f, "{word}: {}", self.reason),
+        }
+    }
+}
+
+/// The effective policy of one sandbox: global + sandbox + preset rules, the
+/// mode, and the `--add-host` overrides.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    mode: Mode,
+    preset: Preset,
+    rules: Vec<Rule>,
+    add_hosts: Vec<AddHost>,
+}
+
+impl Policy {
+    /// Combine the files. The sandbox file's `mode` and `preset` override the
+    /// global file's; rules of both (and of the preset) all apply.
+    pub fn from_files(global: Option<&PolicyFile>, sandbox: Option<&PolicyFile>) -> Policy {
+        let pick = |f: fn(&PolicyFile) -> Option<_>| sandbox.and_then(f).or_else(|| global.and_then(f));
+        let mode: Mode = pick(|p| p.mode()).unwrap_or_default();
+        let preset: Preset = pick(|p| p.preset()).unwrap_or_default();
+        let mut rules = Vec::new();
+        for f in [global, sandbox].into_iter().flatten() {
+            rules.extend(f.rules().iter().cloned());
+        }
+        rules.extend(preset.rules());
+        Policy {
+            mode,
+            preset,
+            rules,
+            add_hosts: Vec::new(),
+        }
+    }
+
+    /// Load the global file (if given and present) and the sandbox file (if
+    /// given and present). Any malformed file is an error, never an empty policy.
+    pub fn load(global: Option<&Path>, sandbox: Option<&Path>) -> Result<Policy, PolicyError> {
+        let g = global.map(|p| PolicyFile::load(p, Scope::Global)).transpose()?;
+        let s = sandbox.map(|p| PolicyFile::load(p, Scope::Sandbox)).transpose()?;
+        Ok(Policy::from_files(g.as_ref(), s.as_ref()))
+    }
+
+    /// A policy from explicit parts (tests, benchmarks, embedding).
+    pub fn from_rules(mode: Mode, preset: Preset, mut rules: Vec<Rule>) -> Policy {
+        rules.extend(preset.rules());
+        Policy {
+            mode,
+            preset,
+            rules,
+            add_hosts: Vec::new(),
+        }
+    }
+
+    /// Add `--add-host` overrides.
+    pub fn with_add_hosts(mut self, add_hosts: impl IntoIterator<Item = AddHost>) -> Policy {
+        self.add_hosts.extend(add_hosts);
+        self
+    }
+
+    pub fn with_mode(mut self, mode: Mode) -> Policy {
+        self.mode = mode;
+        self
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn preset(&self) -> Preset {
+        self.preset
+    }
+
+    /// Every rule in evaluation order: global, sandbox, preset.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    pub fn add_hosts(&self) -> &[AddHost] {
+        &self.add_hosts
+    }
+
+    /// The `--add-host` addresses for `name`, if any (names are compared
+    /// normalized). These replace DNS for that name.
+    pub fn overrides_for(&self, name: &str) -> Vec<IpAddr> {
+        let Ok(name) = normalize_name(name) else {
+            return Vec::new();
+        };
+        self.add_hosts
+            .iter()
+            .filter(|a| a.name == name)
+            .map(|a| a.ip)
+            .collect()
+    }
+
+    /// Decide a connection to `host:port`.
+    ///
+    /// Call with `resolved = None` before resolving (decides on the name) and
+    /// with the host-resolved addresses before connecting. A literal IP host is
+    /// always checked as an address too. This is the only place a network
+    /// rule is evaluated.
+    pub fn check(&self, host: &str, port: u16, resolved: Option<&[IpAddr]>) -> Decision {
+        let host = match Host::parse(host) {
+            Ok(h) => h,
+            Err(e) => return Decision::deny(format!("{}: {}", reason::INVALID_HOST, e.why)),
+        };
+        let learn = self.mode == Mode::Learn;
+        let soften = |d: Decision| {
+            if learn && d.verdict == Verdict::Deny {
+                Decision::new(Verdict::WouldDeny, d.rule, d.reason)
+            } else {
+                d
+            }
+        };
+
+        let find = |action: Action| {
+            self.rules
+                .iter()
+                .find(|r| r.action == action && r.target.matches_host(&host, port))
+        };
+        let mut decision = if let Some(r) = find(Action::Deny) {
+            Decision::new(Verdict::Deny, Some(r.to_ref()), reason::DENIED_BY_RULE)
+        } else if let Some(r) = find(Action::Allow) {
+            Decision::new(Verdict::Allow, Some(r.to_ref()), reason::ALLOWED_BY_RULE)
+        } else {
+            Decision::deny(reason::NO_MATCHING_RULE)
+        };
+        if decision.verdict == Verdict::Deny && !learn {
+            return decision;
+        }
+
+        let literal;
+        let addrs: &[IpAddr] = match (&host, resolved) {
+            (Host::Ip(ip), _) => {
+                literal = [*ip];
+                &literal
+            }
+            (Host::Name(_), Some(r)) => r,
+            (Host::Name(_), None) => &[],
+        };
+        let overrides = match &host {
+            Host::Name(n) => self.overrides_for(n),
+            Host::Ip(_) => Vec::new(),
+        };
+        for &ip in addrs {
+            let covering = |action: Action| {
+                self.rules
+                    .iter()
+                    .find(|r| r.action == action && r.target.covers_addr(ip, port))
+            };
+            if decision.verdict == Verdict::Allow {
+                if let Some(r) = covering(Action::Deny) {
+                    decision = Decision::new(
+                        Verdict::Deny,
+                        Some(r.to_ref()),
+                        format!("{}: {ip}", reason::DENIED_ADDRESS),
+                    );
+                    if !learn {
+                        return decision;
+                    }
+                }
+            }
+            let permitted = covering(Action::Allow).is_some() || overrides.contains(&ip);
+            if is_blocked(ip) && !permitted {
+                // A safety check: learn mode does not waive it.
+                return Decision::deny(format!("{}: {ip}", reason::BLOCKED_ADDRESS));
+            }
+        }
+        soften(decision)
+    }
+}
+
+#[cfg(test)]
+mod tests;

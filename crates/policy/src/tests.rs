@@ -1,0 +1,400 @@
+use std::net::IpAddr;
+use std::path::Path;
+
+use super::*;
+
+fn file(text: &str, scope: Scope) -> PolicyFile {
+    PolicyFile::parse(text.to_string(), Path::new("/cfg/policy.toml"), scope)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn policy(global: &str, sandbox: &str) -> Policy {
+    Policy::from_files(
+        Some(&file(global, Scope::Global)),
+        Some(&file(sandbox, Scope::Sandbox)),
+    )
+}
+
+fn ips(list: &[&str]) -> Vec<IpAddr> {
+    list.iter().map(|s| s.parse().unwrap()).collect()
+}
+
+fn invalid(text: &str) -> (usize, usize, String) {
+    match PolicyFile::parse(text.to_string(), Path::new("/x/p.toml"), Scope::Global) {
+        Err(PolicyError::Invalid {
+            line,
+            column,
+            message,
+            path,
+        }) => {
+            assert_eq!(path, Path::new("/x/p.toml"));
+            (line, column, message)
+        }
+        other => panic!("expected an Invalid error, got {other:?}"),
+    }
+}
+
+const G: &str = r#"
+[[network]]
+id = 1
+action = "allow"
+target = "*.example.org:443"
+
+[[network]]
+id = 2
+action = "deny"
+target = "bad.example.org"
+
+[[network]]
+id = 3
+action = "allow"
+target = "10.1.2.0/24"
+"#;
+
+#[test]
+fn allow_by_glob_and_port() {
+    let p = policy(G, "");
+    let d = p.check("pkgs.example.org", 443, None);
+    assert_eq!(d.verdict, Verdict::Allow);
+    assert_eq!(
+        d.rule.as_ref().map(|r| (r.id, r.scope)),
+        Some((1, Scope::Global))
+    );
+    assert_eq!(
+        d.to_string(),
+        "allowed by rule 1 (global: allow *.example.org:443)"
+    );
+    assert_eq!(p.check("pkgs.example.org", 80, None).verdict, Verdict::Deny);
+    assert_eq!(p.check("example.org", 443, None).reason, reason::NO_MATCHING_RULE);
+}
+
+#[test]
+fn deny_wins_over_allow() {
+    let p = policy(G, "");
+    let d = p.check("bad.example.org", 443, None);
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(d.rule.as_ref().map(|r| r.id), Some(2));
+    assert_eq!(d.reason, reason::DENIED_BY_RULE);
+    // A sandbox allow cannot override a global deny.
+    let p = policy(G, "[[network]]\naction = \"allow\"\ntarget = \"bad.example.org\"\n");
+    assert_eq!(p.check("bad.example.org", 443, None).verdict, Verdict::Deny);
+}
+
+#[test]
+fn default_is_deny() {
+    let p = policy("", "");
+    let d = p.check("anything.example", 443, None);
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert!(d.rule.is_none());
+    assert_eq!(d.reason, reason::NO_MATCHING_RULE);
+}
+
+#[test]
+fn literal_ip_needs_a_network_rule() {
+    let p = policy(G, "");
+    assert_eq!(p.check("93.184.216.34", 443, None).verdict, Verdict::Deny);
+    let d = p.check("10.1.2.3", 5432, None);
+    assert_eq!(d.verdict, Verdict::Allow, "{d}");
+    assert_eq!(d.rule.map(|r| r.id), Some(3));
+    // A name rule never matches a literal IP.
+    let p = policy("[[network]]\naction=\"allow\"\ntarget=\"example.com\"\n", "");
+    assert_eq!(p.check("1.2.3.4", 443, None).verdict, Verdict::Deny);
+}
+
+#[test]
+fn blocked_addresses_need_explicit_permission() {
+    let p = policy("preset = \"allow-all\"", "");
+    // Allowed by name, then refused on the resolved address.
+    assert_eq!(p.check("api.example", 443, None).verdict, Verdict::Allow);
+    for bad in ["127.0.0.1", "169.254.169.254", "10.0.0.1", "::1", "fd00::1", "198.18.0.5"] {
+        let d = p.check("api.example", 443, Some(&ips(&[bad])));
+        assert_eq!(d.verdict, Verdict::Deny, "{bad}");
+        assert_eq!(d.reason_code(), reason::BLOCKED_ADDRESS);
+    }
+    // One bad address among good ones is enough to refuse.
+    let d = p.check("api.example", 443, Some(&ips(&["1.1.1.1", "127.0.0.1"])));
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(p.check("api.example", 443, Some(&ips(&["1.1.1.1"]))).verdict, Verdict::Allow);
+    // `**` covers literal IPs, but not blocked ones.
+    assert_eq!(p.check("1.1.1.1", 22, None).verdict, Verdict::Allow);
+    assert_eq!(p.check("127.0.0.1", 22, None).reason_code(), reason::BLOCKED_ADDRESS);
+}
+
+#[test]
+fn cidr_allow_rule_unblocks_a_range() {
+    let p = policy(G, "[[network]]\naction=\"allow\"\ntarget=\"db.internal:5432\"\n");
+    let d = p.check("db.internal", 5432, Some(&ips(&["10.1.2.7"])));
+    assert_eq!(d.verdict, Verdict::Allow, "{d}");
+    assert_eq!(d.rule.map(|r| r.scope), Some(Scope::Sandbox));
+    let d = p.check("db.internal", 5432, Some(&ips(&["10.9.9.9"])));
+    assert_eq!(d.reason_code(), reason::BLOCKED_ADDRESS);
+}
+
+#[test]
+fn cidr_deny_rule_denies_names_resolving_into_it() {
+    let p = policy(
+        "preset = \"allow-all\"\n[[network]]\naction=\"deny\"\ntarget=\"203.0.113.0/24\"\n",
+        "",
+    );
+    let d = p.check("x.example", 443, Some(&ips(&["203.0.113.9"])));
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(d.reason_code(), reason::DENIED_ADDRESS);
+    assert_eq!(d.rule.map(|r| r.id), Some(1));
+}
+
+#[test]
+fn add_host_is_permission_for_that_name_and_ip_only() {
+    let p = policy("[[network]]\naction=\"allow\"\ntarget=\"*.test\"\n", "").with_add_hosts([
+        AddHost::parse("allowed.test:127.0.0.1").unwrap(),
+        AddHost::parse("Denied.Test.:127.0.0.1").unwrap(),
+    ]);
+    assert_eq!(p.overrides_for("ALLOWED.test"), ips(&["127.0.0.1"]));
+    let d = p.check("allowed.test", 443, Some(&ips(&["127.0.0.1"])));
+    assert_eq!(d.verdict, Verdict::Allow, "{d}");
+    // Another name resolving to the same address is not covered.
+    let d = p.check("other.test", 443, Some(&ips(&["127.0.0.1"])));
+    assert_eq!(d.reason_code(), reason::BLOCKED_ADDRESS);
+    // Nor is the literal address.
+    assert_eq!(p.check("127.0.0.1", 443, None).verdict, Verdict::Deny);
+    assert!(AddHost::parse("nocolon").is_err());
+    assert!(AddHost::parse("x:notanip").is_err());
+    assert_eq!(AddHost::parse("v6.test:[::1]").unwrap().ip, "::1".parse::<IpAddr>().unwrap());
+}
+
+#[test]
+fn learn_mode_softens_policy_denials_but_not_safety_checks() {
+    let p = policy("mode = \"learn\"\n", "");
+    assert_eq!(p.mode(), Mode::Learn);
+    let d = p.check("denied.test", 443, None);
+    assert_eq!(d.verdict, Verdict::WouldDeny);
+    assert!(d.permits());
+    assert_eq!(d.reason, reason::NO_MATCHING_RULE);
+    let d = p.check("denied.test", 443, Some(&ips(&["1.1.1.1"])));
+    assert_eq!(d.verdict, Verdict::WouldDeny);
+    let d = p.check("denied.test", 443, Some(&ips(&["127.0.0.1"])));
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(p.check("bad host", 443, None).reason_code(), reason::INVALID_HOST);
+    // Allowed things stay plain allows.
+    let p = policy("mode = \"learn\"\npreset = \"balanced\"\n", "");
+    assert_eq!(p.check("api.anthropic.com", 443, None).verdict, Verdict::Allow);
+}
+
+#[test]
+fn ask_mode_is_enforced_for_now() {
+    let p = policy("mode = \"ask\"\n", "");
+    assert_eq!(p.mode(), Mode::Ask);
+    assert_eq!(p.check("x.example", 443, None).verdict, Verdict::Deny);
+}
+
+#[test]
+fn sandbox_overrides_mode_and_preset() {
+    let p = policy(
+        "mode = \"learn\"\npreset = \"allow-all\"\n",
+        "mode = \"enforce\"\npreset = \"balanced\"\n",
+    );
+    assert_eq!(p.mode(), Mode::Enforce);
+    assert_eq!(p.preset(), Preset::Balanced);
+    assert_eq!(p.check("x.example", 443, None).verdict, Verdict::Deny);
+    let d = p.check("github.com", 443, None);
+    assert_eq!(d.verdict, Verdict::Allow);
+    assert_eq!(d.rule.as_ref().map(|r| r.scope), Some(Scope::Preset));
+}
+
+#[test]
+fn presets() {
+    let p = policy("preset = \"balanced\"", "");
+    for ok in [
+        "api.anthropic.com:443",
+        "api.openai.com:443",
+        "generativelanguage.googleapis.com:443",
+        "registry.npmjs.org:443",
+        "pypi.org:443",
+        "files.pythonhosted.org:443",
+        "static.crates.io:443",
+        "deb.debian.org:80",
+        "codeload.github.com:443",
+        "raw.githubusercontent.com:443",
+        "gitlab.com:443",
+    ] {
+        let (h, port) = ok.rsplit_once(':').unwrap();
+        assert_eq!(p.check(h, port.parse().unwrap(), None).verdict, Verdict::Allow, "{ok}");
+    }
+    for no in ["github.com:22", "example.com:443", "pypi.org:80", "githubusercontent.com:443"] {
+        let (h, port) = no.rsplit_once(':').unwrap();
+        assert_eq!(p.check(h, port.parse().unwrap(), None).verdict, Verdict::Deny, "{no}");
+    }
+    assert_eq!(policy("preset = \"deny-all\"", "").check("github.com", 443, None).verdict, Verdict::Deny);
+    assert_eq!(policy("preset = \"allow-all\"", "").check("x.y", 1, None).verdict, Verdict::Allow);
+}
+
+#[test]
+fn invalid_hosts_are_denied() {
+    let p = policy("preset = \"allow-all\"", "");
+    for bad in ["", "a b", "x..y", "ünï.example", "a/b"] {
+        let d = p.check(bad, 443, None);
+        assert_eq!(d.verdict, Verdict::Deny, "{bad:?}");
+        assert_eq!(d.reason_code(), reason::INVALID_HOST);
+    }
+}
+
+#[test]
+fn ids_without_id_key_follow_the_largest() {
+    let f = file(
+        "[[network]]\nid = 7\naction=\"allow\"\ntarget=\"a.example\"\n[[network]]\naction=\"allow\"\ntarget=\"b.example\"\n",
+        Scope::Sandbox,
+    );
+    let ids: Vec<_> = f.rules().iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![7, 8]);
+    assert_eq!(
+        f.rules()[1].source,
+        RuleSource::File {
+            path: "/cfg/policy.toml".into(),
+            line: 5
+        }
+    );
+}
+
+#[test]
+fn syntax_error_names_line_and_column() {
+    let (line, col, msg) = invalid("mode = \"enforce\"\n\n[[network]\naction = \"allow\"\n");
+    assert_eq!(line, 3, "{msg}");
+    assert!(col >= 1);
+    let e = PolicyFile::parse("x = ".into(), Path::new("/x/p.toml"), Scope::Global).unwrap_err();
+    assert!(e.to_string().starts_with("/x/p.toml:1:"), "{e}");
+}
+
+#[test]
+fn unknown_keys_are_errors() {
+    let (line, col, msg) = invalid("mode = \"enforce\"\nmdoe = \"learn\"\n");
+    assert_eq!((line, col), (2, 1));
+    assert!(msg.contains("unknown key `mdoe`"), "{msg}");
+    let (line, col, msg) =
+        invalid("[[network]]\naction = \"allow\"\n  acton = \"deny\"\ntarget = \"x.example\"\n");
+    assert_eq!((line, col), (3, 3));
+    assert!(msg.contains("unknown key `acton` in [[network]]"), "{msg}");
+}
+
+#[test]
+fn bad_values_are_errors_with_positions() {
+    let (line, col, msg) = invalid("mode = \"strict\"\n");
+    assert_eq!((line, col), (1, 8));
+    assert!(msg.contains("unknown mode `strict`"), "{msg}");
+    let (line, _, msg) = invalid("preset = 3\n");
+    assert_eq!(line, 1);
+    assert!(msg.contains("must be a string"), "{msg}");
+    let (line, col, msg) =
+        invalid("\n[[network]]\naction = \"allow\"\ntarget = \"*.exa mple.com:443\"\n");
+    assert_eq!((line, col), (4, 10));
+    assert!(msg.contains("invalid target"), "{msg}");
+    let (line, _, msg) = invalid("[[network]]\naction = \"permit\"\ntarget = \"x\"\n");
+    assert_eq!(line, 2);
+    assert!(msg.contains("unknown action `permit`"), "{msg}");
+    let (line, _, msg) = invalid("[[network]]\naction = \"allow\"\n");
+    assert_eq!(line, 1);
+    assert!(msg.contains("without `target`"), "{msg}");
+    let (line, _, msg) = invalid("[[network]]\nid = -1\naction = \"allow\"\ntarget = \"x\"\n");
+    assert_eq!(line, 2);
+    assert!(msg.contains("positive integer"), "{msg}");
+    let (line, _, msg) = invalid(
+        "[[network]]\nid = 1\naction = \"allow\"\ntarget = \"x\"\n[[network]]\nid = 1\naction = \"allow\"\ntarget = \"y\"\n",
+    );
+    assert_eq!(line, 6);
+    assert!(msg.contains("duplicate rule id 1"), "{msg}");
+    let (line, _, msg) = invalid("network = [{ action = \"allow\", target = \"x\" }]\n");
+    assert_eq!(line, 1);
+    assert!(msg.contains("[[network]]"), "{msg}");
+    let (line, _, msg) = invalid("[files]\nx = 1\n");
+    assert_eq!(line, 1);
+    assert!(msg.contains("unknown key `files`"), "{msg}");
+}
+
+#[test]
+fn a_malformed_file_is_an_error_not_an_empty_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    std::fs::write(&path, "preset = \"allow-all\"\n[[network]]\naction = \"alow\"\ntarget = \"x\"\n").unwrap();
+    let e = Policy::load(Some(&path), None).unwrap_err();
+    let s = e.to_string();
+    assert!(s.starts_with(&format!("{}:3:", path.display())), "{s}");
+    // A missing file is simply empty.
+    let p = Policy::load(Some(&dir.path().join("none.toml")), None).unwrap();
+    assert!(p.rules().is_empty());
+    assert_eq!(p.mode(), Mode::Enforce);
+}
+
+#[test]
+fn edits_keep_comments_and_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sub").join("policy.toml");
+    let original = "\
+# my policy
+mode = \"enforce\" # strict for now
+
+# the docs site
+[[network]]
+id = 4
+action = \"allow\"
+target = \"docs.example.org:443\"  # keep
+
+[[network]]
+action = \"deny\"
+target = \"evil.example\"
+";
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(&path, original).unwrap();
+    let mut f = PolicyFile::load(&path, Scope::Global).unwrap();
+    let r = f.add_rule(Action::Allow, "*.Example.org:443").unwrap();
+    assert_eq!(r.id, 6);
+    assert_eq!(r.target.to_string(), "*.example.org:443");
+    // Adding the same rule again is a no-op.
+    assert_eq!(f.add_rule(Action::Allow, "*.example.org:443").unwrap().id, 6);
+    f.set_mode(Mode::Learn).unwrap();
+    f.init_preset(Preset::Balanced).unwrap();
+    let removed = f.remove_rule(5).unwrap();
+    assert_eq!(removed.target.to_string(), "evil.example");
+    assert!(matches!(f.remove_rule(99), Err(PolicyError::NoSuchRule { id: 99, .. })));
+    assert!(f.add_rule(Action::Deny, "bad target").is_err());
+    f.save().unwrap();
+
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.starts_with("# my policy\nmode = \"learn\" # strict for now\n"), "{text}");
+    assert!(text.contains("# the docs site\n[[network]]\nid = 4\n"), "{text}");
+    assert!(text.contains("target = \"docs.example.org:443\"  # keep"), "{text}");
+    assert!(!text.contains("evil.example"), "{text}");
+    let again = PolicyFile::load(&path, Scope::Global).unwrap();
+    assert_eq!(again.mode(), Some(Mode::Learn));
+    assert_eq!(again.preset(), Some(Preset::Balanced));
+    let ids: Vec<_> = again.rules().iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![4, 6]);
+    assert_eq!(again.rules()[1].target.to_string(), "*.example.org:443");
+}
+
+#[test]
+fn editing_a_new_file_creates_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("new").join("policy.toml");
+    let mut f = PolicyFile::load(&path, Scope::Sandbox).unwrap();
+    f.init_preset(Preset::DenyAll).unwrap();
+    assert_eq!(f.add_rule(Action::Allow, "10.1.2.0/24:5432").unwrap().id, 1);
+    assert_eq!(f.add_rule(Action::Deny, "[fd00::/8]:443").unwrap().id, 2);
+    f.save().unwrap();
+    let again = PolicyFile::load(&path, Scope::Sandbox).unwrap();
+    assert_eq!(again.rules().len(), 2);
+    assert_eq!(again.rules()[1].target.to_string(), "[fd00::/8]:443");
+    assert_eq!(again.rules()[0].scope, Scope::Sandbox);
+    assert!(again.text().starts_with("# sandpen network policy"));
+    // Removing the last rule leaves a valid file.
+    let mut f = again;
+    f.remove_rule(1).unwrap();
+    f.remove_rule(2).unwrap();
+    assert!(f.rules().is_empty());
+    assert!(!f.text().contains("[[network]]"), "{}", f.text());
+}
+
+#[test]
+fn global_path_follows_xdg() {
+    // Only reads the environment; both variables are normally set in tests.
+    if let Some(p) = global_policy_path() {
+        assert!(p.ends_with("sandpen/policy.toml"));
+    }
+}

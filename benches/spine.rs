@@ -79,7 +79,9 @@ fn bare_boot(ctx: &Ctx, image: &sandpen_image::Image, initrd: &Path) -> f64 {
     sandpen_vm::disk::create_overlay(&image.rootfs(), &disk, 4).unwrap();
     let config = sandpen_vm::VmConfig {
         name: "bare".into(),
-        accel: sandpen_vm::choose_accel(sandpen_vm::AccelChoice::Auto).unwrap().accel,
+        accel: sandpen_vm::choose_accel(sandpen_vm::AccelChoice::Auto)
+            .unwrap()
+            .accel,
         cpus: 1,
         memory_mib: 1024,
         kernel: image.kernel(),
@@ -102,7 +104,10 @@ fn bare_boot(ctx: &Ctx, image: &sandpen_image::Image, initrd: &Path) -> f64 {
         .expect("qemu");
     let secs = t.elapsed().as_secs_f64();
     let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
-    assert!(status.success() && console.contains("bare boot"), "bare boot failed: {console}");
+    assert!(
+        status.success() && console.contains("bare boot"),
+        "bare boot failed: {console}"
+    );
     let _ = ctx;
     secs
 }
@@ -200,12 +205,18 @@ fn main() {
         ws,
         _root: root,
     };
-    let image = sandpen_image::load(&ctx.dirs().images(), "default").expect("build the image first");
+    let image =
+        sandpen_image::load(&ctx.dirs().images(), "default").expect("build the image first");
     let initrd = image
-        .ensure_initrd(&sandpen_supervisor::guest_binary().expect("build sandpen-guest first (scripts/build)"))
+        .ensure_initrd(
+            &sandpen_supervisor::guest_binary().expect("build sandpen-guest first (scripts/build)"),
+        )
         .unwrap();
     let accel = sandpen_vm::choose_accel(sandpen_vm::AccelChoice::Auto).unwrap();
-    println!("sandpen spine benchmark — accelerator {} ({})", accel.accel, accel.reason);
+    println!(
+        "sandpen spine benchmark — accelerator {} ({})",
+        accel.accel, accel.reason
+    );
     const ROUNDS: usize = 5;
 
     // Cold start.
@@ -227,12 +238,17 @@ fn main() {
 
     // Exec latency on a warm sandbox.
     ctx.ok(&["start", NAME]);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     for _ in 0..5 {
         rt.block_on(exec_true_in_process(&ctx));
     }
     let n = 100;
-    let runs: Vec<(f64, f64)> = (0..n).map(|_| rt.block_on(exec_true_in_process(&ctx))).collect();
+    let runs: Vec<(f64, f64)> = (0..n)
+        .map(|_| rt.block_on(exec_true_in_process(&ctx)))
+        .collect();
     let in_process: Vec<f64> = runs.iter().map(|r| r.0).collect();
     let to_started = median(runs.iter().map(|r| r.1).collect());
     let cli: Vec<f64> = (0..30)
@@ -245,7 +261,11 @@ fn main() {
     let host_spawn: Vec<f64> = (0..30)
         .map(|_| {
             let t = Instant::now();
-            Command::new(&ctx.bin).arg("--version").stdout(Stdio::null()).status().unwrap();
+            Command::new(&ctx.bin)
+                .arg("--version")
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
             t.elapsed().as_secs_f64() * 1e3
         })
         .collect();
@@ -272,7 +292,11 @@ fn main() {
     };
     let sup = rss_kib(status.supervisor_pid);
     let qemu = rss_kib(status.qemu_pid);
-    let fs: Vec<Rss> = status.file_server_pids.iter().map(|p| rss_kib(*p)).collect();
+    let fs: Vec<Rss> = status
+        .file_server_pids
+        .iter()
+        .map(|p| rss_kib(*p))
+        .collect();
     let fs_anon: u64 = fs.iter().map(|r| r.anon).sum();
     let fs_total: u64 = fs.iter().map(|r| r.total).sum();
     let private = sup.anon + qemu.anon + fs_anon;

@@ -49,6 +49,75 @@ pub fn early_boot() -> Result<()> {
     Ok(())
 }
 
+/// Loads modules (and their dependencies) from the root disk with
+/// `finit_module`, without a modprobe process per module: the kernel's
+/// on-demand loading spawns one each, which costs seconds under emulation.
+pub fn load_rootfs_modules(names: &[&str]) -> Result<()> {
+    let release = crate::sys::kernel_release();
+    let dir = Path::new("/lib/modules").join(&release);
+    let deps_text = std::fs::read_to_string(dir.join("modules.dep"))
+        .with_context(|| format!("reading modules.dep for {release}"))?;
+    let mut deps: std::collections::HashMap<String, (String, Vec<String>)> = Default::default();
+    for line in deps_text.lines() {
+        let Some((path, rest)) = line.split_once(':') else { continue };
+        let name = module_name(path);
+        deps.insert(name, (path.to_string(), rest.split_whitespace().map(module_name).collect()));
+    }
+    let loaded = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+    let mut done: std::collections::HashSet<String> =
+        loaded.lines().filter_map(|l| l.split(' ').next()).map(str::to_string).collect();
+    fn visit(
+        name: &str,
+        deps: &std::collections::HashMap<String, (String, Vec<String>)>,
+        done: &mut std::collections::HashSet<String>,
+        order: &mut Vec<String>,
+        depth: usize,
+    ) {
+        if depth > 32 || done.contains(name) {
+            return;
+        }
+        let Some((path, requires)) = deps.get(name) else { return };
+        for r in requires {
+            visit(r, deps, done, order, depth + 1);
+        }
+        if done.insert(name.to_string()) {
+            order.push(path.clone());
+        }
+    }
+    let mut order = Vec::new();
+    for n in names {
+        visit(&n.replace('-', "_"), &deps, &mut done, &mut order, 0);
+    }
+    for rel in order {
+        load_module_file(&dir.join(&rel))?;
+    }
+    Ok(())
+}
+
+fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.split(".ko").next().unwrap_or(file).replace('-', "_")
+}
+
+fn load_module_file(path: &Path) -> Result<()> {
+    let name = path.to_string_lossy();
+    let file = std::fs::File::open(path).with_context(|| format!("opening module {name}"))?;
+    let compressed = name.ends_with(".xz") || name.ends_with(".zst") || name.ends_with(".gz");
+    let flags = if compressed { MODULE_INIT_COMPRESSED_FILE } else { 0 };
+    let params = CString::default();
+    // SAFETY: finit_module reads the module from a valid open fd and a
+    // NUL-terminated (empty) parameter string; it touches no memory of ours
+    // beyond those arguments.
+    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), flags) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EEXIST) {
+            return Err(err).with_context(|| format!("loading module {name}"));
+        }
+    }
+    Ok(())
+}
+
 fn load_boot_modules() -> Result<()> {
     let order = match std::fs::read_to_string(Path::new(MODULES_DIR).join("load-order")) {
         Ok(s) => s,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sandpen_proto::fdio::FdStream;
 use sandpen_proto::frame::FrameStream;
-use sandpen_proto::mux::{self, Mode, MuxStream};
+use sandpen_proto::mux::{self, Mode, MuxHandle, MuxStream};
 use sandpen_proto::{handshake, Ack, GuestSetup, Pong, Request, SetupReply, PORT_NAME};
 use tokio::sync::Notify;
 
@@ -17,7 +17,11 @@ use crate::{log, setup, sys};
 /// What every stream handler shares.
 pub struct GuestState {
     pub reaper: Arc<Reaper>,
+    /// Opens guest -> host streams (egress).
+    pub mux: MuxHandle,
     pub setup: RwLock<Option<GuestSetup>>,
+    /// The egress redirect being installed since boot; taken by the setup.
+    egress: std::sync::Mutex<Option<tokio::task::JoinHandle<Result<()>>>>,
     shutdown: Notify,
 }
 
@@ -39,6 +43,7 @@ fn find_port() -> Result<PathBuf> {
 }
 
 pub async fn serve(reaper: Arc<Reaper>) -> Result<()> {
+    let egress = crate::egress::prepare(reaper.clone());
     let port = find_port()?;
     sys::wait_for(&port, Duration::from_secs(5))?;
     let file = std::fs::OpenOptions::new()
@@ -50,11 +55,13 @@ pub async fn serve(reaper: Arc<Reaper>) -> Result<()> {
     handshake::guest(&mut io, Duration::from_millis(100)).await?;
     log!("host channel up at {} ms", sys::uptime_ms());
 
-    let (_handle, mut inbound, driver) = mux::session(io, Mode::Client);
+    let (handle, mut inbound, driver) = mux::session(io, Mode::Client);
     let driver = tokio::spawn(driver);
     let state = Arc::new(GuestState {
         reaper,
+        mux: handle,
         setup: RwLock::new(None),
+        egress: std::sync::Mutex::new(Some(egress)),
         shutdown: Notify::new(),
     });
     loop {
@@ -95,10 +102,16 @@ async fn handle_stream(stream: MuxStream, state: Arc<GuestState>) -> Result<()> 
         Request::Setup(setup) => {
             let reaper = state.reaper.clone();
             let applied = setup.clone();
-            let result = tokio::task::spawn_blocking(move || setup::apply(&applied, &reaper))
+            let mut result = tokio::task::spawn_blocking(move || setup::apply(&applied, &reaper))
                 .await
                 .map_err(|e| anyhow::anyhow!("setup panicked: {e}"))
                 .and_then(|r| r);
+            let prepared = state.egress.lock().ok().and_then(|mut e| e.take());
+            if let (Ok(()), Some(prepared)) = (&result, prepared) {
+                result = crate::egress::start(state.mux.clone(), prepared)
+                    .await
+                    .context("starting the egress plumbing");
+            }
             let reply = match result {
                 Ok(()) => {
                     if let Ok(mut s) = state.setup.write() {

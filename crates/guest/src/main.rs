@@ -7,6 +7,7 @@
 
 mod boot;
 mod channel;
+mod egress;
 mod exec;
 mod reaper;
 mod setup;

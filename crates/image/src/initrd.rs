@@ -164,7 +164,7 @@ fn add_file(
 
 /// The initramfs has no libc, so `/init` must be statically linked: refuse an ELF
 /// with a program interpreter (PT_INTERP) before the guest dies at boot.
-pub(crate) fn check_static(binary: &Path) -> Result<(), ImageError> {
+pub fn check_static(binary: &Path) -> Result<(), ImageError> {
     let not_static = |reason: String| ImageError::Io {
         context: format!(
             "guest binary {} {reason}; the initramfs has no libc, so build sandpen-guest \

@@ -29,7 +29,7 @@ mod store;
 
 pub use build::{build, BUILD_LOG_FILE};
 pub use error::ImageError;
-pub use initrd::InitrdRecord;
+pub use initrd::{check_static, InitrdRecord};
 pub use manifest::{FileEntry, Manifest, Sizes, StepTiming, MANIFEST_FILE, MANIFEST_FORMAT};
 pub use modules::{BOOT_MODULES, LOAD_ORDER_FILE};
 pub use spec::{ImageSpec, BASE_PACKAGES, DEFAULT_SUITE, FALLBACK_MIRROR, RECIPE_VERSION};

@@ -215,6 +215,7 @@ kernel/net/bridge/bridge.ko.xz: kernel/net/802/stp.ko.xz kernel/net/llc/llc.ko.x
 kernel/net/bridge/br_netfilter.ko.xz: kernel/net/bridge/bridge.ko.xz kernel/net/802/stp.ko.xz kernel/net/llc/llc.ko.xz
 kernel/drivers/virtio/virtio_mmio.ko.xz:
 kernel/drivers/block/virtio_blk.ko.xz:
+kernel/drivers/char/hw_random/virtio-rng.ko.xz:
 kernel/lib/crc-foo.ko.xz:
 kernel/fs/needs-crc.ko.xz: kernel/lib/crc-foo.ko.xz
 kernel/x/broken.ko.xz: kernel/x/gone.ko.xz
@@ -245,7 +246,8 @@ kernel/x/broken.ko.xz: kernel/x/gone.ko.xz
             order,
             [
                 "kernel/drivers/virtio/virtio_mmio.ko.xz",
-                "kernel/drivers/block/virtio_blk.ko.xz"
+                "kernel/drivers/block/virtio_blk.ko.xz",
+                "kernel/drivers/char/hw_random/virtio-rng.ko.xz"
             ]
         );
     }
@@ -299,6 +301,7 @@ kernel/x/broken.ko.xz: kernel/x/gone.ko.xz
         for rel in [
             "kernel/drivers/virtio/virtio_mmio.ko.xz",
             "kernel/drivers/block/virtio_blk.ko.xz",
+            "kernel/drivers/char/hw_random/virtio-rng.ko.xz",
         ] {
             let path = mods.join(rel);
             fs::create_dir_all(path.parent().unwrap()).unwrap();
@@ -307,17 +310,21 @@ kernel/x/broken.ko.xz: kernel/x/gone.ko.xz
         fs::write(mods.join("modules.dep"), DEP).unwrap();
         let dest = dir.path().join("modules");
         let names = copy_boot_modules(&root, "6.12.0-test", &dest).unwrap();
-        assert_eq!(names, ["virtio_mmio.ko.xz", "virtio_blk.ko.xz"]);
+        assert_eq!(
+            names,
+            ["virtio_mmio.ko.xz", "virtio_blk.ko.xz", "virtio-rng.ko.xz"]
+        );
         assert_eq!(
             fs::read_to_string(dest.join(LOAD_ORDER_FILE)).unwrap(),
-            "virtio_mmio.ko.xz\nvirtio_blk.ko.xz\n"
+            "virtio_mmio.ko.xz\nvirtio_blk.ko.xz\nvirtio-rng.ko.xz\n"
         );
         let files = read_load_order(&dest).unwrap();
         assert_eq!(
             files,
             [
                 dest.join("virtio_mmio.ko.xz"),
-                dest.join("virtio_blk.ko.xz")
+                dest.join("virtio_blk.ko.xz"),
+                dest.join("virtio-rng.ko.xz")
             ]
         );
     }

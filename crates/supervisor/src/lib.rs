@@ -84,11 +84,16 @@ pub fn guest_binary() -> Result<std::path::PathBuf, SupervisorError> {
     }
     candidates.push("/usr/local/lib/sandpen/sandpen-guest".into());
     candidates.push("/usr/lib/sandpen/sandpen-guest".into());
-    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
-        SupervisorError::Invalid(
-            "sandpen-guest (the VM's init) was not found next to sandpen; build it with \
-             scripts/build (it is a static binary), or set SANDPEN_GUEST_BIN"
-                .into(),
-        )
-    })
+    // A development tree also has a dynamically linked host build of the guest
+    // (from `cargo build`/`cargo test`); only a static one can be the VM's init.
+    candidates
+        .into_iter()
+        .find(|p| p.is_file() && sandpen_image::check_static(p).is_ok())
+        .ok_or_else(|| {
+            SupervisorError::Invalid(
+                "a static sandpen-guest (the VM's init) was not found next to sandpen; \
+                 build it with scripts/build, or set SANDPEN_GUEST_BIN"
+                    .into(),
+            )
+        })
 }

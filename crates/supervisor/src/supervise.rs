@@ -292,7 +292,7 @@ async fn boot(
                 read_only: s.spec.read_only,
             })
             .collect(),
-        env: vec![("SANDPEN_SANDBOX".into(), config.name.clone())],
+        env: guest_env(&config.name),
     };
     let reply = tokio::select! {
         r = tokio::time::timeout(BOOT_TIMEOUT, send_setup(&handle, setup)) => r
@@ -333,6 +333,22 @@ async fn boot(
         status,
         listener,
     })
+}
+
+/// The environment every process in the guest starts with: the sandbox's name
+/// and the guest's HTTP proxy port, for clients that do not go through the
+/// transparent redirect.
+fn guest_env(name: &str) -> Vec<(String, String)> {
+    let proxy = "http://127.0.0.1:3128".to_string();
+    let no_proxy = "localhost,127.0.0.1,::1".to_string();
+    let mut env = vec![("SANDPEN_SANDBOX".to_string(), name.to_string())];
+    for key in ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"] {
+        env.push((key.to_string(), proxy.clone()));
+    }
+    for key in ["NO_PROXY", "no_proxy"] {
+        env.push((key.to_string(), no_proxy.clone()));
+    }
+    env
 }
 
 async fn send_setup(handle: &MuxHandle, setup: GuestSetup) -> Result<SetupReply, SupervisorError> {

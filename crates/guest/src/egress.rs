@@ -1,0 +1,281 @@
+//! The guest's way out, all plumbing: a DNS stub that hands out synthetic
+//! addresses, an nftables redirect of every outgoing TCP connection to a
+//! transparent listener, and an HTTP proxy port. Each accepted connection becomes
+//! one stream to the host, where the policy is decided. Nothing here decides.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use hickory_proto::op::{Message, MessageType, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{RData, Record, RecordType};
+use sandpen_proto::frame::FrameStream;
+use sandpen_proto::mux::MuxHandle;
+use sandpen_proto::{EgressMode, EgressOpen};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::log;
+
+pub const DNS_STUB: &str = "127.0.0.53:53";
+pub const TRANSPARENT_PORT: u16 = 15001;
+pub const HTTP_PROXY_PORT: u16 = 3128;
+/// Synthetic addresses: 198.18.0.0/15 (reserved for benchmarking, never routed).
+const FAKE_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
+const FAKE_SIZE: u32 = 1 << 17;
+const MAX_NAMES: usize = 65_536;
+
+/// Names the stub has answered, and the synthetic address each got.
+#[derive(Default)]
+pub struct FakeDns {
+    by_name: HashMap<String, Ipv4Addr>,
+    by_addr: HashMap<Ipv4Addr, String>,
+    next: u32,
+}
+
+impl FakeDns {
+    /// The stable synthetic address of `name`, allocating one on first use.
+    pub fn address_of(&mut self, name: &str) -> Option<Ipv4Addr> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(ip) = self.by_name.get(&name) {
+            return Some(*ip);
+        }
+        if self.by_name.len() >= MAX_NAMES {
+            return None;
+        }
+        // Skip .0 of the range: some clients treat x.x.x.0 as a network address.
+        self.next += 1;
+        let ip = Ipv4Addr::from(FAKE_BASE + (self.next % FAKE_SIZE));
+        self.by_name.insert(name.clone(), ip);
+        self.by_addr.insert(ip, name);
+        Some(ip)
+    }
+
+    pub fn name_of(&self, ip: Ipv4Addr) -> Option<&str> {
+        self.by_addr.get(&ip).map(String::as_str)
+    }
+}
+
+/// Answers one DNS query: A gets a synthetic address, AAAA an empty answer,
+/// everything else REFUSED (no TXT, no NULL: nothing to tunnel data through).
+pub fn answer(query: &[u8], table: &Mutex<FakeDns>) -> Option<Vec<u8>> {
+    let request = Message::from_vec(query).ok()?;
+    if request.metadata.message_type != MessageType::Query {
+        return None;
+    }
+    let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
+    reply.metadata.recursion_desired = request.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    let Some(q) = request.queries.first().cloned() else {
+        reply.metadata.response_code = ResponseCode::FormErr;
+        return reply.to_vec().ok();
+    };
+    reply.add_query(q.clone());
+    match q.query_type() {
+        RecordType::A => {
+            let name = q.name().to_ascii();
+            let ip = table.lock().ok()?.address_of(&name);
+            match ip {
+                Some(ip) => {
+                    reply.add_answer(Record::from_rdata(q.name().clone(), 5, RData::A(A(ip))));
+                }
+                None => reply.metadata.response_code = ResponseCode::ServFail,
+            }
+        }
+        RecordType::AAAA => {}
+        _ => reply.metadata.response_code = ResponseCode::Refused,
+    }
+    reply.to_vec().ok()
+}
+
+/// Installs the route and the nftables redirect. Slow-ish (the kernel loads the
+/// nf_tables modules), so it runs at boot in parallel with the handshake.
+pub fn prepare(reaper: Arc<crate::reaper::Reaper>) -> tokio::task::JoinHandle<Result<()>> {
+    tokio::task::spawn_blocking(move || install_redirect(&reaper))
+}
+
+/// Starts the stub and both listeners, once [`prepare`] is done.
+pub async fn start(mux: MuxHandle, prepared: tokio::task::JoinHandle<Result<()>>) -> Result<()> {
+    prepared.await.context("installing the redirect")??;
+    let table = Arc::new(Mutex::new(FakeDns::default()));
+    std::fs::write("/etc/resolv.conf", "nameserver 127.0.0.53\noptions edns0\n")
+        .context("writing /etc/resolv.conf")?;
+    let dns = UdpSocket::bind(DNS_STUB).await.context("binding the DNS stub")?;
+    let t = table.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 1500];
+        loop {
+            let Ok((n, peer)) = dns.recv_from(&mut buf).await else { continue };
+            if let Some(reply) = answer(&buf[..n], &t) {
+                let _ = dns.send_to(&reply, peer).await;
+            }
+        }
+    });
+
+    let transparent = TcpListener::bind(("0.0.0.0", TRANSPARENT_PORT))
+        .await
+        .context("binding the transparent listener")?;
+    let (m, t) = (mux.clone(), table.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = transparent.accept().await else { continue };
+            let (m, t) = (m.clone(), t.clone());
+            tokio::spawn(async move {
+                let Some(dst) = original_destination(&conn) else { return };
+                let host = t
+                    .lock()
+                    .ok()
+                    .and_then(|t| t.name_of(*dst.ip()).map(str::to_string))
+                    .unwrap_or_else(|| dst.ip().to_string());
+                relay(m, conn, EgressMode::Transparent, host, dst.port()).await;
+            });
+        }
+    });
+
+    let proxy = TcpListener::bind(("127.0.0.1", HTTP_PROXY_PORT))
+        .await
+        .context("binding the HTTP proxy listener")?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((conn, _)) = proxy.accept().await else { continue };
+            let m = mux.clone();
+            tokio::spawn(relay(m, conn, EgressMode::HttpProxy, String::new(), 0));
+        }
+    });
+    Ok(())
+}
+
+/// The address a redirected connection was meant for (`SO_ORIGINAL_DST`).
+fn original_destination(conn: &TcpStream) -> Option<SocketAddrV4> {
+    let addr = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::OriginalDst).ok()?;
+    let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+    Some(SocketAddrV4::new(ip, u16::from_be(addr.sin_port)))
+}
+
+async fn relay(mux: MuxHandle, mut conn: TcpStream, mode: EgressMode, host: String, port: u16) {
+    let Ok(stream) = mux.open().await else { return };
+    let mut frames = FrameStream::new(stream);
+    if frames.send(&EgressOpen { mode, host, port }).await.is_err() {
+        return;
+    }
+    let mut stream = frames.into_inner();
+    let _ = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
+}
+
+/// nftables: every TCP connection leaving the guest (or forwarded from a
+/// container bridge) goes to the transparent listener; UDP goes nowhere but to
+/// the DNS stub.
+const NFT_RULES: &str = "
+table inet sandpen
+delete table inet sandpen
+table inet sandpen {
+    chain output_nat {
+        type nat hook output priority -100;
+        ip daddr 127.0.0.0/8 return
+        meta l4proto tcp redirect to :15001
+    }
+    chain prerouting_nat {
+        type nat hook prerouting priority -100;
+        iifname \"lo\" return
+        meta l4proto tcp redirect to :15001
+    }
+    chain output_filter {
+        type filter hook output priority 0;
+        ip daddr 127.0.0.0/8 accept
+        ip6 daddr ::1 accept
+        meta l4proto tcp accept
+        drop
+    }
+    chain forward_filter {
+        type filter hook forward priority 0;
+        drop
+    }
+}
+";
+
+fn install_redirect(reaper: &crate::reaper::Reaper) -> Result<()> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let t0 = crate::sys::uptime_ms();
+    crate::boot::load_rootfs_modules(&["nf_tables", "nft_chain_nat", "nft_redir"])?;
+    let t1 = crate::sys::uptime_ms();
+    let mut lo = Command::new("ip");
+    lo.args(["link", "set", "lo", "up"]);
+    reaper.output(&mut lo).context("ip link")?;
+    let mut route = Command::new("ip");
+    // Every address is local: connections to anywhere reach the nat redirect
+    // instead of failing with "network unreachable".
+    route.args(["route", "replace", "local", "0.0.0.0/0", "dev", "lo"]);
+    let out = reaper.output(&mut route).context("ip route")?;
+    if !out.status.success() {
+        log!("ip route: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let path = "/run/sandpen-egress.nft";
+    std::fs::File::create(path)
+        .and_then(|mut f| f.write_all(NFT_RULES.as_bytes()))
+        .context("writing the nftables rules")?;
+    let mut nft = Command::new("nft");
+    nft.args(["-f", path]).stdin(Stdio::null());
+    let out = reaper.output(&mut nft).context("running nft")?;
+    if !out.status.success() {
+        anyhow::bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    log!(
+        "egress redirect installed in {} ms (modules {} ms)",
+        crate::sys::uptime_ms() - t0,
+        t1 - t0
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hickory_proto::op::Query;
+    use hickory_proto::rr::Name;
+    use std::str::FromStr;
+
+    fn query(name: &str, t: RecordType) -> Vec<u8> {
+        let mut m = Message::query();
+        m.metadata.id = 4242;
+        m.add_query(Query::query(Name::from_str(name).unwrap(), t));
+        m.to_vec().unwrap()
+    }
+
+    #[test]
+    fn a_queries_get_stable_synthetic_addresses() {
+        let table = Mutex::new(FakeDns::default());
+        let r1 = Message::from_vec(&answer(&query("api.example.com.", RecordType::A), &table).unwrap()).unwrap();
+        let r2 = Message::from_vec(&answer(&query("API.example.com.", RecordType::A), &table).unwrap()).unwrap();
+        let other = Message::from_vec(&answer(&query("b.example.com.", RecordType::A), &table).unwrap()).unwrap();
+        let ip = |m: &Message| match &m.answers[0].data {
+            RData::A(a) => a.0,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(r1.metadata.id, 4242);
+        assert_eq!(ip(&r1), ip(&r2));
+        assert_ne!(ip(&r1), ip(&other));
+        assert!(ipnet_contains(ip(&r1)));
+        assert_eq!(table.lock().unwrap().name_of(ip(&r1)), Some("api.example.com"));
+    }
+
+    fn ipnet_contains(ip: Ipv4Addr) -> bool {
+        let n = u32::from(ip);
+        (FAKE_BASE..FAKE_BASE + FAKE_SIZE).contains(&n)
+    }
+
+    #[test]
+    fn no_tunnel_record_types() {
+        let table = Mutex::new(FakeDns::default());
+        for t in [RecordType::TXT, RecordType::NULL, RecordType::MX, RecordType::CNAME, RecordType::ANY] {
+            let r = Message::from_vec(&answer(&query("x.attacker.test.", t), &table).unwrap()).unwrap();
+            assert_eq!(r.metadata.response_code, ResponseCode::Refused, "{t:?}");
+            assert!(r.answers.is_empty());
+        }
+        let r = Message::from_vec(&answer(&query("x.test.", RecordType::AAAA), &table).unwrap()).unwrap();
+        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+        assert!(r.answers.is_empty());
+        assert!(answer(b"\x00\x01garbage", &table).is_none());
+    }
+}

@@ -34,6 +34,10 @@ pub const BASE_PACKAGES: &[&str] = &[
     "openssl",
     "bash-completion",
     "e2fsprogs",
+    // dig and nc: what users (and the egress tests) reach for to see what the
+    // network lets through.
+    "bind9-dnsutils",
+    "netcat-openbsd",
 ];
 
 /// Where the host keeps locally added CA certificates, and where the rootfs gets them.

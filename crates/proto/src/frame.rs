@@ -12,6 +12,25 @@ use crate::ProtoError;
 /// ([`crate::IO_CHUNK`]); this bounds what a hostile peer can make us buffer.
 pub const MAX_FRAME: usize = 1024 * 1024;
 
+/// Reads exactly one frame from `io`, consuming nothing after it, so the
+/// stream can carry raw bytes from there on.
+pub async fn read_one<T, R>(io: &mut R) -> Result<T, ProtoError>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let len = io.read_u32().await? as usize;
+    if len > MAX_FRAME {
+        return Err(ProtoError::Violation(format!(
+            "a frame of {len} bytes exceeds the limit of {MAX_FRAME}"
+        )));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(postcard::from_bytes(&buf)?)
+}
+
 /// A typed frame channel over a byte stream.
 pub struct FrameStream<S> {
     inner: Framed<S, LengthDelimitedCodec>,
@@ -145,6 +164,20 @@ mod tests {
         });
         assert!(b.recv::<Request>().await.is_err());
         drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn read_one_leaves_the_rest_of_the_stream() {
+        use tokio::io::AsyncReadExt;
+        let (a, mut b) = tokio::io::duplex(4096);
+        let mut a = FrameStream::new(a);
+        a.send(&Request::Ping).await.unwrap();
+        let mut raw = a.into_inner();
+        tokio::io::AsyncWriteExt::write_all(&mut raw, b"raw bytes").await.unwrap();
+        assert_eq!(read_one::<Request, _>(&mut b).await.unwrap(), Request::Ping);
+        let mut rest = [0u8; 9];
+        b.read_exact(&mut rest).await.unwrap();
+        assert_eq!(&rest, b"raw bytes");
     }
 
     #[tokio::test]

@@ -270,6 +270,20 @@ fn main() {
         })
         .collect();
     let sock_us = unix_round_trip_us(10_000);
+    // What one process start costs inside this guest (a shell running `true`).
+    let spawn_loop = |n: usize| {
+        let t = Instant::now();
+        ctx.ok(&[
+            "exec",
+            NAME,
+            "--",
+            "sh",
+            "-c",
+            &format!("i=0; while [ $i -lt {n} ]; do /bin/true; i=$((i+1)); done"),
+        ]);
+        t.elapsed().as_secs_f64() * 1e3
+    };
+    let guest_spawn_ms = (spawn_loop(41) - spawn_loop(1)) / 40.0;
     let (p50, p99) = (median(in_process.clone()), percentile(in_process, 0.99));
     println!(
         "exec -- true (control API, in process): p50 {p50:.2} ms, p99 {p99:.2} ms vs bare unix socket round trip {sock_us:.1} µs: {:.0}x (target <= 15 ms)",
@@ -278,6 +292,10 @@ fn main() {
     println!(
         "  of which: request to process started {to_started:.2} ms, process run and exit {:.2} ms",
         p50 - to_started
+    );
+    println!(
+        "  the guest itself needs {guest_spawn_ms:.2} ms to start and reap one `true` (a shell loop, same run): sandpen adds {:.2} ms",
+        p50 - guest_spawn_ms
     );
     println!(
         "exec -- true (sandpen CLI): p50 {:.2} ms, of which starting the CLI process itself is {:.2} ms",

@@ -115,6 +115,7 @@ pub async fn dispatch(command: Command) -> Result<i32> {
             .await
         }
         Command::Image(cmd) => image(&dirs, cmd).await,
+        Command::Policy(cmd) => crate::policy_cmd::run(&dirs, cmd).await,
         Command::Doctor => doctor(&dirs),
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
     }
@@ -144,6 +145,15 @@ fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOpt
         memory_mib: sandbox::parse_memory_mib(&args.memory)?,
         disk_gib: args.disk,
         accel: args.accel.parse()?,
+        add_hosts: args
+            .add_hosts
+            .iter()
+            .map(|h| {
+                sandpen_policy::AddHost::parse(h)
+                    .map(|_| h.clone())
+                    .map_err(|e| anyhow::anyhow!("--add-host {h}: {e}"))
+            })
+            .collect::<Result<_>>()?,
     })
 }
 
@@ -391,7 +401,7 @@ async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
     Ok(0)
 }
 
-fn print_table<const N: usize>(rows: &[[String; N]]) {
+pub fn print_table<const N: usize>(rows: &[[String; N]]) {
     let mut widths = [0usize; N];
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

@@ -2,6 +2,7 @@
 
 mod attach;
 mod commands;
+mod policy_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,6 +44,10 @@ pub struct CreateArgs {
     /// Accelerator: auto, kvm or tcg
     #[arg(long, env = "SANDPEN_ACCEL", default_value = "auto")]
     pub accel: String,
+    /// Resolve NAME to IP in the egress proxy, like `docker run --add-host`
+    /// (also permits that address, even in a blocked range)
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    pub add_hosts: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -122,6 +127,9 @@ enum Command {
     /// Build, list and remove images
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Network policy: rules, modes, checks and the log
+    #[command(subcommand)]
+    Policy(policy_cmd::PolicyCommand),
     /// Check this host: QEMU, KVM or TCG, file server, image tools
     Doctor,
     /// Internal: the per-sandbox supervisor process

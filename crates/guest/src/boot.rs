@@ -59,13 +59,24 @@ pub fn load_rootfs_modules(names: &[&str]) -> Result<()> {
         .with_context(|| format!("reading modules.dep for {release}"))?;
     let mut deps: std::collections::HashMap<String, (String, Vec<String>)> = Default::default();
     for line in deps_text.lines() {
-        let Some((path, rest)) = line.split_once(':') else { continue };
+        let Some((path, rest)) = line.split_once(':') else {
+            continue;
+        };
         let name = module_name(path);
-        deps.insert(name, (path.to_string(), rest.split_whitespace().map(module_name).collect()));
+        deps.insert(
+            name,
+            (
+                path.to_string(),
+                rest.split_whitespace().map(module_name).collect(),
+            ),
+        );
     }
     let loaded = std::fs::read_to_string("/proc/modules").unwrap_or_default();
-    let mut done: std::collections::HashSet<String> =
-        loaded.lines().filter_map(|l| l.split(' ').next()).map(str::to_string).collect();
+    let mut done: std::collections::HashSet<String> = loaded
+        .lines()
+        .filter_map(|l| l.split(' ').next())
+        .map(str::to_string)
+        .collect();
     fn visit(
         name: &str,
         deps: &std::collections::HashMap<String, (String, Vec<String>)>,
@@ -76,7 +87,9 @@ pub fn load_rootfs_modules(names: &[&str]) -> Result<()> {
         if depth > 32 || done.contains(name) {
             return;
         }
-        let Some((path, requires)) = deps.get(name) else { return };
+        let Some((path, requires)) = deps.get(name) else {
+            return;
+        };
         for r in requires {
             visit(r, deps, done, order, depth + 1);
         }
@@ -103,12 +116,23 @@ fn load_module_file(path: &Path) -> Result<()> {
     let name = path.to_string_lossy();
     let file = std::fs::File::open(path).with_context(|| format!("opening module {name}"))?;
     let compressed = name.ends_with(".xz") || name.ends_with(".zst") || name.ends_with(".gz");
-    let flags = if compressed { MODULE_INIT_COMPRESSED_FILE } else { 0 };
+    let flags = if compressed {
+        MODULE_INIT_COMPRESSED_FILE
+    } else {
+        0
+    };
     let params = CString::default();
     // SAFETY: finit_module reads the module from a valid open fd and a
     // NUL-terminated (empty) parameter string; it touches no memory of ours
     // beyond those arguments.
-    let rc = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), params.as_ptr(), flags) };
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_finit_module,
+            file.as_raw_fd(),
+            params.as_ptr(),
+            flags,
+        )
+    };
     if rc != 0 {
         let err = std::io::Error::last_os_error();
         if err.raw_os_error() != Some(libc::EEXIST) {

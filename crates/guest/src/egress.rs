@@ -101,12 +101,16 @@ pub async fn start(mux: MuxHandle, prepared: tokio::task::JoinHandle<Result<()>>
     let table = Arc::new(Mutex::new(FakeDns::default()));
     std::fs::write("/etc/resolv.conf", "nameserver 127.0.0.53\noptions edns0\n")
         .context("writing /etc/resolv.conf")?;
-    let dns = UdpSocket::bind(DNS_STUB).await.context("binding the DNS stub")?;
+    let dns = UdpSocket::bind(DNS_STUB)
+        .await
+        .context("binding the DNS stub")?;
     let t = table.clone();
     tokio::spawn(async move {
         let mut buf = vec![0u8; 1500];
         loop {
-            let Ok((n, peer)) = dns.recv_from(&mut buf).await else { continue };
+            let Ok((n, peer)) = dns.recv_from(&mut buf).await else {
+                continue;
+            };
             if let Some(reply) = answer(&buf[..n], &t) {
                 let _ = dns.send_to(&reply, peer).await;
             }
@@ -119,10 +123,14 @@ pub async fn start(mux: MuxHandle, prepared: tokio::task::JoinHandle<Result<()>>
     let (m, t) = (mux.clone(), table.clone());
     tokio::spawn(async move {
         loop {
-            let Ok((conn, _)) = transparent.accept().await else { continue };
+            let Ok((conn, _)) = transparent.accept().await else {
+                continue;
+            };
             let (m, t) = (m.clone(), t.clone());
             tokio::spawn(async move {
-                let Some(dst) = original_destination(&conn) else { return };
+                let Some(dst) = original_destination(&conn) else {
+                    return;
+                };
                 let host = t
                     .lock()
                     .ok()
@@ -138,7 +146,9 @@ pub async fn start(mux: MuxHandle, prepared: tokio::task::JoinHandle<Result<()>>
         .context("binding the HTTP proxy listener")?;
     tokio::spawn(async move {
         loop {
-            let Ok((conn, _)) = proxy.accept().await else { continue };
+            let Ok((conn, _)) = proxy.accept().await else {
+                continue;
+            };
             let m = mux.clone();
             tokio::spawn(relay(m, conn, EgressMode::HttpProxy, String::new(), 0));
         }
@@ -246,9 +256,15 @@ mod tests {
     #[test]
     fn a_queries_get_stable_synthetic_addresses() {
         let table = Mutex::new(FakeDns::default());
-        let r1 = Message::from_vec(&answer(&query("api.example.com.", RecordType::A), &table).unwrap()).unwrap();
-        let r2 = Message::from_vec(&answer(&query("API.example.com.", RecordType::A), &table).unwrap()).unwrap();
-        let other = Message::from_vec(&answer(&query("b.example.com.", RecordType::A), &table).unwrap()).unwrap();
+        let r1 =
+            Message::from_vec(&answer(&query("api.example.com.", RecordType::A), &table).unwrap())
+                .unwrap();
+        let r2 =
+            Message::from_vec(&answer(&query("API.example.com.", RecordType::A), &table).unwrap())
+                .unwrap();
+        let other =
+            Message::from_vec(&answer(&query("b.example.com.", RecordType::A), &table).unwrap())
+                .unwrap();
         let ip = |m: &Message| match &m.answers[0].data {
             RData::A(a) => a.0,
             other => panic!("{other:?}"),
@@ -257,7 +273,10 @@ mod tests {
         assert_eq!(ip(&r1), ip(&r2));
         assert_ne!(ip(&r1), ip(&other));
         assert!(ipnet_contains(ip(&r1)));
-        assert_eq!(table.lock().unwrap().name_of(ip(&r1)), Some("api.example.com"));
+        assert_eq!(
+            table.lock().unwrap().name_of(ip(&r1)),
+            Some("api.example.com")
+        );
     }
 
     fn ipnet_contains(ip: Ipv4Addr) -> bool {
@@ -268,12 +287,20 @@ mod tests {
     #[test]
     fn no_tunnel_record_types() {
         let table = Mutex::new(FakeDns::default());
-        for t in [RecordType::TXT, RecordType::NULL, RecordType::MX, RecordType::CNAME, RecordType::ANY] {
-            let r = Message::from_vec(&answer(&query("x.attacker.test.", t), &table).unwrap()).unwrap();
+        for t in [
+            RecordType::TXT,
+            RecordType::NULL,
+            RecordType::MX,
+            RecordType::CNAME,
+            RecordType::ANY,
+        ] {
+            let r =
+                Message::from_vec(&answer(&query("x.attacker.test.", t), &table).unwrap()).unwrap();
             assert_eq!(r.metadata.response_code, ResponseCode::Refused, "{t:?}");
             assert!(r.answers.is_empty());
         }
-        let r = Message::from_vec(&answer(&query("x.test.", RecordType::AAAA), &table).unwrap()).unwrap();
+        let r = Message::from_vec(&answer(&query("x.test.", RecordType::AAAA), &table).unwrap())
+            .unwrap();
         assert_eq!(r.metadata.response_code, ResponseCode::NoError);
         assert!(r.answers.is_empty());
         assert!(answer(b"\x00\x01garbage", &table).is_none());

@@ -157,6 +157,22 @@ fn mount_share(tag: &str, path: &str, read_only: bool) -> Result<()> {
     Ok(())
 }
 
+/// True when the root filesystem leaves more than 1% of its disk unused (the
+/// first boot of a sandbox, or after a disk resize).
+fn root_smaller_than_disk() -> bool {
+    let Ok(sectors) = std::fs::read_to_string("/sys/block/vda/size") else {
+        return false;
+    };
+    let Ok(disk) = sectors.trim().parse::<u64>().map(|s| s * 512) else {
+        return false;
+    };
+    let Ok(fs) = nix::sys::statvfs::statvfs("/") else {
+        return false;
+    };
+    let fs_bytes = fs.blocks() * fs.fragment_size();
+    fs_bytes < disk - disk / 100
+}
+
 /// The root disk is a qcow2 overlay that may be larger than the image's ext4;
 /// grow the filesystem online to fill it.
 fn grow_root_in_background(reaper: Arc<Reaper>) {

@@ -39,6 +39,7 @@ struct Tools {
     debootstrap: PathBuf,
     mkfs_ext4: PathBuf,
     chroot: PathBuf,
+    xz: PathBuf,
 }
 
 /// Builds the image `spec` describes under `images_root/NAME`, unless an image with
@@ -162,6 +163,11 @@ impl Builder<'_> {
                 (VMLINUZ_FILE, Some(reason))
             }
         };
+
+        let step = Step::start(self.progress, "modules");
+        let count = modules::unsign_modules(&root, &release, &self.tools.xz)?;
+        self.chroot_logged(&["depmod", "-a", &release])?;
+        timings.push(step.done(&format!("{count} modules unpacked, signatures dropped")));
 
         let step = Step::start(self.progress, "boot modules");
         let boot_modules =
@@ -733,6 +739,7 @@ fn check_tools() -> Result<Tools, ImageError> {
         debootstrap: find("debootstrap", "debootstrap")?,
         mkfs_ext4: find("mkfs.ext4", "e2fsprogs")?,
         chroot: find("chroot", "coreutils")?,
+        xz: find("xz", "xz-utils")?,
     })
 }
 
@@ -1022,6 +1029,7 @@ mod tests {
             debootstrap: PathBuf::from("/bin/false"),
             mkfs_ext4: PathBuf::from("/bin/false"),
             chroot: PathBuf::from("/bin/false"),
+            xz: PathBuf::from("/bin/false"),
         };
         let spec = ImageSpec::default_for("t");
         let progress = MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden());

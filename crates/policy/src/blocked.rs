@@ -12,17 +12,17 @@ const fn v4(a: u8, b: u8, c: u8, d: u8, len: u8) -> (Ipv4Addr, u8) {
 
 /// IPv4 ranges blocked by default.
 const BLOCKED_V4: &[(Ipv4Addr, u8)] = &[
-    v4(0, 0, 0, 0, 8),       // "this network", includes the unspecified address
-    v4(10, 0, 0, 0, 8),      // RFC 1918
-    v4(100, 64, 0, 0, 10),   // CGNAT, RFC 6598
-    v4(127, 0, 0, 0, 8),     // loopback
-    v4(169, 254, 0, 0, 16),  // link-local, includes the metadata address 169.254.169.254
-    v4(172, 16, 0, 0, 12),   // RFC 1918
-    v4(192, 0, 0, 0, 24),    // IETF protocol assignments
-    v4(192, 168, 0, 0, 16),  // RFC 1918
-    v4(198, 18, 0, 0, 15),   // benchmarking; the guest's DNS stub hands these out as fake IPs
-    v4(224, 0, 0, 0, 4),     // multicast
-    v4(240, 0, 0, 0, 4),     // reserved, includes broadcast
+    v4(0, 0, 0, 0, 8),      // "this network", includes the unspecified address
+    v4(10, 0, 0, 0, 8),     // RFC 1918
+    v4(100, 64, 0, 0, 10),  // CGNAT, RFC 6598
+    v4(127, 0, 0, 0, 8),    // loopback
+    v4(169, 254, 0, 0, 16), // link-local, includes the metadata address 169.254.169.254
+    v4(172, 16, 0, 0, 12),  // RFC 1918
+    v4(192, 0, 0, 0, 24),   // IETF protocol assignments
+    v4(192, 168, 0, 0, 16), // RFC 1918
+    v4(198, 18, 0, 0, 15),  // benchmarking; the guest's DNS stub hands these out as fake IPs
+    v4(224, 0, 0, 0, 4),    // multicast
+    v4(240, 0, 0, 0, 4),    // reserved, includes broadcast
 ];
 
 /// IPv6 ranges blocked by default. IPv4-mapped addresses are checked as IPv4.
@@ -120,11 +120,11 @@ mod tests {
             "2606:4700::1111",
             "::ffff:1.1.1.1",
         ] {
-            assert!(!is_blocked(ok.parse().unwrap()), "{ok} should not be blocked");
+            assert!(
+                !is_blocked(ok.parse().unwrap()),
+                "{ok} should not be blocked"
+            );
         }
-        assert_eq!(
-            blocked_ranges().len(),
-            BLOCKED_V4.len() + BLOCKED_V6.len()
-        );
+        assert_eq!(blocked_ranges().len(), BLOCKED_V4.len() + BLOCKED_V6.len());
     }
 }

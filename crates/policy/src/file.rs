@@ -98,6 +98,15 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
+/// A `[[network]]` table before ids are assigned.
+struct Entry {
+    /// The explicit id and the span of its value.
+    id: Option<(u32, Option<Range<usize>>)>,
+    action: Action,
+    target: Target,
+    line: usize,
+}
+
 struct Checker<'a> {
     path: &'a Path,
     text: &'a str,
@@ -149,11 +158,11 @@ impl PolicyFile {
     /// Validate `text` as the contents of `path`.
     pub fn parse(text: String, path: &Path, scope: Scope) -> Result<PolicyFile, PolicyError> {
         let ck = Checker { path, text: &text };
-        let doc = Document::parse(text.as_str()).map_err(|e| ck.err(e.span(), e.message().trim()))?;
+        let doc =
+            Document::parse(text.as_str()).map_err(|e| ck.err(e.span(), e.message().trim()))?;
         let mut mode = None;
         let mut preset = None;
-        // (id or None, action, target, line)
-        let mut entries: Vec<(Option<(u32, Option<Range<usize>>)>, Action, Target, usize)> = Vec::new();
+        let mut entries: Vec<Entry> = Vec::new();
         for (key, item) in doc.iter() {
             let key_span = doc.key(key).and_then(|k| k.span()).or_else(|| item.span());
             match key {
@@ -171,16 +180,17 @@ impl PolicyFile {
                     preset = Some(Preset::parse(s).ok_or_else(|| {
                         ck.err(
                             item.span(),
-                            format!("unknown preset `{s}` (expected deny-all, balanced or allow-all)"),
+                            format!(
+                                "unknown preset `{s}` (expected deny-all, balanced or allow-all)"
+                            ),
                         )
                     })?);
                 }
                 "network" => {
                     let Some(tables) = item.as_array_of_tables() else {
-                        return Err(ck.err(
-                            key_span,
-                            "`network` must be written as [[network]] tables",
-                        ));
+                        return Err(
+                            ck.err(key_span, "`network` must be written as [[network]] tables")
+                        );
                     };
                     for table in tables.iter() {
                         entries.push(Self::check_rule(&ck, table)?);
@@ -196,8 +206,8 @@ impl PolicyFile {
         }
 
         let mut used: Vec<u32> = Vec::new();
-        for (id, ..) in &entries {
-            if let Some((id, span)) = id {
+        for entry in &entries {
+            if let Some((id, span)) = &entry.id {
                 if used.contains(id) {
                     return Err(ck.err(span.clone(), format!("duplicate rule id {id}")));
                 }
@@ -206,13 +216,19 @@ impl PolicyFile {
         }
         let mut next = used.iter().copied().max().unwrap_or(0);
         let mut rules = Vec::with_capacity(entries.len());
-        for (id, action, target, line) in entries {
+        for Entry {
+            id,
+            action,
+            target,
+            line,
+        } in entries
+        {
             let id = match id {
                 Some((id, _)) => id,
                 None => {
-                    next = next.checked_add(1).ok_or_else(|| {
-                        ck.err(None, "rule ids are exhausted; renumber the file")
-                    })?;
+                    next = next
+                        .checked_add(1)
+                        .ok_or_else(|| ck.err(None, "rule ids are exhausted; renumber the file"))?;
                     next
                 }
             };
@@ -238,26 +254,23 @@ impl PolicyFile {
         })
     }
 
-    #[allow(clippy::type_complexity)]
-    fn check_rule(
-        ck: &Checker<'_>,
-        table: &Table,
-    ) -> Result<(Option<(u32, Option<Range<usize>>)>, Action, Target, usize), PolicyError> {
+    fn check_rule(ck: &Checker<'_>, table: &Table) -> Result<Entry, PolicyError> {
         let line = line_col(ck.text, table.span().map_or(0, |s| s.start)).0;
         let mut id = None;
         let mut action = None;
         let mut target = None;
         for (key, item) in table.iter() {
-            let key_span = table.key(key).and_then(|k| k.span()).or_else(|| item.span());
+            let key_span = table
+                .key(key)
+                .and_then(|k| k.span())
+                .or_else(|| item.span());
             match key {
                 "id" => {
                     let n = item
                         .as_integer()
                         .and_then(|n| u32::try_from(n).ok())
                         .filter(|n| *n > 0)
-                        .ok_or_else(|| {
-                            ck.err(item.span(), "`id` must be a positive integer")
-                        })?;
+                        .ok_or_else(|| ck.err(item.span(), "`id` must be a positive integer"))?;
                     id = Some((n, item.span()));
                 }
                 "action" => {
@@ -275,14 +288,15 @@ impl PolicyFile {
                 }
                 "target" => {
                     let s = ck.string(item, "target")?;
-                    target = Some(
-                        Target::parse(s).map_err(|e| ck.err(item.span(), e.to_string()))?,
-                    );
+                    target =
+                        Some(Target::parse(s).map_err(|e| ck.err(item.span(), e.to_string()))?);
                 }
                 other => {
                     return Err(ck.err(
                         key_span,
-                        format!("unknown key `{other}` in [[network]] (expected id, action, target)"),
+                        format!(
+                            "unknown key `{other}` in [[network]] (expected id, action, target)"
+                        ),
                     ))
                 }
             }
@@ -291,7 +305,12 @@ impl PolicyFile {
         let action =
             action.ok_or_else(|| ck.err(at.clone(), "[[network]] rule without `action`"))?;
         let target = target.ok_or_else(|| ck.err(at, "[[network]] rule without `target`"))?;
-        Ok((id, action, target, line))
+        Ok(Entry {
+            id,
+            action,
+            target,
+            line,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -327,8 +346,29 @@ impl PolicyFile {
             }
             .err(e.span(), e.message().trim())
         })?;
+        // Write the ids of hand-written rules that have none, so that later
+        // edits cannot renumber them.
+        if let Some(tables) = doc
+            .get_mut("network")
+            .and_then(|i| i.as_array_of_tables_mut())
+        {
+            for (table, rule) in tables.iter_mut().zip(&self.rules) {
+                if !table.contains_key("id") {
+                    table.insert("id", value(i64::from(rule.id)));
+                }
+            }
+        }
+        // A comment-only file keeps its comments at the top.
+        let header = if doc.is_empty() {
+            let h = doc.trailing().as_str().unwrap_or_default().to_string();
+            doc.set_trailing("");
+            h
+        } else {
+            String::new()
+        };
         f(&mut doc);
-        *self = PolicyFile::parse(doc.to_string(), &self.path, self.scope)?;
+        let text = format!("{header}{doc}");
+        *self = PolicyFile::parse(text, &self.path, self.scope)?;
         Ok(())
     }
 
@@ -370,18 +410,21 @@ impl PolicyFile {
 
     /// Remove the rule with this id (in memory; call [`save`](Self::save)).
     pub fn remove_rule(&mut self, id: u32) -> Result<Rule, PolicyError> {
-        let index = self
-            .rules
-            .iter()
-            .position(|r| r.id == id)
-            .ok_or_else(|| PolicyError::NoSuchRule {
-                path: self.path.clone(),
-                id,
-            })?;
+        let index =
+            self.rules
+                .iter()
+                .position(|r| r.id == id)
+                .ok_or_else(|| PolicyError::NoSuchRule {
+                    path: self.path.clone(),
+                    id,
+                })?;
         let removed = self.rules[index].clone();
         // Rules are in file order, so the rule's index is its table's index.
         self.edit(|doc| {
-            let now_empty = match doc.get_mut("network").and_then(|i| i.as_array_of_tables_mut()) {
+            let now_empty = match doc
+                .get_mut("network")
+                .and_then(|i| i.as_array_of_tables_mut())
+            {
                 Some(a) => {
                     a.remove(index);
                     a.is_empty()

@@ -209,7 +209,10 @@ impl AddHost {
             why: why.to_string(),
         };
         let (name, ip) = s.split_once(':').ok_or_else(|| bad("expected NAME:IP"))?;
-        let ip = ip.strip_prefix('[').and_then(|r| r.strip_suffix(']')).unwrap_or(ip);
+        let ip = ip
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .unwrap_or(ip);
         let ip: IpAddr = ip
             .parse()
             .map_err(|_| bad("the part after `:` is not an IP address"))?;
@@ -300,7 +303,10 @@ impl fmt::Display for Decision {
             Verdict::WouldDeny => "allowed (learn mode), enforce would deny",
         };
         match &self.rule {
-            Some(r) if self.reason == reason::ALLOWED_BY_RULE || self.reason == reason::DENIED_BY_RULE => {
+            Some(r)
+                if self.reason == reason::ALLOWED_BY_RULE
+                    || self.reason == reason::DENIED_BY_RULE =>
+            {
                 write!(f, "{word} by {r}")
             }
             Some(r) => write!(f, "{word}: {} ({r})", self.reason),
@@ -323,9 +329,14 @@ impl Policy {
     /// Combine the files. The sandbox file's `mode` and `preset` override the
     /// global file's; rules of both (and of the preset) all apply.
     pub fn from_files(global: Option<&PolicyFile>, sandbox: Option<&PolicyFile>) -> Policy {
-        let pick = |f: fn(&PolicyFile) -> Option<_>| sandbox.and_then(f).or_else(|| global.and_then(f));
-        let mode: Mode = pick(|p| p.mode()).unwrap_or_default();
-        let preset: Preset = pick(|p| p.preset()).unwrap_or_default();
+        let mode = sandbox
+            .and_then(PolicyFile::mode)
+            .or_else(|| global.and_then(PolicyFile::mode))
+            .unwrap_or_default();
+        let preset = sandbox
+            .and_then(PolicyFile::preset)
+            .or_else(|| global.and_then(PolicyFile::preset))
+            .unwrap_or_default();
         let mut rules = Vec::new();
         for f in [global, sandbox].into_iter().flatten() {
             rules.extend(f.rules().iter().cloned());
@@ -342,9 +353,22 @@ impl Policy {
     /// Load the global file (if given and present) and the sandbox file (if
     /// given and present). Any malformed file is an error, never an empty policy.
     pub fn load(global: Option<&Path>, sandbox: Option<&Path>) -> Result<Policy, PolicyError> {
-        let g = global.map(|p| PolicyFile::load(p, Scope::Global)).transpose()?;
-        let s = sandbox.map(|p| PolicyFile::load(p, Scope::Sandbox)).transpose()?;
+        let g = global
+            .map(|p| PolicyFile::load(p, Scope::Global))
+            .transpose()?;
+        let s = sandbox
+            .map(|p| PolicyFile::load(p, Scope::Sandbox))
+            .transpose()?;
         Ok(Policy::from_files(g.as_ref(), s.as_ref()))
+    }
+
+    /// The policy of one sandbox: the global file (`global_policy_path()`,
+    /// if it can be named), the sandbox's own file, and its `--add-host`
+    /// entries. Any malformed file is an error and the sandbox must not start.
+    pub fn for_sandbox(sandbox_file: &Path, add_hosts: &[AddHost]) -> Result<Policy, PolicyError> {
+        let global = global_policy_path();
+        Ok(Policy::load(global.as_deref(), Some(sandbox_file))?
+            .with_add_hosts(add_hosts.iter().cloned()))
     }
 
     /// A policy from explicit parts (tests, benchmarks, embedding).

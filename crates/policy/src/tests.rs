@@ -65,7 +65,10 @@ fn allow_by_glob_and_port() {
         "allowed by rule 1 (global: allow *.example.org:443)"
     );
     assert_eq!(p.check("pkgs.example.org", 80, None).verdict, Verdict::Deny);
-    assert_eq!(p.check("example.org", 443, None).reason, reason::NO_MATCHING_RULE);
+    assert_eq!(
+        p.check("example.org", 443, None).reason,
+        reason::NO_MATCHING_RULE
+    );
 }
 
 #[test]
@@ -76,7 +79,10 @@ fn deny_wins_over_allow() {
     assert_eq!(d.rule.as_ref().map(|r| r.id), Some(2));
     assert_eq!(d.reason, reason::DENIED_BY_RULE);
     // A sandbox allow cannot override a global deny.
-    let p = policy(G, "[[network]]\naction = \"allow\"\ntarget = \"bad.example.org\"\n");
+    let p = policy(
+        G,
+        "[[network]]\naction = \"allow\"\ntarget = \"bad.example.org\"\n",
+    );
     assert_eq!(p.check("bad.example.org", 443, None).verdict, Verdict::Deny);
 }
 
@@ -97,7 +103,10 @@ fn literal_ip_needs_a_network_rule() {
     assert_eq!(d.verdict, Verdict::Allow, "{d}");
     assert_eq!(d.rule.map(|r| r.id), Some(3));
     // A name rule never matches a literal IP.
-    let p = policy("[[network]]\naction=\"allow\"\ntarget=\"example.com\"\n", "");
+    let p = policy(
+        "[[network]]\naction=\"allow\"\ntarget=\"example.com\"\n",
+        "",
+    );
     assert_eq!(p.check("1.2.3.4", 443, None).verdict, Verdict::Deny);
 }
 
@@ -106,7 +115,14 @@ fn blocked_addresses_need_explicit_permission() {
     let p = policy("preset = \"allow-all\"", "");
     // Allowed by name, then refused on the resolved address.
     assert_eq!(p.check("api.example", 443, None).verdict, Verdict::Allow);
-    for bad in ["127.0.0.1", "169.254.169.254", "10.0.0.1", "::1", "fd00::1", "198.18.0.5"] {
+    for bad in [
+        "127.0.0.1",
+        "169.254.169.254",
+        "10.0.0.1",
+        "::1",
+        "fd00::1",
+        "198.18.0.5",
+    ] {
         let d = p.check("api.example", 443, Some(&ips(&[bad])));
         assert_eq!(d.verdict, Verdict::Deny, "{bad}");
         assert_eq!(d.reason_code(), reason::BLOCKED_ADDRESS);
@@ -114,15 +130,25 @@ fn blocked_addresses_need_explicit_permission() {
     // One bad address among good ones is enough to refuse.
     let d = p.check("api.example", 443, Some(&ips(&["1.1.1.1", "127.0.0.1"])));
     assert_eq!(d.verdict, Verdict::Deny);
-    assert_eq!(p.check("api.example", 443, Some(&ips(&["1.1.1.1"]))).verdict, Verdict::Allow);
+    assert_eq!(
+        p.check("api.example", 443, Some(&ips(&["1.1.1.1"])))
+            .verdict,
+        Verdict::Allow
+    );
     // `**` covers literal IPs, but not blocked ones.
     assert_eq!(p.check("1.1.1.1", 22, None).verdict, Verdict::Allow);
-    assert_eq!(p.check("127.0.0.1", 22, None).reason_code(), reason::BLOCKED_ADDRESS);
+    assert_eq!(
+        p.check("127.0.0.1", 22, None).reason_code(),
+        reason::BLOCKED_ADDRESS
+    );
 }
 
 #[test]
 fn cidr_allow_rule_unblocks_a_range() {
-    let p = policy(G, "[[network]]\naction=\"allow\"\ntarget=\"db.internal:5432\"\n");
+    let p = policy(
+        G,
+        "[[network]]\naction=\"allow\"\ntarget=\"db.internal:5432\"\n",
+    );
     let d = p.check("db.internal", 5432, Some(&ips(&["10.1.2.7"])));
     assert_eq!(d.verdict, Verdict::Allow, "{d}");
     assert_eq!(d.rule.map(|r| r.scope), Some(Scope::Sandbox));
@@ -158,7 +184,10 @@ fn add_host_is_permission_for_that_name_and_ip_only() {
     assert_eq!(p.check("127.0.0.1", 443, None).verdict, Verdict::Deny);
     assert!(AddHost::parse("nocolon").is_err());
     assert!(AddHost::parse("x:notanip").is_err());
-    assert_eq!(AddHost::parse("v6.test:[::1]").unwrap().ip, "::1".parse::<IpAddr>().unwrap());
+    assert_eq!(
+        AddHost::parse("v6.test:[::1]").unwrap().ip,
+        "::1".parse::<IpAddr>().unwrap()
+    );
 }
 
 #[test]
@@ -173,10 +202,16 @@ fn learn_mode_softens_policy_denials_but_not_safety_checks() {
     assert_eq!(d.verdict, Verdict::WouldDeny);
     let d = p.check("denied.test", 443, Some(&ips(&["127.0.0.1"])));
     assert_eq!(d.verdict, Verdict::Deny);
-    assert_eq!(p.check("bad host", 443, None).reason_code(), reason::INVALID_HOST);
+    assert_eq!(
+        p.check("bad host", 443, None).reason_code(),
+        reason::INVALID_HOST
+    );
     // Allowed things stay plain allows.
     let p = policy("mode = \"learn\"\npreset = \"balanced\"\n", "");
-    assert_eq!(p.check("api.anthropic.com", 443, None).verdict, Verdict::Allow);
+    assert_eq!(
+        p.check("api.anthropic.com", 443, None).verdict,
+        Verdict::Allow
+    );
 }
 
 #[test]
@@ -217,14 +252,37 @@ fn presets() {
         "gitlab.com:443",
     ] {
         let (h, port) = ok.rsplit_once(':').unwrap();
-        assert_eq!(p.check(h, port.parse().unwrap(), None).verdict, Verdict::Allow, "{ok}");
+        assert_eq!(
+            p.check(h, port.parse().unwrap(), None).verdict,
+            Verdict::Allow,
+            "{ok}"
+        );
     }
-    for no in ["github.com:22", "example.com:443", "pypi.org:80", "githubusercontent.com:443"] {
+    for no in [
+        "github.com:22",
+        "example.com:443",
+        "pypi.org:80",
+        "githubusercontent.com:443",
+    ] {
         let (h, port) = no.rsplit_once(':').unwrap();
-        assert_eq!(p.check(h, port.parse().unwrap(), None).verdict, Verdict::Deny, "{no}");
+        assert_eq!(
+            p.check(h, port.parse().unwrap(), None).verdict,
+            Verdict::Deny,
+            "{no}"
+        );
     }
-    assert_eq!(policy("preset = \"deny-all\"", "").check("github.com", 443, None).verdict, Verdict::Deny);
-    assert_eq!(policy("preset = \"allow-all\"", "").check("x.y", 1, None).verdict, Verdict::Allow);
+    assert_eq!(
+        policy("preset = \"deny-all\"", "")
+            .check("github.com", 443, None)
+            .verdict,
+        Verdict::Deny
+    );
+    assert_eq!(
+        policy("preset = \"allow-all\"", "")
+            .check("x.y", 1, None)
+            .verdict,
+        Verdict::Allow
+    );
 }
 
 #[test]
@@ -312,7 +370,11 @@ fn bad_values_are_errors_with_positions() {
 fn a_malformed_file_is_an_error_not_an_empty_policy() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("policy.toml");
-    std::fs::write(&path, "preset = \"allow-all\"\n[[network]]\naction = \"alow\"\ntarget = \"x\"\n").unwrap();
+    std::fs::write(
+        &path,
+        "preset = \"allow-all\"\n[[network]]\naction = \"alow\"\ntarget = \"x\"\n",
+    )
+    .unwrap();
     let e = Policy::load(Some(&path), None).unwrap_err();
     let s = e.to_string();
     assert!(s.starts_with(&format!("{}:3:", path.display())), "{s}");
@@ -347,19 +409,34 @@ target = \"evil.example\"
     assert_eq!(r.id, 6);
     assert_eq!(r.target.to_string(), "*.example.org:443");
     // Adding the same rule again is a no-op.
-    assert_eq!(f.add_rule(Action::Allow, "*.example.org:443").unwrap().id, 6);
+    assert_eq!(
+        f.add_rule(Action::Allow, "*.example.org:443").unwrap().id,
+        6
+    );
     f.set_mode(Mode::Learn).unwrap();
     f.init_preset(Preset::Balanced).unwrap();
     let removed = f.remove_rule(5).unwrap();
     assert_eq!(removed.target.to_string(), "evil.example");
-    assert!(matches!(f.remove_rule(99), Err(PolicyError::NoSuchRule { id: 99, .. })));
+    assert!(matches!(
+        f.remove_rule(99),
+        Err(PolicyError::NoSuchRule { id: 99, .. })
+    ));
     assert!(f.add_rule(Action::Deny, "bad target").is_err());
     f.save().unwrap();
 
     let text = std::fs::read_to_string(&path).unwrap();
-    assert!(text.starts_with("# my policy\nmode = \"learn\" # strict for now\n"), "{text}");
-    assert!(text.contains("# the docs site\n[[network]]\nid = 4\n"), "{text}");
-    assert!(text.contains("target = \"docs.example.org:443\"  # keep"), "{text}");
+    assert!(
+        text.starts_with("# my policy\nmode = \"learn\" # strict for now\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# the docs site\n[[network]]\nid = 4\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("target = \"docs.example.org:443\"  # keep"),
+        "{text}"
+    );
     assert!(!text.contains("evil.example"), "{text}");
     let again = PolicyFile::load(&path, Scope::Global).unwrap();
     assert_eq!(again.mode(), Some(Mode::Learn));

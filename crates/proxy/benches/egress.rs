@@ -1,1 +1,704 @@
-fn main() {}
+//! Egress proxy benchmarks, each printed with a baseline measured in the same
+//! run: `cargo bench -p sandpen-proxy --bench egress`.
+//!
+//! The proxy runs in its own process (this binary, re-executed with
+//! `__proxy`), in standalone mode (`serve_http_proxy`), which is the code path
+//! guest streams take minus the serial link. tinyproxy and squid are measured
+//! too when installed (`apt-get install -y tinyproxy squid`).
+//!
+//! - CONNECT tunnel throughput, 1 GiB on loopback: proxy vs direct vs others.
+//! - Small HTTP requests (absolute-form GET, one request per connection, as
+//!   the proxy forwards them) at concurrency 64: requests/s.
+//! - Added latency per request over direct, p50 and p99 (sequential requests).
+//! - Proxy RSS with 1,000 open idle CONNECT tunnels.
+//!
+//! Environment: `BENCH_GIB` (default 1), `BENCH_SECS` (rate run, default 5),
+//! `BENCH_BUF` (relay buffer bytes in the proxy), `BENCH_ONLY` (a comma list
+//! of `throughput,rate,latency,idle`).
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sandpen_policy::{AddHost, Mode, Policy, Preset, Rule, RuleSource, Scope, Target};
+use sandpen_proxy::{AuditLog, Proxy, ProxyConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn main() -> Res<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("__proxy") {
+        return run_proxy_process(args.get(2).cloned().unwrap_or_default());
+    }
+    // `cargo test --benches` runs benches with no `--bench`: do nothing then.
+    if !args.iter().any(|a| a == "--bench") {
+        println!("egress bench: run with `cargo bench -p sandpen-proxy --bench egress`");
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(bench())
+}
+
+// ------------------------------------------------------------ proxy process
+
+fn run_proxy_process(log_dir: String) -> Res<()> {
+    let workers: usize = std::env::var("BENCH_PROXY_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let rt = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()?
+    };
+    rt.block_on(async move {
+        let rule = |id, t: &str| -> Res<Rule> {
+            Ok(Rule {
+                id,
+                scope: Scope::Global,
+                action: sandpen_policy::Action::Allow,
+                target: Target::parse(t)?,
+                source: RuleSource::File {
+                    path: "bench".into(),
+                    line: id as usize,
+                },
+            })
+        };
+        let policy = Policy::from_rules(
+            Mode::Enforce,
+            Preset::DenyAll,
+            vec![rule(1, "127.0.0.1")?, rule(2, "origin.test")?],
+        )
+        .with_add_hosts([AddHost::parse("origin.test:127.0.0.1")?]);
+        let mut cfg = ProxyConfig::new("bench");
+        cfg.max_connections = 8192;
+        if let Some(b) = std::env::var("BENCH_BUF").ok().and_then(|v| v.parse().ok()) {
+            cfg.buffer_size = b;
+        }
+        let audit = AuditLog::open(Path::new(&log_dir).join("net.jsonl"))?;
+        let proxy = Proxy::new(cfg, policy, audit);
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        println!("{}", listener.local_addr()?);
+        sandpen_proxy::serve_http_proxy(proxy, listener).await?;
+        Ok(())
+    })
+}
+
+/// A proxy under test: ours, tinyproxy or squid, in its own process.
+struct Subject {
+    name: &'static str,
+    addr: SocketAddr,
+    child: Child,
+    /// Processes whose RSS counts (squid forks workers).
+    dir: PathBuf,
+}
+
+impl Drop for Subject {
+    fn drop(&mut self) {
+        // Only the process we started, by its id.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn scratch(name: &str) -> Res<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("sandpen-bench-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    // tinyproxy and squid drop privileges; let them write their logs here.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))?;
+    Ok(dir)
+}
+
+fn start_sandpen() -> Res<Subject> {
+    let dir = scratch("sandpen")?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("__proxy")
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(out).read_line(&mut line)?;
+    Ok(Subject {
+        name: "sandpen",
+        addr: line.trim().parse()?,
+        child,
+        dir,
+    })
+}
+
+fn free_port() -> Res<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn wait_listening(addr: SocketAddr) -> bool {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn start_tinyproxy() -> Res<Option<Subject>> {
+    let Some(bin) = which("tinyproxy") else {
+        return Ok(None);
+    };
+    let dir = scratch("tinyproxy")?;
+    let port = free_port()?;
+    let conf = dir.join("tinyproxy.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "User nobody\nGroup nogroup\nPort {port}\nListen 127.0.0.1\nTimeout 600\nMaxClients 4096\n\
+             LogLevel Critical\nLogFile \"{}/tinyproxy.log\"\nPidFile \"{}/tinyproxy.pid\"\n",
+            dir.display(),
+            dir.display()
+        ),
+    )?;
+    let child = Command::new(bin)
+        .arg("-d")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let s = Subject {
+        name: "tinyproxy",
+        addr,
+        child,
+        dir,
+    };
+    Ok(wait_listening(addr).then_some(s))
+}
+
+fn start_squid() -> Res<Option<Subject>> {
+    let Some(bin) = which("squid") else {
+        return Ok(None);
+    };
+    let dir = scratch("squid")?;
+    let port = free_port()?;
+    let conf = dir.join("squid.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "http_port 127.0.0.1:{port}\n\
+             acl CONNECT method CONNECT\n\
+             http_access allow all\n\
+             cache deny all\n\
+             cache_mem 8 MB\n\
+             access_log none\n\
+             cache_store_log none\n\
+             cache_log {d}/cache.log\n\
+             pid_filename {d}/squid.pid\n\
+             coredump_dir {d}\n\
+             max_filedescriptors 16384\n\
+             shutdown_lifetime 0 seconds\n",
+            d = dir.display()
+        ),
+    )?;
+    let child = Command::new(bin)
+        .arg("-N")
+        .arg("-f")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let s = Subject {
+        name: "squid",
+        addr,
+        child,
+        dir,
+    };
+    Ok(wait_listening(addr).then_some(s))
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin".into(), "/usr/bin".into()])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// Resident memory of a process and its children (KiB).
+fn rss_tree_kib(pid: u32) -> u64 {
+    let mut total = rss_kib(pid);
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for e in entries.flatten() {
+            let Some(child) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            // Field 4 (after the parenthesised name) is the parent pid.
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid == Some(pid) {
+                total += rss_tree_kib(child);
+            }
+        }
+    }
+    total
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+// ------------------------------------------------------------ servers
+
+/// Reads an 8-byte length, then that many bytes, then answers with the
+/// count. No half-close needed (tinyproxy closes both ways on one FIN).
+async fn sink_server() -> Res<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut len = [0u8; 8];
+                if s.read_exact(&mut len).await.is_err() {
+                    return;
+                }
+                let want = u64::from_be_bytes(len);
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n: u64 = 0;
+                while n < want {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k as u64,
+                    }
+                }
+                let _ = s.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Answers one small request per connection and closes.
+async fn origin_server() -> Res<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut have = 0;
+                while !buf[..have].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf[have..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(k) => have += k,
+                    }
+                    if have == buf.len() {
+                        return;
+                    }
+                }
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Echoes; used for idle tunnels.
+async fn echo_server() -> Res<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+// ------------------------------------------------------------ clients
+
+/// Open a CONNECT tunnel through `proxy` to `target`.
+async fn connect_via(proxy: SocketAddr, target: SocketAddr) -> Res<TcpStream> {
+    let mut s = TcpStream::connect(proxy).await?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await?;
+    let mut head = Vec::with_capacity(256);
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).await? == 0 {
+            return Err("proxy closed during CONNECT".into());
+        }
+        head.push(b[0]);
+        if head.len() > 8192 {
+            return Err("CONNECT answer too long".into());
+        }
+    }
+    if !head.starts_with(b"HTTP/1.1 200") && !head.starts_with(b"HTTP/1.0 200") {
+        return Err(format!("CONNECT refused: {}", String::from_utf8_lossy(&head)).into());
+    }
+    Ok(s)
+}
+
+async fn transfer(mut s: TcpStream, bytes: u64) -> Res<Duration> {
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    s.write_all(&bytes.to_be_bytes()).await?;
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = (bytes - sent).min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n]).await?;
+        sent += n as u64;
+    }
+    let mut ack = [0u8; 8];
+    s.read_exact(&mut ack).await?;
+    let elapsed = start.elapsed();
+    if u64::from_be_bytes(ack) != bytes {
+        return Err(format!("sink got {} of {bytes} bytes", u64::from_be_bytes(ack)).into());
+    }
+    Ok(elapsed)
+}
+
+/// Best of `runs` transfers, in MiB/s.
+async fn throughput(
+    via: Option<SocketAddr>,
+    sink: SocketAddr,
+    bytes: u64,
+    runs: usize,
+) -> Res<f64> {
+    let mut best = f64::MAX;
+    for _ in 0..runs {
+        let s = match via {
+            Some(p) => connect_via(p, sink).await?,
+            None => TcpStream::connect(sink).await?,
+        };
+        let t = transfer(s, bytes).await?.as_secs_f64();
+        best = best.min(t);
+    }
+    Ok(bytes as f64 / (1024.0 * 1024.0) / best)
+}
+
+/// One small request on a fresh connection (`Connection: close`); returns
+/// its latency. The response is read by its Content-Length, so a proxy that
+/// keeps the client connection open does not stall the client.
+async fn one_request(via: Option<SocketAddr>, origin: SocketAddr) -> Res<Duration> {
+    let start = Instant::now();
+    let (addr, target) = match via {
+        Some(p) => (p, format!("http://{origin}/")),
+        None => (origin, "/".to_string()),
+    };
+    let req = format!("GET {target} HTTP/1.1\r\nHost: {origin}\r\nConnection: close\r\n\r\n");
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    s.write_all(req.as_bytes()).await?;
+    let mut out = Vec::with_capacity(512);
+    let mut buf = [0u8; 2048];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or("response without Content-Length")?;
+            if out.len() >= end + 4 + len {
+                if !head.starts_with("http/1.1 200") && !head.starts_with("http/1.0 200") {
+                    return Err(format!("bad response: {head}").into());
+                }
+                break;
+            }
+        }
+        let n = s.read(&mut buf).await?;
+        if n == 0 {
+            return Err("connection closed before the response".into());
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(start.elapsed())
+}
+
+/// Requests per second at `concurrency` for `secs`.
+async fn request_rate(
+    via: Option<SocketAddr>,
+    origin: SocketAddr,
+    concurrency: usize,
+    secs: f64,
+) -> Res<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match one_request(via, origin).await {
+                    Ok(_) => done.fetch_add(1, Ordering::Relaxed),
+                    Err(_) => errors.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let counted = done.load(Ordering::Relaxed);
+    let elapsed = start.elapsed().as_secs_f64();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let errs = errors.load(Ordering::Relaxed);
+    if errs > 0 {
+        println!("    ({errs} failed requests)");
+    }
+    Ok(counted as f64 / elapsed)
+}
+
+/// p50 and p99 of `n` sequential requests, in microseconds.
+async fn latencies(via: Option<SocketAddr>, origin: SocketAddr, n: usize) -> Res<(f64, f64)> {
+    for _ in 0..50 {
+        one_request(via, origin).await?; // warm up
+    }
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        v.push(one_request(via, origin).await?.as_secs_f64() * 1e6);
+    }
+    v.sort_by(f64::total_cmp);
+    Ok((v[n / 2], v[n * 99 / 100]))
+}
+
+/// Open `n` CONNECT tunnels through `proxy`, each carrying one round trip,
+/// then leave them idle; returns the proxy's RSS growth per tunnel (KiB).
+async fn idle_tunnels(subject: &Subject, echo: SocketAddr, n: usize) -> Res<(f64, u64, u64)> {
+    let pid = subject.child.id();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_tree_kib(pid);
+    let mut open = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = connect_via(subject.addr, echo).await?;
+        s.write_all(b"ping\n").await?;
+        let mut b = [0u8; 5];
+        s.read_exact(&mut b).await?;
+        open.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_tree_kib(pid);
+    drop(open);
+    Ok((
+        after.saturating_sub(before) as f64 / n as f64,
+        before,
+        after,
+    ))
+}
+
+// ------------------------------------------------------------ the run
+
+async fn bench() -> Res<()> {
+    let gib: f64 = std::env::var("BENCH_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0);
+    let secs: f64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5.0);
+    let bytes = (gib * 1024.0 * 1024.0 * 1024.0) as u64;
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let run = |what: &str| only.is_empty() || only.split(',').any(|w| w == what);
+
+    let sink = sink_server().await?;
+    let origin = origin_server().await?;
+    let echo = echo_server().await?;
+
+    let ours = start_sandpen()?;
+    let mut subjects = vec![ours];
+    match start_tinyproxy() {
+        Ok(Some(s)) => subjects.push(s),
+        Ok(None) => println!("tinyproxy: not installed or did not start; skipped"),
+        Err(e) => println!("tinyproxy: could not start: {e}"),
+    }
+    match start_squid() {
+        Ok(Some(s)) => subjects.push(s),
+        Ok(None) => println!("squid: not installed or did not start; skipped"),
+        Err(e) => println!("squid: could not start: {e}"),
+    }
+    println!(
+        "machine: {} cores; everything below shares them",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    if run("throughput") {
+        throughput_section(&subjects, sink, bytes, gib).await?;
+    }
+    if run("rate") {
+        rate_section(&subjects, origin, secs).await?;
+    }
+    if run("latency") {
+        latency_section(&subjects, origin).await?;
+    }
+    if run("idle") {
+        idle_section(&subjects, echo).await?;
+    }
+    Ok(())
+}
+
+async fn throughput_section(
+    subjects: &[Subject],
+    sink: SocketAddr,
+    bytes: u64,
+    gib: f64,
+) -> Res<()> {
+    println!("\n## CONNECT tunnel throughput, {gib} GiB on loopback (best of 3)");
+    let direct = throughput(None, sink, bytes, 3).await?;
+    println!("  direct      {direct:9.0} MiB/s");
+    let mut tp = Vec::new();
+    for s in subjects {
+        match throughput(Some(s.addr), sink, bytes, 3).await {
+            Ok(v) => {
+                println!(
+                    "  {:<10}  {v:9.0} MiB/s  ({:.2}x direct)",
+                    s.name,
+                    v / direct
+                );
+                tp.push((s.name, v));
+            }
+            Err(e) => println!("  {:<10}  failed: {e}", s.name),
+        }
+    }
+    let ours_tp = tp.iter().find(|(n, _)| *n == "sandpen").map(|x| x.1);
+    if let (Some(o), Some((_, sq))) = (ours_tp, tp.iter().find(|(n, _)| *n == "squid")) {
+        println!("  sandpen / squid = {:.2}x (target >= 1.5x)", o / sq);
+    }
+    if let Some(o) = ours_tp {
+        println!("  sandpen / direct = {:.2}x (target >= 0.9x)", o / direct);
+    }
+
+    Ok(())
+}
+
+async fn rate_section(subjects: &[Subject], origin: SocketAddr, secs: f64) -> Res<()> {
+    const ROUNDS: usize = 3;
+    println!(
+        "\n## Small HTTP requests, concurrency 64, one request per connection \
+         (median of {ROUNDS} interleaved rounds of {secs} s)"
+    );
+    // Interleave the subjects so that background load hits them alike.
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); subjects.len() + 1];
+    for _ in 0..ROUNDS {
+        samples[0].push(request_rate(None, origin, 64, secs).await?);
+        for (i, s) in subjects.iter().enumerate() {
+            match request_rate(Some(s.addr), origin, 64, secs).await {
+                Ok(v) => samples[i + 1].push(v),
+                Err(e) => println!("  {:<10}  failed: {e}", s.name),
+            }
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    let direct_rate = median(&mut samples[0]).ok_or("no direct sample")?;
+    println!("  direct      {direct_rate:9.0} req/s");
+    let mut rates = Vec::new();
+    for (i, s) in subjects.iter().enumerate() {
+        let all = samples[i + 1].clone();
+        if let Some(v) = median(&mut samples[i + 1]) {
+            let all: Vec<String> = all.iter().map(|x| format!("{x:.0}")).collect();
+            println!(
+                "  {:<10}  {v:9.0} req/s  ({:.2}x direct)  rounds: {}",
+                s.name,
+                v / direct_rate,
+                all.join(" ")
+            );
+            rates.push((s.name, v));
+        }
+    }
+    let ours_rate = rates.iter().find(|(n, _)| *n == "sandpen").map(|x| x.1);
+    for other in ["tinyproxy", "squid"] {
+        if let (Some(o), Some((_, r))) = (ours_rate, rates.iter().find(|(n, _)| *n == other)) {
+            let target = if other == "tinyproxy" {
+                " (target >= 2x)"
+            } else {
+                ""
+            };
+            println!("  sandpen / {other} = {:.2}x{target}", o / r);
+        }
+    }
+
+    Ok(())
+}
+
+async fn latency_section(subjects: &[Subject], origin: SocketAddr) -> Res<()> {
+    println!("\n## Latency per request, sequential, 2000 requests");
+    let (d50, d99) = latencies(None, origin, 2000).await?;
+    println!("  direct      p50 {d50:7.1} us  p99 {d99:7.1} us");
+    for s in subjects {
+        match latencies(Some(s.addr), origin, 2000).await {
+            Ok((p50, p99)) => println!(
+                "  {:<10}  p50 {p50:7.1} us  p99 {p99:7.1} us   added p50 {:+7.1} us  p99 {:+7.1} us{}",
+                s.name,
+                p50 - d50,
+                p99 - d99,
+                if s.name == "sandpen" { "  (target: added p50 <= 100 us)" } else { "" }
+            ),
+            Err(e) => println!("  {:<10}  failed: {e}", s.name),
+        }
+    }
+
+    Ok(())
+}
+
+async fn idle_section(subjects: &[Subject], echo: SocketAddr) -> Res<()> {
+    println!("\n## RSS with 1,000 open idle CONNECT tunnels (one round trip each)");
+    for s in subjects {
+        match idle_tunnels(s, echo, 1000).await {
+            Ok((per, before, after)) => println!(
+                "  {:<10}  {before} KiB -> {after} KiB: {per:.1} KiB per tunnel{}",
+                s.name,
+                if s.name == "sandpen" {
+                    "  (target <= 40 KiB)"
+                } else {
+                    ""
+                }
+            ),
+            Err(e) => println!("  {:<10}  failed: {e}", s.name),
+        }
+    }
+    Ok(())
+}

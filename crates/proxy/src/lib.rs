@@ -1,1 +1,957 @@
+//! The host side of sandpen's egress: every connection the guest opens
+//! arrives here as a stream with an [`EgressOpen`] header, and leaves (or not)
+//! by the rules of [`sandpen_policy`].
+//!
+//! For each connection [`Proxy::handle`]:
+//!
+//! 1. takes the claimed `host:port` from the header (transparent mode) or from
+//!    the client's proxy request (`CONNECT host:port` or `GET http://host/...`);
+//! 2. calls [`decide`]: the policy on the name, host-side resolution
+//!    (`--add-host` overrides first), and the policy again on the addresses
+//!    (blocked ranges). `sandpen policy check` calls the same function;
+//! 3. reads the client's first bytes (bounded in size and time): a TLS
+//!    ClientHello's SNI must equal the claimed name (`sni-mismatch`); a plain
+//!    HTTP request's Host must equal it (`host-mismatch`); other bytes are
+//!    raw TCP, decided on the name;
+//! 4. connects to exactly an address that was checked, forwards the peeked
+//!    bytes and relays byte for byte (a bidirectional copy with adaptive
+//!    buffers, see `relay`);
+//! 5. writes one audit record ([`ConnectionReport`]) and returns it.
+//!
+//! Plain HTTP is forwarded one request per connection (see [`http`]).
+//! Server-first protocols (SMTP, MySQL) work on ports other than 80 and 443:
+//! when the client has said nothing after [`ProxyConfig::server_first_after`],
+//! the proxy connects and relays raw bytes, decided on the name alone.
 
+pub mod audit;
+pub mod http;
+mod relay;
+pub mod tls;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sandpen_policy::{Decision, Host, Policy};
+use sandpen_proto::messages::{EgressMode, EgressOpen};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::{timeout_at, Instant};
+
+pub use audit::{read_log, AuditError, AuditLog, ConnectionReport, LogFilter};
+use http::{BodyKind, Chunked, HeadError, RequestHead};
+use relay::{Activity, Dir, Tracked};
+use tls::Hello;
+
+/// Limits and timeouts of one sandbox's proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Written into every audit record.
+    pub sandbox: String,
+    /// Time allowed for a proxy request head, a ClientHello or an HTTP head.
+    pub handshake_timeout: Duration,
+    /// On ports other than 80 and 443, how long the client may stay silent
+    /// before the proxy treats the protocol as server-first and connects.
+    pub server_first_after: Duration,
+    /// A relayed connection with no byte either way for this long is closed.
+    pub idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Connections handled at once; beyond it new ones are refused
+    /// (`connection-limit`) with a warning in the log.
+    pub max_connections: usize,
+    /// The most a tunnel direction buffers while bytes flow (an idle tunnel
+    /// holds no buffer; see `relay`).
+    pub buffer_size: usize,
+}
+
+impl ProxyConfig {
+    /// Defaults: 10 s handshake, 1 s server-first wait, 5 min idle, 10 s
+    /// connect, 512 connections, 256 KiB buffers at most.
+    pub fn new(sandbox: impl Into<String>) -> Self {
+        ProxyConfig {
+            sandbox: sandbox.into(),
+            handshake_timeout: Duration::from_secs(10),
+            server_first_after: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(300),
+            connect_timeout: Duration::from_secs(10),
+            max_connections: 512,
+            buffer_size: 256 * 1024,
+        }
+    }
+}
+
+/// Time allowed for a host-side name lookup.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A decision and, when it permits the connection, the addresses that were
+/// checked (the only ones the proxy may connect to).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checked {
+    pub decision: Decision,
+    pub addrs: Vec<IpAddr>,
+}
+
+/// Decide a connection to `host:port` exactly as the proxy does: the policy
+/// on the name, then host-side resolution (`--add-host` overrides, else the
+/// system resolver; a denied name is never looked up), then the policy on
+/// the addresses. `sandpen policy check` must call this, not `Policy::check`
+/// alone, so that it agrees with the proxy.
+pub async fn decide(policy: &Policy, host: &str, port: u16) -> Checked {
+    let deny = |decision| Checked {
+        decision,
+        addrs: Vec::new(),
+    };
+    let first = policy.check(host, port, None);
+    if !first.permits() {
+        return deny(first);
+    }
+    let addrs = match resolve(policy, host, port).await {
+        Ok(a) => a,
+        Err(e) => return deny(Decision::deny(format!("resolve-failed: {e}"))),
+    };
+    let decision = policy.check(host, port, Some(&addrs));
+    if decision.permits() {
+        Checked { decision, addrs }
+    } else {
+        deny(decision)
+    }
+}
+
+async fn resolve(policy: &Policy, host: &str, port: u16) -> Result<Vec<IpAddr>, String> {
+    let name = match Host::parse(host).map_err(|e| e.to_string())? {
+        Host::Ip(ip) => return Ok(vec![ip]),
+        Host::Name(n) => n,
+    };
+    let overrides = policy.overrides_for(&name);
+    if !overrides.is_empty() {
+        return Ok(overrides);
+    }
+    let found = tokio::time::timeout(
+        RESOLVE_TIMEOUT,
+        tokio::net::lookup_host((name.as_str(), port)),
+    )
+    .await
+    .map_err(|_| "timed out".to_string())?
+    .map_err(|e| e.to_string())?;
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for a in found {
+        if !ips.contains(&a.ip()) {
+            ips.push(a.ip());
+        }
+    }
+    if ips.is_empty() {
+        return Err("no addresses".into());
+    }
+    Ok(ips)
+}
+
+struct Inner {
+    config: ProxyConfig,
+    policy: RwLock<Arc<Policy>>,
+    audit: AuditLog,
+    limiter: Arc<Semaphore>,
+    last_limit_warning: AtomicU64,
+    started: Instant,
+}
+
+/// One sandbox's egress proxy. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Proxy {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+/// Why a connection ended early; becomes the record's reason.
+enum Stop {
+    /// A hard deny by the proxy, with the HTTP status to answer (if the
+    /// client speaks HTTP to us) and the reason.
+    Deny(Option<u16>, String),
+    /// The connection was allowed but ended for this reason.
+    End(String),
+}
+
+impl Proxy {
+    pub fn new(config: ProxyConfig, policy: Policy, audit: AuditLog) -> Proxy {
+        let limiter = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        Proxy {
+            inner: Arc::new(Inner {
+                config,
+                policy: RwLock::new(Arc::new(policy)),
+                audit,
+                limiter,
+                last_limit_warning: AtomicU64::new(0),
+                started: Instant::now(),
+            }),
+        }
+    }
+
+    /// Replace the policy; connections that start afterwards use it.
+    pub fn set_policy(&self, policy: Policy) {
+        let policy = Arc::new(policy);
+        match self.inner.policy.write() {
+            Ok(mut p) => *p = policy,
+            Err(poisoned) => *poisoned.into_inner() = policy,
+        }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        match self.inner.policy.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub fn config(&self) -> &ProxyConfig {
+        &self.inner.config
+    }
+
+    /// Handle one guest connection to its end and return (and log) its record.
+    pub async fn handle<S>(&self, stream: S, open: EgressOpen) -> ConnectionReport
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let started = Instant::now();
+        let cfg = &self.inner.config;
+        let mode = match open.mode {
+            EgressMode::Transparent => "transparent",
+            EgressMode::HttpProxy => "http-proxy",
+        };
+        let mut rec = ConnectionReport::new(&cfg.sandbox, mode, &open.host, open.port);
+        match self.inner.limiter.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let act = Activity::new();
+                let mut conn = Conn {
+                    proxy: self,
+                    rec: &mut rec,
+                    act: &act,
+                    policy: self.policy(),
+                };
+                conn.run(stream, open).await;
+                rec.bytes_up = act.up();
+                rec.bytes_down = act.down();
+                drop(permit);
+            }
+            Err(_) => {
+                self.warn_limit();
+                rec.deny(format!(
+                    "connection-limit: {} connections open",
+                    cfg.max_connections
+                ));
+            }
+        }
+        rec.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Err(e) = self.inner.audit.write(&rec) {
+            tracing::warn!(sandbox = %cfg.sandbox, error = %e, "egress audit record not written");
+        }
+        if rec.decision == sandpen_policy::Verdict::Deny {
+            tracing::info!(
+                sandbox = %rec.sandbox, host = %rec.host, port = rec.port,
+                rule = ?rec.rule_id, reason = %rec.reason, "egress denied"
+            );
+        }
+        rec
+    }
+
+    /// At most one warning a second while the cap is hit.
+    fn warn_limit(&self) {
+        let now = self.inner.started.elapsed().as_secs() + 1;
+        let last = self.inner.last_limit_warning.swap(now, Ordering::Relaxed);
+        if last != now {
+            tracing::warn!(
+                sandbox = %self.inner.config.sandbox,
+                limit = self.inner.config.max_connections,
+                "egress connection limit reached: refusing new connections from the sandbox"
+            );
+        }
+    }
+}
+
+/// Accept HTTP proxy clients on `listener` and run each through
+/// [`Proxy::handle`] in `http-proxy` mode. Runs until the task is dropped.
+pub async fn serve_http_proxy(proxy: Proxy, listener: TcpListener) -> io::Result<()> {
+    loop {
+        let (sock, _) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "egress proxy accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let p = proxy.clone();
+        tokio::spawn(async move {
+            let open = EgressOpen {
+                mode: EgressMode::HttpProxy,
+                host: String::new(),
+                port: 0,
+            };
+            p.handle(sock, open).await;
+        });
+    }
+}
+
+/// One connection's state.
+struct Conn<'a> {
+    proxy: &'a Proxy,
+    rec: &'a mut ConnectionReport,
+    act: &'a Activity,
+    policy: Arc<Policy>,
+}
+
+/// The plain-HTTP deny page.
+fn http_error(status: u16, reason: &str, detail: &str) -> Vec<u8> {
+    let text = match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        _ => "Error",
+    };
+    let body = format!("sandpen: {detail}\n");
+    let code = reason.split(':').next().unwrap_or_default();
+    format!(
+        "HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\nX-Sandpen-Reason: {code}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn is_web_port(port: u16) -> bool {
+    port == 80 || port == 443
+}
+
+impl Conn<'_> {
+    fn cfg(&self) -> &ProxyConfig {
+        &self.proxy.inner.config
+    }
+
+    async fn run<S>(&mut self, mut client: S, open: EgressOpen)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let result = match open.mode {
+            EgressMode::Transparent => self.transparent(&mut client, &open.host, open.port).await,
+            EgressMode::HttpProxy => self.http_proxy(&mut client).await,
+        };
+        match result {
+            Ok(()) => {}
+            Err(Stop::Deny(status, reason)) => {
+                if let Some(status) = status {
+                    let detail = format!("{}:{} {reason}", self.rec.host, self.rec.port);
+                    let page = http_error(status, &reason, &detail);
+                    let deadline = Instant::now() + Duration::from_secs(1);
+                    let _ = timeout_at(deadline, client.write_all(&page)).await;
+                    let _ = timeout_at(deadline, client.shutdown()).await;
+                }
+                // A policy deny is already in the record, with its rule.
+                let from_policy =
+                    self.rec.decision == sandpen_policy::Verdict::Deny && self.rec.reason == reason;
+                if !from_policy {
+                    self.rec.deny(reason);
+                }
+            }
+            Err(Stop::End(reason)) => self.rec.reason = reason,
+        }
+    }
+
+    /// Decide `host:port` and record the decision; the checked addresses if
+    /// the connection may proceed.
+    async fn decide(&mut self, host: &str, port: u16) -> Result<Vec<IpAddr>, Stop> {
+        let checked = decide(&self.policy, host, port).await;
+        self.rec.set_decision(&checked.decision);
+        if checked.decision.permits() {
+            Ok(checked.addrs)
+        } else {
+            // The record already carries the decision; keep its rule.
+            Err(Stop::Deny(Some(403), checked.decision.reason))
+        }
+    }
+
+    async fn transparent<S>(&mut self, client: &mut S, host: &str, port: u16) -> Result<(), Stop>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let addrs = self.decide(host, port).await.map_err(|e| match e {
+            // The client has not spoken HTTP to us: no deny page.
+            Stop::Deny(_, r) => Stop::Deny(None, r),
+            other => other,
+        })?;
+        self.inspect_and_relay(client, Vec::new(), host, port, &addrs)
+            .await
+    }
+
+    async fn http_proxy<S>(&mut self, client: &mut S) -> Result<(), Stop>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let deadline = Instant::now() + self.cfg().handshake_timeout;
+        let mut buf = Vec::with_capacity(1024);
+        let head = read_head(client, &mut buf, deadline).await?;
+        self.rec.method = Some(head.method.clone());
+        if head.method.eq_ignore_ascii_case("CONNECT") {
+            let (host, port) = http::split_authority(&head.target, 0)
+                .ok()
+                .filter(|(_, port)| *port != 0)
+                .ok_or_else(|| {
+                    Stop::Deny(
+                        Some(400),
+                        format!(
+                            "bad-request: CONNECT target `{}` is not HOST:PORT",
+                            truncate(&head.target)
+                        ),
+                    )
+                })?;
+            self.rec.host = host.clone();
+            self.rec.port = port;
+            let addrs = self.decide(&host, port).await?;
+            write_all_by(
+                client,
+                b"HTTP/1.1 200 Connection established\r\n\r\n",
+                deadline,
+            )
+            .await
+            .map_err(|e| Stop::End(format!("client-error: {e}")))?;
+            let early = buf.split_off(head.len);
+            drop(buf);
+            drop(head);
+            return self
+                .inspect_and_relay(client, early, &host, port, &addrs)
+                .await;
+        }
+        let target = http::parse_absolute(&head.target)
+            .map_err(|e| Stop::Deny(Some(400), format!("bad-request: {e}")))?;
+        self.rec.host = target.host.clone();
+        self.rec.port = target.port;
+        self.rec.path = Some(truncate(&target.origin));
+        self.rec.proto = Some("http".into());
+        self.check_host_header(&head, &target.host, target.port)?;
+        let addrs = self.decide(&target.host, target.port).await?;
+        self.forward_http(client, buf, head, &target.origin, &addrs)
+            .await
+    }
+
+    /// The Host header (if any; required for HTTP/1.1) must name the claimed
+    /// host, and its port, if given, the claimed port.
+    fn check_host_header(&self, head: &RequestHead, host: &str, port: u16) -> Result<(), Stop> {
+        let bad = |e: HeadError| Stop::Deny(Some(400), format!("bad-request: {}", head_error(&e)));
+        match head.single("host").map_err(bad)? {
+            Some(value) => {
+                let (h, p) = http::split_authority(value, port)
+                    .map_err(|e| Stop::Deny(Some(400), format!("bad-request: {e}")))?;
+                if !http::same_host(&h, host) || p != port {
+                    return Err(Stop::Deny(
+                        Some(403),
+                        format!("host-mismatch: Host {value} for {host}:{port}"),
+                    ));
+                }
+                Ok(())
+            }
+            None if head.version == 0 => Ok(()),
+            None => Err(Stop::Deny(
+                Some(400),
+                "bad-request: HTTP/1.1 request without Host".into(),
+            )),
+        }
+    }
+
+    /// Read and check the client's first bytes, then connect and relay.
+    async fn inspect_and_relay<S>(
+        &mut self,
+        client: &mut S,
+        mut first: Vec<u8>,
+        host: &str,
+        port: u16,
+        addrs: &[IpAddr],
+    ) -> Result<(), Stop>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let deadline = Instant::now() + self.cfg().handshake_timeout;
+        if first.is_empty() {
+            let wait = if is_web_port(port) {
+                deadline
+            } else {
+                Instant::now() + self.cfg().server_first_after
+            };
+            first.reserve(2048);
+            match timeout_at(wait, client.read_buf(&mut first)).await {
+                Ok(Ok(0)) => return Err(Stop::End("client-closed".into())),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(Stop::End(format!("client-error: {e}"))),
+                Err(_) if is_web_port(port) => {
+                    return Err(Stop::Deny(None, "handshake-timeout".into()))
+                }
+                Err(_) => {
+                    // A server-first protocol (SMTP, MySQL): connect now.
+                    self.rec.proto = Some("tcp".into());
+                    return self.server_first_relay(client, host, addrs).await;
+                }
+            }
+        }
+
+        if tls::looks_like_tls(&first) {
+            self.rec.proto = Some("tls".into());
+            let sni = loop {
+                match tls::parse_client_hello(&first) {
+                    Hello::Complete(sni) => break sni,
+                    Hello::Malformed(why) => {
+                        return Err(Stop::Deny(None, format!("bad-client-hello: {why}")))
+                    }
+                    Hello::Incomplete => {
+                        read_more(client, &mut first, tls::MAX_HELLO, deadline)
+                            .await
+                            .map_err(|e| {
+                                if e.starts_with("client-") {
+                                    Stop::End(e)
+                                } else {
+                                    Stop::Deny(None, e)
+                                }
+                            })?;
+                    }
+                }
+            };
+            if let Some(sni) = sni {
+                self.rec.sni = Some(truncate(&sni));
+                if !http::same_host(&sni, host) {
+                    return Err(Stop::Deny(
+                        None,
+                        format!("sni-mismatch: SNI {} for {host}", truncate(&sni)),
+                    ));
+                }
+            }
+            return self.relay(client, first, addrs).await;
+        }
+
+        if http::looks_like_http(&first) {
+            self.rec.proto = Some("http".into());
+            let head = read_head(client, &mut first, deadline).await?;
+            self.rec.method = Some(head.method.clone());
+            let origin = if head.target.starts_with('/') || head.target == "*" {
+                head.target.clone()
+            } else {
+                let t = http::parse_absolute(&head.target)
+                    .map_err(|e| Stop::Deny(Some(400), format!("bad-request: {e}")))?;
+                if !http::same_host(&t.host, host) || t.port != port {
+                    return Err(Stop::Deny(
+                        Some(403),
+                        format!("host-mismatch: URI names {}:{}", t.host, t.port),
+                    ));
+                }
+                t.origin
+            };
+            self.rec.path = Some(truncate(&origin));
+            if head.method.eq_ignore_ascii_case("CONNECT") || head.version > 1 {
+                return Err(Stop::Deny(
+                    Some(400),
+                    "bad-request: not a plain request".into(),
+                ));
+            }
+            self.check_host_header(&head, host, port)?;
+            return self.forward_http(client, first, head, &origin, addrs).await;
+        }
+
+        self.rec.proto = Some("tcp".into());
+        self.relay(client, first, addrs).await
+    }
+
+    async fn connect(&mut self, addrs: &[IpAddr]) -> Result<TcpStream, Stop> {
+        let mut last = String::from("no address");
+        for ip in addrs {
+            let sa = SocketAddr::new(*ip, self.rec.port);
+            match tokio::time::timeout(self.cfg().connect_timeout, TcpStream::connect(sa)).await {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    self.rec.addr = Some(sa.to_string());
+                    return Ok(s);
+                }
+                Ok(Err(e)) => last = format!("{sa}: {e}"),
+                Err(_) => last = format!("{sa}: timed out"),
+            }
+        }
+        Err(Stop::End(format!("connect-failed: {last}")))
+    }
+
+    /// Connect, send the peeked bytes, then relay both ways until both sides
+    /// are done or the connection is idle too long.
+    async fn relay<S>(
+        &mut self,
+        client: &mut S,
+        first: Vec<u8>,
+        addrs: &[IpAddr],
+    ) -> Result<(), Stop>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let mut upstream = self.connect(addrs).await?;
+        if !first.is_empty() {
+            upstream
+                .write_all(&first)
+                .await
+                .map_err(|e| Stop::End(format!("upstream-error: {e}")))?;
+            self.act.add_up(first.len());
+        }
+        drop(first);
+        let size = self.cfg().buffer_size;
+        let idle = self.cfg().idle_timeout;
+        let mut c = Tracked::new(client, self.act, Dir::Up);
+        let mut u = Tracked::new(&mut upstream, self.act, Dir::Down);
+        tokio::select! {
+            r = relay::copy_both(&mut c, &mut u, size) => match r {
+                Ok(_) => Ok(()),
+                Err(e) => Err(Stop::End(format!("relay-error: {e}"))),
+            },
+            _ = self.act.idle(idle) => Err(Stop::End("idle-timeout".into())),
+        }
+    }
+
+    /// Relay a connection whose client waited for the server to speak. The
+    /// client's first bytes are still checked when they come: a TLS
+    /// ClientHello must carry the claimed name (else a client could wait out
+    /// the first-bytes timer and then front another site), and an HTTP
+    /// request is refused (HTTP clients speak first; one that waits is
+    /// dodging the Host check).
+    async fn server_first_relay<S>(
+        &mut self,
+        client: &mut S,
+        host: &str,
+        addrs: &[IpAddr],
+    ) -> Result<(), Stop>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let mut upstream = self.connect(addrs).await?;
+        let act = self.act;
+        let size = self.cfg().buffer_size;
+        let idle = self.cfg().idle_timeout;
+        let handshake = self.cfg().handshake_timeout;
+        let (mut ur, mut uw) = upstream.split();
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let up = async {
+            let mut first = Vec::with_capacity(2048);
+            match cr.read_buf(&mut first).await {
+                Ok(0) => {
+                    let _ = uw.shutdown().await;
+                    return Ok(None);
+                }
+                Ok(n) => act.add_up(n),
+                Err(e) => return Err(Stop::End(format!("client-error: {e}"))),
+            }
+            let mut sni = None;
+            if tls::looks_like_tls(&first) {
+                let deadline = Instant::now() + handshake;
+                loop {
+                    match tls::parse_client_hello(&first) {
+                        Hello::Complete(s) => {
+                            sni = s;
+                            break;
+                        }
+                        Hello::Malformed(_) => break, // not TLS after all: raw bytes
+                        Hello::Incomplete => {
+                            let before = first.len();
+                            read_more(&mut cr, &mut first, tls::MAX_HELLO, deadline)
+                                .await
+                                .map_err(Stop::End)?;
+                            act.add_up(first.len() - before);
+                        }
+                    }
+                }
+                if let Some(name) = &sni {
+                    if !http::same_host(name, host) {
+                        return Err(Stop::Deny(
+                            None,
+                            format!("sni-mismatch: SNI {} for {host}", truncate(name)),
+                        ));
+                    }
+                }
+            } else if http::looks_like_http(&first) && is_http_request_start(&first) {
+                return Err(Stop::Deny(
+                    None,
+                    "bad-request: HTTP request after the server-first wait".into(),
+                ));
+            }
+            uw.write_all(&first)
+                .await
+                .map_err(|e| Stop::End(format!("upstream-error: {e}")))?;
+            drop(first);
+            let mut r = Tracked::new(&mut cr, act, Dir::Up);
+            relay::copy_one(&mut r, &mut uw, size)
+                .await
+                .map_err(|e| Stop::End(format!("relay-error: {e}")))?;
+            Ok(sni)
+        };
+        let down = async {
+            let mut r = Tracked::new(&mut ur, act, Dir::Down);
+            relay::copy_one(&mut r, &mut cw, size).await
+        };
+        tokio::pin!(up, down);
+        let (mut up_done, mut down_done) = (false, false);
+        while !(up_done && down_done) {
+            tokio::select! {
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    if let Some(name) = r? {
+                        self.rec.proto = Some("tls".into());
+                        self.rec.sni = Some(truncate(&name));
+                    }
+                }
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    r.map_err(|e| Stop::End(format!("relay-error: {e}")))?;
+                }
+                _ = act.idle(idle) => return Err(Stop::End("idle-timeout".into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Send one plain HTTP request (rewritten head, then exactly its body)
+    /// and relay the response until the upstream closes.
+    async fn forward_http<S>(
+        &mut self,
+        client: &mut S,
+        buf: Vec<u8>,
+        head: RequestHead,
+        origin: &str,
+        addrs: &[IpAddr],
+    ) -> Result<(), Stop>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let body = head
+            .body()
+            .map_err(|e| Stop::Deny(Some(400), format!("bad-request: {}", head_error(&e))))?;
+        let upgrade = head.is_upgrade();
+        let mut upstream = self.connect(addrs).await?;
+        let out_head = head.rewrite(origin);
+        let early = buf.get(head.len..).unwrap_or_default();
+
+        let act = self.act;
+        let size = self.cfg().buffer_size;
+        let idle = self.cfg().idle_timeout;
+        let (mut ur, mut uw) = upstream.split();
+        let (mut cr, mut cw) = tokio::io::split(client);
+
+        let up = async {
+            let mut framing = Framing::new(body, upgrade);
+            let n = framing.take(early)?;
+            // Head and the body bytes already read go out in one write.
+            let mut first = out_head;
+            first.extend_from_slice(&early[..n]);
+            uw.write_all(&first).await?;
+            act.add_up(head.len + n);
+            drop(first);
+            if framing.done() {
+                return io::Result::Ok(());
+            }
+            let mut chunk = vec![0u8; relay::SMALL_BUF];
+            while !framing.done() {
+                let got = cr.read(&mut chunk).await?;
+                if got == 0 {
+                    break;
+                }
+                let n = framing.take(&chunk[..got])?;
+                uw.write_all(&chunk[..n]).await?;
+                act.add_up(n);
+            }
+            Ok(())
+        };
+        let down = async {
+            let mut r = Tracked::new(&mut ur, act, Dir::Down);
+            relay::copy_one(&mut r, &mut cw, size).await
+        };
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done => match r {
+                    Ok(()) => up_done = true,
+                    Err(e) => return Err(Stop::End(format!("request-error: {e}"))),
+                },
+                r = &mut down => return match r {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(Stop::End(format!("relay-error: {e}"))),
+                },
+                _ = act.idle(idle) => return Err(Stop::End("idle-timeout".into())),
+            }
+        }
+    }
+}
+
+/// How much of the client's bytes after the head may go upstream.
+struct Framing {
+    kind: BodyKind,
+    /// Bytes left for `Length`.
+    left: u64,
+    chunked: Chunked,
+    /// Upgrades relay everything after the head.
+    raw: bool,
+}
+
+impl Framing {
+    fn new(kind: BodyKind, raw: bool) -> Self {
+        let left = match kind {
+            BodyKind::Length(n) => n,
+            _ => 0,
+        };
+        Framing {
+            kind,
+            left,
+            chunked: Chunked::default(),
+            raw,
+        }
+    }
+
+    fn done(&self) -> bool {
+        !self.raw
+            && match self.kind {
+                BodyKind::None => true,
+                BodyKind::Length(_) => self.left == 0,
+                BodyKind::Chunked => self.chunked.is_done(),
+            }
+    }
+
+    /// How many of `buf`'s bytes belong to the request.
+    fn take(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.raw {
+            return Ok(buf.len());
+        }
+        match self.kind {
+            BodyKind::None => Ok(0),
+            BodyKind::Length(_) => {
+                let n = buf
+                    .len()
+                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+                self.left -= n as u64;
+                Ok(n)
+            }
+            BodyKind::Chunked => self
+                .chunked
+                .advance(buf)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
+        }
+    }
+}
+
+/// Does `buf` start like an HTTP/1 request line (`METHOD TARGET HTTP/1.`)?
+fn is_http_request_start(buf: &[u8]) -> bool {
+    let line_end = buf
+        .windows(2)
+        .position(|w| w == b"\r\n")
+        .unwrap_or(buf.len());
+    buf[..line_end]
+        .windows(7)
+        .any(|w| w == b" HTTP/1" || w == b" HTTP/2")
+}
+
+fn head_error(e: &HeadError) -> String {
+    match e {
+        HeadError::Incomplete => "incomplete request head".into(),
+        HeadError::TooLarge => format!("request head larger than {} bytes", http::MAX_HEAD),
+        HeadError::Bad(s) => s.clone(),
+    }
+}
+
+/// Keep logged strings short.
+fn truncate(s: &str) -> String {
+    const MAX: usize = 2048;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Read into `buf` until it holds a complete request head.
+async fn read_head<S>(
+    client: &mut S,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<RequestHead, Stop>
+where
+    S: AsyncRead + Unpin,
+{
+    loop {
+        if !buf.is_empty() {
+            match RequestHead::parse(buf) {
+                Ok(h) => return Ok(h),
+                Err(HeadError::Incomplete) => {}
+                Err(e @ HeadError::TooLarge) => {
+                    return Err(Stop::Deny(
+                        Some(431),
+                        format!("bad-request: {}", head_error(&e)),
+                    ))
+                }
+                Err(e) => {
+                    return Err(Stop::Deny(
+                        Some(400),
+                        format!("bad-request: {}", head_error(&e)),
+                    ))
+                }
+            }
+        }
+        read_more(client, buf, http::MAX_HEAD, deadline)
+            .await
+            .map_err(|e| {
+                if e.starts_with("client-") {
+                    Stop::End(e)
+                } else if e == "handshake-timeout" {
+                    Stop::Deny(None, e)
+                } else {
+                    Stop::Deny(Some(400), e)
+                }
+            })?;
+    }
+}
+
+/// Read more bytes into `buf`, never past `limit` bytes in total.
+async fn read_more<S>(
+    client: &mut S,
+    buf: &mut Vec<u8>,
+    limit: usize,
+    deadline: Instant,
+) -> Result<(), String>
+where
+    S: AsyncRead + Unpin,
+{
+    if buf.len() >= limit {
+        return Err(format!(
+            "bad-request: more than {limit} bytes before the handshake ended"
+        ));
+    }
+    let want = (limit - buf.len()).min(4096);
+    buf.reserve(want);
+    let mut limited = (&mut *client).take(want as u64);
+    match timeout_at(deadline, limited.read_buf(buf)).await {
+        Ok(Ok(0)) => Err("client-closed: before the handshake ended".into()),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("client-error: {e}")),
+        Err(_) => Err("handshake-timeout".into()),
+    }
+}
+
+async fn write_all_by<S>(client: &mut S, bytes: &[u8], deadline: Instant) -> io::Result<()>
+where
+    S: AsyncWrite + Unpin,
+{
+    match timeout_at(deadline, client.write_all(bytes)).await {
+        Ok(r) => r,
+        Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+    }
+}

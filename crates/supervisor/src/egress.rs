@@ -18,6 +18,9 @@ use crate::SupervisorError;
 
 /// How long a guest stream may take to name its destination.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Guest streams that have not named their destination yet; beyond this new
+/// ones are dropped at once (the proxy's own cap applies after the header).
+const MAX_PENDING_HEADERS: usize = 256;
 
 /// The two policy files of a sandbox: the user's global one and its own.
 pub fn policy_files(dirs: &Dirs, paths: &SandboxPaths) -> (PathBuf, PathBuf) {
@@ -119,9 +122,14 @@ pub async fn serve(
         *s = watch.stamps();
     }
     let proxy = Arc::new(proxy);
+    let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HEADERS));
     while let Some(mut stream) = inbound.recv().await {
         let proxy = proxy.clone();
         let watch = watch.clone();
+        let Ok(permit) = pending.clone().try_acquire_owned() else {
+            tracing::warn!("{MAX_PENDING_HEADERS} guest streams are waiting to name their destination; dropping one");
+            continue;
+        };
         tokio::spawn(async move {
             let open =
                 match tokio::time::timeout(HEADER_TIMEOUT, read_one::<EgressOpen, _>(&mut stream))
@@ -137,6 +145,7 @@ pub async fn serve(
                         return;
                     }
                 };
+            drop(permit);
             watch.refresh(&proxy);
             proxy.handle(stream, open).await;
         });

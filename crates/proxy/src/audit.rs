@@ -1,0 +1,374 @@
+//! The audit log: one JSON line per connection in `logs/net.jsonl`, rotated
+//! by size, and the reader behind `sandpen policy log`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use sandpen_policy::{Decision, Scope, Verdict};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// One audit record: a connection, or (for plain HTTP, where the proxy
+/// forwards one request per connection) a connection and its request.
+/// This is also what [`crate::Proxy::handle`] returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionReport {
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    pub sandbox: String,
+    /// `transparent` or `http-proxy`.
+    pub mode: String,
+    pub decision: Verdict,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule_scope: Option<Scope>,
+    /// `ACTION TARGET` of the rule that decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    /// A reason code (`allowed-by-rule`, `no-matching-rule`, `blocked-address`,
+    /// `sni-mismatch`, `host-mismatch`, `connection-limit`, ...), optionally
+    /// followed by `: detail`.
+    pub reason: String,
+    /// The claimed host (name or literal IP), as the guest gave it.
+    pub host: String,
+    pub port: u16,
+    /// The address the proxy connected to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+    /// `tls`, `http` or `tcp`, once the first bytes were seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proto: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Guest to upstream.
+    pub bytes_up: u64,
+    /// Upstream to guest.
+    pub bytes_down: u64,
+    pub duration_ms: u64,
+}
+
+impl ConnectionReport {
+    pub(crate) fn new(sandbox: &str, mode: &str, host: &str, port: u16) -> Self {
+        ConnectionReport {
+            time: OffsetDateTime::now_utc(),
+            sandbox: sandbox.to_string(),
+            mode: mode.to_string(),
+            decision: Verdict::Deny,
+            rule_id: None,
+            rule_scope: None,
+            rule: None,
+            reason: String::new(),
+            host: host.to_string(),
+            port,
+            addr: None,
+            proto: None,
+            sni: None,
+            method: None,
+            path: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            duration_ms: 0,
+        }
+    }
+
+    /// Take verdict, rule and reason from a policy decision.
+    pub(crate) fn set_decision(&mut self, d: &Decision) {
+        self.decision = d.verdict;
+        self.rule_id = d.rule.as_ref().map(|r| r.id);
+        self.rule_scope = d.rule.as_ref().map(|r| r.scope);
+        self.rule = d.rule.as_ref().map(|r| r.text.clone());
+        self.reason = d.reason.clone();
+    }
+
+    /// A hard deny by the proxy (protocol check, limit, timeout): no rule
+    /// decided it, so any rule that allowed the name is dropped from the record.
+    pub(crate) fn deny(&mut self, reason: impl Into<String>) {
+        self.decision = Verdict::Deny;
+        self.rule_id = None;
+        self.rule_scope = None;
+        self.rule = None;
+        self.reason = reason.into();
+    }
+
+    /// The reason code without its detail.
+    pub fn reason_code(&self) -> &str {
+        self.reason.split(':').next().unwrap_or_default()
+    }
+}
+
+/// Errors from the audit log.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("cannot open audit log {}: {source}", path.display())]
+    Open { path: PathBuf, source: io::Error },
+    #[error("cannot write audit log {}: {source}", path.display())]
+    Write { path: PathBuf, source: io::Error },
+    #[error("cannot read audit log {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+}
+
+/// Default size at which `net.jsonl` is rotated.
+pub const DEFAULT_MAX_BYTES: u64 = 10 * 1024 * 1024;
+/// Default number of rotated files kept (`net.jsonl.1` .. `.3`).
+pub const DEFAULT_KEEP: usize = 3;
+
+struct Writer {
+    file: File,
+    size: u64,
+}
+
+/// An append-only JSON-lines log, rotated by size: `net.jsonl` is renamed to
+/// `net.jsonl.1`, `.1` to `.2`, and so on; the oldest beyond `keep` is dropped.
+pub struct AuditLog {
+    path: Option<PathBuf>,
+    max_bytes: u64,
+    keep: usize,
+    writer: Mutex<Option<Writer>>,
+}
+
+impl std::fmt::Debug for AuditLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLog")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl AuditLog {
+    /// Append to `path` (creating it and its directory), rotating at 10 MiB
+    /// and keeping 3 old files.
+    pub fn open(path: impl Into<PathBuf>) -> Result<AuditLog, AuditError> {
+        AuditLog::with_rotation(path, DEFAULT_MAX_BYTES, DEFAULT_KEEP)
+    }
+
+    pub fn with_rotation(
+        path: impl Into<PathBuf>,
+        max_bytes: u64,
+        keep: usize,
+    ) -> Result<AuditLog, AuditError> {
+        let path = path.into();
+        let writer = open_append(&path)?;
+        Ok(AuditLog {
+            path: Some(path),
+            max_bytes: max_bytes.max(1),
+            keep,
+            writer: Mutex::new(Some(writer)),
+        })
+    }
+
+    /// A log that writes nothing (benchmarks, embedding without a log).
+    pub fn disabled() -> AuditLog {
+        AuditLog {
+            path: None,
+            max_bytes: DEFAULT_MAX_BYTES,
+            keep: 0,
+            writer: Mutex::new(None),
+        }
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// Append one record as one line.
+    pub fn write(&self, rec: &ConnectionReport) -> Result<(), AuditError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let werr = |source| AuditError::Write {
+            path: path.clone(),
+            source,
+        };
+        let mut line = serde_json::to_vec(rec).map_err(|e| werr(io::Error::other(e)))?;
+        line.push(b'\n');
+        let mut guard = self
+            .writer
+            .lock()
+            .map_err(|_| werr(io::Error::other("audit log lock poisoned")))?;
+        let needs_rotation = match guard.as_ref() {
+            Some(w) => w.size > 0 && w.size + line.len() as u64 > self.max_bytes,
+            None => true,
+        };
+        if needs_rotation {
+            *guard = None;
+            self.rotate(path).map_err(werr)?;
+            *guard = Some(open_append(path)?);
+        }
+        let Some(w) = guard.as_mut() else {
+            return Err(werr(io::Error::other("audit log is not open")));
+        };
+        w.file.write_all(&line).map_err(werr)?;
+        w.size += line.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&self, path: &Path) -> io::Result<()> {
+        if self.keep == 0 {
+            return match std::fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        for i in (1..self.keep).rev() {
+            let from = rotated(path, i);
+            if from.exists() {
+                std::fs::rename(&from, rotated(path, i + 1))?;
+            }
+        }
+        std::fs::rename(path, rotated(path, 1))
+    }
+}
+
+fn open_append(path: &Path) -> Result<Writer, AuditError> {
+    let oerr = |source| AuditError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(oerr)?;
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(oerr)?;
+    let size = file.metadata().map_err(oerr)?.len();
+    Ok(Writer { file, size })
+}
+
+fn rotated(path: &Path, i: usize) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(format!(".{i}"));
+    PathBuf::from(p)
+}
+
+/// What [`read_log`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct LogFilter {
+    /// Only records of this sandbox.
+    pub sandbox: Option<String>,
+    /// Only the last `limit` matching records.
+    pub limit: Option<usize>,
+}
+
+/// Read `path` and its rotated files, oldest first, and return the matching
+/// records in time order. Lines that are not records (a torn last line after
+/// a crash) are skipped. A missing log is empty.
+pub fn read_log(path: &Path, filter: &LogFilter) -> Result<Vec<ConnectionReport>, AuditError> {
+    let mut files: Vec<PathBuf> = (1..=DEFAULT_KEEP.max(9))
+        .rev()
+        .map(|i| rotated(path, i))
+        .collect();
+    files.push(path.to_path_buf());
+    let mut out = std::collections::VecDeque::new();
+    for file in files {
+        let f = match File::open(&file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(AuditError::Read { path: file, source }),
+        };
+        for line in BufReader::new(f).split(b'\n') {
+            let line = line.map_err(|source| AuditError::Read {
+                path: file.clone(),
+                source,
+            })?;
+            let Ok(rec) = serde_json::from_slice::<ConnectionReport>(&line) else {
+                continue;
+            };
+            if filter.sandbox.as_ref().is_some_and(|s| *s != rec.sandbox) {
+                continue;
+            }
+            out.push_back(rec);
+            if filter.limit.is_some_and(|l| out.len() > l) {
+                out.pop_front();
+            }
+        }
+    }
+    Ok(out.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(sandbox: &str, n: u16) -> ConnectionReport {
+        let mut r = ConnectionReport::new(sandbox, "transparent", "x.example", n);
+        r.reason = "no-matching-rule".into();
+        // A fixed time: every line has the same length (sub-second digits vary).
+        r.time = time::macros::datetime!(2026-01-02 03:04:05.123456789 UTC);
+        r
+    }
+
+    #[test]
+    fn write_read_filter_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs").join("net.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        for i in 0..10 {
+            log.write(&rec(if i % 2 == 0 { "a" } else { "b" }, i))
+                .unwrap();
+        }
+        let all = read_log(&path, &LogFilter::default()).unwrap();
+        assert_eq!(all.len(), 10);
+        assert_eq!(all[3], rec("b", 3).with_time(all[3].time));
+        let a = read_log(
+            &path,
+            &LogFilter {
+                sandbox: Some("a".into()),
+                limit: Some(2),
+            },
+        )
+        .unwrap();
+        let ports: Vec<_> = a.iter().map(|r| r.port).collect();
+        assert_eq!(ports, vec![6, 8]);
+        // A torn line is skipped.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap()
+            .write_all(b"{\"time\":")
+            .unwrap();
+        assert_eq!(read_log(&path, &LogFilter::default()).unwrap().len(), 10);
+        assert!(read_log(&dir.path().join("none"), &LogFilter::default())
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn rotates_by_size_and_keeps_n() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("net.jsonl");
+        // Two-digit ports: every line has the same length.
+        let line_len = serde_json::to_vec(&rec("a", 10)).unwrap().len() as u64 + 1;
+        let log = AuditLog::with_rotation(&path, line_len * 4, 2).unwrap();
+        for i in 10..30 {
+            log.write(&rec("a", i)).unwrap();
+        }
+        assert!(rotated(&path, 1).exists());
+        assert!(rotated(&path, 2).exists());
+        assert!(!rotated(&path, 3).exists());
+        for p in [path.clone(), rotated(&path, 1), rotated(&path, 2)] {
+            assert!(std::fs::metadata(&p).unwrap().len() <= line_len * 4);
+        }
+        let ports: Vec<_> = read_log(&path, &LogFilter::default())
+            .unwrap()
+            .iter()
+            .map(|r| r.port)
+            .collect();
+        assert_eq!(ports, (18..30).collect::<Vec<_>>());
+    }
+
+    impl ConnectionReport {
+        fn with_time(mut self, t: OffsetDateTime) -> Self {
+            self.time = t;
+            self
+        }
+    }
+}

@@ -1,0 +1,936 @@
+//! The egress proxy against real loopback servers: HTTP, HTTPS with a test
+//! CA, raw TCP. Names such as `allowed.test` are mapped to 127.0.0.1 with
+//! `--add-host` overrides, exactly as the VM tests do.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use sandpen_policy::{AddHost, Mode, Policy, PolicyFile, Scope, Verdict};
+use sandpen_proto::messages::{EgressMode, EgressOpen};
+use sandpen_proxy::{decide, read_log, AuditLog, ConnectionReport, LogFilter, Proxy, ProxyConfig};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::rustls::{self, pki_types};
+
+// ---------------------------------------------------------------- fixtures
+
+/// A loopback server that counts the connections it accepted.
+struct Server {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    /// Request heads (HTTP) or SNI values (HTTPS) it saw.
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    fn port(&self) -> u16 {
+        self.addr.port()
+    }
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+    fn seen(&self) -> Vec<String> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+async fn listen() -> (TcpListener, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    (l, Arc::default(), Arc::default())
+}
+
+/// Read an HTTP request head (and a body of Content-Length bytes).
+async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if s.read(&mut byte).await.ok()? == 0 {
+            return None;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let len = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse::<usize>().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    s.read_exact(&mut body).await.ok()?;
+    Some(head + &String::from_utf8_lossy(&body))
+}
+
+/// Answers each request on a connection with `hello PATH` until the client
+/// closes (so a second, unchecked request would be seen).
+async fn http_server() -> Server {
+    let (l, accepted, seen) = listen().await;
+    let addr = l.local_addr().unwrap();
+    let (a, s) = (accepted.clone(), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = l.accept().await.unwrap();
+            a.fetch_add(1, Ordering::SeqCst);
+            let s = s.clone();
+            tokio::spawn(async move {
+                while let Some(req) = read_request(&mut sock).await {
+                    let path = req.split_whitespace().nth(1).unwrap_or("").to_string();
+                    s.lock().unwrap().push(req.clone());
+                    let body = format!("hello {path}");
+                    let close = req.to_ascii_lowercase().contains("connection: close");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n{}\r\n{body}",
+                        body.len(),
+                        if close { "Connection: close\r\n" } else { "" }
+                    );
+                    if sock.write_all(resp.as_bytes()).await.is_err() || close {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    Server {
+        addr,
+        accepted,
+        seen,
+    }
+}
+
+struct TestCa {
+    roots: rustls::RootCertStore,
+    server_config: Arc<rustls::ServerConfig>,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn test_ca() -> TestCa {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sandpen test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![
+        "allowed.test".to_string(),
+        "denied.test".to_string(),
+        "learn.test".to_string(),
+    ])
+    .unwrap()
+    .signed_by(&leaf_key, &ca)
+    .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let key = pki_types::PrivateKeyDer::Pkcs8(pki_types::PrivatePkcs8KeyDer::from(
+        leaf_key.serialize_der(),
+    ));
+    let server_config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    TestCa {
+        roots,
+        server_config: Arc::new(server_config),
+    }
+}
+
+/// HTTPS: answers one request with `tls hello SNI`.
+async fn https_server(ca: &TestCa) -> Server {
+    let (l, accepted, seen) = listen().await;
+    let addr = l.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(ca.server_config.clone());
+    let (a, s) = (accepted.clone(), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = l.accept().await.unwrap();
+            a.fetch_add(1, Ordering::SeqCst);
+            let (acceptor, s) = (acceptor.clone(), s.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let sni = tls.get_ref().1.server_name().unwrap_or("").to_string();
+                s.lock().unwrap().push(sni.clone());
+                if read_request(&mut tls).await.is_some() {
+                    let body = format!("tls hello {sni}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tls.write_all(resp.as_bytes()).await;
+                    let _ = tls.shutdown().await;
+                }
+            });
+        }
+    });
+    Server {
+        addr,
+        accepted,
+        seen,
+    }
+}
+
+/// Raw TCP: sends a banner first (server-first), then echoes.
+async fn echo_server() -> Server {
+    let (l, accepted, seen) = listen().await;
+    let addr = l.local_addr().unwrap();
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = l.accept().await.unwrap();
+            a.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = sock.write_all(b"220 echo ready\r\n").await;
+                let (mut r, mut w) = sock.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    Server {
+        addr,
+        accepted,
+        seen,
+    }
+}
+
+const POLICY: &str = r#"
+[[network]]
+id = 1
+action = "allow"
+target = "allowed.test"
+
+[[network]]
+id = 2
+action = "deny"
+target = "denied.test"
+
+[[network]]
+id = 3
+action = "allow"
+target = "localhost"
+"#;
+
+fn policy_from(text: &str, mode: Mode) -> Policy {
+    let f = PolicyFile::parse(
+        text.to_string(),
+        std::path::Path::new("/test/policy.toml"),
+        Scope::Global,
+    )
+    .unwrap();
+    Policy::from_files(Some(&f), None)
+        .with_mode(mode)
+        .with_add_hosts(
+            [
+                "allowed.test:127.0.0.1",
+                "denied.test:127.0.0.1",
+                "learn.test:127.0.0.1",
+            ]
+            .iter()
+            .map(|s| AddHost::parse(s).unwrap()),
+        )
+}
+
+struct Harness {
+    proxy: Proxy,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn harness_with(policy: Policy, tweak: impl FnOnce(&mut ProxyConfig)) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("logs").join("net.jsonl");
+    let mut cfg = ProxyConfig::new("testbox");
+    cfg.server_first_after = Duration::from_millis(200);
+    cfg.handshake_timeout = Duration::from_secs(5);
+    tweak(&mut cfg);
+    let proxy = Proxy::new(cfg, policy, AuditLog::open(&log).unwrap());
+    Harness {
+        proxy,
+        log,
+        _dir: dir,
+    }
+}
+
+fn harness(mode: Mode) -> Harness {
+    harness_with(policy_from(POLICY, mode), |_| {})
+}
+
+impl Harness {
+    /// Open a guest stream in `mode`; returns the guest end and the report.
+    fn open(
+        &self,
+        mode: EgressMode,
+        host: &str,
+        port: u16,
+    ) -> (DuplexStream, tokio::task::JoinHandle<ConnectionReport>) {
+        let (guest, host_end) = tokio::io::duplex(64 * 1024);
+        let open = EgressOpen {
+            mode,
+            host: host.to_string(),
+            port,
+        };
+        let p = self.proxy.clone();
+        (
+            guest,
+            tokio::spawn(async move { p.handle(host_end, open).await }),
+        )
+    }
+
+    fn records(&self) -> Vec<ConnectionReport> {
+        read_log(&self.log, &LogFilter::default()).unwrap()
+    }
+
+    /// `sandpen policy check` must give what the proxy did.
+    async fn assert_check_agrees(&self, rep: &ConnectionReport) {
+        let c = decide(&self.proxy.policy(), &rep.host, rep.port).await;
+        assert_eq!(
+            c.decision.verdict, rep.decision,
+            "check vs proxy for {rep:?}"
+        );
+        assert_eq!(
+            c.decision.rule.as_ref().map(|r| r.id),
+            rep.rule_id,
+            "{rep:?}"
+        );
+        assert_eq!(c.decision.reason, rep.reason, "{rep:?}");
+    }
+}
+
+async fn tls_client<S: AsyncRead + AsyncWrite + Unpin>(
+    ca: &TestCa,
+    sni: &str,
+    stream: S,
+) -> std::io::Result<tokio_rustls::client::TlsStream<S>> {
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(ca.roots.clone())
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let name = pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    connector.connect(name, stream).await
+}
+
+/// GET / over TLS and return the response body.
+async fn tls_get<S: AsyncRead + AsyncWrite + Unpin>(
+    ca: &TestCa,
+    sni: &str,
+    stream: S,
+) -> std::io::Result<String> {
+    let mut tls = tls_client(ca, sni, stream).await?;
+    tls.write_all(format!("GET / HTTP/1.1\r\nHost: {sni}\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).to_string();
+    Ok(text.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+async fn read_all<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).to_string()
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test]
+async fn https_allowed_through_connect_in_standalone_mode() {
+    let ca = test_ca();
+    let srv = https_server(&ca).await;
+    let h = harness(Mode::Enforce);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_addr = listener.local_addr().unwrap();
+    let serve = tokio::spawn(sandpen_proxy::serve_http_proxy(h.proxy.clone(), listener));
+
+    let mut s = TcpStream::connect(proxy_addr).await.unwrap();
+    s.write_all(
+        format!(
+            "CONNECT allowed.test:{} HTTP/1.1\r\nHost: allowed.test:{}\r\n\r\n",
+            srv.port(),
+            srv.port()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut resp = [0u8; 39];
+    s.read_exact(&mut resp).await.unwrap();
+    assert_eq!(&resp[..], b"HTTP/1.1 200 Connection established\r\n\r\n");
+    let body = tls_get(&ca, "allowed.test", s).await.unwrap();
+    assert_eq!(body, "tls hello allowed.test");
+    assert_eq!(srv.seen(), vec!["allowed.test"]);
+
+    // The record is written when the connection ends.
+    let rec = wait_records(&h, 1).await.remove(0);
+    assert_eq!(rec.mode, "http-proxy");
+    assert_eq!(rec.decision, Verdict::Allow);
+    assert_eq!(
+        (rec.rule_id, rec.rule_scope),
+        (Some(1), Some(Scope::Global))
+    );
+    assert_eq!(rec.reason, "allowed-by-rule");
+    assert_eq!(rec.method.as_deref(), Some("CONNECT"));
+    assert_eq!(rec.proto.as_deref(), Some("tls"));
+    assert_eq!(rec.sni.as_deref(), Some("allowed.test"));
+    assert_eq!(rec.addr, Some(format!("127.0.0.1:{}", srv.port())));
+    assert!(rec.bytes_up > 200 && rec.bytes_down > 200, "{rec:?}");
+    h.assert_check_agrees(&rec).await;
+    serve.abort();
+}
+
+async fn wait_records(h: &Harness, n: usize) -> Vec<ConnectionReport> {
+    for _ in 0..200 {
+        let r = h.records();
+        if r.len() >= n {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("expected {n} audit records, have {:?}", h.records());
+}
+
+#[tokio::test]
+async fn https_allowed_through_transparent_mode() {
+    let ca = test_ca();
+    let srv = https_server(&ca).await;
+    let h = harness(Mode::Enforce);
+    let (guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    assert_eq!(
+        tls_get(&ca, "allowed.test", guest).await.unwrap(),
+        "tls hello allowed.test"
+    );
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.mode, "transparent");
+    assert_eq!(rep.decision, Verdict::Allow);
+    assert_eq!(rep.rule_id, Some(1));
+    assert_eq!(h.records(), vec![rep.clone()]);
+    h.assert_check_agrees(&rep).await;
+}
+
+#[tokio::test]
+async fn denied_host_is_logged_with_its_rule_and_never_connected() {
+    let ca = test_ca();
+    let srv = https_server(&ca).await;
+    let h = harness(Mode::Enforce);
+
+    // Transparent: the stream is closed without a byte.
+    let (guest, rep) = h.open(EgressMode::Transparent, "denied.test", srv.port());
+    assert!(tls_get(&ca, "denied.test", guest).await.is_err());
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny);
+    assert_eq!(
+        (rep.rule_id, rep.rule_scope),
+        (Some(2), Some(Scope::Global))
+    );
+    assert_eq!(rep.rule.as_deref(), Some("deny denied.test"));
+    assert_eq!(rep.reason, "denied-by-rule");
+    h.assert_check_agrees(&rep).await;
+
+    // Through the HTTP proxy port: 403 with the reason.
+    let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+    guest
+        .write_all(format!("CONNECT denied.test:{} HTTP/1.1\r\n\r\n", srv.port()).as_bytes())
+        .await
+        .unwrap();
+    let text = read_all(&mut guest).await;
+    assert!(text.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{text}");
+    assert!(text.contains("X-Sandpen-Reason: denied-by-rule"), "{text}");
+    let rep = rep.await.unwrap();
+    assert_eq!((rep.decision, rep.rule_id), (Verdict::Deny, Some(2)));
+    assert_eq!(srv.accepted(), 0);
+    assert_eq!(h.records().len(), 2);
+
+    // A name with no rule at all: no-matching-rule.
+    let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+    guest
+        .write_all(b"CONNECT other.test:443 HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_all(&mut guest).await.starts_with("HTTP/1.1 403"));
+    let rep = rep.await.unwrap();
+    assert_eq!((rep.decision, rep.rule_id), (Verdict::Deny, None));
+    assert_eq!(rep.reason, "no-matching-rule");
+    h.assert_check_agrees(&rep).await;
+}
+
+#[tokio::test]
+async fn sni_mismatch_is_denied_before_connecting() {
+    let ca = test_ca();
+    let srv = https_server(&ca).await;
+    let h = harness(Mode::Enforce);
+    let (guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    assert!(tls_get(&ca, "denied.test", guest).await.is_err());
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny);
+    assert!(rep.reason.starts_with("sni-mismatch"), "{}", rep.reason);
+    assert_eq!(rep.sni.as_deref(), Some("denied.test"));
+    assert_eq!(rep.rule_id, None);
+    assert_eq!(srv.accepted(), 0);
+
+    // The same through CONNECT, and learn mode does not waive it.
+    let h = harness(Mode::Learn);
+    let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+    guest
+        .write_all(format!("CONNECT allowed.test:{} HTTP/1.1\r\n\r\n", srv.port()).as_bytes())
+        .await
+        .unwrap();
+    let mut ok = [0u8; 39];
+    guest.read_exact(&mut ok).await.unwrap();
+    assert!(tls_get(&ca, "denied.test", guest).await.is_err());
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny);
+    assert_eq!(rep.reason_code(), "sni-mismatch");
+    assert_eq!(srv.accepted(), 0);
+}
+
+#[tokio::test]
+async fn http_host_mismatch_is_denied() {
+    let srv = http_server().await;
+    let h = harness(Mode::Enforce);
+    // Transparent: Host names another site.
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    guest
+        .write_all(b"GET /x HTTP/1.1\r\nHost: denied.test\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_all(&mut guest).await;
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert!(text.contains("host-mismatch"), "{text}");
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny);
+    assert_eq!(rep.reason_code(), "host-mismatch");
+    assert_eq!(
+        (rep.method.as_deref(), rep.path.as_deref()),
+        (Some("GET"), Some("/x"))
+    );
+
+    // Proxy form: the URI and the Host header disagree.
+    let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+    guest
+        .write_all(
+            format!(
+                "GET http://allowed.test:{}/y HTTP/1.1\r\nHost: denied.test\r\n\r\n",
+                srv.port()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    assert!(read_all(&mut guest).await.starts_with("HTTP/1.1 403"));
+    assert_eq!(rep.await.unwrap().reason_code(), "host-mismatch");
+    assert_eq!(srv.accepted(), 0);
+}
+
+#[tokio::test]
+async fn plain_http_via_proxy_is_rewritten_and_logged() {
+    let srv = http_server().await;
+    let h = harness(Mode::Enforce);
+    let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+    let port = srv.port();
+    guest
+        .write_all(
+            format!(
+                "POST http://allowed.test:{port}/submit?q=1 HTTP/1.1\r\nHost: allowed.test:{port}\r\nProxy-Connection: keep-alive\r\nContent-Length: 5\r\n\r\nhello"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let text = read_all(&mut guest).await;
+    assert!(text.ends_with("hello /submit?q=1"), "{text}");
+    let seen = srv.seen();
+    assert_eq!(seen.len(), 1);
+    assert!(
+        seen[0].starts_with("POST /submit?q=1 HTTP/1.1\r\n"),
+        "{}",
+        seen[0]
+    );
+    assert!(seen[0].contains("Connection: close\r\n"), "{}", seen[0]);
+    assert!(
+        !seen[0].to_ascii_lowercase().contains("proxy-connection"),
+        "{}",
+        seen[0]
+    );
+    assert!(seen[0].ends_with("\r\n\r\nhello"), "{}", seen[0]);
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Allow);
+    assert_eq!(rep.method.as_deref(), Some("POST"));
+    assert_eq!(rep.path.as_deref(), Some("/submit?q=1"));
+    assert_eq!(rep.proto.as_deref(), Some("http"));
+    assert!(rep.bytes_down as usize >= text.len());
+    h.assert_check_agrees(&rep).await;
+}
+
+#[tokio::test]
+async fn a_second_request_on_the_connection_is_never_forwarded() {
+    let srv = http_server().await;
+    let h = harness(Mode::Enforce);
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    // Two pipelined requests; the second one for another site, with a chunked body before it.
+    guest
+        .write_all(
+            b"POST /one HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /two HTTP/1.1\r\nHost: denied.test\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let text = read_all(&mut guest).await;
+    assert!(text.contains("hello /one"), "{text}");
+    assert!(!text.contains("/two"), "{text}");
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Allow);
+    let seen = srv.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].starts_with("POST /one"), "{seen:?}");
+}
+
+#[tokio::test]
+async fn a_name_resolving_to_loopback_needs_explicit_permission() {
+    let srv = http_server().await;
+    // `localhost` is allowed by name (rule 3) but resolves to loopback.
+    let h = harness(Mode::Enforce);
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "localhost", srv.port());
+    let _ = guest
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await;
+    let _ = read_all(&mut guest).await;
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny);
+    assert_eq!(rep.reason_code(), "blocked-address");
+    assert_eq!(rep.rule_id, None);
+    h.assert_check_agrees(&rep).await;
+    // Nothing reached the loopback server.
+    assert_eq!(srv.accepted(), 0);
+
+    // A CIDR allow rule makes it reachable.
+    let text = format!("{POLICY}\n[[network]]\naction = \"allow\"\ntarget = \"127.0.0.0/8\"\n[[network]]\naction = \"allow\"\ntarget = \"::1\"\n");
+    let h = harness_with(policy_from(&text, Mode::Enforce), |_| {});
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "localhost", srv.port());
+    guest
+        .write_all(b"GET /lo HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_all(&mut guest).await.ends_with("hello /lo"));
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Allow);
+    h.assert_check_agrees(&rep).await;
+    assert_eq!(srv.accepted(), 1);
+
+    // So does an --add-host mapping (that is how allowed.test works at all).
+    let h = harness(Mode::Enforce);
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    guest
+        .write_all(b"GET /ah HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_all(&mut guest).await.ends_with("hello /ah"));
+    assert_eq!(rep.await.unwrap().decision, Verdict::Allow);
+}
+
+#[tokio::test]
+async fn a_literal_ip_without_a_rule_is_denied() {
+    let srv = echo_server().await;
+    let h = harness(Mode::Enforce);
+    for host in ["127.0.0.1", "203.0.113.7"] {
+        let (mut guest, rep) = h.open(EgressMode::Transparent, host, srv.port());
+        let _ = guest.write_all(b"hi").await;
+        assert_eq!(read_all(&mut guest).await, "");
+        let rep = rep.await.unwrap();
+        assert_eq!(rep.decision, Verdict::Deny, "{host}");
+        assert_eq!(rep.reason, "no-matching-rule");
+        h.assert_check_agrees(&rep).await;
+    }
+    assert_eq!(srv.accepted(), 0);
+}
+
+#[tokio::test]
+async fn raw_tcp_allowed_including_server_first_protocols() {
+    let srv = echo_server().await;
+    let h = harness(Mode::Enforce);
+    // The client says nothing first: after `server_first_after` the proxy connects.
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    let mut banner = [0u8; 16];
+    guest.read_exact(&mut banner).await.unwrap();
+    assert_eq!(&banner, b"220 echo ready\r\n");
+    guest.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    guest.read_exact(&mut pong).await.unwrap();
+    assert_eq!(&pong, b"ping");
+    drop(guest);
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Allow);
+    assert_eq!(rep.proto.as_deref(), Some("tcp"));
+    assert_eq!((rep.bytes_up, rep.bytes_down), (4, 20));
+}
+
+#[tokio::test]
+async fn learn_mode_lets_a_denied_host_through_and_logs_would_deny() {
+    let ca = test_ca();
+    let srv = https_server(&ca).await;
+    let h = harness(Mode::Learn);
+    // learn.test has no rule; denied.test has a deny rule.
+    for (name, rule) in [("learn.test", None), ("denied.test", Some(2))] {
+        let (guest, rep) = h.open(EgressMode::Transparent, name, srv.port());
+        assert_eq!(
+            tls_get(&ca, name, guest).await.unwrap(),
+            format!("tls hello {name}")
+        );
+        let rep = rep.await.unwrap();
+        assert_eq!(rep.decision, Verdict::WouldDeny, "{name}");
+        assert_eq!(rep.rule_id, rule);
+        h.assert_check_agrees(&rep).await;
+    }
+    let recs = h.records();
+    assert_eq!(recs.len(), 2);
+    assert!(recs.iter().all(|r| r.decision == Verdict::WouldDeny));
+    let line = std::fs::read_to_string(&h.log).unwrap();
+    assert!(line.contains("\"decision\":\"would-deny\""), "{line}");
+    // A blocked address stays blocked in learn mode.
+    let (_guest, rep) = h.open(EgressMode::Transparent, "localhost", srv.port());
+    let rep = rep.await.unwrap();
+    assert_eq!(
+        (rep.decision, rep.reason_code()),
+        (Verdict::Deny, "blocked-address")
+    );
+    assert_eq!(srv.accepted(), 2);
+}
+
+#[tokio::test]
+async fn audit_records_carry_every_field() {
+    let srv = http_server().await;
+    let h = harness(Mode::Enforce);
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    guest
+        .write_all(b"GET /a/b?c HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        .await
+        .unwrap();
+    read_all(&mut guest).await;
+    rep.await.unwrap();
+    let raw = std::fs::read_to_string(&h.log).unwrap();
+    let v: serde_json::Value = serde_json::from_str(raw.lines().next().unwrap()).unwrap();
+    let time = v["time"].as_str().unwrap();
+    assert!(
+        time::OffsetDateTime::parse(time, &time::format_description::well_known::Rfc3339).is_ok()
+    );
+    assert_eq!(v["sandbox"], "testbox");
+    assert_eq!(v["mode"], "transparent");
+    assert_eq!(v["decision"], "allow");
+    assert_eq!(v["rule_id"], 1);
+    assert_eq!(v["rule_scope"], "global");
+    assert_eq!(v["rule"], "allow allowed.test");
+    assert_eq!(v["reason"], "allowed-by-rule");
+    assert_eq!(v["host"], "allowed.test");
+    assert_eq!(v["port"], srv.port());
+    assert_eq!(v["method"], "GET");
+    assert_eq!(v["path"], "/a/b?c");
+    assert_eq!(v["proto"], "http");
+    assert!(v["bytes_up"].as_u64().unwrap() > 30);
+    assert!(v["bytes_down"].as_u64().unwrap() > 30);
+    assert!(v["duration_ms"].is_u64());
+    // The reader filters by sandbox.
+    let none = read_log(
+        &h.log,
+        &LogFilter {
+            sandbox: Some("other".into()),
+            limit: None,
+        },
+    )
+    .unwrap();
+    assert!(none.is_empty());
+    let one = read_log(
+        &h.log,
+        &LogFilter {
+            sandbox: Some("testbox".into()),
+            limit: Some(5),
+        },
+    )
+    .unwrap();
+    assert_eq!(one.len(), 1);
+}
+
+#[tokio::test]
+async fn bad_proxy_requests_get_4xx() {
+    let h = harness(Mode::Enforce);
+    for (req, status) in [
+        ("GET /relative HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+        ("CONNECT allowed.test HTTP/1.1\r\n\r\n", "400"),
+        ("GET https://allowed.test/ HTTP/1.1\r\n\r\n", "400"),
+        ("GARBAGE\r\n\r\n", "400"),
+    ] {
+        let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+        guest.write_all(req.as_bytes()).await.unwrap();
+        let text = read_all(&mut guest).await;
+        assert!(
+            text.starts_with(&format!("HTTP/1.1 {status}")),
+            "{req:?}: {text}"
+        );
+        assert_eq!(rep.await.unwrap().decision, Verdict::Deny);
+    }
+    // An endless header is cut at 16 KiB.
+    let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+    let w = tokio::spawn(async move {
+        let _ = guest
+            .write_all(b"GET http://allowed.test/ HTTP/1.1\r\n")
+            .await;
+        let filler = vec![b'a'; 64 * 1024];
+        let _ = guest.write_all(b"X-Long: ").await;
+        let _ = guest.write_all(&filler).await;
+        read_all(&mut guest).await
+    });
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny);
+    assert!(rep.reason.contains("larger than"), "{}", rep.reason);
+    assert!(w.await.unwrap().starts_with("HTTP/1.1 431"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_ten_thousand_streams_that_never_write() {
+    let ca = test_ca();
+    let srv = https_server(&ca).await;
+    let h = harness_with(policy_from(POLICY, Mode::Enforce), |c| {
+        c.max_connections = 256;
+        c.handshake_timeout = Duration::from_millis(500);
+    });
+    let rss_before = rss_kib();
+    let mut guests = Vec::with_capacity(10_000);
+    let mut reports = Vec::with_capacity(10_000);
+    for _ in 0..10_000 {
+        let (guest, host_end) = tokio::io::duplex(1024);
+        let p = h.proxy.clone();
+        let open = EgressOpen {
+            mode: EgressMode::Transparent,
+            host: "allowed.test".into(),
+            port: 443,
+        };
+        reports.push(tokio::spawn(async move { p.handle(host_end, open).await }));
+        guests.push(guest);
+    }
+    let started = std::time::Instant::now();
+    let mut limit = 0;
+    let mut timeout = 0;
+    for r in reports {
+        let rep = r.await.unwrap();
+        assert_eq!(rep.decision, Verdict::Deny);
+        match rep.reason_code() {
+            "connection-limit" => limit += 1,
+            "handshake-timeout" => timeout += 1,
+            other => panic!("unexpected reason {other}"),
+        }
+    }
+    let rss_after = rss_kib();
+    eprintln!(
+        "10,000 idle streams: {limit} refused at the cap, {timeout} timed out, in {:?}; RSS {rss_before} -> {rss_after} KiB",
+        started.elapsed()
+    );
+    assert_eq!(timeout, 256);
+    assert_eq!(limit, 10_000 - 256);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert_eq!(srv.accepted(), 0);
+    drop(guests);
+    // Still serving.
+    let (guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    assert_eq!(
+        tls_get(&ca, "allowed.test", guest).await.unwrap(),
+        "tls hello allowed.test"
+    );
+    assert_eq!(rep.await.unwrap().decision, Verdict::Allow);
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|v| v.parse().unwrap_or(0)))
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn idle_tunnels_are_closed() {
+    let srv = echo_server().await;
+    let h = harness_with(policy_from(POLICY, Mode::Enforce), |c| {
+        c.idle_timeout = Duration::from_millis(300);
+    });
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    guest.write_all(b"x").await.unwrap();
+    let rep = tokio::time::timeout(Duration::from_secs(5), rep)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rep.decision, Verdict::Allow);
+    assert_eq!(rep.reason, "idle-timeout");
+    assert_eq!(read_all(&mut guest).await, "220 echo ready\r\nx");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_tunnel_is_byte_exact_both_ways() {
+    let srv = echo_server().await;
+    let h = harness(Mode::Enforce);
+    let (guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    let (mut r, mut w) = tokio::io::split(guest);
+    const N: usize = 8 * 1024 * 1024 + 12_345;
+    let data: Vec<u8> = (0..N).map(|i| (i * 31 % 251) as u8).collect();
+    let expect = data.clone();
+    let writer = tokio::spawn(async move {
+        // Uneven writes, and a half-close at the end.
+        let mut off = 0;
+        let mut step = 1;
+        while off < data.len() {
+            let end = (off + step).min(data.len());
+            w.write_all(&data[off..end]).await.unwrap();
+            off = end;
+            step = (step * 7 + 3) % 300_000 + 1;
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::with_capacity(N + 16);
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    writer.await.unwrap();
+    assert_eq!(&got[..16], b"220 echo ready\r\n");
+    assert!(got[16..] == expect[..], "echoed bytes differ");
+    let rep = rep.await.unwrap();
+    assert_eq!((rep.bytes_up, rep.bytes_down), (N as u64, N as u64 + 16));
+}
+
+#[tokio::test]
+async fn waiting_out_the_first_bytes_timer_does_not_skip_the_sni_check() {
+    let ca = test_ca();
+    let srv = echo_server().await;
+    let h = harness(Mode::Enforce);
+    // A non-web port: after 200 ms of silence the proxy connects (server-first).
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    let mut banner = [0u8; 16];
+    guest.read_exact(&mut banner).await.unwrap();
+    assert_eq!(&banner, b"220 echo ready\r\n");
+    // Now a ClientHello for another site.
+    assert!(tls_client(&ca, "denied.test", guest).await.is_err());
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny);
+    assert_eq!(rep.reason_code(), "sni-mismatch");
+
+    // A late HTTP request is refused too (HTTP clients speak first).
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    guest.read_exact(&mut banner).await.unwrap();
+    guest
+        .write_all(b"GET / HTTP/1.1\r\nHost: denied.test\r\n\r\n")
+        .await
+        .unwrap();
+    let rest = read_all(&mut guest).await;
+    assert!(!rest.contains("GET"), "{rest}");
+    assert_eq!(rep.await.unwrap().reason_code(), "bad-request");
+}

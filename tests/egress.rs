@@ -187,9 +187,9 @@ fn last_record(host: &str, port: u16) -> Result<serde_json::Value, Failed> {
         let out = ok(&["policy", "log", NAME, "--json", "--limit", "1000"])?;
         let found = out
             .lines()
+            .rev()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|r| r["host"] == host && r["port"] == port)
-            .last();
+            .find(|r| r["host"] == host && r["port"] == port);
         if let Some(r) = found {
             return Ok(r);
         }

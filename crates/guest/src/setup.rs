@@ -176,6 +176,9 @@ fn root_smaller_than_disk() -> bool {
 /// The root disk is a qcow2 overlay that may be larger than the image's ext4;
 /// grow the filesystem online to fill it.
 fn grow_root_in_background(reaper: Arc<Reaper>) {
+    if !root_smaller_than_disk() {
+        return;
+    }
     std::thread::spawn(
         move || match reaper.output(Command::new("resize2fs").arg("/dev/vda")) {
             Ok(out) if out.status.success() => {}

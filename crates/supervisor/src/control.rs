@@ -21,6 +21,8 @@ pub enum ControlRequest {
     Status,
     Exec(ExecRequest),
     Stop,
+    /// A round trip to the guest's PID 1 and back.
+    Ping,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +31,7 @@ pub enum ControlReply {
     ExecStarted,
     Stopping,
     Error(String),
+    Pong { guest_uptime_ms: u64 },
 }
 
 /// A running sandbox, as its supervisor reports it.
@@ -131,6 +134,14 @@ pub async fn exec(
 ) -> Result<FrameStream<UnixStream>, SupervisorError> {
     match request(paths, &ControlRequest::Exec(req)).await? {
         (frames, ControlReply::ExecStarted) => Ok(frames),
+        (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// One round trip CLI -> supervisor -> guest PID 1 and back; returns the guest's uptime.
+pub async fn ping(paths: &SandboxPaths) -> Result<u64, SupervisorError> {
+    match request(paths, &ControlRequest::Ping).await? {
+        (_, ControlReply::Pong { guest_uptime_ms }) => Ok(guest_uptime_ms),
         (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
     }
 }

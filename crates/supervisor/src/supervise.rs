@@ -454,6 +454,13 @@ async fn shutdown(vm: &mut Vm, paths: &SandboxPaths) {
     }
 }
 
+async fn ping_guest(mux: &MuxHandle) -> Result<sandpen_proto::Pong, SupervisorError> {
+    let stream = mux.open().await?;
+    let mut frames = FrameStream::new(stream);
+    frames.send(&Request::Ping).await?;
+    Ok(frames.expect::<sandpen_proto::Pong>("the pong").await?)
+}
+
 async fn handle_control(
     conn: UnixStream,
     mux: MuxHandle,
@@ -469,6 +476,15 @@ async fn handle_control(
             frames
                 .send(&ControlReply::Status((*status).clone()))
                 .await?;
+        }
+        ControlRequest::Ping => {
+            let reply = match ping_guest(&mux).await {
+                Ok(pong) => ControlReply::Pong {
+                    guest_uptime_ms: pong.uptime_ms,
+                },
+                Err(e) => ControlReply::Error(format!("the guest did not answer: {e}")),
+            };
+            frames.send(&reply).await?;
         }
         ControlRequest::Stop => {
             frames.send(&ControlReply::Stopping).await?;

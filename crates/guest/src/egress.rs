@@ -210,17 +210,8 @@ fn install_redirect(reaper: &crate::reaper::Reaper) -> Result<()> {
     let t0 = crate::sys::uptime_ms();
     crate::boot::load_rootfs_modules(&["nf_tables", "nft_chain_nat", "nft_redir"])?;
     let t1 = crate::sys::uptime_ms();
-    let mut lo = Command::new("ip");
-    lo.args(["link", "set", "lo", "up"]);
-    reaper.output(&mut lo).context("ip link")?;
-    let mut route = Command::new("ip");
-    // Every address is local: connections to anywhere reach the nat redirect
-    // instead of failing with "network unreachable".
-    route.args(["route", "replace", "local", "0.0.0.0/0", "dev", "lo"]);
-    let out = reaper.output(&mut route).context("ip route")?;
-    if !out.status.success() {
-        log!("ip route: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
+    crate::netconf::loopback_up().context("bringing up lo")?;
+    crate::netconf::route_everything_local().context("routing every address to lo")?;
     let path = "/run/sandpen-egress.nft";
     std::fs::File::create(path)
         .and_then(|mut f| f.write_all(NFT_RULES.as_bytes()))

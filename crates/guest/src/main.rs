@@ -9,6 +9,7 @@ mod boot;
 mod channel;
 mod egress;
 mod exec;
+mod netconf;
 mod reaper;
 mod setup;
 mod sys;

@@ -25,7 +25,7 @@ pub fn mounted_shares() -> Vec<String> {
 /// Runs external commands, so call it from a blocking context.
 pub fn apply(setup: &GuestSetup, reaper: &Arc<Reaper>) -> Result<()> {
     set_hostname(&setup.hostname)?;
-    loopback_up(reaper);
+    loopback_up();
     ensure_user(reaper, &setup.user)?;
     for m in &setup.mounts {
         mount_share(&m.tag, &m.path, m.read_only)?;
@@ -44,9 +44,9 @@ fn set_hostname(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn loopback_up(reaper: &Reaper) {
-    if let Err(e) = run(reaper, Command::new("ip").args(["link", "set", "lo", "up"])) {
-        log!("bringing up lo failed: {e:#}");
+fn loopback_up() {
+    if let Err(e) = crate::netconf::loopback_up() {
+        log!("bringing up lo failed: {e}");
     }
 }
 

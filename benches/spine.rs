@@ -89,7 +89,7 @@ fn bare_boot(ctx: &Ctx, image: &sandpen_image::Image, initrd: &Path) -> f64 {
         disk,
         channel_socket: dir.path().join("channel.sock"),
         qmp_socket: dir.path().join("qmp.sock"),
-        console_log: dir.path().join("console.log"),
+        console: sandpen_vm::Console::File(dir.path().join("console.log")),
         shares: vec![],
         tsc_khz: sandpen_vm::qemu::host_tsc_khz(),
         extra_cmdline: vec!["sandpen.bare".into()],

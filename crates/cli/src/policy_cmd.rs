@@ -283,22 +283,23 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
                 "REASON".into(),
             ]];
             for r in records {
+                let clean = |s: &str| printable(s);
                 let time = r
                     .time
                     .format(&time::format_description::well_known::Rfc3339)
                     .unwrap_or_default();
                 rows.push([
                     time,
-                    r.sandbox.clone(),
-                    r.mode.clone(),
+                    clean(&r.sandbox),
+                    clean(&r.mode),
                     r.decision.as_str().into(),
-                    format!("{}:{}", r.host, r.port),
+                    clean(&format!("{}:{}", r.host, r.port)),
                     match (&r.method, &r.path) {
-                        (Some(m), Some(p)) => format!("{m} {p}"),
+                        (Some(m), Some(p)) => clean(&format!("{m} {p}")),
                         _ => "-".into(),
                     },
-                    r.rule.clone().unwrap_or_else(|| "-".into()),
-                    r.reason.clone(),
+                    clean(r.rule.as_deref().unwrap_or("-")),
+                    clean(&r.reason),
                 ]);
             }
             crate::commands::print_table(&rows);
@@ -307,9 +308,29 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
     }
 }
 
+/// Text from the guest, safe for a terminal: control characters (escape
+/// sequences could rewrite the screen or the clipboard) become `\u{..}`.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn guest_text_cannot_drive_the_terminal() {
+        assert_eq!(printable("a.test"), "a.test");
+        assert!(!printable("x\u{1b}]52;c;aGk=\u{7}").contains('\u{1b}'));
+    }
 
     #[test]
     fn targets_split_into_host_and_port() {

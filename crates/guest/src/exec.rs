@@ -114,6 +114,10 @@ where
     let mut pty_master: Option<Arc<AsyncFd<OwnedFd>>> = None;
     if let Some(size) = req.tty {
         let pty = nix::pty::openpty(Some(&winsize(size)), None)?;
+        // openpty does not set close-on-exec: without it every process started
+        // meanwhile would inherit this session's terminal.
+        set_cloexec(pty.master.as_raw_fd())?;
+        set_cloexec(pty.slave.as_raw_fd())?;
         let slave = pty.slave;
         cmd.stdin(Stdio::from(slave.try_clone()?))
             .stdout(Stdio::from(slave.try_clone()?))
@@ -254,6 +258,8 @@ where
             }
         }
     };
+    // The pid may be reused from here on: no more signals or input for it.
+    input_task.abort();
     let drain = tokio::time::sleep(DRAIN_AFTER_EXIT);
     tokio::pin!(drain);
     while stdout.is_some() || stderr.is_some() {
@@ -366,6 +372,12 @@ fn resize(fd: RawFd, size: WinSize) {
     unsafe {
         libc::ioctl(fd, libc::TIOCSWINSZ, &ws as *const nix::pty::Winsize);
     }
+}
+
+fn set_cloexec(fd: RawFd) -> io::Result<()> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))?;
+    Ok(())
 }
 
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {

@@ -52,6 +52,11 @@ pub fn shutdown_and_power_off() -> ! {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    // Let the killed processes close their files before / goes read-only.
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline && other_processes_remain() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     nix::unistd::sync();
     for m in crate::setup::mounted_shares() {
         let _ = nix::mount::umount2(m.as_str(), nix::mount::MntFlags::MNT_DETACH);

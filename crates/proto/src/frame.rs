@@ -12,18 +12,19 @@ use crate::ProtoError;
 /// ([`crate::IO_CHUNK`]); this bounds what a hostile peer can make us buffer.
 pub const MAX_FRAME: usize = 1024 * 1024;
 
-/// Reads exactly one frame from `io`, consuming nothing after it, so the
-/// stream can carry raw bytes from there on.
-pub async fn read_one<T, R>(io: &mut R) -> Result<T, ProtoError>
+/// Reads exactly one frame of at most `max` bytes from `io`, consuming
+/// nothing after it, so the stream can carry raw bytes from there on.
+pub async fn read_one<T, R>(io: &mut R, max: usize) -> Result<T, ProtoError>
 where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
     use tokio::io::AsyncReadExt;
     let len = io.read_u32().await? as usize;
-    if len > MAX_FRAME {
+    let max = max.min(MAX_FRAME);
+    if len > max {
         return Err(ProtoError::Violation(format!(
-            "a frame of {len} bytes exceeds the limit of {MAX_FRAME}"
+            "a frame of {len} bytes exceeds the limit of {max}"
         )));
     }
     let mut buf = vec![0u8; len];
@@ -176,7 +177,10 @@ mod tests {
         tokio::io::AsyncWriteExt::write_all(&mut raw, b"raw bytes")
             .await
             .unwrap();
-        assert_eq!(read_one::<Request, _>(&mut b).await.unwrap(), Request::Ping);
+        assert_eq!(
+            read_one::<Request, _>(&mut b, 64).await.unwrap(),
+            Request::Ping
+        );
         let mut rest = [0u8; 9];
         b.read_exact(&mut rest).await.unwrap();
         assert_eq!(&rest, b"raw bytes");

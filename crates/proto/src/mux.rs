@@ -20,6 +20,9 @@ pub type MuxStream = Compat<yamux::Stream>;
 
 pub use yamux::Mode;
 
+/// Most streams open at once on one session (each may buffer 256 KiB).
+pub const MAX_STREAMS: usize = 256;
+
 /// Most inbound streams waiting to be taken before new ones are dropped.
 pub const INBOUND_BACKLOG: usize = 256;
 
@@ -59,8 +62,11 @@ pub fn session<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Bound what the peer can make this side buffer: yamux's default lets the
+    // streams of one connection hold up to 1 GiB unread.
     let mut config = yamux::Config::default();
-    config.set_max_num_streams(4096);
+    config.set_max_num_streams(MAX_STREAMS);
+    config.set_max_connection_receive_window(Some(MAX_STREAMS * 256 * 1024));
     let mut conn = yamux::Connection::new(io.compat(), config, mode);
     let (open_tx, mut open_rx) = mpsc::channel::<OpenReply>(64);
     let (in_tx, in_rx) = mpsc::channel::<MuxStream>(INBOUND_BACKLOG);
@@ -86,7 +92,7 @@ where
         match conn.poll_next_inbound(cx) {
             Poll::Ready(Some(Ok(stream))) => {
                 if in_tx.try_send(stream.compat()).is_err() {
-                    tracing::warn!("inbound stream backlog full; dropping a stream");
+                    tracing::debug!("inbound stream backlog full; dropping a stream");
                 }
             }
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(ProtoError::from(e))),

@@ -51,8 +51,13 @@ pub enum HeadError {
     Bad(String),
 }
 
-/// Could these first bytes be an HTTP/1 request line (`TOKEN SP`)?
+/// Could these first bytes be an HTTP/1 request line (`TOKEN SP`)? Leading
+/// empty lines count as HTTP too: servers skip them (RFC 9112 §2.2), so they
+/// must not turn a request into unchecked raw bytes.
 pub fn looks_like_http(first: &[u8]) -> bool {
+    if matches!(first.first(), Some(b'\r' | b'\n')) {
+        return true;
+    }
     let token_len = first
         .iter()
         .take_while(|b| b.is_ascii_uppercase() || **b == b'-' || **b == b'_')
@@ -527,6 +532,13 @@ mod tests {
         assert!(!looks_like_http(b"\x16\x03\x01"));
         assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
         assert!(!looks_like_http(b"get / HTTP/1.1"));
+        assert!(looks_like_http(b"\r\nGET / HTTP/1.1"));
+        // A request behind empty lines is still parsed, so its Host is checked.
+        match RequestHead::parse(b"\r\nGET / HTTP/1.1\r\nHost: evil.example\r\n\r\n") {
+            Ok(head) => assert!(head.all("host").any(|h| h == b"evil.example")),
+            Err(HeadError::Bad(_)) => {} // refused outright: also safe
+            Err(other) => panic!("{other:?}"),
+        }
         assert_eq!(split_authority("a.b:443", 80).unwrap(), ("a.b".into(), 443));
         assert_eq!(split_authority("a.b", 80).unwrap(), ("a.b".into(), 80));
         assert_eq!(split_authority("[::1]:8", 80).unwrap(), ("::1".into(), 8));

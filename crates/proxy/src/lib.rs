@@ -254,8 +254,10 @@ impl Proxy {
         if let Err(e) = self.inner.audit.write(&rec) {
             tracing::warn!(sandbox = %cfg.sandbox, error = %e, "egress audit record not written");
         }
+        // The audit log (rotated) is the record; this line is for debugging only,
+        // since the guest can trigger it at will.
         if rec.decision == sandpen_policy::Verdict::Deny {
-            tracing::info!(
+            tracing::debug!(
                 sandbox = %rec.sandbox, host = %rec.host, port = rec.port,
                 rule = ?rec.rule_id, reason = %rec.reason, "egress denied"
             );
@@ -659,7 +661,12 @@ impl Conn<'_> {
                             sni = s;
                             break;
                         }
-                        Hello::Malformed(_) => break, // not TLS after all: raw bytes
+                        // A record that starts like TLS but does not parse is
+                        // refused, as on the normal path: relaying it raw would
+                        // skip the SNI check.
+                        Hello::Malformed(why) => {
+                            return Err(Stop::Deny(None, format!("bad-client-hello: {why}")))
+                        }
                         Hello::Incomplete => {
                             let before = first.len();
                             read_more(&mut cr, &mut first, tls::MAX_HELLO, deadline)
@@ -735,6 +742,15 @@ impl Conn<'_> {
             .body()
             .map_err(|e| Stop::Deny(Some(400), format!("bad-request: {}", head_error(&e))))?;
         let upgrade = head.is_upgrade();
+        if upgrade {
+            // After an upgrade the bytes are relayed unframed, so later requests
+            // on the connection would escape the Host check. WebSockets over
+            // TLS (wss://) are tunneled and unaffected.
+            return Err(Stop::Deny(
+                Some(403),
+                "upgrade-refused: plain-HTTP protocol upgrades are not relayed; use TLS".into(),
+            ));
+        }
         let mut upstream = self.connect(addrs).await?;
         let out_head = head.rewrite(origin);
         let early = buf.get(head.len..).unwrap_or_default();

@@ -18,6 +18,8 @@ use crate::SupervisorError;
 
 /// How long a guest stream may take to name its destination.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest `EgressOpen` frame accepted (a host name is at most 253 bytes).
+const MAX_HEADER: usize = 1024;
 /// Guest streams that have not named their destination yet; beyond this new
 /// ones are dropped at once (the proxy's own cap applies after the header).
 const MAX_PENDING_HEADERS: usize = 256;
@@ -127,27 +129,55 @@ pub async fn serve(
         let proxy = proxy.clone();
         let watch = watch.clone();
         let Ok(permit) = pending.clone().try_acquire_owned() else {
-            tracing::warn!("{MAX_PENDING_HEADERS} guest streams are waiting to name their destination; dropping one");
+            tracing::debug!(
+                "{MAX_PENDING_HEADERS} guest streams are waiting to name their destination; dropping one"
+            );
             continue;
         };
         tokio::spawn(async move {
-            let open =
-                match tokio::time::timeout(HEADER_TIMEOUT, read_one::<EgressOpen, _>(&mut stream))
-                    .await
-                {
-                    Ok(Ok(open)) => open,
-                    Ok(Err(e)) => {
-                        tracing::warn!("a guest stream without a valid header: {e}");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!("a guest stream sent no header in {HEADER_TIMEOUT:?}");
-                        return;
-                    }
-                };
+            // What the guest sends is hostile: bounded, checked, and only logged at
+            // debug level (the guest must not be able to fill the host's disk).
+            let header = read_one::<EgressOpen, _>(&mut stream, MAX_HEADER);
+            let open = match tokio::time::timeout(HEADER_TIMEOUT, header).await {
+                Ok(Ok(open)) if plausible_host(&open.host) => open,
+                Ok(Ok(_)) => {
+                    tracing::debug!("a guest stream named an impossible host");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!("a guest stream without a valid header: {e}");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("a guest stream sent no header in {HEADER_TIMEOUT:?}");
+                    return;
+                }
+            };
             drop(permit);
             watch.refresh(&proxy);
             proxy.handle(stream, open).await;
         });
+    }
+}
+
+/// A host name or literal address as the guest may claim it: at most 253
+/// bytes of printable ASCII (the proxy parses it properly; this keeps junk out
+/// of logs and records).
+fn plausible_host(host: &str) -> bool {
+    host.len() <= 253 && host.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_from_the_guest_are_bounded_and_printable() {
+        assert!(plausible_host("api.example.com"));
+        assert!(plausible_host("203.0.113.7"));
+        assert!(plausible_host(""));
+        assert!(!plausible_host(&"a".repeat(254)));
+        assert!(!plausible_host("evil\u{1b}]52;c;aGk=\u{7}"));
+        assert!(!plausible_host("two words"));
     }
 }

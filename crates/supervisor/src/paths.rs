@@ -79,6 +79,9 @@ impl SandboxPaths {
     pub fn channel_socket(&self) -> PathBuf {
         self.run().join("channel.sock")
     }
+    pub fn console_socket(&self) -> PathBuf {
+        self.run().join("console.sock")
+    }
     pub fn qmp_socket(&self) -> PathBuf {
         self.run().join("qmp.sock")
     }

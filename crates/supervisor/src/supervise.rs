@@ -148,6 +148,8 @@ fn rotate(log: &std::path::Path) {
 
 struct Vm {
     config: SandboxConfig,
+    /// Fires when the guest channel ends (the guest can kill it).
+    channel_closed: tokio::sync::oneshot::Receiver<()>,
     qemu: Child,
     shares: Vec<RunningShare>,
     mux: MuxHandle,
@@ -193,7 +195,7 @@ async fn boot(
         disk: paths.disk(),
         channel_socket: paths.channel_socket(),
         qmp_socket: paths.qmp_socket(),
-        console_log: paths.console_log(),
+        console: sandpen_vm::Console::Socket(paths.console_socket()),
         shares: shares
             .iter()
             .map(|s| sandpen_vm::FsShare {
@@ -243,6 +245,8 @@ async fn boot(
         ))
     };
 
+    tokio::spawn(pump_console(paths.console_socket(), paths.console_log()));
+
     // The channel socket appears once QEMU has parsed its arguments.
     let mut channel = loop {
         if let Ok(Some(status)) = qemu.try_wait() {
@@ -280,10 +284,12 @@ async fn boot(
         paths.clone(),
         config.clone(),
     ));
+    let (channel_closed_tx, channel_closed) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
         if let Err(e) = driver.await {
             tracing::warn!("guest channel ended: {e}");
         }
+        let _ = channel_closed_tx.send(());
     });
 
     let setup = GuestSetup {
@@ -336,6 +342,7 @@ async fn boot(
     };
     Ok(Vm {
         config: config.clone(),
+        channel_closed,
         qemu,
         shares,
         mux: handle,
@@ -358,6 +365,47 @@ fn guest_env(name: &str) -> Vec<(String, String)> {
         env.push((key.to_string(), no_proxy.clone()));
     }
     env
+}
+
+/// Copies the guest's serial console into `logs/console.log`, starting a new
+/// file (and keeping one old one) past [`CONSOLE_LOG_MAX`]: the guest can write
+/// to its console without end, and must not fill the host's disk.
+async fn pump_console(socket: std::path::PathBuf, log: std::path::PathBuf) {
+    use tokio::io::AsyncReadExt;
+    let mut conn = None;
+    for _ in 0..2000 {
+        match UnixStream::connect(&socket).await {
+            Ok(c) => {
+                conn = Some(c);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    let Some(mut conn) = conn else {
+        tracing::warn!("no console socket at {}", socket.display());
+        return;
+    };
+    let open = |log: &std::path::Path| OpenOptions::new().create(true).append(true).open(log);
+    let Ok(mut file) = open(&log) else { return };
+    let mut written = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if written + n as u64 > CONSOLE_LOG_MAX {
+            let _ = std::fs::rename(&log, log.with_extension("log.1"));
+            let Ok(f) = open(&log) else { return };
+            file = f;
+            written = 0;
+        }
+        if file.write_all(&buf[..n]).is_err() {
+            return;
+        }
+        written += n as u64;
+    }
 }
 
 async fn send_setup(handle: &MuxHandle, setup: GuestSetup) -> Result<SetupReply, SupervisorError> {
@@ -389,7 +437,16 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
                     Err(e) => Err(SupervisorError::io("waiting for QEMU", e)),
                 };
             }
+            _ = &mut vm.channel_closed => {
+                tracing::warn!("the guest channel closed; stopping the VM");
+                end_qemu(&mut vm, paths).await;
+                break Ok(());
+            }
             conn = vm.listener.accept() => {
+                if conn.is_err() {
+                    // Out of descriptors, say: do not spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 if let Ok((conn, _)) = conn {
                     let mux = vm.mux.clone();
                     let stop_tx = stop_tx.clone();
@@ -442,9 +499,17 @@ async fn shutdown(vm: &mut Vm, paths: &SandboxPaths) {
         return;
     }
     tracing::warn!("the guest did not power off in {SHUTDOWN_GRACE:?}; telling QEMU to quit");
-    if let Ok(mut qmp) = sandpen_vm::qmp::Qmp::connect(&paths.qmp_socket()).await {
-        let _ = qmp.execute("quit", None).await;
-    }
+    end_qemu(vm, paths).await;
+}
+
+/// QMP `quit`, then SIGKILL if QEMU does not go within seconds.
+async fn end_qemu(vm: &mut Vm, paths: &SandboxPaths) {
+    let quit = async {
+        if let Ok(mut qmp) = sandpen_vm::qmp::Qmp::connect(&paths.qmp_socket()).await {
+            let _ = qmp.execute("quit", None).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), quit).await;
     if tokio::time::timeout(Duration::from_secs(5), vm.qemu.wait())
         .await
         .is_err()
@@ -455,10 +520,15 @@ async fn shutdown(vm: &mut Vm, paths: &SandboxPaths) {
 }
 
 async fn ping_guest(mux: &MuxHandle) -> Result<sandpen_proto::Pong, SupervisorError> {
-    let stream = mux.open().await?;
-    let mut frames = FrameStream::new(stream);
-    frames.send(&Request::Ping).await?;
-    Ok(frames.expect::<sandpen_proto::Pong>("the pong").await?)
+    let ping = async {
+        let stream = mux.open().await?;
+        let mut frames = FrameStream::new(stream);
+        frames.send(&Request::Ping).await?;
+        Ok(frames.expect::<sandpen_proto::Pong>("the pong").await?)
+    };
+    tokio::time::timeout(Duration::from_secs(10), ping)
+        .await
+        .map_err(|_| SupervisorError::Boot("no answer within 10 s".into()))?
 }
 
 async fn handle_control(

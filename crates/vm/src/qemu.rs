@@ -9,6 +9,16 @@ use crate::Accel;
 /// spawning, no resource-control calls.
 pub const SECCOMP: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
+/// Where the serial console goes.
+#[derive(Debug, Clone)]
+pub enum Console {
+    /// Appended to a file by QEMU (unbounded: only for short-lived VMs).
+    File(PathBuf),
+    /// A unix socket QEMU listens on; the supervisor copies it into a log it
+    /// caps, since the guest can write to its console without end.
+    Socket(PathBuf),
+}
+
 /// TCG translation-cache size (MiB), for the software-emulation path only.
 /// QEMU's default grows to hundreds of MiB per VM; 16 MiB made the guest
 /// retranslate constantly (process starts took twice as long); 32 MiB costs
@@ -33,7 +43,7 @@ pub struct VmConfig {
     pub disk: PathBuf,
     pub channel_socket: PathBuf,
     pub qmp_socket: PathBuf,
-    pub console_log: PathBuf,
+    pub console: Console,
     pub shares: Vec<FsShare>,
     /// Extra kernel command-line words (benchmarks use `sandpen.bare`).
     pub extra_cmdline: Vec<String>,
@@ -109,10 +119,15 @@ impl VmConfig {
             push(s);
         }
         push("-chardev");
-        push(&format!(
-            "file,id=console,path={},append=on",
-            self.console_log.display()
-        ));
+        push(&match &self.console {
+            Console::File(path) => format!("file,id=console,path={},append=on", path.display()),
+            Console::Socket(path) => {
+                format!(
+                    "socket,id=console,path={},server=on,wait=off",
+                    path.display()
+                )
+            }
+        });
         push("-serial");
         push("chardev:console");
         push("-kernel");
@@ -193,7 +208,7 @@ mod tests {
             disk: "/s/disk.qcow2".into(),
             channel_socket: "/s/run/channel.sock".into(),
             qmp_socket: "/s/run/qmp.sock".into(),
-            console_log: "/s/logs/console.log".into(),
+            console: Console::Socket("/s/run/console.sock".into()),
             shares: vec![FsShare {
                 tag: "workspace".into(),
                 socket: "/s/run/fs0.sock".into(),

@@ -417,6 +417,128 @@ sys.stdout.write("\nEXIT=%d\n" % os.waitstatus_to_exitcode(status))
     check(s.contains("EXIT=3"), format!("exit status not passed: {s}"))
 }
 
+/// An ordinary host user (not root): the guest user takes its uid, and what the
+/// guest writes belongs to it on the host. Runs when the tests run as root,
+/// which can make such a user.
+fn ordinary_host_user_owns_guest_files() -> Result<(), Failed> {
+    if nix_uid() != 0 {
+        // Not root: the suite itself already runs as an ordinary user.
+        return Ok(());
+    }
+    let user = "sandpen-e2e";
+    if !Command::new("id").arg(user).output()?.status.success() {
+        let out = Command::new("useradd").args(["-m", user]).output()?;
+        check(
+            out.status.success(),
+            format!("useradd: {}", text(&out.stderr)),
+        )?;
+    }
+    let uid: u32 = text(&Command::new("id").args(["-u", user]).output()?.stdout)
+        .trim()
+        .parse()?;
+    let e = env();
+    // Everything the user runs must be readable by it (root's home is not).
+    let home = tempfile::Builder::new().prefix("sandpen-user-").tempdir()?;
+    let tools = home.path().join("bin");
+    std::fs::create_dir(&tools)?;
+    let copy = |from: &Path, name: &str| -> Result<PathBuf, Failed> {
+        let to = tools.join(name);
+        std::fs::copy(from, &to)?;
+        Ok(to)
+    };
+    let bin = copy(&e.bin, "sandpen")?;
+    let guest_bin = copy(&sandpen_guest_binary()?, "sandpen-guest")?;
+    // A guest binary other than the one the (root-owned) image's initramfs was
+    // made from: the user cannot rewrite that, and gets a private one.
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&guest_bin)?
+        .write_all(b"\0")?;
+    let virtiofsd = copy(
+        &which("virtiofsd").ok_or("virtiofsd not found")?,
+        "virtiofsd",
+    )?;
+    let ws = home.path().join("work");
+    std::fs::create_dir(&ws)?;
+    Command::new("chown")
+        .args(["-R", &format!("{user}:"), home.path().to_str().unwrap()])
+        .status()?;
+    Command::new("chmod")
+        .args(["755", home.path().to_str().unwrap()])
+        .status()?;
+    let out = Command::new("runuser")
+        .args(["-u", user, "--"])
+        .arg(&bin)
+        .args([
+            "run",
+            "--cpus",
+            "1",
+            "--memory",
+            "512M",
+            "--",
+            "sh",
+            "-c",
+            "id -u; echo hi > from-guest",
+        ])
+        .current_dir(&ws)
+        .env("XDG_STATE_HOME", home.path().join("state"))
+        .env("XDG_CONFIG_HOME", home.path().join("config"))
+        .env("XDG_CACHE_HOME", home.path().join("cache"))
+        .env("XDG_DATA_HOME", &e.data)
+        .env("SANDPEN_GUEST_BIN", &guest_bin)
+        .env("SANDPEN_VIRTIOFSD", &virtiofsd)
+        .stdin(Stdio::null())
+        .output()?;
+    let _ = Command::new("runuser")
+        .args(["-u", user, "--"])
+        .arg(&bin)
+        .args(["rm", "-f", "work"])
+        .env("XDG_STATE_HOME", home.path().join("state"))
+        .env("XDG_DATA_HOME", &e.data)
+        .output();
+    check(
+        out.status.success(),
+        format!("run as {user}: {}{}", text(&out.stdout), text(&out.stderr)),
+    )?;
+    check(
+        text(&out.stdout).trim() == uid.to_string(),
+        format!("guest uid {:?}, host uid {uid}", text(&out.stdout)),
+    )?;
+    let meta = std::fs::metadata(ws.join("from-guest"))?;
+    check(
+        meta.uid() == uid,
+        format!("owned by {} on the host, want {uid}", meta.uid()),
+    )
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|h| PathBuf::from(h).join(".cargo/bin").join(name))
+                .filter(|p| p.is_file())
+        })
+}
+
+fn sandpen_guest_binary() -> Result<PathBuf, Failed> {
+    if let Some(p) = std::env::var_os("SANDPEN_GUEST_BIN") {
+        return Ok(p.into());
+    }
+    let exe = env().bin.clone();
+    let target = exe.parent().and_then(Path::parent).ok_or("no target dir")?;
+    let p = target.join("x86_64-unknown-linux-gnu/release/sandpen-guest");
+    check(
+        p.is_file(),
+        format!("{} missing: run scripts/build", p.display()),
+    )?;
+    Ok(p)
+}
+
 // ---- lifecycle ----
 
 fn stop_then_start_keeps_the_disk() -> Result<(), Failed> {
@@ -561,6 +683,10 @@ fn main() {
         ),
         ("exit_codes_follow_the_shell", exit_codes_follow_the_shell),
         ("tty_and_ctrl_c", tty_and_ctrl_c),
+        (
+            "ordinary_host_user_owns_guest_files",
+            ordinary_host_user_owns_guest_files,
+        ),
         (
             "stop_then_start_keeps_the_disk",
             stop_then_start_keeps_the_disk,

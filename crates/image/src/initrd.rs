@@ -62,6 +62,11 @@ impl Image {
         }
 
         check_static(guest_binary)?;
+        if !dir_writable(&self.dir) {
+            // A shared image (built by root, say) that this user cannot update:
+            // keep a private initramfs for this guest binary instead.
+            return self.user_initrd(guest_binary, &guest_sha256, &module_paths);
+        }
         let size = write_initrd(&initrd, guest_binary, &module_paths)
             .map_err(|e| hint_permission(e, &self.dir))?;
         let record = InitrdRecord {
@@ -79,6 +84,38 @@ impl Image {
         fsutil::atomic_write(&record_path, &bytes).map_err(|e| hint_permission(e, &self.dir))?;
         Ok(initrd)
     }
+}
+
+impl Image {
+    /// `$XDG_CACHE_HOME/sandpen/initrd/NAME-KEY-GUEST.img`: content-addressed by
+    /// the image key and the guest binary's hash, so it never needs a record.
+    fn user_initrd(
+        &self,
+        guest_binary: &Path,
+        guest_sha256: &str,
+        modules: &[PathBuf],
+    ) -> Result<PathBuf, ImageError> {
+        let cache = std::env::var_os("XDG_CACHE_HOME")
+            .filter(|v| Path::new(v).is_absolute())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir)
+            .join("sandpen/initrd");
+        let key: String = self.manifest.key.chars().take(16).collect();
+        let guest: String = guest_sha256.chars().take(16).collect();
+        let path = cache.join(format!("{}-{key}-{guest}.img", self.name));
+        if path.is_file() {
+            return Ok(path);
+        }
+        fs::create_dir_all(&cache).ctx(|| format!("creating {}", cache.display()))?;
+        write_initrd(&path, guest_binary, modules)?;
+        Ok(path)
+    }
+}
+
+/// Whether this process may create files in `dir`.
+fn dir_writable(dir: &Path) -> bool {
+    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
 fn read_record(path: &Path) -> Option<InitrdRecord> {

@@ -206,12 +206,21 @@ async fn start(dirs: &Dirs, name: &str) -> Result<()> {
 async fn stop(dirs: &Dirs, name: &str, timeout: Duration) -> Result<()> {
     sandbox::load(dirs, name)?;
     let paths = dirs.sandbox(name);
-    match control::state(&paths).await {
-        State::Stopped => Ok(()),
-        State::Running(_) => Ok(control::stop(&paths, timeout).await?),
-        State::Starting | State::Unresponsive => {
-            control::kill_supervisor(&paths);
-            Ok(())
+    // A sandbox that is booting, or busy shutting down after another stop, does
+    // not answer yet: give it the timeout before forcing it off, so that a
+    // second `stop` never kills a guest in the middle of flushing its disk.
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match control::state(&paths).await {
+            State::Stopped => return Ok(()),
+            State::Running(_) => return Ok(control::stop(&paths, timeout).await?),
+            State::Starting | State::Unresponsive if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            State::Starting | State::Unresponsive => {
+                control::kill_supervisor(&paths);
+                return Ok(());
+            }
         }
     }
 }

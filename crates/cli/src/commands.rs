@@ -165,7 +165,56 @@ async fn create_sandbox(
 ) -> Result<SandboxConfig> {
     let opts = create_options(ws, args, agent)?;
     let image = ensure_image(dirs, &opts.image)?;
-    Ok(sandbox::create(dirs, &opts, &image.rootfs())?)
+    let config = sandbox::create(dirs, &opts, &image.rootfs())?;
+    first_run_policy(dirs)?;
+    Ok(config)
+}
+
+/// On the first sandbox, with no network policy yet: ask which preset to start
+/// from (at a terminal), or say how the sandbox's network stands.
+fn first_run_policy(dirs: &Dirs) -> Result<()> {
+    use sandpen_policy::{PolicyFile, Preset, Scope};
+    let path = dirs.config.join("policy.toml");
+    if path.exists() {
+        return Ok(());
+    }
+    if !(std::io::stdin().is_terminal() && std::io::stderr().is_terminal()) {
+        eprintln!(
+            "sandpen: note: there is no network policy yet, so sandboxes reach nothing; \
+             `sandpen policy init balanced` allows the model APIs, package registries and git hosts"
+        );
+        return Ok(());
+    }
+    eprint!(
+        "No network policy yet. What may sandboxes reach?\n  \
+         1) balanced: the agents' model APIs, package registries, GitHub and GitLab (recommended)\n  \
+         2) deny-all: nothing until you allow it\n  \
+         3) allow-all: everything but local and private addresses\n\
+         Choose [1]: "
+    );
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .context("reading the answer")?;
+    let preset = match answer.trim() {
+        "" | "1" | "balanced" => Preset::Balanced,
+        "2" | "deny-all" => Preset::DenyAll,
+        "3" | "allow-all" => Preset::AllowAll,
+        other => bail!(
+            "unknown choice {other:?}; run `sandpen policy init balanced|deny-all|allow-all`"
+        ),
+    };
+    std::fs::create_dir_all(&dirs.config)
+        .with_context(|| format!("creating {}", dirs.config.display()))?;
+    let mut file = PolicyFile::load(&path, Scope::Global)?;
+    file.init_preset(preset)?;
+    file.save()?;
+    eprintln!(
+        "sandpen: network policy {} saved in {}; change it with `sandpen policy`",
+        preset.as_str(),
+        path.display()
+    );
+    Ok(())
 }
 
 /// Loads an image, building the default one on first use.

@@ -555,7 +555,14 @@ fn stop_then_start_keeps_the_disk() -> Result<(), Failed> {
         ]),
         "write marker",
     )?;
+    // Two stops at once: the second waits for the first instead of forcing
+    // the VM off mid-shutdown.
+    let second = cmd(&["stop", NAME]).spawn()?;
     expect_ok(&sandpen(&["stop", NAME]), "stop")?;
+    check(
+        second.wait_with_output()?.status.success(),
+        "the second stop failed",
+    )?;
     check(status_of(NAME)? == "stopped", "not stopped after stop")?;
     expect_ok(&sandpen(&["start", NAME]), "start")?;
     let out = expect_ok(

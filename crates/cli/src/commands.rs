@@ -200,9 +200,9 @@ fn first_run_policy(dirs: &Dirs) -> Result<()> {
         "" | "1" | "balanced" => Preset::Balanced,
         "2" | "deny-all" => Preset::DenyAll,
         "3" | "allow-all" => Preset::AllowAll,
-        other => bail!(
-            "unknown choice {other:?}; run `sandpen policy init balanced|deny-all|allow-all`"
-        ),
+        other => {
+            bail!("unknown choice {other:?}; run `sandpen policy init balanced|deny-all|allow-all`")
+        }
     };
     std::fs::create_dir_all(&dirs.config)
         .with_context(|| format!("creating {}", dirs.config.display()))?;
@@ -263,10 +263,12 @@ async fn stop(dirs: &Dirs, name: &str, timeout: Duration) -> Result<()> {
         match control::state(&paths).await {
             State::Stopped => return Ok(()),
             State::Running(_) => return Ok(control::stop(&paths, timeout).await?),
-            State::Starting | State::Unresponsive if std::time::Instant::now() < deadline => {
+            State::Starting | State::Stopping | State::Unresponsive
+                if std::time::Instant::now() < deadline =>
+            {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            State::Starting | State::Unresponsive => {
+            State::Starting | State::Stopping | State::Unresponsive => {
                 control::kill_supervisor(&paths);
                 return Ok(());
             }

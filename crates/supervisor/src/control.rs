@@ -47,6 +47,8 @@ pub struct RuntimeStatus {
     /// From starting QEMU to the guest answering the handshake, and to setup done.
     pub channel_ms: u64,
     pub ready_ms: u64,
+    /// A stop is under way.
+    pub stopping: bool,
 }
 
 /// What `ls` shows.
@@ -56,6 +58,8 @@ pub enum State {
     /// A supervisor holds the lock but does not answer yet (booting).
     Starting,
     Running(RuntimeStatus),
+    /// The guest is shutting down.
+    Stopping,
     /// A supervisor holds the lock but did not answer in time.
     Unresponsive,
 }
@@ -66,6 +70,7 @@ impl State {
             State::Stopped => "stopped",
             State::Starting => "starting",
             State::Running(_) => "running",
+            State::Stopping => "stopping",
             State::Unresponsive => "unresponsive",
         }
     }
@@ -120,6 +125,7 @@ pub async fn state(paths: &SandboxPaths) -> State {
     )
     .await
     {
+        Ok(Ok((_, ControlReply::Status(s)))) if s.stopping => State::Stopping,
         Ok(Ok((_, ControlReply::Status(s)))) => State::Running(s),
         Ok(_) if !supervisor_alive(paths) => State::Stopped,
         Ok(Err(_)) => State::Starting,

@@ -13,8 +13,20 @@ use crate::SupervisorError;
 pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
     let _config = crate::sandbox::load(dirs, name)?;
     let paths = dirs.sandbox(name);
-    match control::state(&paths).await {
+    // A sandbox still shutting down is waited for, then started again.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut state = control::state(&paths).await;
+    while state == State::Stopping && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        state = control::state(&paths).await;
+    }
+    match state {
         State::Running(_) => return Ok(false),
+        State::Stopping => {
+            return Err(SupervisorError::Invalid(format!(
+                "sandbox {name} is still stopping; try again when `sandpen ls` says stopped"
+            )))
+        }
         State::Starting => {
             return Err(SupervisorError::Invalid(format!(
                 "sandbox {name} is starting already"

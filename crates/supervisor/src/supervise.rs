@@ -10,6 +10,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -154,7 +155,7 @@ struct Vm {
     shares: Vec<RunningShare>,
     mux: MuxHandle,
     status: RuntimeStatus,
-    listener: UnixListener,
+    listener: Option<UnixListener>,
 }
 
 async fn boot(
@@ -339,6 +340,7 @@ async fn boot(
         kernel_release,
         channel_ms,
         ready_ms,
+        stopping: false,
     };
     Ok(Vm {
         config: config.clone(),
@@ -347,7 +349,7 @@ async fn boot(
         shares,
         mux: handle,
         status,
-        listener,
+        listener: Some(listener),
     })
 }
 
@@ -422,56 +424,76 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
     let mut sigint =
         signal(SignalKind::interrupt()).map_err(|e| SupervisorError::io("watching SIGINT", e))?;
     let status = Arc::new(vm.status.clone());
-    let exit = loop {
-        tokio::select! {
-            st = vm.qemu.wait() => {
-                break match st {
-                    Ok(s) if s.success() => {
-                        tracing::info!("the guest powered off");
-                        Ok(())
-                    }
-                    Ok(s) => {
-                        tracing::warn!("QEMU exited: {s}");
-                        Err(SupervisorError::Boot(format!("QEMU exited: {s}")))
-                    }
-                    Err(e) => Err(SupervisorError::io("waiting for QEMU", e)),
-                };
-            }
-            _ = &mut vm.channel_closed => {
-                tracing::warn!("the guest channel closed; stopping the VM");
-                end_qemu(&mut vm, paths).await;
-                break Ok(());
-            }
-            conn = vm.listener.accept() => {
-                if conn.is_err() {
+    let stopping = Arc::new(AtomicBool::new(false));
+    // Control connections are served by their own task, so that status keeps
+    // being answered ("stopping") while the guest shuts down.
+    let accept_task = vm.listener.take().map(|listener| {
+        let (mux, stop_tx, status, stopping) = (
+            vm.mux.clone(),
+            stop_tx.clone(),
+            status.clone(),
+            stopping.clone(),
+        );
+        tokio::spawn(async move {
+            loop {
+                let Ok((conn, _)) = listener.accept().await else {
                     // Out of descriptors, say: do not spin.
                     tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let (mux, stop_tx, status, stopping) = (
+                    mux.clone(),
+                    stop_tx.clone(),
+                    status.clone(),
+                    stopping.clone(),
+                );
+                tokio::spawn(async move {
+                    if let Err(e) = handle_control(conn, mux, stop_tx, status, stopping).await {
+                        tracing::debug!("control connection: {e}");
+                    }
+                });
+            }
+        })
+    });
+    let exit = tokio::select! {
+        st = vm.qemu.wait() => {
+            match st {
+                Ok(s) if s.success() => {
+                    tracing::info!("the guest powered off");
+                    Ok(())
                 }
-                if let Ok((conn, _)) = conn {
-                    let mux = vm.mux.clone();
-                    let stop_tx = stop_tx.clone();
-                    let status = status.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = handle_control(conn, mux, stop_tx, status).await {
-                            tracing::debug!("control connection: {e}");
-                        }
-                    });
+                Ok(s) => {
+                    tracing::warn!("QEMU exited: {s}");
+                    Err(SupervisorError::Boot(format!("QEMU exited: {s}")))
                 }
-            }
-            _ = stop_rx.recv() => {
-                shutdown(&mut vm, paths).await;
-                break Ok(());
-            }
-            _ = sigterm.recv() => {
-                shutdown(&mut vm, paths).await;
-                break Ok(());
-            }
-            _ = sigint.recv() => {
-                shutdown(&mut vm, paths).await;
-                break Ok(());
+                Err(e) => Err(SupervisorError::io("waiting for QEMU", e)),
             }
         }
+        _ = &mut vm.channel_closed => {
+            tracing::warn!("the guest channel closed; stopping the VM");
+            stopping.store(true, Ordering::Relaxed);
+            end_qemu(&mut vm, paths).await;
+            Ok(())
+        }
+        _ = stop_rx.recv() => {
+            stopping.store(true, Ordering::Relaxed);
+            shutdown(&mut vm, paths).await;
+            Ok(())
+        }
+        _ = sigterm.recv() => {
+            stopping.store(true, Ordering::Relaxed);
+            shutdown(&mut vm, paths).await;
+            Ok(())
+        }
+        _ = sigint.recv() => {
+            stopping.store(true, Ordering::Relaxed);
+            shutdown(&mut vm, paths).await;
+            Ok(())
+        }
     };
+    if let Some(task) = accept_task {
+        task.abort();
+    }
     for share in &mut vm.shares {
         let _ = share.child.start_kill();
         let _ = share.child.wait().await;
@@ -536,6 +558,7 @@ async fn handle_control(
     mux: MuxHandle,
     stop_tx: mpsc::Sender<()>,
     status: Arc<RuntimeStatus>,
+    stopping: Arc<AtomicBool>,
 ) -> Result<(), SupervisorError> {
     let mut frames = FrameStream::new(conn);
     let Some(request) = frames.recv::<ControlRequest>().await? else {
@@ -543,9 +566,9 @@ async fn handle_control(
     };
     match request {
         ControlRequest::Status => {
-            frames
-                .send(&ControlReply::Status((*status).clone()))
-                .await?;
+            let mut status = (*status).clone();
+            status.stopping = stopping.load(Ordering::Relaxed);
+            frames.send(&ControlReply::Status(status)).await?;
         }
         ControlRequest::Ping => {
             let reply = match ping_guest(&mux).await {

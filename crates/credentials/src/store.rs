@@ -1,0 +1,559 @@
+//! The secret store: one JSON file, mode 0600, rewritten atomically.
+//!
+//! The caller passes the path (`$XDG_CONFIG_HOME/sandpen/secrets`). Each call
+//! reads the file afresh, so separate `sandpen` processes see each other's
+//! changes. Values are held in [`SecretValue`], whose `Debug` prints `***`;
+//! no error of this module contains a value.
+
+use std::fmt;
+use std::fs::{DirBuilder, File};
+use std::io::{self, Read};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::fsutil::{mode_of, write_atomic};
+
+const FORMAT_VERSION: u32 = 1;
+
+/// A secret value. `Debug` prints `***`; there is no `Display`. The memory
+/// is zeroed on drop.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretValue(Zeroizing<String>);
+
+impl SecretValue {
+    /// Wraps a value.
+    pub fn new(value: impl Into<String>) -> Self {
+        SecretValue(Zeroizing::new(value.into()))
+    }
+
+    /// The value itself, for the one place that needs it (the proxy's swap).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for SecretValue {
+    fn from(value: String) -> Self {
+        SecretValue::new(value)
+    }
+}
+
+impl fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// Where a secret applies: every sandbox, or one sandbox by name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Every sandbox.
+    Global,
+    /// One sandbox, by name.
+    Sandbox(String),
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::Global => f.write_str("global"),
+            Scope::Sandbox(name) => f.write_str(name),
+        }
+    }
+}
+
+/// A listed entry: everything but the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryInfo {
+    pub service: String,
+    pub scope: Scope,
+    pub set_at: OffsetDateTime,
+}
+
+/// A secret found by [`FileStore::get`], with the scope it came from (for
+/// the audit line `credential: anthropic (global)`).
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub scope: Scope,
+    pub value: SecretValue,
+    pub set_at: OffsetDateTime,
+}
+
+/// Errors of the store. None contains a secret value.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot {op} secret store {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "refusing to read secret store {}: its mode is {mode:04o}, readable or writable by group or others; run `chmod 600 {}`",
+        path.display(), path.display()
+    )]
+    InsecurePermissions { path: PathBuf, mode: u32 },
+    #[error("secret store {} is not a regular file", path.display())]
+    NotAFile { path: PathBuf },
+    #[error("secret store {} is corrupt (JSON error at line {line}, column {column})", path.display())]
+    Corrupt {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+    },
+    #[error("secret store {} has format version {version}; this sandpen reads version {FORMAT_VERSION}", path.display())]
+    UnsupportedVersion { path: PathBuf, version: u32 },
+    #[error("invalid service name {0:?}: use 1-64 letters, digits, '-', '_' or '.'")]
+    InvalidService(String),
+    #[error("invalid sandbox scope {0:?}")]
+    InvalidScope(String),
+    #[error("the secret for {service} is {reason}")]
+    InvalidValue {
+        service: String,
+        reason: &'static str,
+    },
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileDoc<V> {
+    version: u32,
+    secrets: Vec<FileEntry<V>>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileEntry<V> {
+    service: String,
+    scope: Scope,
+    value: V,
+    #[serde(with = "time::serde::rfc3339")]
+    set_at: OffsetDateTime,
+}
+
+struct Entry {
+    service: String,
+    scope: Scope,
+    value: SecretValue,
+    set_at: OffsetDateTime,
+}
+
+/// The file-backed secret store.
+#[derive(Debug, Clone)]
+pub struct FileStore {
+    path: PathBuf,
+}
+
+impl FileStore {
+    /// A store at `path`. Nothing is read or created until used.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        FileStore { path: path.into() }
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Sets `service`'s secret in `scope`, replacing any value there.
+    pub fn set(&self, service: &str, scope: Scope, value: SecretValue) -> Result<(), StoreError> {
+        check_service(service)?;
+        check_scope(&scope)?;
+        let v = value.expose();
+        if v.is_empty() {
+            return Err(invalid_value(service, "empty"));
+        }
+        if v.bytes().any(|b| b.is_ascii_control()) {
+            return Err(invalid_value(
+                service,
+                "not allowed to contain control characters or newlines",
+            ));
+        }
+        let mut entries = self.load()?;
+        entries.retain(|e| !(e.service == service && e.scope == scope));
+        entries.push(Entry {
+            service: service.to_string(),
+            scope,
+            value,
+            set_at: OffsetDateTime::now_utc(),
+        });
+        self.save(&entries)
+    }
+
+    /// `service`'s secret for `sandbox`: the sandbox's own entry first, then
+    /// the global one. With `sandbox` `None`, only the global entry.
+    pub fn get(&self, service: &str, sandbox: Option<&str>) -> Result<Option<Found>, StoreError> {
+        let entries = self.load()?;
+        let pick = |scope: &Scope| {
+            entries
+                .iter()
+                .find(|e| e.service == service && e.scope == *scope)
+                .map(|e| Found {
+                    scope: e.scope.clone(),
+                    value: e.value.clone(),
+                    set_at: e.set_at,
+                })
+        };
+        if let Some(name) = sandbox {
+            if let Some(found) = pick(&Scope::Sandbox(name.to_string())) {
+                return Ok(Some(found));
+            }
+        }
+        Ok(pick(&Scope::Global))
+    }
+
+    /// Every entry, without values, sorted by service then scope.
+    pub fn list(&self) -> Result<Vec<EntryInfo>, StoreError> {
+        let mut out: Vec<EntryInfo> = self
+            .load()?
+            .into_iter()
+            .map(|e| EntryInfo {
+                service: e.service,
+                scope: e.scope,
+                set_at: e.set_at,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.service, &a.scope).cmp(&(&b.service, &b.scope)));
+        Ok(out)
+    }
+
+    /// Removes `service`'s secret in `scope`; `false` if there was none.
+    pub fn remove(&self, service: &str, scope: &Scope) -> Result<bool, StoreError> {
+        let mut entries = self.load()?;
+        let before = entries.len();
+        entries.retain(|e| !(e.service == service && e.scope == *scope));
+        if entries.len() == before {
+            return Ok(false);
+        }
+        self.save(&entries)?;
+        Ok(true)
+    }
+
+    fn io(&self, op: &'static str) -> impl FnOnce(io::Error) -> StoreError + '_ {
+        move |source| StoreError::Io {
+            op,
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn load(&self) -> Result<Vec<Entry>, StoreError> {
+        let mut file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io("open")(e)),
+        };
+        // Checked on the open file, so a swap between check and read is moot.
+        let meta = file.metadata().map_err(self.io("stat"))?;
+        if !meta.is_file() {
+            return Err(StoreError::NotAFile {
+                path: self.path.clone(),
+            });
+        }
+        let mode = mode_of(&file).map_err(self.io("stat"))?;
+        if mode & 0o077 != 0 {
+            return Err(StoreError::InsecurePermissions {
+                path: self.path.clone(),
+                mode,
+            });
+        }
+        let mut buf = Zeroizing::new(Vec::new());
+        file.read_to_end(&mut buf).map_err(self.io("read"))?;
+        // serde_json's messages can quote input, so keep only the position.
+        let doc: FileDoc<String> =
+            serde_json::from_slice(&buf).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                line: e.line(),
+                column: e.column(),
+            })?;
+        if doc.version != FORMAT_VERSION {
+            return Err(StoreError::UnsupportedVersion {
+                path: self.path.clone(),
+                version: doc.version,
+            });
+        }
+        Ok(doc
+            .secrets
+            .into_iter()
+            .map(|e| Entry {
+                service: e.service,
+                scope: e.scope,
+                value: SecretValue::new(e.value),
+                set_at: e.set_at,
+            })
+            .collect())
+    }
+
+    fn save(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(self.io("create the folder of"))?;
+        }
+        let doc = FileDoc {
+            version: FORMAT_VERSION,
+            secrets: entries
+                .iter()
+                .map(|e| FileEntry {
+                    service: e.service.clone(),
+                    scope: e.scope.clone(),
+                    value: e.value.expose(),
+                    set_at: e.set_at,
+                })
+                .collect(),
+        };
+        let bytes =
+            Zeroizing::new(serde_json::to_vec_pretty(&doc).map_err(|e| StoreError::Io {
+                op: "encode",
+                path: self.path.clone(),
+                source: io::Error::other(e.to_string()),
+            })?);
+        write_atomic(&self.path, &bytes, 0o600).map_err(self.io("write"))
+    }
+}
+
+fn invalid_value(service: &str, reason: &'static str) -> StoreError {
+    StoreError::InvalidValue {
+        service: service.to_string(),
+        reason,
+    }
+}
+
+fn check_service(service: &str) -> Result<(), StoreError> {
+    let ok = !service.is_empty()
+        && service.len() <= 64
+        && service
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidService(service.to_string()))
+    }
+}
+
+fn check_scope(scope: &Scope) -> Result<(), StoreError> {
+    match scope {
+        Scope::Global => Ok(()),
+        Scope::Sandbox(name) => {
+            if name.is_empty()
+                || name.len() > 128
+                || name.chars().any(|c| c.is_control() || c == '/')
+            {
+                Err(StoreError::InvalidScope(name.clone()))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    const SECRET: &str = "sk-ant-VERY-SECRET-value-42";
+
+    fn store(dir: &tempfile::TempDir) -> FileStore {
+        FileStore::new(dir.path().join("sandpen").join("secrets"))
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn missing_file_is_empty_and_not_created_by_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir);
+        assert!(s.list().expect("list").is_empty());
+        assert!(s.get("anthropic", Some("box")).expect("get").is_none());
+        assert!(!s.remove("anthropic", &Scope::Global).expect("remove"));
+        assert!(!s.path().exists());
+    }
+
+    #[test]
+    fn created_0600_in_0700_folder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir);
+        s.set("anthropic", Scope::Global, SecretValue::new(SECRET))
+            .expect("set");
+        assert_eq!(mode(s.path()), 0o600);
+        assert_eq!(mode(s.path().parent().expect("parent")), 0o700);
+    }
+
+    #[test]
+    fn refuses_group_or_other_readable_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir);
+        s.set("openai", Scope::Global, SecretValue::new(SECRET))
+            .expect("set");
+        for bad in [0o644, 0o640, 0o604, 0o620] {
+            fs::set_permissions(s.path(), fs::Permissions::from_mode(bad)).expect("chmod");
+            let err = s.get("openai", None).expect_err("must refuse");
+            assert!(
+                matches!(err, StoreError::InsecurePermissions { .. }),
+                "{err}"
+            );
+            let msg = err.to_string();
+            assert!(msg.contains("chmod 600"), "{msg}");
+            assert!(!msg.contains(SECRET));
+            assert!(s.set("x", Scope::Global, SecretValue::new("v")).is_err());
+        }
+        fs::set_permissions(s.path(), fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert!(s.get("openai", None).expect("get").is_some());
+    }
+
+    #[test]
+    fn scope_precedence_sandbox_then_global() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir);
+        s.set("github", Scope::Global, SecretValue::new("global-token"))
+            .expect("set");
+        s.set(
+            "github",
+            Scope::Sandbox("proj".into()),
+            SecretValue::new("proj-token"),
+        )
+        .expect("set");
+
+        let f = s.get("github", Some("proj")).expect("get").expect("found");
+        assert_eq!(f.value.expose(), "proj-token");
+        assert_eq!(f.scope, Scope::Sandbox("proj".into()));
+
+        let f = s.get("github", Some("other")).expect("get").expect("found");
+        assert_eq!(f.value.expose(), "global-token");
+        assert_eq!(f.scope, Scope::Global);
+
+        let f = s.get("github", None).expect("get").expect("found");
+        assert_eq!(f.value.expose(), "global-token");
+
+        assert!(s.remove("github", &Scope::Global).expect("remove"));
+        assert!(s.get("github", Some("other")).expect("get").is_none());
+        assert_eq!(
+            s.get("github", Some("proj"))
+                .expect("get")
+                .expect("found")
+                .value
+                .expose(),
+            "proj-token"
+        );
+    }
+
+    #[test]
+    fn set_replaces_and_list_has_no_values() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir);
+        s.set("openai", Scope::Global, SecretValue::new("first"))
+            .expect("set");
+        s.set("openai", Scope::Global, SecretValue::new(SECRET))
+            .expect("set");
+        s.set(
+            "anthropic",
+            Scope::Sandbox("b".into()),
+            SecretValue::new(SECRET),
+        )
+        .expect("set");
+        let list = s.list().expect("list");
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].service, "anthropic");
+        assert_eq!(list[1].service, "openai");
+        assert!(!format!("{list:?}").contains(SECRET));
+        assert_eq!(
+            s.get("openai", None)
+                .expect("get")
+                .expect("found")
+                .value
+                .expose(),
+            SECRET
+        );
+    }
+
+    #[test]
+    fn debug_and_errors_redact_value() {
+        let v = SecretValue::new(SECRET);
+        assert_eq!(format!("{v:?}"), "***");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir);
+        s.set("anthropic", Scope::Global, v).expect("set");
+        let found = s.get("anthropic", None).expect("get").expect("found");
+        let dbg = format!("{found:?}");
+        assert!(dbg.contains("***") && !dbg.contains(SECRET), "{dbg}");
+
+        let err = s
+            .set(
+                "anthropic",
+                Scope::Global,
+                SecretValue::new(format!("{SECRET}\n")),
+            )
+            .expect_err("newline refused");
+        assert!(!err.to_string().contains(SECRET));
+        assert!(!format!("{err:?}").contains(SECRET));
+
+        // A corrupt file whose JSON error would quote the value.
+        let bad = format!(
+            r#"{{"version":1,"secrets":[{{"service":"a","scope":"global","value":"{SECRET}","set_at":7}}]}}"#
+        );
+        fs::write(s.path(), bad).expect("write");
+        let err = s.get("a", None).expect_err("corrupt");
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+        assert!(!err.to_string().contains(SECRET));
+        assert!(!format!("{err:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn writes_are_atomic_renames() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir);
+        s.set("openai", Scope::Global, SecretValue::new("old-value"))
+            .expect("set");
+        // A reader that opened the old file keeps a complete old file: the
+        // write replaced the name, it did not rewrite the inode in place.
+        let mut old = File::open(s.path()).expect("open");
+        s.set("openai", Scope::Global, SecretValue::new("new-value"))
+            .expect("set");
+        let mut text = String::new();
+        old.read_to_string(&mut text).expect("read");
+        assert!(text.contains("old-value") && !text.contains("new-value"));
+        let doc: serde_json::Value = serde_json::from_str(&text).expect("old file complete JSON");
+        assert_eq!(doc["version"], 1);
+        // No temporary file is left behind, and the mode stays 0600.
+        let names: Vec<_> = fs::read_dir(s.path().parent().expect("parent"))
+            .expect("readdir")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, [std::ffi::OsString::from("secrets")]);
+        assert_eq!(mode(s.path()), 0o600);
+    }
+
+    #[test]
+    fn rejects_bad_names() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir);
+        let v = || SecretValue::new("v");
+        assert!(matches!(
+            s.set("", Scope::Global, v()),
+            Err(StoreError::InvalidService(_))
+        ));
+        assert!(matches!(
+            s.set("a b", Scope::Global, v()),
+            Err(StoreError::InvalidService(_))
+        ));
+        assert!(matches!(
+            s.set("a", Scope::Sandbox(String::new()), v()),
+            Err(StoreError::InvalidScope(_))
+        ));
+        assert!(matches!(
+            s.set("a", Scope::Global, SecretValue::new("")),
+            Err(StoreError::InvalidValue { .. })
+        ));
+    }
+}

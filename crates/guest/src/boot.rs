@@ -149,33 +149,7 @@ fn load_boot_modules() -> Result<()> {
         Err(e) => return Err(e).context("reading the module load order"),
     };
     for name in order.lines().map(str::trim).filter(|l| !l.is_empty()) {
-        let path = Path::new(MODULES_DIR).join(name);
-        let file = std::fs::File::open(&path)
-            .with_context(|| format!("opening module {}", path.display()))?;
-        let compressed = name.ends_with(".xz") || name.ends_with(".zst") || name.ends_with(".gz");
-        let flags = if compressed {
-            MODULE_INIT_COMPRESSED_FILE
-        } else {
-            0
-        };
-        let params = CString::default();
-        // SAFETY: finit_module reads the module from a valid open fd and a
-        // NUL-terminated (empty) parameter string; it touches no memory of ours
-        // beyond those arguments.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_finit_module,
-                file.as_raw_fd(),
-                params.as_ptr(),
-                flags,
-            )
-        };
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EEXIST) {
-                return Err(err).with_context(|| format!("loading module {name}"));
-            }
-        }
+        load_module_file(&Path::new(MODULES_DIR).join(name))?;
     }
     Ok(())
 }

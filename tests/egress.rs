@@ -11,6 +11,9 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
+mod common;
+use common::{check, text};
+
 const NAME: &str = "egress";
 
 struct Env {
@@ -57,18 +60,8 @@ threading.Event().wait()
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let data = std::env::var_os("SANDPEN_TEST_DATA_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
-                    .join(".cache/sandpen-test")
-            });
-        let root = tempfile::Builder::new()
-            .prefix("sandpen-egress-")
-            .tempdir()
-            .unwrap();
-        let ws = root.path().join(NAME);
-        std::fs::create_dir(&ws).unwrap();
+        let data = common::data_home();
+        let (root, ws) = common::workspace("sandpen-egress-", NAME);
         let status = Command::new("openssl")
             .args([
                 "req",
@@ -118,7 +111,7 @@ fn env() -> &'static Env {
                 .tempdir()
                 .unwrap(),
             data,
-            ws: ws.canonicalize().unwrap(),
+            ws,
             root,
             http_port: ports[0],
             tls_port: ports[1],
@@ -139,18 +132,6 @@ fn sandpen(args: &[&str]) -> Output {
         .stdin(Stdio::null())
         .output()
         .expect("running sandpen")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn check(cond: bool, what: impl Into<String>) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.into().into())
-    }
 }
 
 fn ok(args: &[&str]) -> Result<String, Failed> {

@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
+mod common;
+use common::{check, text};
+
 struct Env {
     bin: PathBuf,
     state: tempfile::TempDir,
@@ -28,18 +31,8 @@ const NAME: &str = "proj";
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let data = std::env::var_os("SANDPEN_TEST_DATA_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
-                    .join(".cache/sandpen-test")
-            });
-        let root = tempfile::Builder::new()
-            .prefix("sandpen-e2e-")
-            .tempdir()
-            .unwrap();
-        let ws = root.path().join(NAME);
-        std::fs::create_dir(&ws).unwrap();
+        let data = common::data_home();
+        let (root, ws) = common::workspace("sandpen-e2e-", NAME);
         Env {
             bin: PathBuf::from(env!("CARGO_BIN_EXE_sandpen")),
             state: tempfile::Builder::new()
@@ -48,7 +41,7 @@ fn env() -> &'static Env {
                 .unwrap(),
             data,
             _root: root,
-            ws: ws.canonicalize().unwrap(),
+            ws,
         }
     })
 }
@@ -67,18 +60,6 @@ fn cmd(args: &[&str]) -> Command {
 
 fn sandpen(args: &[&str]) -> Output {
     cmd(args).output().expect("running sandpen")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn check(cond: bool, what: impl Into<String>) -> Result<(), Failed> {
-    if cond {
-        Ok(())
-    } else {
-        Err(what.into().into())
-    }
 }
 
 fn expect_ok(out: &Output, what: &str) -> Result<String, Failed> {

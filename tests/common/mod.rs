@@ -1,0 +1,41 @@
+//! Helpers shared by the end-to-end test binaries.
+
+use std::path::PathBuf;
+
+use libtest_mimic::Failed;
+
+/// Where the test image lives: `$SANDPEN_TEST_DATA_HOME` (scripts/test and CI
+/// set it), else `~/.cache/sandpen-test`.
+pub fn data_home() -> PathBuf {
+    std::env::var_os("SANDPEN_TEST_DATA_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+                .join(".cache/sandpen-test")
+        })
+}
+
+/// A workspace folder named `name` inside a fresh temporary folder (the name
+/// becomes the sandbox's).
+pub fn workspace(prefix: &str, name: &str) -> (tempfile::TempDir, PathBuf) {
+    let root = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("a temporary folder");
+    let ws = root.path().join(name);
+    std::fs::create_dir(&ws).expect("the workspace folder");
+    let ws = ws.canonicalize().expect("the workspace path");
+    (root, ws)
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+pub fn check(cond: bool, what: impl Into<String>) -> Result<(), Failed> {
+    if cond {
+        Ok(())
+    } else {
+        Err(what.into().into())
+    }
+}

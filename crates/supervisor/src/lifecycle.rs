@@ -50,8 +50,10 @@ pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
         .map_err(|e| SupervisorError::io("opening the supervisor log", e))?;
     let exe = std::env::current_exe().map_err(|e| SupervisorError::io("finding sandpen", e))?;
     let mut cmd = Command::new(exe);
+    // A long-lived process should not hold the user's current folder busy.
     cmd.arg("supervise")
         .arg(name)
+        .current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));

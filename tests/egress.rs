@@ -135,17 +135,7 @@ fn sandpen(args: &[&str]) -> Output {
 }
 
 fn ok(args: &[&str]) -> Result<String, Failed> {
-    let out = sandpen(args);
-    check(
-        out.status.success(),
-        format!(
-            "sandpen {args:?}: {:?}\n{}{}",
-            out.status.code(),
-            text(&out.stdout),
-            text(&out.stderr)
-        ),
-    )?;
-    Ok(text(&out.stdout))
+    common::expect_ok(&sandpen(args), &format!("sandpen {args:?}"))
 }
 
 /// Runs `sh` in the guest as root; returns (exit code, stdout + stderr).

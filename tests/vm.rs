@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 mod common;
-use common::{check, text};
+use common::{check, expect_ok, text};
 
 struct Env {
     bin: PathBuf,
@@ -60,19 +60,6 @@ fn cmd(args: &[&str]) -> Command {
 
 fn sandpen(args: &[&str]) -> Output {
     cmd(args).output().expect("running sandpen")
-}
-
-fn expect_ok(out: &Output, what: &str) -> Result<String, Failed> {
-    check(
-        out.status.success(),
-        format!(
-            "{what}: exit {:?}\nstdout: {}\nstderr: {}",
-            out.status.code(),
-            text(&out.stdout),
-            text(&out.stderr)
-        ),
-    )?;
-    Ok(text(&out.stdout))
 }
 
 fn guest(sh: &str) -> Result<String, Failed> {

@@ -1,6 +1,7 @@
 //! Helpers shared by the end-to-end test binaries.
 
 use std::path::PathBuf;
+use std::process::Output;
 
 use libtest_mimic::Failed;
 
@@ -38,4 +39,19 @@ pub fn check(cond: bool, what: impl Into<String>) -> Result<(), Failed> {
     } else {
         Err(what.into().into())
     }
+}
+
+/// The command's stdout if it succeeded; otherwise a failure naming `what`,
+/// the exit status and both outputs.
+pub fn expect_ok(out: &Output, what: &str) -> Result<String, Failed> {
+    check(
+        out.status.success(),
+        format!(
+            "{what}: exit {:?}\nstdout: {}\nstderr: {}",
+            out.status.code(),
+            text(&out.stdout),
+            text(&out.stderr)
+        ),
+    )?;
+    Ok(text(&out.stdout))
 }

@@ -613,12 +613,9 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
     check("qemu-img", tool("qemu-img"), "apt install qemu-utils");
     check(
         "virtiofsd",
-        tool("virtiofsd").or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cargo/bin/virtiofsd"))
-                .filter(|p| p.is_file())
-                .map(|p| p.display().to_string())
-        }),
+        sandpen_supervisor::fileserver::virtiofsd()
+            .ok()
+            .map(|p| p.display().to_string()),
         "cargo install virtiofsd (needs libseccomp-dev libcap-ng-dev pkg-config)",
     );
     check(

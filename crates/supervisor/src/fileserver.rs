@@ -29,7 +29,9 @@ pub struct RunningShare {
     pub child: Child,
 }
 
-fn virtiofsd() -> Result<PathBuf, SupervisorError> {
+/// The virtiofsd binary: `$SANDPEN_VIRTIOFSD`, `PATH`, the distribution's
+/// libexec paths, or `~/.cargo/bin`.
+pub fn virtiofsd() -> Result<PathBuf, SupervisorError> {
     if let Some(p) = std::env::var_os("SANDPEN_VIRTIOFSD") {
         return Ok(PathBuf::from(p));
     }

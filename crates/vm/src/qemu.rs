@@ -156,7 +156,7 @@ impl VmConfig {
         push("-device");
         push(&format!(
             "virtserialport,bus=vser0.0,chardev=channel,name={}",
-            sandpen_port_name()
+            sandpen_proto::PORT_NAME
         ));
         for (i, share) in self.shares.iter().enumerate() {
             push("-chardev");
@@ -174,11 +174,6 @@ impl VmConfig {
         ));
         a
     }
-}
-
-fn sandpen_port_name() -> &'static str {
-    // Kept in step with sandpen_proto::PORT_NAME; the vm crate does not depend on proto.
-    "sandpen"
 }
 
 /// The host's TSC frequency in kHz, from the kernel log line or /proc/cpuinfo.

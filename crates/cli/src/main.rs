@@ -168,6 +168,14 @@ fn main() -> ExitCode {
     if let Command::Supervise { name } = &cli.command {
         return commands::supervise(name);
     }
+    // Like other Unix tools, end quietly when the reader of our output goes
+    // away (`sandpen ls | head`). Not for the supervisor above, whose stdout
+    // pipe closes once the starting CLI has read "ready".
+    // SAFETY: restoring a signal's default disposition at start-up, before any
+    // other thread exists; no handler is installed.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SANDPEN_LOG")

@@ -15,9 +15,6 @@ use serde::Serialize;
 
 use crate::{attach, Command, CreateArgs, ImageCommand, EXIT_SANDPEN_ERROR};
 
-/// The agents `run` knows. Only `shell` is available in this version.
-const AGENTS: &[&str] = &["shell", "claude", "codex", "gemini", "kiro", "opencode"];
-
 /// An error as one line: the outermost context and its causes.
 pub fn one_line(e: &anyhow::Error) -> String {
     e.chain()
@@ -139,7 +136,10 @@ fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOpt
     Ok(CreateOptions {
         name: args.name.clone(),
         workspace: ws.to_path_buf(),
-        image: args.image.clone(),
+        image: args.image.clone().unwrap_or_else(|| match agent {
+            "shell" => "default".to_string(),
+            agent => agent.to_string(),
+        }),
         agent: agent.to_string(),
         cpus: sandbox::validate_cpus(args.cpus)?,
         memory_mib: sandbox::parse_memory_mib(&args.memory)?,
@@ -217,7 +217,8 @@ fn first_run_policy(dirs: &Dirs) -> Result<()> {
     Ok(())
 }
 
-/// Loads an image, building the default one on first use.
+/// Loads an image, building on first use the default one and the image named
+/// after an agent (`claude`: the base, Node, Docker and Claude Code).
 fn ensure_image(dirs: &Dirs, name: &str) -> Result<sandpen_image::Image> {
     match sandpen_image::load(&dirs.images(), name) {
         Ok(image) => Ok(image),
@@ -226,6 +227,17 @@ fn ensure_image(dirs: &Dirs, name: &str) -> Result<sandpen_image::Image> {
             let progress = indicatif::MultiProgress::new();
             let outcome =
                 sandpen_image::build(&dirs.images(), &ImageSpec::default_for(name), &progress)?;
+            Ok(outcome.into_image())
+        }
+        Err(sandpen_image::ImageError::NotFound { .. }) if sandpen_agents::find(name).is_some() => {
+            agent_or_explain(name)?;
+            eprintln!(
+                "sandpen: building the {name} image (first use: Debian, Node, Docker and the agent; \
+                 several minutes, then cached)"
+            );
+            let progress = indicatif::MultiProgress::new();
+            let spec = ImageSpec::for_agents(name, &[name]);
+            let outcome = sandpen_image::build(&dirs.images(), &spec, &progress)?;
             Ok(outcome.into_image())
         }
         Err(e) => Err(e.into()),
@@ -334,47 +346,118 @@ async fn run(
     args: Vec<String>,
 ) -> Result<i32> {
     // `sandpen run ./path` names a workspace, not an agent.
+    let names = sandpen_agents::run_names();
     let (agent, workspace) = match (agent, workspace) {
-        (Some(a), ws) if AGENTS.contains(&a.as_str()) => (a, ws),
+        (Some(a), ws) if names.contains(&a.as_str()) => (a, ws),
         (Some(a), None) => ("shell".to_string(), Some(PathBuf::from(a))),
-        (Some(a), Some(_)) => bail!("unknown agent {a:?}: use one of {}", AGENTS.join(", ")),
+        (Some(a), Some(_)) => bail!("unknown agent {a:?}: use one of {}", names.join(", ")),
         (None, ws) => ("shell".to_string(), ws),
     };
-    if agent != "shell" {
-        bail!(
-            "the {agent} agent is not available in this version of sandpen yet \
-             (agent images are planned); use `sandpen run shell`"
-        );
-    }
+    let agent_def = match agent.as_str() {
+        "shell" => None,
+        name => Some(agent_or_explain(name)?),
+    };
     let ws = workspace_path(workspace)?;
-    let config = match &create.name {
+    // One sandbox per workspace: an existing one is used whatever agent made it.
+    let existing = match &create.name {
         Some(name) => match sandbox::load(dirs, name) {
-            Ok(c) => c,
-            Err(sandpen_supervisor::SupervisorError::UnknownSandbox(_)) => {
-                create_sandbox(dirs, &ws, &create, &agent).await?
-            }
+            Ok(c) => Some(c),
+            Err(sandpen_supervisor::SupervisorError::UnknownSandbox(_)) => None,
             Err(e) => return Err(e.into()),
         },
-        None => match sandbox::find_by_workspace(dirs, &ws)? {
-            Some(c) => c,
-            None => {
-                // Validate what the user typed before any slow work.
-                create_options(&ws, &create, &agent)?;
-                create_sandbox(dirs, &ws, &create, &agent).await?
-            }
-        },
+        None => sandbox::find_by_workspace(dirs, &ws)?,
     };
+    if let Some(agent) = agent_def {
+        let name = existing
+            .as_ref()
+            .map(|c| c.name.clone())
+            .or_else(|| create.name.clone())
+            .unwrap_or_else(|| sandbox::name_from_workspace(&ws));
+        require_secret(dirs, agent, &name)?;
+    }
+    let config = match existing {
+        Some(c) => c,
+        None => {
+            // Validate what the user typed before any slow work.
+            create_options(&ws, &create, &agent)?;
+            create_sandbox(dirs, &ws, &create, &agent).await?
+        }
+    };
+    if let Some(agent) = agent_def {
+        let image = sandpen_image::load(&dirs.images(), &config.image)?;
+        if !image.manifest.agents.contains_key(agent.name) {
+            bail!(
+                "sandbox {} runs image {}, which has no {}; run it in its own sandbox with \
+                 `sandpen run {} --name {}-{}`, or build an image with both agents \
+                 (`sandpen image build --agent {} --agent {}`) for new sandboxes",
+                config.name,
+                config.image,
+                agent.title,
+                agent.name,
+                config.name,
+                agent.name,
+                config.agent,
+                agent.name,
+            );
+        }
+    }
     let paths = dirs.sandbox(&config.name);
     if !matches!(control::state(&paths).await, State::Running(_)) {
         start(dirs, &config.name).await?;
     }
     let tty = attach::want_tty();
-    let argv = if args.is_empty() {
-        vec!["/bin/bash".to_string(), "-l".to_string()]
-    } else {
-        args
+    let (argv, env) = match agent_def {
+        None if args.is_empty() => (vec!["/bin/bash".to_string(), "-l".to_string()], vec![]),
+        None => (args, vec![]),
+        Some(agent) => (
+            agent.launch_argv(&config.workspace.to_string_lossy(), &args),
+            agent_env(agent),
+        ),
     };
-    exec(dirs, &config, argv, vec![], None, None, tty, true).await
+    exec(dirs, &config, argv, env, None, None, tty, true).await
+}
+
+/// The agent's environment: every credential route's sentinel variable
+/// (`ANTHROPIC_API_KEY=proxy-managed`, ...) and the agent's own settings.
+fn agent_env(agent: &sandpen_agents::Agent) -> Vec<(String, String)> {
+    let mut env = sandpen_credentials::RouteTable::new().guest_env();
+    env.extend(
+        agent
+            .env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    env
+}
+
+/// Refuses to start an agent that has no key: without one the proxy has
+/// nothing to swap in, and the agent would start into a login screen or fail
+/// on its first request.
+fn require_secret(dirs: &Dirs, agent: &sandpen_agents::Agent, sandbox: &str) -> Result<()> {
+    let store = sandpen_credentials::FileStore::new(dirs.config.join("secrets"));
+    for service in agent.services {
+        if store
+            .get(service, Some(sandbox))
+            .with_context(|| format!("reading the secret store {}", store.path().display()))?
+            .is_some()
+        {
+            return Ok(());
+        }
+    }
+    let first = agent.services.first().copied().unwrap_or("custom");
+    let alternatives = if agent.services.len() > 1 {
+        format!(" (or any of: {})", agent.services.join(", "))
+    } else {
+        String::new()
+    };
+    bail!(
+        "no {first} secret is set, so {} would start without a key. Set one with \
+         `sandpen secret set {first}`{alternatives} (it asks for the value, or reads it from stdin; \
+         it stays on this host and the sandbox only ever sees the placeholder \"proxy-managed\"), \
+         then run `sandpen run {}` again",
+        agent.title,
+        agent.name
+    )
 }
 
 #[derive(Serialize)]
@@ -519,11 +602,17 @@ async fn image(dirs: &Dirs, cmd: ImageCommand) -> Result<i32> {
     match cmd {
         ImageCommand::Build {
             name,
+            agents,
             suite,
             mirror,
             packages,
         } => {
+            for agent in &agents {
+                agent_or_explain(agent)?;
+            }
+            let name = name.unwrap_or_else(|| default_image_name(&agents));
             let mut spec = ImageSpec::default_for(&name);
+            spec.agents = agents;
             if let Some(s) = suite {
                 spec.suite = s;
             }
@@ -541,11 +630,15 @@ async fn image(dirs: &Dirs, cmd: ImageCommand) -> Result<i32> {
                     )
                 }
                 BuildOutcome::Built(image) => println!(
-                    "built image {} in {:.0} s: kernel {}, rootfs {} MiB ({})",
+                    "built image {} in {:.0} s: kernel {}, rootfs {} MiB of content in a {} MiB ext4{} ({})",
                     image.name,
                     image.manifest.build_seconds,
                     image.manifest.kernel_release,
+                    image.manifest.sizes.rootfs_content >> 20,
                     image.manifest.sizes.rootfs_image >> 20,
+                    agents_column(&image.manifest)
+                        .map(|a| format!(", agents {a}"))
+                        .unwrap_or_default(),
                     image.dir.display()
                 ),
             }
@@ -560,17 +653,19 @@ async fn image(dirs: &Dirs, cmd: ImageCommand) -> Result<i32> {
             }
             let mut rows = vec![[
                 "NAME".to_string(),
+                "AGENTS".into(),
                 "SUITE".into(),
                 "KERNEL".into(),
-                "ROOTFS".into(),
+                "CONTENT".into(),
                 "CREATED".into(),
             ]];
             for i in images {
                 rows.push([
                     i.name.clone(),
+                    agents_column(&i.manifest).unwrap_or_else(|| "-".into()),
                     i.manifest.suite.clone(),
                     i.manifest.kernel_release.clone(),
-                    format!("{} MiB", i.manifest.sizes.rootfs_image >> 20),
+                    format!("{} MiB", i.manifest.sizes.rootfs_content >> 20),
                     i.manifest.created_at.date().to_string(),
                 ]);
             }
@@ -593,6 +688,44 @@ async fn image(dirs: &Dirs, cmd: ImageCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// `claude 2.1.332, codex 0.171.0`, or None for an image without agents.
+fn agents_column(manifest: &sandpen_image::Manifest) -> Option<String> {
+    (!manifest.agents.is_empty()).then(|| {
+        manifest
+            .agents
+            .iter()
+            .map(|(name, version)| format!("{name} {version}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    })
+}
+
+/// The image an agent image is named after by default: `claude`, or
+/// `claude-codex` for several.
+fn default_image_name(agents: &[String]) -> String {
+    if agents.is_empty() {
+        return "default".into();
+    }
+    let mut names: Vec<&str> = agents.iter().map(String::as_str).collect();
+    names.sort_unstable();
+    names.dedup();
+    names.join("-")
+}
+
+/// The agent called `name`, or an error that says why it cannot be used.
+fn agent_or_explain(name: &str) -> Result<&'static sandpen_agents::Agent> {
+    let agent = sandpen_agents::find(name).with_context(|| {
+        format!(
+            "unknown agent {name:?}: use one of {}",
+            sandpen_agents::run_names().join(", ")
+        )
+    })?;
+    if let Err(reason) = agent.npm_package() {
+        bail!("{} cannot run in sandpen: {reason}", agent.title);
+    }
+    Ok(agent)
 }
 
 fn doctor(dirs: &Dirs) -> Result<i32> {

@@ -38,9 +38,9 @@ pub struct CreateArgs {
     /// Disk size of the sandbox in GiB (copy-on-write; grows as used)
     #[arg(long, default_value_t = sandpen_supervisor::sandbox::DEFAULT_DISK_GIB)]
     pub disk: u32,
-    /// Image to boot
-    #[arg(long, default_value = "default")]
-    pub image: String,
+    /// Image to boot (default: the agent's image, built on first use; "default" for shell)
+    #[arg(long)]
+    pub image: Option<String>,
     /// Accelerator: auto, kvm or tcg
     #[arg(long, env = "SANDPEN_ACCEL", default_value = "auto")]
     pub accel: String,
@@ -141,9 +141,13 @@ enum Command {
 enum ImageCommand {
     /// Build an image (a no-op when its inputs have not changed)
     Build {
-        /// Image name
-        #[arg(long, default_value = "default")]
-        name: String,
+        /// Image name (default: "default", or the agents' names joined by '-')
+        #[arg(long)]
+        name: Option<String>,
+        /// Add an agent: claude, codex, gemini, opencode (repeatable). Agent
+        /// images carry Node, Docker and build tools too.
+        #[arg(long = "agent", value_name = "AGENT")]
+        agents: Vec<String>,
         /// Debian suite
         #[arg(long)]
         suite: Option<String>,

@@ -16,7 +16,8 @@ use crate::error::{ImageError, IoContext};
 use crate::kernel::{self, Unpacked};
 use crate::manifest::{FileEntry, Manifest, Sizes, StepTiming, MANIFEST_FORMAT};
 use crate::modules;
-use crate::spec::{ca_dest_name, ImageSpec, HOST_CA_DIR, RECIPE_VERSION};
+use crate::spec::{ca_dest_name, ImageSpec, BASE_PACKAGES, HOST_CA_DIR, RECIPE_VERSION};
+use crate::tree::{self, HostDns, MountGuard, NoServices, TreeKind};
 use crate::store::{self, Image, ROOTFS_FILE, VMLINUX_FILE, VMLINUZ_FILE};
 use crate::{fsutil, BuildOutcome};
 
@@ -40,6 +41,7 @@ struct Tools {
     mkfs_ext4: PathBuf,
     chroot: PathBuf,
     xz: PathBuf,
+    cp: PathBuf,
 }
 
 /// Builds the image `spec` describes under `images_root/NAME`, unless an image with
@@ -72,6 +74,7 @@ pub fn build(
 
     let started = Instant::now();
     let result = Builder {
+        images_root,
         spec,
         key: &key,
         dir: &build_dir,
@@ -106,6 +109,7 @@ pub fn build(
 
 /// Everything one build needs.
 struct Builder<'a> {
+    images_root: &'a Path,
     spec: &'a ImageSpec,
     key: &'a str,
     dir: &'a Path,
@@ -127,21 +131,23 @@ impl Builder<'_> {
         let packages = self.spec.all_packages();
         let mut timings = Vec::new();
 
-        let step = Step::start(self.progress, &format!("debootstrap {}", self.spec.suite));
-        let mut cmd = Command::new(&self.tools.debootstrap);
-        cmd.arg("--variant=minbase")
-            .arg(format!("--include={}", packages.join(",")))
-            .arg(&self.spec.suite)
-            .arg(&root)
-            .arg(&self.spec.mirror)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .env("LC_ALL", "C")
-            .env("PATH", path_with_sbin());
-        self.run_logged(cmd, "debootstrap", Some(&step))?;
-        timings.push(step.done(&format!("{} packages requested", packages.len())));
+        // The cached trees: debootstrap once per suite, mirror and CA set; the
+        // extra packages once per package set (all agent images share it).
+        let mut tree = self.base_tree(&mut timings)?;
+        if !self.spec.extra_packages().is_empty() {
+            tree = self.packages_tree(&tree, &mut timings)?;
+        }
+
+        let step = Step::start(self.progress, "image root");
+        let (mount, how) = self.mount_root(&tree)?;
+        timings.push(step.done(how));
+
+        let mut agent_versions = BTreeMap::new();
+        if self.spec.has_agents() {
+            agent_versions = self.install_agents(&mut timings)?;
+        }
 
         let step = Step::start(self.progress, "configure rootfs");
-        self.install_ca_certs()?;
         self.chroot_logged(&["apt-get", "clean"])?;
         let package_versions = self.package_versions(&packages)?;
         trim_rootfs(&root)?;
@@ -164,18 +170,13 @@ impl Builder<'_> {
             }
         };
 
-        let step = Step::start(self.progress, "modules");
-        let count = modules::unsign_modules(&root, &release, &self.tools.xz)?;
-        self.chroot_logged(&["depmod", "-a", &release])?;
-        timings.push(step.done(&format!("{count} modules unpacked, signatures dropped")));
-
         let step = Step::start(self.progress, "boot modules");
         let boot_modules =
             modules::copy_boot_modules(&root, &release, &self.dir.join(store::MODULES_DIR))?;
         timings.push(step.done(&boot_modules.join(" ")));
 
         let step = Step::start(self.progress, "ext4 rootfs");
-        let usage = fsutil::tree_usage(&root)?;
+        let usage = fsutil::tree_usage_with(&root, mount.is_none())?;
         let size_mib = rootfs_size_mib(usage.bytes);
         step.message(&format!(
             "{} MiB for {} MiB of content",
@@ -198,7 +199,10 @@ impl Builder<'_> {
         File::open(&rootfs)
             .and_then(|f| f.sync_all())
             .ctx(|| format!("syncing {}", rootfs.display()))?;
-        fsutil::remove_tree(&root)?;
+        drop(mount);
+        for dir in [root.clone(), self.dir.join("upper"), self.dir.join("work")] {
+            fsutil::remove_tree(&dir)?;
+        }
         timings.push(step.done(&format!("{size_mib} MiB")));
 
         let mut names = vec![VMLINUZ_FILE.to_string()];
@@ -248,6 +252,7 @@ impl Builder<'_> {
             sandpen_version: env!("CARGO_PKG_VERSION").to_string(),
             packages,
             package_versions,
+            agents: agent_versions,
             files,
             sizes,
             build_seconds: started.elapsed().as_secs_f64(),
@@ -257,12 +262,199 @@ impl Builder<'_> {
         Ok(manifest)
     }
 
+    /// The debootstrapped base tree, from the cache or made now: the base
+    /// packages, the host's CAs trusted, the kernel's modules unsigned.
+    fn base_tree(&self, timings: &mut Vec<StepTiming>) -> Result<PathBuf, ImageError> {
+        let key = tree::base_key(self.spec);
+        let label = format!("debootstrap {}", self.spec.suite);
+        if let Some(root) = tree::cached(self.images_root, TreeKind::Base, &key) {
+            timings.push(Step::start(self.progress, &label).done("cached"));
+            return Ok(root);
+        }
+        let staged = tree::staging_dir(self.images_root, TreeKind::Base, &key);
+        fsutil::remove_tree(&staged)?;
+        fs::create_dir_all(&staged).ctx(|| format!("creating {}", staged.display()))?;
+        let root = staged.join("root");
+        let step = Step::start(self.progress, &label);
+        let mut cmd = Command::new(&self.tools.debootstrap);
+        cmd.arg("--variant=minbase")
+            .arg(format!("--include={}", BASE_PACKAGES.join(",")))
+            .arg(&self.spec.suite)
+            .arg(&root)
+            .arg(&self.spec.mirror)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .env("LC_ALL", "C")
+            .env("PATH", path_with_sbin());
+        let made = self
+            .run_logged(cmd, "debootstrap", Some(&step))
+            .and_then(|()| self.install_ca_certs(&root))
+            .and_then(|()| {
+                let (release, _) = kernel::find_kernel(&root)?;
+                let count = modules::unsign_modules(&root, &release, &self.tools.xz)?;
+                self.chroot_logged_in(&root, &["depmod", "-a", &release], None)?;
+                self.chroot_logged_in(&root, &["apt-get", "clean"], None)?;
+                Ok(count)
+            });
+        let count = match made {
+            Ok(count) => count,
+            Err(e) => {
+                let _ = fsutil::remove_tree(&staged);
+                return Err(e);
+            }
+        };
+        let root = tree::commit(self.images_root, TreeKind::Base, &key, &staged)?;
+        timings.push(step.done(&format!(
+            "{} packages, {count} modules unsigned",
+            BASE_PACKAGES.len()
+        )));
+        Ok(root)
+    }
+
+    /// The base tree plus the spec's extra Debian packages, from the cache or
+    /// made now (a copy of the base, then `apt-get install`).
+    fn packages_tree(
+        &self,
+        base: &Path,
+        timings: &mut Vec<StepTiming>,
+    ) -> Result<PathBuf, ImageError> {
+        let key = tree::packages_key(self.spec);
+        let extras = self.spec.extra_packages();
+        if let Some(root) = tree::cached(self.images_root, TreeKind::Packages, &key) {
+            timings.push(Step::start(self.progress, "apt packages").done("cached"));
+            return Ok(root);
+        }
+        let staged = tree::staging_dir(self.images_root, TreeKind::Packages, &key);
+        fsutil::remove_tree(&staged)?;
+        fs::create_dir_all(&staged).ctx(|| format!("creating {}", staged.display()))?;
+        let root = staged.join("root");
+        let step = Step::start(self.progress, "apt packages");
+        let made = (|| {
+            step.message("copying the base tree");
+            let mut cp = Command::new(&self.tools.cp);
+            cp.arg("-a").arg("--reflink=auto").arg(base).arg(&root);
+            self.run_logged(cp, "cp", Some(&step))?;
+            let _dns = HostDns::install(&root)?;
+            let _services = NoServices::install(&root)?;
+            let _proc = MountGuard::proc(&root)?;
+            let update = self.chroot_networked(&root, &["apt-get", "update", "-q"]);
+            self.run_logged(update, "apt-get update", Some(&step))?;
+            let mut argv = vec![
+                "apt-get",
+                "install",
+                "-y",
+                "-q",
+                "--no-install-recommends",
+                "-o",
+                "Dpkg::Options::=--force-confdef",
+                "-o",
+                "Dpkg::Options::=--force-confold",
+            ];
+            argv.extend(extras.iter().copied());
+            let install = self.chroot_networked(&root, &argv);
+            self.run_logged(install, "apt-get install", Some(&step))?;
+            self.chroot_logged_in(&root, &["apt-get", "clean"], None)
+        })();
+        if let Err(e) = made {
+            let _ = fsutil::remove_tree(&staged);
+            return Err(e);
+        }
+        let root = tree::commit(self.images_root, TreeKind::Packages, &key, &staged)?;
+        timings.push(step.done(&format!("{} packages", extras.len())));
+        Ok(root)
+    }
+
+    /// The image's own root at `self.root()`: an overlay over `tree`, or a copy
+    /// of it where overlayfs cannot be mounted. The mount (if any) is undone
+    /// when the guard drops.
+    fn mount_root(&self, tree: &Path) -> Result<(Option<MountGuard>, &'static str), ImageError> {
+        let root = self.root();
+        match MountGuard::overlay(
+            tree,
+            &self.dir.join("upper"),
+            &self.dir.join("work"),
+            &root,
+        ) {
+            Ok(guard) => Ok((Some(guard), "overlay over the cached tree")),
+            Err(e) => {
+                tracing::info!("no overlay ({e}); copying the tree instead");
+                fsutil::remove_tree(&root)?;
+                let mut cp = Command::new(&self.tools.cp);
+                cp.arg("-a").arg("--reflink=auto").arg(tree).arg(&root);
+                self.run_logged(cp, "cp", None)?;
+                Ok((None, "a copy of the cached tree"))
+            }
+        }
+    }
+
+    /// `npm install -g` of the agents' packages, the trimming of what they
+    /// never use, and their versions (agent name → version).
+    fn install_agents(
+        &self,
+        timings: &mut Vec<StepTiming>,
+    ) -> Result<BTreeMap<String, String>, ImageError> {
+        let root = self.root();
+        let agents = self.spec.agents();
+        let packages: Vec<&str> = agents
+            .iter()
+            .filter_map(|a| a.npm_package().ok())
+            .collect();
+        let step = Step::start(self.progress, "npm agents");
+        {
+            let _dns = HostDns::install(&root)?;
+            let _proc = MountGuard::proc(&root)?;
+            let mut argv = vec!["npm", "install", "-g", "--loglevel=warn"];
+            argv.extend(packages.iter().copied());
+            let cmd = self.chroot_networked(&root, &argv);
+            self.run_logged(cmd, "npm install", Some(&step))?;
+        }
+        let mut trimmed = 0u64;
+        let mut versions = BTreeMap::new();
+        for agent in &agents {
+            let sandpen_agents::Install::Npm { package, trim } = agent.install else {
+                continue;
+            };
+            let dir = NPM_GLOBAL_ROOTS
+                .iter()
+                .map(|r| root.join(r).join(package))
+                .find(|d| d.join("package.json").is_file())
+                .ok_or_else(|| {
+                    ImageError::io(
+                        format!("npm did not install {package} under {NPM_GLOBAL_ROOTS:?}"),
+                        std::io::Error::from(std::io::ErrorKind::NotFound),
+                    )
+                })?;
+            for rel in trim {
+                let path = dir.join(rel);
+                if fs::symlink_metadata(&path).is_ok() {
+                    trimmed += fsutil::tree_usage_with(&path, false)?.bytes;
+                    fsutil::remove_tree(&path)?;
+                }
+            }
+            versions.insert(agent.name.to_string(), npm_version(&dir.join("package.json"))?);
+        }
+        // npm's cache (hundreds of MB) and logs.
+        for rel in ["root/.npm", "root/.cache", "root/.config/configstore"] {
+            let path = root.join(rel);
+            if fs::symlink_metadata(&path).is_ok() {
+                trimmed += fsutil::tree_usage_with(&path, false)?.bytes;
+                fsutil::remove_tree(&path)?;
+            }
+        }
+        let listed: Vec<String> = versions.iter().map(|(a, v)| format!("{a} {v}")).collect();
+        timings.push(step.done(&format!(
+            "{}; trimmed {} MiB",
+            listed.join(", "),
+            trimmed >> 20
+        )));
+        Ok(versions)
+    }
+
     /// Copies the spec's CA certificates into the rootfs and refreshes its trust store.
-    fn install_ca_certs(&self) -> Result<(), ImageError> {
+    fn install_ca_certs(&self, root: &Path) -> Result<(), ImageError> {
         if self.spec.extra_ca_certs.is_empty() {
             return Ok(());
         }
-        let dest_dir = self.root().join(HOST_CA_DIR.trim_start_matches('/'));
+        let dest_dir = root.join(HOST_CA_DIR.trim_start_matches('/'));
         let mut taken = Vec::new();
         for src in &self.spec.extra_ca_certs {
             let name = ca_dest_name(src);
@@ -292,7 +484,7 @@ impl Builder<'_> {
                 })?;
             taken.push(name);
         }
-        self.chroot_logged(&["update-ca-certificates"])
+        self.chroot_logged_in(root, &["update-ca-certificates"], None)
     }
 
     /// Installed versions of `packages`, read with dpkg-query in the chroot.
@@ -315,8 +507,12 @@ impl Builder<'_> {
     }
 
     fn chroot_command(&self, argv: &[&str]) -> Command {
+        self.chroot_in(&self.root(), argv)
+    }
+
+    fn chroot_in(&self, root: &Path, argv: &[&str]) -> Command {
         let mut cmd = Command::new(&self.tools.chroot);
-        cmd.arg(self.root())
+        cmd.arg(root)
             .args(argv)
             .env_clear()
             .env("PATH", CHROOT_PATH)
@@ -326,8 +522,41 @@ impl Builder<'_> {
     }
 
     fn chroot_logged(&self, argv: &[&str]) -> Result<(), ImageError> {
-        let cmd = self.chroot_command(argv);
-        self.run_logged(cmd, &format!("chroot {}", argv.join(" ")), None)
+        self.chroot_logged_in(&self.root(), argv, None)
+    }
+
+    fn chroot_logged_in(
+        &self,
+        root: &Path,
+        argv: &[&str],
+        step: Option<&Step>,
+    ) -> Result<(), ImageError> {
+        let cmd = self.chroot_in(root, argv);
+        self.run_logged(cmd, &format!("chroot {}", argv.join(" ")), step)
+    }
+
+    /// A chroot command that reaches the network: the host's proxy settings
+    /// pass through, and Node trusts the system store (with the host's CAs).
+    fn chroot_networked(&self, root: &Path, argv: &[&str]) -> Command {
+        let mut cmd = self.chroot_in(root, argv);
+        cmd.env("HOME", "/root")
+            .env("NODE_EXTRA_CA_CERTS", "/etc/ssl/certs/ca-certificates.crt")
+            .env("npm_config_update_notifier", "false")
+            .env("npm_config_fund", "false")
+            .env("npm_config_audit", "false");
+        for key in [
+            "http_proxy",
+            "https_proxy",
+            "no_proxy",
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "NO_PROXY",
+        ] {
+            if let Some(value) = std::env::var_os(key) {
+                cmd.env(key, value);
+            }
+        }
+        cmd
     }
 
     /// Runs `cmd` with its output appended to the build log. While it runs, the
@@ -388,6 +617,24 @@ impl Builder<'_> {
             tail: log_tail(&log_path, start_offset, LOG_TAIL_LINES),
         })
     }
+}
+
+/// Where `npm install -g` puts packages: Debian's npm uses /usr/local.
+const NPM_GLOBAL_ROOTS: &[&str] = &["usr/local/lib/node_modules", "usr/lib/node_modules"];
+
+/// The `version` of an installed package's `package.json`.
+fn npm_version(path: &Path) -> Result<String, ImageError> {
+    #[derive(serde::Deserialize)]
+    struct PackageJson {
+        version: String,
+    }
+    let bytes = fs::read(path).ctx(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice::<PackageJson>(&bytes)
+        .map(|p| p.version)
+        .map_err(|source| ImageError::Manifest {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// The command as a shell-like line for the log.
@@ -740,6 +987,7 @@ fn check_tools() -> Result<Tools, ImageError> {
         mkfs_ext4: find("mkfs.ext4", "e2fsprogs")?,
         chroot: find("chroot", "coreutils")?,
         xz: find("xz", "xz-utils")?,
+        cp: find("cp", "coreutils")?,
     })
 }
 
@@ -1030,10 +1278,12 @@ mod tests {
             mkfs_ext4: PathBuf::from("/bin/false"),
             chroot: PathBuf::from("/bin/false"),
             xz: PathBuf::from("/bin/false"),
+            cp: PathBuf::from("/bin/false"),
         };
         let spec = ImageSpec::default_for("t");
         let progress = MultiProgress::with_draw_target(indicatif::ProgressDrawTarget::hidden());
         let builder = Builder {
+            images_root: dir.path(),
             spec: &spec,
             key: "k",
             dir: dir.path(),

@@ -21,6 +21,9 @@ pub enum ImageError {
         reason: &'static str,
     },
 
+    #[error("the {agent} agent cannot be installed: {reason}")]
+    AgentUnavailable { agent: String, reason: String },
+
     #[error("`{tool}` not found in PATH: install the Debian package `{package}` (apt-get install {package})")]
     MissingTool { tool: String, package: String },
 

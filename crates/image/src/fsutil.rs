@@ -75,8 +75,10 @@ pub(crate) struct TreeUsage {
 }
 
 /// Walks `root` without following symlinks and adds up allocated blocks, counting
-/// hard-linked inodes once. It stays on `root`'s filesystem.
-pub(crate) fn tree_usage(root: &Path) -> Result<TreeUsage, ImageError> {
+/// hard-linked inodes once. With `same_dev_only` it stays on `root`'s
+/// filesystem; without, it also counts files that report another device, as
+/// files seen through an overlay mount may report their layer's.
+pub(crate) fn tree_usage_with(root: &Path, same_dev_only: bool) -> Result<TreeUsage, ImageError> {
     let root_meta = fs::symlink_metadata(root).ctx(|| format!("reading {}", root.display()))?;
     let mut seen = HashSet::new();
     let mut usage = TreeUsage::default();
@@ -90,7 +92,7 @@ pub(crate) fn tree_usage(root: &Path) -> Result<TreeUsage, ImageError> {
             let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
             let path = entry.path();
             let meta = fs::symlink_metadata(&path).ctx(|| format!("reading {}", path.display()))?;
-            if meta.dev() != root_meta.dev() {
+            if same_dev_only && meta.dev() != root_meta.dev() {
                 continue;
             }
             if !seen.insert((meta.dev(), meta.ino())) {
@@ -233,9 +235,9 @@ mod tests {
     fn tree_usage_counts_hard_links_once() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("a"), vec![1u8; 10_000]).unwrap();
-        let once = tree_usage(dir.path()).unwrap();
+        let once = tree_usage_with(dir.path(), true).unwrap();
         fs::hard_link(dir.path().join("a"), dir.path().join("b")).unwrap();
-        let twice = tree_usage(dir.path()).unwrap();
+        let twice = tree_usage_with(dir.path(), true).unwrap();
         assert_eq!(once, twice);
         assert!(once.bytes >= 10_000);
         assert_eq!(once.inodes, 2);

@@ -46,6 +46,10 @@ pub struct Manifest {
     /// Installed versions of those packages, from dpkg.
     #[serde(default)]
     pub package_versions: BTreeMap<String, String>,
+    /// Agents installed (name → version of its npm package); empty for images
+    /// without agents.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub agents: BTreeMap<String, String>,
     /// Hashes and sizes of the image's files (paths relative to the image directory).
     pub files: Vec<FileEntry>,
     pub sizes: Sizes,
@@ -140,6 +144,7 @@ pub(crate) mod tests {
             sandpen_version: env!("CARGO_PKG_VERSION").into(),
             packages: vec!["curl".into()],
             package_versions: BTreeMap::from([("curl".into(), "8.14.1-2".into())]),
+            agents: BTreeMap::new(),
             files: vec![FileEntry {
                 name: "vmlinux".into(),
                 size: 3,

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use sandpen_agents::{Agent, Install, AGENT_APT_PACKAGES};
+
 use crate::error::ImageError;
 use crate::modules::BOOT_MODULES;
 
@@ -59,6 +61,11 @@ pub struct ImageSpec {
     /// CA certificates (PEM, `.crt`) to trust inside the image, e.g. for a
     /// TLS-intercepting proxy between the build and the internet.
     pub extra_ca_certs: Vec<PathBuf>,
+    /// Agents to install (names from `sandpen_agents::AGENTS`). Any agent makes
+    /// it an agent image: [`sandpen_agents::AGENT_APT_PACKAGES`] plus each
+    /// agent's npm package.
+    #[serde(default)]
+    pub agents: Vec<String>,
 }
 
 impl ImageSpec {
@@ -71,7 +78,16 @@ impl ImageSpec {
             mirror: host_mirror(),
             packages: Vec::new(),
             extra_ca_certs: find_ca_certs(Path::new(HOST_CA_DIR)),
+            agents: Vec::new(),
         }
+    }
+
+    /// The spec of an agent image on this host: [`ImageSpec::default_for`]
+    /// plus `agents`.
+    pub fn for_agents(name: &str, agents: &[&str]) -> ImageSpec {
+        let mut spec = ImageSpec::default_for(name);
+        spec.agents = agents.iter().map(|a| a.to_string()).collect();
+        spec
     }
 
     /// sha256 (hex) over a canonical form of every input: the fields above (package
@@ -89,7 +105,51 @@ impl ImageSpec {
             packages: Vec<&'a str>,
             boot_modules: &'a [&'a str],
             ca_certs: Vec<(String, String)>,
+            // Absent for images without agents, so their keys stay what they were.
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            agents: Vec<AgentKey<'a>>,
         }
+        #[derive(Serialize)]
+        struct AgentKey<'a> {
+            name: &'a str,
+            npm: &'a str,
+            trim: &'a [&'a str],
+        }
+        let ca_certs = self.ca_cert_digests();
+        let input = KeyInput {
+            recipe_version: RECIPE_VERSION,
+            name: &self.name,
+            suite: &self.suite,
+            mirror: self.mirror.trim_end_matches('/'),
+            base_packages: BASE_PACKAGES,
+            packages: self.extra_packages(),
+            boot_modules: BOOT_MODULES,
+            ca_certs,
+            agents: self
+                .agents()
+                .iter()
+                .map(|agent| match agent.install {
+                    Install::Npm { package, trim } => AgentKey {
+                        name: agent.name,
+                        npm: package,
+                        trim,
+                    },
+                    Install::Unavailable { .. } => AgentKey {
+                        name: agent.name,
+                        npm: "",
+                        trim: &[],
+                    },
+                })
+                .collect(),
+        };
+        // Serializing plain strings and numbers cannot fail.
+        let canonical = serde_json::to_vec(&input).unwrap_or_default();
+        hex::encode(Sha256::digest(&canonical))
+    }
+
+    /// (destination name, sha256 of the content) of each extra CA certificate,
+    /// sorted. An unreadable file gets a digest of its own.
+    pub(crate) fn ca_cert_digests(&self) -> Vec<(String, String)> {
         let mut ca_certs: Vec<(String, String)> = self
             .extra_ca_certs
             .iter()
@@ -102,19 +162,7 @@ impl ImageSpec {
             })
             .collect();
         ca_certs.sort();
-        let input = KeyInput {
-            recipe_version: RECIPE_VERSION,
-            name: &self.name,
-            suite: &self.suite,
-            mirror: self.mirror.trim_end_matches('/'),
-            base_packages: BASE_PACKAGES,
-            packages: self.extra_packages(),
-            boot_modules: BOOT_MODULES,
-            ca_certs,
-        };
-        // Serializing plain strings and numbers cannot fail.
-        let canonical = serde_json::to_vec(&input).unwrap_or_default();
-        hex::encode(Sha256::digest(&canonical))
+        ca_certs
     }
 
     /// Checks the fields that become debootstrap arguments, so none can pass for
@@ -161,15 +209,59 @@ impl ImageSpec {
                 return Err(invalid("package", package, "not a Debian package name"));
             }
         }
+        for name in &self.agents {
+            match sandpen_agents::find(name) {
+                None => {
+                    return Err(invalid(
+                        "agent",
+                        name,
+                        "not an agent sandpen knows (claude, codex, gemini, opencode, kiro)",
+                    ))
+                }
+                Some(agent) => {
+                    if let Install::Unavailable { reason } = agent.install {
+                        return Err(ImageError::AgentUnavailable {
+                            agent: agent.name.to_string(),
+                            reason: reason.to_string(),
+                        });
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
-    /// `spec.packages` trimmed, sorted, without duplicates or base packages.
+    /// The agents of the spec, sorted, each once (unknown names are left to
+    /// [`ImageSpec::validate`]).
+    pub fn agents(&self) -> Vec<&'static Agent> {
+        let mut agents: Vec<&'static Agent> = self
+            .agents
+            .iter()
+            .filter_map(|name| sandpen_agents::find(name.trim()))
+            .collect();
+        agents.sort_by_key(|a| a.name);
+        agents.dedup_by_key(|a| a.name);
+        agents
+    }
+
+    /// Whether this is an agent image.
+    pub fn has_agents(&self) -> bool {
+        !self.agents.is_empty()
+    }
+
+    /// `spec.packages` (plus the agent packages for an agent image) trimmed,
+    /// sorted, without duplicates or base packages.
     pub(crate) fn extra_packages(&self) -> Vec<&str> {
+        let agent_packages: &[&str] = if self.has_agents() {
+            AGENT_APT_PACKAGES
+        } else {
+            &[]
+        };
         let mut packages: Vec<&str> = self
             .packages
             .iter()
             .map(|p| p.trim())
+            .chain(agent_packages.iter().copied())
             .filter(|p| !p.is_empty() && !BASE_PACKAGES.contains(p))
             .collect();
         packages.sort_unstable();
@@ -267,6 +359,7 @@ mod tests {
             mirror: "http://deb.debian.org/debian".into(),
             packages: vec!["nodejs".into(), "npm".into()],
             extra_ca_certs: Vec::new(),
+            agents: Vec::new(),
         }
     }
 

@@ -154,6 +154,7 @@ fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOpt
                     .map_err(|e| anyhow::anyhow!("--add-host {h}: {e}"))
             })
             .collect::<Result<_>>()?,
+        docker: args.docker.parse()?,
     })
 }
 

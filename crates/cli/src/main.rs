@@ -48,6 +48,10 @@ pub struct CreateArgs {
     /// (also permits that address, even in a blocked range)
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_hosts: Vec<String>,
+    /// When the sandbox's own Docker engine starts: on-demand (first use of
+    /// the docker socket), boot, or off
+    #[arg(long, default_value = "on-demand")]
+    pub docker: String,
 }
 
 #[derive(Subcommand)]

@@ -117,6 +117,7 @@ async fn handle_stream(stream: MuxStream, state: Arc<GuestState>) -> Result<()> 
                     if let Ok(mut s) = state.setup.write() {
                         *s = Some(setup);
                     }
+                    crate::docker::arm(state.reaper.clone());
                     log!("ready at {} ms", sys::uptime_ms());
                     SetupReply::Ok {
                         kernel_release: sys::kernel_release(),

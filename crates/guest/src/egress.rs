@@ -19,6 +19,8 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use crate::log;
 
 pub const DNS_STUB: &str = "127.0.0.53:53";
+/// Where containers' DNS queries are redirected to (any local address).
+pub const BRIDGE_DNS_PORT: u16 = 15053;
 pub const TRANSPARENT_PORT: u16 = 15001;
 pub const HTTP_PROXY_PORT: u16 = 3128;
 /// Synthetic addresses: 198.18.0.0/15 (reserved for benchmarking, never routed).
@@ -104,18 +106,23 @@ pub async fn start(mux: MuxHandle, prepared: tokio::task::JoinHandle<Result<()>>
     let dns = UdpSocket::bind(DNS_STUB)
         .await
         .context("binding the DNS stub")?;
-    let t = table.clone();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 1500];
-        loop {
-            let Ok((n, peer)) = dns.recv_from(&mut buf).await else {
-                continue;
-            };
-            if let Some(reply) = answer(&buf[..n], &t) {
-                let _ = dns.send_to(&reply, peer).await;
+    let bridge_dns = UdpSocket::bind(("0.0.0.0", BRIDGE_DNS_PORT))
+        .await
+        .context("binding the DNS stub for containers")?;
+    for socket in [dns, bridge_dns] {
+        let t = table.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 1500];
+            loop {
+                let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                    continue;
+                };
+                if let Some(reply) = answer(&buf[..n], &t) {
+                    let _ = socket.send_to(&reply, peer).await;
+                }
             }
-        }
-    });
+        });
+    }
 
     let transparent = TcpListener::bind(("0.0.0.0", TRANSPARENT_PORT))
         .await
@@ -173,9 +180,14 @@ async fn relay(mux: MuxHandle, mut conn: TcpStream, mode: EgressMode, host: Stri
     let _ = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
 }
 
-/// nftables: every TCP connection leaving the guest (or forwarded from a
-/// container bridge) goes to the transparent listener; UDP goes nowhere but to
-/// the DNS stub.
+/// nftables: every TCP connection leaving the guest, or leaving a container on
+/// a Docker bridge inside it, goes to the transparent listener; containers'
+/// DNS goes to the stub; other UDP goes nowhere. Traffic between the guest and
+/// its containers stays inside: the guest's route to "everywhere" is a local
+/// route in the main table, so the bridges' own routes are more specific, and
+/// packets for Docker's address pools (172.16.0.0/12, 192.168.0.0/16) are not
+/// redirected (a container reaching a literal private address gets a reset;
+/// by name it goes through the redirect like any other).
 const NFT_RULES: &str = "
 table inet sandpen
 delete table inet sandpen
@@ -183,17 +195,21 @@ table inet sandpen {
     chain output_nat {
         type nat hook output priority -100;
         ip daddr 127.0.0.0/8 return
+        oifname != \"lo\" return
         meta l4proto tcp redirect to :15001
     }
     chain prerouting_nat {
         type nat hook prerouting priority -100;
         iifname \"lo\" return
+        udp dport 53 redirect to :15053
+        ip daddr { 172.16.0.0/12, 192.168.0.0/16 } return
         meta l4proto tcp redirect to :15001
     }
     chain output_filter {
         type filter hook output priority 0;
         ip daddr 127.0.0.0/8 accept
         ip6 daddr ::1 accept
+        oifname != \"lo\" accept
         meta l4proto tcp accept
         drop
     }

@@ -15,8 +15,8 @@ use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 /// The loopback interface's index (always 1).
 const LOOPBACK: u32 = 1;
-/// The kernel's `local` routing table.
-const RT_TABLE_LOCAL: u8 = 255;
+/// The kernel's `main` routing table.
+const RT_TABLE_MAIN: u8 = 254;
 
 fn request(message: RouteNetlinkMessage, extra_flags: u16) -> io::Result<()> {
     let mut msg = NetlinkMessage::from(message);
@@ -52,14 +52,16 @@ pub fn loopback_up() -> io::Result<()> {
     request(RouteNetlinkMessage::SetLink(link), 0)
 }
 
-/// `ip route replace local 0.0.0.0/0 dev lo`: every IPv4 address is local, so
-/// a connection to anywhere reaches the nat redirect instead of failing with
-/// "network unreachable".
+/// `ip route replace local 0.0.0.0/0 dev lo table main`: every IPv4 address is
+/// local, so a connection to anywhere reaches the nat redirect instead of
+/// failing with "network unreachable". It is in the main table, not the local
+/// one (which is looked up first), so that the more specific routes of Docker
+/// bridges inside the guest still win.
 pub fn route_everything_local() -> io::Result<()> {
     let mut route = RouteMessage::default();
     route.header.address_family = AddressFamily::Inet;
     route.header.destination_prefix_length = 0;
-    route.header.table = RT_TABLE_LOCAL;
+    route.header.table = RT_TABLE_MAIN;
     route.header.protocol = RouteProtocol::Boot;
     route.header.scope = RouteScope::Host;
     route.header.kind = RouteType::Local;

@@ -61,6 +61,21 @@ pub fn lookup_in(passwd: &str, group: &str, who: &str) -> Option<Account> {
         })
 }
 
+/// The gid of group `name` in `/etc/group`.
+pub fn group_id(name: &str) -> Option<u32> {
+    let group = std::fs::read_to_string(Path::new("/etc/group")).ok()?;
+    group_id_in(&group, name)
+}
+
+fn group_id_in(group: &str, name: &str) -> Option<u32> {
+    group.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        (f.len() >= 3 && f[0] == name)
+            .then(|| f[2].parse().ok())
+            .flatten()
+    })
+}
+
 pub fn lookup(who: &str) -> Option<Account> {
     let passwd = std::fs::read_to_string(Path::new("/etc/passwd")).ok()?;
     let group = std::fs::read_to_string(Path::new("/etc/group")).unwrap_or_default();
@@ -94,5 +109,7 @@ mod tests {
         assert_eq!(a.groups, vec![27, 990]);
         assert_eq!(lookup_in(PASSWD, GROUP, "0").unwrap().name, "root");
         assert!(lookup_in(PASSWD, GROUP, "nobody").is_none());
+        assert_eq!(group_id_in(GROUP, "docker"), Some(990));
+        assert_eq!(group_id_in(GROUP, "dock"), None);
     }
 }

@@ -31,6 +31,48 @@ pub struct SandboxConfig {
     /// `NAME:IP` resolution overrides for the egress proxy (`--add-host`).
     #[serde(default)]
     pub add_hosts: Vec<String>,
+    /// When the guest's Docker engine starts (images that carry one).
+    #[serde(default)]
+    pub docker: DockerStart,
+}
+
+/// When dockerd starts in the guest. It travels to the guest on the kernel
+/// command line as `sandpen.docker=VALUE`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DockerStart {
+    /// When the first client connects to `/var/run/docker.sock`.
+    #[default]
+    OnDemand,
+    /// Right after boot.
+    Boot,
+    /// Never.
+    Off,
+}
+
+impl DockerStart {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DockerStart::OnDemand => "on-demand",
+            DockerStart::Boot => "boot",
+            DockerStart::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for DockerStart {
+    type Err = SupervisorError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "on-demand" => Ok(DockerStart::OnDemand),
+            "boot" => Ok(DockerStart::Boot),
+            "off" => Ok(DockerStart::Off),
+            _ => Err(SupervisorError::Invalid(format!(
+                "invalid --docker {s:?}: use on-demand, boot or off"
+            ))),
+        }
+    }
 }
 
 pub const GUEST_USER: &str = "agent";
@@ -50,6 +92,7 @@ pub struct CreateOptions {
     pub disk_gib: u32,
     pub accel: AccelChoice,
     pub add_hosts: Vec<String>,
+    pub docker: DockerStart,
 }
 
 /// Parses sizes like `2048`, `512M`, `2G`, `2GiB` into MiB.
@@ -271,6 +314,7 @@ pub fn create(
             guest_gid,
             created_at: now_rfc3339(),
             add_hosts: opts.add_hosts.clone(),
+            docker: opts.docker,
         };
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| SupervisorError::Invalid(format!("serializing the sandbox: {e}")))?;

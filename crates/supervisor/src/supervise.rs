@@ -205,7 +205,7 @@ async fn boot(
             })
             .collect(),
         tsc_khz: sandpen_vm::qemu::host_tsc_khz(),
-        extra_cmdline: vec![],
+        extra_cmdline: vec![format!("sandpen.docker={}", config.docker.as_str())],
     };
     let qemu_bin = sandpen_vm::which("qemu-system-x86_64").ok_or_else(|| {
         SupervisorError::Vm(sandpen_vm::VmError::MissingTool {

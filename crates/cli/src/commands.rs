@@ -116,6 +116,7 @@ pub async fn dispatch(command: Command) -> Result<i32> {
         }
         Command::Image(cmd) => image(&dirs, cmd).await,
         Command::Policy(cmd) => crate::policy_cmd::run(&dirs, cmd).await,
+        Command::Secret(cmd) => crate::secret_cmd::run(&dirs, cmd),
         Command::Doctor => doctor(&dirs),
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
     }
@@ -154,6 +155,7 @@ fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOpt
                     .map_err(|e| anyhow::anyhow!("--add-host {h}: {e}"))
             })
             .collect::<Result<_>>()?,
+        upstream_cas: args.upstream_cas.clone(),
     })
 }
 

@@ -3,6 +3,7 @@
 mod attach;
 mod commands;
 mod policy_cmd;
+mod secret_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +49,10 @@ pub struct CreateArgs {
     /// (also permits that address, even in a blocked range)
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_hosts: Vec<String>,
+    /// Also trust this CA (PEM) for upstreams that the proxy re-encrypts to
+    /// on credential hosts (private upstreams, tests)
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_cas: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -130,6 +135,9 @@ enum Command {
     /// Network policy: rules, modes, checks and the log
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Secrets the proxy puts in place of the guest's placeholder
+    #[command(subcommand)]
+    Secret(secret_cmd::SecretCommand),
     /// Check this host: QEMU, KVM or TCG, file server, image tools
     Doctor,
     /// Internal: the per-sandbox supervisor process

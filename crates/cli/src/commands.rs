@@ -113,6 +113,7 @@ pub async fn dispatch(command: Command) -> Result<i32> {
         }
         Command::Image(cmd) => image(&dirs, cmd).await,
         Command::Policy(cmd) => crate::policy_cmd::run(&dirs, cmd).await,
+        Command::Secret(cmd) => crate::secret_cmd::run(&dirs, cmd),
         Command::Doctor => doctor(&dirs),
         Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
     }
@@ -155,6 +156,7 @@ fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOpt
             })
             .collect::<Result<_>>()?,
         docker: args.docker.parse()?,
+        upstream_cas: args.upstream_cas.clone(),
     })
 }
 
@@ -418,24 +420,22 @@ async fn run(
     exec(dirs, &config, argv, env, None, None, tty, true).await
 }
 
-/// The agent's environment: every credential route's sentinel variable
-/// (`ANTHROPIC_API_KEY=proxy-managed`, ...) and the agent's own settings.
+/// The agent's own environment. The credential routes' sentinels
+/// (`ANTHROPIC_API_KEY=proxy-managed`, ...) and the sandbox CA variables are
+/// in every guest process's environment already (the supervisor's setup).
 fn agent_env(agent: &sandpen_agents::Agent) -> Vec<(String, String)> {
-    let mut env = sandpen_credentials::RouteTable::new().guest_env();
-    env.extend(
-        agent
-            .env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string())),
-    );
-    env
+    agent
+        .env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Refuses to start an agent that has no key: without one the proxy has
 /// nothing to swap in, and the agent would start into a login screen or fail
 /// on its first request.
 fn require_secret(dirs: &Dirs, agent: &sandpen_agents::Agent, sandbox: &str) -> Result<()> {
-    let store = sandpen_credentials::FileStore::new(dirs.config.join("secrets"));
+    let store = sandpen_supervisor::credentials::store(dirs);
     for service in agent.services {
         if store
             .get(service, Some(sandbox))

@@ -3,6 +3,7 @@
 mod attach;
 mod commands;
 mod policy_cmd;
+mod secret_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +53,10 @@ pub struct CreateArgs {
     /// the docker socket), boot, or off
     #[arg(long, default_value = "on-demand")]
     pub docker: String,
+    /// Also trust this CA (PEM) for upstreams that the proxy re-encrypts to
+    /// on credential hosts (private upstreams, tests)
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_cas: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -134,6 +139,9 @@ enum Command {
     /// Network policy: rules, modes, checks and the log
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Secrets the proxy puts in place of the guest's placeholder
+    #[command(subcommand)]
+    Secret(secret_cmd::SecretCommand),
     /// Check this host: QEMU, KVM or TCG, file server, image tools
     Doctor,
     /// Internal: the per-sandbox supervisor process

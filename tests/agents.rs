@@ -342,7 +342,7 @@ for f in /bin/sh /usr/bin/curl; do
   for lib in $(ldd "$f" | grep -o '/[^ ]*'); do cp --parents -L "$lib" /tmp/mini; done
 done
 tar -C /tmp/mini -cf /tmp/mini.tar .
-docker import -q /tmp/mini.tar sandpen-mini >/dev/null
+docker import /tmp/mini.tar sandpen-mini >/dev/null
 echo imported"#;
 
 fn docker_import_and_run_prints_from_the_nested_container() -> Result<(), Failed> {

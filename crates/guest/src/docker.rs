@@ -26,7 +26,7 @@ use anyhow::{Context, Result};
 use crate::log;
 use crate::reaper::Reaper;
 
-const DOCKERD: &str = "/usr/bin/dockerd";
+const DOCKERD: &str = "/usr/sbin/dockerd";
 const SOCKET: &str = "/run/docker.sock";
 const LOG: &str = "/var/log/sandpen-dockerd.log";
 /// Modules dockerd needs: overlay2 storage, the bridge and veth pairs. The
@@ -136,6 +136,10 @@ fn launch(reaper: &Reaper, listen_fd: Option<RawFd>) -> Result<()> {
         .arg("sandpen-dockerd")
         .arg(DOCKERD)
         .args(["--iptables=false", "--ip6tables=false"])
+        // Containers' DNS is redirected to the guest's stub whatever server
+        // they ask; name one so dockerd does not go looking for systemd-resolved's
+        // file (the guest's resolv.conf names 127.0.0.53). TEST-NET-1: never real.
+        .args(["--dns", "192.0.2.53"])
         .args(match listen_fd {
             Some(_) => ["-H", "fd://"],
             None => ["-H", "unix:///run/docker.sock"],

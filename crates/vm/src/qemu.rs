@@ -106,6 +106,12 @@ impl VmConfig {
                 // MiB of host memory per VM.
                 push("-accel");
                 push(&format!("tcg,tb-size={TCG_TB_SIZE_MIB}"));
+                // Every instruction set extension TCG can emulate. The default
+                // (qemu64) has no SSE4.2 or AVX2, and agents' native binaries
+                // (Claude Code is a Bun executable built for x86-64-v3) die
+                // with SIGILL on it.
+                push("-cpu");
+                push("max");
             }
         }
         for s in [

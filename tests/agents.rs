@@ -33,16 +33,90 @@ struct Env {
     root: tempfile::TempDir,
     ws: PathBuf,
     http_port: u16,
+    model_port: u16,
     server: std::sync::Mutex<Child>,
 }
 
-/// A plain HTTP server on 127.0.0.1 that logs each request path.
-const SERVER: &str = r#"
-import http.server, sys, os
-log = open(os.path.join(sys.argv[1], "requests.log"), "a", buffering=1)
-class H(http.server.BaseHTTPRequestHandler):
+/// Two servers on 127.0.0.1: plain HTTP (`hello from the host PATH`, each path
+/// logged to `requests.log`), and a mock model API over TLS for
+/// `api.anthropic.com` and `api.openai.com` (certificate from a test CA the
+/// sandbox trusts upstream through `--upstream-ca`). The mock speaks the
+/// Anthropic Messages API (streaming server-sent events, or JSON) and the
+/// OpenAI Responses API (streaming), always answering [`MOCK_TEXT`], and logs
+/// every request with its headers to `model-requests.jsonl`.
+const SERVERS: &str = r##"
+import http.server, ssl, sys, threading, os, json
+root = sys.argv[1]
+paths = open(os.path.join(root, "requests.log"), "a", buffering=1)
+log = open(os.path.join(root, "model-requests.jsonl"), "a", buffering=1)
+TEXT = "Hi from the mock model"
+def sse(events):
+    return b"".join(("event: %s\ndata: %s\n\n" % (e, json.dumps(d))).encode() for e, d in events)
+def anthropic_stream():
+    return sse([
+        ("message_start", {"type": "message_start", "message": {"id": "msg_mock", "type": "message", "role": "assistant",
+            "model": "claude-sonnet-4-5", "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 1}}}),
+        ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ("ping", {"type": "ping"}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": TEXT}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 6}}),
+        ("message_stop", {"type": "message_stop"}),
+    ])
+def anthropic_json():
+    return json.dumps({"id": "msg_mock", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": TEXT}], "stop_reason": "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": 10, "output_tokens": 6}}).encode()
+def openai_stream():
+    item = {"id": "msg_mock", "type": "message", "role": "assistant", "status": "completed",
+            "content": [{"type": "output_text", "text": TEXT, "annotations": []}]}
+    resp = {"id": "resp_mock", "object": "response", "created_at": 1, "status": "completed", "model": "gpt-5",
+            "output": [item], "usage": {"input_tokens": 10, "output_tokens": 6, "total_tokens": 16,
+            "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}}
+    return sse([
+        ("response.created", {"type": "response.created", "sequence_number": 0, "response": dict(resp, status="in_progress", output=[])}),
+        ("response.output_item.added", {"type": "response.output_item.added", "sequence_number": 1, "output_index": 0,
+            "item": dict(item, status="in_progress", content=[])}),
+        ("response.output_text.delta", {"type": "response.output_text.delta", "sequence_number": 2, "item_id": "msg_mock",
+            "output_index": 0, "content_index": 0, "delta": TEXT}),
+        ("response.output_item.done", {"type": "response.output_item.done", "sequence_number": 3, "output_index": 0, "item": item}),
+        ("response.completed", {"type": "response.completed", "sequence_number": 4, "response": resp}),
+    ])
+class Model(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
     def do_GET(self):
-        log.write(self.path + "\n")
+        self.handle_any(b"")
+    def do_POST(self):
+        self.handle_any(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+    def handle_any(self, body):
+        log.write(json.dumps({"host": self.headers.get("Host", ""), "method": self.command, "path": self.path,
+            "headers": [[k.lower(), v] for k, v in self.headers.items()]}) + "\n")
+        try:
+            req = json.loads(body or b"{}")
+        except Exception:
+            req = {}
+        path = self.path.split("?")[0]
+        if path == "/v1/messages":
+            if req.get("stream"):
+                self.reply(200, "text/event-stream", anthropic_stream())
+            else:
+                self.reply(200, "application/json", anthropic_json())
+        elif path == "/v1/responses":
+            self.reply(200, "text/event-stream", openai_stream())
+        else:
+            self.reply(404, "application/json", b'{"type":"error","error":{"type":"not_found_error","message":"mock"}}')
+    def reply(self, code, ctype, data):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+    def log_message(self, *a):
+        pass
+class Plain(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        paths.write(self.path + "\n")
         body = ("hello from the host " + self.path + "\n").encode()
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -50,18 +124,51 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *a):
         pass
-s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
-print(s.server_address[1], flush=True)
-s.serve_forever()
-"#;
+plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Plain)
+model = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Model)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(os.path.join(root, "model.pem"), os.path.join(root, "model.key"))
+model.socket = ctx.wrap_socket(model.socket, server_side=True)
+for s in (plain, model):
+    threading.Thread(target=s.serve_forever, daemon=True).start()
+print(plain.server_address[1], model.server_address[1], flush=True)
+threading.Event().wait()
+"##;
+
+/// What the mock model answers.
+const MOCK_TEXT: &str = "Hi from the mock model";
+
+/// A test CA (`model-ca.pem`) and a leaf for the model API hosts
+/// (`model.pem`, `model.key`).
+fn make_pki(root: &std::path::Path) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "sandpen agents test upstream CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("CA");
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf = rcgen::CertificateParams::new(vec![
+        "api.anthropic.com".to_string(),
+        "api.openai.com".to_string(),
+    ])
+    .expect("leaf params")
+    .signed_by(&leaf_key, &ca)
+    .expect("leaf");
+    std::fs::write(root.join("model-ca.pem"), ca.pem()).expect("writing the CA");
+    std::fs::write(root.join("model.pem"), leaf.pem()).expect("writing the leaf");
+    std::fs::write(root.join("model.key"), leaf_key.serialize_pem()).expect("writing the key");
+}
 
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let (root, ws) = common::workspace("sandpen-agents-", NAME);
+        make_pki(root.path());
         let mut server = Command::new("python3")
             .arg("-c")
-            .arg(SERVER)
+            .arg(SERVERS)
             .arg(root.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -70,7 +177,11 @@ fn env() -> &'static Env {
         let mut line = String::new();
         BufReader::new(server.stdout.take().expect("server stdout"))
             .read_line(&mut line)
-            .expect("the server's port");
+            .expect("the servers' ports");
+        let ports: Vec<u16> = line
+            .split_whitespace()
+            .map(|p| p.parse().expect("a port number"))
+            .collect();
         let config = tempfile::Builder::new()
             .prefix("sandpen-config-")
             .tempdir()
@@ -95,7 +206,8 @@ fn env() -> &'static Env {
             config,
             data: common::data_home(),
             ws,
-            http_port: line.trim().parse().expect("a port number"),
+            http_port: ports[0],
+            model_port: ports[1],
             root,
             server: std::sync::Mutex::new(server),
         }
@@ -155,6 +267,8 @@ fn policy_ready() -> Result<(), Failed> {
                 ok(&["policy", "init", "deny-all", "-g"])?;
                 ok(&["policy", "allow", "network", "allowed.test", "-g"])?;
                 ok(&["policy", "deny", "network", "denied.test", "-g"])?;
+                ok(&["policy", "allow", "network", "api.anthropic.com", "-g"])?;
+                ok(&["policy", "allow", "network", "api.openai.com", "-g"])?;
                 Ok(())
             })()
             .map_err(|e| format!("{e:?}"))
@@ -163,7 +277,11 @@ fn policy_ready() -> Result<(), Failed> {
         .map_err(Failed::from)
 }
 
+/// `sandpen run AGENT -- ARGS` with the options the first run creates the
+/// sandbox with (later runs attach and ignore them).
 fn run_agent(agent: &str, args: &[&str]) -> Output {
+    let upstream_ca = env().root.path().join("model-ca.pem");
+    let upstream_ca = upstream_ca.to_string_lossy().into_owned();
     let mut argv = vec![
         "run",
         agent,
@@ -175,6 +293,12 @@ fn run_agent(agent: &str, args: &[&str]) -> Output {
         "allowed.test:127.0.0.1",
         "--add-host",
         "denied.test:127.0.0.1",
+        "--add-host",
+        "api.anthropic.com:127.0.0.1",
+        "--add-host",
+        "api.openai.com:127.0.0.1",
+        "--upstream-ca",
+        &upstream_ca,
         "--",
     ];
     argv.extend_from_slice(args);
@@ -325,6 +449,100 @@ fn the_guest_never_sees_the_real_key() -> Result<(), Failed> {
     check(found.trim().is_empty(), format!("the real key is in the guest: {found}"))
 }
 
+/// The mock's requests to `path` so far: (host header, x-api-key, authorization).
+fn model_requests(path: &str) -> Vec<(String, String, String)> {
+    let text = std::fs::read_to_string(env().root.path().join("model-requests.jsonl"))
+        .unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with(path)))
+        .map(|r| {
+            let header = |name: &str| {
+                r["headers"]
+                    .as_array()
+                    .and_then(|h| h.iter().find(|kv| kv[0] == name))
+                    .and_then(|kv| kv[1].as_str())
+                    .unwrap_or("")
+                    .to_string()
+            };
+            (
+                r["host"].as_str().unwrap_or("").to_string(),
+                header("x-api-key"),
+                header("authorization"),
+            )
+        })
+        .collect()
+}
+
+/// The real Claude Code CLI, headless, against the mock Messages API reached
+/// as api.anthropic.com: it prints the mock's text, and the mock saw the
+/// stored key, never the sentinel. The mock cannot take port 443 on a shared
+/// host, so the agent is pointed at its port with ANTHROPIC_BASE_URL in its
+/// settings (the host name, and so the credential route, stay the same).
+fn claude_headless_gets_the_mock_reply_with_the_real_key() -> Result<(), Failed> {
+    let port = env().model_port;
+    guest(&format!(
+        "mkdir -p ~/.claude && jq -n '{{env: {{ANTHROPIC_BASE_URL: \"https://api.anthropic.com:{port}\"}}}}' \
+         > ~/.claude/settings.json"
+    ))?;
+    let out = run_agent("claude", &["-p", "say hi"]);
+    let stdout = expect_ok(&out, "sandpen run claude -- -p 'say hi'")?;
+    check(
+        stdout.contains(MOCK_TEXT),
+        format!("Claude Code did not print the mock's reply: {stdout}"),
+    )?;
+    let seen = model_requests("/v1/messages");
+    check(!seen.is_empty(), "the mock got no Messages request")?;
+    for (host, key, auth) in &seen {
+        check(
+            host.starts_with("api.anthropic.com") && key == REAL_KEY,
+            format!("the mock got x-api-key {key:?} for host {host:?}"),
+        )?;
+        check(
+            !auth.contains("proxy-managed"),
+            format!("the sentinel reached the upstream: {auth}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// The real Codex CLI (`codex exec`) against the mock Responses API reached
+/// as api.openai.com, through a provider defined on its command line (Codex
+/// ignores OPENAI_BASE_URL for its built-in provider).
+fn codex_exec_gets_the_mock_reply_with_the_real_key() -> Result<(), Failed> {
+    let port = env().model_port;
+    let provider = format!(
+        "model_providers.mock={{name=\"mock\",base_url=\"https://api.openai.com:{port}/v1\",\
+         env_key=\"OPENAI_API_KEY\",wire_api=\"responses\"}}"
+    );
+    let out = run_agent(
+        "codex",
+        &[
+            "-c",
+            "model_provider=mock",
+            "-c",
+            &provider,
+            "exec",
+            "--skip-git-repo-check",
+            "say hi",
+        ],
+    );
+    let stdout = expect_ok(&out, "sandpen run codex -- exec 'say hi'")?;
+    check(
+        stdout.contains(MOCK_TEXT),
+        format!("Codex did not print the mock's reply: {stdout}"),
+    )?;
+    let seen = model_requests("/v1/responses");
+    check(!seen.is_empty(), "the mock got no Responses request")?;
+    for (host, _, auth) in &seen {
+        check(
+            host.starts_with("api.openai.com") && auth == &format!("Bearer {REAL_KEY}"),
+            format!("the mock got authorization {auth:?} for host {host:?}"),
+        )?;
+    }
+    Ok(())
+}
+
 fn docker_info_works() -> Result<(), Failed> {
     let out = guest("docker info --format '{{.ServerVersion}} {{.Driver}} {{.CgroupVersion}}'")?;
     check(
@@ -452,6 +670,14 @@ fn main() {
         (
             "the_guest_never_sees_the_real_key",
             the_guest_never_sees_the_real_key,
+        ),
+        (
+            "claude_headless_gets_the_mock_reply_with_the_real_key",
+            claude_headless_gets_the_mock_reply_with_the_real_key,
+        ),
+        (
+            "codex_exec_gets_the_mock_reply_with_the_real_key",
+            codex_exec_gets_the_mock_reply_with_the_real_key,
         ),
         ("docker_info_works", docker_info_works),
         (

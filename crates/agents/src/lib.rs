@@ -94,7 +94,6 @@ const CODEX_CONFIG: &str = r#"# Written by sandpen: the VM is the boundary, so C
 # OPENAI_API_KEY; the host swaps in the real key on requests to api.openai.com.
 approval_policy = "never"
 sandbox_mode = "danger-full-access"
-preferred_auth_method = "apikey"
 "#;
 
 const GEMINI_SETTINGS: &str = r#"{

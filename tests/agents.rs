@@ -343,7 +343,10 @@ fn run_claude_without_a_secret_says_how_to_set_one() -> Result<(), Failed> {
 fn kiro_says_exactly_why_it_cannot_run() -> Result<(), Failed> {
     let out = sandpen(&["run", "kiro"]);
     let err = text(&out.stderr);
-    check(out.status.code() == Some(125), format!("exit {:?}", out.status.code()))?;
+    check(
+        out.status.code() == Some(125),
+        format!("exit {:?}", out.status.code()),
+    )?;
     check(
         err.contains("Kiro CLI cannot run in sandpen") && err.contains("not published on npm"),
         format!("unclear reason: {err}"),
@@ -426,8 +429,7 @@ fn agent_settings_are_written_for_the_sentinel() -> Result<(), Failed> {
     ))?;
     let lines: Vec<&str> = out.lines().collect();
     check(
-        lines.len() >= 6
-            && lines[..5] == ["true", "proxy-managed", "true", "1", "gemini-api-key"],
+        lines.len() >= 6 && lines[..5] == ["true", "proxy-managed", "true", "1", "gemini-api-key"],
         format!("settings: {out}"),
     )?;
     check(
@@ -438,21 +440,21 @@ fn agent_settings_are_written_for_the_sentinel() -> Result<(), Failed> {
 
 fn the_guest_never_sees_the_real_key() -> Result<(), Failed> {
     // The agent's environment holds the sentinel, never the stored value.
-    let out = run_agent(
-        "claude",
-        &["--version"],
-    );
+    let out = run_agent("claude", &["--version"]);
     expect_ok(&out, "run claude")?;
     let found = guest(&format!(
         "sudo grep -rl --exclude-dir=proc --exclude-dir=sys -s '{REAL_KEY}' /home /root /etc /tmp /run 2>/dev/null | head -3; true"
     ))?;
-    check(found.trim().is_empty(), format!("the real key is in the guest: {found}"))
+    check(
+        found.trim().is_empty(),
+        format!("the real key is in the guest: {found}"),
+    )
 }
 
 /// The mock's requests to `path` so far: (host header, x-api-key, authorization).
 fn model_requests(path: &str) -> Vec<(String, String, String)> {
-    let text = std::fs::read_to_string(env().root.path().join("model-requests.jsonl"))
-        .unwrap_or_default();
+    let text =
+        std::fs::read_to_string(env().root.path().join("model-requests.jsonl")).unwrap_or_default();
     text.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|r| r["path"].as_str().is_some_and(|p| p.starts_with(path)))
@@ -566,9 +568,8 @@ echo imported"#;
 fn docker_import_and_run_prints_from_the_nested_container() -> Result<(), Failed> {
     let out = guest(MAKE_ROOTFS)?;
     check(out.contains("imported"), format!("import: {out}"))?;
-    let out = guest(
-        "docker run --rm sandpen-mini /bin/sh -c 'echo hello from the nested container'",
-    )?;
+    let out =
+        guest("docker run --rm sandpen-mini /bin/sh -c 'echo hello from the nested container'")?;
     check(
         out.contains("hello from the nested container"),
         format!("docker run: {out}"),
@@ -634,7 +635,10 @@ fn agent_home_persists_across_stop_and_start() -> Result<(), Failed> {
     ok(&["stop", NAME])?;
     ok(&["start", NAME])?;
     let out = guest("cat ~/.sandpen-persist-check; jq -r .hasCompletedOnboarding ~/.claude.json")?;
-    check(out.lines().collect::<Vec<_>>() == ["kept", "true"], format!("after restart: {out}"))
+    check(
+        out.lines().collect::<Vec<_>>() == ["kept", "true"],
+        format!("after restart: {out}"),
+    )
 }
 
 type TestFn = fn() -> Result<(), Failed>;
@@ -653,8 +657,14 @@ fn main() {
             "kiro_says_exactly_why_it_cannot_run",
             kiro_says_exactly_why_it_cannot_run,
         ),
-        ("image_ls_shows_agent_versions", image_ls_shows_agent_versions),
-        ("claude_version_in_its_sandbox", claude_version_in_its_sandbox),
+        (
+            "image_ls_shows_agent_versions",
+            image_ls_shows_agent_versions,
+        ),
+        (
+            "claude_version_in_its_sandbox",
+            claude_version_in_its_sandbox,
+        ),
         (
             "codex_attaches_to_the_workspace_sandbox",
             codex_attaches_to_the_workspace_sandbox,

@@ -344,8 +344,10 @@ mod tests {
         for a in AGENTS {
             for f in a.config {
                 if f.write == Write::MergeJson {
-                    let opens = f.content.matches('{').count() - f.content.matches("{workspace}").count();
-                    let closes = f.content.matches('}').count() - f.content.matches("{workspace}").count();
+                    let opens =
+                        f.content.matches('{').count() - f.content.matches("{workspace}").count();
+                    let closes =
+                        f.content.matches('}').count() - f.content.matches("{workspace}").count();
                     assert_eq!(opens, closes, "{} {}", a.name, f.path);
                 }
             }
@@ -367,6 +369,53 @@ mod tests {
         );
         // The workspace is JSON-escaped inside a shell-quoted word.
         assert!(argv[2].contains(r#"/home/me/it'\''s \"x\""#), "{}", argv[2]);
+    }
+
+    /// Runs the launch prelude for real (with `true` as the agent) in a
+    /// temporary home: settings are created, merged into existing JSON
+    /// keeping the agent's own keys, and left alone when `IfMissing`.
+    #[test]
+    fn launch_prelude_writes_and_merges_settings() {
+        if std::process::Command::new("jq").arg("--version").output().is_err() {
+            eprintln!("jq is not installed here; the guest images carry it");
+            return;
+        }
+        let home = std::env::temp_dir().join(format!("sandpen-agents-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&home);
+        std::fs::create_dir_all(home.join(".codex")).unwrap();
+        std::fs::write(
+            home.join(".claude.json"),
+            r#"{"numStartups": 3, "projects": {"/other": {"x": 1}}}"#,
+        )
+        .unwrap();
+        std::fs::write(home.join(".codex/config.toml"), "# mine\n").unwrap();
+        let run = |agent: &Agent| {
+            let mut argv = agent.launch_argv("/work/ws", &[]);
+            argv[4] = "true".into();
+            let out = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .env("HOME", &home)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(find("claude").unwrap());
+        run(find("codex").unwrap());
+        let state = std::fs::read_to_string(home.join(".claude.json")).unwrap();
+        for want in [
+            r#""numStartups": 3"#,
+            r#""/other""#,
+            r#""/work/ws""#,
+            r#""hasCompletedOnboarding": true"#,
+        ] {
+            assert!(state.contains(want), "{want} missing in {state}");
+        }
+        assert!(home.join(".claude/settings.json").is_file());
+        assert_eq!(
+            std::fs::read_to_string(home.join(".codex/config.toml")).unwrap(),
+            "# mine\n"
+        );
+        let _ = std::fs::remove_dir_all(&home);
     }
 
     #[test]

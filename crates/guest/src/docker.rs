@@ -86,8 +86,12 @@ async fn on_demand(reaper: Arc<Reaper>) -> Result<()> {
     let listener = std::os::unix::net::UnixListener::bind(SOCKET)
         .with_context(|| format!("binding {SOCKET}"))?;
     if let Some(gid) = crate::users::group_id("docker") {
-        nix::unistd::chown(SOCKET, Some(nix::unistd::Uid::from_raw(0)), Some(gid.into()))
-            .with_context(|| format!("chown {SOCKET}"))?;
+        nix::unistd::chown(
+            SOCKET,
+            Some(nix::unistd::Uid::from_raw(0)),
+            Some(gid.into()),
+        )
+        .with_context(|| format!("chown {SOCKET}"))?;
     }
     std::fs::set_permissions(SOCKET, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod {SOCKET}"))?;
@@ -105,7 +109,10 @@ async fn on_demand(reaper: Arc<Reaper>) -> Result<()> {
         }
     })
     .await??;
-    log!("first docker client at {} ms: starting dockerd", crate::sys::uptime_ms());
+    log!(
+        "first docker client at {} ms: starting dockerd",
+        crate::sys::uptime_ms()
+    );
     tokio::task::spawn_blocking(move || {
         // dockerd has its own copy from here on; ours closes on return.
         launch(&reaper, Some(listener.as_raw_fd()))
@@ -193,7 +200,10 @@ mod tests {
 
     #[test]
     fn start_mode_from_cmdline() {
-        assert_eq!(Start::from_cmdline("quiet sandpen.docker=boot x"), Start::Boot);
+        assert_eq!(
+            Start::from_cmdline("quiet sandpen.docker=boot x"),
+            Start::Boot
+        );
         assert_eq!(Start::from_cmdline("sandpen.docker=off"), Start::Off);
         assert_eq!(Start::from_cmdline("quiet"), Start::OnDemand);
         assert_eq!(Start::from_cmdline("sandpen.docker=bogus"), Start::OnDemand);

@@ -17,8 +17,8 @@ use crate::kernel::{self, Unpacked};
 use crate::manifest::{FileEntry, Manifest, Sizes, StepTiming, MANIFEST_FORMAT};
 use crate::modules;
 use crate::spec::{ca_dest_name, ImageSpec, BASE_PACKAGES, HOST_CA_DIR, RECIPE_VERSION};
-use crate::tree::{self, HostDns, MountGuard, NoServices, TreeKind};
 use crate::store::{self, Image, ROOTFS_FILE, VMLINUX_FILE, VMLINUZ_FILE};
+use crate::tree::{self, HostDns, MountGuard, NoServices, TreeKind};
 use crate::{fsutil, BuildOutcome};
 
 /// The build log's name, in the build directory and then in the image directory.
@@ -368,12 +368,7 @@ impl Builder<'_> {
     /// when the guard drops.
     fn mount_root(&self, tree: &Path) -> Result<(Option<MountGuard>, &'static str), ImageError> {
         let root = self.root();
-        match MountGuard::overlay(
-            tree,
-            &self.dir.join("upper"),
-            &self.dir.join("work"),
-            &root,
-        ) {
+        match MountGuard::overlay(tree, &self.dir.join("upper"), &self.dir.join("work"), &root) {
             Ok(guard) => Ok((Some(guard), "overlay over the cached tree")),
             Err(e) => {
                 tracing::info!("no overlay ({e}); copying the tree instead");
@@ -394,10 +389,7 @@ impl Builder<'_> {
     ) -> Result<BTreeMap<String, String>, ImageError> {
         let root = self.root();
         let agents = self.spec.agents();
-        let packages: Vec<&str> = agents
-            .iter()
-            .filter_map(|a| a.npm_package().ok())
-            .collect();
+        let packages: Vec<&str> = agents.iter().filter_map(|a| a.npm_package().ok()).collect();
         let step = Step::start(self.progress, "npm agents");
         {
             let _dns = HostDns::install(&root)?;
@@ -430,7 +422,10 @@ impl Builder<'_> {
                     fsutil::remove_tree(&path)?;
                 }
             }
-            versions.insert(agent.name.to_string(), npm_version(&dir.join("package.json"))?);
+            versions.insert(
+                agent.name.to_string(),
+                npm_version(&dir.join("package.json"))?,
+            );
         }
         // npm's cache (hundreds of MB) and logs.
         for rel in ["root/.npm", "root/.cache", "root/.config/configstore"] {

@@ -34,11 +34,11 @@ pub use initrd::{check_static, InitrdRecord};
 pub use manifest::{FileEntry, Manifest, Sizes, StepTiming, MANIFEST_FILE, MANIFEST_FORMAT};
 pub use modules::{BOOT_MODULES, LOAD_ORDER_FILE};
 pub use spec::{ImageSpec, BASE_PACKAGES, DEFAULT_SUITE, FALLBACK_MIRROR, RECIPE_VERSION};
-pub use tree::TREES_DIR;
 pub use store::{
     list, load, remove, Image, INITRD_FILE, INITRD_RECORD_FILE, MODULES_DIR, ROOTFS_FILE,
     VMLINUX_FILE, VMLINUZ_FILE,
 };
+pub use tree::TREES_DIR;
 
 /// What [`build`] did.
 #[derive(Debug, Clone, PartialEq)]

@@ -470,6 +470,32 @@ mod tests {
     }
 
     #[test]
+    fn agents_change_the_key_and_bring_the_agent_packages() {
+        let plain = spec();
+        let mut claude = spec();
+        claude.agents = vec!["claude".into()];
+        assert_ne!(plain.key(), claude.key());
+        let mut both = spec();
+        both.agents = vec!["codex".into(), "claude".into(), "codex".into()];
+        let names: Vec<&str> = both.agents().iter().map(|a| a.name).collect();
+        assert_eq!(names, ["claude", "codex"]);
+        assert!(claude.all_packages().iter().any(|p| p == "docker.io"));
+        assert!(!plain.all_packages().iter().any(|p| p == "docker.io"));
+    }
+
+    #[test]
+    fn validate_refuses_unknown_and_uninstallable_agents() {
+        let mut s = spec();
+        s.agents = vec!["claude".into()];
+        assert!(s.validate().is_ok());
+        s.agents = vec!["nope".into()];
+        assert!(s.validate().unwrap_err().to_string().contains("nope"));
+        s.agents = vec!["kiro".into()];
+        let err = s.validate().unwrap_err().to_string();
+        assert!(err.contains("kiro") && err.contains("npm"), "{err}");
+    }
+
+    #[test]
     fn all_packages_puts_base_first() {
         let all = spec().all_packages();
         assert_eq!(all[0], "linux-image-cloud-amd64");

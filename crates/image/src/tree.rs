@@ -179,10 +179,7 @@ impl MountGuard {
         for dir in [upper, work, merged] {
             fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
         }
-        let bad = |p: &Path| {
-            p.to_string_lossy()
-                .contains(|c: char| c == ',' || c == ':' || c == '\\')
-        };
+        let bad = |p: &Path| p.to_string_lossy().contains([',', ':', '\\']);
         if [lower, upper, work].iter().any(|p| bad(p)) {
             return Err(ImageError::io(
                 "overlayfs options cannot name paths with ',' ':' or '\\'",
@@ -202,7 +199,12 @@ impl MountGuard {
             MsFlags::empty(),
             Some(options.as_str()),
         )
-        .map_err(|e| ImageError::io(format!("mounting an overlay on {}", merged.display()), e.into()))?;
+        .map_err(|e| {
+            ImageError::io(
+                format!("mounting an overlay on {}", merged.display()),
+                e.into(),
+            )
+        })?;
         Ok(MountGuard {
             target: merged.to_path_buf(),
         })
@@ -308,7 +310,10 @@ mod tests {
         let staged = staging_dir(root.path(), TreeKind::Base, "new");
         fs::create_dir_all(staged.join("root/etc")).unwrap();
         let got = commit(root.path(), TreeKind::Base, "new", &staged).unwrap();
-        assert_eq!(got, tree_dir(root.path(), TreeKind::Base, "new").join("root"));
+        assert_eq!(
+            got,
+            tree_dir(root.path(), TreeKind::Base, "new").join("root")
+        );
         assert!(got.join("etc").is_dir());
         assert!(cached(root.path(), TreeKind::Base, "new").is_some());
         assert!(!old.exists(), "the older base tree is pruned");

@@ -353,6 +353,31 @@ fn kiro_says_exactly_why_it_cannot_run() -> Result<(), Failed> {
     )
 }
 
+fn an_image_without_the_agent_is_refused_before_anything_starts() -> Result<(), Failed> {
+    let e = env();
+    let other = tempfile::tempdir()?;
+    let out = Command::new(&e.bin)
+        .args(["run", "gemini", "--image", "default", "--", "--version"])
+        .current_dir(other.path())
+        .env("XDG_STATE_HOME", e.state.path())
+        .env("XDG_DATA_HOME", &e.data)
+        .env("XDG_CONFIG_HOME", e.config.path())
+        .stdin(Stdio::null())
+        .output()?;
+    let err = text(&out.stderr);
+    check(
+        out.status.code() == Some(125) && err.contains("image default, which has no Gemini CLI"),
+        format!("exit {:?}: {err}", out.status.code()),
+    )?;
+    let here = other.path().canonicalize()?;
+    check(
+        sandboxes()?
+            .iter()
+            .all(|r| r["workspace"] != here.to_string_lossy().as_ref()),
+        "a sandbox was created anyway",
+    )
+}
+
 fn image_ls_shows_agent_versions() -> Result<(), Failed> {
     image_ready()?;
     let out = ok(&["image", "ls"])?;
@@ -656,6 +681,10 @@ fn main() {
         (
             "kiro_says_exactly_why_it_cannot_run",
             kiro_says_exactly_why_it_cannot_run,
+        ),
+        (
+            "an_image_without_the_agent_is_refused_before_anything_starts",
+            an_image_without_the_agent_is_refused_before_anything_starts,
         ),
         (
             "image_ls_shows_agent_versions",

@@ -376,7 +376,11 @@ mod tests {
     /// keeping the agent's own keys, and left alone when `IfMissing`.
     #[test]
     fn launch_prelude_writes_and_merges_settings() {
-        if std::process::Command::new("jq").arg("--version").output().is_err() {
+        if std::process::Command::new("jq")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             eprintln!("jq is not installed here; the guest images carry it");
             return;
         }
@@ -397,7 +401,11 @@ mod tests {
                 .env("HOME", &home)
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         };
         run(find("claude").unwrap());
         run(find("codex").unwrap());

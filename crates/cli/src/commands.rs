@@ -378,6 +378,43 @@ async fn run(
             .unwrap_or_else(|| sandbox::name_from_workspace(&ws));
         require_secret(dirs, agent, &name)?;
     }
+    if let Some(agent) = agent_def {
+        // Before anything is created: the image must carry the agent (an
+        // image named after the agent that does not exist yet is built with it).
+        let (image, whose) = match &existing {
+            Some(c) => (c.image.clone(), Some(c)),
+            None => (
+                create
+                    .image
+                    .clone()
+                    .unwrap_or_else(|| agent.name.to_string()),
+                None,
+            ),
+        };
+        match sandpen_image::load(&dirs.images(), &image) {
+            Ok(found) if !found.manifest.agents.contains_key(agent.name) => {
+                let what = match whose {
+                    Some(c) => format!("sandbox {} runs image {image}", c.name),
+                    None => format!("image {image}"),
+                };
+                let name = whose
+                    .map(|c| c.name.clone())
+                    .unwrap_or_else(|| sandbox::name_from_workspace(&ws));
+                bail!(
+                    "{what}, which has no {}; run it in a sandbox of its own with \
+                     `sandpen run {} --name {name}-{}`, or build an image with the agents you \
+                     want together (`sandpen image build --agent {} --agent ...`)",
+                    agent.title,
+                    agent.name,
+                    agent.name,
+                    agent.name,
+                );
+            }
+            Ok(_) => {}
+            Err(sandpen_image::ImageError::NotFound { .. }) if image == agent.name => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let config = match existing {
         Some(c) => c,
         None => {
@@ -386,24 +423,6 @@ async fn run(
             create_sandbox(dirs, &ws, &create, &agent).await?
         }
     };
-    if let Some(agent) = agent_def {
-        let image = sandpen_image::load(&dirs.images(), &config.image)?;
-        if !image.manifest.agents.contains_key(agent.name) {
-            bail!(
-                "sandbox {} runs image {}, which has no {}; run it in its own sandbox with \
-                 `sandpen run {} --name {}-{}`, or build an image with both agents \
-                 (`sandpen image build --agent {} --agent {}`) for new sandboxes",
-                config.name,
-                config.image,
-                agent.title,
-                agent.name,
-                config.name,
-                agent.name,
-                config.agent,
-                agent.name,
-            );
-        }
-    }
     let paths = dirs.sandbox(&config.name);
     if !matches!(control::state(&paths).await, State::Running(_)) {
         start(dirs, &config.name).await?;

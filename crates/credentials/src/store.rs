@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::fsutil::{mode_of, write_atomic};
+use crate::fsutil::{mode_of, with_lock, write_atomic};
 
 const FORMAT_VERSION: u32 = 1;
 
@@ -173,15 +173,18 @@ impl FileStore {
                 "not allowed to contain control characters or newlines",
             ));
         }
-        let mut entries = self.load()?;
-        entries.retain(|e| !(e.service == service && e.scope == scope));
-        entries.push(Entry {
-            service: service.to_string(),
-            scope,
-            value,
-            set_at: OffsetDateTime::now_utc(),
-        });
-        self.save(&entries)
+        self.ensure_folder()?;
+        with_lock(&self.path, self.io("lock"), || {
+            let mut entries = self.load()?;
+            entries.retain(|e| !(e.service == service && e.scope == scope));
+            entries.push(Entry {
+                service: service.to_string(),
+                scope,
+                value,
+                set_at: OffsetDateTime::now_utc(),
+            });
+            self.save(&entries)
+        })
     }
 
     /// `service`'s secret for `sandbox`: the sandbox's own entry first, then
@@ -223,14 +226,31 @@ impl FileStore {
 
     /// Removes `service`'s secret in `scope`; `false` if there was none.
     pub fn remove(&self, service: &str, scope: &Scope) -> Result<bool, StoreError> {
-        let mut entries = self.load()?;
-        let before = entries.len();
-        entries.retain(|e| !(e.service == service && e.scope == *scope));
-        if entries.len() == before {
+        if !self.path.exists() {
             return Ok(false);
         }
-        self.save(&entries)?;
-        Ok(true)
+        self.ensure_folder()?;
+        with_lock(&self.path, self.io("lock"), || {
+            let mut entries = self.load()?;
+            let before = entries.len();
+            entries.retain(|e| !(e.service == service && e.scope == *scope));
+            if entries.len() == before {
+                return Ok(false);
+            }
+            self.save(&entries)?;
+            Ok(true)
+        })
+    }
+
+    fn ensure_folder(&self) -> Result<(), StoreError> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(self.io("create the folder of"))?;
+        }
+        Ok(())
     }
 
     fn io(&self, op: &'static str) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -525,13 +545,46 @@ mod tests {
         assert!(text.contains("old-value") && !text.contains("new-value"));
         let doc: serde_json::Value = serde_json::from_str(&text).expect("old file complete JSON");
         assert_eq!(doc["version"], 1);
-        // No temporary file is left behind, and the mode stays 0600.
-        let names: Vec<_> = fs::read_dir(s.path().parent().expect("parent"))
+        // No temporary file is left behind (only the lock file), and the
+        // mode stays 0600.
+        let mut names: Vec<_> = fs::read_dir(s.path().parent().expect("parent"))
             .expect("readdir")
             .map(|e| e.expect("entry").file_name())
             .collect();
-        assert_eq!(names, [std::ffi::OsString::from("secrets")]);
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                std::ffi::OsString::from("secrets"),
+                std::ffi::OsString::from("secrets.lock")
+            ]
+        );
         assert_eq!(mode(s.path()), 0o600);
+    }
+
+    #[test]
+    fn concurrent_writers_lose_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir);
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for j in 0..5 {
+                        s.set(
+                            &format!("svc{i}-{j}"),
+                            Scope::Global,
+                            SecretValue::new(format!("v{i}{j}")),
+                        )
+                        .expect("set");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("writer");
+        }
+        assert_eq!(s.list().expect("list").len(), 40);
     }
 
     #[test]

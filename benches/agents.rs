@@ -42,6 +42,7 @@ impl Ctx {
             .env("XDG_STATE_HOME", self.state.path())
             .env("XDG_DATA_HOME", &self.data)
             .env("XDG_CONFIG_HOME", self.config.path())
+            .env("SANDPEN_SECRET_STORE", "file")
             .stdin(Stdio::null())
             .output()
             .expect("running sandpen")

@@ -222,6 +222,8 @@ fn command(args: &[&str]) -> Command {
         .env("XDG_STATE_HOME", e.state.path())
         .env("XDG_DATA_HOME", &e.data)
         .env("XDG_CONFIG_HOME", e.config.path())
+        // The test writes its secrets into the file store.
+        .env("SANDPEN_SECRET_STORE", "file")
         .env_remove("SANDPEN_ACCEL")
         .stdin(Stdio::null());
     c
@@ -323,6 +325,7 @@ fn run_claude_without_a_secret_says_how_to_set_one() -> Result<(), Failed> {
         .env("XDG_STATE_HOME", e.state.path())
         .env("XDG_DATA_HOME", &e.data)
         .env("XDG_CONFIG_HOME", bare_config.path())
+        .env("SANDPEN_SECRET_STORE", "file")
         .stdin(Stdio::null())
         .output()?;
     let err = text(&out.stderr);
@@ -362,6 +365,8 @@ fn an_image_without_the_agent_is_refused_before_anything_starts() -> Result<(), 
         .env("XDG_STATE_HOME", e.state.path())
         .env("XDG_DATA_HOME", &e.data)
         .env("XDG_CONFIG_HOME", e.config.path())
+        // The test writes its secrets into the file store.
+        .env("SANDPEN_SECRET_STORE", "file")
         .stdin(Stdio::null())
         .output()?;
     let err = text(&out.stderr);

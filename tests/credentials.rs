@@ -132,7 +132,12 @@ fn env() -> &'static Env {
         make_pki(
             root.path(),
             "good",
-            &["api.anthropic.com", "github.com", "other.test"],
+            &[
+                "api.anthropic.com",
+                "github.com",
+                "other.test",
+                "custom.test",
+            ],
         );
         make_pki(root.path(), "bad", &["api.openai.com"]);
         // The guest verifies other.test (tunneled, not intercepted) itself.
@@ -272,6 +277,8 @@ fn setup() -> Result<(), Failed> {
         "other.test:127.0.0.1",
         "--add-host",
         "api.openai.com:127.0.0.1",
+        "--add-host",
+        "custom.test:127.0.0.1",
         "--upstream-ca",
         good_ca.to_str().unwrap(),
     ])?;
@@ -280,6 +287,7 @@ fn setup() -> Result<(), Failed> {
         "github.com",
         "other.test",
         "api.openai.com",
+        "custom.test",
     ] {
         ok(&["policy", "allow", "network", host, NAME])?;
     }
@@ -473,6 +481,56 @@ fn a_wrong_upstream_certificate_fails_closed() -> Result<(), Failed> {
     )
 }
 
+/// `secret set-custom` prints a placeholder; the guest sends it, and only
+/// custom.test's request carries the value, in the given header and format.
+fn a_custom_route_swaps_its_placeholder() -> Result<(), Failed> {
+    ready()?;
+    let e = env();
+    let value = format!("custom-{}", random_hex(8));
+    let out = with_stdin(
+        &[
+            "secret",
+            "set-custom",
+            "--host",
+            "custom.test",
+            "--header",
+            "X-Custom-Key",
+            "--format",
+            "Token {}",
+            "mine",
+        ],
+        &value,
+    )?;
+    let placeholder = out
+        .split_whitespace()
+        .find(|w| w.starts_with("sandpen-cs-"))
+        .ok_or_else(|| format!("no placeholder in: {out}"))?
+        .to_string();
+    let (code, out) = guest(&format!(
+        "curl -sS -m 20 -H 'X-Custom-Key: Token {placeholder}' https://custom.test:{}/custom",
+        e.good_port
+    ));
+    if code != 0 {
+        let log = ok(&["policy", "log", NAME, "--json", "--limit", "1000"])?;
+        let last: Vec<&str> = log.lines().rev().take(3).collect();
+        return Err(format!("curl: {code} {out}; log: {last:?}").into());
+    }
+    check(out.contains("ok /custom"), format!("curl: {out}"))?;
+    let got = seen("/custom")
+        .first()
+        .map(|r| header(r, "x-custom-key"))
+        .unwrap_or_default();
+    check(
+        got == vec![format!("Token {value}")],
+        format!("custom.test got {got:?}"),
+    )?;
+    let ls = ok(&["secret", "ls"])?;
+    check(
+        ls.contains("mine") && ls.contains("custom.test") && !ls.contains(&value),
+        format!("secret ls: {ls}"),
+    )
+}
+
 fn secret_ls_never_prints_a_value() -> Result<(), Failed> {
     ready()?;
     let e = env();
@@ -623,6 +681,10 @@ fn main() {
         (
             "a_wrong_upstream_certificate_fails_closed",
             a_wrong_upstream_certificate_fails_closed,
+        ),
+        (
+            "a_custom_route_swaps_its_placeholder",
+            a_custom_route_swaps_its_placeholder,
         ),
         (
             "secret_ls_never_prints_a_value",

@@ -7,7 +7,7 @@ use std::io::{IsTerminal, Read};
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
 use sandpen_credentials::{builtin_routes, Route, Scope, SecretValue};
-use sandpen_supervisor::credentials::{custom_routes, store};
+use sandpen_supervisor::credentials::{custom_routes, store, store_and_keyring_status};
 use sandpen_supervisor::{sandbox, Dirs};
 
 use crate::policy_cmd::ScopeArgs;
@@ -163,17 +163,18 @@ fn save(
     value: SecretValue,
     hosts: &[String],
 ) -> Result<i32> {
-    let store = store(dirs);
+    let (store, no_keyring) = store_and_keyring_status(dirs);
     let first = !store.path().exists();
     store.set(service, scope.clone(), value)?;
-    if first {
+    if let (true, Some(why)) = (first, &no_keyring) {
         eprintln!(
-            "sandpen: note: secrets are kept in {} (mode 0600), not in an OS keyring",
+            "sandpen: warning: no OS keyring answers ({why}); secrets are kept in {} (mode 0600)",
             store.path().display()
         );
     }
     println!(
-        "stored the {service} secret ({scope}); it goes to {} only, in place of the sandbox's placeholder",
+        "stored the {service} secret ({scope}) in the {}; it goes to {} only, in place of the sandbox's placeholder",
+        store.backend(),
         hosts.join(", ")
     );
     Ok(0)

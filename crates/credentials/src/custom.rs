@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil::write_atomic;
+use crate::fsutil::{with_lock, write_atomic};
 use crate::routes::{builtin_routes, Route, RouteError, RouteTable};
 
 const FORMAT_VERSION: u32 = 1;
@@ -98,28 +98,47 @@ impl CustomRoutes {
                 service: route.service,
             });
         }
-        let mut routes = self.load()?;
-        routes.retain(|r| r.service != route.service);
-        // RouteTable refuses a host that already has a route.
-        let mut table = RouteTable::new();
-        for r in &routes {
-            table.add(r.clone())?;
-        }
-        table.add(route.clone())?;
-        routes.push(route);
-        self.save(&routes)
+        self.ensure_folder()?;
+        with_lock(&self.path, self.io("lock"), || {
+            let mut routes = self.load()?;
+            routes.retain(|r| r.service != route.service);
+            // RouteTable refuses a host that already has a route.
+            let mut table = RouteTable::new();
+            for r in &routes {
+                table.add(r.clone())?;
+            }
+            table.add(route.clone())?;
+            routes.push(route);
+            self.save(&routes)
+        })
     }
 
     /// Removes the custom route of `service`; whether there was one.
     pub fn remove(&self, service: &str) -> Result<bool, CustomRoutesError> {
-        let mut routes = self.load()?;
-        let before = routes.len();
-        routes.retain(|r| r.service != service);
-        if routes.len() == before {
+        if !self.path.exists() {
             return Ok(false);
         }
-        self.save(&routes)?;
-        Ok(true)
+        with_lock(&self.path, self.io("lock"), || {
+            let mut routes = self.load()?;
+            let before = routes.len();
+            routes.retain(|r| r.service != service);
+            if routes.len() == before {
+                return Ok(false);
+            }
+            self.save(&routes)?;
+            Ok(true)
+        })
+    }
+
+    fn ensure_folder(&self) -> Result<(), CustomRoutesError> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(self.io("create the folder of"))?;
+        }
+        Ok(())
     }
 
     /// Built-in routes plus the saved custom ones. A file edited by hand so
@@ -133,13 +152,7 @@ impl CustomRoutes {
     }
 
     fn save(&self, routes: &[Route]) -> Result<(), CustomRoutesError> {
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(self.io("create the folder of"))?;
-        }
+        self.ensure_folder()?;
         let doc = Doc {
             version: FORMAT_VERSION,
             routes: routes.to_vec(),

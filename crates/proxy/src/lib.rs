@@ -562,7 +562,12 @@ impl Conn<'_> {
                 }
             }
             if let Some(m) = self.proxy.mitm() {
-                match m.plan(host) {
+                // The store may be a file or a D-Bus call: off the async thread.
+                let claimed = host.to_string();
+                let plan = tokio::task::spawn_blocking(move || m.plan(&claimed))
+                    .await
+                    .unwrap_or_else(|e| Err(format!("lookup failed: {e}")));
+                match plan {
                     Err(e) => return Err(Stop::Deny(None, format!("credential-store: {e}"))),
                     Ok(Some(plan)) => {
                         self.rec.proto = Some("tls-mitm".into());

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sandpen_credentials::{CustomRoutes, FileStore, Found, Route, RouteTable, SandboxCa};
+use sandpen_credentials::{CustomRoutes, FileStore, Found, Keyring, Route, RouteTable, SandboxCa};
 use sandpen_proto::{GUEST_CA_BUNDLE, GUEST_EXTRA_CA};
 use sandpen_proxy::mitm::{upstream_tls, CredentialSource, Mitm};
 
@@ -14,9 +14,23 @@ use crate::paths::{Dirs, SandboxPaths};
 use crate::sandbox::SandboxConfig;
 use crate::SupervisorError;
 
-/// The user's secret store: `$XDG_CONFIG_HOME/sandpen/secrets`.
+/// The user's secret store: its index in `$XDG_CONFIG_HOME/sandpen/secrets`,
+/// and its values in the OS keyring when one answers, else in that file
+/// (0600). `SANDPEN_SECRET_STORE=file` skips the keyring.
 pub fn store(dirs: &Dirs) -> FileStore {
-    FileStore::new(dirs.config.join("secrets"))
+    store_and_keyring_status(dirs).0
+}
+
+/// The store, and why no keyring is used (`None` when one is).
+pub fn store_and_keyring_status(dirs: &Dirs) -> (FileStore, Option<String>) {
+    let file = FileStore::new(dirs.config.join("secrets"));
+    if std::env::var("SANDPEN_SECRET_STORE").as_deref() == Ok("file") {
+        return (file, Some("SANDPEN_SECRET_STORE=file".into()));
+    }
+    match Keyring::detect() {
+        Ok(k) => (file.with_keyring(k), None),
+        Err(why) => (file, Some(why)),
+    }
 }
 
 /// The user's custom routes: `$XDG_CONFIG_HOME/sandpen/credential-routes.json`.

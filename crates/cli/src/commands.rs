@@ -371,49 +371,7 @@ async fn run(
         None => sandbox::find_by_workspace(dirs, &ws)?,
     };
     if let Some(agent) = agent_def {
-        let name = existing
-            .as_ref()
-            .map(|c| c.name.clone())
-            .or_else(|| create.name.clone())
-            .unwrap_or_else(|| sandbox::name_from_workspace(&ws));
-        require_secret(dirs, agent, &name)?;
-    }
-    if let Some(agent) = agent_def {
-        // Before anything is created: the image must carry the agent (an
-        // image named after the agent that does not exist yet is built with it).
-        let (image, whose) = match &existing {
-            Some(c) => (c.image.clone(), Some(c)),
-            None => (
-                create
-                    .image
-                    .clone()
-                    .unwrap_or_else(|| agent.name.to_string()),
-                None,
-            ),
-        };
-        match sandpen_image::load(&dirs.images(), &image) {
-            Ok(found) if !found.manifest.agents.contains_key(agent.name) => {
-                let what = match whose {
-                    Some(c) => format!("sandbox {} runs image {image}", c.name),
-                    None => format!("image {image}"),
-                };
-                let name = whose
-                    .map(|c| c.name.clone())
-                    .unwrap_or_else(|| sandbox::name_from_workspace(&ws));
-                bail!(
-                    "{what}, which has no {}; run it in a sandbox of its own with \
-                     `sandpen run {} --name {name}-{}`, or build an image with the agents you \
-                     want together (`sandpen image build --agent {} --agent ...`)",
-                    agent.title,
-                    agent.name,
-                    agent.name,
-                    agent.name,
-                );
-            }
-            Ok(_) => {}
-            Err(sandpen_image::ImageError::NotFound { .. }) if image == agent.name => {}
-            Err(e) => return Err(e.into()),
-        }
+        check_agent_can_start(dirs, agent, existing.as_ref(), &create, &ws)?;
     }
     let config = match existing {
         Some(c) => c,
@@ -439,6 +397,50 @@ async fn run(
     exec(dirs, &config, argv, env, None, None, tty, true).await
 }
 
+/// Before anything is created or booted: a secret for the agent, and an
+/// image that carries it (an image named after the agent that does not exist
+/// yet will be built with it).
+fn check_agent_can_start(
+    dirs: &Dirs,
+    agent: &sandpen_agents::Agent,
+    existing: Option<&SandboxConfig>,
+    create: &CreateArgs,
+    ws: &Path,
+) -> Result<()> {
+    let sandbox_name = existing
+        .map(|c| c.name.clone())
+        .or_else(|| create.name.clone())
+        .unwrap_or_else(|| sandbox::name_from_workspace(ws));
+    require_secret(dirs, agent, &sandbox_name)?;
+    let image = match existing {
+        Some(c) => c.image.clone(),
+        None => create
+            .image
+            .clone()
+            .unwrap_or_else(|| agent.name.to_string()),
+    };
+    match sandpen_image::load(&dirs.images(), &image) {
+        Ok(found) if !found.manifest.agents.contains_key(agent.name) => {
+            let what = match existing {
+                Some(c) => format!("sandbox {} runs image {image}", c.name),
+                None => format!("image {image}"),
+            };
+            bail!(
+                "{what}, which has no {}; run it in a sandbox of its own with \
+                 `sandpen run {} --name {sandbox_name}-{}`, or build an image with the agents you \
+                 want together (`sandpen image build --agent {} --agent ...`)",
+                agent.title,
+                agent.name,
+                agent.name,
+                agent.name,
+            );
+        }
+        Ok(_) => Ok(()),
+        Err(sandpen_image::ImageError::NotFound { .. }) if image == agent.name => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The agent's own environment. The credential routes' sentinels
 /// (`ANTHROPIC_API_KEY=proxy-managed`, ...) and the sandbox CA variables are
 /// in every guest process's environment already (the supervisor's setup).
@@ -454,15 +456,20 @@ fn agent_env(agent: &sandpen_agents::Agent) -> Vec<(String, String)> {
 /// nothing to swap in, and the agent would start into a login screen or fail
 /// on its first request.
 fn require_secret(dirs: &Dirs, agent: &sandpen_agents::Agent, sandbox: &str) -> Result<()> {
+    // The index only: no secret value is read (nor a keyring unlocked) to check.
     let store = sandpen_supervisor::credentials::store(dirs);
-    for service in agent.services {
-        if store
-            .get(service, Some(sandbox))
-            .with_context(|| format!("reading the secret store {}", store.path().display()))?
-            .is_some()
-        {
-            return Ok(());
-        }
+    let entries = store
+        .list()
+        .with_context(|| format!("reading the secret store {}", store.path().display()))?;
+    let applies = |scope: &sandpen_credentials::Scope| match scope {
+        sandpen_credentials::Scope::Global => true,
+        sandpen_credentials::Scope::Sandbox(name) => name == sandbox,
+    };
+    if entries
+        .iter()
+        .any(|e| agent.services.contains(&e.service.as_str()) && applies(&e.scope))
+    {
+        return Ok(());
     }
     let first = agent.services.first().copied().unwrap_or("custom");
     let alternatives = if agent.services.len() > 1 {

@@ -137,7 +137,8 @@ fn hosts_of(dirs: &Dirs, service: &str) -> Result<Vec<String>> {
 /// The value, from a prompt without echo at a terminal, else all of stdin
 /// (one trailing newline dropped).
 fn read_value(service: &str) -> Result<SecretValue> {
-    let value = if std::io::stdin().is_terminal() {
+    // Every copy is zeroed when dropped; `SecretValue` keeps the last one.
+    let mut raw = zeroize::Zeroizing::new(if std::io::stdin().is_terminal() {
         rpassword::prompt_password(format!("{service} secret (input hidden): "))
             .context("reading the secret from the terminal")?
     } else {
@@ -145,11 +146,15 @@ fn read_value(service: &str) -> Result<SecretValue> {
         std::io::stdin()
             .read_to_string(&mut s)
             .context("reading the secret from stdin")?;
-        let trimmed = s.strip_suffix('\n').unwrap_or(&s);
-        let trimmed = trimmed.strip_suffix('\r').unwrap_or(trimmed);
-        trimmed.to_string()
-    };
-    let value = SecretValue::new(value);
+        s
+    });
+    for suffix in ["\n", "\r"] {
+        if raw.ends_with(suffix) {
+            let len = raw.len() - suffix.len();
+            raw.truncate(len);
+        }
+    }
+    let value = SecretValue::new(raw.as_str());
     if value.expose().is_empty() {
         bail!("the secret is empty; nothing stored");
     }

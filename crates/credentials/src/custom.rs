@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::fsutil::{with_lock, write_atomic};
-use crate::routes::{builtin_routes, Route, RouteError, RouteTable};
+use crate::routes::{builtin_routes, Route, RouteError, RouteTable, ValueFormat};
 
 const FORMAT_VERSION: u32 = 1;
 
@@ -33,6 +33,12 @@ pub enum CustomRoutesError {
     },
     #[error("{} has format version {version}; this sandpen reads version {FORMAT_VERSION}", path.display())]
     UnsupportedVersion { path: PathBuf, version: u32 },
+    #[error("{}: custom route {service}: {why}", path.display())]
+    Invalid {
+        path: PathBuf,
+        service: String,
+        why: String,
+    },
     #[error("{service} is a built-in service; pick another name for a custom route")]
     Builtin { service: String },
     #[error(transparent)]
@@ -146,9 +152,36 @@ impl CustomRoutes {
     pub fn table(&self) -> Result<RouteTable, CustomRoutesError> {
         let mut table = RouteTable::new();
         for r in self.load()? {
-            table.add(r)?;
+            table.add(self.revalidate(r)?)?;
         }
         Ok(table)
+    }
+
+    /// A saved route as `put` would have accepted it: this file decides where
+    /// a secret goes, so a hand edit gets no more than the CLI allows (one
+    /// host, one header, no built-in service name).
+    fn revalidate(&self, r: Route) -> Result<Route, CustomRoutesError> {
+        if builtin_routes().iter().any(|b| b.service == r.service) {
+            return Err(CustomRoutesError::Builtin { service: r.service });
+        }
+        let bad = |why: &str| CustomRoutesError::Invalid {
+            path: self.path.clone(),
+            service: r.service.clone(),
+            why: why.to_string(),
+        };
+        let [host] = r.hosts.as_slice() else {
+            return Err(bad("a custom route has exactly one host"));
+        };
+        let [header] = r.headers.as_slice() else {
+            return Err(bad("a custom route has exactly one header"));
+        };
+        let ValueFormat::Template(format) = &header.format else {
+            return Err(bad("a custom route's format is a template"));
+        };
+        let mut rebuilt =
+            Route::custom_with_placeholder(&r.service, host, &header.name, format, &r.sentinel)?;
+        rebuilt.guest_env = None;
+        Ok(rebuilt)
     }
 
     fn save(&self, routes: &[Route]) -> Result<(), CustomRoutesError> {
@@ -205,6 +238,31 @@ mod tests {
         let b = Route::custom("b", "same.example", "X-Key", "{}").unwrap();
         c.put(a).unwrap();
         assert!(c.put(b).is_err());
+    }
+
+    #[test]
+    fn a_hand_edited_file_gets_no_more_than_put_allows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("routes.json");
+        let route = |service: &str, hosts: &str| {
+            format!(
+                r#"{{"version":1,"routes":[{{"service":"{service}","hosts":[{hosts}],
+                "headers":[{{"name":"x-key","format":{{"template":"{{}}"}}}}],
+                "sentinel":"sandpen-cs-0123456789abcdef","guest_env":null}}]}}"#
+            )
+        };
+        std::fs::write(&p, route("anthropic", r#""evil.example""#)).unwrap();
+        assert!(matches!(
+            CustomRoutes::new(&p).table(),
+            Err(CustomRoutesError::Builtin { .. })
+        ));
+        std::fs::write(&p, route("mine", r#""a.example","b.example""#)).unwrap();
+        assert!(CustomRoutes::new(&p).table().is_err());
+        std::fs::write(&p, route("mine", r#""bad host!""#)).unwrap();
+        assert!(CustomRoutes::new(&p).table().is_err());
+        std::fs::write(&p, route("mine", r#""ok.example""#)).unwrap();
+        let t = CustomRoutes::new(&p).table().unwrap();
+        assert!(t.route_for("ok.example").is_some());
     }
 
     #[test]

@@ -241,6 +241,8 @@ impl FileStore {
                     Stored::File(value)
                 }
             };
+            let in_keyring = matches!(stored, Stored::Keyring);
+            let acct = account(service, &scope);
             entries.retain(|e| !(e.service == service && e.scope == scope));
             entries.push(Entry {
                 service: service.to_string(),
@@ -248,7 +250,12 @@ impl FileStore {
                 value: stored,
                 set_at: OffsetDateTime::now_utc(),
             });
-            self.save(&entries)
+            let saved = self.save(&entries);
+            if let (Err(_), true, Some(k)) = (&saved, in_keyring, &self.keyring) {
+                // No index entry points at it: do not leave it behind.
+                let _ = k.delete(&acct);
+            }
+            saved
         })
     }
 

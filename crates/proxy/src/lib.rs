@@ -564,9 +564,14 @@ impl Conn<'_> {
             if let Some(m) = self.proxy.mitm() {
                 // The store may be a file or a D-Bus call: off the async thread.
                 let claimed = host.to_string();
-                let plan = tokio::task::spawn_blocking(move || m.plan(&claimed))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("lookup failed: {e}")));
+                // Bounded: a keyring that hangs (a prompt nobody answers)
+                // fails this connection closed instead of holding it.
+                let lookup = tokio::task::spawn_blocking(move || m.plan(&claimed));
+                let plan = match tokio::time::timeout(self.cfg().handshake_timeout, lookup).await {
+                    Ok(Ok(plan)) => plan,
+                    Ok(Err(e)) => Err(format!("lookup failed: {e}")),
+                    Err(_) => Err("lookup timed out".to_string()),
+                };
                 match plan {
                     Err(e) => return Err(Stop::Deny(None, format!("credential-store: {e}"))),
                     Ok(Some(plan)) => {

@@ -44,6 +44,7 @@ use rustls::sign::CertifiedKey;
 use sandpen_credentials::{apply, Applied, Found, Route, SandboxCa, SecretValue};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::audit::ConnectionReport;
@@ -80,7 +81,20 @@ pub struct Mitm {
     ca: Arc<SandboxCa>,
     upstream: tokio_rustls::TlsConnector,
     source: Arc<dyn CredentialSource>,
+    /// Intercepted requests in flight in this sandbox, across connections.
+    inflight: Arc<Semaphore>,
 }
+
+/// Intercepted requests one sandbox may have in flight at once; each can
+/// hold an upstream connection and stream buffers.
+pub const MAX_INFLIGHT_REQUESTS: usize = 256;
+/// HTTP/2 streams per intercepted guest connection.
+const MAX_GUEST_STREAMS: u32 = 32;
+/// Bytes HTTP/2 buffers per stream toward a guest that stops reading.
+const MAX_GUEST_SEND_BUF: usize = 64 * 1024;
+/// HTTP/2 flow-control windows toward upstreams.
+const UPSTREAM_STREAM_WINDOW: u32 = 256 * 1024;
+const UPSTREAM_CONN_WINDOW: u32 = 1024 * 1024;
 
 impl std::fmt::Debug for Mitm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -89,6 +103,8 @@ impl std::fmt::Debug for Mitm {
 }
 
 impl Mitm {
+    /// Interception with the sandbox's CA, the TLS client configuration for
+    /// upstreams (see [`upstream_tls`]), and where secrets come from.
     pub fn new(
         ca: Arc<SandboxCa>,
         upstream: rustls::ClientConfig,
@@ -98,6 +114,7 @@ impl Mitm {
             ca,
             upstream: tokio_rustls::TlsConnector::from(Arc::new(upstream)),
             source,
+            inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS)),
         }
     }
 
@@ -111,6 +128,7 @@ impl Mitm {
             found,
             ca: self.ca.clone(),
             upstream: self.upstream.clone(),
+            inflight: self.inflight.clone(),
         }))
     }
 }
@@ -121,6 +139,7 @@ pub(crate) struct Plan {
     found: Found,
     ca: Arc<SandboxCa>,
     upstream: tokio_rustls::TlsConnector,
+    inflight: Arc<Semaphore>,
 }
 
 impl Plan {
@@ -348,9 +367,6 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                     }
                 };
                 let _ = tcp.set_nodelay(true);
-                if let Ok(mut c) = this.connected.lock() {
-                    *c = Some(sa);
-                }
                 let tls = tokio::time::timeout(this.timeout, this.tls.connect(name, tcp))
                     .await
                     .map_err(|_| {
@@ -358,6 +374,9 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                     })?
                     .map_err(|e| io::Error::new(e.kind(), format!("upstream-tls: {e}")))?;
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                if let Ok(mut c) = this.connected.lock() {
+                    *c = Some(sa);
+                }
                 return Ok(UpstreamIo {
                     io: TokioIo::new(tls),
                     h2,
@@ -412,6 +431,8 @@ struct Audited {
     rec: Option<ConnectionReport>,
     started: Instant,
     proxy: Proxy,
+    /// Released when the response ends.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Body for Audited {
@@ -471,6 +492,7 @@ struct Session {
     /// record starts from it.
     template: ConnectionReport,
     proxy: Proxy,
+    inflight: Arc<Semaphore>,
 }
 
 /// Intercept one guest connection whose ClientHello (in `first`) named
@@ -520,6 +542,9 @@ where
     let client: UpstreamClient = Client::builder(TokioExecutor::new())
         .pool_idle_timeout(cfg.idle_timeout)
         .pool_max_idle_per_host(4)
+        .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
+        .http2_initial_connection_window_size(UPSTREAM_CONN_WINDOW)
+        .http2_max_send_buf_size(MAX_GUEST_SEND_BUF)
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .build(connector);
@@ -536,6 +561,7 @@ where
         connected,
         template,
         proxy: proxy.clone(),
+        inflight: plan.inflight.clone(),
     });
     let service = hyper::service::service_fn(move |req| {
         let s = session.clone();
@@ -546,7 +572,8 @@ where
         if h2 {
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
-                .max_concurrent_streams(100)
+                .max_concurrent_streams(MAX_GUEST_STREAMS)
+                .max_send_buf_size(MAX_GUEST_SEND_BUF)
                 .serve_connection(io, service)
                 .await
         } else {
@@ -670,6 +697,15 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
         let reason = "upgrade-refused: protocol upgrades are not relayed on credential hosts";
         return refuse(rec, StatusCode::NOT_IMPLEMENTED, reason.into());
     }
+    let uri = match upstream_uri(&s.host, s.port, &path) {
+        Ok(u) => u,
+        Err(e) => return refuse(rec, StatusCode::BAD_REQUEST, format!("bad-request: {e}")),
+    };
+    let Ok(permit) = s.inflight.clone().try_acquire_owned() else {
+        let reason =
+            format!("request-limit: {MAX_INFLIGHT_REQUESTS} intercepted requests in flight");
+        return refuse(rec, StatusCode::SERVICE_UNAVAILABLE, reason);
+    };
 
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
@@ -709,22 +745,26 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
         headers.append(name, value);
     }
     parts.headers = headers;
-    let authority = if s.port == 443 {
-        s.host.clone()
-    } else {
-        format!("{}:{}", s.host, s.port)
-    };
-    parts.uri = match Uri::try_from(format!("https://{authority}{path}")) {
-        Ok(u) => u,
-        Err(e) => return refuse(rec, StatusCode::BAD_REQUEST, format!("bad-request: {e}")),
-    };
+    parts.uri = uri;
     parts.version = Version::HTTP_11;
     let up = Arc::new(AtomicU64::new(0));
     let body = Counted {
         inner: body,
         count: up.clone(),
     };
-    match s.client.request(Request::from_parts(parts, body)).await {
+    // If the guest gives up before the answer comes, the request (which
+    // carried the secret) is still logged.
+    let mut pending = Pending {
+        rec: Some(rec),
+        up: up.clone(),
+        started,
+        proxy: &s.proxy,
+    };
+    let sent = s.client.request(Request::from_parts(parts, body)).await;
+    let Some(mut rec) = pending.rec.take() else {
+        return own_reply(StatusCode::INTERNAL_SERVER_ERROR, "internal: record taken");
+    };
+    match sent {
         Ok(resp) => {
             rec.status = Some(resp.status().as_u16());
             rec.addr = s
@@ -741,6 +781,7 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
                 rec: Some(rec),
                 started,
                 proxy: s.proxy.clone(),
+                _permit: permit,
             };
             Response::from_parts(parts, body.boxed())
         }
@@ -754,6 +795,55 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
             own_reply(StatusCode::BAD_GATEWAY, &reason)
         }
     }
+}
+
+/// The record of a request whose answer has not come yet; written with
+/// reason `guest-cancelled` if the guest drops the request first.
+struct Pending<'a> {
+    rec: Option<ConnectionReport>,
+    up: Arc<AtomicU64>,
+    started: Instant,
+    proxy: &'a Proxy,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.reason = "guest-cancelled: before the upstream answered".into();
+            rec.bytes_up = self.up.load(Ordering::Relaxed);
+            rec.duration_ms = millis(self.started);
+            self.proxy.write_record(&rec);
+        }
+    }
+}
+
+/// The upstream URI for a guest request's `path`: always the claimed host
+/// and port. An HTTP/2 `:path` need not start with `/`, and one like
+/// `@evil.example/` would otherwise make the URI's host `evil.example`, which
+/// hyper would send as `Host` or `:authority` with the secret attached.
+fn upstream_uri(host: &str, port: u16, path: &str) -> Result<Uri, String> {
+    if !path.starts_with('/') {
+        return Err(format!("request target `{}` is not a path", truncate(path)));
+    }
+    let authority = if port == 443 {
+        host.to_string()
+    } else {
+        format!("{host}:{port}")
+    };
+    let uri = Uri::builder()
+        .scheme(http::uri::Scheme::HTTPS)
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| e.to_string())?;
+    if !uri.host().is_some_and(|h| h1::same_host(h, host)) || uri.port_u16().unwrap_or(443) != port
+    {
+        return Err(format!(
+            "request target `{}` changes the host",
+            truncate(path)
+        ));
+    }
+    Ok(uri)
 }
 
 /// `upstream-tls: invalid peer certificate: UnknownIssuer` and the like,
@@ -771,5 +861,28 @@ fn upstream_reason(e: &hyper_util::client::legacy::Error) -> String {
         format!("connect-failed: {deepest}")
     } else {
         format!("upstream-error: {deepest}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upstream_uri;
+
+    #[test]
+    fn the_upstream_uri_always_names_the_claimed_host() {
+        let ok = upstream_uri("api.openai.com", 443, "/v1/x?y=@z").unwrap();
+        assert_eq!(ok.to_string(), "https://api.openai.com/v1/x?y=@z");
+        let port = upstream_uri("api.openai.com", 8443, "/v1").unwrap();
+        assert_eq!(port.to_string(), "https://api.openai.com:8443/v1");
+        for evil in [
+            "@evil.example/v1/x",
+            ".evil.example/x",
+            ":1/x",
+            "",
+            "*",
+            "evil.example/x",
+        ] {
+            assert!(upstream_uri("api.openai.com", 443, evil).is_err(), "{evil}");
+        }
     }
 }

@@ -3,10 +3,14 @@
 //! (the CA certificate and the sentinel environment). No secret value ever
 //! goes into the guest, the sandbox's state or a log.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-use sandpen_credentials::{CustomRoutes, FileStore, Found, Keyring, Route, RouteTable, SandboxCa};
+use sandpen_credentials::{
+    CustomRoutes, FileStore, Found, Keyring, Route, RouteTable, SandboxCa, Scope,
+};
 use sandpen_proto::{GUEST_CA_BUNDLE, GUEST_EXTRA_CA};
 use sandpen_proxy::mitm::{upstream_tls, CredentialSource, Mitm};
 
@@ -54,12 +58,45 @@ pub fn ensure_ca(paths: &SandboxPaths) -> Result<SandboxCa, SupervisorError> {
     ca.map_err(|e| SupervisorError::Invalid(format!("the sandbox CA: {e}")))
 }
 
-/// Reads the store and the custom routes at each call, so `sandpen secret
-/// set|rm` applies to running sandboxes from their next connection on.
+/// The store and the custom routes, as the proxy sees them. Both are read
+/// again only when their file changes (a new inode or mtime: every write is
+/// an atomic rename), so a guest opening connections cannot make the host
+/// re-read files, query the keyring, or write a warning each time; `sandpen
+/// secret set|rm` still applies from the next connection on.
 struct StoreSource {
     sandbox: String,
     store: FileStore,
     routes: CustomRoutes,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    routes_stamp: Option<Stamp>,
+    table: Option<RouteTable>,
+    secrets_stamp: Option<Stamp>,
+    secrets: HashMap<String, Option<Found>>,
+    /// The last store error, kept briefly so that a failing keyring is not
+    /// asked again on every connection.
+    failure: Option<(Instant, String)>,
+}
+
+/// How long a store error is served from the cache.
+const FAILURE_TTL: Duration = Duration::from_secs(10);
+
+type Stamp = (u64, SystemTime);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.modified().ok()?))
+}
+
+impl StoreSource {
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // The cache holds no invariant a panic could break.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl CredentialSource for StoreSource {
@@ -67,19 +104,55 @@ impl CredentialSource for StoreSource {
         if let Some(r) = sandpen_credentials::route_for(host) {
             return Some(r.clone());
         }
-        match self.routes.table() {
-            Ok(t) => t.route_for(host).cloned(),
-            Err(e) => {
+        let now = stamp(self.routes.path());
+        let mut cache = self.cache();
+        if cache.table.is_none() || cache.routes_stamp != now {
+            cache.routes_stamp = now;
+            cache.table = Some(self.routes.table().unwrap_or_else(|e| {
+                // Once per change of the file, not per connection.
                 tracing::warn!("custom credential routes not used: {e}");
-                None
-            }
+                RouteTable::new()
+            }));
         }
+        cache
+            .table
+            .as_ref()
+            .and_then(|t| t.route_for(host).cloned())
     }
 
     fn secret(&self, service: &str) -> Result<Option<Found>, String> {
-        self.store
-            .get(service, Some(&self.sandbox))
-            .map_err(|e| e.to_string())
+        let now = stamp(self.store.path());
+        {
+            let mut cache = self.cache();
+            if cache.secrets_stamp != now {
+                cache.secrets_stamp = now;
+                cache.secrets.clear();
+                cache.failure = None;
+            }
+            if let Some(found) = cache.secrets.get(service) {
+                return Ok(found.clone());
+            }
+            if let Some((at, e)) = &cache.failure {
+                if at.elapsed() < FAILURE_TTL {
+                    return Err(e.clone());
+                }
+            }
+        }
+        // Not under the lock: a keyring may take a while to answer.
+        match self.store.get(service, Some(&self.sandbox)) {
+            Ok(found) => {
+                let mut cache = self.cache();
+                if cache.secrets_stamp == now {
+                    cache.secrets.insert(service.to_string(), found.clone());
+                }
+                Ok(found)
+            }
+            Err(e) => {
+                let e = e.to_string();
+                self.cache().failure = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
     }
 }
 
@@ -92,6 +165,7 @@ pub fn mitm(dirs: &Dirs, ca: SandboxCa, config: &SandboxConfig) -> Result<Mitm, 
         sandbox: config.name.clone(),
         store: store(dirs),
         routes: custom_routes(dirs),
+        cache: Mutex::new(Cache::default()),
     };
     Ok(Mitm::new(Arc::new(ca), tls, Arc::new(source)))
 }
@@ -116,18 +190,24 @@ pub fn guest_env(dirs: &Dirs, name: &str) -> Vec<(String, String)> {
         tracing::warn!("custom credential routes not used: {e}");
         RouteTable::new()
     });
-    let store = store(dirs);
+    // The index only: no value is read (nor a keyring asked) for this.
+    let set: Vec<(String, Scope)> = match store(dirs).list() {
+        Ok(entries) => entries.into_iter().map(|e| (e.service, e.scope)).collect(),
+        Err(e) => {
+            tracing::warn!("secret store: {e}");
+            Vec::new()
+        }
+    };
+    let own = Scope::Sandbox(name.to_string());
     for route in table.routes() {
         let Some(var) = &route.guest_env else {
             continue;
         };
-        if env.iter().any(|(k, _)| k == var) {
-            continue;
-        }
-        match store.get(&route.service, Some(name)) {
-            Ok(Some(_)) => env.push((var.clone(), route.sentinel.clone())),
-            Ok(None) => {}
-            Err(e) => tracing::warn!("secret store: {e}"),
+        let has_secret = set.iter().any(|(svc, scope)| {
+            *svc == route.service && (*scope == Scope::Global || *scope == own)
+        });
+        if has_secret && !env.iter().any(|(k, _)| k == var) {
+            env.push((var.clone(), route.sentinel.clone()));
         }
     }
     env

@@ -241,6 +241,8 @@ mod tests {
     fn accel_specific_options() {
         let tcg = config(Accel::Tcg);
         assert!(joined(&tcg).contains("-accel tcg,tb-size="));
+        // Agents' native binaries need x86-64-v3 (AVX2), which qemu64 lacks.
+        assert!(joined(&tcg).contains("-cpu max"));
         assert!(tcg.kernel_cmdline().contains("tsc_early_khz=2596134"));
         let kvm = config(Accel::Kvm);
         assert!(joined(&kvm).contains("-accel kvm -cpu host"));

@@ -2,6 +2,7 @@
 
 mod attach;
 mod commands;
+mod fs_serve;
 mod policy_cmd;
 
 use std::path::PathBuf;
@@ -48,6 +49,10 @@ pub struct CreateArgs {
     /// (also permits that address, even in a blocked range)
     #[arg(long = "add-host", value_name = "NAME:IP")]
     pub add_hosts: Vec<String>,
+    /// Share another host folder at the same path, read-write or `:ro`
+    /// (served with the same file rules as the workspace)
+    #[arg(long = "mount", value_name = "PATH[:ro]")]
+    pub mounts: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -130,11 +135,29 @@ enum Command {
     /// Network policy: rules, modes, checks and the log
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Flow labels: what the sandbox has touched (secret-read, untrusted-input)
+    #[command(subcommand)]
+    Flow(FlowCommand),
     /// Check this host: QEMU, KVM or TCG, file server, image tools
     Doctor,
     /// Internal: the per-sandbox supervisor process
     #[command(hide = true)]
     Supervise { name: String },
+    /// Internal: the file server of one share (started by the supervisor)
+    #[command(hide = true)]
+    FsServe(fs_serve::FsServeArgs),
+}
+
+#[derive(Subcommand)]
+pub enum FlowCommand {
+    /// The labels a sandbox carries: LABEL, SET-AT, BY (path or host)
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clear every label (egress is no longer narrowed)
+    Reset { name: String },
 }
 
 #[derive(Subcommand)]
@@ -167,6 +190,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Supervise { name } = &cli.command {
         return commands::supervise(name);
+    }
+    if let Command::FsServe(args) = &cli.command {
+        return fs_serve::main(args);
     }
     // Like other Unix tools, end quietly when the reader of our output goes
     // away (`sandpen ls | head`). Not for the supervisor above, whose stdout

@@ -31,6 +31,61 @@ pub struct SandboxConfig {
     /// `NAME:IP` resolution overrides for the egress proxy (`--add-host`).
     #[serde(default)]
     pub add_hosts: Vec<String>,
+    /// Extra folders shared at the same path (`--mount PATH[:ro]`).
+    #[serde(default)]
+    pub mounts: Vec<ExtraMount>,
+}
+
+/// `--mount PATH[:ro]`: a host folder shared at the same path in the guest,
+/// served with the same file rules as the workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtraMount {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl ExtraMount {
+    /// Parse `PATH` or `PATH:ro` (also `:rw`); the folder must exist.
+    pub fn parse(s: &str) -> Result<ExtraMount, SupervisorError> {
+        let (path, read_only) = match s.rsplit_once(':') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            _ => (s, false),
+        };
+        let canonical = Path::new(path)
+            .canonicalize()
+            .map_err(|e| SupervisorError::Invalid(format!("--mount {s}: {path}: {e}")))?;
+        if !canonical.is_dir() {
+            return Err(SupervisorError::Invalid(format!(
+                "--mount {s}: {} is not a folder",
+                canonical.display()
+            )));
+        }
+        if canonical == Path::new("/") {
+            return Err(SupervisorError::Invalid(format!(
+                "--mount {s}: the whole host file system cannot be shared"
+            )));
+        }
+        Ok(ExtraMount {
+            path: canonical,
+            read_only,
+        })
+    }
+}
+
+/// Replace a stopped sandbox's extra mounts.
+pub fn set_mounts(
+    dirs: &Dirs,
+    name: &str,
+    mounts: Vec<ExtraMount>,
+) -> Result<SandboxConfig, SupervisorError> {
+    let mut config = load(dirs, name)?;
+    config.mounts = mounts;
+    let data = serde_json::to_vec_pretty(&config)
+        .map_err(|e| SupervisorError::Invalid(format!("encoding the sandbox: {e}")))?;
+    write_atomic(&dirs.sandbox(name).config(), &data)?;
+    Ok(config)
 }
 
 pub const GUEST_USER: &str = "agent";
@@ -50,6 +105,7 @@ pub struct CreateOptions {
     pub disk_gib: u32,
     pub accel: AccelChoice,
     pub add_hosts: Vec<String>,
+    pub mounts: Vec<ExtraMount>,
 }
 
 /// Parses sizes like `2048`, `512M`, `2G`, `2GiB` into MiB.
@@ -271,6 +327,7 @@ pub fn create(
             guest_gid,
             created_at: now_rfc3339(),
             add_hosts: opts.add_hosts.clone(),
+            mounts: opts.mounts.clone(),
         };
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| SupervisorError::Invalid(format!("serializing the sandbox: {e}")))?;

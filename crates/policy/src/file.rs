@@ -256,12 +256,14 @@ impl Checker<'_> {
                         flow.trusted_sinks = targets;
                     }
                 }
-                other => return Err(self.err(
-                    span,
-                    format!(
+                other => {
+                    return Err(self.err(
+                        span,
+                        format!(
                         "unknown key `{other}` in [flow] (expected secret, trusted_sinks, trusted)"
                     ),
-                )),
+                    ))
+                }
             }
         }
         Ok(flow)

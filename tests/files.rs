@@ -237,9 +237,18 @@ fn read_only_paths_refuse_every_change() -> Result<(), Failed> {
         code != 0 && out.contains("Read-only file system"),
         format!("rm config: {code} {out}"),
     )?;
-    let (code, out) =
-        guest("touch .git/hooks/post-checkout; ln -s /bin/sh .git/hooks/x; mkdir .git/info");
-    check(code != 0, format!("create in hooks: {code} {out}"))?;
+    for cmd in [
+        "touch .git/hooks/post-checkout",
+        "ln -s /bin/sh .git/hooks/x",
+        "mkfifo .git/hooks/f",
+        "cp README .git/config",
+    ] {
+        let (code, out) = guest(cmd);
+        check(
+            code != 0 && out.contains("Read-only file system"),
+            format!("{cmd}: {code} {out}"),
+        )?;
+    }
     // Moving the folder out (a copy, then removing the original) and back.
     let (code, out) = guest("mv .git/hooks /tmp/ ; mv /tmp/hooks/pre-commit .git/hooks/pre-commit");
     check(code != 0, format!("mv out and back succeeded: {out}"))?;

@@ -26,6 +26,7 @@ set -e
 t() { date +%s.%N; }
 el() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.4f", b - a }'; }
 d=$1; tc=$2; rounds=$3
+git config --global --add safe.directory '*'
 mkdir -p "$d"; cd "$d"
 for r in $(seq "$rounds"); do
   rm -rf b; mkdir b; cd b

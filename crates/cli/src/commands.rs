@@ -680,13 +680,16 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
         "apt install qemu-system-x86",
     );
     check("qemu-img", tool("qemu-img"), "apt install qemu-utils");
-    check(
-        "virtiofsd",
-        sandpen_supervisor::fileserver::virtiofsd()
-            .ok()
-            .map(|p| p.display().to_string()),
-        "cargo install virtiofsd (needs libseccomp-dev libcap-ng-dev pkg-config)",
-    );
+    println!("ok    file server: built in (sandpen fs-serve)");
+    match sandpen_supervisor::fileserver::virtiofsd() {
+        Ok(p) => println!(
+            "note  virtiofsd (optional, benchmarks only): {}",
+            p.display()
+        ),
+        Err(_) => println!(
+            "note  virtiofsd not installed (optional: only the file benchmark compares against it)"
+        ),
+    }
     check(
         "sandpen-guest",
         sandpen_supervisor::guest_binary()

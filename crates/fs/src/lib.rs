@@ -143,3 +143,6 @@ pub fn rules_from_json(json: &str) -> Result<FileRules, FsError> {
     }
     Ok(rules)
 }
+
+#[cfg(test)]
+mod tests;

@@ -329,7 +329,7 @@ fn flow_label_narrows_egress_until_reset() -> Result<(), Failed> {
         format!("other.test still reachable after secret-read: {out}"),
     )?;
     let log = ok(&["policy", "log", NAME, "--json", "--limit", "1000"])?;
-    let want = format!("flow: secret-read at");
+    let want = "flow: secret-read at";
     let denied = log
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -339,7 +339,7 @@ fn flow_label_narrows_egress_until_reset() -> Result<(), Failed> {
     let reason = denied["reason"].as_str().unwrap_or_default();
     check(
         denied["decision"] == "deny"
-            && reason.starts_with(&want)
+            && reason.starts_with(want)
             && reason.ends_with("/secrets/token"),
         format!("the denial's reason: {denied}"),
     )?;

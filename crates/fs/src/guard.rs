@@ -49,7 +49,7 @@ pub struct IdMap {
 }
 
 impl IdMap {
-    fn to_guest_attr(&self, st: &mut stat64) {
+    fn show_to_guest(&self, st: &mut stat64) {
         if st.st_uid == self.host_uid {
             st.st_uid = self.guest_uid;
         }
@@ -231,7 +231,7 @@ where
 
     /// Remember an entry handed to the guest and put its ids in guest terms.
     fn record(&self, mut entry: Entry, rel: PathBuf) -> Entry {
-        self.ids.to_guest_attr(&mut entry.attr);
+        self.ids.show_to_guest(&mut entry.attr);
         if entry.inode != 0 {
             let kind = entry.attr.st_mode & S_IFMT;
             let mut nodes = self.nodes();
@@ -328,7 +328,7 @@ where
         let (rel, _) = self.node(inode)?;
         self.visible("getattr", &rel)?;
         let (mut st, t) = self.inner.getattr(ctx, inode, handle)?;
-        self.ids.to_guest_attr(&mut st);
+        self.ids.show_to_guest(&mut st);
         Ok((st, t))
     }
 
@@ -353,7 +353,7 @@ where
             attr.st_mode = strip_mode(attr.st_mode);
         }
         let (mut st, t) = self.inner.setattr(ctx, inode, attr, handle, valid)?;
-        self.ids.to_guest_attr(&mut st);
+        self.ids.show_to_guest(&mut st);
         Ok((st, t))
     }
 

@@ -91,6 +91,9 @@ pub struct Guarded<F> {
     /// The share's root on the host (for the audit log).
     root: PathBuf,
     nodes: Mutex<HashMap<u64, Node>>,
+    /// Open handles on files that match `flow.secret`: every read through
+    /// one sets the label again (it may have been reset since the open).
+    secret_handles: Mutex<HashMap<u64, PathBuf>>,
     events: Arc<Events>,
 }
 
@@ -146,6 +149,7 @@ where
             ids,
             root,
             nodes: Mutex::new(nodes),
+            secret_handles: Mutex::new(HashMap::new()),
             events,
         }
     }
@@ -491,10 +495,18 @@ where
         if is_write_open(flags) {
             self.writable("open", &rel)?;
         }
-        if is_read_open(flags) {
+        let secret = is_read_open(flags) && self.rules.secret(&rel).is_some();
+        if secret {
             self.note_read(&rel);
         }
-        self.inner.open(ctx, inode, flags, fuse_flags)
+        let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
+        if let (true, Some(handle)) = (secret, opened.0) {
+            self.secret_handles
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(handle, rel);
+        }
+        Ok(opened)
     }
 
     fn create(
@@ -522,6 +534,15 @@ where
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
+        let secret = self
+            .secret_handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&handle)
+            .cloned();
+        if let Some(rel) = secret {
+            self.note_read(&rel);
+        }
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
     }
@@ -587,6 +608,10 @@ where
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
+        self.secret_handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&handle);
         self.inner
             .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
     }

@@ -353,6 +353,34 @@ fn flow_label_narrows_egress_until_reset() -> Result<(), Failed> {
         flog.contains("secret-read"),
         format!("no label record in the file log:\n{flog}"),
     )?;
+    // Learn mode lets it through and logs what enforce would have done.
+    ok(&["policy", "mode", "learn", NAME])?;
+    let (code, out) = curl("other.test");
+    ok(&["policy", "mode", "enforce", NAME])?;
+    check(code == 0, format!("learn mode still denied: {out}"))?;
+    let log = ok(&["policy", "log", NAME, "--type", "network", "--json"])?;
+    let last = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rev()
+        .find(|r| r["host"] == "other.test")
+        .ok_or_else(|| Failed::from("no record in learn mode"))?;
+    check(
+        last["decision"] == "would-deny"
+            && last["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with(want),
+        format!("learn mode record: {last}"),
+    )?;
+    // The label outlives a stop and start.
+    ok(&["stop", NAME])?;
+    ok(&["start", NAME])?;
+    let (code, out) = curl("other.test");
+    check(
+        code != 0,
+        format!("after a restart the label was gone: {out}"),
+    )?;
     ok(&["flow", "reset", NAME])?;
     let (code, out) = curl("other.test");
     check(

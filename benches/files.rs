@@ -184,6 +184,14 @@ fn measure(run: &Run, server: &str, rounds: u32) -> (BTreeMap<String, f64>, BTre
         )
         .unwrap();
     }
+    /// Removes the sandbox however the measurement ends.
+    struct Cleanup<'a>(&'a Run, &'a Path, &'a str, String);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.sandpen(self.1, self.2, &["rm", "-f", &self.3]);
+        }
+    }
+    let _cleanup = Cleanup(run, &ws, server, name.clone());
     run.ok(&ws, server, &["start", &name]);
     let tc_s = tc.map(|p| p.display().to_string()).unwrap_or_default();
     let mut results = Vec::new();
@@ -218,7 +226,6 @@ fn measure(run: &Run, server: &str, rounds: u32) -> (BTreeMap<String, f64>, BTre
         }
         results.push(best);
     }
-    run.ok(&ws, server, &["rm", "-f", &name]);
     let disk = results.pop().unwrap();
     let share = results.pop().unwrap();
     (share, disk)
@@ -249,7 +256,9 @@ fn main() {
     )
     .unwrap();
     let (sp_share, sp_disk) = measure(&run, "sandpen", rounds);
+    eprintln!("sandpen share: {sp_share:?}\nguest disk: {sp_disk:?}");
     let (vf_share, vf_disk) = measure(&run, "virtiofsd", rounds);
+    eprintln!("virtiofsd share: {vf_share:?}\nguest disk: {vf_disk:?}");
     println!(
         "\n{:<11} {:>10} {:>10} {:>10} {:>10} {:>13} {:>13}",
         "figure", "sandpen", "virtiofsd", "disk(sp)", "disk(vf)", "sp/virtiofsd", "sp/disk"

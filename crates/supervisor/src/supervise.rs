@@ -380,7 +380,7 @@ async fn start_shares(
             guest_uid: config.guest_uid,
             guest_gid: config.guest_gid,
             rules_json: rules_json.clone(),
-            has_rules: has_rules || read_only,
+            has_rules,
             sandbox: config.name.clone(),
             files_log: paths.logs().join("files.jsonl"),
             flow_state: paths.dir.join("flow.json"),

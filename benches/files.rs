@@ -93,13 +93,19 @@ impl Run {
     }
 }
 
+/// The host's Rust toolchain (its sysroot), to share read-only at the same
+/// path: a rustup toolchain, never a system folder such as `/usr`, which
+/// would hide the guest's own.
 fn toolchain() -> Option<PathBuf> {
-    let out = Command::new("rustup")
-        .args(["which", "rustc"])
+    let out = Command::new("rustc")
+        .args(["--print", "sysroot"])
         .output()
         .ok()?;
-    let rustc = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    Some(rustc.parent()?.parent()?.to_path_buf()).filter(|p| p.join("bin/cargo").is_file())
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let system = ["/", "/usr", "/usr/local", "/opt"]
+        .iter()
+        .any(|s| sysroot == Path::new(s));
+    Some(sysroot).filter(|p| !system && p.join("bin/cargo").is_file())
 }
 
 fn git(args: &[&str], dir: &Path) -> String {
@@ -131,6 +137,7 @@ fn measure(run: &Run, server: &str, rounds: u32) -> (BTreeMap<String, f64>, BTre
     assert!(status.success());
     let new = git(&["rev-parse", "HEAD"], &bare);
     let old = git(&["rev-list", "--max-count=1", "--skip=40", "HEAD"], &bare);
+    let old = if old.is_empty() { new.clone() } else { old };
     let krate = ws.join("crate-src");
     std::fs::create_dir_all(krate.join("src")).unwrap();
     std::fs::write(

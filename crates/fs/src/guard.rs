@@ -297,7 +297,19 @@ where
     type Handle = u64;
 
     fn init(&self, capable: FsOptions) -> io::Result<FsOptions> {
-        self.inner.init(capable)
+        // What the passthrough layer asks for, plus the protocol features a
+        // virtio-fs server should offer: without BIG_WRITES and MAX_PAGES the
+        // guest sends writes of at most 8 KiB, one request (a VM exit) each.
+        // No HAS_IOCTL_DIR (ioctls are refused) and no SUBMOUNTS.
+        let want = self.inner.init(capable)?;
+        Ok(want
+            | FsOptions::ASYNC_READ
+            | FsOptions::PARALLEL_DIROPS
+            | FsOptions::BIG_WRITES
+            | FsOptions::AUTO_INVAL_DATA
+            | FsOptions::ASYNC_DIO
+            | FsOptions::ATOMIC_O_TRUNC
+            | FsOptions::MAX_PAGES)
     }
 
     fn destroy(&self) {

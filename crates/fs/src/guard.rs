@@ -75,8 +75,14 @@ impl IdMap {
     }
 }
 
+/// The most names one inode is remembered under (hard links).
+const MAX_NAMES: usize = 16;
+
 struct Node {
-    rel: PathBuf,
+    /// The paths the inode was handed out under, first the first one. More
+    /// than one for a hard-linked file: every rule is checked against each,
+    /// so a second name never makes a protected or secret file ordinary.
+    rels: Vec<PathBuf>,
     /// `st_mode & S_IFMT`.
     kind: u32,
     /// Lookups handed out and not yet forgotten.
@@ -138,7 +144,7 @@ where
         nodes.insert(
             ROOT_ID,
             Node {
-                rel: PathBuf::new(),
+                rels: vec![PathBuf::new()],
                 kind: libc::S_IFDIR,
                 refs: 1,
             },
@@ -160,21 +166,41 @@ where
         self.nodes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The path and type of a known inode; `ENOENT` for one never handed out.
-    fn node(&self, inode: u64) -> io::Result<(PathBuf, u32)> {
+    /// The paths and type of a known inode; `ENOENT` for one never handed out.
+    fn node(&self, inode: u64) -> io::Result<(Vec<PathBuf>, u32)> {
         self.nodes()
             .get(&inode)
-            .map(|n| (n.rel.clone(), n.kind))
+            .map(|n| (n.rels.clone(), n.kind))
             .ok_or_else(|| err(libc::ENOENT))
+    }
+
+    /// The path of a folder (folders have exactly one).
+    fn dir(&self, inode: u64) -> io::Result<PathBuf> {
+        let (rels, kind) = self.node(inode)?;
+        if kind != libc::S_IFDIR {
+            return Err(err(libc::ENOTDIR));
+        }
+        rels.into_iter().next().ok_or_else(|| err(libc::ENOENT))
     }
 
     fn child(&self, parent: u64, name: &CStr) -> io::Result<PathBuf> {
         let name = component(name)?;
-        let (dir, kind) = self.node(parent)?;
-        if kind != libc::S_IFDIR {
-            return Err(err(libc::ENOTDIR));
-        }
-        Ok(dir.join(name))
+        Ok(self.dir(parent)?.join(name))
+    }
+
+    /// [`visible`](Self::visible) for every name of an inode.
+    fn visible_all(&self, op: &str, rels: &[PathBuf]) -> io::Result<()> {
+        rels.iter().try_for_each(|r| self.visible(op, r))
+    }
+
+    /// [`writable`](Self::writable) for every name of an inode.
+    fn writable_all(&self, op: &str, rels: &[PathBuf]) -> io::Result<()> {
+        rels.iter().try_for_each(|r| self.writable(op, r))
+    }
+
+    /// The first name of an inode that matches `flow.secret`.
+    fn secret_name<'a>(&self, rels: &'a [PathBuf]) -> Option<&'a PathBuf> {
+        rels.iter().find(|r| self.rules.secret(r).is_some())
     }
 
     fn host_path(&self, rel: &Path) -> PathBuf {
@@ -240,11 +266,16 @@ where
             let kind = entry.attr.st_mode & S_IFMT;
             let mut nodes = self.nodes();
             let node = nodes.entry(entry.inode).or_insert(Node {
-                rel: PathBuf::new(),
+                rels: Vec::new(),
                 kind,
                 refs: 0,
             });
-            node.rel = rel;
+            if kind == libc::S_IFDIR {
+                // A folder has one name; a new one means it moved.
+                node.rels = vec![rel];
+            } else if !node.rels.contains(&rel) && node.rels.len() < MAX_NAMES {
+                node.rels.push(rel);
+            }
             node.kind = kind;
             node.refs = node.refs.saturating_add(1);
         }
@@ -267,12 +298,14 @@ where
     /// After a rename: everything at or below `from` is now below `to`.
     fn moved(&self, from: &Path, to: &Path) {
         for n in self.nodes().values_mut() {
-            if let Ok(rest) = n.rel.strip_prefix(from) {
-                n.rel = if rest.as_os_str().is_empty() {
-                    to.to_path_buf()
-                } else {
-                    to.join(rest)
-                };
+            for rel in n.rels.iter_mut() {
+                if let Ok(rest) = rel.strip_prefix(from) {
+                    *rel = if rest.as_os_str().is_empty() {
+                        to.to_path_buf()
+                    } else {
+                        to.join(rest)
+                    };
+                }
             }
         }
     }
@@ -280,10 +313,12 @@ where
     /// After RENAME_EXCHANGE: the two paths swap.
     fn swapped(&self, a: &Path, b: &Path) {
         for n in self.nodes().values_mut() {
-            if let Ok(rest) = n.rel.strip_prefix(a) {
-                n.rel = b.join(rest);
-            } else if let Ok(rest) = n.rel.strip_prefix(b) {
-                n.rel = a.join(rest);
+            for rel in n.rels.iter_mut() {
+                if let Ok(rest) = rel.strip_prefix(a) {
+                    *rel = b.join(rest);
+                } else if let Ok(rest) = rel.strip_prefix(b) {
+                    *rel = a.join(rest);
+                }
             }
         }
     }
@@ -341,8 +376,8 @@ where
         inode: u64,
         handle: Option<u64>,
     ) -> io::Result<(stat64, Duration)> {
-        let (rel, _) = self.node(inode)?;
-        self.visible("getattr", &rel)?;
+        let (rels, _) = self.node(inode)?;
+        self.visible_all("getattr", &rels)?;
         let (mut st, t) = self.inner.getattr(ctx, inode, handle)?;
         self.ids.show_to_guest(&mut st);
         Ok((st, t))
@@ -356,9 +391,9 @@ where
         handle: Option<u64>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
-        let (rel, _) = self.node(inode)?;
-        self.visible("setattr", &rel)?;
-        self.writable("setattr", &rel)?;
+        let (rels, _) = self.node(inode)?;
+        self.visible_all("setattr", &rels)?;
+        self.writable_all("setattr", &rels)?;
         if valid.contains(SetattrValid::UID) {
             attr.st_uid = self.ids.uid_to_host(attr.st_uid);
         }
@@ -374,8 +409,8 @@ where
     }
 
     fn readlink(&self, ctx: &Context, inode: u64) -> io::Result<Vec<u8>> {
-        let (rel, _) = self.node(inode)?;
-        self.visible("readlink", &rel)?;
+        let (rels, _) = self.node(inode)?;
+        self.visible_all("readlink", &rels)?;
         self.inner.readlink(ctx, inode)
     }
 
@@ -478,13 +513,15 @@ where
     }
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
-        let (src, _) = self.node(inode)?;
+        let (srcs, _) = self.node(inode)?;
         let rel = self.child(newparent, newname)?;
-        self.visible("link", &src)?;
+        self.visible_all("link", &srcs)?;
         // A second name for a read-only file would make it writable.
-        self.writable("link", &src)?;
+        self.writable_all("link", &srcs)?;
         self.creatable("link", &rel)?;
-        self.note_read(&src);
+        if let Some(secret) = self.secret_name(&srcs) {
+            self.note_read(secret);
+        }
         let entry = self.inner.link(ctx, inode, newparent, newname)?;
         Ok(self.record(entry, rel))
     }
@@ -496,8 +533,8 @@ where
         flags: u32,
         fuse_flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions, Option<u32>)> {
-        let (rel, kind) = self.node(inode)?;
-        self.visible("open", &rel)?;
+        let (rels, kind) = self.node(inode)?;
+        self.visible_all("open", &rels)?;
         match kind {
             libc::S_IFREG => {}
             libc::S_IFDIR => return Err(err(libc::EISDIR)),
@@ -505,14 +542,18 @@ where
             _ => return Err(err(libc::EACCES)),
         }
         if is_write_open(flags) {
-            self.writable("open", &rel)?;
+            self.writable_all("open", &rels)?;
         }
-        let secret = is_read_open(flags) && self.rules.secret(&rel).is_some();
-        if secret {
-            self.note_read(&rel);
+        let secret = if is_read_open(flags) {
+            self.secret_name(&rels).cloned()
+        } else {
+            None
+        };
+        if let Some(rel) = &secret {
+            self.note_read(rel);
         }
         let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
-        if let (true, Some(handle)) = (secret, opened.0) {
+        if let (Some(rel), Some(handle)) = (secret, opened.0) {
             self.secret_handles
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -604,8 +645,8 @@ where
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
-        let (rel, _) = self.node(inode)?;
-        self.writable("fallocate", &rel)?;
+        let (rels, _) = self.node(inode)?;
+        self.writable_all("fallocate", &rels)?;
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }
@@ -641,9 +682,9 @@ where
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
-        let (rel, _) = self.node(inode)?;
-        self.visible("setxattr", &rel)?;
-        self.writable("setxattr", &rel)?;
+        let (rels, _) = self.node(inode)?;
+        self.visible_all("setxattr", &rels)?;
+        self.writable_all("setxattr", &rels)?;
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -654,21 +695,21 @@ where
         name: &CStr,
         size: u32,
     ) -> io::Result<GetxattrReply> {
-        let (rel, _) = self.node(inode)?;
-        self.visible("getxattr", &rel)?;
+        let (rels, _) = self.node(inode)?;
+        self.visible_all("getxattr", &rels)?;
         self.inner.getxattr(ctx, inode, name, size)
     }
 
     fn listxattr(&self, ctx: &Context, inode: u64, size: u32) -> io::Result<ListxattrReply> {
-        let (rel, _) = self.node(inode)?;
-        self.visible("listxattr", &rel)?;
+        let (rels, _) = self.node(inode)?;
+        self.visible_all("listxattr", &rels)?;
         self.inner.listxattr(ctx, inode, size)
     }
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
-        let (rel, _) = self.node(inode)?;
-        self.visible("removexattr", &rel)?;
-        self.writable("removexattr", &rel)?;
+        let (rels, _) = self.node(inode)?;
+        self.visible_all("removexattr", &rels)?;
+        self.writable_all("removexattr", &rels)?;
         self.inner.removexattr(ctx, inode, name)
     }
 
@@ -678,8 +719,8 @@ where
         inode: u64,
         flags: u32,
     ) -> io::Result<(Option<u64>, OpenOptions)> {
-        let (rel, kind) = self.node(inode)?;
-        self.visible("opendir", &rel)?;
+        let (rels, kind) = self.node(inode)?;
+        self.visible_all("opendir", &rels)?;
         if kind != libc::S_IFDIR {
             return Err(err(libc::ENOTDIR));
         }
@@ -695,7 +736,7 @@ where
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let (dir, _) = self.node(inode)?;
+        let dir = self.dir(inode)?;
         self.inner
             .readdir(ctx, inode, handle, size, offset, &mut |e: DirEntry| {
                 let name = Path::new(std::ffi::OsStr::from_bytes(e.name));
@@ -717,7 +758,7 @@ where
         offset: u64,
         add_entry: &mut dyn FnMut(DirEntry, Entry) -> io::Result<usize>,
     ) -> io::Result<()> {
-        let (dir, _) = self.node(inode)?;
+        let dir = self.dir(inode)?;
         let mut hidden: Vec<u64> = Vec::new();
         let res = self.inner.readdirplus(
             ctx,
@@ -763,10 +804,10 @@ where
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
-        let (rel, _) = self.node(inode)?;
-        self.visible("access", &rel)?;
+        let (rels, _) = self.node(inode)?;
+        self.visible_all("access", &rels)?;
         if mask & libc::W_OK as u32 != 0 {
-            self.writable("access", &rel)?;
+            self.writable_all("access", &rels)?;
         }
         self.inner.access(ctx, inode, mask)
     }

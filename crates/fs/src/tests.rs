@@ -333,3 +333,18 @@ fn renaming_a_secret_counts_as_reading_it_and_paths_follow_renames() {
         0
     );
 }
+
+#[test]
+fn a_second_name_does_not_launder_a_secret() {
+    let f = fixture();
+    let store = LabelStore::in_dir(&f.state);
+    let token = f.path("secrets/token").unwrap().inode;
+    let e = f.fs.link(&ctx(), token, ROOT_ID, &c("plain")).unwrap();
+    assert_eq!(e.inode, token);
+    assert!(store.load().unwrap().get(Label::SecretRead).is_some());
+    store.reset().unwrap();
+    // Opened under its ordinary name, it is still the secret.
+    let plain = f.path("plain").unwrap().inode;
+    f.fs.open(&ctx(), plain, libc::O_RDONLY as u32, 0).unwrap();
+    assert!(store.load().unwrap().get(Label::SecretRead).is_some());
+}

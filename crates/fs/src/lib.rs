@@ -92,8 +92,38 @@ pub fn guarded_fs(cfg: &ServeConfig) -> Result<Guarded<PassthroughFs>, FsError> 
     ))
 }
 
+/// Raises the soft limit on open files to the hard one: the passthrough layer
+/// holds one descriptor per inode the guest knows, and a workspace with a
+/// `node_modules` has far more files than the usual soft limit of 1024.
+pub fn raise_fd_limit() -> Result<u64, FsError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(FsError::Io {
+            what: "reading the open-file limit".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass and nothing else.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(FsError::Io {
+                what: "raising the open-file limit".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
 /// Serve one share until QEMU disconnects.
 pub fn serve(cfg: ServeConfig) -> Result<(), FsError> {
+    let limit = raise_fd_limit()?;
+    tracing::debug!(limit, "open-file limit");
     let fs = Arc::new(guarded_fs(&cfg)?);
     let backend = Arc::new(backend::FsBackend::new(fs));
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());

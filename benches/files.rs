@@ -12,7 +12,9 @@
 //! - a build: `cargo build` of a small library crate with the host's Rust
 //!   toolchain shared read-only (`--mount`), if rustup has one.
 //!
-//! Each figure is the best of `SANDPEN_BENCH_ROUNDS` (default 2) rounds.
+//! Both sandboxes run side by side and the rounds alternate between them, so
+//! that load from other work on the host falls on both alike. Each figure is
+//! the best of `SANDPEN_BENCH_ROUNDS` (default 2) rounds.
 //! `cargo bench -p sandpen --bench files`. Needs the default image (see
 //! benches/spine.rs) and virtiofsd.
 
@@ -118,13 +120,37 @@ fn git(args: &[&str], dir: &Path) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// Best (smallest) time per figure.
-fn measure(run: &Run, server: &str, rounds: u32) -> (BTreeMap<String, f64>, BTreeMap<String, f64>) {
+/// One sandbox under test: its workspace (a bare clone of this repository, a
+/// small crate and the script) and its file server.
+struct Bench<'a> {
+    run: &'a Run,
+    server: &'static str,
+    name: String,
+    ws: PathBuf,
+    bare: PathBuf,
+    old: String,
+    new: String,
+    krate: PathBuf,
+    toolchain: String,
+    _root: tempfile::TempDir,
+}
+
+impl Drop for Bench<'_> {
+    /// The sandbox goes however the run ends.
+    fn drop(&mut self) {
+        let _ = self
+            .run
+            .sandpen(&self.ws, self.server, &["rm", "-f", &self.name]);
+    }
+}
+
+fn prepare<'a>(run: &'a Run, server: &'static str) -> Bench<'a> {
     let root = tempfile::Builder::new()
         .prefix("sandpen-fsbench-")
         .tempdir()
         .unwrap();
-    let ws = root.path().join(format!("fsbench-{server}"));
+    let name = format!("fsbench-{server}");
+    let ws = root.path().join(&name);
     std::fs::create_dir(&ws).unwrap();
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let bare = ws.join("src.git");
@@ -162,7 +188,6 @@ fn measure(run: &Run, server: &str, rounds: u32) -> (BTreeMap<String, f64>, BTre
     std::fs::write(krate.join("src/lib.rs"), lib).unwrap();
     std::fs::write(ws.join("bench.sh"), SCRIPT).unwrap();
 
-    let name = format!("fsbench-{server}");
     let tc = toolchain();
     let mut create = vec![
         "create".to_string(),
@@ -191,51 +216,62 @@ fn measure(run: &Run, server: &str, rounds: u32) -> (BTreeMap<String, f64>, BTre
         )
         .unwrap();
     }
-    /// Removes the sandbox however the measurement ends.
-    struct Cleanup<'a>(&'a Run, &'a Path, &'a str, String);
-    impl Drop for Cleanup<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.sandpen(self.1, self.2, &["rm", "-f", &self.3]);
-        }
-    }
-    let _cleanup = Cleanup(run, &ws, server, name.clone());
-    run.ok(&ws, server, &["start", &name]);
-    let tc_s = tc.map(|p| p.display().to_string()).unwrap_or_default();
-    let mut results = Vec::new();
-    for dir in [ws.join("b-share"), PathBuf::from("/root/fsbench")] {
-        let out = run.ok(
-            &ws,
-            server,
+    let bench = Bench {
+        run,
+        server,
+        name,
+        ws,
+        bare,
+        old,
+        new,
+        krate,
+        toolchain: tc.map(|p| p.display().to_string()).unwrap_or_default(),
+        _root: root,
+    };
+    run.ok(&bench.ws, server, &["start", &bench.name]);
+    bench
+}
+
+impl Bench<'_> {
+    /// One round of the script in `dir` (on the share or the guest disk).
+    fn round(&self, dir: &Path) -> BTreeMap<String, f64> {
+        let out = self.run.ok(
+            &self.ws,
+            self.server,
             &[
                 "exec",
                 "-u",
                 "root",
-                &name,
+                &self.name,
                 "--",
                 "sh",
-                &format!("{}/bench.sh", ws.display()),
+                &format!("{}/bench.sh", self.ws.display()),
                 &dir.display().to_string(),
-                &tc_s,
-                &rounds.to_string(),
-                &bare.display().to_string(),
-                &old,
-                &new,
-                &krate.display().to_string(),
+                &self.toolchain,
+                "1",
+                &self.bare.display().to_string(),
+                &self.old,
+                &self.new,
+                &self.krate.display().to_string(),
             ],
         );
-        let mut best: BTreeMap<String, f64> = BTreeMap::new();
+        let mut figures = BTreeMap::new();
         for line in out.lines() {
             let mut it = line.split_whitespace();
             if let (Some(k), Some(v)) = (it.next(), it.next().and_then(|v| v.parse::<f64>().ok())) {
-                let e = best.entry(k.to_string()).or_insert(f64::MAX);
-                *e = e.min(v);
+                figures.insert(k.to_string(), v);
             }
         }
-        results.push(best);
+        figures
     }
-    let disk = results.pop().unwrap();
-    let share = results.pop().unwrap();
-    (share, disk)
+}
+
+/// Keeps the smallest time per figure.
+fn best(into: &mut BTreeMap<String, f64>, from: BTreeMap<String, f64>) {
+    for (k, v) in from {
+        let e = into.entry(k).or_insert(f64::MAX);
+        *e = e.min(v);
+    }
 }
 
 fn main() {
@@ -262,10 +298,18 @@ fn main() {
         "preset = \"deny-all\"\n",
     )
     .unwrap();
-    let (sp_share, sp_disk) = measure(&run, "sandpen", rounds);
-    eprintln!("sandpen share: {sp_share:?}\nguest disk: {sp_disk:?}");
-    let (vf_share, vf_disk) = measure(&run, "virtiofsd", rounds);
-    eprintln!("virtiofsd share: {vf_share:?}\nguest disk: {vf_disk:?}");
+    // Both sandboxes run side by side and the rounds alternate between
+    // them, so that the load other work puts on the host falls on both.
+    let sp = prepare(&run, "sandpen");
+    let vf = prepare(&run, "virtiofsd");
+    let (mut sp_share, mut sp_disk, mut vf_share, mut vf_disk) = Default::default();
+    for r in 0..rounds {
+        best(&mut sp_share, sp.round(&sp.ws.join("b-share")));
+        best(&mut vf_share, vf.round(&vf.ws.join("b-share")));
+        best(&mut sp_disk, sp.round(Path::new("/root/fsbench")));
+        best(&mut vf_disk, vf.round(Path::new("/root/fsbench")));
+        eprintln!("round {}: sandpen {sp_share:?} / disk {sp_disk:?}; virtiofsd {vf_share:?} / disk {vf_disk:?}", r + 1);
+    }
     println!(
         "\n{:<11} {:>10} {:>10} {:>10} {:>10} {:>13} {:>13}",
         "figure", "sandpen", "virtiofsd", "disk(sp)", "disk(vf)", "sp/virtiofsd", "sp/disk"

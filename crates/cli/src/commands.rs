@@ -117,6 +117,7 @@ pub async fn dispatch(command: Command) -> Result<i32> {
         Command::Image(cmd) => image(&dirs, cmd).await,
         Command::Policy(cmd) => crate::policy_cmd::run(&dirs, cmd).await,
         Command::Flow(cmd) => flow(&dirs, cmd),
+        Command::Secret(cmd) => crate::secret_cmd::run(&dirs, cmd),
         Command::Doctor => doctor(&dirs),
         Command::Supervise { .. } | Command::FsServe(_) => {
             unreachable!("handled before the runtime starts")
@@ -158,6 +159,7 @@ fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOpt
             })
             .collect::<Result<_>>()?,
         mounts: parse_mounts(&args.mounts)?,
+        upstream_cas: args.upstream_cas.clone(),
     })
 }
 

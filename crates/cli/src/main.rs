@@ -4,6 +4,7 @@ mod attach;
 mod commands;
 mod fs_serve;
 mod policy_cmd;
+mod secret_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -53,6 +54,10 @@ pub struct CreateArgs {
     /// (served with the same file rules as the workspace)
     #[arg(long = "mount", value_name = "PATH[:ro]")]
     pub mounts: Vec<String>,
+    /// Also trust this CA (PEM) for upstreams that the proxy re-encrypts to
+    /// on credential hosts (private upstreams, tests)
+    #[arg(long = "upstream-ca", value_name = "FILE")]
+    pub upstream_cas: Vec<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -138,6 +143,9 @@ enum Command {
     /// Flow labels: what the sandbox has touched (secret-read, untrusted-input)
     #[command(subcommand)]
     Flow(FlowCommand),
+    /// Secrets the proxy puts in place of the guest's placeholder
+    #[command(subcommand)]
+    Secret(secret_cmd::SecretCommand),
     /// Check this host: QEMU, KVM or TCG, file server, image tools
     Doctor,
     /// Internal: the per-sandbox supervisor process

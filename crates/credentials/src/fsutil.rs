@@ -50,3 +50,30 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()
 pub(crate) fn mode_of(f: &File) -> io::Result<u32> {
     Ok(f.metadata()?.permissions().mode() & 0o777)
 }
+
+/// Runs `f` holding an exclusive `flock` on `PATH.lock` (created 0600), so
+/// that two processes editing the same file do not lose each other's write.
+/// The lock file's folder must exist.
+pub(crate) fn with_lock<T, E>(
+    path: &Path,
+    on_io: impl FnOnce(io::Error) -> E,
+    f: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let file = match OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+    {
+        Ok(f) => f,
+        Err(e) => return Err(on_io(e)),
+    };
+    let _lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive) {
+        Ok(l) => l,
+        Err((_, errno)) => return Err(on_io(io::Error::from(errno))),
+    };
+    f()
+}

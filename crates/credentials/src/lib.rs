@@ -9,11 +9,15 @@
 //! Nothing here talks to the network or to the guest.
 
 pub mod ca;
+pub mod custom;
 mod fsutil;
+pub mod keyring;
 pub mod routes;
 pub mod store;
 
 pub use ca::{CaError, SandboxCa};
+pub use custom::{CustomRoutes, CustomRoutesError};
+pub use keyring::Keyring;
 pub use routes::{
     apply, builtin_routes, route_for, Applied, ApplyError, HeaderRule, Route, RouteError,
     RouteTable, ValueFormat, SENTINEL,

@@ -235,48 +235,49 @@ pub fn apply(
     }
 }
 
-/// The swapped value, or `None` when the sentinel is not in `value`.
+/// The swapped value, or `None` when `value` is not one of the forms the
+/// sentinel may take. Only whole forms are swapped: the sentinel alone,
+/// `SCHEME SENTINEL` (`Bearer`, `token`, a custom format's prefix), or
+/// `Basic base64(user:SENTINEL)`. A guest that wraps the sentinel in its own
+/// text (`Bearer XXproxy-managed`) gets nothing: an upstream that quotes part
+/// of a bad key back would otherwise leak the secret's characters to it.
 fn swap_value(value: &[u8], sentinel: &[u8], secret: &[u8]) -> Option<Vec<u8>> {
-    if let Some(v) = replace_all(value, sentinel, secret) {
-        return Some(v);
+    let value = value.trim_ascii();
+    if value == sentinel {
+        return Some(secret.to_vec());
+    }
+    let (scheme, rest) = split_scheme(value)?;
+    let rest = rest.trim_ascii();
+    if rest == sentinel {
+        let mut out = scheme.to_vec();
+        out.push(b' ');
+        out.extend_from_slice(secret);
+        return Some(out);
     }
     // `Basic base64(user:password)`: the sentinel is hidden by base64.
-    let (scheme, rest) = split_scheme(value)?;
     if !scheme.eq_ignore_ascii_case(b"basic") {
         return None;
     }
-    let decoded = B64.decode(rest.trim_ascii()).ok()?;
-    let swapped = replace_all(&decoded, sentinel, secret)?;
+    let decoded = B64.decode(rest).ok()?;
+    let colon = decoded.iter().position(|&b| b == b':')?;
+    if &decoded[colon + 1..] != sentinel {
+        return None;
+    }
+    let mut plain = decoded[..=colon].to_vec();
+    plain.extend_from_slice(secret);
     let mut out = scheme.to_vec();
     out.push(b' ');
-    out.extend_from_slice(B64.encode(swapped).as_bytes());
+    out.extend_from_slice(B64.encode(plain).as_bytes());
     Some(out)
 }
 
 fn split_scheme(value: &[u8]) -> Option<(&[u8], &[u8])> {
-    let value = value.trim_ascii();
     let sp = value.iter().position(|&b| b == b' ')?;
-    Some((&value[..sp], &value[sp + 1..]))
-}
-
-fn replace_all(haystack: &[u8], needle: &[u8], with: &[u8]) -> Option<Vec<u8>> {
-    if needle.is_empty() || haystack.len() < needle.len() {
+    let scheme = &value[..sp];
+    if scheme.is_empty() || !scheme.iter().all(|&b| is_token_byte(b)) {
         return None;
     }
-    let mut out = Vec::with_capacity(haystack.len() + with.len());
-    let mut i = 0;
-    let mut found = false;
-    while i < haystack.len() {
-        if haystack[i..].starts_with(needle) {
-            out.extend_from_slice(with);
-            i += needle.len();
-            found = true;
-        } else {
-            out.push(haystack[i]);
-            i += 1;
-        }
-    }
-    found.then_some(out)
+    Some((scheme, &value[sp + 1..]))
 }
 
 fn is_token_byte(b: u8) -> bool {
@@ -460,6 +461,31 @@ mod tests {
             vec![format!("Bearer {SECRET}").as_bytes()]
         );
         assert!(get(&headers, "x-api-key").is_empty());
+    }
+
+    #[test]
+    fn a_sentinel_wrapped_in_guest_text_is_not_swapped() {
+        // Upstreams quote parts of bad keys back; a guest must not be able to
+        // frame the secret so that an error message shows it.
+        let route = route_for("api.openai.com").expect("route");
+        for value in [
+            "Bearer XXproxy-managed",
+            "Bearer proxy-managedXX",
+            "Bearer proxy-managed proxy-managed",
+            "proxy-managed-suffix",
+        ] {
+            let mut headers = h(&[("authorization", value)]);
+            assert_eq!(
+                apply(route, &mut headers, SECRET),
+                Ok(Applied::Unchanged),
+                "{value}"
+            );
+            assert_eq!(get(&headers, "authorization"), vec![value.as_bytes()]);
+        }
+        let git = route_for("github.com").expect("route");
+        let framed = format!("Basic {}", B64.encode("x-access-token:XXproxy-managed"));
+        let mut headers = h(&[("authorization", framed.as_str())]);
+        assert_eq!(apply(git, &mut headers, SECRET), Ok(Applied::Unchanged));
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! The secret store: one JSON file, mode 0600, rewritten atomically.
+//! The secret store: one JSON file, mode 0600, rewritten atomically, and
+//! the OS keyring when one answers ([`FileStore::with_keyring`]): then the
+//! file is only the index and the values live in the keyring.
 //!
 //! The caller passes the path (`$XDG_CONFIG_HOME/sandpen/secrets`). Each call
 //! reads the file afresh, so separate `sandpen` processes see each other's
@@ -15,7 +17,8 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::fsutil::{mode_of, write_atomic};
+use crate::fsutil::{mode_of, with_lock, write_atomic};
+use crate::keyring::Keyring;
 
 const FORMAT_VERSION: u32 = 1;
 
@@ -109,6 +112,12 @@ pub enum StoreError {
     },
     #[error("secret store {} has format version {version}; this sandpen reads version {FORMAT_VERSION}", path.display())]
     UnsupportedVersion { path: PathBuf, version: u32 },
+    #[error("the OS keyring cannot {op}: {reason}")]
+    Keyring { op: &'static str, reason: String },
+    #[error("the {service} secret is in the OS keyring, which does not answer here; unlock it, or set the secret again with SANDPEN_SECRET_STORE=file")]
+    KeyringUnavailable { service: String },
+    #[error("the {service} secret ({scope}) is missing from the OS keyring; set it again")]
+    MissingFromKeyring { service: String, scope: String },
     #[error("invalid service name {0:?}: use 1-64 letters, digits, '-', '_' or '.'")]
     InvalidService(String),
     #[error("invalid sandbox scope {0:?}")]
@@ -130,7 +139,12 @@ struct FileDoc<V> {
 struct FileEntry<V> {
     service: String,
     scope: Scope,
-    value: V,
+    /// Absent when the value is in the OS keyring (serde reads a missing
+    /// `Option` as `None`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    value: Option<V>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    in_keyring: bool,
     #[serde(with = "time::serde::rfc3339")]
     set_at: OffsetDateTime,
 }
@@ -138,20 +152,50 @@ struct FileEntry<V> {
 struct Entry {
     service: String,
     scope: Scope,
-    value: SecretValue,
+    value: Stored,
     set_at: OffsetDateTime,
+}
+
+/// Where an entry's value is.
+enum Stored {
+    File(SecretValue),
+    Keyring,
+}
+
+/// The keyring account of an entry: `SERVICE@SCOPE`.
+fn account(service: &str, scope: &Scope) -> String {
+    format!("{service}@{scope}")
 }
 
 /// The file-backed secret store.
 #[derive(Debug, Clone)]
 pub struct FileStore {
     path: PathBuf,
+    keyring: Option<Keyring>,
 }
 
 impl FileStore {
     /// A store at `path`. Nothing is read or created until used.
     pub fn new(path: impl Into<PathBuf>) -> Self {
-        FileStore { path: path.into() }
+        FileStore {
+            path: path.into(),
+            keyring: None,
+        }
+    }
+
+    /// New values go to `keyring`; the file keeps the index.
+    pub fn with_keyring(mut self, keyring: Keyring) -> Self {
+        self.keyring = Some(keyring);
+        self
+    }
+
+    /// Where new values go: `OS keyring` or `file`.
+    pub fn backend(&self) -> &'static str {
+        if self.keyring.is_some() {
+            "OS keyring"
+        } else {
+            "file"
+        }
     }
 
     /// The file's path.
@@ -173,37 +217,88 @@ impl FileStore {
                 "not allowed to contain control characters or newlines",
             ));
         }
-        let mut entries = self.load()?;
-        entries.retain(|e| !(e.service == service && e.scope == scope));
-        entries.push(Entry {
-            service: service.to_string(),
-            scope,
-            value,
-            set_at: OffsetDateTime::now_utc(),
-        });
-        self.save(&entries)
+        self.ensure_folder()?;
+        with_lock(&self.path, self.io("lock"), || {
+            let mut entries = self.load()?;
+            let stored = match &self.keyring {
+                Some(k) => {
+                    k.set(&account(service, &scope), &value)?;
+                    Stored::Keyring
+                }
+                None => {
+                    // A value that moves from the keyring to the file must not
+                    // stay behind in the keyring.
+                    let was_in_keyring = entries.iter().any(|e| {
+                        e.service == service
+                            && e.scope == scope
+                            && matches!(e.value, Stored::Keyring)
+                    });
+                    if was_in_keyring {
+                        return Err(StoreError::KeyringUnavailable {
+                            service: service.to_string(),
+                        });
+                    }
+                    Stored::File(value)
+                }
+            };
+            let in_keyring = matches!(stored, Stored::Keyring);
+            let acct = account(service, &scope);
+            entries.retain(|e| !(e.service == service && e.scope == scope));
+            entries.push(Entry {
+                service: service.to_string(),
+                scope,
+                value: stored,
+                set_at: OffsetDateTime::now_utc(),
+            });
+            let saved = self.save(&entries);
+            if let (Err(_), true, Some(k)) = (&saved, in_keyring, &self.keyring) {
+                // No index entry points at it: do not leave it behind.
+                let _ = k.delete(&acct);
+            }
+            saved
+        })
     }
 
     /// `service`'s secret for `sandbox`: the sandbox's own entry first, then
     /// the global one. With `sandbox` `None`, only the global entry.
     pub fn get(&self, service: &str, sandbox: Option<&str>) -> Result<Option<Found>, StoreError> {
         let entries = self.load()?;
-        let pick = |scope: &Scope| {
-            entries
+        let pick = |scope: &Scope| -> Result<Option<Found>, StoreError> {
+            let Some(e) = entries
                 .iter()
                 .find(|e| e.service == service && e.scope == *scope)
-                .map(|e| Found {
-                    scope: e.scope.clone(),
-                    value: e.value.clone(),
-                    set_at: e.set_at,
-                })
+            else {
+                return Ok(None);
+            };
+            let value = match &e.value {
+                Stored::File(v) => v.clone(),
+                Stored::Keyring => {
+                    let k =
+                        self.keyring
+                            .as_ref()
+                            .ok_or_else(|| StoreError::KeyringUnavailable {
+                                service: service.to_string(),
+                            })?;
+                    k.get(&account(&e.service, &e.scope))?.ok_or_else(|| {
+                        StoreError::MissingFromKeyring {
+                            service: service.to_string(),
+                            scope: e.scope.to_string(),
+                        }
+                    })?
+                }
+            };
+            Ok(Some(Found {
+                scope: e.scope.clone(),
+                value,
+                set_at: e.set_at,
+            }))
         };
         if let Some(name) = sandbox {
-            if let Some(found) = pick(&Scope::Sandbox(name.to_string())) {
+            if let Some(found) = pick(&Scope::Sandbox(name.to_string()))? {
                 return Ok(Some(found));
             }
         }
-        Ok(pick(&Scope::Global))
+        pick(&Scope::Global)
     }
 
     /// Every entry, without values, sorted by service then scope.
@@ -223,14 +318,42 @@ impl FileStore {
 
     /// Removes `service`'s secret in `scope`; `false` if there was none.
     pub fn remove(&self, service: &str, scope: &Scope) -> Result<bool, StoreError> {
-        let mut entries = self.load()?;
-        let before = entries.len();
-        entries.retain(|e| !(e.service == service && e.scope == *scope));
-        if entries.len() == before {
+        if !self.path.exists() {
             return Ok(false);
         }
-        self.save(&entries)?;
-        Ok(true)
+        self.ensure_folder()?;
+        with_lock(&self.path, self.io("lock"), || {
+            let mut entries = self.load()?;
+            let Some(pos) = entries
+                .iter()
+                .position(|e| e.service == service && e.scope == *scope)
+            else {
+                return Ok(false);
+            };
+            if matches!(entries[pos].value, Stored::Keyring) {
+                let k = self
+                    .keyring
+                    .as_ref()
+                    .ok_or_else(|| StoreError::KeyringUnavailable {
+                        service: service.to_string(),
+                    })?;
+                k.delete(&account(service, scope))?;
+            }
+            entries.remove(pos);
+            self.save(&entries)?;
+            Ok(true)
+        })
+    }
+
+    fn ensure_folder(&self) -> Result<(), StoreError> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(self.io("create the folder of"))?;
+        }
+        Ok(())
     }
 
     fn io(&self, op: &'static str) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -280,9 +403,12 @@ impl FileStore {
             .secrets
             .into_iter()
             .map(|e| Entry {
+                value: match (e.value, e.in_keyring) {
+                    (Some(v), false) => Stored::File(SecretValue::new(v)),
+                    _ => Stored::Keyring,
+                },
                 service: e.service,
                 scope: e.scope,
-                value: SecretValue::new(e.value),
                 set_at: e.set_at,
             })
             .collect())
@@ -303,7 +429,11 @@ impl FileStore {
                 .map(|e| FileEntry {
                     service: e.service.clone(),
                     scope: e.scope.clone(),
-                    value: e.value.expose(),
+                    value: match &e.value {
+                        Stored::File(v) => Some(v.expose()),
+                        Stored::Keyring => None,
+                    },
+                    in_keyring: matches!(e.value, Stored::Keyring),
                     set_at: e.set_at,
                 })
                 .collect(),
@@ -525,13 +655,46 @@ mod tests {
         assert!(text.contains("old-value") && !text.contains("new-value"));
         let doc: serde_json::Value = serde_json::from_str(&text).expect("old file complete JSON");
         assert_eq!(doc["version"], 1);
-        // No temporary file is left behind, and the mode stays 0600.
-        let names: Vec<_> = fs::read_dir(s.path().parent().expect("parent"))
+        // No temporary file is left behind (only the lock file), and the
+        // mode stays 0600.
+        let mut names: Vec<_> = fs::read_dir(s.path().parent().expect("parent"))
             .expect("readdir")
             .map(|e| e.expect("entry").file_name())
             .collect();
-        assert_eq!(names, [std::ffi::OsString::from("secrets")]);
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                std::ffi::OsString::from("secrets"),
+                std::ffi::OsString::from("secrets.lock")
+            ]
+        );
         assert_eq!(mode(s.path()), 0o600);
+    }
+
+    #[test]
+    fn concurrent_writers_lose_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = store(&dir);
+        let threads: Vec<_> = (0..8)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for j in 0..5 {
+                        s.set(
+                            &format!("svc{i}-{j}"),
+                            Scope::Global,
+                            SecretValue::new(format!("v{i}{j}")),
+                        )
+                        .expect("set");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("writer");
+        }
+        assert_eq!(s.list().expect("list").len(), 40);
     }
 
     #[test]

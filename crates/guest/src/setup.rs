@@ -25,12 +25,53 @@ pub fn mounted_shares() -> Vec<String> {
 /// Runs external commands, so call it from a blocking context.
 pub fn apply(setup: &GuestSetup, reaper: &Arc<Reaper>) -> Result<()> {
     set_hostname(&setup.hostname)?;
+    install_cas(&setup.ca_certs)?;
     loopback_up();
     ensure_user(reaper, &setup.user)?;
     for m in &setup.mounts {
         mount_share(&m.tag, &m.path, m.read_only)?;
     }
     grow_root_in_background(reaper.clone());
+    Ok(())
+}
+
+/// Trusts the sandbox CA: its own file (for `NODE_EXTRA_CA_CERTS` and a later
+/// `update-ca-certificates`) and appended to the system bundle, unless the
+/// bundle has it already (the disk persists across restarts). Running
+/// `update-ca-certificates` instead would cost seconds at every boot.
+fn install_cas(pems: &[String]) -> Result<()> {
+    use sandpen_proto::{GUEST_CA_BUNDLE, GUEST_EXTRA_CA};
+    if pems.is_empty() {
+        return Ok(());
+    }
+    let mut all = String::new();
+    for pem in pems {
+        all.push_str(pem.trim());
+        all.push('\n');
+    }
+    if let Some(dir) = Path::new(GUEST_EXTRA_CA).parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::write(GUEST_EXTRA_CA, &all).with_context(|| format!("writing {GUEST_EXTRA_CA}"))?;
+    std::fs::set_permissions(GUEST_EXTRA_CA, std::fs::Permissions::from_mode(0o644))?;
+    let bundle = std::fs::read_to_string(GUEST_CA_BUNDLE).unwrap_or_default();
+    let missing: String = pems
+        .iter()
+        .filter(|p| !bundle.contains(p.trim()))
+        .map(|p| format!("{}\n", p.trim()))
+        .collect();
+    if !missing.is_empty() {
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(GUEST_CA_BUNDLE)
+            .with_context(|| format!("opening {GUEST_CA_BUNDLE}"))?;
+        if !bundle.is_empty() && !bundle.ends_with('\n') {
+            f.write_all(b"\n")?;
+        }
+        f.write_all(missing.as_bytes())
+            .with_context(|| format!("appending to {GUEST_CA_BUNDLE}"))?;
+    }
     Ok(())
 }
 

@@ -19,7 +19,7 @@ pub use messages::*;
 
 /// Version of everything in this crate that crosses the boundary. Bump it on any
 /// change to the handshake, the framing or a message type.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Name of the virtio-serial port (`-device virtserialport,name=...`).
 pub const PORT_NAME: &str = "sandpen";

@@ -25,7 +25,19 @@ pub struct GuestSetup {
     pub mounts: Vec<ShareMount>,
     /// Environment added to every exec'd process (before the request's own).
     pub env: Vec<(String, String)>,
+    /// PEM certificates the guest trusts in addition to its system roots:
+    /// the sandbox CA that signs the proxy's credential interception. Never
+    /// a key.
+    pub ca_certs: Vec<String>,
 }
+
+/// Where the guest installs [`GuestSetup::ca_certs`] (Debian's place for
+/// local CAs, kept by `update-ca-certificates`); `NODE_EXTRA_CA_CERTS` names it.
+pub const GUEST_EXTRA_CA: &str = "/usr/local/share/ca-certificates/sandpen-sandbox-ca.crt";
+/// The guest's system bundle, which gets the same certificates appended;
+/// `SSL_CERT_FILE`, `CURL_CA_BUNDLE`, `REQUESTS_CA_BUNDLE` and `GIT_SSL_CAINFO`
+/// name it.
+pub const GUEST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GuestUser {

@@ -47,6 +47,12 @@ pub struct ConnectionReport {
     pub method: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// The upstream's HTTP status, for requests the proxy saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// `SERVICE (SCOPE)` when a credential was swapped in (never the value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
     /// Guest to upstream.
     pub bytes_up: u64,
     /// Upstream to guest.
@@ -72,6 +78,8 @@ impl ConnectionReport {
             sni: None,
             method: None,
             path: None,
+            status: None,
+            credential: None,
             bytes_up: 0,
             bytes_down: 0,
             duration_ms: 0,

@@ -25,6 +25,7 @@
 
 pub mod audit;
 pub mod http;
+pub mod mitm;
 mod relay;
 pub mod tls;
 
@@ -43,6 +44,7 @@ use tokio::time::{timeout_at, Instant};
 
 pub use audit::{read_log, AuditError, AuditLog, ConnectionReport, LogFilter};
 use http::{BodyKind, Chunked, HeadError, RequestHead};
+use mitm::Mitm;
 use relay::{Activity, Dir, Tracked};
 use tls::Hello;
 
@@ -151,6 +153,7 @@ async fn resolve(policy: &Policy, host: &str, port: u16) -> Result<Vec<IpAddr>, 
 struct Inner {
     config: ProxyConfig,
     policy: RwLock<Arc<Policy>>,
+    mitm: RwLock<Option<Arc<Mitm>>>,
     audit: AuditLog,
     limiter: Arc<Semaphore>,
     last_limit_warning: AtomicU64,
@@ -187,6 +190,7 @@ impl Proxy {
             inner: Arc::new(Inner {
                 config,
                 policy: RwLock::new(Arc::new(policy)),
+                mitm: RwLock::new(None),
                 audit,
                 limiter,
                 last_limit_warning: AtomicU64::new(0),
@@ -209,6 +213,30 @@ impl Proxy {
         match self.inner.policy.read() {
             Ok(p) => p.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Turn credential interception on (or off with `None`); connections
+    /// that start afterwards use it.
+    pub fn set_mitm(&self, mitm: Option<Mitm>) {
+        let mitm = mitm.map(Arc::new);
+        match self.inner.mitm.write() {
+            Ok(mut m) => *m = mitm,
+            Err(poisoned) => *poisoned.into_inner() = mitm,
+        }
+    }
+
+    fn mitm(&self) -> Option<Arc<Mitm>> {
+        match self.inner.mitm.read() {
+            Ok(m) => m.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Append one record to the audit log; a failure is a warning.
+    pub(crate) fn write_record(&self, rec: &ConnectionReport) {
+        if let Err(e) = self.inner.audit.write(rec) {
+            tracing::warn!(sandbox = %rec.sandbox, error = %e, "egress audit record not written");
         }
     }
 
@@ -251,9 +279,7 @@ impl Proxy {
             }
         }
         rec.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        if let Err(e) = self.inner.audit.write(&rec) {
-            tracing::warn!(sandbox = %cfg.sandbox, error = %e, "egress audit record not written");
-        }
+        self.write_record(&rec);
         // The audit log (rotated) is the record; this line is for debugging only,
         // since the guest can trigger it at will.
         if rec.decision == sandpen_policy::Verdict::Deny {
@@ -533,6 +559,32 @@ impl Conn<'_> {
                         None,
                         format!("sni-mismatch: SNI {} for {host}", truncate(&sni)),
                     ));
+                }
+            }
+            if let Some(m) = self.proxy.mitm() {
+                // The store may be a file or a D-Bus call: off the async thread.
+                let claimed = host.to_string();
+                // Bounded: a keyring that hangs (a prompt nobody answers)
+                // fails this connection closed instead of holding it.
+                let lookup = tokio::task::spawn_blocking(move || m.plan(&claimed));
+                let plan = match tokio::time::timeout(self.cfg().handshake_timeout, lookup).await {
+                    Ok(Ok(plan)) => plan,
+                    Ok(Err(e)) => Err(format!("lookup failed: {e}")),
+                    Err(_) => Err("lookup timed out".to_string()),
+                };
+                match plan {
+                    Err(e) => return Err(Stop::Deny(None, format!("credential-store: {e}"))),
+                    Ok(Some(plan)) => {
+                        self.rec.proto = Some("tls-mitm".into());
+                        self.rec.credential = Some(plan.label());
+                        let rec = self.rec.clone();
+                        return mitm::intercept(
+                            self.proxy, plan, client, first, &rec, self.act, addrs,
+                        )
+                        .await
+                        .map_err(Stop::End);
+                    }
+                    Ok(None) => {}
                 }
             }
             return self.relay(client, first, addrs).await;

@@ -832,8 +832,12 @@ async fn survives_ten_thousand_streams_that_never_write() {
         "10,000 idle streams: {limit} refused at the cap, {timeout} timed out, in {:?}; RSS {rss_before} -> {rss_after} KiB",
         started.elapsed()
     );
-    assert_eq!(timeout, 256);
-    assert_eq!(limit, 10_000 - 256);
+    // At most 256 at a time: the first 256 hold the cap until their 500 ms
+    // handshake timeout. On a loaded machine, spawning the 10,000 can take
+    // longer than that, and later streams then take the freed places.
+    assert!(timeout >= 256, "{timeout} timed out");
+    assert_eq!(limit + timeout, 10_000);
+    assert!(limit >= 5_000, "only {limit} refused at the cap");
     assert!(started.elapsed() < Duration::from_secs(20));
     assert_eq!(srv.accepted(), 0);
     drop(guests);

@@ -116,11 +116,10 @@ pub fn start_proxy(
     let policy = load_policy(dirs, paths, config)?;
     let audit = AuditLog::open(paths.logs().join("net.jsonl"))
         .map_err(|e| SupervisorError::Invalid(format!("opening the network log: {e}")))?;
-    Ok(Proxy::new(
-        ProxyConfig::new(config.name.clone()),
-        policy,
-        audit,
-    ))
+    let proxy = Proxy::new(ProxyConfig::new(config.name.clone()), policy, audit);
+    let ca = crate::credentials::ensure_ca(paths)?;
+    proxy.set_mitm(Some(crate::credentials::mitm(dirs, ca, config)?));
+    Ok(proxy)
 }
 
 /// Serves guest-opened streams until the channel closes.

@@ -8,6 +8,7 @@
 //! - [`fileserver`]: the seam where the workspace file server plugs in.
 
 pub mod control;
+pub mod credentials;
 pub mod egress;
 pub mod fileserver;
 pub mod lifecycle;

@@ -31,6 +31,10 @@ pub struct SandboxConfig {
     /// `NAME:IP` resolution overrides for the egress proxy (`--add-host`).
     #[serde(default)]
     pub add_hosts: Vec<String>,
+    /// Extra CA files the proxy trusts for upstreams it re-originates TLS to
+    /// (`--upstream-ca`: private upstreams and tests).
+    #[serde(default)]
+    pub upstream_cas: Vec<PathBuf>,
     /// Extra folders shared at the same path (`--mount PATH[:ro]`).
     #[serde(default)]
     pub mounts: Vec<ExtraMount>,
@@ -106,6 +110,7 @@ pub struct CreateOptions {
     pub accel: AccelChoice,
     pub add_hosts: Vec<String>,
     pub mounts: Vec<ExtraMount>,
+    pub upstream_cas: Vec<PathBuf>,
 }
 
 /// Parses sizes like `2048`, `512M`, `2G`, `2GiB` into MiB.
@@ -279,6 +284,15 @@ pub fn create(
         )));
     }
     validate_cpus(opts.cpus)?;
+    let mut upstream_cas = Vec::new();
+    for ca in &opts.upstream_cas {
+        let path = ca
+            .canonicalize()
+            .map_err(|e| SupervisorError::io(format!("--upstream-ca {}", ca.display()), e))?;
+        sandpen_proxy::mitm::read_pem_certs(&path)
+            .map_err(|e| SupervisorError::Invalid(format!("--upstream-ca: {e}")))?;
+        upstream_cas.push(path);
+    }
     std::fs::create_dir_all(dirs.sandboxes())
         .map_err(|e| SupervisorError::io(format!("creating {}", dirs.sandboxes().display()), e))?;
     let name = match &opts.name {
@@ -305,6 +319,8 @@ pub fn create(
                 .map_err(|e| SupervisorError::io(format!("creating {}", d.display()), e))?;
         }
         sandpen_vm::disk::create_overlay(image_rootfs, &tmp.disk(), opts.disk_gib)?;
+        sandpen_credentials::SandboxCa::create(crate::credentials::ca_dir(&tmp))
+            .map_err(|e| SupervisorError::Invalid(format!("the sandbox CA: {e}")))?;
         let host_uid = nix::unistd::getuid().as_raw();
         let host_gid = nix::unistd::getgid().as_raw();
         let (guest_uid, guest_gid) = if host_uid == 0 {
@@ -328,6 +344,7 @@ pub fn create(
             created_at: now_rfc3339(),
             add_hosts: opts.add_hosts.clone(),
             mounts: opts.mounts.clone(),
+            upstream_cas,
         };
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| SupervisorError::Invalid(format!("serializing the sandbox: {e}")))?;

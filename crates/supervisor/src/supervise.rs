@@ -165,6 +165,8 @@ async fn boot(
 ) -> Result<Vm, SupervisorError> {
     // A malformed policy stops the boot here, before anything starts.
     let proxy = crate::egress::start_proxy(dirs, paths, config)?;
+    // Only the certificate goes to the guest; the key stays in `ca/`.
+    let ca_pem = crate::credentials::ensure_ca(paths)?.cert_pem().to_string();
     let image = sandpen_image::load(&dirs.images(), &config.image)?;
     let initrd = image.ensure_initrd(&crate::guest_binary()?)?;
     let accel = sandpen_vm::choose_accel(config.accel)?;
@@ -300,7 +302,8 @@ async fn boot(
                 read_only: s.spec.read_only,
             })
             .collect(),
-        env: guest_env(&config.name),
+        env: guest_env(dirs, &config.name),
+        ca_certs: vec![ca_pem],
     };
     let reply = tokio::select! {
         r = tokio::time::timeout(BOOT_TIMEOUT, send_setup(&handle, setup)) => r
@@ -393,7 +396,7 @@ async fn start_shares(
 /// The environment every process in the guest starts with: the sandbox's name
 /// and the guest's HTTP proxy port, for clients that do not go through the
 /// transparent redirect.
-fn guest_env(name: &str) -> Vec<(String, String)> {
+fn guest_env(dirs: &Dirs, name: &str) -> Vec<(String, String)> {
     let proxy = "http://127.0.0.1:3128".to_string();
     let no_proxy = "localhost,127.0.0.1,::1".to_string();
     let mut env = vec![("SANDPEN_SANDBOX".to_string(), name.to_string())];
@@ -403,6 +406,7 @@ fn guest_env(name: &str) -> Vec<(String, String)> {
     for key in ["NO_PROXY", "no_proxy"] {
         env.push((key.to_string(), no_proxy.clone()));
     }
+    env.extend(crate::credentials::guest_env(dirs, name));
     env
 }
 

@@ -1,0 +1,888 @@
+//! TLS interception for hosts with a credential route (DESIGN.md,
+//! "Credentials").
+//!
+//! A connection is intercepted only when the claimed host has a credential
+//! route *and* a secret is set for that route's service; every other host
+//! stays a byte tunnel. Then:
+//!
+//! - the guest's TLS is terminated with a leaf minted by the sandbox CA for
+//!   the claimed host (whose ClientHello SNI was already checked);
+//! - each HTTP request (HTTP/1.1 or HTTP/2, as ALPN chose) must name the
+//!   same host, gets the route's sentinel swapped for the secret by
+//!   [`sandpen_credentials::apply`], and goes to the real upstream over a new
+//!   TLS connection verified against the platform roots plus any
+//!   `--upstream-ca`, at an address the policy checked;
+//! - bodies stream frame by frame both ways (SSE arrives chunk by chunk);
+//! - each request is one audit record, with `credential: SERVICE (SCOPE)`.
+//!   The secret itself is never logged: it only ever sits in the outgoing
+//!   header, marked sensitive so HTTP/2 never indexes it.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use sandpen_credentials::{apply, Applied, Found, Route, SandboxCa, SecretValue};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::audit::ConnectionReport;
+use crate::relay::Activity;
+use crate::{http as h1, truncate, Proxy};
+
+/// Where the proxy gets credential routes and secrets. The supervisor reads
+/// its secret store here on each intercepted connection, so `sandpen secret
+/// set` applies from the next connection on.
+pub trait CredentialSource: Send + Sync {
+    /// The credential route for `host`, if any (exact host match).
+    fn route_for(&self, host: &str) -> Option<Route>;
+    /// The secret for `service` as this sandbox sees it (its own scope
+    /// first, then global). An error fails the connection closed.
+    fn secret(&self, service: &str) -> Result<Option<Found>, String>;
+}
+
+/// Errors preparing interception.
+#[derive(Debug, thiserror::Error)]
+pub enum MitmError {
+    #[error("cannot read upstream CA {}: {source}", path.display())]
+    ReadCa { path: PathBuf, source: io::Error },
+    #[error("{} holds no PEM certificate", path.display())]
+    NoCertificate { path: PathBuf },
+    #[error("bad certificate in {}: {reason}", path.display())]
+    BadCertificate { path: PathBuf, reason: String },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// The interception engine of one sandbox: its CA, the upstream trust, and
+/// the credential source.
+pub struct Mitm {
+    ca: Arc<SandboxCa>,
+    upstream: tokio_rustls::TlsConnector,
+    source: Arc<dyn CredentialSource>,
+    /// Intercepted requests in flight in this sandbox, across connections.
+    inflight: Arc<Semaphore>,
+}
+
+/// Intercepted requests one sandbox may have in flight at once; each can
+/// hold an upstream connection and stream buffers.
+pub const MAX_INFLIGHT_REQUESTS: usize = 256;
+/// HTTP/2 streams per intercepted guest connection.
+const MAX_GUEST_STREAMS: u32 = 32;
+/// Bytes HTTP/2 buffers per stream toward a guest that stops reading.
+const MAX_GUEST_SEND_BUF: usize = 64 * 1024;
+/// HTTP/2 flow-control windows toward upstreams.
+const UPSTREAM_STREAM_WINDOW: u32 = 256 * 1024;
+const UPSTREAM_CONN_WINDOW: u32 = 1024 * 1024;
+
+impl std::fmt::Debug for Mitm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mitm").field("ca", &self.ca).finish()
+    }
+}
+
+impl Mitm {
+    /// Interception with the sandbox's CA, the TLS client configuration for
+    /// upstreams (see [`upstream_tls`]), and where secrets come from.
+    pub fn new(
+        ca: Arc<SandboxCa>,
+        upstream: rustls::ClientConfig,
+        source: Arc<dyn CredentialSource>,
+    ) -> Mitm {
+        Mitm {
+            ca,
+            upstream: tokio_rustls::TlsConnector::from(Arc::new(upstream)),
+            source,
+            inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS)),
+        }
+    }
+
+    /// The route and secret for `host`, when it is to be intercepted.
+    pub(crate) fn plan(&self, host: &str) -> Result<Option<Plan>, String> {
+        let Some(route) = self.source.route_for(host) else {
+            return Ok(None);
+        };
+        Ok(self.source.secret(&route.service)?.map(|found| Plan {
+            route,
+            found,
+            ca: self.ca.clone(),
+            upstream: self.upstream.clone(),
+            inflight: self.inflight.clone(),
+        }))
+    }
+}
+
+/// What an intercepted connection uses.
+pub(crate) struct Plan {
+    route: Route,
+    found: Found,
+    ca: Arc<SandboxCa>,
+    upstream: tokio_rustls::TlsConnector,
+    inflight: Arc<Semaphore>,
+}
+
+impl Plan {
+    /// `anthropic (global)`: the audit's credential field.
+    pub(crate) fn label(&self) -> String {
+        format!("{} ({})", self.route.service, self.found.scope)
+    }
+}
+
+fn crypto() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The TLS client configuration for upstreams: the platform's roots (which
+/// include a corporate proxy's CA where the host trusts one) plus each
+/// `extra` PEM file, ALPN `h2` and `http/1.1`.
+pub fn upstream_tls(extra: &[PathBuf]) -> Result<rustls::ClientConfig, MitmError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for e in &native.errors {
+        tracing::debug!("platform certificate not loaded: {e}");
+    }
+    roots.add_parsable_certificates(native.certs);
+    for path in extra {
+        for cert in read_pem_certs(path)? {
+            roots.add(cert).map_err(|e| MitmError::BadCertificate {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(crypto())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| MitmError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Every certificate in a PEM file; at least one.
+pub fn read_pem_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, MitmError> {
+    let bytes = std::fs::read(path).map_err(|source| MitmError::ReadCa {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<_, _>>()
+        .map_err(|e| MitmError::BadCertificate {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(MitmError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Serves the one leaf minted for the claimed host, whatever the SNI (the
+/// SNI was checked against the claimed host before interception).
+#[derive(Debug)]
+struct OneLeaf(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for OneLeaf {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+fn server_tls(leaf: Arc<CertifiedKey>) -> Result<rustls::ServerConfig, String> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(crypto())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(OneLeaf(leaf)));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// The guest side of an intercepted connection: replays the ClientHello
+/// bytes already read, then reads the guest; counts both directions.
+struct GuestIo<'a, S> {
+    first: Bytes,
+    inner: &'a mut S,
+    act: &'a Activity,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for GuestIo<'_, S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.first.is_empty() {
+            let n = self.first.len().min(buf.remaining());
+            let head = self.first.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            self.act.add_up(n);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for GuestIo<'_, S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.act.add_down(*n);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Connects to the checked addresses only, whatever URI the client asks
+/// for (the URI's host is the claimed host: requests for others are refused
+/// before they get here), and verifies the upstream's certificate for the
+/// claimed host.
+#[derive(Clone)]
+struct UpstreamConnector {
+    host: Arc<str>,
+    port: u16,
+    addrs: Arc<[IpAddr]>,
+    tls: tokio_rustls::TlsConnector,
+    timeout: Duration,
+    /// The address of the last connection, for the audit record.
+    connected: Arc<Mutex<Option<SocketAddr>>>,
+}
+
+/// An upstream TLS connection, telling hyper whether ALPN chose HTTP/2.
+struct UpstreamIo {
+    io: TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
+    h2: bool,
+}
+
+impl Connection for UpstreamIo {
+    fn connected(&self) -> Connected {
+        let c = Connected::new();
+        if self.h2 {
+            c.negotiated_h2()
+        } else {
+            c
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for UpstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+type ConnectFuture = Pin<Box<dyn Future<Output = io::Result<UpstreamIo>> + Send>>;
+
+impl tower_service::Service<Uri> for UpstreamConnector {
+    type Response = UpstreamIo;
+    type Error = io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let name = ServerName::try_from(this.host.to_string())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+            let mut last = io::Error::new(io::ErrorKind::NotFound, "no address");
+            for ip in this.addrs.iter() {
+                let sa = SocketAddr::new(*ip, this.port);
+                let tcp = match tokio::time::timeout(this.timeout, TcpStream::connect(sa)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        last = io::Error::new(e.kind(), format!("connect {sa}: {e}"));
+                        continue;
+                    }
+                    Err(_) => {
+                        last = io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("connect {sa}: timed out"),
+                        );
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let tls = tokio::time::timeout(this.timeout, this.tls.connect(name, tcp))
+                    .await
+                    .map_err(|_| {
+                        io::Error::new(io::ErrorKind::TimedOut, "upstream TLS handshake timed out")
+                    })?
+                    .map_err(|e| io::Error::new(e.kind(), format!("upstream-tls: {e}")))?;
+                let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                if let Ok(mut c) = this.connected.lock() {
+                    *c = Some(sa);
+                }
+                return Ok(UpstreamIo {
+                    io: TokioIo::new(tls),
+                    h2,
+                });
+            }
+            Err(last)
+        })
+    }
+}
+
+/// A body that counts its data bytes into a shared counter.
+struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> Body for Counted<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &r {
+            if let Some(data) = frame.data_ref() {
+                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that writes its request's audit record when it ends
+/// (or the guest drops it), with the bytes that went each way.
+struct Audited {
+    inner: Incoming,
+    down: u64,
+    up: Arc<AtomicU64>,
+    rec: Option<ConnectionReport>,
+    started: Instant,
+    proxy: Proxy,
+    /// Released when the response ends.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Body for Audited {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &r {
+            if let Some(data) = frame.data_ref() {
+                self.down += data.len() as u64;
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Audited {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.bytes_up = self.up.load(Ordering::Relaxed);
+            rec.bytes_down = self.down;
+            rec.duration_ms = millis(self.started);
+            self.proxy.write_record(&rec);
+        }
+    }
+}
+
+fn millis(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+type ReplyBody = BoxBody<Bytes, hyper::Error>;
+type UpstreamClient = Client<UpstreamConnector, Counted<Incoming>>;
+
+/// State shared by the requests of one intercepted connection.
+struct Session {
+    host: String,
+    port: u16,
+    route: Route,
+    secret: SecretValue,
+    credential: String,
+    client: UpstreamClient,
+    connected: Arc<Mutex<Option<SocketAddr>>>,
+    /// Sandbox, mode, decision and rule of the connection: each request's
+    /// record starts from it.
+    template: ConnectionReport,
+    proxy: Proxy,
+    inflight: Arc<Semaphore>,
+}
+
+/// Intercept one guest connection whose ClientHello (in `first`) named
+/// `host`. Returns when the guest closes, or when it stays idle past the
+/// proxy's idle timeout.
+pub(crate) async fn intercept<S>(
+    proxy: &Proxy,
+    plan: Plan,
+    guest: &mut S,
+    first: Vec<u8>,
+    rec: &ConnectionReport,
+    act: &Activity,
+    addrs: &[IpAddr],
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let cfg = proxy.config();
+    let host = rec.host.clone();
+    let leaf = plan
+        .ca
+        .leaf_for(&host)
+        .map_err(|e| format!("mitm-certificate: {e}"))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
+        server_tls(leaf).map_err(|e| format!("mitm-tls: {e}"))?,
+    ));
+    let io = GuestIo {
+        first: Bytes::from(first),
+        inner: guest,
+        act,
+    };
+    let tls = tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(io))
+        .await
+        .map_err(|_| "handshake-timeout: guest TLS".to_string())?
+        .map_err(|e| format!("guest-tls: {e}"))?;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+
+    let connected = Arc::new(Mutex::new(None));
+    let connector = UpstreamConnector {
+        host: Arc::from(host.as_str()),
+        port: rec.port,
+        addrs: Arc::from(addrs),
+        tls: plan.upstream.clone(),
+        timeout: cfg.connect_timeout,
+        connected: connected.clone(),
+    };
+    let client: UpstreamClient = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(cfg.idle_timeout)
+        .pool_max_idle_per_host(4)
+        .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
+        .http2_initial_connection_window_size(UPSTREAM_CONN_WINDOW)
+        .http2_max_send_buf_size(MAX_GUEST_SEND_BUF)
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .build(connector);
+    let credential = plan.label();
+    let mut template = rec.clone();
+    template.credential = Some(credential.clone());
+    let session = Arc::new(Session {
+        host,
+        port: rec.port,
+        route: plan.route,
+        secret: plan.found.value,
+        credential,
+        client,
+        connected,
+        template,
+        proxy: proxy.clone(),
+        inflight: plan.inflight.clone(),
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let s = session.clone();
+        async move { Ok::<_, Infallible>(forward(&s, req).await) }
+    });
+    let io = TokioIo::new(tls);
+    let served = async {
+        if h2 {
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(MAX_GUEST_STREAMS)
+                .max_send_buf_size(MAX_GUEST_SEND_BUF)
+                .serve_connection(io, service)
+                .await
+        } else {
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(cfg.idle_timeout)
+                .serve_connection(io, service)
+                .await
+        }
+    };
+    tokio::select! {
+        r = served => r.map_err(|e| format!("guest-http: {e}")),
+        _ = act.idle(cfg.idle_timeout) => Err("idle-timeout".into()),
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) and those a `Connection` header
+/// names: they describe one hop and are not forwarded.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+        header::TRAILER,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+/// A response made by the proxy itself, with the reason code in
+/// `X-Sandpen-Reason` like the plain-HTTP deny page.
+fn own_reply(status: StatusCode, reason: &str) -> Response<ReplyBody> {
+    let code = reason.split(':').next().unwrap_or_default();
+    let mut resp = Response::new(
+        Full::new(Bytes::from(format!("sandpen: {reason}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let Ok(v) = HeaderValue::from_str(code) {
+        h.insert("x-sandpen-reason", v);
+    }
+    resp
+}
+
+/// The authority a request names: its URI's (HTTP/2, absolute form), else
+/// its Host header.
+fn request_authority(req: &Request<Incoming>) -> Option<String> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str().to_string());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// Forward one guest request upstream with the credential applied.
+async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
+    let started = Instant::now();
+    let mut rec = s.template.clone();
+    rec.time = time::OffsetDateTime::now_utc();
+    rec.proto = Some(
+        if req.version() == Version::HTTP_2 {
+            "h2"
+        } else {
+            "http/1.1"
+        }
+        .into(),
+    );
+    rec.method = Some(truncate(req.method().as_str()));
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    rec.path = Some(truncate(&path));
+    let refuse = |mut rec: ConnectionReport, status: StatusCode, reason: String| {
+        rec.deny(reason.clone());
+        rec.status = Some(status.as_u16());
+        rec.duration_ms = millis(started);
+        s.proxy.write_record(&rec);
+        own_reply(status, &reason)
+    };
+
+    // Every request on the connection must be for the host it was decided on.
+    match request_authority(&req).map(|a| h1::split_authority(&a, s.port)) {
+        Some(Ok((h, p))) if h1::same_host(&h, &s.host) && p == s.port => {}
+        Some(Ok((h, p))) => {
+            let reason = format!(
+                "host-mismatch: request for {}:{p} on {}",
+                truncate(&h),
+                s.host
+            );
+            return refuse(rec, StatusCode::MISDIRECTED_REQUEST, reason);
+        }
+        Some(Err(e)) => return refuse(rec, StatusCode::BAD_REQUEST, format!("bad-request: {e}")),
+        None => {
+            let reason = "bad-request: request without Host".to_string();
+            return refuse(rec, StatusCode::BAD_REQUEST, reason);
+        }
+    }
+    if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
+        let reason = "upgrade-refused: protocol upgrades are not relayed on credential hosts";
+        return refuse(rec, StatusCode::NOT_IMPLEMENTED, reason.into());
+    }
+    let uri = match upstream_uri(&s.host, s.port, &path) {
+        Ok(u) => u,
+        Err(e) => return refuse(rec, StatusCode::BAD_REQUEST, format!("bad-request: {e}")),
+    };
+    let Ok(permit) = s.inflight.clone().try_acquire_owned() else {
+        let reason =
+            format!("request-limit: {MAX_INFLIGHT_REQUESTS} intercepted requests in flight");
+        return refuse(rec, StatusCode::SERVICE_UNAVAILABLE, reason);
+    };
+
+    let (mut parts, body) = req.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(header::HOST);
+    let mut list: Vec<(String, Vec<u8>)> = parts
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect();
+    match apply(&s.route, &mut list, s.secret.expose()) {
+        Ok(Applied::Unchanged) => {
+            rec.credential = Some(format!("{} (guest's own value)", s.route.service));
+        }
+        Ok(_) => rec.credential = Some(s.credential.clone()),
+        Err(e) => {
+            return refuse(
+                rec,
+                StatusCode::BAD_GATEWAY,
+                format!("credential-error: {e}"),
+            );
+        }
+    }
+    let mut headers = HeaderMap::with_capacity(list.len());
+    for (name, value) in list {
+        let secret_header = s
+            .route
+            .headers
+            .iter()
+            .any(|r| r.name.eq_ignore_ascii_case(&name));
+        let (Ok(name), Ok(mut value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_bytes(&value),
+        ) else {
+            continue;
+        };
+        value.set_sensitive(secret_header);
+        headers.append(name, value);
+    }
+    parts.headers = headers;
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let up = Arc::new(AtomicU64::new(0));
+    let body = Counted {
+        inner: body,
+        count: up.clone(),
+    };
+    // If the guest gives up before the answer comes, the request (which
+    // carried the secret) is still logged.
+    let mut pending = Pending {
+        rec: Some(rec),
+        up: up.clone(),
+        started,
+        proxy: &s.proxy,
+    };
+    let sent = s.client.request(Request::from_parts(parts, body)).await;
+    let Some(mut rec) = pending.rec.take() else {
+        return own_reply(StatusCode::INTERNAL_SERVER_ERROR, "internal: record taken");
+    };
+    match sent {
+        Ok(resp) => {
+            rec.status = Some(resp.status().as_u16());
+            rec.addr = s
+                .connected
+                .lock()
+                .ok()
+                .and_then(|a| a.map(|a| a.to_string()));
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            let body = Audited {
+                inner: body,
+                down: 0,
+                up,
+                rec: Some(rec),
+                started,
+                proxy: s.proxy.clone(),
+                _permit: permit,
+            };
+            Response::from_parts(parts, body.boxed())
+        }
+        Err(e) => {
+            let reason = upstream_reason(&e);
+            rec.reason = reason.clone();
+            rec.status = Some(502);
+            rec.bytes_up = up.load(Ordering::Relaxed);
+            rec.duration_ms = millis(started);
+            s.proxy.write_record(&rec);
+            own_reply(StatusCode::BAD_GATEWAY, &reason)
+        }
+    }
+}
+
+/// The record of a request whose answer has not come yet; written with
+/// reason `guest-cancelled` if the guest drops the request first.
+struct Pending<'a> {
+    rec: Option<ConnectionReport>,
+    up: Arc<AtomicU64>,
+    started: Instant,
+    proxy: &'a Proxy,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rec) = self.rec.take() {
+            rec.reason = "guest-cancelled: before the upstream answered".into();
+            rec.bytes_up = self.up.load(Ordering::Relaxed);
+            rec.duration_ms = millis(self.started);
+            self.proxy.write_record(&rec);
+        }
+    }
+}
+
+/// The upstream URI for a guest request's `path`: always the claimed host
+/// and port. An HTTP/2 `:path` need not start with `/`, and one like
+/// `@evil.example/` would otherwise make the URI's host `evil.example`, which
+/// hyper would send as `Host` or `:authority` with the secret attached.
+fn upstream_uri(host: &str, port: u16, path: &str) -> Result<Uri, String> {
+    if !path.starts_with('/') {
+        return Err(format!("request target `{}` is not a path", truncate(path)));
+    }
+    let authority = if port == 443 {
+        host.to_string()
+    } else {
+        format!("{host}:{port}")
+    };
+    let uri = Uri::builder()
+        .scheme(http::uri::Scheme::HTTPS)
+        .authority(authority.as_str())
+        .path_and_query(path)
+        .build()
+        .map_err(|e| e.to_string())?;
+    if !uri.host().is_some_and(|h| h1::same_host(h, host)) || uri.port_u16().unwrap_or(443) != port
+    {
+        return Err(format!(
+            "request target `{}` changes the host",
+            truncate(path)
+        ));
+    }
+    Ok(uri)
+}
+
+/// `upstream-tls: invalid peer certificate: UnknownIssuer` and the like,
+/// from the innermost error that says what went wrong.
+fn upstream_reason(e: &hyper_util::client::legacy::Error) -> String {
+    let mut deepest = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        deepest = s.to_string();
+        source = s.source();
+    }
+    if deepest.starts_with("upstream-tls:") {
+        deepest
+    } else if e.is_connect() {
+        format!("connect-failed: {deepest}")
+    } else {
+        format!("upstream-error: {deepest}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::upstream_uri;
+
+    #[test]
+    fn the_upstream_uri_always_names_the_claimed_host() {
+        let ok = upstream_uri("api.openai.com", 443, "/v1/x?y=@z").unwrap();
+        assert_eq!(ok.to_string(), "https://api.openai.com/v1/x?y=@z");
+        let port = upstream_uri("api.openai.com", 8443, "/v1").unwrap();
+        assert_eq!(port.to_string(), "https://api.openai.com:8443/v1");
+        for evil in [
+            "@evil.example/v1/x",
+            ".evil.example/x",
+            ":1/x",
+            "",
+            "*",
+            "evil.example/x",
+        ] {
+            assert!(upstream_uri("api.openai.com", 443, evil).is_err(), "{evil}");
+        }
+    }
+}

@@ -1,0 +1,595 @@
+//! Credential interception against a real HTTPS upstream on loopback: the
+//! guest's sentinel becomes the real key only on the route's host, bodies
+//! stream, a wrong upstream certificate fails closed, and the key never
+//! reaches the audit log.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::Frame;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use sandpen_credentials::{Found, Route, SandboxCa, Scope, SecretValue};
+use sandpen_policy::{AddHost, Mode, Policy, PolicyFile};
+use sandpen_proto::messages::{EgressMode, EgressOpen};
+use sandpen_proxy::mitm::{upstream_tls, CredentialSource, Mitm};
+use sandpen_proxy::{read_log, AuditLog, ConnectionReport, LogFilter, Proxy, ProxyConfig};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_rustls::rustls::{self, pki_types};
+
+const SECRET: &str = "sk-ant-REAL-7f3e9d2c1b";
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// A CA and a leaf for the given names; the CA PEM is written to `dir`.
+struct TestPki {
+    ca_pem_path: std::path::PathBuf,
+    server: Arc<rustls::ServerConfig>,
+}
+
+fn pki(dir: &std::path::Path, file: &str, names: &[&str]) -> TestPki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        format!("upstream test CA {file}"),
+    );
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf =
+        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
+    let ca_pem_path = dir.join(file);
+    std::fs::write(&ca_pem_path, ca.pem()).unwrap();
+    let key = pki_types::PrivateKeyDer::Pkcs8(pki_types::PrivatePkcs8KeyDer::from(
+        leaf_key.serialize_der(),
+    ));
+    let mut server = rustls::ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    TestPki {
+        ca_pem_path,
+        server: Arc::new(server),
+    }
+}
+
+/// What the mock upstream saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    version: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Vec<String> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+/// A mock model API over HTTPS (HTTP/1.1 and HTTP/2). `/v1/messages`
+/// answers with two server-sent events and holds the second until `release`
+/// is notified; anything else answers `ok`.
+struct Upstream {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    release: Arc<Notify>,
+}
+
+async fn upstream(pki: &TestPki) -> Upstream {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let release = Arc::new(Notify::new());
+    let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
+    let (s, r) = (seen.clone(), release.clone());
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = l.accept().await.unwrap();
+            let (acceptor, s, r) = (acceptor.clone(), s.clone(), r.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (s, r) = (s.clone(), r.clone());
+                        async move {
+                            s.lock().unwrap().push(Seen {
+                                path: req.uri().path().to_string(),
+                                version: format!("{:?}", req.version()),
+                                headers: req
+                                    .headers()
+                                    .iter()
+                                    .map(|(n, v)| {
+                                        (
+                                            n.to_string(),
+                                            String::from_utf8_lossy(v.as_bytes()).into(),
+                                        )
+                                    })
+                                    .collect(),
+                            });
+                            let body = if req.uri().path() == "/v1/messages" {
+                                let (tx, rx) = tokio::sync::mpsc::channel::<
+                                    Result<Frame<Bytes>, Infallible>,
+                                >(4);
+                                tokio::spawn(async move {
+                                    let _ = tx
+                                        .send(Ok(Frame::data(Bytes::from(
+                                            "event: first\ndata: {}\n\n",
+                                        ))))
+                                        .await;
+                                    r.notified().await;
+                                    let _ = tx
+                                        .send(Ok(Frame::data(Bytes::from(
+                                            "event: last\ndata: {}\n\n",
+                                        ))))
+                                        .await;
+                                });
+                                let mut rx = rx;
+                                let stream = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+                                StreamBody::new(stream).boxed()
+                            } else {
+                                http_body_util::Full::new(Bytes::from("ok"))
+                                    .map_err(|n: Infallible| match n {})
+                                    .boxed()
+                            };
+                            let mut resp = hyper::Response::new(body);
+                            if req.uri().path() == "/v1/messages" {
+                                resp.headers_mut()
+                                    .insert("content-type", "text/event-stream".parse().unwrap());
+                            }
+                            Ok::<_, Infallible>(resp)
+                        }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream {
+        addr,
+        seen,
+        release,
+    }
+}
+
+struct Source;
+
+impl CredentialSource for Source {
+    fn route_for(&self, host: &str) -> Option<Route> {
+        sandpen_credentials::route_for(host).cloned()
+    }
+    fn secret(&self, service: &str) -> Result<Option<Found>, String> {
+        Ok(
+            (service == "anthropic" || service == "openai").then(|| Found {
+                scope: Scope::Global,
+                value: SecretValue::new(SECRET),
+                set_at: time::OffsetDateTime::now_utc(),
+            }),
+        )
+    }
+}
+
+struct Harness {
+    proxy: Proxy,
+    ca: Arc<SandboxCa>,
+    log: std::path::PathBuf,
+    good: Upstream,
+    bad: Upstream,
+    other_ca: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// api.anthropic.com and other.test go to `good` (its CA passed as
+/// `--upstream-ca`); api.openai.com goes to `bad`, whose CA is not trusted.
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let good_pki = pki(
+        dir.path(),
+        "good-ca.pem",
+        &["api.anthropic.com", "other.test"],
+    );
+    let bad_pki = pki(dir.path(), "bad-ca.pem", &["api.openai.com"]);
+    let good = upstream(&good_pki).await;
+    let bad = upstream(&bad_pki).await;
+    let text = "[[network]]\nid = 1\naction = \"allow\"\ntarget = \"**\"\n";
+    let f = PolicyFile::parse(
+        text.into(),
+        std::path::Path::new("/t/policy.toml"),
+        sandpen_policy::Scope::Global,
+    )
+    .unwrap();
+    let policy = Policy::from_files(Some(&f), None)
+        .with_mode(Mode::Enforce)
+        .with_add_hosts(
+            [
+                "api.anthropic.com:127.0.0.1",
+                "other.test:127.0.0.1",
+                "api.openai.com:127.0.0.1",
+            ]
+            .iter()
+            .map(|s| AddHost::parse(s).unwrap()),
+        );
+    let log = dir.path().join("net.jsonl");
+    let proxy = Proxy::new(
+        ProxyConfig::new("box"),
+        policy,
+        AuditLog::open(&log).unwrap(),
+    );
+    let ca = Arc::new(SandboxCa::create(dir.path().join("ca")).unwrap());
+    let tls = upstream_tls(std::slice::from_ref(&good_pki.ca_pem_path)).unwrap();
+    proxy.set_mitm(Some(Mitm::new(ca.clone(), tls, Arc::new(Source))));
+    Harness {
+        proxy,
+        ca,
+        log,
+        good,
+        bad,
+        other_ca: good_pki.ca_pem_path,
+        _dir: dir,
+    }
+}
+
+enum Proto {
+    H1,
+    H2,
+}
+
+impl Harness {
+    /// A guest connection to `host:port` through the transparent path, with
+    /// TLS verified against `roots`.
+    async fn connect(
+        &self,
+        host: &str,
+        port: u16,
+        roots: rustls::RootCertStore,
+        proto: Proto,
+    ) -> (Sender, tokio::task::JoinHandle<ConnectionReport>) {
+        let (guest, host_end) = tokio::io::duplex(64 * 1024);
+        let p = self.proxy.clone();
+        let open = EgressOpen {
+            mode: EgressMode::Transparent,
+            host: host.into(),
+            port,
+        };
+        let report = tokio::spawn(async move { p.handle(host_end, open).await });
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = match proto {
+            Proto::H1 => vec![b"http/1.1".to_vec()],
+            Proto::H2 => vec![b"h2".to_vec()],
+        };
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(
+                pki_types::ServerName::try_from(host.to_string()).unwrap(),
+                guest,
+            )
+            .await
+            .expect("guest TLS handshake");
+        let io = TokioIo::new(tls);
+        let sender = match proto {
+            Proto::H1 => {
+                let (s, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+                tokio::spawn(conn);
+                Sender::H1(s)
+            }
+            Proto::H2 => {
+                let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+                tokio::spawn(conn);
+                Sender::H2(s)
+            }
+        };
+        (sender, report)
+    }
+
+    fn sandbox_roots(&self) -> rustls::RootCertStore {
+        let mut r = rustls::RootCertStore::empty();
+        r.add(self.ca.cert_der().clone()).unwrap();
+        r
+    }
+
+    fn upstream_roots(&self) -> rustls::RootCertStore {
+        let mut r = rustls::RootCertStore::empty();
+        for c in sandpen_proxy::mitm::read_pem_certs(&self.other_ca).unwrap() {
+            r.add(c).unwrap();
+        }
+        r
+    }
+
+    fn records(&self) -> Vec<ConnectionReport> {
+        read_log(&self.log, &LogFilter::default()).unwrap()
+    }
+}
+
+enum Sender {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Sender {
+    async fn send(
+        &mut self,
+        req: hyper::Request<Empty<Bytes>>,
+    ) -> hyper::Response<hyper::body::Incoming> {
+        match self {
+            Sender::H1(s) => s.send_request(req).await.unwrap(),
+            Sender::H2(s) => s.send_request(req).await.unwrap(),
+        }
+    }
+}
+
+fn request(
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    h2: bool,
+) -> hyper::Request<Empty<Bytes>> {
+    let mut b = hyper::Request::builder();
+    if h2 {
+        b = b.uri(format!("https://{host}{path}"));
+    } else {
+        b = b.uri(path).header("host", host);
+    }
+    for (n, v) in headers {
+        b = b.header(*n, *v);
+    }
+    b.body(Empty::new()).unwrap()
+}
+
+async fn body_text(resp: hyper::Response<hyper::body::Incoming>) -> String {
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+#[tokio::test]
+async fn sentinel_becomes_the_key_on_the_route_host_only_h1_and_h2() {
+    let h = harness().await;
+    let port = h.good.addr.port();
+    let host = "api.anthropic.com";
+
+    let (mut s, _) = h.connect(host, port, h.sandbox_roots(), Proto::H1).await;
+    let resp = s
+        .send(request(
+            &format!("{host}:{port}"),
+            "/v1/models",
+            &[("x-api-key", "proxy-managed"), ("x-other", "proxy-managed")],
+            false,
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body_text(resp).await, "ok");
+    // A second request on the same connection is swapped too.
+    let resp = s
+        .send(request(
+            &format!("{host}:{port}"),
+            "/v1/models?x=1",
+            &[],
+            false,
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    body_text(resp).await;
+
+    let (mut s2, _) = h.connect(host, port, h.sandbox_roots(), Proto::H2).await;
+    let resp = s2
+        .send(request(
+            &format!("{host}:{port}"),
+            "/v1/h2",
+            &[("authorization", "Bearer proxy-managed")],
+            true,
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    body_text(resp).await;
+
+    // other.test has no route: tunneled byte for byte, so the guest sees the
+    // upstream's own certificate and its sentinel arrives unchanged.
+    let (mut s3, _) = h
+        .connect("other.test", port, h.upstream_roots(), Proto::H1)
+        .await;
+    let resp = s3
+        .send(request(
+            &format!("other.test:{port}"),
+            "/other",
+            &[("x-api-key", "proxy-managed")],
+            false,
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    body_text(resp).await;
+
+    let seen = h.good.seen.lock().unwrap().clone();
+    let by_path = |p: &str| {
+        seen.iter()
+            .find(|s| s.path == p)
+            .cloned()
+            .unwrap_or_else(|| panic!("{p} not seen: {seen:?}"))
+    };
+    let first = by_path("/v1/models");
+    assert_eq!(first.header("x-api-key"), vec![SECRET.to_string()]);
+    assert_eq!(
+        first.header("x-other"),
+        vec!["proxy-managed".to_string()],
+        "only the route's headers change"
+    );
+    // The header was absent: the route's first header is added.
+    let second = seen
+        .iter()
+        .filter(|s| s.path == "/v1/models")
+        .nth(1)
+        .unwrap();
+    assert_eq!(second.header("x-api-key"), vec![SECRET.to_string()]);
+    let h2 = by_path("/v1/h2");
+    assert_eq!(h2.header("authorization"), vec![format!("Bearer {SECRET}")]);
+    let other = by_path("/other");
+    assert_eq!(other.header("x-api-key"), vec!["proxy-managed".to_string()]);
+
+    drop((s, s2, s3));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = std::fs::read_to_string(&h.log).unwrap();
+    assert!(!log.contains(SECRET), "the key is in the audit log");
+    let recs = h.records();
+    let req = recs
+        .iter()
+        .find(|r| r.path.as_deref() == Some("/v1/models"))
+        .expect("a record per intercepted request");
+    assert_eq!(req.credential.as_deref(), Some("anthropic (global)"));
+    assert_eq!(req.status, Some(200));
+    assert_eq!(req.method.as_deref(), Some("GET"));
+    assert!(recs
+        .iter()
+        .any(|r| r.path.as_deref() == Some("/v1/h2") && r.proto.as_deref() == Some("h2")));
+}
+
+#[tokio::test]
+async fn sse_streams_chunk_by_chunk() {
+    let h = harness().await;
+    let port = h.good.addr.port();
+    let (mut s, _) = h
+        .connect("api.anthropic.com", port, h.sandbox_roots(), Proto::H1)
+        .await;
+    let resp = s
+        .send(request(
+            &format!("api.anthropic.com:{port}"),
+            "/v1/messages",
+            &[("x-api-key", "proxy-managed")],
+            false,
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    // The first event must arrive while the mock still holds the last one.
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the first event arrived before the last was sent")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        first.data_ref().map(|d| d.as_ref()),
+        Some(&b"event: first\ndata: {}\n\n"[..])
+    );
+    h.good.release.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"event: last\ndata: {}\n\n");
+}
+
+#[tokio::test]
+async fn wrong_upstream_certificate_fails_closed() {
+    let h = harness().await;
+    let port = h.bad.addr.port();
+    let (mut s, _) = h
+        .connect("api.openai.com", port, h.sandbox_roots(), Proto::H1)
+        .await;
+    let resp = s
+        .send(request(
+            &format!("api.openai.com:{port}"),
+            "/v1/responses",
+            &[("authorization", "Bearer proxy-managed")],
+            false,
+        ))
+        .await;
+    assert_eq!(resp.status(), 502);
+    assert_eq!(
+        resp.headers().get("x-sandpen-reason").unwrap(),
+        "upstream-tls"
+    );
+    body_text(resp).await;
+    assert!(
+        h.bad.seen.lock().unwrap().is_empty(),
+        "the untrusted upstream got a request"
+    );
+    let recs = h.records();
+    let r = recs
+        .iter()
+        .find(|r| r.path.as_deref() == Some("/v1/responses"))
+        .unwrap();
+    assert!(
+        r.reason
+            .starts_with("upstream-tls: invalid peer certificate"),
+        "{}",
+        r.reason
+    );
+    assert_eq!(r.status, Some(502));
+}
+
+#[tokio::test]
+async fn a_request_for_another_host_inside_the_tunnel_is_refused() {
+    let h = harness().await;
+    let port = h.good.addr.port();
+    let (mut s, _) = h
+        .connect("api.anthropic.com", port, h.sandbox_roots(), Proto::H1)
+        .await;
+    let resp = s
+        .send(request(
+            &format!("other.test:{port}"),
+            "/steal",
+            &[("x-api-key", "proxy-managed")],
+            false,
+        ))
+        .await;
+    assert_eq!(resp.status(), 421);
+    body_text(resp).await;
+    assert!(h
+        .good
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|s| s.path != "/steal"));
+    let recs = h.records();
+    let r = recs
+        .iter()
+        .find(|r| r.path.as_deref() == Some("/steal"))
+        .unwrap();
+    assert_eq!(r.reason_code(), "host-mismatch");
+    assert_eq!(r.decision, sandpen_policy::Verdict::Deny);
+}
+
+#[tokio::test]
+async fn upstream_sees_http2_when_it_offers_it() {
+    let h = harness().await;
+    let port = h.good.addr.port();
+    let (mut s, _) = h
+        .connect("api.anthropic.com", port, h.sandbox_roots(), Proto::H1)
+        .await;
+    let resp = s
+        .send(request(
+            &format!("api.anthropic.com:{port}"),
+            "/v",
+            &[],
+            false,
+        ))
+        .await;
+    body_text(resp).await;
+    let seen = h.good.seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.last().unwrap().version,
+        "HTTP/2.0",
+        "ALPN upstream picks h2"
+    );
+}

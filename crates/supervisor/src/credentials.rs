@@ -1,0 +1,214 @@
+//! Credentials for one sandbox: its CA, the secret store and routes the
+//! proxy reads on each intercepted connection, and what the guest is told
+//! (the CA certificate and the sentinel environment). No secret value ever
+//! goes into the guest, the sandbox's state or a log.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use sandpen_credentials::{
+    CustomRoutes, FileStore, Found, Keyring, Route, RouteTable, SandboxCa, Scope,
+};
+use sandpen_proto::{GUEST_CA_BUNDLE, GUEST_EXTRA_CA};
+use sandpen_proxy::mitm::{upstream_tls, CredentialSource, Mitm};
+
+use crate::paths::{Dirs, SandboxPaths};
+use crate::sandbox::SandboxConfig;
+use crate::SupervisorError;
+
+/// The user's secret store: its index in `$XDG_CONFIG_HOME/sandpen/secrets`,
+/// and its values in the OS keyring when one answers, else in that file
+/// (0600). `SANDPEN_SECRET_STORE=file` skips the keyring.
+pub fn store(dirs: &Dirs) -> FileStore {
+    store_and_keyring_status(dirs).0
+}
+
+/// The store, and why no keyring is used (`None` when one is).
+pub fn store_and_keyring_status(dirs: &Dirs) -> (FileStore, Option<String>) {
+    let file = FileStore::new(dirs.config.join("secrets"));
+    if std::env::var("SANDPEN_SECRET_STORE").as_deref() == Ok("file") {
+        return (file, Some("SANDPEN_SECRET_STORE=file".into()));
+    }
+    match Keyring::detect() {
+        Ok(k) => (file.with_keyring(k), None),
+        Err(why) => (file, Some(why)),
+    }
+}
+
+/// The user's custom routes: `$XDG_CONFIG_HOME/sandpen/credential-routes.json`.
+pub fn custom_routes(dirs: &Dirs) -> CustomRoutes {
+    CustomRoutes::new(dirs.config.join("credential-routes.json"))
+}
+
+/// The sandbox's CA folder.
+pub fn ca_dir(paths: &SandboxPaths) -> PathBuf {
+    paths.dir.join("ca")
+}
+
+/// The sandbox's CA; made now for a sandbox created before CAs existed.
+pub fn ensure_ca(paths: &SandboxPaths) -> Result<SandboxCa, SupervisorError> {
+    let dir = ca_dir(paths);
+    let ca = if dir.join("ca.pem").exists() {
+        SandboxCa::load(&dir)
+    } else {
+        SandboxCa::create(&dir)
+    };
+    ca.map_err(|e| SupervisorError::Invalid(format!("the sandbox CA: {e}")))
+}
+
+/// The store and the custom routes, as the proxy sees them. Both are read
+/// again only when their file changes (a new inode or mtime: every write is
+/// an atomic rename), so a guest opening connections cannot make the host
+/// re-read files, query the keyring, or write a warning each time; `sandpen
+/// secret set|rm` still applies from the next connection on.
+struct StoreSource {
+    sandbox: String,
+    store: FileStore,
+    routes: CustomRoutes,
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    routes_stamp: Option<Stamp>,
+    table: Option<RouteTable>,
+    secrets_stamp: Option<Stamp>,
+    secrets: HashMap<String, Option<Found>>,
+    /// The last store error, kept briefly so that a failing keyring is not
+    /// asked again on every connection.
+    failure: Option<(Instant, String)>,
+}
+
+/// How long a store error is served from the cache.
+const FAILURE_TTL: Duration = Duration::from_secs(10);
+
+type Stamp = (u64, SystemTime);
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.modified().ok()?))
+}
+
+impl StoreSource {
+    fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // The cache holds no invariant a panic could break.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl CredentialSource for StoreSource {
+    fn route_for(&self, host: &str) -> Option<Route> {
+        if let Some(r) = sandpen_credentials::route_for(host) {
+            return Some(r.clone());
+        }
+        let now = stamp(self.routes.path());
+        let mut cache = self.cache();
+        if cache.table.is_none() || cache.routes_stamp != now {
+            cache.routes_stamp = now;
+            cache.table = Some(self.routes.table().unwrap_or_else(|e| {
+                // Once per change of the file, not per connection.
+                tracing::warn!("custom credential routes not used: {e}");
+                RouteTable::new()
+            }));
+        }
+        cache
+            .table
+            .as_ref()
+            .and_then(|t| t.route_for(host).cloned())
+    }
+
+    fn secret(&self, service: &str) -> Result<Option<Found>, String> {
+        let now = stamp(self.store.path());
+        {
+            let mut cache = self.cache();
+            if cache.secrets_stamp != now {
+                cache.secrets_stamp = now;
+                cache.secrets.clear();
+                cache.failure = None;
+            }
+            if let Some(found) = cache.secrets.get(service) {
+                return Ok(found.clone());
+            }
+            if let Some((at, e)) = &cache.failure {
+                if at.elapsed() < FAILURE_TTL {
+                    return Err(e.clone());
+                }
+            }
+        }
+        // Not under the lock: a keyring may take a while to answer.
+        match self.store.get(service, Some(&self.sandbox)) {
+            Ok(found) => {
+                let mut cache = self.cache();
+                if cache.secrets_stamp == now {
+                    cache.secrets.insert(service.to_string(), found.clone());
+                }
+                Ok(found)
+            }
+            Err(e) => {
+                let e = e.to_string();
+                self.cache().failure = Some((Instant::now(), e.clone()));
+                Err(e)
+            }
+        }
+    }
+}
+
+/// The interception engine: the sandbox CA, the upstream trust (platform
+/// roots plus the sandbox's `--upstream-ca` files), and the store.
+pub fn mitm(dirs: &Dirs, ca: SandboxCa, config: &SandboxConfig) -> Result<Mitm, SupervisorError> {
+    let tls = upstream_tls(&config.upstream_cas)
+        .map_err(|e| SupervisorError::Invalid(format!("--upstream-ca: {e}")))?;
+    let source = StoreSource {
+        sandbox: config.name.clone(),
+        store: store(dirs),
+        routes: custom_routes(dirs),
+        cache: Mutex::new(Cache::default()),
+    };
+    Ok(Mitm::new(Arc::new(ca), tls, Arc::new(source)))
+}
+
+/// The guest environment for credentials: where the CA is, for the clients
+/// that do not read the system bundle by default, and the sentinel of each
+/// route whose secret is set now (a variable is only there when it works).
+pub fn guest_env(dirs: &Dirs, name: &str) -> Vec<(String, String)> {
+    let mut env = vec![(
+        "NODE_EXTRA_CA_CERTS".to_string(),
+        GUEST_EXTRA_CA.to_string(),
+    )];
+    for key in [
+        "SSL_CERT_FILE",
+        "CURL_CA_BUNDLE",
+        "REQUESTS_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+    ] {
+        env.push((key.to_string(), GUEST_CA_BUNDLE.to_string()));
+    }
+    let table = custom_routes(dirs).table().unwrap_or_else(|e| {
+        tracing::warn!("custom credential routes not used: {e}");
+        RouteTable::new()
+    });
+    // The index only: no value is read (nor a keyring asked) for this.
+    let set: Vec<(String, Scope)> = match store(dirs).list() {
+        Ok(entries) => entries.into_iter().map(|e| (e.service, e.scope)).collect(),
+        Err(e) => {
+            tracing::warn!("secret store: {e}");
+            Vec::new()
+        }
+    };
+    let own = Scope::Sandbox(name.to_string());
+    for route in table.routes() {
+        let Some(var) = &route.guest_env else {
+            continue;
+        };
+        let has_secret = set.iter().any(|(svc, scope)| {
+            *svc == route.service && (*scope == Scope::Global || *scope == own)
+        });
+        if has_secret && !env.iter().any(|(k, _)| k == var) {
+            env.push((var.clone(), route.sentinel.clone()));
+        }
+    }
+    env
+}

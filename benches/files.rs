@@ -303,12 +303,27 @@ fn main() {
     let sp = prepare(&run, "sandpen");
     let vf = prepare(&run, "virtiofsd");
     let (mut sp_share, mut sp_disk, mut vf_share, mut vf_disk) = Default::default();
-    for r in 0..rounds {
-        best(&mut sp_share, sp.round(&sp.ws.join("b-share")));
-        best(&mut vf_share, vf.round(&vf.ws.join("b-share")));
-        best(&mut sp_disk, sp.round(Path::new("/root/fsbench")));
-        best(&mut vf_disk, vf.round(Path::new("/root/fsbench")));
-        eprintln!("round {}: sandpen {sp_share:?} / disk {sp_disk:?}; virtiofsd {vf_share:?} / disk {vf_disk:?}", r + 1);
+    for r in 1..=rounds {
+        for (label, bench, dir, into) in [
+            ("sandpen share", &sp, sp.ws.join("b-share"), &mut sp_share),
+            ("virtiofsd share", &vf, vf.ws.join("b-share"), &mut vf_share),
+            (
+                "disk (sandpen's VM)",
+                &sp,
+                PathBuf::from("/root/fsbench"),
+                &mut sp_disk,
+            ),
+            (
+                "disk (virtiofsd's VM)",
+                &vf,
+                PathBuf::from("/root/fsbench"),
+                &mut vf_disk,
+            ),
+        ] {
+            let figures = bench.round(&dir);
+            eprintln!("round {r}, {label}: {figures:?}");
+            best(into, figures);
+        }
     }
     println!(
         "\n{:<11} {:>10} {:>10} {:>10} {:>10} {:>13} {:>13}",

@@ -511,6 +511,34 @@ fn model_requests(path: &str) -> Vec<(String, String, String)> {
 /// stored key, never the sentinel. The mock cannot take port 443 on a shared
 /// host, so the agent is pointed at its port with ANTHROPIC_BASE_URL in its
 /// settings (the host name, and so the credential route, stay the same).
+/// Node's own `fetch` (undici, no proxy variables: the transparent path),
+/// trusting the sandbox CA through `NODE_EXTRA_CA_CERTS`, sends the sentinel;
+/// the mock gets the real key.
+fn node_fetch_gets_the_real_key_through_the_proxy() -> Result<(), Failed> {
+    image_ready()?;
+    policy_ready()?;
+    let out = run_agent("claude", &["--version"]);
+    expect_ok(&out, "run claude")?;
+    let port = env().model_port;
+    let before = model_requests("/v1/messages").len();
+    let out = guest(&format!(
+        "node -e \"fetch('https://api.anthropic.com:{port}/v1/messages?from=node', \
+           {{method: 'POST', headers: {{'x-api-key': 'proxy-managed', 'content-type': 'application/json'}}, \
+             body: '{{}}'}}).then(r => r.text()).then(t => console.log('status-ok', t.length))\""
+    ))?;
+    check(out.contains("status-ok"), format!("node fetch: {out}"))?;
+    let seen = model_requests("/v1/messages");
+    let new: Vec<_> = seen.iter().skip(before).collect();
+    check(!new.is_empty(), "the mock got no request from node")?;
+    for (host, key, _) in new {
+        check(
+            host.starts_with("api.anthropic.com") && key == REAL_KEY,
+            format!("node's request arrived with x-api-key {key:?} for {host:?}"),
+        )?;
+    }
+    Ok(())
+}
+
 fn claude_headless_gets_the_mock_reply_with_the_real_key() -> Result<(), Failed> {
     let port = env().model_port;
     guest(&format!(
@@ -714,6 +742,10 @@ fn main() {
         (
             "the_guest_never_sees_the_real_key",
             the_guest_never_sees_the_real_key,
+        ),
+        (
+            "node_fetch_gets_the_real_key_through_the_proxy",
+            node_fetch_gets_the_real_key_through_the_proxy,
         ),
         (
             "claude_headless_gets_the_mock_reply_with_the_real_key",

@@ -422,10 +422,6 @@ fn ordinary_host_user_owns_guest_files() -> Result<(), Failed> {
         .append(true)
         .open(&guest_bin)?
         .write_all(b"\0")?;
-    let virtiofsd = copy(
-        &which("virtiofsd").ok_or("virtiofsd not found")?,
-        "virtiofsd",
-    )?;
     let ws = home.path().join("work");
     std::fs::create_dir(&ws)?;
     Command::new("chown")
@@ -454,7 +450,6 @@ fn ordinary_host_user_owns_guest_files() -> Result<(), Failed> {
         .env("XDG_CACHE_HOME", home.path().join("cache"))
         .env("XDG_DATA_HOME", &e.data)
         .env("SANDPEN_GUEST_BIN", &guest_bin)
-        .env("SANDPEN_VIRTIOFSD", &virtiofsd)
         .stdin(Stdio::null())
         .output()?;
     let _ = Command::new("runuser")
@@ -477,20 +472,6 @@ fn ordinary_host_user_owns_guest_files() -> Result<(), Failed> {
         meta.uid() == uid,
         format!("owned by {} on the host, want {uid}", meta.uid()),
     )
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .and_then(|p| {
-            std::env::split_paths(&p)
-                .map(|d| d.join(name))
-                .find(|p| p.is_file())
-        })
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|h| PathBuf::from(h).join(".cargo/bin").join(name))
-                .filter(|p| p.is_file())
-        })
 }
 
 fn sandpen_guest_binary() -> Result<PathBuf, Failed> {

@@ -113,9 +113,12 @@ pub async fn dispatch(command: Command) -> Result<i32> {
         }
         Command::Image(cmd) => image(&dirs, cmd).await,
         Command::Policy(cmd) => crate::policy_cmd::run(&dirs, cmd).await,
+        Command::Flow(cmd) => flow(&dirs, cmd),
         Command::Secret(cmd) => crate::secret_cmd::run(&dirs, cmd),
         Command::Doctor => doctor(&dirs),
-        Command::Supervise { .. } => unreachable!("handled before the runtime starts"),
+        Command::Supervise { .. } | Command::FsServe(_) => {
+            unreachable!("handled before the runtime starts")
+        }
     }
 }
 
@@ -156,8 +159,61 @@ fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOpt
             })
             .collect::<Result<_>>()?,
         docker: args.docker.parse()?,
+        mounts: parse_mounts(&args.mounts)?,
         upstream_cas: args.upstream_cas.clone(),
     })
+}
+
+fn parse_mounts(list: &[String]) -> Result<Vec<sandbox::ExtraMount>> {
+    Ok(list
+        .iter()
+        .map(|m| sandbox::ExtraMount::parse(m))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
+/// `sandpen flow show|reset NAME`.
+fn flow(dirs: &Dirs, cmd: crate::FlowCommand) -> Result<i32> {
+    use sandpen_policy::LabelStore;
+    match cmd {
+        crate::FlowCommand::Show { name, json } => {
+            sandbox::load(dirs, &name)?;
+            let labels = LabelStore::in_dir(&dirs.sandbox(&name).dir).load()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&labels)?);
+                return Ok(0);
+            }
+            if labels.is_empty() {
+                println!("{name}: no flow labels");
+                return Ok(0);
+            }
+            let mut rows = vec![["LABEL".to_string(), "SET-AT".into(), "BY".into()]];
+            for l in &labels.labels {
+                rows.push([l.label.as_str().into(), l.at.clone(), l.by.clone()]);
+            }
+            print_table(&rows);
+            Ok(0)
+        }
+        crate::FlowCommand::Reset { name } => {
+            sandbox::load(dirs, &name)?;
+            let old = LabelStore::in_dir(&dirs.sandbox(&name).dir).reset()?;
+            if old.is_empty() {
+                println!("{name}: no flow labels were set");
+            } else {
+                let names: Vec<_> = old.labels.iter().map(|l| l.label.as_str()).collect();
+                println!("{name}: cleared {}", names.join(", "));
+            }
+            Ok(0)
+        }
+    }
+}
+
+/// One line on the file rules a sandbox runs with.
+fn print_file_rules(dirs: &Dirs, config: &SandboxConfig) -> Result<()> {
+    let policy =
+        sandpen_supervisor::egress::load_policy(dirs, &dirs.sandbox(&config.name), config)?;
+    let rules = policy.file_rules()?;
+    eprintln!("sandpen: files: {}", rules.summary());
+    Ok(())
 }
 
 async fn create_sandbox(
@@ -382,7 +438,20 @@ async fn run(
         }
     };
     let paths = dirs.sandbox(&config.name);
-    if !matches!(control::state(&paths).await, State::Running(_)) {
+    let running = matches!(control::state(&paths).await, State::Running(_));
+    let mut config = config;
+    let mounts = parse_mounts(&create.mounts)?;
+    if !create.mounts.is_empty() && mounts != config.mounts {
+        if running {
+            bail!(
+                "sandbox {} is running with other mounts; stop it first to change them",
+                config.name
+            );
+        }
+        config = sandbox::set_mounts(dirs, &config.name, mounts)?;
+    }
+    print_file_rules(dirs, &config)?;
+    if !running {
         start(dirs, &config.name).await?;
     }
     let tty = attach::want_tty();
@@ -771,13 +840,16 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
         "apt install qemu-system-x86",
     );
     check("qemu-img", tool("qemu-img"), "apt install qemu-utils");
-    check(
-        "virtiofsd",
-        sandpen_supervisor::fileserver::virtiofsd()
-            .ok()
-            .map(|p| p.display().to_string()),
-        "cargo install virtiofsd (needs libseccomp-dev libcap-ng-dev pkg-config)",
-    );
+    println!("ok    file server: built in (sandpen fs-serve)");
+    match sandpen_supervisor::fileserver::virtiofsd() {
+        Ok(p) => println!(
+            "note  virtiofsd (optional, benchmarks only): {}",
+            p.display()
+        ),
+        Err(_) => println!(
+            "note  virtiofsd not installed (optional: only the file benchmark compares against it)"
+        ),
+    }
     check(
         "sandpen-guest",
         sandpen_supervisor::guest_binary()

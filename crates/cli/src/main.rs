@@ -2,6 +2,7 @@
 
 mod attach;
 mod commands;
+mod fs_serve;
 mod policy_cmd;
 mod secret_cmd;
 
@@ -53,6 +54,10 @@ pub struct CreateArgs {
     /// the docker socket), boot, or off
     #[arg(long, default_value = "on-demand")]
     pub docker: String,
+    /// Share another host folder at the same path, read-write or `:ro`
+    /// (served with the same file rules as the workspace)
+    #[arg(long = "mount", value_name = "PATH[:ro]")]
+    pub mounts: Vec<String>,
     /// Also trust this CA (PEM) for upstreams that the proxy re-encrypts to
     /// on credential hosts (private upstreams, tests)
     #[arg(long = "upstream-ca", value_name = "FILE")]
@@ -139,6 +144,9 @@ enum Command {
     /// Network policy: rules, modes, checks and the log
     #[command(subcommand)]
     Policy(policy_cmd::PolicyCommand),
+    /// Flow labels: what the sandbox has touched (secret-read, untrusted-input)
+    #[command(subcommand)]
+    Flow(FlowCommand),
     /// Secrets the proxy puts in place of the guest's placeholder
     #[command(subcommand)]
     Secret(secret_cmd::SecretCommand),
@@ -147,6 +155,21 @@ enum Command {
     /// Internal: the per-sandbox supervisor process
     #[command(hide = true)]
     Supervise { name: String },
+    /// Internal: the file server of one share (started by the supervisor)
+    #[command(hide = true)]
+    FsServe(fs_serve::FsServeArgs),
+}
+
+#[derive(Subcommand)]
+pub enum FlowCommand {
+    /// The labels a sandbox carries: LABEL, SET-AT, BY (path or host)
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Clear every label (egress is no longer narrowed)
+    Reset { name: String },
 }
 
 #[derive(Subcommand)]
@@ -183,6 +206,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Supervise { name } = &cli.command {
         return commands::supervise(name);
+    }
+    if let Command::FsServe(args) = &cli.command {
+        return fs_serve::main(args);
     }
     // Like other Unix tools, end quietly when the reader of our output goes
     // away (`sandpen ls | head`). Not for the supervisor above, whose stdout

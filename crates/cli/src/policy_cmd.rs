@@ -15,6 +15,13 @@ pub enum Kind {
     Network,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogType {
+    Network,
+    File,
+    All,
+}
+
 /// Where a rule or setting goes: the global file (`-g`, the default) or a
 /// sandbox's own.
 #[derive(Args, Clone, Debug)]
@@ -68,13 +75,17 @@ pub enum PolicyCommand {
         target: String,
         name: Option<String>,
     },
-    /// The network log: one line per connection and request
+    /// The logs: network (one line per connection and request) and file
+    /// (denied operations and flow label changes)
     Log {
         name: Option<String>,
         #[arg(long)]
         json: bool,
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// network, file or all
+        #[arg(long = "type", value_enum, default_value_t = LogType::All)]
+        kind: LogType,
     },
     /// enforce (default), learn (allow, log what enforce would deny) or ask
     Mode {
@@ -244,7 +255,12 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
                 _ => 0,
             })
         }
-        PolicyCommand::Log { name, json, limit } => {
+        PolicyCommand::Log {
+            name,
+            json,
+            limit,
+            kind,
+        } => {
             let names: Vec<String> = match name {
                 Some(n) => {
                     sandbox::load(dirs, &n)?;
@@ -252,6 +268,12 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
                 }
                 None => sandbox::list(dirs)?.into_iter().map(|c| c.name).collect(),
             };
+            if kind != LogType::Network {
+                file_log(dirs, &names, json, limit)?;
+                if kind == LogType::File {
+                    return Ok(0);
+                }
+            }
             let mut records = Vec::new();
             for n in names {
                 let path = dirs.sandbox(&n).logs().join("net.jsonl");
@@ -306,6 +328,57 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+/// The file log (`logs/files.jsonl`) of these sandboxes: denied operations
+/// and label changes.
+fn file_log(dirs: &Dirs, names: &[String], json: bool, limit: usize) -> Result<()> {
+    let mut records = Vec::new();
+    for n in names {
+        let path = dirs.sandbox(n).logs().join("files.jsonl");
+        records.extend(
+            sandpen_fs::read_records(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        );
+    }
+    records.sort_by(|a, b| a.time.cmp(&b.time));
+    let skip = records.len().saturating_sub(limit);
+    let records = &records[skip..];
+    if json {
+        for r in records {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    if records.is_empty() {
+        return Ok(());
+    }
+    let mut rows = vec![[
+        "TIME".to_string(),
+        "SANDBOX".into(),
+        "FILE".into(),
+        "OP".into(),
+        "PATH".into(),
+        "RULE".into(),
+        "ERROR".into(),
+    ]];
+    for r in records {
+        rows.push([
+            printable(&r.time),
+            printable(&r.sandbox),
+            printable(&r.kind),
+            printable(&r.op),
+            printable(&r.path),
+            printable(&r.rule),
+            if r.error.is_empty() {
+                "-".into()
+            } else {
+                printable(&r.error)
+            },
+        ]);
+    }
+    crate::commands::print_table(&rows);
+    Ok(())
 }
 
 /// Text from the guest, safe for a terminal: control characters (escape

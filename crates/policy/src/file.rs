@@ -35,6 +35,9 @@ use std::path::{Path, PathBuf};
 
 use toml_edit::{value, ArrayOfTables, Document, DocumentMut, Item, Table};
 
+use crate::files::{
+    FileRuleKind, FileRuleSource, FilesSection, FlowSection, PathRule, PatternEntry,
+};
 use crate::{Action, Mode, Preset, Rule, RuleSource, Scope, Target, TargetError};
 
 /// Errors from loading, editing or saving a policy file.
@@ -86,6 +89,8 @@ pub struct PolicyFile {
     mode: Option<Mode>,
     preset: Option<Preset>,
     rules: Vec<Rule>,
+    files: FilesSection,
+    flow: FlowSection,
 }
 
 /// Line and column (from 1) of a byte offset.
@@ -127,6 +132,209 @@ impl Checker<'_> {
         item.as_str()
             .ok_or_else(|| self.err(item.span(), format!("`{what}` must be a string")))
     }
+
+    /// An array of strings, each with its span.
+    fn strings(&self, item: &Item, what: &str) -> Result<Vec<(String, usize)>, PolicyError> {
+        let arr = item.as_array().ok_or_else(|| {
+            self.err(item.span(), format!("`{what}` must be an array of strings"))
+        })?;
+        let mut out = Vec::new();
+        for v in arr.iter() {
+            let s = v.as_str().ok_or_else(|| {
+                self.err(v.span(), format!("`{what}` must be an array of strings"))
+            })?;
+            let span = v.span();
+            out.push((s.to_string(), span.map_or(0, |s| s.start)));
+        }
+        Ok(out)
+    }
+
+    fn patterns(
+        &self,
+        item: &Item,
+        what: &str,
+        kind: FileRuleKind,
+    ) -> Result<Vec<PatternEntry>, PolicyError> {
+        let mut out = Vec::new();
+        for (pattern, at) in self.strings(item, what)? {
+            let (line, column) = line_col(self.text, at);
+            PathRule::new(kind, &pattern, FileRuleSource::Default).map_err(|e| {
+                PolicyError::Invalid {
+                    path: self.path.to_path_buf(),
+                    line,
+                    column,
+                    message: e.to_string(),
+                }
+            })?;
+            out.push(PatternEntry { pattern, line });
+        }
+        Ok(out)
+    }
+
+    fn table<'i>(
+        &self,
+        item: &'i Item,
+        key_span: Option<Range<usize>>,
+        name: &str,
+    ) -> Result<&'i dyn toml_edit::TableLike, PolicyError> {
+        item.as_table_like()
+            .ok_or_else(|| self.err(key_span, format!("`{name}` must be a table ([{name}])")))
+    }
+
+    /// `[files]`: `deny_read`, `read_only`, and (in the user's own files
+    /// only) `defaults`.
+    pub(crate) fn files_table(
+        &self,
+        item: &Item,
+        key_span: Option<Range<usize>>,
+        allow_defaults: bool,
+    ) -> Result<FilesSection, PolicyError> {
+        let t = self.table(item, key_span, "files")?;
+        let mut files = FilesSection::default();
+        for (key, v) in t.iter() {
+            let span = t.key(key).and_then(|k| k.span()).or_else(|| v.span());
+            match key {
+                "deny_read" => files.deny_read = self.patterns(v, key, FileRuleKind::DenyRead)?,
+                "read_only" => files.read_only = self.patterns(v, key, FileRuleKind::ReadOnly)?,
+                "defaults" if allow_defaults => {
+                    files.defaults =
+                        Some(v.as_bool().ok_or_else(|| {
+                            self.err(v.span(), "`defaults` must be true or false")
+                        })?)
+                }
+                "defaults" => {
+                    return Err(self.err(
+                        span,
+                        "a workspace file cannot drop the default file rules; \
+                         only your own policy (sandpen policy files) can",
+                    ))
+                }
+                other => {
+                    return Err(self.err(
+                        span,
+                        format!(
+                            "unknown key `{other}` in [files] (expected deny_read, read_only{})",
+                            if allow_defaults { ", defaults" } else { "" }
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(files)
+    }
+
+    /// `[flow]`: `secret` (path patterns), `trusted_sinks` and `trusted`
+    /// (network targets).
+    pub(crate) fn flow_table(
+        &self,
+        item: &Item,
+        key_span: Option<Range<usize>>,
+    ) -> Result<FlowSection, PolicyError> {
+        let t = self.table(item, key_span, "flow")?;
+        let mut flow = FlowSection::default();
+        for (key, v) in t.iter() {
+            let span = t.key(key).and_then(|k| k.span()).or_else(|| v.span());
+            match key {
+                "secret" => flow.secret = self.patterns(v, key, FileRuleKind::Secret)?,
+                "trusted_sinks" | "trusted" => {
+                    let mut targets = Vec::new();
+                    for (s, at) in self.strings(v, key)? {
+                        let target = Target::parse(&s).map_err(|e| {
+                            let (line, column) = line_col(self.text, at);
+                            PolicyError::Invalid {
+                                path: self.path.to_path_buf(),
+                                line,
+                                column,
+                                message: e.to_string(),
+                            }
+                        })?;
+                        targets.push(target);
+                    }
+                    if key == "trusted" {
+                        flow.trusted = targets;
+                    } else {
+                        flow.trusted_sinks = targets;
+                    }
+                }
+                other => {
+                    return Err(self.err(
+                        span,
+                        format!(
+                        "unknown key `{other}` in [flow] (expected secret, trusted_sinks, trusted)"
+                    ),
+                    ))
+                }
+            }
+        }
+        Ok(flow)
+    }
+}
+
+/// A workspace's `.sandpen.toml`: `[files]` and `[flow]` only. It can add
+/// rules to the defaults, never remove them.
+#[derive(Debug, Clone, Default)]
+pub struct WorkspaceFile {
+    pub path: PathBuf,
+    pub files: FilesSection,
+    pub flow: FlowSection,
+}
+
+impl WorkspaceFile {
+    /// Read `.sandpen.toml` in `workspace`; `None` when there is none.
+    pub fn load(workspace: &Path) -> Result<Option<WorkspaceFile>, PolicyError> {
+        let path = workspace.join(crate::files::WORKSPACE_FILE);
+        // The workspace is the guest's to write: read it without following a
+        // symlink to some other file of the host user's.
+        let text = match read_no_follow(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(PolicyError::Read { path, source }),
+        };
+        WorkspaceFile::parse(&text, &path).map(Some)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<WorkspaceFile, PolicyError> {
+        let ck = Checker { path, text };
+        let doc = Document::parse(text).map_err(|e| ck.err(e.span(), e.message().trim()))?;
+        let mut out = WorkspaceFile {
+            path: path.to_path_buf(),
+            ..Default::default()
+        };
+        for (key, item) in doc.iter() {
+            let key_span = doc.key(key).and_then(|k| k.span()).or_else(|| item.span());
+            match key {
+                "files" => out.files = ck.files_table(item, key_span, false)?,
+                "flow" => out.flow = ck.flow_table(item, key_span)?,
+                other => {
+                    return Err(ck.err(
+                        key_span,
+                        format!(
+                            "unknown key `{other}` in a workspace file (expected [files] or [flow])"
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn read_no_follow(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    let mut text = String::new();
+    f.by_ref().take(1 << 20).read_to_string(&mut text)?;
+    Ok(text)
 }
 
 impl PolicyFile {
@@ -152,6 +360,8 @@ impl PolicyFile {
             mode: None,
             preset: None,
             rules: Vec::new(),
+            files: FilesSection::default(),
+            flow: FlowSection::default(),
         }
     }
 
@@ -163,6 +373,8 @@ impl PolicyFile {
         let mut mode = None;
         let mut preset = None;
         let mut entries: Vec<Entry> = Vec::new();
+        let mut files = FilesSection::default();
+        let mut flow = FlowSection::default();
         for (key, item) in doc.iter() {
             let key_span = doc.key(key).and_then(|k| k.span()).or_else(|| item.span());
             match key {
@@ -196,10 +408,14 @@ impl PolicyFile {
                         entries.push(Self::check_rule(&ck, table)?);
                     }
                 }
+                "files" => files = ck.files_table(item, key_span, true)?,
+                "flow" => flow = ck.flow_table(item, key_span)?,
                 other => {
                     return Err(ck.err(
                         key_span,
-                        format!("unknown key `{other}` (expected mode, preset or [[network]])"),
+                        format!(
+                            "unknown key `{other}` (expected mode, preset, [[network]], [files] or [flow])"
+                        ),
                     ))
                 }
             }
@@ -251,6 +467,8 @@ impl PolicyFile {
             mode,
             preset,
             rules,
+            files,
+            flow,
         })
     }
 
@@ -331,6 +549,16 @@ impl PolicyFile {
 
     pub fn rules(&self) -> &[Rule] {
         &self.rules
+    }
+
+    /// The `[files]` table.
+    pub fn files(&self) -> &FilesSection {
+        &self.files
+    }
+
+    /// The `[flow]` table.
+    pub fn flow(&self) -> &FlowSection {
+        &self.flow
     }
 
     /// The file's text, with all edits so far.

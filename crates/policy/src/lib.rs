@@ -34,6 +34,8 @@
 
 mod blocked;
 pub mod file;
+pub mod files;
+pub mod flow;
 mod preset;
 mod target;
 
@@ -44,7 +46,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use blocked::{blocked_ranges, is_blocked};
-pub use file::{global_policy_path, PolicyError, PolicyFile};
+pub use file::{global_policy_path, PolicyError, PolicyFile, WorkspaceFile};
+pub use files::{FileRules, FilesSection, FlowSection, PatternError};
+pub use flow::{FlowLabels, Label, LabelSet, LabelStore};
 pub use preset::Preset;
 pub use target::{canonical, normalize_name, Host, HostPattern, Target, TargetError};
 
@@ -255,6 +259,9 @@ pub mod reason {
     pub const DENIED_ADDRESS: &str = "denied-address";
     pub const BLOCKED_ADDRESS: &str = "blocked-address";
     pub const INVALID_HOST: &str = "invalid-host";
+    /// `flow: secret-read at T from PATH`: the sandbox read a secret and the
+    /// host is not a trusted sink.
+    pub const FLOW: &str = "flow";
 }
 
 /// A verdict, the rule that gave it (if one did) and a reason code.
@@ -323,6 +330,10 @@ pub struct Policy {
     preset: Preset,
     rules: Vec<Rule>,
     add_hosts: Vec<AddHost>,
+    /// `[files]` and `[flow]` of each file, in order (global, sandbox, workspace).
+    sections: Vec<(PathBuf, FilesSection, FlowSection)>,
+    /// The sandbox's flow labels at the time the policy was built.
+    labels: FlowLabels,
 }
 
 impl Policy {
@@ -338,8 +349,10 @@ impl Policy {
             .or_else(|| global.and_then(PolicyFile::preset))
             .unwrap_or_default();
         let mut rules = Vec::new();
+        let mut sections = Vec::new();
         for f in [global, sandbox].into_iter().flatten() {
             rules.extend(f.rules().iter().cloned());
+            sections.push((f.path().to_path_buf(), f.files().clone(), f.flow().clone()));
         }
         rules.extend(preset.rules());
         Policy {
@@ -347,7 +360,58 @@ impl Policy {
             preset,
             rules,
             add_hosts: Vec::new(),
+            sections,
+            labels: FlowLabels::default(),
         }
+    }
+
+    /// Add a workspace's `.sandpen.toml` (it only adds file and flow rules).
+    pub fn with_workspace(mut self, ws: Option<WorkspaceFile>) -> Policy {
+        if let Some(ws) = ws {
+            self.sections.push((ws.path, ws.files, ws.flow));
+        }
+        self
+    }
+
+    /// The sandbox's current flow labels.
+    pub fn with_labels(mut self, labels: FlowLabels) -> Policy {
+        self.labels = labels;
+        self
+    }
+
+    pub fn labels(&self) -> &FlowLabels {
+        &self.labels
+    }
+
+    /// The file rules of the sandbox's shares: the defaults (unless a user
+    /// file says `defaults = false`) plus every file's `[files]` and
+    /// `flow.secret`.
+    pub fn file_rules(&self) -> Result<FileRules, PatternError> {
+        let refs: Vec<_> = self
+            .sections
+            .iter()
+            .map(|(p, f, fl)| (p.as_path(), f, fl))
+            .collect();
+        files::compile(&refs)
+    }
+
+    /// `flow.trusted_sinks` of every file.
+    pub fn trusted_sinks(&self) -> impl Iterator<Item = &Target> {
+        self.sections
+            .iter()
+            .flat_map(|(_, _, f)| f.trusted_sinks.iter())
+    }
+
+    /// Is `host` in `flow.trusted` (content from it does not set
+    /// `untrusted-input`)?
+    pub fn is_trusted_source(&self, host: &str, port: u16) -> bool {
+        let Ok(host) = Host::parse(host) else {
+            return false;
+        };
+        self.sections
+            .iter()
+            .flat_map(|(_, _, f)| f.trusted.iter())
+            .any(|t| t.matches_host(&host, port))
     }
 
     /// Load the global file (if given and present) and the sandbox file (if
@@ -379,7 +443,22 @@ impl Policy {
             preset,
             rules,
             add_hosts: Vec::new(),
+            sections: Vec::new(),
+            labels: FlowLabels::default(),
         }
+    }
+
+    /// Add `flow.trusted_sinks` (tests, embedding).
+    pub fn with_trusted_sinks(mut self, sinks: Vec<Target>) -> Policy {
+        self.sections.push((
+            PathBuf::new(),
+            FilesSection::default(),
+            FlowSection {
+                trusted_sinks: sinks,
+                ..Default::default()
+            },
+        ));
+        self
     }
 
     /// Add `--add-host` overrides.
@@ -455,6 +534,19 @@ impl Policy {
         } else {
             Decision::deny(reason::NO_MATCHING_RULE)
         };
+        // Flow: after a secret was read, only the trusted sinks stay open. It
+        // narrows what the rules allow; it never allows anything itself.
+        if decision.verdict == Verdict::Allow {
+            if let Some(l) = self.labels.get(Label::SecretRead) {
+                if !self.trusted_sinks().any(|t| t.matches_host(&host, port)) {
+                    decision = Decision::new(
+                        Verdict::Deny,
+                        None,
+                        format!("{}: secret-read at {} from {}", reason::FLOW, l.at, l.by),
+                    );
+                }
+            }
+        }
         if decision.verdict == Verdict::Deny && !learn {
             return decision;
         }

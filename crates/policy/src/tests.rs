@@ -361,9 +361,9 @@ fn bad_values_are_errors_with_positions() {
     let (line, _, msg) = invalid("network = [{ action = \"allow\", target = \"x\" }]\n");
     assert_eq!(line, 1);
     assert!(msg.contains("[[network]]"), "{msg}");
-    let (line, _, msg) = invalid("[files]\nx = 1\n");
+    let (line, _, msg) = invalid("[filez]\nx = 1\n");
     assert_eq!(line, 1);
-    assert!(msg.contains("unknown key `files`"), "{msg}");
+    assert!(msg.contains("unknown key `filez`"), "{msg}");
 }
 
 #[test]
@@ -474,4 +474,123 @@ fn global_path_follows_xdg() {
     if let Some(p) = global_policy_path() {
         assert!(p.ends_with("sandpen/policy.toml"));
     }
+}
+
+// ---- [files], [flow], workspace file, flow labels ----
+
+#[test]
+fn files_and_flow_tables_parse_with_their_lines() {
+    let f = file(
+        "[files]\ndeny_read = [\"secrets/**\"]\nread_only = [\".github/workflows/**\"]\n\
+         [flow]\nsecret = [\".env*\"]\ntrusted_sinks = [\"api.anthropic.com\"]\ntrusted = [\"*.github.com\"]\n",
+        Scope::Global,
+    );
+    assert_eq!(f.files().deny_read[0].pattern, "secrets/**");
+    assert_eq!(f.files().deny_read[0].line, 2);
+    assert_eq!(f.flow().trusted_sinks.len(), 1);
+    let p = Policy::from_files(Some(&f), None);
+    let rules = p.file_rules().unwrap();
+    assert!(rules.hidden(Path::new("secrets/a")).is_some());
+    assert!(rules.hidden(Path::new(".env")).is_some(), "defaults stay");
+    assert!(rules.secret(Path::new(".env.prod")).is_some());
+    assert!(p.is_trusted_source("api.github.com", 443));
+    assert!(!p.is_trusted_source("evil.test", 443));
+}
+
+#[test]
+fn bad_file_rules_name_the_line_and_column() {
+    let (line, column, msg) =
+        invalid("mode = \"learn\"\n[files]\ndeny_read = [\"ok\", \"a/../b\"]\n");
+    assert_eq!((line, column), (3, 20), "{msg}");
+    assert!(msg.contains("a/../b"), "{msg}");
+    let (line, _, msg) = invalid("[files]\nread_only = \".git\"\n");
+    assert_eq!(line, 2);
+    assert!(msg.contains("array"), "{msg}");
+    let (line, _, msg) = invalid("[flow]\ntrusted_sinks = [\"*bad*\"]\n");
+    assert_eq!(line, 2);
+    assert!(msg.contains("*bad*"), "{msg}");
+    let (_, _, msg) = invalid("[files]\nhide = []\n");
+    assert!(msg.contains("unknown key `hide`"), "{msg}");
+}
+
+#[test]
+fn a_workspace_file_adds_rules_but_cannot_drop_defaults() {
+    let path = Path::new("/w/.sandpen.toml");
+    let ws = WorkspaceFile::parse("[files]\ndeny_read = [\"db/**\"]\n", path).unwrap();
+    let p = Policy::default().with_workspace(Some(ws));
+    let rules = p.file_rules().unwrap();
+    assert!(rules.hidden(Path::new("db/x")).is_some());
+    assert!(rules.hidden(Path::new("id_rsa")).is_some());
+    let hit = rules.hidden(Path::new("db/x")).unwrap();
+    assert_eq!(hit.source.to_string(), "/w/.sandpen.toml:2");
+    match WorkspaceFile::parse("[files]\ndefaults = false\n", path) {
+        Err(PolicyError::Invalid { line, message, .. }) => {
+            assert_eq!(line, 2);
+            assert!(message.contains("cannot drop"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        WorkspaceFile::parse("[[network]]\naction = \"allow\"\ntarget = \"**\"\n", path).is_err()
+    );
+    // The user's own file can drop them.
+    let user = file("[files]\ndefaults = false\n", Scope::Sandbox);
+    let rules = Policy::from_files(None, Some(&user)).file_rules().unwrap();
+    assert!(rules.hidden(Path::new(".env")).is_none());
+}
+
+fn secret_read() -> FlowLabels {
+    FlowLabels {
+        labels: vec![LabelSet {
+            label: Label::SecretRead,
+            at: "2026-11-27T12:00:00Z".into(),
+            by: "/w/secrets/token".into(),
+        }],
+    }
+}
+
+#[test]
+fn after_secret_read_only_trusted_sinks_stay_open() {
+    let sinks = vec![Target::parse("api.anthropic.com").unwrap()];
+    let p = policy(
+        G,
+        "[[network]]\naction = \"allow\"\ntarget = \"api.anthropic.com\"\n",
+    )
+    .with_trusted_sinks(sinks.clone());
+    // Before: both allowed.
+    assert_eq!(
+        p.check("api.anthropic.com", 443, None).verdict,
+        Verdict::Allow
+    );
+    assert_eq!(p.check("x.example.org", 443, None).verdict, Verdict::Allow);
+    let p = p.with_labels(secret_read());
+    assert_eq!(
+        p.check("api.anthropic.com", 443, None).verdict,
+        Verdict::Allow
+    );
+    let d = p.check("x.example.org", 443, None);
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(
+        d.reason,
+        "flow: secret-read at 2026-11-27T12:00:00Z from /w/secrets/token"
+    );
+    assert_eq!(d.reason_code(), reason::FLOW);
+    // Learn mode: would-deny, let through.
+    let learn = p.clone().with_mode(Mode::Learn);
+    assert_eq!(
+        learn.check("x.example.org", 443, None).verdict,
+        Verdict::WouldDeny
+    );
+    // A trusted sink the network rules deny stays denied: flow never widens.
+    let p = Policy::from_rules(Mode::Enforce, Preset::DenyAll, vec![])
+        .with_trusted_sinks(sinks)
+        .with_labels(secret_read());
+    assert_eq!(
+        p.check("api.anthropic.com", 443, None).verdict,
+        Verdict::Deny
+    );
+    assert_eq!(
+        p.check("api.anthropic.com", 443, None).reason,
+        reason::NO_MATCHING_RULE
+    );
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use sandpen_policy::{AddHost, Policy};
+use sandpen_policy::{AddHost, Label, LabelStore, Policy, WorkspaceFile};
 use sandpen_proto::frame::read_one;
 use sandpen_proto::mux::MuxStream;
 use sandpen_proto::EgressOpen;
@@ -40,8 +40,15 @@ pub fn load_policy(
     config: &SandboxConfig,
 ) -> Result<Policy, SupervisorError> {
     let (global, own) = policy_files(dirs, paths);
-    let policy = Policy::load(Some(&global), Some(&own))
+    let workspace = WorkspaceFile::load(&config.workspace)
         .map_err(|e| SupervisorError::Invalid(format!("policy: {e}")))?;
+    let labels = LabelStore::in_dir(&paths.dir)
+        .load()
+        .map_err(|e| SupervisorError::Invalid(format!("flow labels: {e}")))?;
+    let policy = Policy::load(Some(&global), Some(&own))
+        .map_err(|e| SupervisorError::Invalid(format!("policy: {e}")))?
+        .with_workspace(workspace)
+        .with_labels(labels);
     let mut add_hosts = Vec::new();
     for entry in &config.add_hosts {
         add_hosts.push(
@@ -52,24 +59,34 @@ pub fn load_policy(
     Ok(policy.with_add_hosts(add_hosts))
 }
 
-/// Reloads the policy when either file changed, so `sandpen policy allow ...`
-/// applies to running sandboxes from their next connection on. A file that
-/// became malformed keeps the last good policy in force and is reported.
+/// Reloads the policy when either file or the flow labels changed, so
+/// `sandpen policy allow ...`, a label the file server set and `sandpen flow
+/// reset` apply to running sandboxes from their next connection on. A file
+/// that became malformed keeps the last good policy in force and is reported.
 struct PolicyWatch {
     dirs: Dirs,
     paths: SandboxPaths,
     config: SandboxConfig,
-    stamps: Mutex<(Option<SystemTime>, Option<SystemTime>)>,
+    stamps: Mutex<Stamps>,
 }
 
-fn mtime(p: &Path) -> Option<SystemTime> {
-    std::fs::metadata(p).and_then(|m| m.modified()).ok()
+type Stamps = [Option<(SystemTime, u64)>; 3];
+
+/// Modification time and inode: files are replaced by rename.
+fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.modified().ok()?, m.ino()))
 }
 
 impl PolicyWatch {
-    fn stamps(&self) -> (Option<SystemTime>, Option<SystemTime>) {
+    fn stamps(&self) -> Stamps {
         let (g, s) = policy_files(&self.dirs, &self.paths);
-        (mtime(&g), mtime(&s))
+        [
+            stamp(&g),
+            stamp(&s),
+            stamp(&self.paths.dir.join("flow.json")),
+        ]
     }
 
     fn refresh(&self, proxy: &Proxy) {
@@ -114,7 +131,7 @@ pub async fn serve(
     config: SandboxConfig,
 ) {
     let watch = Arc::new(PolicyWatch {
-        stamps: Mutex::new((None, None)),
+        stamps: Mutex::new([None; 3]),
         dirs,
         paths,
         config,
@@ -154,8 +171,54 @@ pub async fn serve(
             };
             drop(permit);
             watch.refresh(&proxy);
-            proxy.handle(stream, open).await;
+            let report = proxy.handle(stream, open).await;
+            note_untrusted_input(&proxy, &watch.paths, &watch.config.name, &report);
         });
+    }
+}
+
+/// Content that came from a host outside `flow.trusted` sets the
+/// `untrusted-input` label (recorded only; no policy uses it yet).
+fn note_untrusted_input(
+    proxy: &Proxy,
+    paths: &SandboxPaths,
+    sandbox: &str,
+    report: &sandpen_proxy::ConnectionReport,
+) {
+    if report.decision == sandpen_policy::Verdict::Deny || report.bytes_down == 0 {
+        return;
+    }
+    let policy = proxy.policy();
+    if policy.labels().get(Label::UntrustedInput).is_some()
+        || policy.is_trusted_source(&report.host, report.port)
+    {
+        return;
+    }
+    let at = sandpen_fs::events::now();
+    let by = format!("{}:{}", report.host, report.port);
+    match LabelStore::in_dir(&paths.dir).set(Label::UntrustedInput, &at, &by) {
+        Ok((_, true)) => {
+            let rec = sandpen_fs::FileRecord {
+                time: at,
+                sandbox: sandbox.to_string(),
+                kind: "label".into(),
+                op: Label::UntrustedInput.as_str().into(),
+                path: by,
+                rule: "not in flow.trusted".into(),
+                error: String::new(),
+            };
+            if let Ok(mut line) = serde_json::to_vec(&rec) {
+                line.push(b'\n');
+                use std::io::Write;
+                let _ = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(paths.logs().join("files.jsonl"))
+                    .and_then(|mut f| f.write_all(&line));
+            }
+        }
+        Ok((_, false)) => {}
+        Err(e) => tracing::warn!("setting untrusted-input: {e}"),
     }
 }
 

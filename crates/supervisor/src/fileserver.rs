@@ -1,8 +1,10 @@
 //! The workspace file server seam.
 //!
-//! Today every share is served by `virtiofsd` (from crates.io). sandpen's own
-//! policy-enforcing vhost-user-fs server replaces it behind [`start`] without
-//! anything else changing: the VM only sees a vhost-user socket and a tag.
+//! Every share is served by sandpen's own policy-enforcing vhost-user-fs
+//! server (`sandpen fs-serve`, crate `sandpen-fs`), one process per share.
+//! `virtiofsd` can still be chosen with `SANDPEN_FILE_SERVER=virtiofsd`, for
+//! comparison (the benchmark does): it enforces no file rule and sets no
+//! flow label, so it is refused unless the share has no rules at all.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -22,6 +24,64 @@ pub struct ShareSpec {
     /// Guest uid/gid that stand for the invoking host user (see `SandboxConfig`).
     pub guest_uid: u32,
     pub guest_gid: u32,
+    /// The share's file rules, as `sandpen_fs::rules_to_json` wrote them.
+    pub rules_json: String,
+    /// Whether any rule is set (virtiofsd cannot serve a share with rules).
+    pub has_rules: bool,
+    pub sandbox: String,
+    /// The file audit log (`logs/files.jsonl`) and the label store
+    /// (`flow.json`) the server writes to.
+    pub files_log: PathBuf,
+    pub flow_state: PathBuf,
+}
+
+/// Which program serves the shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServerKind {
+    /// `sandpen fs-serve`: the rules are enforced.
+    Sandpen,
+    /// virtiofsd: no rules; only for comparison.
+    Virtiofsd,
+}
+
+impl ServerKind {
+    /// `$SANDPEN_FILE_SERVER` (`sandpen`, the default, or `virtiofsd`).
+    pub fn from_env() -> Result<ServerKind, SupervisorError> {
+        match std::env::var("SANDPEN_FILE_SERVER").ok().as_deref() {
+            None | Some("") | Some("sandpen") => Ok(ServerKind::Sandpen),
+            Some("virtiofsd") => Ok(ServerKind::Virtiofsd),
+            Some(other) => Err(SupervisorError::Invalid(format!(
+                "SANDPEN_FILE_SERVER={other:?}: use sandpen or virtiofsd"
+            ))),
+        }
+    }
+}
+
+/// The arguments of `sandpen fs-serve` for `spec`.
+pub fn fs_serve_args(spec: &ShareSpec) -> Vec<String> {
+    let mut args = vec![
+        "fs-serve".to_string(),
+        "--socket".into(),
+        spec.socket.display().to_string(),
+        "--root".into(),
+        spec.host_path.display().to_string(),
+        "--guest-uid".into(),
+        spec.guest_uid.to_string(),
+        "--guest-gid".into(),
+        spec.guest_gid.to_string(),
+        "--sandbox".into(),
+        spec.sandbox.clone(),
+        "--files-log".into(),
+        spec.files_log.display().to_string(),
+        "--flow-state".into(),
+        spec.flow_state.display().to_string(),
+        "--rules".into(),
+        spec.rules_json.clone(),
+    ];
+    if spec.read_only {
+        args.push("--all-read-only".into());
+    }
+    args
 }
 
 pub struct RunningShare {
@@ -81,8 +141,32 @@ pub fn virtiofsd_args(spec: &ShareSpec, host_uid: u32, host_gid: u32) -> Vec<Str
 }
 
 /// Starts the server for `spec` and waits until its socket is listening.
-pub async fn start(spec: &ShareSpec, log: &Path) -> Result<RunningShare, SupervisorError> {
-    let binary = virtiofsd()?;
+pub async fn start(
+    spec: &ShareSpec,
+    log: &Path,
+    kind: ServerKind,
+) -> Result<RunningShare, SupervisorError> {
+    let (binary, args) =
+        match kind {
+            ServerKind::Sandpen => (
+                std::env::current_exe()
+                    .map_err(|e| SupervisorError::io("finding the sandpen binary", e))?,
+                fs_serve_args(spec),
+            ),
+            ServerKind::Virtiofsd if spec.has_rules => return Err(SupervisorError::Invalid(
+                "SANDPEN_FILE_SERVER=virtiofsd cannot enforce file rules, and this share has some \
+                 (the defaults count; `defaults = false` in your policy drops them)"
+                    .into(),
+            )),
+            ServerKind::Virtiofsd => (
+                virtiofsd()?,
+                virtiofsd_args(
+                    spec,
+                    nix::unistd::getuid().as_raw(),
+                    nix::unistd::getgid().as_raw(),
+                ),
+            ),
+        };
     let _ = std::fs::remove_file(&spec.socket);
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -93,15 +177,11 @@ pub async fn start(spec: &ShareSpec, log: &Path) -> Result<RunningShare, Supervi
         .try_clone()
         .map_err(|e| SupervisorError::io("duplicating a log handle", e))?;
     let mut cmd = Command::new(&binary);
-    cmd.args(virtiofsd_args(
-        spec,
-        nix::unistd::getuid().as_raw(),
-        nix::unistd::getgid().as_raw(),
-    ))
-    .stdin(Stdio::null())
-    .stdout(Stdio::from(log_file))
-    .stderr(Stdio::from(log_err))
-    .kill_on_drop(true);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log_file))
+        .stderr(Stdio::from(log_err))
+        .kill_on_drop(true);
     crate::supervise::die_with_parent(&mut cmd);
     let mut child = cmd
         .spawn()
@@ -140,7 +220,24 @@ mod tests {
             read_only: false,
             guest_uid: 1000,
             guest_gid: 1000,
+            rules_json: "[]".into(),
+            has_rules: false,
+            sandbox: "p".into(),
+            files_log: "/s/logs/files.jsonl".into(),
+            flow_state: "/s/flow.json".into(),
         }
+    }
+
+    #[test]
+    fn fs_serve_gets_the_share_and_its_rules() {
+        let mut s = spec();
+        s.read_only = true;
+        let a = fs_serve_args(&s);
+        assert_eq!(a[0], "fs-serve");
+        let pos = |k: &str| a.iter().position(|x| x == k).unwrap();
+        assert_eq!(a[pos("--root") + 1], "/home/me/p");
+        assert_eq!(a[pos("--rules") + 1], "[]");
+        assert!(a.contains(&"--all-read-only".to_string()));
     }
 
     #[test]

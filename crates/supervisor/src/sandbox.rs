@@ -38,6 +38,9 @@ pub struct SandboxConfig {
     /// When the guest's Docker engine starts (images that carry one).
     #[serde(default)]
     pub docker: DockerStart,
+    /// Extra folders shared at the same path (`--mount PATH[:ro]`).
+    #[serde(default)]
+    pub mounts: Vec<ExtraMount>,
 }
 
 /// When dockerd starts in the guest. It travels to the guest on the kernel
@@ -79,6 +82,58 @@ impl std::str::FromStr for DockerStart {
     }
 }
 
+/// `--mount PATH[:ro]`: a host folder shared at the same path in the guest,
+/// served with the same file rules as the workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExtraMount {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl ExtraMount {
+    /// Parse `PATH` or `PATH:ro` (also `:rw`); the folder must exist.
+    pub fn parse(s: &str) -> Result<ExtraMount, SupervisorError> {
+        let (path, read_only) = match s.rsplit_once(':') {
+            Some((p, "ro")) => (p, true),
+            Some((p, "rw")) => (p, false),
+            _ => (s, false),
+        };
+        let canonical = Path::new(path)
+            .canonicalize()
+            .map_err(|e| SupervisorError::Invalid(format!("--mount {s}: {path}: {e}")))?;
+        if !canonical.is_dir() {
+            return Err(SupervisorError::Invalid(format!(
+                "--mount {s}: {} is not a folder",
+                canonical.display()
+            )));
+        }
+        if canonical == Path::new("/") {
+            return Err(SupervisorError::Invalid(format!(
+                "--mount {s}: the whole host file system cannot be shared"
+            )));
+        }
+        Ok(ExtraMount {
+            path: canonical,
+            read_only,
+        })
+    }
+}
+
+/// Replace a stopped sandbox's extra mounts.
+pub fn set_mounts(
+    dirs: &Dirs,
+    name: &str,
+    mounts: Vec<ExtraMount>,
+) -> Result<SandboxConfig, SupervisorError> {
+    let mut config = load(dirs, name)?;
+    config.mounts = mounts;
+    let data = serde_json::to_vec_pretty(&config)
+        .map_err(|e| SupervisorError::Invalid(format!("encoding the sandbox: {e}")))?;
+    write_atomic(&dirs.sandbox(name).config(), &data)?;
+    Ok(config)
+}
+
 pub const GUEST_USER: &str = "agent";
 pub const DEFAULT_CPUS: u32 = 2;
 pub const DEFAULT_MEMORY_MIB: u32 = 2048;
@@ -97,6 +152,7 @@ pub struct CreateOptions {
     pub accel: AccelChoice,
     pub add_hosts: Vec<String>,
     pub docker: DockerStart,
+    pub mounts: Vec<ExtraMount>,
     pub upstream_cas: Vec<PathBuf>,
 }
 
@@ -331,6 +387,7 @@ pub fn create(
             created_at: now_rfc3339(),
             add_hosts: opts.add_hosts.clone(),
             docker: opts.docker,
+            mounts: opts.mounts.clone(),
             upstream_cas,
         };
         let json = serde_json::to_vec_pretty(&config)

@@ -178,15 +178,7 @@ async fn boot(
             config.workspace.display()
         )));
     }
-    let share = ShareSpec {
-        tag: WORKSPACE_TAG.into(),
-        host_path: config.workspace.clone(),
-        socket: paths.share_socket(0),
-        read_only: false,
-        guest_uid: config.guest_uid,
-        guest_gid: config.guest_gid,
-    };
-    let shares = vec![fileserver::start(&share, &paths.fs_log()).await?];
+    let shares = start_shares(dirs, config, paths).await?;
 
     let vm_config = sandpen_vm::VmConfig {
         name: config.name.clone(),
@@ -354,6 +346,51 @@ async fn boot(
         status,
         listener: Some(listener),
     })
+}
+
+/// The shares: the workspace (tag `workspace`), then each `--mount` (tags
+/// `mount1`, `mount2`, …), every one served with the sandbox's file rules.
+async fn start_shares(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    paths: &SandboxPaths,
+) -> Result<Vec<RunningShare>, SupervisorError> {
+    let policy = crate::egress::load_policy(dirs, paths, config)?;
+    let rules = policy
+        .file_rules()
+        .map_err(|e| SupervisorError::Invalid(format!("file rules: {e}")))?;
+    let rules_json = sandpen_fs::rules_to_json(&rules);
+    let has_rules = rules.all().next().is_some();
+    tracing::info!("file rules: {}", rules.summary());
+    let kind = fileserver::ServerKind::from_env()?;
+    let mut list = vec![(WORKSPACE_TAG.to_string(), config.workspace.clone(), false)];
+    for (i, m) in config.mounts.iter().enumerate() {
+        if !m.path.is_dir() {
+            return Err(SupervisorError::Invalid(format!(
+                "the extra mount {} no longer exists",
+                m.path.display()
+            )));
+        }
+        list.push((format!("mount{}", i + 1), m.path.clone(), m.read_only));
+    }
+    let mut shares = Vec::new();
+    for (i, (tag, host_path, read_only)) in list.into_iter().enumerate() {
+        let spec = ShareSpec {
+            tag,
+            host_path,
+            socket: paths.share_socket(i),
+            read_only,
+            guest_uid: config.guest_uid,
+            guest_gid: config.guest_gid,
+            rules_json: rules_json.clone(),
+            has_rules,
+            sandbox: config.name.clone(),
+            files_log: paths.logs().join("files.jsonl"),
+            flow_state: paths.dir.join("flow.json"),
+        };
+        shares.push(fileserver::start(&spec, &paths.fs_log(), kind).await?);
+    }
+    Ok(shares)
 }
 
 /// The environment every process in the guest starts with: the sandbox's name

@@ -1,0 +1,174 @@
+//! What the file server reports: denied operations and label changes, as
+//! JSON lines in the sandbox's `logs/files.jsonl`, and the `secret-read`
+//! label in its `flow.json`.
+//!
+//! Reads are not logged. The guest decides how often an operation is denied,
+//! so the log is bounded: each (operation, path, error) is written once per
+//! server run, at most [`MAX_DISTINCT`] of them, and the file stops growing
+//! at [`MAX_BYTES`].
+//!
+//! The label is written to `flow.json` before the open that set it returns to
+//! the guest, so no byte of the secret can reach the guest before the proxy
+//! can know about it (the proxy reloads the labels on every connection).
+
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use sandpen_policy::{Label, LabelStore};
+use serde::{Deserialize, Serialize};
+
+/// Distinct denied operations logged per server run.
+pub const MAX_DISTINCT: usize = 4096;
+/// Bytes this server run may add to `files.jsonl`.
+pub const MAX_BYTES: u64 = 4 << 20;
+
+/// One line of `files.jsonl`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub sandbox: String,
+    /// `denied` or `label`.
+    pub kind: String,
+    /// The FUSE operation (`open`, `rename`, …) or the label (`secret-read`).
+    pub op: String,
+    /// The host path.
+    pub path: String,
+    /// The rule that decided.
+    pub rule: String,
+    /// `ENOENT`, `EROFS`, `EACCES`; empty for a label.
+    #[serde(default)]
+    pub error: String,
+}
+
+/// Reads the records of a `files.jsonl`, skipping lines that do not parse.
+pub fn read_records(path: &Path) -> std::io::Result<Vec<FileRecord>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+pub fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+struct Log {
+    file: Option<File>,
+    written: u64,
+    seen: HashSet<(String, PathBuf, &'static str)>,
+}
+
+/// The server's reporting side.
+pub struct Events {
+    sandbox: String,
+    log: Mutex<Log>,
+    labels: Option<LabelStore>,
+}
+
+impl Events {
+    /// `log`: the `files.jsonl` to append to; `labels`: the sandbox's label
+    /// store. Either may be absent (tests, a bare server).
+    pub fn new(
+        sandbox: &str,
+        log: Option<&Path>,
+        labels: Option<LabelStore>,
+    ) -> std::io::Result<Events> {
+        let file = match log {
+            Some(p) => Some(OpenOptions::new().create(true).append(true).open(p)?),
+            None => None,
+        };
+        Ok(Events {
+            sandbox: sandbox.to_string(),
+            log: Mutex::new(Log {
+                file,
+                written: 0,
+                seen: HashSet::new(),
+            }),
+            labels,
+        })
+    }
+
+    fn write(&self, log: &mut Log, rec: &FileRecord) {
+        let Some(file) = log.file.as_mut() else {
+            return;
+        };
+        let Ok(mut line) = serde_json::to_vec(rec) else {
+            return;
+        };
+        line.push(b'\n');
+        if log.written + line.len() as u64 > MAX_BYTES {
+            return;
+        }
+        // One write per line on an O_APPEND file: lines of several servers
+        // do not interleave.
+        if file.write_all(&line).is_ok() {
+            log.written += line.len() as u64;
+        }
+    }
+
+    /// A denied operation.
+    pub fn denied(&self, op: &str, path: &Path, rule: &str, error: &'static str) {
+        tracing::debug!(op, path = %path.display(), rule, error, "denied");
+        let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+        if log.seen.len() >= MAX_DISTINCT {
+            return;
+        }
+        if !log.seen.insert((op.to_string(), path.to_path_buf(), error)) {
+            return;
+        }
+        let rec = FileRecord {
+            time: now(),
+            sandbox: self.sandbox.clone(),
+            kind: "denied".into(),
+            op: op.into(),
+            path: path.to_string_lossy().into_owned(),
+            rule: rule.into(),
+            error: error.into(),
+        };
+        self.write(&mut log, &rec);
+    }
+
+    /// A file matching `flow.secret` is being served: set `secret-read`
+    /// before the data goes out. Not cached: after `sandpen flow reset` the
+    /// next read must set it again (secret files are few; this is one small
+    /// locked read of `flow.json`).
+    pub fn secret_read(&self, path: &Path, rule: &str) {
+        let Some(store) = &self.labels else {
+            return;
+        };
+        let at = now();
+        let by = path.to_string_lossy();
+        match store.set(Label::SecretRead, &at, &by) {
+            Ok((_, new)) => {
+                if new {
+                    tracing::info!(path = %by, "label secret-read set");
+                    let rec = FileRecord {
+                        time: at,
+                        sandbox: self.sandbox.clone(),
+                        kind: "label".into(),
+                        op: Label::SecretRead.as_str().into(),
+                        path: by.into_owned(),
+                        rule: rule.into(),
+                        error: String::new(),
+                    };
+                    let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
+                    self.write(&mut log, &rec);
+                }
+            }
+            // Fail closed would mean failing the read; the label file is the
+            // host's own, so this is a host problem worth shouting about.
+            Err(e) => tracing::error!("cannot set secret-read for {by}: {e}"),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! sandpen's workspace file server: a vhost-user-fs backend (the
+//! `vhost-user-backend` crate) serving a passthrough file system
+//! (`fuse-backend-rs`) through a policy layer, [`guard::Guarded`], that puts
+//! every FUSE operation through the share's file rules.
+//!
+//! One server per share, one process per server (`sandpen fs-serve`, started
+//! by the supervisor). It runs as the invoking user, serves exactly one QEMU
+//! connection, and exits when QEMU disconnects.
+//!
+//! Why the passthrough layer cannot be walked out of: every inode it holds is
+//! an `O_PATH` descriptor reached from the root by single-component lookups
+//! (`openat` with `O_NOFOLLOW`), names from the guest are checked to be one
+//! component that is not `..`, a symlink is never opened (only read with
+//! `readlink`, and the guest resolves it in the guest's own namespace), and a
+//! hard link can only be made to an inode the server already serves. See
+//! docs/files.md.
+
+pub mod backend;
+pub mod events;
+pub mod guard;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuse_backend_rs::passthrough::{CachePolicy, Config, PassthroughFs};
+use sandpen_policy::FileRules;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+pub use events::{read_records, Events, FileRecord};
+pub use guard::{Guarded, IdMap};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("the shared folder {}: {source}", path.display())]
+    Root {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the file server: {0}")]
+    Backend(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+/// One share to serve.
+pub struct ServeConfig {
+    /// The folder on the host (absolute; the guest mounts it at the same path).
+    pub root: PathBuf,
+    /// The vhost-user socket to listen on.
+    pub socket: PathBuf,
+    pub rules: FileRules,
+    pub ids: IdMap,
+    pub events: Arc<Events>,
+}
+
+/// The passthrough file system for `root`, behind the policy layer.
+pub fn guarded_fs(cfg: &ServeConfig) -> Result<Guarded<PassthroughFs>, FsError> {
+    let root = cfg.root.canonicalize().map_err(|source| FsError::Root {
+        path: cfg.root.clone(),
+        source,
+    })?;
+    if !root.is_dir() {
+        return Err(FsError::Root {
+            path: root,
+            source: std::io::Error::other("not a folder"),
+        });
+    }
+    let pt = Config {
+        root_dir: root.to_string_lossy().into_owned(),
+        // What virtiofsd's `--cache=auto` does: 1 s of attribute and entry
+        // caching, page cache kept while the file is unchanged.
+        cache_policy: CachePolicy::Auto,
+        attr_timeout: Duration::from_secs(1),
+        entry_timeout: Duration::from_secs(1),
+        xattr: false,
+        writeback: false,
+        do_import: true,
+        ..Default::default()
+    };
+    let fs = PassthroughFs::new(pt).map_err(|e| FsError::Backend(format!("passthrough: {e}")))?;
+    Ok(Guarded::new(
+        fs,
+        cfg.rules.clone(),
+        cfg.ids,
+        root,
+        cfg.events.clone(),
+    ))
+}
+
+/// Raises the soft limit on open files to the hard one: the passthrough layer
+/// holds one descriptor per inode the guest knows, and a workspace with a
+/// `node_modules` has far more files than the usual soft limit of 1024.
+pub fn raise_fd_limit() -> Result<u64, FsError> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the struct we pass and nothing else.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(FsError::Io {
+            what: "reading the open-file limit".into(),
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit reads the struct we pass and nothing else.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(FsError::Io {
+                what: "raising the open-file limit".into(),
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Serve one share until QEMU disconnects.
+pub fn serve(cfg: ServeConfig) -> Result<(), FsError> {
+    let limit = raise_fd_limit()?;
+    tracing::debug!(limit, "open-file limit");
+    let fs = Arc::new(guarded_fs(&cfg)?);
+    let backend = Arc::new(backend::FsBackend::new(fs));
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new("sandpen-fs".into(), backend, mem)
+        .map_err(|e| FsError::Backend(format!("{e}")))?;
+    let _ = std::fs::remove_file(&cfg.socket);
+    daemon
+        .serve(&cfg.socket)
+        .map_err(|e| FsError::Backend(format!("{e}")))
+}
+
+/// One rule as carried to the server process (`--rules`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct RuleSpec {
+    /// `deny_read`, `read_only` or `flow.secret`.
+    pub kind: String,
+    pub pattern: String,
+    /// Where it was written, for the audit log.
+    pub source: String,
+}
+
+/// The rules as JSON for `sandpen fs-serve --rules`.
+pub fn rules_to_json(rules: &FileRules) -> String {
+    let specs: Vec<RuleSpec> = rules
+        .all()
+        .map(|r| RuleSpec {
+            kind: r.kind.as_str().into(),
+            pattern: r.pattern.clone(),
+            source: r.source.to_string(),
+        })
+        .collect();
+    serde_json::to_string(&specs).unwrap_or_else(|_| "[]".into())
+}
+
+/// The rules from `--rules` JSON.
+pub fn rules_from_json(json: &str) -> Result<FileRules, FsError> {
+    use sandpen_policy::files::{FileRuleKind, FileRuleSource, PathRule};
+    let specs: Vec<RuleSpec> =
+        serde_json::from_str(json).map_err(|e| FsError::Backend(format!("--rules: {e}")))?;
+    let mut rules = FileRules::default();
+    for s in specs {
+        let kind = FileRuleKind::parse(&s.kind)
+            .ok_or_else(|| FsError::Backend(format!("--rules: unknown kind {:?}", s.kind)))?;
+        let rule = PathRule::new(kind, &s.pattern, FileRuleSource::Text(s.source))
+            .map_err(|e| FsError::Backend(format!("--rules: {e}")))?;
+        rules.push(rule);
+    }
+    Ok(rules)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,540 @@
+//! File rules and flow settings: `[files]` and `[flow]` in the policy files
+//! and in a workspace's `.sandpen.toml`.
+//!
+//! # Patterns
+//!
+//! A pattern is a glob over the path relative to the share's root, with `/`
+//! as separator (`*` and `?` never cross a `/`, `**` does):
+//!
+//! - a pattern without `/` matches the last component at any depth: `*.pem`
+//!   matches `a.pem` and `x/y/a.pem`;
+//! - a pattern with a `/` is anchored at the root: `.git/config` matches only
+//!   the top-level one, `secrets/**` everything below the top-level `secrets`;
+//!   a leading `/` or `./` is ignored, `**/x` matches `x` at any depth.
+//!
+//! # What each list does
+//!
+//! - `deny_read`: the path and everything below it do not exist for the guest.
+//! - `read_only`: the path cannot be changed. A path above an anchored
+//!   read-only pattern (`.git` and `.git/hooks` for `.git/hooks/**`) cannot
+//!   be renamed or removed either, since that would move the protected files.
+//! - `flow.secret`: opening the file for reading sets the `secret-read` label.
+//!
+//! Every rule is evaluated only here, by [`FileRules`]; the file server asks
+//! it and never matches a pattern itself.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use globset::{Glob, GlobBuilder, GlobMatcher};
+
+/// The deny-read rules every sandbox gets.
+pub const DEFAULT_DENY_READ: &[&str] =
+    &[".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*"];
+/// The read-only rules every sandbox gets. `.sandpen.toml` is among them: the
+/// agent must not be able to widen the rules its next start will read.
+pub const DEFAULT_READ_ONLY: &[&str] = &[
+    ".git/hooks/**",
+    ".git/config",
+    ".git/info/**",
+    ".sandpen.toml",
+];
+
+/// The workspace file that can add rules.
+pub const WORKSPACE_FILE: &str = ".sandpen.toml";
+
+/// What a file rule does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileRuleKind {
+    DenyRead,
+    ReadOnly,
+    Secret,
+}
+
+impl FileRuleKind {
+    pub fn parse(s: &str) -> Option<FileRuleKind> {
+        [
+            FileRuleKind::DenyRead,
+            FileRuleKind::ReadOnly,
+            FileRuleKind::Secret,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileRuleKind::DenyRead => "deny_read",
+            FileRuleKind::ReadOnly => "read_only",
+            FileRuleKind::Secret => "flow.secret",
+        }
+    }
+}
+
+/// Where a file rule was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileRuleSource {
+    Default,
+    File {
+        path: PathBuf,
+        line: usize,
+    },
+    /// Carried as text (to the file server process): shown as is.
+    Text(String),
+}
+
+impl fmt::Display for FileRuleSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FileRuleSource::Default => f.write_str("default"),
+            FileRuleSource::File { path, line } => write!(f, "{}:{line}", path.display()),
+            FileRuleSource::Text(t) => f.write_str(t),
+        }
+    }
+}
+
+/// A pattern that does not compile.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid path pattern `{pattern}`: {why}")]
+pub struct PatternError {
+    pub pattern: String,
+    pub why: String,
+}
+
+/// One compiled path pattern.
+#[derive(Debug, Clone)]
+pub struct PathRule {
+    pub kind: FileRuleKind,
+    /// As written.
+    pub pattern: String,
+    pub source: FileRuleSource,
+    matcher: GlobMatcher,
+    /// For anchored patterns: the literal leading components (`.git/hooks`
+    /// for `.git/hooks/**`). Renaming or removing one of these, or a folder
+    /// above them, would move what the rule protects.
+    literal_prefix: Option<String>,
+}
+
+impl PathRule {
+    pub fn new(
+        kind: FileRuleKind,
+        pattern: &str,
+        source: FileRuleSource,
+    ) -> Result<PathRule, PatternError> {
+        let bad = |why: &str| PatternError {
+            pattern: pattern.to_string(),
+            why: why.to_string(),
+        };
+        let mut p = pattern.trim();
+        if p.is_empty() {
+            return Err(bad("empty pattern"));
+        }
+        if let Some(rest) = p.strip_prefix("./") {
+            p = rest;
+        }
+        let anchored = p.trim_end_matches('/').contains('/');
+        let p = p.trim_start_matches('/').trim_end_matches('/');
+        if p.is_empty() {
+            return Err(bad("the pattern names the root itself"));
+        }
+        if p.split('/').any(|c| c == ".." || c == ".") {
+            return Err(bad("`.` and `..` are not allowed in a pattern"));
+        }
+        let full = if anchored {
+            p.to_string()
+        } else {
+            format!("**/{p}")
+        };
+        let glob: Glob = GlobBuilder::new(&full)
+            .literal_separator(true)
+            .backslash_escape(true)
+            .build()
+            .map_err(|e| bad(&e.kind().to_string()))?;
+        let literal_prefix = if anchored && !p.starts_with("**") {
+            let lits: Vec<&str> = p
+                .split('/')
+                .take_while(|c| !c.contains(['*', '?', '[', '{', '\\']))
+                .collect();
+            (!lits.is_empty()).then(|| lits.join("/"))
+        } else {
+            None
+        };
+        Ok(PathRule {
+            kind,
+            pattern: pattern.to_string(),
+            source,
+            matcher: glob.compile_matcher(),
+            literal_prefix,
+        })
+    }
+
+    /// Does the pattern match `rel` (a path relative to the root, no leading
+    /// `/`), or a folder above it?
+    fn matches(&self, rel: &Path) -> bool {
+        rel.ancestors()
+            .filter(|a| !a.as_os_str().is_empty())
+            .any(|a| self.matcher.is_match(a))
+    }
+
+    /// Is `rel` the literal prefix of this anchored pattern, or above it?
+    fn guards(&self, rel: &Path) -> bool {
+        match &self.literal_prefix {
+            Some(prefix) => Path::new(prefix).starts_with(rel) && !rel.as_os_str().is_empty(),
+            None => false,
+        }
+    }
+}
+
+impl fmt::Display for PathRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} ({})",
+            self.kind.as_str(),
+            self.pattern,
+            self.source
+        )
+    }
+}
+
+/// The file rules of one share, compiled.
+#[derive(Debug, Clone, Default)]
+pub struct FileRules {
+    deny_read: Vec<PathRule>,
+    read_only: Vec<PathRule>,
+    secret: Vec<PathRule>,
+    /// The whole share is read-only (`--mount PATH:ro`).
+    all_read_only: bool,
+}
+
+impl FileRules {
+    /// Rules from already compiled lists.
+    pub fn new(rules: impl IntoIterator<Item = PathRule>) -> FileRules {
+        let mut r = FileRules::default();
+        for rule in rules {
+            r.push(rule);
+        }
+        r
+    }
+
+    pub fn push(&mut self, rule: PathRule) {
+        let list = match rule.kind {
+            FileRuleKind::DenyRead => &mut self.deny_read,
+            FileRuleKind::ReadOnly => &mut self.read_only,
+            FileRuleKind::Secret => &mut self.secret,
+        };
+        if !list.iter().any(|r| r.pattern == rule.pattern) {
+            list.push(rule);
+        }
+    }
+
+    /// Make every path of the share read-only.
+    pub fn with_all_read_only(mut self, yes: bool) -> FileRules {
+        self.all_read_only = yes;
+        self
+    }
+
+    pub fn all_read_only(&self) -> bool {
+        self.all_read_only
+    }
+
+    /// Every rule: deny-read, read-only, then secret.
+    pub fn all(&self) -> impl Iterator<Item = &PathRule> {
+        self.deny_read
+            .iter()
+            .chain(&self.read_only)
+            .chain(&self.secret)
+    }
+
+    /// The rules of one kind, in order.
+    pub fn list(&self, kind: FileRuleKind) -> &[PathRule] {
+        match kind {
+            FileRuleKind::DenyRead => &self.deny_read,
+            FileRuleKind::ReadOnly => &self.read_only,
+            FileRuleKind::Secret => &self.secret,
+        }
+    }
+
+    /// The deny-read rule that hides `rel`, if one does. `rel` is relative
+    /// to the share's root; the root itself (`""`) is never hidden.
+    pub fn hidden(&self, rel: &Path) -> Option<&PathRule> {
+        self.deny_read.iter().find(|r| r.matches(rel))
+    }
+
+    /// May `rel` (which exists or is about to) be changed: written, created,
+    /// removed, re-moded? `Err` names the rule that forbids it; a share
+    /// mounted read-only forbids everything.
+    pub fn writable(&self, rel: &Path) -> Result<(), ReadOnlyBy<'_>> {
+        if self.all_read_only {
+            return Err(ReadOnlyBy::Share);
+        }
+        match self.read_only.iter().find(|r| r.matches(rel)) {
+            Some(r) => Err(ReadOnlyBy::Rule(r)),
+            None => Ok(()),
+        }
+    }
+
+    /// May `rel` be renamed away or removed? Like [`writable`](Self::writable),
+    /// and also refused for a folder that holds an anchored read-only path.
+    pub fn movable(&self, rel: &Path) -> Result<(), ReadOnlyBy<'_>> {
+        self.writable(rel)?;
+        match self.read_only.iter().find(|r| r.guards(rel)) {
+            Some(r) => Err(ReadOnlyBy::Rule(r)),
+            None => Ok(()),
+        }
+    }
+
+    /// The `flow.secret` rule that `rel` matches, if any.
+    pub fn secret(&self, rel: &Path) -> Option<&PathRule> {
+        self.secret.iter().find(|r| r.matches(rel))
+    }
+
+    /// One line for `sandpen run`: `files: deny-read .env .env.* …; read-only …; secret …`.
+    pub fn summary(&self) -> String {
+        let join = |l: &[PathRule]| {
+            if l.is_empty() {
+                "-".to_string()
+            } else {
+                l.iter()
+                    .map(|r| r.pattern.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }
+        };
+        let mut s = format!(
+            "deny-read {}; read-only {}",
+            join(&self.deny_read),
+            join(&self.read_only)
+        );
+        if !self.secret.is_empty() {
+            s.push_str(&format!("; secret {}", join(&self.secret)));
+        }
+        s
+    }
+}
+
+/// Why a path is read-only.
+#[derive(Debug, Clone, Copy)]
+pub enum ReadOnlyBy<'a> {
+    Share,
+    Rule(&'a PathRule),
+}
+
+impl fmt::Display for ReadOnlyBy<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadOnlyBy::Share => f.write_str("read-only mount"),
+            ReadOnlyBy::Rule(r) => r.fmt(f),
+        }
+    }
+}
+
+/// A `[files]` / `[flow]` pattern as written in a file, before compiling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PatternEntry {
+    pub pattern: String,
+    pub line: usize,
+}
+
+/// The `[files]` table of one file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilesSection {
+    pub deny_read: Vec<PatternEntry>,
+    pub read_only: Vec<PatternEntry>,
+    /// `defaults = false` drops the built-in rules (only in the user's own
+    /// files, never in a workspace's `.sandpen.toml`).
+    pub defaults: Option<bool>,
+}
+
+/// The `[flow]` table of one file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FlowSection {
+    pub secret: Vec<PatternEntry>,
+    pub trusted_sinks: Vec<crate::Target>,
+    pub trusted: Vec<crate::Target>,
+}
+
+impl FlowSection {
+    pub fn is_empty(&self) -> bool {
+        self.secret.is_empty() && self.trusted_sinks.is_empty() && self.trusted.is_empty()
+    }
+}
+
+/// The file rules of a sandbox's shares, from the defaults and the
+/// `[files]`/`[flow]` tables of the given files (in order: global, sandbox,
+/// workspace). Patterns were checked when the files were parsed, so this
+/// cannot fail on them.
+pub fn compile(
+    sections: &[(&Path, &FilesSection, &FlowSection)],
+) -> Result<FileRules, PatternError> {
+    let defaults = sections
+        .iter()
+        .filter_map(|(_, f, _)| f.defaults)
+        .next_back()
+        .unwrap_or(true);
+    let mut rules = FileRules::default();
+    if defaults {
+        for p in DEFAULT_DENY_READ {
+            rules.push(PathRule::new(
+                FileRuleKind::DenyRead,
+                p,
+                FileRuleSource::Default,
+            )?);
+        }
+        for p in DEFAULT_READ_ONLY {
+            rules.push(PathRule::new(
+                FileRuleKind::ReadOnly,
+                p,
+                FileRuleSource::Default,
+            )?);
+        }
+    }
+    for (path, files, flow) in sections {
+        let src = |line| FileRuleSource::File {
+            path: path.to_path_buf(),
+            line,
+        };
+        for (kind, list) in [
+            (FileRuleKind::DenyRead, &files.deny_read),
+            (FileRuleKind::ReadOnly, &files.read_only),
+            (FileRuleKind::Secret, &flow.secret),
+        ] {
+            for e in list {
+                rules.push(PathRule::new(kind, &e.pattern, src(e.line))?);
+            }
+        }
+    }
+    Ok(rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(deny: &[&str], ro: &[&str], secret: &[&str]) -> FileRules {
+        let mk = |k, p: &&str| PathRule::new(k, p, FileRuleSource::Text("test".into())).unwrap();
+        FileRules::new(
+            deny.iter()
+                .map(|p| mk(FileRuleKind::DenyRead, p))
+                .chain(ro.iter().map(|p| mk(FileRuleKind::ReadOnly, p)))
+                .chain(secret.iter().map(|p| mk(FileRuleKind::Secret, p))),
+        )
+    }
+
+    fn defaults() -> FileRules {
+        compile(&[]).unwrap()
+    }
+
+    #[test]
+    fn defaults_hide_secrets_at_any_depth() {
+        let r = defaults();
+        for p in [
+            ".env",
+            ".env.local",
+            "a/b/.env",
+            "cert.pem",
+            "deep/x/server.key",
+            "id_rsa",
+            "home/.ssh/id_rsa.pub",
+            "id_ed25519",
+            ".env/inside",
+        ] {
+            assert!(r.hidden(Path::new(p)).is_some(), "{p} should be hidden");
+        }
+        for p in [
+            "",
+            "env",
+            ".envrc",
+            "src/main.rs",
+            "pem",
+            "x.pem.txt",
+            "keys/k",
+        ] {
+            assert!(r.hidden(Path::new(p)).is_none(), "{p} should be visible");
+        }
+    }
+
+    #[test]
+    fn defaults_protect_git_hooks_and_config() {
+        let r = defaults();
+        for p in [
+            ".git/hooks/pre-commit",
+            ".git/config",
+            ".git/info/exclude",
+            ".sandpen.toml",
+        ] {
+            assert!(r.writable(Path::new(p)).is_err(), "{p} should be read-only");
+        }
+        for p in [
+            ".git/HEAD",
+            ".git/objects/ab/cd",
+            "sub/.git/config",
+            "src/a.rs",
+            ".git/hooks",
+        ] {
+            assert!(r.writable(Path::new(p)).is_ok(), "{p} should be writable");
+        }
+        // Moving a folder that holds protected files is refused too.
+        for p in [".git", ".git/hooks", ".git/info", ".git/config"] {
+            assert!(r.movable(Path::new(p)).is_err(), "{p} should not move");
+        }
+        assert!(r.movable(Path::new(".git/objects")).is_ok());
+        assert!(r.movable(Path::new("src")).is_ok());
+    }
+
+    #[test]
+    fn anchored_and_floating_patterns() {
+        let r = rules(&["secrets/**", "**/*.sqlite"], &["/ci/*.yml"], &[".env*"]);
+        assert!(r.hidden(Path::new("secrets/token")).is_some());
+        assert!(r.hidden(Path::new("secrets/a/b")).is_some());
+        assert!(r.hidden(Path::new("secrets")).is_none());
+        assert!(r.hidden(Path::new("x/secrets/token")).is_none());
+        assert!(r.hidden(Path::new("db.sqlite")).is_some());
+        assert!(r.hidden(Path::new("a/db.sqlite")).is_some());
+        assert!(r.writable(Path::new("ci/a.yml")).is_err());
+        assert!(r.writable(Path::new("ci/sub/a.yml")).is_ok());
+        assert!(r.movable(Path::new("ci")).is_err());
+        assert!(r.secret(Path::new("app/.env.prod")).is_some());
+        assert!(r.secret(Path::new("app/env")).is_none());
+    }
+
+    #[test]
+    fn a_read_only_share_refuses_every_change() {
+        let r = rules(&[], &[], &[]).with_all_read_only(true);
+        assert!(matches!(r.writable(Path::new("a")), Err(ReadOnlyBy::Share)));
+        assert!(r.hidden(Path::new("a")).is_none());
+    }
+
+    #[test]
+    fn bad_patterns_are_errors() {
+        for p in ["", "/", "a/../b", "./", "a/[b"] {
+            assert!(
+                PathRule::new(
+                    FileRuleKind::DenyRead,
+                    p,
+                    FileRuleSource::Text("test".into())
+                )
+                .is_err(),
+                "{p:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn user_files_can_drop_defaults_and_add_rules() {
+        let files = FilesSection {
+            deny_read: vec![PatternEntry {
+                pattern: "secrets/**".into(),
+                line: 3,
+            }],
+            read_only: vec![],
+            defaults: Some(false),
+        };
+        let flow = FlowSection::default();
+        let r = compile(&[(Path::new("/c/policy.toml"), &files, &flow)]).unwrap();
+        assert!(r.hidden(Path::new(".env")).is_none());
+        let hit = r.hidden(Path::new("secrets/a")).unwrap();
+        assert_eq!(hit.to_string(), "deny_read secrets/** (/c/policy.toml:3)");
+        assert_eq!(r.summary(), "deny-read secrets/**; read-only -");
+    }
+}

@@ -1,0 +1,514 @@
+//! End-to-end tests of the workspace file server: every file rule attacked
+//! from inside a real guest as root, the flow label narrowing egress, and
+//! real tools (git, cargo) over the share. One sandbox is shared by all tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+
+mod common;
+use common::{check, text};
+
+const NAME: &str = "files";
+/// Content of a host file outside the workspace; must never reach the guest.
+const OUTSIDE: &str = "HOST-ONLY-9f31c2";
+
+struct Env {
+    bin: PathBuf,
+    state: tempfile::TempDir,
+    config: tempfile::TempDir,
+    data: PathBuf,
+    root: tempfile::TempDir,
+    ws: PathBuf,
+    http_port: u16,
+    server: std::sync::Mutex<Child>,
+    /// The host's Rust toolchain, shared read-only for the cargo test.
+    toolchain: Option<PathBuf>,
+}
+
+const SERVER: &str = r#"
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = ("hello " + self.headers.get("Host", "") + self.path + "\n").encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+/// The host's Rust toolchain (its sysroot), to share read-only at the same
+/// path: a rustup toolchain, never a system folder such as `/usr`, which
+/// would hide the guest's own.
+fn toolchain() -> Option<PathBuf> {
+    let out = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let system = ["/", "/usr", "/usr/local", "/opt"]
+        .iter()
+        .any(|s| sysroot == Path::new(s));
+    Some(sysroot).filter(|p| !system && p.join("bin/cargo").is_file())
+}
+
+fn write(path: &Path, content: &str) {
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(path, content).unwrap();
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let (root, ws) = common::workspace("sandpen-files-", NAME);
+        write(&ws.join(".env"), "API_KEY=sk-live-host\n");
+        write(&ws.join("app/.env.local"), "X=1\n");
+        write(&ws.join("server.pem"), "-----BEGIN-----\n");
+        write(&ws.join(".git/hooks/pre-commit"), "#!/bin/sh\necho hook\n");
+        write(&ws.join(".git/config"), "[core]\n\tbare = false\n");
+        write(&ws.join("secrets/token"), "tok-123\n");
+        write(&ws.join("README"), "hello\n");
+        write(
+            &ws.join(".sandpen.toml"),
+            "[flow]\nsecret = [\"secrets/**\"]\ntrusted_sinks = [\"api.anthropic.com\"]\n",
+        );
+        let outside = root.path().join("outside.txt");
+        write(&outside, OUTSIDE);
+        std::os::unix::fs::symlink(&outside, ws.join("hostlink")).unwrap();
+        std::os::unix::fs::symlink("../outside.txt", ws.join("rellink")).unwrap();
+        let mut server = Command::new("python3")
+            .arg("-c")
+            .arg(SERVER)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(server.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        Env {
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_sandpen")),
+            state: tempfile::Builder::new()
+                .prefix("sandpen-state-")
+                .tempdir()
+                .unwrap(),
+            config: tempfile::Builder::new()
+                .prefix("sandpen-config-")
+                .tempdir()
+                .unwrap(),
+            data: common::data_home(),
+            ws,
+            root,
+            http_port: line.trim().parse().unwrap(),
+            server: std::sync::Mutex::new(server),
+            toolchain: toolchain(),
+        }
+    })
+}
+
+fn sandpen(args: &[&str]) -> Output {
+    let e = env();
+    Command::new(&e.bin)
+        .args(args)
+        .current_dir(&e.ws)
+        .env("XDG_STATE_HOME", e.state.path())
+        .env("XDG_DATA_HOME", &e.data)
+        .env("XDG_CONFIG_HOME", e.config.path())
+        .env_remove("SANDPEN_ACCEL")
+        .env_remove("SANDPEN_FILE_SERVER")
+        .stdin(Stdio::null())
+        .output()
+        .expect("running sandpen")
+}
+
+fn ok(args: &[&str]) -> Result<String, Failed> {
+    common::expect_ok(&sandpen(args), &format!("sandpen {args:?}"))
+}
+
+/// Runs `sh` in the guest as root, in the workspace; (exit code, stdout + stderr).
+fn guest(sh: &str) -> (i32, String) {
+    let out = sandpen(&["exec", "-u", "root", NAME, "--", "sh", "-c", sh]);
+    (
+        out.status.code().unwrap_or(-1),
+        text(&out.stdout) + &text(&out.stderr),
+    )
+}
+
+fn ready() -> Result<(), Failed> {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    READY
+        .get_or_init(|| setup().map_err(|e| format!("setting up the sandbox: {e:?}")))
+        .clone()
+        .map_err(Failed::from)
+}
+
+fn setup() -> Result<(), Failed> {
+    let e = env();
+    ok(&["policy", "init", "deny-all"])?;
+    let mut args = vec![
+        "create".to_string(),
+        "--cpus".into(),
+        "1".into(),
+        "--memory".into(),
+        "1G".into(),
+        "--add-host".into(),
+        "api.anthropic.com:127.0.0.1".into(),
+        "--add-host".into(),
+        "other.test:127.0.0.1".into(),
+    ];
+    if let Some(tc) = &e.toolchain {
+        args.push("--mount".into());
+        args.push(format!("{}:ro", tc.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ok(&args)?;
+    ok(&["policy", "allow", "network", "api.anthropic.com", NAME])?;
+    ok(&["policy", "allow", "network", "other.test", NAME])?;
+    ok(&["start", NAME])?;
+    Ok(())
+}
+
+fn file_log() -> Result<String, Failed> {
+    ok(&[
+        "policy", "log", NAME, "--type", "file", "--json", "--limit", "1000",
+    ])
+}
+
+fn deny_read_hides_secrets_everywhere() -> Result<(), Failed> {
+    ready()?;
+    let (code, out) = guest("cat .env");
+    check(
+        code != 0 && out.contains("No such file"),
+        format!("cat .env: {code} {out}"),
+    )?;
+    let (_, out) = guest("ls -a; ls -a app");
+    check(
+        !out.contains(".env") && !out.contains("server.pem") && out.contains("README"),
+        format!("ls -a lists a hidden file: {out}"),
+    )?;
+    let (_, out) = guest("find / -name '.env*' 2>/dev/null; find / -name '*.pem' -path \"$PWD/*\" 2>/dev/null; echo done");
+    check(
+        out.trim() == "done",
+        format!("find found hidden files: {out}"),
+    )?;
+    let (code, out) = guest("stat .env; getfattr -n user.x .env; mv README .env");
+    check(
+        code != 0 && !out.contains("sk-live"),
+        format!("stat/xattr/rename-over: {code} {out}"),
+    )?;
+    // Creating something at a hidden path is refused, and the host file is intact.
+    let (code, _) = guest("echo stolen > .env");
+    check(code != 0, "writing over .env succeeded")?;
+    let host = std::fs::read_to_string(env().ws.join(".env")).unwrap_or_default();
+    check(
+        host == "API_KEY=sk-live-host\n",
+        format!("host .env changed: {host:?}"),
+    )?;
+    check(
+        std::fs::read_to_string(env().ws.join("README")).is_ok(),
+        "README was moved",
+    )?;
+    let log = file_log()?;
+    check(
+        log.contains("\"denied\"") && log.contains("/.env") && log.contains("ENOENT"),
+        format!("no denied record for .env in the file log:\n{log}"),
+    )
+}
+
+fn read_only_paths_refuse_every_change() -> Result<(), Failed> {
+    ready()?;
+    let (code, out) = guest("echo x > .git/hooks/pre-commit");
+    check(
+        code != 0 && out.contains("Read-only file system"),
+        format!("write hook: {code} {out}"),
+    )?;
+    let (code, out) = guest("chmod +x .git/hooks/pre-commit");
+    check(
+        code != 0 && out.contains("Read-only file system"),
+        format!("chmod hook: {code} {out}"),
+    )?;
+    let (code, out) = guest("rm .git/config");
+    check(
+        code != 0 && out.contains("Read-only file system"),
+        format!("rm config: {code} {out}"),
+    )?;
+    for cmd in [
+        "touch .git/hooks/post-checkout",
+        "ln -s /bin/sh .git/hooks/x",
+        "mkfifo .git/hooks/f",
+        "cp README .git/config",
+    ] {
+        let (code, out) = guest(cmd);
+        check(
+            code != 0 && out.contains("Read-only file system"),
+            format!("{cmd}: {code} {out}"),
+        )?;
+    }
+    // Moving the folder out (a copy, then removing the original) and back.
+    let (code, out) = guest("mv .git/hooks /tmp/ ; mv /tmp/hooks/pre-commit .git/hooks/pre-commit");
+    check(code != 0, format!("mv out and back succeeded: {out}"))?;
+    let (code, out) = guest("mv .git/hooks .git/h2; mv .git .git2");
+    check(code != 0, format!("renaming a protected folder: {out}"))?;
+    let hook = std::fs::read_to_string(env().ws.join(".git/hooks/pre-commit")).unwrap_or_default();
+    check(
+        hook == "#!/bin/sh\necho hook\n",
+        format!("the host's hook changed: {hook:?}"),
+    )?;
+    check(
+        !env().ws.join(".git/hooks/post-checkout").exists()
+            && env().ws.join(".git/config").exists(),
+        "host .git changed",
+    )?;
+    // Ordinary files stay writable.
+    let (code, out) = guest("echo ok > notes.txt && cat notes.txt");
+    check(
+        code == 0 && out.contains("ok"),
+        format!("normal write: {out}"),
+    )
+}
+
+fn no_escape_from_the_share() -> Result<(), Failed> {
+    ready()?;
+    let outside = env().root.path().join("outside.txt");
+    let (_, out) = guest(&format!(
+        "ln -s {} leak; cat leak; cat hostlink; cat rellink; cat hostlink/../outside.txt",
+        outside.display()
+    ));
+    check(
+        !out.contains(OUTSIDE),
+        format!("a host file outside the share was read: {out}"),
+    )?;
+    let (code, out) = guest(&format!(
+        "ln /etc/passwd hl1; ln {} hl2; ln hostlink hl3 && cat hl3",
+        outside.display()
+    ));
+    check(
+        code != 0
+            && !out.contains(OUTSIDE)
+            && !env().ws.join("hl1").exists()
+            && !env().ws.join("hl2").exists(),
+        format!("a hard link to outside: {code} {out}"),
+    )?;
+    // The host's file is untouched by anything the guest did with the links.
+    let (_, _) = guest("echo overwritten > hostlink; echo overwritten > rellink");
+    let host = std::fs::read_to_string(&outside).unwrap_or_default();
+    check(host == OUTSIDE, format!("outside file changed: {host:?}"))
+}
+
+fn flow_label_narrows_egress_until_reset() -> Result<(), Failed> {
+    ready()?;
+    let port = env().http_port;
+    let curl = |host: &str| {
+        guest(&format!(
+            "curl -sS -m 10 --noproxy '*' http://{host}:{port}/x"
+        ))
+    };
+    let (code, out) = curl("other.test");
+    check(
+        code == 0 && out.contains("hello"),
+        format!("before: {code} {out}"),
+    )?;
+    let (code, out) = guest("cat secrets/token");
+    check(
+        code == 0 && out.contains("tok-123"),
+        format!("reading the secret: {out}"),
+    )?;
+    let (code, out) = curl("api.anthropic.com");
+    check(
+        code == 0 && out.contains("hello"),
+        format!("trusted sink after the read: {code} {out}"),
+    )?;
+    let (code, out) = curl("other.test");
+    check(
+        code != 0,
+        format!("other.test still reachable after secret-read: {out}"),
+    )?;
+    let log = ok(&["policy", "log", NAME, "--json", "--limit", "1000"])?;
+    let want = "flow: secret-read at";
+    let denied = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rev()
+        .find(|r| r["host"] == "other.test")
+        .ok_or_else(|| Failed::from(format!("no record for other.test:\n{log}")))?;
+    let reason = denied["reason"].as_str().unwrap_or_default();
+    check(
+        denied["decision"] == "deny"
+            && reason.starts_with(want)
+            && reason.ends_with("/secrets/token"),
+        format!("the denial's reason: {denied}"),
+    )?;
+    let shown = ok(&["flow", "show", NAME])?;
+    check(
+        shown.contains("secret-read") && shown.contains("secrets/token"),
+        format!("flow show: {shown}"),
+    )?;
+    // Nothing is in flow.trusted here, so the first answer set untrusted-input.
+    check(
+        shown.contains("untrusted-input") && shown.contains(&format!("other.test:{port}")),
+        format!("flow show without untrusted-input: {shown}"),
+    )?;
+    let flog = file_log()?;
+    check(
+        flog.contains("secret-read"),
+        format!("no label record in the file log:\n{flog}"),
+    )?;
+    // Learn mode lets it through and logs what enforce would have done.
+    ok(&["policy", "mode", "learn", NAME])?;
+    let (code, out) = curl("other.test");
+    ok(&["policy", "mode", "enforce", NAME])?;
+    check(code == 0, format!("learn mode still denied: {out}"))?;
+    let log = ok(&["policy", "log", NAME, "--type", "network", "--json"])?;
+    let last = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rev()
+        .find(|r| r["host"] == "other.test")
+        .ok_or_else(|| Failed::from("no record in learn mode"))?;
+    check(
+        last["decision"] == "would-deny"
+            && last["reason"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with(want),
+        format!("learn mode record: {last}"),
+    )?;
+    // The label outlives a stop and start.
+    ok(&["stop", NAME])?;
+    ok(&["start", NAME])?;
+    let (code, out) = curl("other.test");
+    check(
+        code != 0,
+        format!("after a restart the label was gone: {out}"),
+    )?;
+    ok(&["flow", "reset", NAME])?;
+    let (code, out) = curl("other.test");
+    check(
+        code == 0 && out.contains("hello"),
+        format!("after reset: {code} {out}"),
+    )
+}
+
+fn git_clone_commit_checkout_on_the_share() -> Result<(), Failed> {
+    ready()?;
+    // A real repository: this project's own history, cloned bare onto the share.
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let bare = env().ws.join("src.git");
+    let st = Command::new("git")
+        .args(["clone", "-q", "--bare", "--no-local"])
+        .arg(&src)
+        .arg(&bare)
+        .status()
+        .expect("git");
+    check(st.success(), "cloning the test repository on the host")?;
+    // Clone, branch, commit on the branch, back to the first branch (the
+    // working tree is rewritten both ways), then check the repository.
+    let (code, out) = guest(
+        "set -e; git config --global --add safe.directory '*'; \
+         git clone -q src.git work; cd work; \
+         git checkout -q -b t; echo change >> README.md; mkdir -p new/dir; echo x > new/dir/f; \
+         git add -A; git -c user.email=a@b -c user.name=a commit -qm change; \
+         git checkout -q -; test ! -e new/dir/f; git checkout -q t; test -f new/dir/f; \
+         test -z \"$(git status --porcelain)\"; git fsck --no-progress; echo GIT-OK",
+    );
+    check(
+        code == 0 && out.contains("GIT-OK"),
+        format!("git: {code} {out}"),
+    )
+}
+
+fn cargo_build_on_the_share() -> Result<(), Failed> {
+    ready()?;
+    let Some(tc) = env().toolchain.clone() else {
+        return Err("no host Rust toolchain (rustup) to share into the guest".into());
+    };
+    let dir = env().ws.join("smallcrate");
+    write(
+        &dir.join("Cargo.toml"),
+        "[package]\nname = \"smallcrate\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[lib]\npath = \"src/lib.rs\"\n",
+    );
+    write(
+        &dir.join("src/lib.rs"),
+        "pub mod m;\n/// Sum.\npub fn add(a: u64, b: u64) -> u64 { a + m::twice(b) - b }\n",
+    );
+    write(
+        &dir.join("src/m.rs"),
+        "pub fn twice(x: u64) -> u64 { x * 2 }\n",
+    );
+    // A library needs no linker, which the guest image does not have.
+    let (code, out) = guest(&format!(
+        "cd smallcrate && PATH={}/bin:$PATH CARGO_HOME=/tmp/cargo-home cargo build --offline 2>&1 && ls target/debug/libsmallcrate.rlib",
+        tc.display()
+    ));
+    check(
+        code == 0 && out.contains("libsmallcrate.rlib"),
+        format!("cargo build: {code} {out}"),
+    )?;
+    check(
+        env()
+            .ws
+            .join("smallcrate/target/debug/libsmallcrate.rlib")
+            .is_file(),
+        "the build output is not on the host",
+    )
+}
+
+fn extra_mount_is_read_only() -> Result<(), Failed> {
+    ready()?;
+    let Some(tc) = env().toolchain.clone() else {
+        return Err("no host Rust toolchain to mount".into());
+    };
+    let (code, out) = guest(&format!("touch {}/x", tc.display()));
+    check(
+        code != 0 && out.contains("Read-only file system"),
+        format!("write to a :ro mount: {code} {out}"),
+    )
+}
+
+fn main() {
+    let args = Arguments {
+        test_threads: Some(1),
+        ..Arguments::from_args()
+    };
+    type TestFn = fn() -> Result<(), Failed>;
+    let tests: Vec<(&str, TestFn)> = vec![
+        (
+            "deny_read_hides_secrets_everywhere",
+            deny_read_hides_secrets_everywhere,
+        ),
+        (
+            "read_only_paths_refuse_every_change",
+            read_only_paths_refuse_every_change,
+        ),
+        ("no_escape_from_the_share", no_escape_from_the_share),
+        (
+            "flow_label_narrows_egress_until_reset",
+            flow_label_narrows_egress_until_reset,
+        ),
+        (
+            "git_clone_commit_checkout_on_the_share",
+            git_clone_commit_checkout_on_the_share,
+        ),
+        ("cargo_build_on_the_share", cargo_build_on_the_share),
+        ("extra_mount_is_read_only", extra_mount_is_read_only),
+    ];
+    let trials = tests.into_iter().map(|(n, f)| Trial::test(n, f)).collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    let _ = sandpen(&["rm", "-f", NAME]);
+    if let Ok(mut s) = env().server.lock() {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
+    conclusion.exit();
+}

@@ -603,6 +603,66 @@ fn codex_exec_gets_the_mock_reply_with_the_real_key() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Runs a command on a pseudo-terminal until `want` shows in its output (ANSI
+/// escapes removed) or 120 s pass, then sends ^C three times; prints what it saw.
+const ON_A_TTY: &str = r#"
+import os, pty, sys, time, select, re
+want = sys.argv[1].encode()
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+out, deadline = b"", time.time() + 120
+strip = lambda b: re.sub(rb"\x1b\[[0-9;?<>]*[a-zA-Z]|\x1b\][^\x07]*\x07", b"", b)
+while time.time() < deadline and want not in strip(out):
+    r, _, _ = select.select([fd], [], [], 1)
+    if r:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        out += data
+for _ in range(3):
+    try:
+        os.write(fd, b"\x03")
+    except OSError:
+        break
+    time.sleep(1)
+sys.stdout.write(strip(out).decode("utf-8", "replace"))
+"#;
+
+/// Interactive Claude Code, the way a user starts it, reaches its prompt in
+/// bypass-permissions mode with no onboarding, theme, folder-trust or
+/// API-key question in between: the settings written at launch hold.
+fn interactive_claude_opens_at_its_prompt() -> Result<(), Failed> {
+    let e = env();
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(ON_A_TTY)
+        .arg("bypass permissions on")
+        .arg(&e.bin)
+        .args(["run", "claude"])
+        .current_dir(&e.ws)
+        .env("XDG_STATE_HOME", e.state.path())
+        .env("XDG_DATA_HOME", &e.data)
+        .env("XDG_CONFIG_HOME", e.config.path())
+        .env("SANDPEN_SECRET_STORE", "file")
+        .env("TERM", "xterm-256color")
+        .env_remove("SANDPEN_ACCEL")
+        .stdin(Stdio::null())
+        .output()?;
+    let screen = text(&out.stdout);
+    let tail: String = {
+        let chars: Vec<char> = screen.chars().collect();
+        chars[chars.len().saturating_sub(3000)..].iter().collect()
+    };
+    check(
+        screen.contains("bypass permissions on") && screen.contains("Claude Code"),
+        format!("Claude Code did not open at its prompt:\n{tail}"),
+    )
+}
+
 fn docker_info_works() -> Result<(), Failed> {
     let out = guest("docker info --format '{{.ServerVersion}} {{.Driver}} {{.CgroupVersion}}'")?;
     check(
@@ -754,6 +814,10 @@ fn main() {
         (
             "codex_exec_gets_the_mock_reply_with_the_real_key",
             codex_exec_gets_the_mock_reply_with_the_real_key,
+        ),
+        (
+            "interactive_claude_opens_at_its_prompt",
+            interactive_claude_opens_at_its_prompt,
         ),
         ("docker_info_works", docker_info_works),
         (

@@ -141,7 +141,8 @@ fn env() -> &'static Env {
         );
         make_pki(root.path(), "bad", &["api.openai.com"]);
         // The guest verifies other.test (tunneled, not intercepted) itself.
-        std::fs::copy(root.path().join("good-ca.pem"), ws.join("upstream-ca.pem")).unwrap();
+        // Not `.pem`: the default file rules hide `*.pem` in the workspace.
+        std::fs::copy(root.path().join("good-ca.pem"), ws.join("upstream-ca.crt")).unwrap();
         let mut servers = Command::new("python3")
             .arg("-c")
             .arg(SERVERS)
@@ -372,7 +373,7 @@ fn curl_sentinel_becomes_the_key_only_on_the_route_host() -> Result<(), Failed> 
     }
     // Another allowed host: tunneled, the sentinel goes out unchanged.
     let (code, out) = guest(&format!(
-        "curl -sS -m 20 --cacert {}/upstream-ca.pem -H 'x-api-key: proxy-managed' https://other.test:{port}/other",
+        "curl -sS -m 20 --cacert {}/upstream-ca.crt -H 'x-api-key: proxy-managed' https://other.test:{port}/other",
         e.ws.display()
     ));
     check(

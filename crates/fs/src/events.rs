@@ -172,3 +172,38 @@ impl Events {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_denial_is_logged_once_and_the_log_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("files.jsonl");
+        let ev = Events::new("s", Some(&log), None).unwrap();
+        for _ in 0..3 {
+            ev.denied(
+                "open",
+                Path::new("/w/.env"),
+                "deny_read .env (default)",
+                "ENOENT",
+            );
+        }
+        ev.denied(
+            "unlink",
+            Path::new("/w/.env"),
+            "deny_read .env (default)",
+            "ENOENT",
+        );
+        let recs = read_records(&log).unwrap();
+        assert_eq!(recs.len(), 2, "{recs:?}");
+        assert_eq!(recs[0].op, "open");
+        assert_eq!(recs[0].error, "ENOENT");
+        // A guest hammering new paths: the number of lines has a ceiling.
+        for i in 0..(MAX_DISTINCT + 100) {
+            ev.denied("open", Path::new(&format!("/w/{i}.pem")), "r", "ENOENT");
+        }
+        assert_eq!(read_records(&log).unwrap().len(), MAX_DISTINCT);
+    }
+}

@@ -75,7 +75,8 @@ impl IdMap {
     }
 }
 
-/// The most names one inode is remembered under (hard links).
+/// The most ordinary names one inode is remembered under (hard links); names
+/// a rule covers are always kept.
 const MAX_NAMES: usize = 16;
 
 struct Node {
@@ -273,8 +274,15 @@ where
             if kind == libc::S_IFDIR {
                 // A folder has one name; a new one means it moved.
                 node.rels = vec![rel];
-            } else if !node.rels.contains(&rel) && node.rels.len() < MAX_NAMES {
-                node.rels.push(rel);
+            } else if !node.rels.contains(&rel) {
+                // Past the cap, only names that a rule covers are kept: those
+                // are the ones that must never be lost.
+                let ruled = self.rules.hidden(&rel).is_some()
+                    || self.rules.writable(&rel).is_err()
+                    || self.rules.secret(&rel).is_some();
+                if node.rels.len() < MAX_NAMES || ruled {
+                    node.rels.push(rel);
+                }
             }
             node.kind = kind;
             node.refs = node.refs.saturating_add(1);

@@ -138,34 +138,15 @@ threading.Event().wait()
 /// What the mock model answers.
 const MOCK_TEXT: &str = "Hi from the mock model";
 
-/// A test CA (`model-ca.pem`) and a leaf for the model API hosts
-/// (`model.pem`, `model.key`).
-fn make_pki(root: &std::path::Path) {
-    let ca_key = rcgen::KeyPair::generate().expect("CA key");
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "sandpen agents test upstream CA");
-    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("CA");
-    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-    let leaf = rcgen::CertificateParams::new(vec![
-        "api.anthropic.com".to_string(),
-        "api.openai.com".to_string(),
-    ])
-    .expect("leaf params")
-    .signed_by(&leaf_key, &ca)
-    .expect("leaf");
-    std::fs::write(root.join("model-ca.pem"), ca.pem()).expect("writing the CA");
-    std::fs::write(root.join("model.pem"), leaf.pem()).expect("writing the leaf");
-    std::fs::write(root.join("model.key"), leaf_key.serialize_pem()).expect("writing the key");
-}
-
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let (root, ws) = common::workspace("sandpen-agents-", NAME);
-        make_pki(root.path());
+        common::make_pki(
+            root.path(),
+            "model",
+            &["api.anthropic.com", "api.openai.com"],
+        );
         let mut server = Command::new("python3")
             .arg("-c")
             .arg(SERVERS)

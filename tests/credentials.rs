@@ -96,26 +96,6 @@ print(servers[0].server_address[1], servers[1].server_address[1], flush=True)
 threading.Event().wait()
 "##;
 
-/// A CA and a leaf for `names`: `NAME-ca.pem`, `NAME.pem`, `NAME.key`.
-fn make_pki(root: &Path, name: &str, names: &[&str]) {
-    let ca_key = rcgen::KeyPair::generate().expect("CA key");
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("{name} upstream CA"));
-    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("CA");
-    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
-    let leaf =
-        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-            .expect("leaf params")
-            .signed_by(&leaf_key, &ca)
-            .expect("leaf");
-    std::fs::write(root.join(format!("{name}-ca.pem")), ca.pem()).unwrap();
-    std::fs::write(root.join(format!("{name}.pem")), leaf.pem()).unwrap();
-    std::fs::write(root.join(format!("{name}.key")), leaf_key.serialize_pem()).unwrap();
-}
-
 fn random_hex(n: usize) -> String {
     let mut bytes = vec![0u8; n];
     std::fs::File::open("/dev/urandom")
@@ -129,7 +109,7 @@ fn env() -> &'static Env {
     ENV.get_or_init(|| {
         let data = common::data_home();
         let (root, ws) = common::workspace("sandpen-creds-", NAME);
-        make_pki(
+        common::make_pki(
             root.path(),
             "good",
             &[
@@ -139,7 +119,7 @@ fn env() -> &'static Env {
                 "custom.test",
             ],
         );
-        make_pki(root.path(), "bad", &["api.openai.com"]);
+        common::make_pki(root.path(), "bad", &["api.openai.com"]);
         // The guest verifies other.test (tunneled, not intercepted) itself.
         // `.crt`, not `.pem`: `*.pem` is among the default deny-read file rules.
         std::fs::copy(root.path().join("good-ca.pem"), ws.join("upstream-ca.crt")).unwrap();

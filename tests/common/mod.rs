@@ -55,3 +55,26 @@ pub fn expect_ok(out: &Output, what: &str) -> Result<String, Failed> {
     )?;
     Ok(text(&out.stdout))
 }
+
+/// A CA and a leaf for `names`, written to `root` as `NAME-ca.pem`,
+/// `NAME.pem` and `NAME.key`: an upstream that a test trusts with
+/// `--upstream-ca`.
+#[allow(dead_code)] // not every test binary makes certificates
+pub fn make_pki(root: &std::path::Path, name: &str, names: &[&str]) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name} upstream CA"));
+    let ca = rcgen::CertifiedIssuer::self_signed(params, ca_key).expect("CA");
+    let leaf_key = rcgen::KeyPair::generate().expect("leaf key");
+    let leaf =
+        rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .expect("leaf params")
+            .signed_by(&leaf_key, &ca)
+            .expect("leaf");
+    std::fs::write(root.join(format!("{name}-ca.pem")), ca.pem()).unwrap();
+    std::fs::write(root.join(format!("{name}.pem")), leaf.pem()).unwrap();
+    std::fs::write(root.join(format!("{name}.key")), leaf_key.serialize_pem()).unwrap();
+}

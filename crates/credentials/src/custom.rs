@@ -2,14 +2,12 @@
 //! file next to the secret store. A custom route names no secret value; the
 //! value is in the store under the route's service name.
 
-use std::fs::DirBuilder;
 use std::io;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::fsutil::{with_lock, write_atomic};
+use crate::fsutil::{create_private_parent, with_lock, write_atomic};
 use crate::routes::{builtin_routes, Route, RouteError, RouteTable, ValueFormat};
 
 const FORMAT_VERSION: u32 = 1;
@@ -137,14 +135,7 @@ impl CustomRoutes {
     }
 
     fn ensure_folder(&self) -> Result<(), CustomRoutesError> {
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(self.io("create the folder of"))?;
-        }
-        Ok(())
+        create_private_parent(&self.path).map_err(self.io("create the folder of"))
     }
 
     /// Built-in routes plus the saved custom ones. A file edited by hand so

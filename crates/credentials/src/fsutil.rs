@@ -1,8 +1,8 @@
 //! Small file helpers shared by the store and the CA.
 
-use std::fs::{self, File, OpenOptions, Permissions};
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
 use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -44,6 +44,14 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// Creates the folder that holds `path` (and its parents), 0700.
+pub(crate) fn create_private_parent(path: &Path) -> io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => DirBuilder::new().recursive(true).mode(0o700).create(dir),
+        None => Ok(()),
+    }
 }
 
 /// The permission bits (`0o777`) of an open file.

@@ -8,16 +8,15 @@
 //! no error of this module contains a value.
 
 use std::fmt;
-use std::fs::{DirBuilder, File};
+use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
-use crate::fsutil::{mode_of, with_lock, write_atomic};
+use crate::fsutil::{create_private_parent, mode_of, with_lock, write_atomic};
 use crate::keyring::Keyring;
 
 const FORMAT_VERSION: u32 = 1;
@@ -346,14 +345,7 @@ impl FileStore {
     }
 
     fn ensure_folder(&self) -> Result<(), StoreError> {
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(self.io("create the folder of"))?;
-        }
-        Ok(())
+        create_private_parent(&self.path).map_err(self.io("create the folder of"))
     }
 
     fn io(&self, op: &'static str) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -414,14 +406,8 @@ impl FileStore {
             .collect())
     }
 
+    /// Callers hold the lock, so the folder exists.
     fn save(&self, entries: &[Entry]) -> Result<(), StoreError> {
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(self.io("create the folder of"))?;
-        }
         let doc = FileDoc {
             version: FORMAT_VERSION,
             secrets: entries

@@ -7,14 +7,16 @@
 //! too when installed (`apt-get install -y tinyproxy squid`).
 //!
 //! - CONNECT tunnel throughput, 1 GiB on loopback: proxy vs direct vs others.
-//! - Small HTTP requests (absolute-form GET, one request per connection, as
-//!   the proxy forwards them) at concurrency 64: requests/s.
-//! - Added latency per request over direct, p50 and p99 (sequential requests).
+//! - Small HTTP requests (absolute-form GET) at concurrency 64: requests/s,
+//!   with a new connection per request and with connections kept alive.
+//! - Added latency per request over direct, p50 and p99 (sequential
+//!   requests), both ways too.
 //! - Proxy RSS with 1,000 open idle CONNECT tunnels.
 //!
 //! Environment: `BENCH_GIB` (default 1), `BENCH_SECS` (rate run, default 5),
 //! `BENCH_BUF` (relay buffer bytes in the proxy), `BENCH_ONLY` (a comma list
-//! of `throughput,rate,latency,idle`).
+//! of `throughput,rate,latency,idle`), `BENCH_CONN` (`close` or `keep-alive`:
+//! only that connection mode for requests).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -306,7 +308,8 @@ async fn sink_server() -> Res<SocketAddr> {
     Ok(addr)
 }
 
-/// Answers one small request per connection and closes.
+/// Answers small requests, keeping the connection unless the request says
+/// `Connection: close`.
 async fn origin_server() -> Res<SocketAddr> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
@@ -316,20 +319,33 @@ async fn origin_server() -> Res<SocketAddr> {
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let mut have = 0;
-                while !buf[..have].windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf[have..]).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(k) => have += k,
-                    }
-                    if have == buf.len() {
+                loop {
+                    let end = loop {
+                        if let Some(e) = buf[..have].windows(4).position(|w| w == b"\r\n\r\n") {
+                            break e + 4;
+                        }
+                        if have == buf.len() {
+                            return;
+                        }
+                        match s.read(&mut buf[have..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(k) => have += k,
+                        }
+                    };
+                    let close = String::from_utf8_lossy(&buf[..end])
+                        .to_ascii_lowercase()
+                        .contains("connection: close");
+                    let resp: &[u8] = if close {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                    };
+                    if s.write_all(resp).await.is_err() || close {
                         return;
                     }
+                    buf.copy_within(end..have, 0);
+                    have -= end;
                 }
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
-                    )
-                    .await;
             });
         }
     });
@@ -414,49 +430,101 @@ async fn throughput(
     Ok(bytes as f64 / (1024.0 * 1024.0) / best)
 }
 
-/// One small request on a fresh connection (`Connection: close`); returns
-/// its latency. The response is read by its Content-Length, so a proxy that
-/// keeps the client connection open does not stall the client.
-async fn one_request(via: Option<SocketAddr>, origin: SocketAddr) -> Res<Duration> {
-    let start = Instant::now();
-    let (addr, target) = match via {
-        Some(p) => (p, format!("http://{origin}/")),
-        None => (origin, "/".to_string()),
-    };
-    let req = format!("GET {target} HTTP/1.1\r\nHost: {origin}\r\nConnection: close\r\n\r\n");
-    let mut s = TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    s.write_all(req.as_bytes()).await?;
-    let mut out = Vec::with_capacity(512);
-    let mut buf = [0u8; 2048];
-    loop {
-        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse().ok())
-                .ok_or("response without Content-Length")?;
-            if out.len() >= end + 4 + len {
-                if !head.starts_with("http/1.1 200") && !head.starts_with("http/1.0 200") {
-                    return Err(format!("bad response: {head}").into());
-                }
-                break;
-            }
+/// A load client's connection: a fresh one per request (`Connection:
+/// close`), or one kept alive as curl, pip, npm and wrk keep theirs (a new
+/// one only when the server closes it).
+struct Client {
+    via: Option<SocketAddr>,
+    origin: SocketAddr,
+    keep_alive: bool,
+    conn: Option<TcpStream>,
+}
+
+impl Client {
+    fn new(via: Option<SocketAddr>, origin: SocketAddr, keep_alive: bool) -> Self {
+        Client {
+            via,
+            origin,
+            keep_alive,
+            conn: None,
         }
-        let n = s.read(&mut buf).await?;
-        if n == 0 {
-            return Err("connection closed before the response".into());
-        }
-        out.extend_from_slice(&buf[..n]);
     }
-    Ok(start.elapsed())
+
+    /// One small request; returns its latency. The response is read by its
+    /// Content-Length.
+    async fn request(&mut self) -> Res<Duration> {
+        let start = Instant::now();
+        let reused = self.conn.is_some();
+        match self.exchange().await {
+            Ok(()) => {}
+            // The server closed a kept connection just as it was reused.
+            Err(_) if reused => {
+                self.conn = None;
+                self.exchange().await?;
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(start.elapsed())
+    }
+
+    async fn exchange(&mut self) -> Res<()> {
+        let (addr, target) = match self.via {
+            Some(p) => (p, format!("http://{}/", self.origin)),
+            None => (self.origin, "/".to_string()),
+        };
+        let close = if self.keep_alive {
+            ""
+        } else {
+            "Connection: close\r\n"
+        };
+        let req = format!(
+            "GET {target} HTTP/1.1\r\nHost: {}\r\n{close}\r\n",
+            self.origin
+        );
+        let mut s = match self.conn.take() {
+            Some(s) => s,
+            None => {
+                let s = TcpStream::connect(addr).await?;
+                s.set_nodelay(true)?;
+                s
+            }
+        };
+        s.write_all(req.as_bytes()).await?;
+        let mut out = Vec::with_capacity(512);
+        let mut buf = [0u8; 2048];
+        let server_closes = loop {
+            if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .ok_or("response without Content-Length")?;
+                if out.len() >= end + 4 + len {
+                    if !head.starts_with("http/1.1 200") && !head.starts_with("http/1.0 200") {
+                        return Err(format!("bad response: {head}").into());
+                    }
+                    break head.contains("connection: close") || head.starts_with("http/1.0");
+                }
+            }
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Err("connection closed before the response".into());
+            }
+            out.extend_from_slice(&buf[..n]);
+        };
+        if self.keep_alive && !server_closes {
+            self.conn = Some(s);
+        }
+        Ok(())
+    }
 }
 
 /// Requests per second at `concurrency` for `secs`.
 async fn request_rate(
     via: Option<SocketAddr>,
     origin: SocketAddr,
+    keep_alive: bool,
     concurrency: usize,
     secs: f64,
 ) -> Res<f64> {
@@ -467,8 +535,9 @@ async fn request_rate(
     for _ in 0..concurrency {
         let (stop, done, errors) = (stop.clone(), done.clone(), errors.clone());
         tasks.push(tokio::spawn(async move {
+            let mut client = Client::new(via, origin, keep_alive);
             while !stop.load(Ordering::Relaxed) {
-                match one_request(via, origin).await {
+                match client.request().await {
                     Ok(_) => done.fetch_add(1, Ordering::Relaxed),
                     Err(_) => errors.fetch_add(1, Ordering::Relaxed),
                 };
@@ -491,13 +560,19 @@ async fn request_rate(
 }
 
 /// p50 and p99 of `n` sequential requests, in microseconds.
-async fn latencies(via: Option<SocketAddr>, origin: SocketAddr, n: usize) -> Res<(f64, f64)> {
+async fn latencies(
+    via: Option<SocketAddr>,
+    origin: SocketAddr,
+    keep_alive: bool,
+    n: usize,
+) -> Res<(f64, f64)> {
+    let mut client = Client::new(via, origin, keep_alive);
     for _ in 0..50 {
-        one_request(via, origin).await?; // warm up
+        client.request().await?; // warm up
     }
     let mut v = Vec::with_capacity(n);
     for _ in 0..n {
-        v.push(one_request(via, origin).await?.as_secs_f64() * 1e6);
+        v.push(client.request().await?.as_secs_f64() * 1e6);
     }
     v.sort_by(f64::total_cmp);
     Ok((v[n / 2], v[n * 99 / 100]))
@@ -612,18 +687,50 @@ async fn throughput_section(
     Ok(())
 }
 
+/// How the load client treats its connections, for the section titles.
+fn connection_mode(keep_alive: bool) -> &'static str {
+    if keep_alive {
+        "connections kept alive (as curl, pip, npm and wrk keep them)"
+    } else {
+        "a new connection per request (Connection: close)"
+    }
+}
+
+/// The connection modes to run: `BENCH_CONN` = `close`, `keep-alive` or both
+/// (the default).
+fn connection_modes() -> Vec<bool> {
+    match std::env::var("BENCH_CONN").as_deref() {
+        Ok("close") => vec![false],
+        Ok("keep-alive") => vec![true],
+        _ => vec![false, true],
+    }
+}
+
 async fn rate_section(subjects: &[Subject], origin: SocketAddr, secs: f64) -> Res<()> {
+    for keep_alive in connection_modes() {
+        rate_rounds(subjects, origin, secs, keep_alive).await?;
+    }
+    Ok(())
+}
+
+async fn rate_rounds(
+    subjects: &[Subject],
+    origin: SocketAddr,
+    secs: f64,
+    keep_alive: bool,
+) -> Res<()> {
     const ROUNDS: usize = 3;
     println!(
-        "\n## Small HTTP requests, concurrency 64, one request per connection \
-         (median of {ROUNDS} interleaved rounds of {secs} s)"
+        "\n## Small HTTP requests, concurrency 64, {} \
+         (median of {ROUNDS} interleaved rounds of {secs} s)",
+        connection_mode(keep_alive)
     );
     // Interleave the subjects so that background load hits them alike.
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); subjects.len() + 1];
     for _ in 0..ROUNDS {
-        samples[0].push(request_rate(None, origin, 64, secs).await?);
+        samples[0].push(request_rate(None, origin, keep_alive, 64, secs).await?);
         for (i, s) in subjects.iter().enumerate() {
-            match request_rate(Some(s.addr), origin, 64, secs).await {
+            match request_rate(Some(s.addr), origin, keep_alive, 64, secs).await {
                 Ok(v) => samples[i + 1].push(v),
                 Err(e) => println!("  {:<10}  failed: {e}", s.name),
             }
@@ -665,11 +772,21 @@ async fn rate_section(subjects: &[Subject], origin: SocketAddr, secs: f64) -> Re
 }
 
 async fn latency_section(subjects: &[Subject], origin: SocketAddr) -> Res<()> {
-    println!("\n## Latency per request, sequential, 2000 requests");
-    let (d50, d99) = latencies(None, origin, 2000).await?;
+    for keep_alive in connection_modes() {
+        latency_rounds(subjects, origin, keep_alive).await?;
+    }
+    Ok(())
+}
+
+async fn latency_rounds(subjects: &[Subject], origin: SocketAddr, keep_alive: bool) -> Res<()> {
+    println!(
+        "\n## Latency per request, sequential, 2000 requests, {}",
+        connection_mode(keep_alive)
+    );
+    let (d50, d99) = latencies(None, origin, keep_alive, 2000).await?;
     println!("  direct      p50 {d50:7.1} us  p99 {d99:7.1} us");
     for s in subjects {
-        match latencies(Some(s.addr), origin, 2000).await {
+        match latencies(Some(s.addr), origin, keep_alive, 2000).await {
             Ok((p50, p99)) => println!(
                 "  {:<10}  p50 {p50:7.1} us  p99 {p99:7.1} us   added p50 {:+7.1} us  p99 {:+7.1} us{}",
                 s.name,

@@ -1,34 +1,11 @@
-//! Plain HTTP/1.x: request heads (parsed with httparse), the rewrite that the
-//! proxy forwards, and request-body framing.
-//!
-//! The proxy forwards exactly one request per client connection: it sends the
-//! request upstream with `Connection: close`, forwards that request's body and
-//! nothing after it, and relays the response until the upstream closes. A
-//! second request on the connection is therefore never forwarded unchecked;
-//! clients see the close and open a new connection, which is checked again.
+//! Plain HTTP/1.x helpers: the first request head of a proxy connection
+//! (parsed with httparse, to tell CONNECT from a plain request), absolute-form
+//! targets and authorities. Plain requests themselves are served by hyper in
+//! `forward`, each checked on its own.
 
 /// Largest request head the proxy reads.
 pub const MAX_HEAD: usize = 16 * 1024;
 const MAX_HEADERS: usize = 100;
-
-/// Hop-by-hop headers that are not forwarded (RFC 9110 7.6.1), plus the proxy
-/// credentials header, which is for us and not for the origin.
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "proxy-authorization",
-    "te",
-    "trailer",
-];
-
-/// How the request body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyKind {
-    None,
-    Length(u64),
-    Chunked,
-}
 
 /// A parsed request head.
 #[derive(Debug, Clone)]
@@ -100,108 +77,6 @@ impl RequestHead {
             Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooLarge),
             Err(e) => Err(HeadError::Bad(e.to_string())),
         }
-    }
-
-    /// All values of a header (lower-case name).
-    pub fn all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
-    }
-
-    /// The one value of a header; an error if it appears more than once.
-    pub fn single<'a>(&'a self, name: &'a str) -> Result<Option<&'a str>, HeadError> {
-        let mut it = self.all(name);
-        let first = it.next();
-        if it.next().is_some() {
-            return Err(HeadError::Bad(format!("more than one {name} header")));
-        }
-        first
-            .map(|v| {
-                std::str::from_utf8(v)
-                    .map(str::trim)
-                    .map_err(|_| HeadError::Bad(format!("{name} header is not text")))
-            })
-            .transpose()
-    }
-
-    /// How the body is framed. Ambiguous framing (both Content-Length and
-    /// Transfer-Encoding, differing lengths, codings other than `chunked`)
-    /// is refused: it is how requests are smuggled.
-    pub fn body(&self) -> Result<BodyKind, HeadError> {
-        let te: Vec<&[u8]> = self.all("transfer-encoding").collect();
-        let cl: Vec<&[u8]> = self.all("content-length").collect();
-        if !te.is_empty() {
-            if !cl.is_empty() {
-                return Err(HeadError::Bad(
-                    "both Content-Length and Transfer-Encoding".into(),
-                ));
-            }
-            if te.len() == 1 && te[0].trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Ok(BodyKind::Chunked);
-            }
-            return Err(HeadError::Bad("unsupported Transfer-Encoding".into()));
-        }
-        let mut len = None;
-        for v in cl {
-            let n: u64 = std::str::from_utf8(v)
-                .ok()
-                .map(str::trim)
-                .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| HeadError::Bad("bad Content-Length".into()))?;
-            if len.is_some_and(|l| l != n) {
-                return Err(HeadError::Bad("conflicting Content-Length".into()));
-            }
-            len = Some(n);
-        }
-        Ok(match len {
-            Some(0) | None => BodyKind::None,
-            Some(n) => BodyKind::Length(n),
-        })
-    }
-
-    /// Is this a protocol upgrade (WebSocket)?
-    pub fn is_upgrade(&self) -> bool {
-        self.all("upgrade").next().is_some()
-            && self.all("connection").any(|v| {
-                v.split(|b| *b == b',')
-                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"upgrade"))
-            })
-    }
-
-    /// The head to send upstream: origin-form target, hop-by-hop headers
-    /// dropped, `Connection: close` (or `Connection: upgrade` for upgrades).
-    pub fn rewrite(&self, origin_target: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.len + 32);
-        out.extend_from_slice(self.method.as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(origin_target.as_bytes());
-        out.extend_from_slice(if self.version == 0 {
-            b" HTTP/1.0\r\n"
-        } else {
-            b" HTTP/1.1\r\n"
-        });
-        let upgrade = self.is_upgrade();
-        for (name, value) in &self.headers {
-            if HOP_BY_HOP.contains(&name.as_str()) {
-                continue;
-            }
-            if name == "upgrade" && !upgrade {
-                continue;
-            }
-            out.extend_from_slice(name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(if upgrade {
-            b"Connection: upgrade\r\n\r\n"
-        } else {
-            b"Connection: close\r\n\r\n"
-        });
-        out
     }
 }
 
@@ -278,150 +153,12 @@ pub fn same_host(a: &str, b: &str) -> bool {
     trim(a) == trim(b)
 }
 
-/// Incremental parser of a chunked body: tells how many of the next bytes
-/// still belong to the body, so the proxy can stop exactly at its end.
-#[derive(Debug, Default)]
-pub struct Chunked {
-    state: ChunkState,
-    /// Length of the current size or trailer line.
-    line: usize,
-    /// The chunk size read so far.
-    partial: u64,
-}
-
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    #[default]
-    Size,
-    SizeExt,
-    SizeLf,
-    Data(u64),
-    DataCr,
-    DataLf,
-    TrailerStart,
-    Trailer,
-    TrailerLf,
-    EndLf,
-    Done,
-}
-
-/// Longest chunk-size or trailer line accepted.
-const MAX_CHUNK_LINE: usize = 4096;
-
-impl Chunked {
-    /// Consume body bytes from `buf`; returns how many belong to the body.
-    /// After [`is_done`](Self::is_done), nothing more does.
-    pub fn advance(&mut self, buf: &[u8]) -> Result<usize, String> {
-        use ChunkState::*;
-        let mut i = 0;
-        while i < buf.len() && self.state != Done {
-            let b = buf[i];
-            match self.state {
-                Size => {
-                    self.line += 1;
-                    if self.line > MAX_CHUNK_LINE {
-                        return Err("chunk size line too long".into());
-                    }
-                    match b {
-                        b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F' => {
-                            let d = u64::from((b as char).to_digit(16).unwrap_or(0));
-                            self.partial = self
-                                .partial
-                                .checked_mul(16)
-                                .and_then(|v| v.checked_add(d))
-                                .ok_or("chunk size overflow")?;
-                        }
-                        b';' | b' ' | b'\t' => self.state = SizeExt,
-                        b'\r' => self.state = SizeLf,
-                        _ => return Err("bad chunk size".into()),
-                    }
-                    i += 1;
-                }
-                SizeExt => {
-                    self.line += 1;
-                    if self.line > MAX_CHUNK_LINE {
-                        return Err("chunk extension too long".into());
-                    }
-                    if b == b'\r' {
-                        self.state = SizeLf;
-                    }
-                    i += 1;
-                }
-                SizeLf => {
-                    if b != b'\n' {
-                        return Err("bad chunk size line ending".into());
-                    }
-                    self.line = 0;
-                    let n = std::mem::take(&mut self.partial);
-                    self.state = if n == 0 { TrailerStart } else { Data(n) };
-                    i += 1;
-                }
-                Data(n) => {
-                    let take = (buf.len() - i).min(usize::try_from(n).unwrap_or(usize::MAX));
-                    i += take;
-                    let left = n - take as u64;
-                    self.state = if left == 0 { DataCr } else { Data(left) };
-                }
-                DataCr => {
-                    if b != b'\r' {
-                        return Err("chunk data not followed by CRLF".into());
-                    }
-                    self.state = DataLf;
-                    i += 1;
-                }
-                DataLf => {
-                    if b != b'\n' {
-                        return Err("chunk data not followed by CRLF".into());
-                    }
-                    self.state = Size;
-                    i += 1;
-                }
-                TrailerStart => {
-                    self.state = if b == b'\r' { EndLf } else { Trailer };
-                    self.line = 1;
-                    i += 1;
-                }
-                Trailer => {
-                    self.line += 1;
-                    if self.line > MAX_CHUNK_LINE {
-                        return Err("trailer line too long".into());
-                    }
-                    if b == b'\r' {
-                        self.state = TrailerLf;
-                    }
-                    i += 1;
-                }
-                TrailerLf => {
-                    if b != b'\n' {
-                        return Err("bad trailer line ending".into());
-                    }
-                    self.state = TrailerStart;
-                    i += 1;
-                }
-                EndLf => {
-                    if b != b'\n' {
-                        return Err("bad end of chunked body".into());
-                    }
-                    self.state = Done;
-                    i += 1;
-                }
-                Done => {}
-            }
-        }
-        Ok(i)
-    }
-
-    pub fn is_done(&self) -> bool {
-        self.state == ChunkState::Done
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn parses_and_rewrites_absolute_form() {
+    fn parses_absolute_form() {
         let raw = b"GET http://Example.com:8080/a?b=1 HTTP/1.1\r\nHost: example.com:8080\r\nProxy-Connection: keep-alive\r\nConnection: keep-alive\r\nUser-Agent: t\r\n\r\nextra";
         let head = RequestHead::parse(raw).unwrap();
         assert_eq!(head.method, "GET");
@@ -434,11 +171,6 @@ mod tests {
                 port: 8080,
                 origin: "/a?b=1".into()
             }
-        );
-        let out = String::from_utf8(head.rewrite(&t.origin)).unwrap();
-        assert_eq!(
-            out,
-            "GET /a?b=1 HTTP/1.1\r\nhost: example.com:8080\r\nuser-agent: t\r\nConnection: close\r\n\r\n"
         );
         assert_eq!(parse_absolute("http://x").unwrap().origin, "/");
         assert_eq!(parse_absolute("http://x?q").unwrap().origin, "/?q");
@@ -466,66 +198,6 @@ mod tests {
     }
 
     #[test]
-    fn body_framing_and_smuggling_checks() {
-        let h = |extra: &str| {
-            RequestHead::parse(format!("POST / HTTP/1.1\r\nHost: x\r\n{extra}\r\n").as_bytes())
-                .unwrap()
-        };
-        assert_eq!(h("").body().unwrap(), BodyKind::None);
-        assert_eq!(
-            h("Content-Length: 5\r\n").body().unwrap(),
-            BodyKind::Length(5)
-        );
-        assert_eq!(
-            h("Content-Length: 5\r\nContent-Length: 5\r\n")
-                .body()
-                .unwrap(),
-            BodyKind::Length(5)
-        );
-        assert_eq!(
-            h("Transfer-Encoding: Chunked\r\n").body().unwrap(),
-            BodyKind::Chunked
-        );
-        for bad in [
-            "Content-Length: 5\r\nContent-Length: 6\r\n",
-            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
-            "Transfer-Encoding: gzip, chunked\r\n",
-            "Content-Length: -1\r\n",
-            "Content-Length: +5\r\n",
-        ] {
-            assert!(h(bad).body().is_err(), "{bad:?}");
-        }
-        assert!(h("Host: y\r\n").single("host").is_err());
-    }
-
-    #[test]
-    fn chunked_body_ends_exactly() {
-        let body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\nX-T: 1\r\n\r\nGET /next HTTP/1.1\r\n";
-        let end = body.len() - b"GET /next HTTP/1.1\r\n".len();
-        let mut c = Chunked::default();
-        assert_eq!(c.advance(body).unwrap(), end);
-        assert!(c.is_done());
-        // Byte by byte gives the same.
-        let mut c = Chunked::default();
-        let mut used = 0;
-        for b in body.iter() {
-            used += c.advance(std::slice::from_ref(b)).unwrap();
-            if c.is_done() {
-                break;
-            }
-        }
-        assert_eq!(used, end);
-        let mut c = Chunked::default();
-        assert_eq!(c.advance(b"0\r\n\r\n").unwrap(), 5);
-        assert!(c.is_done());
-        assert!(Chunked::default().advance(b"zz\r\n").is_err());
-        assert!(Chunked::default()
-            .advance(b"ffffffffffffffffff\r\n")
-            .is_err());
-        assert!(Chunked::default().advance(b"2\r\nabX").is_err());
-    }
-
-    #[test]
     fn http_detection_and_authority() {
         assert!(looks_like_http(b"GET / HTTP/1.1"));
         assert!(looks_like_http(b"PO"));
@@ -535,7 +207,10 @@ mod tests {
         assert!(looks_like_http(b"\r\nGET / HTTP/1.1"));
         // A request behind empty lines is still parsed, so its Host is checked.
         match RequestHead::parse(b"\r\nGET / HTTP/1.1\r\nHost: evil.example\r\n\r\n") {
-            Ok(head) => assert!(head.all("host").any(|h| h == b"evil.example")),
+            Ok(head) => assert!(head
+                .headers
+                .iter()
+                .any(|(n, v)| n == "host" && v == b"evil.example")),
             Err(HeadError::Bad(_)) => {} // refused outright: also safe
             Err(other) => panic!("{other:?}"),
         }

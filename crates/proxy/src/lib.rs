@@ -24,6 +24,8 @@
 //! the proxy connects and relays raw bytes, decided on the name alone.
 
 pub mod audit;
+mod exchange;
+mod forward;
 pub mod http;
 pub mod mitm;
 mod relay;
@@ -43,7 +45,7 @@ use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
 pub use audit::{read_log, AuditError, AuditLog, ConnectionReport, LogFilter};
-use http::{BodyKind, Chunked, HeadError, RequestHead};
+use http::{HeadError, RequestHead};
 use mitm::Mitm;
 use relay::{Activity, Dir, Tracked};
 use tls::Hello;
@@ -256,6 +258,7 @@ impl Proxy {
             EgressMode::HttpProxy => "http-proxy",
         };
         let mut rec = ConnectionReport::new(&cfg.sandbox, mode, &open.host, open.port);
+        let mut logged = false;
         match self.inner.limiter.clone().try_acquire_owned() {
             Ok(permit) => {
                 let act = Activity::new();
@@ -264,8 +267,10 @@ impl Proxy {
                     rec: &mut rec,
                     act: &act,
                     policy: self.policy(),
+                    logged: false,
                 };
                 conn.run(stream, open).await;
+                logged = conn.logged;
                 rec.bytes_up = act.up();
                 rec.bytes_down = act.down();
                 drop(permit);
@@ -279,7 +284,9 @@ impl Proxy {
             }
         }
         rec.duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.write_record(&rec);
+        if !logged {
+            self.write_record(&rec);
+        }
         // The audit log (rotated) is the record; this line is for debugging only,
         // since the guest can trigger it at will.
         if rec.decision == sandpen_policy::Verdict::Deny {
@@ -337,6 +344,9 @@ struct Conn<'a> {
     rec: &'a mut ConnectionReport,
     act: &'a Activity,
     policy: Arc<Policy>,
+    /// Its requests wrote their own records (plain HTTP): the connection
+    /// writes none.
+    logged: bool,
 }
 
 /// The plain-HTTP deny page.
@@ -460,39 +470,52 @@ impl Conn<'_> {
                 .inspect_and_relay(client, early, &host, port, &addrs)
                 .await;
         }
-        let target = http::parse_absolute(&head.target)
-            .map_err(|e| Stop::Deny(Some(400), format!("bad-request: {e}")))?;
-        self.rec.host = target.host.clone();
-        self.rec.port = target.port;
-        self.rec.path = Some(truncate(&target.origin));
-        self.rec.proto = Some("http".into());
-        self.check_host_header(&head, &target.host, target.port)?;
-        let addrs = self.decide(&target.host, target.port).await?;
-        self.forward_http(client, buf, head, &target.origin, &addrs)
-            .await
+        drop(head);
+        self.plain_http(client, buf, None).await
     }
 
-    /// The Host header (if any; required for HTTP/1.1) must name the claimed
-    /// host, and its port, if given, the claimed port.
-    fn check_host_header(&self, head: &RequestHead, host: &str, port: u16) -> Result<(), Stop> {
-        let bad = |e: HeadError| Stop::Deny(Some(400), format!("bad-request: {}", head_error(&e)));
-        match head.single("host").map_err(bad)? {
-            Some(value) => {
-                let (h, p) = http::split_authority(value, port)
-                    .map_err(|e| Stop::Deny(Some(400), format!("bad-request: {e}")))?;
-                if !http::same_host(&h, host) || p != port {
-                    return Err(Stop::Deny(
-                        Some(403),
-                        format!("host-mismatch: Host {value} for {host}:{port}"),
-                    ));
-                }
-                Ok(())
+    /// Serve plain HTTP (see [`forward`]) and take the latest request's
+    /// record as the connection's; the requests' records are the log lines.
+    async fn plain_http<S>(
+        &mut self,
+        client: &mut S,
+        first: Vec<u8>,
+        bound: Option<forward::Bound>,
+    ) -> Result<(), Stop>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        self.rec.proto = Some("http".into());
+        let served = forward::serve(
+            self.proxy,
+            self.policy.clone(),
+            client,
+            first,
+            self.rec,
+            self.act,
+            bound,
+        )
+        .await;
+        if let Some(latest) = served.latest {
+            let keep = (self.rec.time, self.rec.mode.clone());
+            *self.rec = latest;
+            (self.rec.time, self.rec.mode) = keep;
+            self.logged = true;
+            // A malformed request after good ones gets a line of its own.
+            if let Some(e) = served.error.filter(|e| e.starts_with("bad-request")) {
+                (self.rec.method, self.rec.path, self.rec.status) = (None, None, None);
+                self.logged = false;
+                return Err(Stop::Deny(None, e));
             }
-            None if head.version == 0 => Ok(()),
-            None => Err(Stop::Deny(
-                Some(400),
-                "bad-request: HTTP/1.1 request without Host".into(),
-            )),
+            return Ok(());
+        }
+        match served.error {
+            // hyper has answered a malformed head itself.
+            Some(e) if e.starts_with("bad-request") || e == "handshake-timeout" => {
+                Err(Stop::Deny(None, e))
+            }
+            Some(e) => Err(Stop::End(e)),
+            None => Err(Stop::End("client-closed".into())),
         }
     }
 
@@ -591,31 +614,12 @@ impl Conn<'_> {
         }
 
         if http::looks_like_http(&first) {
-            self.rec.proto = Some("http".into());
-            let head = read_head(client, &mut first, deadline).await?;
-            self.rec.method = Some(head.method.clone());
-            let origin = if head.target.starts_with('/') || head.target == "*" {
-                head.target.clone()
-            } else {
-                let t = http::parse_absolute(&head.target)
-                    .map_err(|e| Stop::Deny(Some(400), format!("bad-request: {e}")))?;
-                if !http::same_host(&t.host, host) || t.port != port {
-                    return Err(Stop::Deny(
-                        Some(403),
-                        format!("host-mismatch: URI names {}:{}", t.host, t.port),
-                    ));
-                }
-                t.origin
+            let bound = forward::Bound {
+                host: host.to_string(),
+                port,
+                addrs: addrs.to_vec(),
             };
-            self.rec.path = Some(truncate(&origin));
-            if head.method.eq_ignore_ascii_case("CONNECT") || head.version > 1 {
-                return Err(Stop::Deny(
-                    Some(400),
-                    "bad-request: not a plain request".into(),
-                ));
-            }
-            self.check_host_header(&head, host, port)?;
-            return self.forward_http(client, first, head, &origin, addrs).await;
+            return self.plain_http(client, first, Some(bound)).await;
         }
 
         self.rec.proto = Some("tcp".into());
@@ -775,142 +779,6 @@ impl Conn<'_> {
             }
         }
         Ok(())
-    }
-
-    /// Send one plain HTTP request (rewritten head, then exactly its body)
-    /// and relay the response until the upstream closes.
-    async fn forward_http<S>(
-        &mut self,
-        client: &mut S,
-        buf: Vec<u8>,
-        head: RequestHead,
-        origin: &str,
-        addrs: &[IpAddr],
-    ) -> Result<(), Stop>
-    where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
-    {
-        let body = head
-            .body()
-            .map_err(|e| Stop::Deny(Some(400), format!("bad-request: {}", head_error(&e))))?;
-        let upgrade = head.is_upgrade();
-        if upgrade {
-            // After an upgrade the bytes are relayed unframed, so later requests
-            // on the connection would escape the Host check. WebSockets over
-            // TLS (wss://) are tunneled and unaffected.
-            return Err(Stop::Deny(
-                Some(403),
-                "upgrade-refused: plain-HTTP protocol upgrades are not relayed; use TLS".into(),
-            ));
-        }
-        let mut upstream = self.connect(addrs).await?;
-        let out_head = head.rewrite(origin);
-        let early = buf.get(head.len..).unwrap_or_default();
-
-        let act = self.act;
-        let size = self.cfg().buffer_size;
-        let idle = self.cfg().idle_timeout;
-        let (mut ur, mut uw) = upstream.split();
-        let (mut cr, mut cw) = tokio::io::split(client);
-
-        let up = async {
-            let mut framing = Framing::new(body, upgrade);
-            let n = framing.take(early)?;
-            // Head and the body bytes already read go out in one write.
-            let mut first = out_head;
-            first.extend_from_slice(&early[..n]);
-            uw.write_all(&first).await?;
-            act.add_up(head.len + n);
-            drop(first);
-            if framing.done() {
-                return io::Result::Ok(());
-            }
-            let mut chunk = vec![0u8; relay::SMALL_BUF];
-            while !framing.done() {
-                let got = cr.read(&mut chunk).await?;
-                if got == 0 {
-                    break;
-                }
-                let n = framing.take(&chunk[..got])?;
-                uw.write_all(&chunk[..n]).await?;
-                act.add_up(n);
-            }
-            Ok(())
-        };
-        let down = async {
-            let mut r = Tracked::new(&mut ur, act, Dir::Down);
-            relay::copy_one(&mut r, &mut cw, size).await
-        };
-        tokio::pin!(up, down);
-        let mut up_done = false;
-        loop {
-            tokio::select! {
-                r = &mut up, if !up_done => match r {
-                    Ok(()) => up_done = true,
-                    Err(e) => return Err(Stop::End(format!("request-error: {e}"))),
-                },
-                r = &mut down => return match r {
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(Stop::End(format!("relay-error: {e}"))),
-                },
-                _ = act.idle(idle) => return Err(Stop::End("idle-timeout".into())),
-            }
-        }
-    }
-}
-
-/// How much of the client's bytes after the head may go upstream.
-struct Framing {
-    kind: BodyKind,
-    /// Bytes left for `Length`.
-    left: u64,
-    chunked: Chunked,
-    /// Upgrades relay everything after the head.
-    raw: bool,
-}
-
-impl Framing {
-    fn new(kind: BodyKind, raw: bool) -> Self {
-        let left = match kind {
-            BodyKind::Length(n) => n,
-            _ => 0,
-        };
-        Framing {
-            kind,
-            left,
-            chunked: Chunked::default(),
-            raw,
-        }
-    }
-
-    fn done(&self) -> bool {
-        !self.raw
-            && match self.kind {
-                BodyKind::None => true,
-                BodyKind::Length(_) => self.left == 0,
-                BodyKind::Chunked => self.chunked.is_done(),
-            }
-    }
-
-    /// How many of `buf`'s bytes belong to the request.
-    fn take(&mut self, buf: &[u8]) -> io::Result<usize> {
-        if self.raw {
-            return Ok(buf.len());
-        }
-        match self.kind {
-            BodyKind::None => Ok(0),
-            BodyKind::Length(_) => {
-                let n = buf
-                    .len()
-                    .min(usize::try_from(self.left).unwrap_or(usize::MAX));
-                self.left -= n as u64;
-                Ok(n)
-            }
-            BodyKind::Chunked => self
-                .chunked
-                .advance(buf)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e)),
-        }
     }
 }
 

@@ -31,9 +31,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -42,12 +41,15 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use sandpen_credentials::{apply, Applied, Found, Route, SandboxCa, SecretValue};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use crate::audit::ConnectionReport;
+use crate::exchange::{
+    millis, own_reply, strip_hop_by_hop, Audited, Counted, GuestIo, Pending, ReplyBody, RequestLog,
+};
 use crate::relay::Activity;
 use crate::{http as h1, truncate, Proxy};
 
@@ -221,58 +223,6 @@ fn server_tls(leaf: Arc<CertifiedKey>) -> Result<rustls::ServerConfig, String> {
     Ok(cfg)
 }
 
-/// The guest side of an intercepted connection: replays the ClientHello
-/// bytes already read, then reads the guest; counts both directions.
-struct GuestIo<'a, S> {
-    first: Bytes,
-    inner: &'a mut S,
-    act: &'a Activity,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for GuestIo<'_, S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.first.is_empty() {
-            let n = self.first.len().min(buf.remaining());
-            let head = self.first.split_to(n);
-            buf.put_slice(&head);
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        let r = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.act.add_up(n);
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for GuestIo<'_, S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = &r {
-            self.act.add_down(*n);
-        }
-        r
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.inner).poll_shutdown(cx)
-    }
-}
-
 /// Connects to the checked addresses only, whatever URI the client asks
 /// for (the URI's host is the claimed host: requests for others are refused
 /// before they get here), and verifies the upstream's certificate for the
@@ -387,96 +337,6 @@ impl tower_service::Service<Uri> for UpstreamConnector {
     }
 }
 
-/// A body that counts its data bytes into a shared counter.
-struct Counted<B> {
-    inner: B,
-    count: Arc<AtomicU64>,
-}
-
-impl<B> Body for Counted<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &r {
-            if let Some(data) = frame.data_ref() {
-                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
-            }
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A response body that writes its request's audit record when it ends
-/// (or the guest drops it), with the bytes that went each way.
-struct Audited {
-    inner: Incoming,
-    down: u64,
-    up: Arc<AtomicU64>,
-    rec: Option<ConnectionReport>,
-    started: Instant,
-    proxy: Proxy,
-    /// Released when the response ends.
-    _permit: OwnedSemaphorePermit,
-}
-
-impl Body for Audited {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &r {
-            if let Some(data) = frame.data_ref() {
-                self.down += data.len() as u64;
-            }
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-impl Drop for Audited {
-    fn drop(&mut self) {
-        if let Some(mut rec) = self.rec.take() {
-            rec.bytes_up = self.up.load(Ordering::Relaxed);
-            rec.bytes_down = self.down;
-            rec.duration_ms = millis(self.started);
-            self.proxy.write_record(&rec);
-        }
-    }
-}
-
-fn millis(since: Instant) -> u64 {
-    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-type ReplyBody = BoxBody<Bytes, hyper::Error>;
 type UpstreamClient = Client<UpstreamConnector, Counted<Incoming>>;
 
 /// State shared by the requests of one intercepted connection.
@@ -588,52 +448,6 @@ where
         r = served => r.map_err(|e| format!("guest-http: {e}")),
         _ = act.idle(cfg.idle_timeout) => Err("idle-timeout".into()),
     }
-}
-
-/// Hop-by-hop headers (RFC 9110 §7.6.1) and those a `Connection` header
-/// names: they describe one hop and are not forwarded.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::TE,
-        header::TRAILER,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-}
-
-/// A response made by the proxy itself, with the reason code in
-/// `X-Sandpen-Reason` like the plain-HTTP deny page.
-fn own_reply(status: StatusCode, reason: &str) -> Response<ReplyBody> {
-    let code = reason.split(':').next().unwrap_or_default();
-    let mut resp = Response::new(
-        Full::new(Bytes::from(format!("sandpen: {reason}\n")))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status;
-    let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    if let Ok(v) = HeaderValue::from_str(code) {
-        h.insert("x-sandpen-reason", v);
-    }
-    resp
 }
 
 /// The authority a request names: its URI's (HTTP/2, absolute form), else
@@ -758,7 +572,7 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
         rec: Some(rec),
         up: up.clone(),
         started,
-        proxy: &s.proxy,
+        log: RequestLog::new(s.proxy.clone()),
     };
     let sent = s.client.request(Request::from_parts(parts, body)).await;
     let Some(mut rec) = pending.rec.take() else {
@@ -780,8 +594,8 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
                 up,
                 rec: Some(rec),
                 started,
-                proxy: s.proxy.clone(),
-                _permit: permit,
+                log: RequestLog::new(s.proxy.clone()),
+                _permit: Some(permit),
             };
             Response::from_parts(parts, body.boxed())
         }
@@ -793,26 +607,6 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
             rec.duration_ms = millis(started);
             s.proxy.write_record(&rec);
             own_reply(StatusCode::BAD_GATEWAY, &reason)
-        }
-    }
-}
-
-/// The record of a request whose answer has not come yet; written with
-/// reason `guest-cancelled` if the guest drops the request first.
-struct Pending<'a> {
-    rec: Option<ConnectionReport>,
-    up: Arc<AtomicU64>,
-    started: Instant,
-    proxy: &'a Proxy,
-}
-
-impl Drop for Pending<'_> {
-    fn drop(&mut self) {
-        if let Some(mut rec) = self.rec.take() {
-            rec.reason = "guest-cancelled: before the upstream answered".into();
-            rec.bytes_up = self.up.load(Ordering::Relaxed);
-            rec.duration_ms = millis(self.started);
-            self.proxy.write_record(&rec);
         }
     }
 }

@@ -41,7 +41,7 @@ async fn listen() -> (TcpListener, Arc<AtomicUsize>, Arc<Mutex<Vec<String>>>) {
     (l, Arc::default(), Arc::default())
 }
 
-/// Read an HTTP request head (and a body of Content-Length bytes).
+/// Read an HTTP request head and its body (Content-Length or chunked).
 async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<String> {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
@@ -62,6 +62,18 @@ async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<String> {
         .unwrap_or(0);
     let mut body = vec![0; len];
     s.read_exact(&mut body).await.ok()?;
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        // Enough for these tests: the body ends at the last chunk.
+        while !body.ends_with(b"0\r\n\r\n") {
+            if s.read(&mut byte).await.ok()? == 0 {
+                return None;
+            }
+            body.push(byte[0]);
+        }
+    }
     Some(head + &String::from_utf8_lossy(&body))
 }
 
@@ -532,8 +544,16 @@ async fn http_host_mismatch_is_denied() {
     assert_eq!(srv.accepted(), 0);
 }
 
+/// One response, read by its Content-Length.
+async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    tokio::time::timeout(Duration::from_secs(10), read_request(s))
+        .await
+        .expect("a response in time")
+        .expect("a response before the close")
+}
+
 #[tokio::test]
-async fn plain_http_via_proxy_is_rewritten_and_logged() {
+async fn plain_http_via_proxy_keeps_alive_and_checks_every_request() {
     let srv = http_server().await;
     let h = harness(Mode::Enforce);
     let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
@@ -547,37 +567,106 @@ async fn plain_http_via_proxy_is_rewritten_and_logged() {
         )
         .await
         .unwrap();
-    let text = read_all(&mut guest).await;
-    assert!(text.ends_with("hello /submit?q=1"), "{text}");
+    let first = read_response(&mut guest).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    assert!(first.ends_with("hello /submit?q=1"), "{first}");
+    // The same connection, both ways: a second request reuses the upstream.
+    guest
+        .write_all(
+            format!("GET http://allowed.test:{port}/again HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let second = read_response(&mut guest).await;
+    assert!(second.ends_with("hello /again"), "{second}");
+    assert_eq!(srv.accepted(), 1, "the upstream connection is kept");
+    // A third, for a denied host, is refused by its rule and ends the connection.
+    guest
+        .write_all(
+            format!(
+                "GET http://denied.test:{port}/no HTTP/1.1\r\nHost: denied.test:{port}\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let third = read_all(&mut guest).await;
+    assert!(third.starts_with("HTTP/1.1 403"), "{third}");
+    assert!(
+        third.contains("X-Sandpen-Reason: denied-by-rule"),
+        "{third}"
+    );
+
     let seen = srv.seen();
-    assert_eq!(seen.len(), 1);
+    assert_eq!(seen.len(), 2, "{seen:?}");
     assert!(
         seen[0].starts_with("POST /submit?q=1 HTTP/1.1\r\n"),
         "{}",
         seen[0]
     );
-    assert!(seen[0].contains("Connection: close\r\n"), "{}", seen[0]);
     assert!(
         !seen[0].to_ascii_lowercase().contains("proxy-connection"),
         "{}",
         seen[0]
     );
     assert!(seen[0].ends_with("\r\n\r\nhello"), "{}", seen[0]);
+    assert!(
+        seen[1].starts_with("GET /again HTTP/1.1\r\n"),
+        "{}",
+        seen[1]
+    );
+
+    // The connection's report is its latest request; each request is a line.
     let rep = rep.await.unwrap();
-    assert_eq!(rep.decision, Verdict::Allow);
-    assert_eq!(rep.method.as_deref(), Some("POST"));
-    assert_eq!(rep.path.as_deref(), Some("/submit?q=1"));
-    assert_eq!(rep.proto.as_deref(), Some("http"));
-    assert!(rep.bytes_down as usize >= text.len());
+    assert_eq!(
+        (rep.decision, rep.reason_code()),
+        (Verdict::Deny, "denied-by-rule")
+    );
     h.assert_check_agrees(&rep).await;
+    let recs = h.records();
+    assert_eq!(recs.len(), 3, "{recs:?}");
+    let summary: Vec<_> = recs
+        .iter()
+        .map(|r| {
+            (
+                r.decision,
+                r.method.as_deref().unwrap_or(""),
+                r.path.as_deref().unwrap_or(""),
+                r.status,
+                r.host.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                Verdict::Allow,
+                "POST",
+                "/submit?q=1",
+                Some(200),
+                "allowed.test"
+            ),
+            (Verdict::Allow, "GET", "/again", Some(200), "allowed.test"),
+            (Verdict::Deny, "GET", "/no", Some(403), "denied.test"),
+        ]
+    );
+    for r in &recs[..2] {
+        assert_eq!(r.proto.as_deref(), Some("http"));
+        assert_eq!(r.mode, "http-proxy");
+        assert!(r.bytes_up > 40 && r.bytes_down > 30, "{r:?}");
+        h.assert_check_agrees(r).await;
+    }
+    assert_eq!(recs[2].rule.as_deref(), Some("deny denied.test"));
 }
 
 #[tokio::test]
-async fn a_second_request_on_the_connection_is_never_forwarded() {
+async fn every_request_on_a_transparent_connection_is_checked() {
     let srv = http_server().await;
     let h = harness(Mode::Enforce);
     let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
-    // Two pipelined requests; the second one for another site, with a chunked body before it.
+    // Pipelined: a chunked POST, then a request for another site.
     guest
         .write_all(
             b"POST /one HTTP/1.1\r\nHost: allowed.test\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nGET /two HTTP/1.1\r\nHost: denied.test\r\n\r\n",
@@ -586,12 +675,86 @@ async fn a_second_request_on_the_connection_is_never_forwarded() {
         .unwrap();
     let text = read_all(&mut guest).await;
     assert!(text.contains("hello /one"), "{text}");
-    assert!(!text.contains("/two"), "{text}");
+    assert!(text.contains("HTTP/1.1 403"), "{text}");
+    assert!(text.contains("host-mismatch"), "{text}");
     let rep = rep.await.unwrap();
-    assert_eq!(rep.decision, Verdict::Allow);
+    assert_eq!(
+        (rep.decision, rep.reason_code()),
+        (Verdict::Deny, "host-mismatch")
+    );
     let seen = srv.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert!(seen[0].starts_with("POST /one"), "{seen:?}");
+    assert!(
+        seen[0].contains("\r\n\r\n3\r\nabc\r\n0\r\n"),
+        "the body went up: {seen:?}"
+    );
+    let recs = h.records();
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    assert_eq!(
+        (recs[0].decision, recs[0].status),
+        (Verdict::Allow, Some(200))
+    );
+    assert_eq!(recs[1].reason_code(), "host-mismatch");
+    assert_eq!(recs[1].path.as_deref(), Some("/two"));
+}
+
+#[tokio::test]
+async fn an_upstream_connection_serves_only_its_own_host_and_port() {
+    let (one, two) = (http_server().await, http_server().await);
+    let h = harness(Mode::Enforce);
+    let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+    for (port, path) in [(one.port(), "/a"), (two.port(), "/b"), (one.port(), "/c")] {
+        guest
+            .write_all(
+                format!("GET http://allowed.test:{port}{path} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let resp = read_response(&mut guest).await;
+        assert!(resp.ends_with(&format!("hello {path}")), "{resp}");
+    }
+    // Then garbage on the same connection: refused, and logged.
+    guest.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    let rest = read_all(&mut guest).await;
+    assert!(rest.starts_with("HTTP/1.1 400"), "{rest}");
+    let rep = rep.await.unwrap();
+    assert_eq!(
+        (rep.decision, rep.reason_code()),
+        (Verdict::Deny, "bad-request")
+    );
+    assert_eq!((one.accepted(), two.accepted()), (2, 1));
+    assert_eq!(one.seen().len() + two.seen().len(), 3);
+    let recs = h.records();
+    assert_eq!(recs.len(), 4, "{recs:?}");
+    assert_eq!(recs[3].reason_code(), "bad-request");
+}
+
+#[tokio::test]
+async fn ambiguous_framing_never_smuggles_a_request_upstream() {
+    let srv = http_server().await;
+    let h = harness(Mode::Enforce);
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    // Content-Length and Transfer-Encoding both: a proxy that trusted the
+    // length would pass `GET /smuggled` upstream as body bytes.
+    guest
+        .write_all(
+            b"POST /s HTTP/1.1\r\nHost: allowed.test\r\nContent-Length: 40\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: denied.test\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let text = read_all(&mut guest).await;
+    assert!(!text.contains("/smuggled"), "{text}");
+    rep.await.unwrap();
+    for req in srv.seen() {
+        assert!(!req.contains("/smuggled"), "{req}");
+        let lower = req.to_ascii_lowercase();
+        assert!(
+            !(lower.contains("content-length") && lower.contains("transfer-encoding")),
+            "{req}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -711,7 +874,7 @@ async fn audit_records_carry_every_field() {
     let h = harness(Mode::Enforce);
     let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
     guest
-        .write_all(b"GET /a/b?c HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        .write_all(b"GET /a/b?c HTTP/1.1\r\nHost: allowed.test\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
     read_all(&mut guest).await;

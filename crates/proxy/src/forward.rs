@@ -1,0 +1,550 @@
+//! Plain HTTP/1: each request checked on its own, connections kept alive
+//! both ways.
+//!
+//! The guest's connection is served by hyper's HTTP/1 server, and every
+//! request on it is checked before anything of it goes upstream:
+//!
+//! - **http-proxy mode:** the request names its target in absolute form (only
+//!   `http://`; HTTPS goes through CONNECT), the Host header must agree, and
+//!   the policy decides that `host:port` ([`crate::decide`]; a repeat of the
+//!   previous request's `host:port` reuses its decision, since a connection
+//!   keeps the policy it started with).
+//! - **transparent mode:** the connection was decided on the claimed name
+//!   when it opened; each request's Host header (and absolute-form target, if
+//!   it uses one) must name that host and port.
+//!
+//! A request goes upstream on a kept-alive HTTP/1.1 connection to an address
+//! the policy checked for its `host:port`; a request for another `host:port`
+//! closes that connection and opens a new one. hyper parses the guest's
+//! request and writes it out anew, so framing the guest made ambiguous never
+//! reaches the upstream as sent (no request smuggling past the checks).
+//! Hop-by-hop headers are dropped both ways, protocol upgrades are refused,
+//! and a refused request ends the connection. Each request is one audit
+//! record, written when its response has been sent (or abandoned).
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use sandpen_policy::Policy;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::audit::ConnectionReport;
+use crate::exchange::{
+    millis, own_reply, strip_hop_by_hop, Audited, Counted, GuestIo, Pending, ReplyBody, RequestLog,
+};
+use crate::relay::Activity;
+use crate::{decide, http as h1, truncate, Checked, Proxy};
+
+/// Largest request or response head (hyper's read buffer; it cannot be
+/// smaller than 8 KiB).
+const MAX_BUF: usize = h1::MAX_HEAD;
+/// Upstream responses may carry larger heads (many cookies).
+const MAX_UPSTREAM_BUF: usize = 64 * 1024;
+
+/// A transparent connection's claimed destination, decided when it opened.
+pub(crate) struct Bound {
+    pub host: String,
+    pub port: u16,
+    pub addrs: Vec<IpAddr>,
+}
+
+/// How the served connection ended.
+pub(crate) struct Served {
+    /// The record of the latest of them.
+    pub latest: Option<ConnectionReport>,
+    /// Why the connection ended, if not by an orderly close; with a status
+    /// when no request was served and the guest should hear why (hyper has
+    /// then already answered a malformed head itself).
+    pub error: Option<String>,
+}
+
+/// The upstream connection kept between requests.
+struct Upstream {
+    host: String,
+    port: u16,
+    addr: SocketAddr,
+    sender: SendRequest<Counted<Incoming>>,
+    /// Drives the connection; aborted when this is dropped.
+    task: JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// State shared by the requests of one guest connection.
+struct Session {
+    proxy: Proxy,
+    policy: Arc<Policy>,
+    bound: Option<Bound>,
+    /// Sandbox and mode (and, when bound, the decision): each request's
+    /// record starts from it.
+    template: ConnectionReport,
+    log: RequestLog,
+    /// Taken by a request and put back once its response head has come.
+    upstream: Mutex<Option<Upstream>>,
+    /// The previous http-proxy request's decision.
+    decided: Mutex<Option<(String, u16, Checked)>>,
+    requests: AtomicU64,
+}
+
+/// Why a request is refused: status, reason, and whether a policy rule
+/// decided it (then the record keeps the rule).
+struct Refusal {
+    status: StatusCode,
+    reason: String,
+    by_rule: bool,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, reason: impl Into<String>) -> Self {
+        Refusal {
+            status,
+            reason: reason.into(),
+            by_rule: false,
+        }
+    }
+}
+
+/// Serve plain HTTP on `client` (whose first bytes, already read, are in
+/// `first`) until the guest closes, a request is refused, or the connection
+/// idles out.
+pub(crate) async fn serve<S>(
+    proxy: &Proxy,
+    policy: Arc<Policy>,
+    client: &mut S,
+    first: Vec<u8>,
+    template: &ConnectionReport,
+    act: &Activity,
+    bound: Option<Bound>,
+) -> Served
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let cfg = proxy.config();
+    let latest = Arc::new(Mutex::new(None));
+    let mut template = template.clone();
+    template.proto = Some("http".into());
+    let session = Arc::new(Session {
+        proxy: proxy.clone(),
+        policy,
+        bound,
+        template,
+        log: RequestLog::keeping_latest(proxy.clone(), latest.clone()),
+        upstream: Mutex::new(None),
+        decided: Mutex::new(None),
+        requests: AtomicU64::new(0),
+    });
+    let service = {
+        let session = session.clone();
+        hyper::service::service_fn(move |req| {
+            let s = session.clone();
+            async move { Ok::<_, Infallible>(s.forward(req).await) }
+        })
+    };
+    let io = TokioIo::new(GuestIo {
+        first: Bytes::from(first),
+        inner: client,
+        act,
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.handshake_timeout)
+        .max_buf_size(MAX_BUF)
+        .title_case_headers(true)
+        .preserve_header_case(true)
+        .serve_connection(io, service);
+    let requests = || session.requests.load(Ordering::Relaxed);
+    let error = tokio::select! {
+        r = conn => match r {
+            Ok(()) => None,
+            Err(e) if e.is_parse_too_large() => Some(format!(
+                "bad-request: request head larger than {MAX_BUF} bytes"
+            )),
+            Err(e) if e.is_parse() => Some(format!("bad-request: {e}")),
+            // Waiting for the next request: an orderly end.
+            Err(e) if e.is_timeout() && requests() > 0 => None,
+            Err(e) if e.is_timeout() => Some("handshake-timeout".into()),
+            Err(e) if e.is_incomplete_message() && requests() > 0 => {
+                Some("client-closed: during a request".into())
+            }
+            Err(e) => Some(format!("client-error: {e}")),
+        },
+        _ = act.idle(cfg.idle_timeout) => Some("idle-timeout".into()),
+    };
+    // Ends the upstream connection's task.
+    drop(session);
+    let latest = match latest.lock() {
+        Ok(mut g) => g.take(),
+        Err(poisoned) => poisoned.into_inner().take(),
+    };
+    Served { latest, error }
+}
+
+impl Session {
+    /// Check one request and forward it; a refusal is answered here.
+    async fn forward(&self, req: Request<Incoming>) -> Response<ReplyBody> {
+        let started = Instant::now();
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut rec = self.template.clone();
+        rec.time = time::OffsetDateTime::now_utc();
+        rec.method = Some(truncate(req.method().as_str()));
+        rec.path = Some(truncate(
+            req.uri().path_and_query().map_or("/", |p| p.as_str()),
+        ));
+        let up_head = head_len_request(&req);
+        match self.check(&req, &mut rec).await {
+            Ok((origin, addrs)) => self.send(req, rec, origin, addrs, started, up_head).await,
+            Err(r) => {
+                if !r.by_rule {
+                    rec.deny(r.reason.clone());
+                }
+                rec.status = Some(r.status.as_u16());
+                rec.bytes_up = up_head;
+                rec.duration_ms = millis(started);
+                self.log.write(&rec);
+                let mut resp = own_reply(r.status, &r.reason);
+                // The connection ends with the refusal.
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                resp
+            }
+        }
+    }
+
+    /// The request's origin-form target and the addresses it may go to.
+    async fn check(
+        &self,
+        req: &Request<Incoming>,
+        rec: &mut ConnectionReport,
+    ) -> Result<(Uri, Vec<IpAddr>), Refusal> {
+        if req.method() == Method::CONNECT {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "bad-request: CONNECT on a connection that carries plain HTTP",
+            ));
+        }
+        let upgrade = req.headers().contains_key(header::UPGRADE)
+            && req
+                .headers()
+                .get_all(header::CONNECTION)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+        let target = req.uri().to_string();
+        let (host, port, origin) = match &self.bound {
+            Some(b) => {
+                let origin = if req.uri().scheme().is_some() {
+                    let t = h1::parse_absolute(&target).map_err(|e| {
+                        Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {e}"))
+                    })?;
+                    if !h1::same_host(&t.host, &b.host) || t.port != b.port {
+                        return Err(Refusal::new(
+                            StatusCode::FORBIDDEN,
+                            format!("host-mismatch: URI names {}:{}", truncate(&t.host), t.port),
+                        ));
+                    }
+                    t.origin
+                } else {
+                    target
+                };
+                (b.host.clone(), b.port, origin)
+            }
+            None => {
+                let t = h1::parse_absolute(&target).map_err(|e| {
+                    Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {e}"))
+                })?;
+                rec.host = t.host.clone();
+                rec.port = t.port;
+                (t.host, t.port, t.origin)
+            }
+        };
+        rec.path = Some(truncate(&origin));
+        check_host_header(req.headers(), req.version(), &host, port)?;
+        if upgrade {
+            // After an upgrade bytes flow unframed, so later requests would
+            // escape these checks. WebSockets over TLS are tunneled instead.
+            return Err(Refusal::new(
+                StatusCode::FORBIDDEN,
+                "upgrade-refused: plain-HTTP protocol upgrades are not relayed; use TLS",
+            ));
+        }
+        let origin: Uri = origin
+            .parse()
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {e}")))?;
+        let addrs = match &self.bound {
+            Some(b) => b.addrs.clone(),
+            None => {
+                let checked = self.decide(&host, port).await;
+                rec.set_decision(&checked.decision);
+                if !checked.decision.permits() {
+                    return Err(Refusal {
+                        status: StatusCode::FORBIDDEN,
+                        reason: checked.decision.reason,
+                        by_rule: true,
+                    });
+                }
+                checked.addrs
+            }
+        };
+        Ok((origin, addrs))
+    }
+
+    /// [`decide`], reusing the previous request's decision for the same
+    /// `host:port`.
+    async fn decide(&self, host: &str, port: u16) -> Checked {
+        let cached = lock(&self.decided)
+            .as_ref()
+            .filter(|(h, p, _)| h == host && *p == port)
+            .map(|(_, _, c)| c.clone());
+        if let Some(c) = cached {
+            return c;
+        }
+        let checked = decide(&self.policy, host, port).await;
+        *lock(&self.decided) = Some((host.to_string(), port, checked.clone()));
+        checked
+    }
+
+    async fn send(
+        &self,
+        req: Request<Incoming>,
+        rec: ConnectionReport,
+        origin: Uri,
+        addrs: Vec<IpAddr>,
+        started: Instant,
+        up_head: u64,
+    ) -> Response<ReplyBody> {
+        let host = rec.host.clone();
+        let port = rec.port;
+        let (mut parts, body) = req.into_parts();
+        let http10 = parts.version == Version::HTTP_10;
+        strip_hop_by_hop(&mut parts.headers);
+        if http10 && !parts.headers.contains_key(header::HOST) {
+            let authority = if port == 80 {
+                host.clone()
+            } else {
+                format!("{host}:{port}")
+            };
+            if let Ok(v) = HeaderValue::from_str(&authority) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        parts.uri = origin;
+        parts.version = Version::HTTP_11;
+        let up = Arc::new(AtomicU64::new(up_head));
+        let body = Counted {
+            inner: body,
+            count: up.clone(),
+        };
+        // If the guest gives up before the answer comes, the request is
+        // still logged.
+        let mut pending = Pending {
+            rec: Some(rec),
+            up: up.clone(),
+            started,
+            log: self.log.clone(),
+        };
+        let upstream = self.upstream_for(&host, port, &addrs).await;
+        let mut upstream = match upstream {
+            Ok(u) => u,
+            Err(reason) => {
+                let Some(rec) = pending.rec.take() else {
+                    return own_reply(StatusCode::INTERNAL_SERVER_ERROR, "internal: record taken");
+                };
+                return self.fail(rec, &up, started, reason);
+            }
+        };
+        if let Some(rec) = pending.rec.as_mut() {
+            rec.addr = Some(upstream.addr.to_string());
+        }
+        let sent = upstream
+            .sender
+            .send_request(Request::from_parts(parts, body))
+            .await;
+        let Some(mut rec) = pending.rec.take() else {
+            return own_reply(StatusCode::INTERNAL_SERVER_ERROR, "internal: record taken");
+        };
+        match sent {
+            Ok(resp) => {
+                // Kept for the next request unless the upstream will close it.
+                if !upstream.sender.is_closed() {
+                    *lock(&self.upstream) = Some(upstream);
+                }
+                rec.status = Some(resp.status().as_u16());
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let down = head_len_response(parts.status, &parts.headers);
+                let body = Audited {
+                    inner: body,
+                    down,
+                    up,
+                    rec: Some(rec),
+                    started,
+                    log: self.log.clone(),
+                    _permit: None,
+                };
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => {
+                let mut deepest = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    deepest = s.to_string();
+                    source = s.source();
+                }
+                self.fail(rec, &up, started, format!("upstream-error: {deepest}"))
+            }
+        }
+    }
+
+    /// A 502 for an allowed request that could not be completed.
+    fn fail(
+        &self,
+        mut rec: ConnectionReport,
+        up: &AtomicU64,
+        started: Instant,
+        reason: String,
+    ) -> Response<ReplyBody> {
+        rec.reason = reason.clone();
+        rec.status = Some(502);
+        rec.bytes_up = up.load(Ordering::Relaxed);
+        rec.duration_ms = millis(started);
+        self.log.write(&rec);
+        let mut resp = own_reply(StatusCode::BAD_GATEWAY, &reason);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp
+    }
+
+    /// The kept upstream connection if it goes to `host:port` and is
+    /// usable, else a new one to one of `addrs`.
+    async fn upstream_for(
+        &self,
+        host: &str,
+        port: u16,
+        addrs: &[IpAddr],
+    ) -> Result<Upstream, String> {
+        let kept = lock(&self.upstream).take();
+        if let Some(mut u) = kept {
+            if u.host == host
+                && u.port == port
+                && addrs.contains(&u.addr.ip())
+                && u.sender.ready().await.is_ok()
+            {
+                return Ok(u);
+            }
+        }
+        let cfg = self.proxy.config();
+        let mut last = String::from("no address");
+        for ip in addrs {
+            let addr = SocketAddr::new(*ip, port);
+            let tcp =
+                match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        last = format!("{addr}: {e}");
+                        continue;
+                    }
+                    Err(_) => {
+                        last = format!("{addr}: timed out");
+                        continue;
+                    }
+                };
+            let _ = tcp.set_nodelay(true);
+            let (sender, conn) = hyper::client::conn::http1::Builder::new()
+                .max_buf_size(MAX_UPSTREAM_BUF)
+                .title_case_headers(true)
+                .preserve_header_case(true)
+                .handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| format!("upstream-error: {e}"))?;
+            let task = tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            return Ok(Upstream {
+                host: host.to_string(),
+                port,
+                addr,
+                sender,
+                task,
+            });
+        }
+        Err(format!("connect-failed: {last}"))
+    }
+}
+
+/// The Host header (required for HTTP/1.1) must name `host`, and its port,
+/// if given, `port`.
+fn check_host_header(
+    headers: &HeaderMap,
+    version: Version,
+    host: &str,
+    port: u16,
+) -> Result<(), Refusal> {
+    let bad = |why: String| Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {why}"));
+    let mut values = headers.get_all(header::HOST).iter();
+    let Some(value) = values.next() else {
+        if version == Version::HTTP_10 {
+            return Ok(());
+        }
+        return Err(bad("HTTP/1.1 request without Host".into()));
+    };
+    if values.next().is_some() {
+        return Err(bad("more than one host header".into()));
+    }
+    let value = value
+        .to_str()
+        .map_err(|_| bad("host header is not text".into()))?
+        .trim();
+    let (h, p) = h1::split_authority(value, port).map_err(bad)?;
+    if !h1::same_host(&h, host) || p != port {
+        return Err(Refusal::new(
+            StatusCode::FORBIDDEN,
+            format!("host-mismatch: Host {} for {host}:{port}", truncate(value)),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of a request head as it arrived, about (hyper does not expose
+/// the raw head): the request line and the headers.
+fn head_len_request<B>(req: &Request<B>) -> u64 {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    (line + headers_len(req.headers())) as u64
+}
+
+/// Bytes of a response head as it is sent on, about.
+fn head_len_response(status: StatusCode, headers: &HeaderMap) -> u64 {
+    let line = 13 + status.canonical_reason().map_or(0, str::len) + 2;
+    (line + headers_len(headers)) as u64
+}
+
+fn headers_len(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + 2
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}

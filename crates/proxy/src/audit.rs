@@ -1,4 +1,4 @@
-//! The audit log: one JSON line per connection in `logs/net.jsonl`, rotated
+//! The audit log: one JSON line per connection or request in `logs/net.jsonl`, rotated
 //! by size, and the reader behind `sandpen policy log`.
 
 use std::fs::{File, OpenOptions};
@@ -10,9 +10,9 @@ use sandpen_policy::{Decision, Scope, Verdict};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-/// One audit record: a connection, or (for plain HTTP, where the proxy
-/// forwards one request per connection) a connection and its request.
-/// This is also what [`crate::Proxy::handle`] returns.
+/// One audit record: a connection, or one HTTP request the proxy saw (plain
+/// HTTP, intercepted TLS). [`crate::Proxy::handle`] returns the connection's
+/// (for plain HTTP: its latest request's, with the connection's bytes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectionReport {
     #[serde(with = "time::serde::rfc3339")]

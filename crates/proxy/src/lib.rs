@@ -16,9 +16,11 @@
 //! 4. connects to exactly an address that was checked, forwards the peeked
 //!    bytes and relays byte for byte (a bidirectional copy with adaptive
 //!    buffers, see `relay`);
-//! 5. writes one audit record ([`ConnectionReport`]) and returns it.
+//! 5. writes one audit record ([`ConnectionReport`]) and returns it (plain
+//!    HTTP: one per request).
 //!
-//! Plain HTTP is forwarded one request per connection (see [`http`]).
+//! Plain HTTP is served request by request, each checked and logged, with
+//! connections kept alive both ways (see `forward`).
 //! Server-first protocols (SMTP, MySQL) work on ports other than 80 and 443:
 //! when the client has said nothing after [`ProxyConfig::server_first_after`],
 //! the proxy connects and relays raw bytes, decided on the name alone.

@@ -35,6 +35,7 @@ import http.server, ssl, sys, threading, os
 root = sys.argv[1]
 log = open(os.path.join(root, "requests.log"), "a", buffering=1)
 class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers
     def do_GET(self):
         log.write(self.path + "\n")
         body = ("hello " + self.server.name + " " + self.path + "\n").encode()
@@ -343,6 +344,40 @@ fn host_header_mismatch_is_denied() -> Result<(), Failed> {
     )
 }
 
+/// curl keeps its proxy connection for the next URL: the proxy must check
+/// each request on it, not just the first.
+fn a_kept_alive_proxy_connection_checks_every_request() -> Result<(), Failed> {
+    ready()?;
+    let port = env().http_port;
+    let (_, out) = guest(&format!(
+        "curl -sS -m 10 -x http://127.0.0.1:3128 --noproxy '' -w 'connects=%{{num_connects}} code=%{{http_code}}\\n' \
+         http://allowed.test:{port}/ka-1 http://allowed.test:{port}/ka-2 http://denied.test:{port}/ka-3"
+    ));
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("connects=")).collect();
+    check(
+        lines.len() == 3
+            && lines[0].ends_with("code=200")
+            && lines[1] == "connects=0 code=200"
+            && lines[2].ends_with("code=403"),
+        format!("the second URL reuses the connection, the third is refused:\n{out}"),
+    )?;
+    let seen = requests_seen();
+    check(
+        seen.contains("/ka-1") && seen.contains("/ka-2") && !seen.contains("/ka-3"),
+        format!("the server saw: {seen}"),
+    )?;
+    let r = last_record("denied.test", port)?;
+    check(
+        r["decision"] == "deny" && r["path"] == "/ka-3" && r["rule"] == "deny denied.test",
+        r.to_string(),
+    )?;
+    let r = last_record("allowed.test", port)?;
+    check(
+        r["decision"] == "allow" && r["path"] == "/ka-2" && r["status"] == 200,
+        r.to_string(),
+    )
+}
+
 fn no_dns_tunnel_and_no_udp_out() -> Result<(), Failed> {
     ready()?;
     let (_, out) = guest("dig +time=2 +tries=1 TXT x.attacker.test");
@@ -454,6 +489,10 @@ fn main() {
         (
             "host_header_mismatch_is_denied",
             host_header_mismatch_is_denied,
+        ),
+        (
+            "a_kept_alive_proxy_connection_checks_every_request",
+            a_kept_alive_proxy_connection_checks_every_request,
         ),
         ("no_dns_tunnel_and_no_udp_out", no_dns_tunnel_and_no_udp_out),
         ("ipv6_fails", ipv6_fails),

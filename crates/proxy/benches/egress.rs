@@ -267,6 +267,22 @@ fn rss_tree_kib(pid: u32) -> u64 {
     total
 }
 
+/// CPU time (user + system, all threads) of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    /// `/proc/PID/stat` counts in USER_HZ, 100 on Linux's x86 ABI.
+    const USER_HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the parenthesised name, utime and stime are the 12th and 13th.
+    let fields: Vec<f64> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .map(|v| v.parse().unwrap_or(0.0))
+        .collect();
+    (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / USER_HZ
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -660,16 +676,28 @@ async fn throughput_section(
     gib: f64,
 ) -> Res<()> {
     println!("\n## CONNECT tunnel throughput, {gib} GiB on loopback (best of 3)");
+    let me = std::process::id();
+    let cpu0 = cpu_secs(me);
     let direct = throughput(None, sink, bytes, 3).await?;
-    println!("  direct      {direct:9.0} MiB/s");
+    // Client and sink: one copy into the kernel and one out per byte.
+    let direct_cpu = (cpu_secs(me) - cpu0) / (3.0 * gib);
+    println!("  direct      {direct:9.0} MiB/s   client + sink CPU {direct_cpu:.2} s/GiB");
     let mut tp = Vec::new();
     for s in subjects {
+        let pid = s.child.id();
+        let cpu0 = cpu_secs(pid);
         match throughput(Some(s.addr), sink, bytes, 3).await {
             Ok(v) => {
+                // What the proxy alone spends per GiB, and so what it could
+                // relay with a core of its own.
+                let cpu = (cpu_secs(pid) - cpu0) / (3.0 * gib);
+                let capacity = if cpu > 0.0 { 1024.0 / cpu } else { f64::NAN };
                 println!(
-                    "  {:<10}  {v:9.0} MiB/s  ({:.2}x direct)",
+                    "  {:<10}  {v:9.0} MiB/s  ({:.2}x direct)   proxy CPU {cpu:.2} s/GiB: \
+                     {capacity:.0} MiB/s per core ({:.2}x direct)",
                     s.name,
-                    v / direct
+                    v / direct,
+                    capacity / direct
                 );
                 tp.push((s.name, v));
             }

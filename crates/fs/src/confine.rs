@@ -184,6 +184,22 @@ pub fn confine(c: &Confinement) -> Result<Confined, ConfineError> {
     })
 }
 
+/// The running kernel's Landlock ABI (0: none, or not enabled). For
+/// `sandpen doctor`; [`confine`] negotiates through the `landlock` crate.
+pub fn kernel_landlock_abi() -> i64 {
+    // SAFETY: landlock_create_ruleset(NULL, 0, LANDLOCK_CREATE_RULESET_VERSION)
+    // reads and writes no memory; it returns the ABI or -1.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<u8>(),
+            0usize,
+            1u32,
+        )
+    };
+    v.max(0)
+}
+
 /// Whether `PR_SET_NO_NEW_PRIVS` is set for the calling thread.
 pub fn no_new_privs() -> bool {
     // SAFETY: prctl(PR_GET_NO_NEW_PRIVS) takes integers only.

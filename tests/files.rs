@@ -1,6 +1,9 @@
 //! End-to-end tests of the workspace file server: every file rule attacked
 //! from inside a real guest as root, the flow label narrowing egress, and
-//! real tools (git, cargo) over the share. One sandbox is shared by all tests.
+//! real tools (git, cargo, npm) over the share. One sandbox is shared by all
+//! tests but the npm one, which needs Node.js: it has a sandbox of its own on
+//! the `test-agents` image (scripts/test builds it). One test needs no VM:
+//! the real `sandpen fs-serve` confines itself before it serves.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -13,6 +16,9 @@ mod common;
 use common::{check, text};
 
 const NAME: &str = "files";
+/// The sandbox of the npm test, on the image with Node.js.
+const NPM_NAME: &str = "files-npm";
+const NPM_IMAGE: &str = "test-agents";
 /// Content of a host file outside the workspace; must never reach the guest.
 const OUTSIDE: &str = "HOST-ONLY-9f31c2";
 
@@ -304,7 +310,21 @@ fn no_escape_from_the_share() -> Result<(), Failed> {
     // The host's file is untouched by anything the guest did with the links.
     let (_, _) = guest("echo overwritten > hostlink; echo overwritten > rellink");
     let host = std::fs::read_to_string(&outside).unwrap_or_default();
-    check(host == OUTSIDE, format!("outside file changed: {host:?}"))
+    check(host == OUTSIDE, format!("outside file changed: {host:?}"))?;
+    // Every server of this sandbox (the workspace, the :ro toolchain) is
+    // confined, so every test here runs against confined servers.
+    let log = env()
+        .state
+        .path()
+        .join("sandpen/sandboxes")
+        .join(NAME)
+        .join("logs/fs.log");
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    let shares = 1 + usize::from(env().toolchain.is_some());
+    check(
+        log.matches("confined: ").count() >= shares && !log.contains("no seccomp"),
+        format!("the file servers did not all confine themselves:\n{log}"),
+    )
 }
 
 fn flow_label_narrows_egress_until_reset() -> Result<(), Failed> {
@@ -481,6 +501,271 @@ fn cargo_build_on_the_share() -> Result<(), Failed> {
     )
 }
 
+/// The npm test's own sandbox (`NPM_NAME` on `NPM_IMAGE`), its workspace
+/// beside the main one; created and started on first use.
+fn npm_sandbox() -> Result<PathBuf, Failed> {
+    static READY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    READY
+        .get_or_init(|| {
+            (|| -> Result<PathBuf, Failed> {
+                let images = ok(&["image", "ls", "--json"])?;
+                check(
+                    images.contains(&format!("\"{NPM_IMAGE}\"")),
+                    format!(
+                        "no {NPM_IMAGE} image in {}: scripts/test builds it \
+                         (sandpen image build --agent claude --agent codex --agent gemini --name {NPM_IMAGE})",
+                        env().data.display()
+                    ),
+                )?;
+                let ws = env().root.path().join(NPM_NAME);
+                std::fs::create_dir_all(&ws)?;
+                let ws = ws.canonicalize()?;
+                let ws_arg = ws.display().to_string();
+                ok(&[
+                    "create", "--name", NPM_NAME, "--image", NPM_IMAGE, "--cpus", "1",
+                    "--memory", "1G", "--docker", "off", &ws_arg,
+                ])?;
+                ok(&["start", NPM_NAME])?;
+                Ok(ws)
+            })()
+            .map_err(|e| format!("setting up the npm sandbox: {e:?}"))
+        })
+        .clone()
+        .map_err(Failed::from)
+}
+
+/// A local package set that makes npm do on the share what it does on a
+/// disk: nested folders, a scoped package, a bundled dependency (a nested
+/// `node_modules` beside a hoisted one of another version), bin links
+/// (symlinks in `node_modules/.bin`, targets made executable), a lifecycle
+/// script that writes, renames and chmods, and npm's own atomic writes
+/// (a temporary file renamed over `package-lock.json`).
+fn write_npm_packages(dir: &Path) {
+    let files: &[(&str, &str)] = &[
+        (
+            "src/alpha/package.json",
+            r#"{"name":"alpha","version":"1.0.0","main":"lib/index.js","bin":{"alpha":"bin/alpha.js"}}"#,
+        ),
+        (
+            "src/alpha/bin/alpha.js",
+            "#!/usr/bin/env node\nconsole.log('alpha-cli ' + require('../lib/index.js').v);\n",
+        ),
+        (
+            "src/alpha/lib/index.js",
+            "module.exports = { v: require('./deep/er/most.js') };\n",
+        ),
+        ("src/alpha/lib/deep/er/most.js", "module.exports = 'alpha-deep';\n"),
+        (
+            "src/beta/package.json",
+            r#"{"name":"beta","version":"1.0.0","main":"index.js","dependencies":{"gamma":"1.0.0"},"bundleDependencies":["gamma"],"bin":{"beta-one":"one.js","beta-two":"two.js"}}"#,
+        ),
+        ("src/beta/index.js", "module.exports = 'beta+' + require('gamma');\n"),
+        ("src/beta/one.js", "#!/usr/bin/env node\nconsole.log('one');\n"),
+        ("src/beta/two.js", "#!/usr/bin/env node\nconsole.log('two');\n"),
+        (
+            "src/beta/node_modules/gamma/package.json",
+            r#"{"name":"gamma","version":"1.0.0","main":"index.js"}"#,
+        ),
+        ("src/beta/node_modules/gamma/index.js", "module.exports = 'gamma1';\n"),
+        (
+            "src/gamma/package.json",
+            r#"{"name":"gamma","version":"2.0.0","main":"index.js"}"#,
+        ),
+        ("src/gamma/index.js", "module.exports = 'gamma2';\n"),
+        (
+            "src/delta/package.json",
+            r#"{"name":"@sp/delta","version":"1.0.0","main":"index.js","scripts":{"postinstall":"node build.js"}}"#,
+        ),
+        (
+            "src/delta/build.js",
+            "const fs = require('fs');\nfs.mkdirSync('out/a/b', { recursive: true });\n\
+             fs.writeFileSync('out/a/b/built.tmp', 'built');\n\
+             fs.renameSync('out/a/b/built.tmp', 'out/built.txt');\n\
+             fs.chmodSync('out/built.txt', 0o755);\n",
+        ),
+        (
+            "src/delta/index.js",
+            "module.exports = 'delta:' + require('fs').readFileSync(__dirname + '/out/built.txt', 'utf8');\n",
+        ),
+        ("app/package.json", r#"{"name":"app","version":"1.0.0","private":true}"#),
+    ];
+    for (rel, content) in files {
+        write(&dir.join(rel), content);
+    }
+}
+
+fn npm_ci_on_the_share() -> Result<(), Failed> {
+    let ws = npm_sandbox()?;
+    let dir = ws.join("npm");
+    write_npm_packages(&dir);
+    // In the guest, as the sandbox user, offline (the guest has no way to a
+    // registry here, and needs none): pack the packages into tarballs on the
+    // share, `npm install` them (which writes the lock file), then `npm ci`,
+    // which deletes that node_modules and installs again from the lock.
+    let script = format!(
+        "set -e; export npm_config_update_notifier=false npm_config_fund=false npm_config_audit=false; \
+         cd {dir}; mkdir -p pkgs; cd pkgs; \
+         npm pack --offline --silent ../src/alpha ../src/beta ../src/gamma ../src/delta; \
+         cd ../app; \
+         npm install --offline --no-audit --no-fund ../pkgs/alpha-1.0.0.tgz ../pkgs/beta-1.0.0.tgz ../pkgs/gamma-2.0.0.tgz ../pkgs/sp-delta-1.0.0.tgz; \
+         test -f package-lock.json; touch node_modules/STALE; \
+         npm ci --offline --no-audit --no-fund; \
+         test ! -e node_modules/STALE; \
+         node -e \"const a = require('assert'); \
+            a.strictEqual(require('alpha').v, 'alpha-deep'); \
+            a.strictEqual(require('beta'), 'beta+gamma1'); \
+            a.strictEqual(require('gamma'), 'gamma2'); \
+            a.strictEqual(require('@sp/delta'), 'delta:built'); \
+            console.log('REQUIRE-OK')\"; \
+         ./node_modules/.bin/alpha; ./node_modules/.bin/beta-two; \
+         npm ls --offline >/dev/null; echo NPM-OK",
+        dir = dir.display()
+    );
+    let out = sandpen(&["exec", NPM_NAME, "--", "sh", "-c", &script]);
+    let all = text(&out.stdout) + &text(&out.stderr);
+    check(
+        out.status.success()
+            && all.contains("REQUIRE-OK")
+            && all.contains("alpha-cli alpha-deep")
+            && all.contains("NPM-OK"),
+        format!("npm ci on the share: {:?}\n{all}", out.status.code()),
+    )?;
+    // What npm left on the host, seen from the host.
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let nm = dir.join("app/node_modules");
+    let link = std::fs::symlink_metadata(nm.join(".bin/alpha"))?;
+    check(
+        link.file_type().is_symlink(),
+        "node_modules/.bin/alpha is not a symlink",
+    )?;
+    let target = std::fs::read_link(nm.join(".bin/alpha"))?;
+    check(
+        target == Path::new("../alpha/bin/alpha.js"),
+        format!("bin link target {}", target.display()),
+    )?;
+    for exe in [
+        "alpha/bin/alpha.js",
+        "beta/two.js",
+        "@sp/delta/out/built.txt",
+    ] {
+        let mode = std::fs::metadata(nm.join(exe))?.permissions().mode();
+        check(
+            mode & 0o111 != 0,
+            format!("{exe} is not executable: {mode:o}"),
+        )?;
+    }
+    for (rel, want) in [
+        ("gamma/package.json", "\"2.0.0\""),
+        ("beta/node_modules/gamma/package.json", "\"1.0.0\""),
+    ] {
+        let text = std::fs::read_to_string(nm.join(rel))?;
+        check(text.contains(want), format!("{rel}: {text}"))?;
+    }
+    check(
+        !nm.join("@sp/delta/out/a/b/built.tmp").exists(),
+        "the renamed file is still there",
+    )?;
+    // Files the guest user made belong to the host user.
+    // SAFETY: getuid has no arguments and cannot fail.
+    let me = unsafe { libc::getuid() };
+    let owner = std::fs::metadata(nm.join("alpha/lib/deep/er/most.js"))?.uid();
+    check(owner == me, format!("owned by {owner}, not {me}"))
+}
+
+/// The real `sandpen fs-serve`, started as the supervisor starts it,
+/// confines itself before it accepts QEMU: no_new_privs, a seccomp filter,
+/// Landlock at the kernel's ABI, and (as root) only the capabilities it
+/// needs. No VM: the server waits for QEMU already confined.
+fn fs_serve_confines_itself_before_serving() -> Result<(), Failed> {
+    let tmp = tempfile::tempdir()?;
+    let t = tmp.path();
+    std::fs::create_dir_all(t.join("share"))?;
+    let sock = t.join("fs.sock");
+    let log = std::fs::File::create(t.join("fs.log"))?;
+    let mut child = Command::new(&env().bin)
+        .arg("fs-serve")
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--root")
+        .arg(t.join("share"))
+        .args([
+            "--guest-uid",
+            "1000",
+            "--guest-gid",
+            "1000",
+            "--sandbox",
+            "t",
+        ])
+        .arg("--files-log")
+        .arg(t.join("files.jsonl"))
+        .arg("--flow-state")
+        .arg(t.join("state/flow/flow.json"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let result = (|| -> Result<(), Failed> {
+        let start = std::time::Instant::now();
+        let mut status = String::new();
+        // Listening comes before confining, so wait for the log line.
+        while start.elapsed() < std::time::Duration::from_secs(10) {
+            let log = std::fs::read_to_string(t.join("fs.log"))?;
+            if log.contains("confined") || log.contains("ERROR") {
+                status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let log = std::fs::read_to_string(t.join("fs.log"))?;
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        check(
+            field("NoNewPrivs:") == "1",
+            format!("NoNewPrivs: {status}\n{log}"),
+        )?;
+        check(
+            field("Seccomp:") == "2",
+            format!("Seccomp: {status}\n{log}"),
+        )?;
+        // SAFETY: with a null attribute, size 0 and the VERSION flag,
+        // landlock_create_ruleset reads and writes no memory.
+        let abi = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                std::ptr::null::<u8>(),
+                0usize,
+                1u32,
+            )
+        };
+        if abi >= 2 {
+            check(
+                log.contains(&format!("confined: landlock ABI {}", abi.min(10))),
+                format!("the kernel has Landlock ABI {abi}; the server logged:\n{log}"),
+            )?;
+        }
+        // SAFETY: geteuid has no arguments and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            // CHOWN DAC_OVERRIDE DAC_READ_SEARCH FOWNER FSETID SETGID SETUID.
+            check(
+                field("CapPrm:") == "00000000000000df" && field("CapBnd:") == "0000000000000000",
+                format!("capabilities as root: {status}"),
+            )?;
+        }
+        check(
+            t.join("state/flow").is_dir(),
+            "the flow label folder was not made",
+        )
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
 fn extra_mount_is_read_only() -> Result<(), Failed> {
     ready()?;
     let Some(tc) = env().toolchain.clone() else {
@@ -519,10 +804,16 @@ fn main() {
         ),
         ("cargo_build_on_the_share", cargo_build_on_the_share),
         ("extra_mount_is_read_only", extra_mount_is_read_only),
+        (
+            "fs_serve_confines_itself_before_serving",
+            fs_serve_confines_itself_before_serving,
+        ),
+        ("npm_ci_on_the_share", npm_ci_on_the_share),
     ];
     let trials = tests.into_iter().map(|(n, f)| Trial::test(n, f)).collect();
     let conclusion = libtest_mimic::run(&args, trials);
     let _ = sandpen(&["rm", "-f", NAME]);
+    let _ = sandpen(&["rm", "-f", NPM_NAME]);
     if let Ok(mut s) = env().server.lock() {
         let _ = s.kill();
         let _ = s.wait();

@@ -841,6 +841,14 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
     );
     check("qemu-img", tool("qemu-img"), "apt install qemu-utils");
     println!("ok    file server: built in (sandpen fs-serve)");
+    match sandpen_fs::confine::kernel_landlock_abi() {
+        abi if abi >= 2 => println!(
+            "ok    file server confinement: Landlock ABI {abi}, seccomp, no_new_privs"
+        ),
+        abi => println!(
+            "note  file server confinement: no usable Landlock in this kernel (ABI {abi};              2 or later is needed): the server runs with seccomp and its file rules only"
+        ),
+    }
     match sandpen_supervisor::fileserver::virtiofsd() {
         Ok(p) => println!(
             "note  virtiofsd (optional, benchmarks only): {}",

@@ -59,12 +59,19 @@ pub fn main(args: &FsServeArgs) -> ExitCode {
 
 fn serve(args: &FsServeArgs) -> Result<()> {
     let rules = sandpen_fs::rules_from_json(&args.rules)?.with_all_read_only(args.all_read_only);
-    let events = sandpen_fs::Events::new(
-        &args.sandbox,
-        args.files_log.as_deref(),
-        args.flow_state.clone().map(LabelStore::at),
-    )
-    .context("opening the file audit log")?;
+    let labels = args.flow_state.clone().map(LabelStore::at);
+    // The label folder is the one place outside the share the server
+    // writes to once confined; it must exist before (the supervisor makes
+    // it, this covers a server started by hand).
+    let mut state_dirs = Vec::new();
+    if let Some(store) = &labels {
+        let dir = store.dir();
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the flow label folder {}", dir.display()))?;
+        state_dirs.push(dir.to_path_buf());
+    }
+    let events = sandpen_fs::Events::new(&args.sandbox, args.files_log.as_deref(), labels)
+        .context("opening the file audit log")?;
     let cfg = sandpen_fs::ServeConfig {
         root: args.root.clone(),
         socket: args.socket.clone(),
@@ -76,6 +83,10 @@ fn serve(args: &FsServeArgs) -> Result<()> {
             host_gid: nix::unistd::getgid().as_raw(),
         },
         events: Arc::new(events),
+        confine: Some(sandpen_fs::ConfineSpec {
+            read_only: args.all_read_only,
+            state_dirs,
+        }),
     };
     tracing::info!(root = %cfg.root.display(), "serving");
     sandpen_fs::serve(cfg)?;

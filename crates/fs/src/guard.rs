@@ -161,6 +161,11 @@ where
         }
     }
 
+    /// The share's root on the host (canonical).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
     fn nodes(&self) -> MutexGuard<'_, HashMap<u64, Node>> {
         // A panic while holding the map leaves it consistent (every update is
         // one insert or one loop of renames), so a poisoned lock is usable.

@@ -16,6 +16,7 @@
 //! docs/files.md.
 
 pub mod backend;
+pub mod confine;
 pub mod events;
 pub mod guard;
 
@@ -45,6 +46,8 @@ pub enum FsError {
         what: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Confine(#[from] confine::ConfineError),
 }
 
 /// One share to serve.
@@ -56,6 +59,18 @@ pub struct ServeConfig {
     pub rules: FileRules,
     pub ids: IdMap,
     pub events: Arc<Events>,
+    /// Confine the process before the first request (see [`confine`]);
+    /// `None` only where the caller is not a server process of its own.
+    pub confine: Option<ConfineSpec>,
+}
+
+/// What the server may still reach once confined, besides its share.
+#[derive(Debug, Clone, Default)]
+pub struct ConfineSpec {
+    /// A `:ro` mount: nothing beneath the root may change.
+    pub read_only: bool,
+    /// Folders it writes its own files in afterwards (the flow labels').
+    pub state_dirs: Vec<PathBuf>,
 }
 
 /// The passthrough file system for `root`, behind the policy layer.
@@ -121,18 +136,54 @@ pub fn raise_fd_limit() -> Result<u64, FsError> {
 }
 
 /// Serve one share until QEMU disconnects.
+///
+/// Everything outside the share is opened first (the passthrough layer's
+/// `/proc/self/fd`, the socket; the caller opened the logs), then the
+/// process confines itself while it still has one thread, then the
+/// vhost-user daemon starts its threads and accepts QEMU.
 pub fn serve(cfg: ServeConfig) -> Result<(), FsError> {
     let limit = raise_fd_limit()?;
     tracing::debug!(limit, "open-file limit");
-    let fs = Arc::new(guarded_fs(&cfg)?);
-    let backend = Arc::new(backend::FsBackend::new(fs));
+    let fs = guarded_fs(&cfg)?;
+    let root = fs.root().to_path_buf();
+    let _ = std::fs::remove_file(&cfg.socket);
+    let mut listener = vhost::vhost_user::Listener::new(&cfg.socket, true)
+        .map_err(|e| FsError::Backend(format!("listening on {}: {e}", cfg.socket.display())))?;
+    if let Some(spec) = &cfg.confine {
+        let confined = confine::confine(&confine::Confinement {
+            root,
+            writable: !spec.read_only,
+            state_dirs: spec.state_dirs.clone(),
+        })?;
+        match &confined.landlock {
+            confine::LandlockOutcome::Enforced { .. } => {
+                tracing::info!("confined: {}", confined.summary())
+            }
+            confine::LandlockOutcome::NotEnforced(_) => tracing::warn!(
+                "confined only partly, the share's rules still hold: {}",
+                confined.summary()
+            ),
+        }
+        if let Err(why) = &confined.seccomp {
+            tracing::warn!("no seccomp filter: {why}");
+        }
+    }
+    let backend = Arc::new(backend::FsBackend::new(Arc::new(fs)));
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let mut daemon = VhostUserDaemon::new("sandpen-fs".into(), backend, mem)
         .map_err(|e| FsError::Backend(format!("{e}")))?;
-    let _ = std::fs::remove_file(&cfg.socket);
     daemon
-        .serve(&cfg.socket)
-        .map_err(|e| FsError::Backend(format!("{e}")))
+        .start(&mut listener)
+        .map_err(|e| FsError::Backend(format!("{e}")))?;
+    // What `VhostUserDaemon::serve` does after `start`: a guest that quits
+    // mid-message is a normal end.
+    match daemon.wait() {
+        Ok(()) => Ok(()),
+        Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(FsError::Backend(format!("{e}"))),
+    }
 }
 
 /// One rule as carried to the server process (`--rules`).

@@ -69,6 +69,7 @@ fn fixture() -> Fixture {
             host_gid: uid.1,
         },
         events: Arc::new(events),
+        confine: None,
     };
     let fs = crate::guarded_fs(&cfg).unwrap();
     fs.init(FsOptions::empty()).unwrap();

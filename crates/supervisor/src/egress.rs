@@ -87,7 +87,7 @@ impl PolicyWatch {
         [
             stamp(&g),
             stamp(&s),
-            stamp(&self.paths.dir.join("flow.json")),
+            stamp(LabelStore::in_dir(&self.paths.dir).path()),
         ]
     }
 

@@ -30,7 +30,7 @@ pub struct ShareSpec {
     pub has_rules: bool,
     pub sandbox: String,
     /// The file audit log (`logs/files.jsonl`) and the label store
-    /// (`flow.json`) the server writes to.
+    /// (`flow/flow.json`) the server writes to.
     pub files_log: PathBuf,
     pub flow_state: PathBuf,
 }
@@ -224,7 +224,7 @@ mod tests {
             has_rules: false,
             sandbox: "p".into(),
             files_log: "/s/logs/files.jsonl".into(),
-            flow_state: "/s/flow.json".into(),
+            flow_state: "/s/flow/flow.json".into(),
         }
     }
 

@@ -355,6 +355,13 @@ async fn start_shares(
     config: &SandboxConfig,
     paths: &SandboxPaths,
 ) -> Result<Vec<RunningShare>, SupervisorError> {
+    // The servers write `secret-read` there and may write nowhere else in
+    // the sandbox's folder: it must exist (and an earlier version's file be
+    // moved in) before they start.
+    let labels = sandpen_policy::LabelStore::in_dir(&paths.dir);
+    labels
+        .prepare()
+        .map_err(|e| SupervisorError::Invalid(format!("flow labels: {e}")))?;
     let policy = crate::egress::load_policy(dirs, paths, config)?;
     let rules = policy
         .file_rules()
@@ -386,7 +393,7 @@ async fn start_shares(
             has_rules,
             sandbox: config.name.clone(),
             files_log: paths.logs().join("files.jsonl"),
-            flow_state: paths.dir.join("flow.json"),
+            flow_state: labels.path().to_path_buf(),
         };
         shares.push(fileserver::start(&spec, &paths.fs_log(), kind).await?);
     }

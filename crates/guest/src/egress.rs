@@ -285,7 +285,8 @@ fn install_redirect() -> Result<()> {
         .context("installing the nftables rules")?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     log!(
-        "egress redirect installed in {:.0} ms (modules {:.0} ms, lo and route {:.1} ms, nftables {:.1} ms)",
+        "egress redirect installed at {} ms, in {:.0} ms (modules {:.0} ms, lo and route {:.1} ms, nftables {:.1} ms)",
+        crate::sys::uptime_ms(),
         ms(t0.elapsed()),
         ms(t1 - t0),
         ms(t2 - t1),

@@ -476,16 +476,14 @@ pub fn encode_batch(requests: &[Request], first_seq: u32) -> Vec<u8> {
 // ---------------------------------------------------------------------------
 // Talking to the kernel.
 
+/// Why a batch was not applied. The messages carry their cause (no `source`),
+/// so that `{:#}` does not print it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum NftError {
     #[error("nfnetlink socket: {0}")]
-    Socket(#[source] io::Error),
+    Socket(io::Error),
     #[error("the kernel refused {what}: {errno}")]
-    Refused {
-        what: String,
-        #[source]
-        errno: io::Error,
-    },
+    Refused { what: String, errno: io::Error },
     #[error("the kernel did not acknowledge {what}")]
     NoAnswer { what: String },
     #[error("unreadable answer from the kernel: {0}")]

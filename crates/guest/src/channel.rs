@@ -43,7 +43,7 @@ fn find_port() -> Result<PathBuf> {
 }
 
 pub async fn serve(reaper: Arc<Reaper>) -> Result<()> {
-    let egress = crate::egress::prepare(reaper.clone());
+    let egress = crate::egress::prepare();
     let port = find_port()?;
     sys::wait_for(&port, Duration::from_secs(5))?;
     let file = std::fs::OpenOptions::new()

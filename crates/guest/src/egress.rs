@@ -4,7 +4,7 @@
 //! one stream to the host, where the policy is decided. Nothing here decides.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
@@ -17,6 +17,7 @@ use sandpen_proto::{EgressMode, EgressOpen};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::log;
+use crate::nftables::{Chain, ChainType, InetHook, Rule, Table};
 
 pub const DNS_STUB: &str = "127.0.0.53:53";
 /// Where containers' DNS queries are redirected to (any local address).
@@ -93,8 +94,8 @@ pub fn answer(query: &[u8], table: &Mutex<FakeDns>) -> Option<Vec<u8>> {
 
 /// Installs the route and the nftables redirect. Slow-ish (the kernel loads the
 /// nf_tables modules), so it runs at boot in parallel with the handshake.
-pub fn prepare(reaper: Arc<crate::reaper::Reaper>) -> tokio::task::JoinHandle<Result<()>> {
-    tokio::task::spawn_blocking(move || install_redirect(&reaper))
+pub fn prepare() -> tokio::task::JoinHandle<Result<()>> {
+    tokio::task::spawn_blocking(install_redirect)
 }
 
 /// Starts the stub and both listeners, once [`prepare`] is done.
@@ -180,68 +181,116 @@ async fn relay(mux: MuxHandle, mut conn: TcpStream, mode: EgressMode, host: Stri
     let _ = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
 }
 
-/// nftables: every TCP connection leaving the guest, or leaving a container on
-/// a Docker bridge inside it, goes to the transparent listener; containers'
-/// DNS goes to the stub; other UDP goes nowhere. Traffic between the guest and
-/// its containers stays inside: the guest's route to "everywhere" is a local
-/// route in the main table, so the bridges' own routes are more specific, and
-/// packets for Docker's address pools (172.16.0.0/12, 192.168.0.0/16) are not
-/// redirected (a container reaching a literal private address gets a reset;
-/// by name it goes through the redirect like any other).
-const NFT_RULES: &str = "
-table inet sandpen
-delete table inet sandpen
-table inet sandpen {
-    chain output_nat {
-        type nat hook output priority -100;
-        ip daddr 127.0.0.0/8 return
-        oifname != \"lo\" return
-        meta l4proto tcp redirect to :15001
-    }
-    chain prerouting_nat {
-        type nat hook prerouting priority -100;
-        iifname \"lo\" return
-        udp dport 53 redirect to :15053
-        ip daddr { 172.16.0.0/12, 192.168.0.0/16 } return
-        meta l4proto tcp redirect to :15001
-    }
-    chain output_filter {
-        type filter hook output priority 0;
-        ip daddr 127.0.0.0/8 accept
-        ip6 daddr ::1 accept
-        oifname != \"lo\" accept
-        meta l4proto tcp accept
-        drop
-    }
-    chain forward_filter {
-        type filter hook forward priority 0;
-        drop
+/// The nftables ruleset: every TCP connection leaving the guest, or leaving a
+/// container on a Docker bridge inside it, goes to the transparent listener;
+/// containers' DNS goes to the stub; other UDP goes nowhere. Traffic between
+/// the guest and its containers stays inside: the guest's route to
+/// "everywhere" is a local route in the main table, so the bridges' own routes
+/// are more specific, and packets for Docker's address pools (172.16.0.0/12,
+/// 192.168.0.0/16) are not redirected (a container reaching a literal private
+/// address gets a reset; by name it goes through the redirect like any other).
+///
+/// Its `nft` script is `ruleset().to_string()` (kept in
+/// `testdata/egress.nft`, with the bytes `nft` sends for it beside it).
+pub fn ruleset() -> Table {
+    use crate::nftables::{
+        accept, drop, iifname, ip6_daddr, ip_daddr, l4proto, oifname, redirect_to, ret, udp_dport,
+        IPPROTO_TCP,
+    };
+    let loopback = || ip_daddr(Ipv4Addr::new(127, 0, 0, 0), 8);
+    Table {
+        name: "sandpen",
+        chains: vec![
+            Chain {
+                name: "output_nat",
+                kind: ChainType::Nat,
+                hook: InetHook::Output,
+                priority: -100,
+                rules: vec![
+                    Rule::new("ip daddr 127.0.0.0/8 return", [loopback(), ret()]),
+                    Rule::new("oifname != \"lo\" return", [oifname(false, "lo"), ret()]),
+                    Rule::new(
+                        "meta l4proto tcp redirect to :15001",
+                        [l4proto(IPPROTO_TCP), redirect_to(TRANSPARENT_PORT)],
+                    ),
+                ],
+            },
+            Chain {
+                name: "prerouting_nat",
+                kind: ChainType::Nat,
+                hook: InetHook::Prerouting,
+                priority: -100,
+                rules: vec![
+                    Rule::new("iifname \"lo\" return", [iifname(true, "lo"), ret()]),
+                    Rule::new(
+                        "udp dport 53 redirect to :15053",
+                        [udp_dport(53), redirect_to(BRIDGE_DNS_PORT)],
+                    ),
+                    // Docker's address pools (`nft` would take them as one
+                    // anonymous set; two rules are the same match).
+                    Rule::new(
+                        "ip daddr 172.16.0.0/12 return",
+                        [ip_daddr(Ipv4Addr::new(172, 16, 0, 0), 12), ret()],
+                    ),
+                    Rule::new(
+                        "ip daddr 192.168.0.0/16 return",
+                        [ip_daddr(Ipv4Addr::new(192, 168, 0, 0), 16), ret()],
+                    ),
+                    Rule::new(
+                        "meta l4proto tcp redirect to :15001",
+                        [l4proto(IPPROTO_TCP), redirect_to(TRANSPARENT_PORT)],
+                    ),
+                ],
+            },
+            Chain {
+                name: "output_filter",
+                kind: ChainType::Filter,
+                hook: InetHook::Output,
+                priority: 0,
+                rules: vec![
+                    Rule::new("ip daddr 127.0.0.0/8 accept", [loopback(), accept()]),
+                    Rule::new(
+                        "ip6 daddr ::1 accept",
+                        [ip6_daddr(Ipv6Addr::LOCALHOST), accept()],
+                    ),
+                    Rule::new("oifname != \"lo\" accept", [oifname(false, "lo"), accept()]),
+                    Rule::new("meta l4proto tcp accept", [l4proto(IPPROTO_TCP), accept()]),
+                    Rule::new("drop", [drop()]),
+                ],
+            },
+            Chain {
+                name: "forward_filter",
+                kind: ChainType::Filter,
+                hook: InetHook::Forward,
+                priority: 0,
+                rules: vec![Rule::new("drop", [drop()])],
+            },
+        ],
     }
 }
-";
 
-fn install_redirect(reaper: &crate::reaper::Reaper) -> Result<()> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let t0 = crate::sys::uptime_ms();
+/// Brings up `lo`, routes every address to it and installs [`ruleset`], all
+/// in process (rtnetlink, nfnetlink): no `ip` or `nft` process on the boot path.
+fn install_redirect() -> Result<()> {
+    let t0 = std::time::Instant::now();
+    // The rules' expressions (meta, cmp, payload, bitwise, immediate) are part
+    // of nf_tables; the kernel would ask modprobe for the others, which is
+    // slower than loading them here.
     crate::boot::load_rootfs_modules(&["nf_tables", "nft_chain_nat", "nft_redir"])?;
-    let t1 = crate::sys::uptime_ms();
+    let t1 = std::time::Instant::now();
     crate::netconf::loopback_up().context("bringing up lo")?;
     crate::netconf::route_everything_local().context("routing every address to lo")?;
-    let path = "/run/sandpen-egress.nft";
-    std::fs::File::create(path)
-        .and_then(|mut f| f.write_all(NFT_RULES.as_bytes()))
-        .context("writing the nftables rules")?;
-    let mut nft = Command::new("nft");
-    nft.args(["-f", path]).stdin(Stdio::null());
-    let out = reaper.output(&mut nft).context("running nft")?;
-    if !out.status.success() {
-        anyhow::bail!("nft: {}", String::from_utf8_lossy(&out.stderr).trim());
-    }
+    let t2 = std::time::Instant::now();
+    crate::nftables::apply(&crate::nftables::replace_table(&ruleset()))
+        .context("installing the nftables rules")?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
     log!(
-        "egress redirect installed in {} ms (modules {} ms)",
-        crate::sys::uptime_ms() - t0,
-        t1 - t0
+        "egress redirect installed at {} ms, in {:.0} ms (modules {:.0} ms, lo and route {:.1} ms, nftables {:.1} ms)",
+        crate::sys::uptime_ms(),
+        ms(t0.elapsed()),
+        ms(t1 - t0),
+        ms(t2 - t1),
+        ms(t2.elapsed())
     );
     Ok(())
 }
@@ -252,6 +301,81 @@ mod tests {
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
     use std::str::FromStr;
+
+    /// The ruleset is the script in testdata/egress.nft, message for message
+    /// and byte for byte what `nft -f` sends for it (scripts/nft-golden).
+    #[test]
+    fn ruleset_is_what_nft_sends() {
+        let script = include_str!("testdata/egress.nft");
+        assert_eq!(ruleset().to_string(), script);
+        let expected: Vec<(u16, String)> = include_str!("testdata/egress.nft.hex")
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| {
+                let (t, payload) = l.split_once(' ').unwrap();
+                (t.parse().unwrap(), payload.to_string())
+            })
+            .collect();
+        let requests = crate::nftables::replace_table(&ruleset());
+        let batch = crate::nftables::encode_batch(&requests, 1);
+        let mut actual = vec![];
+        let mut at = 0;
+        while at < batch.len() {
+            let m = netlink_packet_core::NetlinkBuffer::new_checked(&batch[at..]).unwrap();
+            let hex: String = m.payload().iter().map(|b| format!("{b:02x}")).collect();
+            actual.push((m.message_type(), hex));
+            at += m.length() as usize;
+        }
+        // Without BATCH_BEGIN and BATCH_END, which the file leaves out.
+        let actual = &actual[1..actual.len() - 1];
+        assert_eq!(actual.len(), expected.len());
+        for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
+            assert_eq!(a, e, "message {} ({})", i + 1, requests[i].what);
+        }
+    }
+
+    /// The kernel takes the batch, twice (the second replaces the first), in a
+    /// network namespace of its own; where `nft` is installed, it reads back
+    /// the same ruleset as after `nft -f testdata/egress.nft`. Needs root and
+    /// nf_tables on the host; skipped otherwise.
+    #[test]
+    fn kernel_accepts_the_ruleset() {
+        use crate::nftables::tests::{in_new_netns, no_nf_tables};
+        use std::io::Write;
+        use std::process::{Command, Stdio};
+        fn nft(args: &[&str], stdin: &str) -> Option<String> {
+            let mut child = Command::new("nft")
+                .args(args)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .ok()?;
+            child.stdin.take()?.write_all(stdin.as_bytes()).ok()?;
+            let out = child.wait_with_output().ok()?;
+            assert!(out.status.success(), "nft {args:?}");
+            Some(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+        let result = in_new_netns(|| {
+            let requests = crate::nftables::replace_table(&ruleset());
+            crate::nftables::apply(&requests)?;
+            crate::nftables::apply(&requests)?;
+            // nft runs in this thread's namespace.
+            let ours = nft(&["list", "ruleset"], "");
+            let theirs = nft(&["-f", "-"], include_str!("testdata/egress.nft"))
+                .and_then(|_| nft(&["list", "ruleset"], ""));
+            Ok(ours.zip(theirs))
+        });
+        match result {
+            None => {}
+            Some(Err(e)) if no_nf_tables(&e) => {}
+            Some(Err(e)) => panic!("{e}"),
+            Some(Ok(None)) => eprintln!("nft is not installed: the ruleset was not read back"),
+            Some(Ok(Some((ours, theirs)))) => {
+                assert_eq!(ours, theirs);
+                assert!(ours.contains("udp dport 53 redirect to :15053"), "{ours}");
+            }
+        }
+    }
 
     fn query(name: &str, t: RecordType) -> Vec<u8> {
         let mut m = Message::query();

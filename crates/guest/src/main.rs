@@ -11,6 +11,7 @@ mod docker;
 mod egress;
 mod exec;
 mod netconf;
+mod nftables;
 mod reaper;
 mod setup;
 mod sys;

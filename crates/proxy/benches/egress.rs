@@ -16,7 +16,8 @@
 //! Environment: `BENCH_GIB` (default 1), `BENCH_SECS` (rate run, default 5),
 //! `BENCH_BUF` (relay buffer bytes in the proxy), `BENCH_ONLY` (a comma list
 //! of `throughput,rate,latency,idle`), `BENCH_CONN` (`close` or `keep-alive`:
-//! only that connection mode for requests).
+//! only that connection mode for requests), `BENCH_LAT_N` (sequential requests
+//! per latency figure, default 2000).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -807,14 +808,18 @@ async fn latency_section(subjects: &[Subject], origin: SocketAddr) -> Res<()> {
 }
 
 async fn latency_rounds(subjects: &[Subject], origin: SocketAddr, keep_alive: bool) -> Res<()> {
+    let n: usize = std::env::var("BENCH_LAT_N")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
     println!(
-        "\n## Latency per request, sequential, 2000 requests, {}",
+        "\n## Latency per request, sequential, {n} requests, {}",
         connection_mode(keep_alive)
     );
-    let (d50, d99) = latencies(None, origin, keep_alive, 2000).await?;
+    let (d50, d99) = latencies(None, origin, keep_alive, n).await?;
     println!("  direct      p50 {d50:7.1} us  p99 {d99:7.1} us");
     for s in subjects {
-        match latencies(Some(s.addr), origin, keep_alive, 2000).await {
+        match latencies(Some(s.addr), origin, keep_alive, n).await {
             Ok((p50, p99)) => println!(
                 "  {:<10}  p50 {p50:7.1} us  p99 {p99:7.1} us   added p50 {:+7.1} us  p99 {:+7.1} us{}",
                 s.name,

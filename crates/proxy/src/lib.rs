@@ -232,6 +232,12 @@ impl LiveCheck {
         &self.addrs
     }
 
+    /// The decision that refused the connection, once [`check`](Self::check)
+    /// has.
+    pub(crate) fn take_cut(&self) -> Option<Decision> {
+        self.cut.lock().ok().and_then(|mut c| c.take())
+    }
+
     /// `Err(reason)` if the policy in force now refuses the connection.
     pub(crate) fn check(&mut self) -> Result<(), String> {
         let now = self.proxy.current_policy();

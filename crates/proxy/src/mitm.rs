@@ -511,11 +511,23 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
         }
     }
     let still = match s.live.lock() {
-        Ok(mut l) => l.check(),
-        Err(poisoned) => poisoned.into_inner().check(),
+        Ok(mut l) => l.check().map_err(|reason| (reason, l.take_cut())),
+        Err(poisoned) => {
+            let mut l = poisoned.into_inner();
+            l.check().map_err(|reason| (reason, l.take_cut()))
+        }
     };
-    if let Err(reason) = still {
-        return refuse(rec, StatusCode::FORBIDDEN, reason);
+    if let Err((reason, cut)) = still {
+        let mut rec = rec;
+        // Refused by a rule of the new policy: the record names it.
+        if let Some(d) = cut {
+            rec.set_decision(&d);
+        }
+        rec.reason = reason.clone();
+        rec.status = Some(StatusCode::FORBIDDEN.as_u16());
+        rec.duration_ms = millis(started);
+        s.proxy.write_record(&rec);
+        return own_reply(StatusCode::FORBIDDEN, &reason);
     }
     if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
         let reason = "upgrade-refused: protocol upgrades are not relayed on credential hosts";

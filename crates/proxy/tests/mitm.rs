@@ -538,6 +538,62 @@ async fn wrong_upstream_certificate_fails_closed() {
 }
 
 #[tokio::test]
+async fn a_policy_change_refuses_the_next_request_on_an_intercepted_connection() {
+    let h = harness().await;
+    let port = h.good.addr.port();
+    let (mut s, _) = h
+        .connect("api.anthropic.com", port, h.sandbox_roots(), Proto::H1)
+        .await;
+    let host = format!("api.anthropic.com:{port}");
+    let resp = s
+        .send(request(
+            &host,
+            "/v1/before",
+            &[("x-api-key", "proxy-managed")],
+            false,
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    body_text(resp).await;
+    // A rule now denies the host, on the connection already open.
+    let text = "[[network]]\nid = 9\naction = \"deny\"\ntarget = \"api.anthropic.com\"\n";
+    let f = PolicyFile::parse(
+        text.into(),
+        std::path::Path::new("/t/policy.toml"),
+        sandpen_policy::Scope::Global,
+    )
+    .unwrap();
+    h.proxy.set_policy(
+        Policy::from_files(Some(&f), None)
+            .with_add_hosts([AddHost::parse("api.anthropic.com:127.0.0.1").unwrap()]),
+    );
+    let resp = s
+        .send(request(
+            &host,
+            "/v1/after",
+            &[("x-api-key", "proxy-managed")],
+            false,
+        ))
+        .await;
+    assert_eq!(resp.status(), 403);
+    body_text(resp).await;
+    assert!(h
+        .good
+        .seen
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|s| s.path != "/v1/after"));
+    let recs = h.records();
+    let r = recs
+        .iter()
+        .find(|r| r.path.as_deref() == Some("/v1/after"))
+        .unwrap();
+    assert_eq!(r.reason, "policy-changed: denied-by-rule");
+    assert_eq!(r.rule.as_deref(), Some("deny api.anthropic.com"));
+}
+
+#[tokio::test]
 async fn a_request_for_another_host_inside_the_tunnel_is_refused() {
     let h = harness().await;
     let port = h.good.addr.port();

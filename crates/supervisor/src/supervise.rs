@@ -234,9 +234,10 @@ async fn boot(
     let qemu_pid = qemu.id().unwrap_or(0);
     let died = |status: std::process::ExitStatus| {
         SupervisorError::Boot(format!(
-            "QEMU exited during boot ({status}); see {} and {}",
+            "QEMU exited during boot ({status}); see {}, {} and {}",
             qemu_log.display(),
-            paths.console_log().display()
+            paths.console_log().display(),
+            paths.fs_log().display()
         ))
     };
 
@@ -259,7 +260,21 @@ async fn boot(
     };
     tokio::select! {
         r = tokio::time::timeout(BOOT_TIMEOUT, handshake::host(&mut channel)) => match r {
-            Ok(r) => r?,
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // A channel that closes early is mostly QEMU going away: say
+                // so, and where its reason is.
+                if let Ok(Ok(status)) =
+                    tokio::time::timeout(Duration::from_secs(2), qemu.wait()).await
+                {
+                    return Err(died(status));
+                }
+                return Err(SupervisorError::Boot(format!(
+                    "{e}; see {} and {}",
+                    paths.console_log().display(),
+                    qemu_log.display()
+                )));
+            }
             Err(_) => return Err(SupervisorError::Boot(format!(
                 "the guest did not answer within {BOOT_TIMEOUT:?}; see {}",
                 paths.console_log().display()

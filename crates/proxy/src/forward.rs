@@ -281,8 +281,13 @@ impl Session {
                         ));
                     }
                     t.origin
-                } else {
+                } else if target.starts_with('/') || target == "*" {
                     target
+                } else {
+                    return Err(Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        format!("bad-request: target `{}` is not a path", truncate(&target)),
+                    ));
                 };
                 (b.host.clone(), b.port, origin)
             }

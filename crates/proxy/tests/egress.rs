@@ -732,6 +732,21 @@ async fn an_upstream_connection_serves_only_its_own_host_and_port() {
 }
 
 #[tokio::test]
+async fn a_transparent_request_must_name_a_path() {
+    let srv = http_server().await;
+    let h = harness(Mode::Enforce);
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    guest
+        .write_all(b"GET allowed.test:80 HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        .await
+        .unwrap();
+    let text = read_all(&mut guest).await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert_eq!(rep.await.unwrap().reason_code(), "bad-request");
+    assert_eq!(srv.accepted(), 0);
+}
+
+#[tokio::test]
 async fn ambiguous_framing_never_smuggles_a_request_upstream() {
     let srv = http_server().await;
     let h = harness(Mode::Enforce);

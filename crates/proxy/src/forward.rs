@@ -66,11 +66,10 @@ pub(crate) struct Bound {
 
 /// How the served connection ended.
 pub(crate) struct Served {
-    /// The record of the latest of them.
+    /// The latest request's record, if any request was served.
     pub latest: Option<ConnectionReport>,
-    /// Why the connection ended, if not by an orderly close; with a status
-    /// when no request was served and the guest should hear why (hyper has
-    /// then already answered a malformed head itself).
+    /// Why the connection ended, if not by an orderly close. A malformed
+    /// head has already been answered by hyper itself (400 or 431).
     pub error: Option<String>,
 }
 

@@ -22,6 +22,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+// Shared with the end-to-end tests; the bench uses only part of it.
+#[allow(dead_code)]
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 /// The guest script: `bench DIR` prints `NAME SECONDS` lines.
 const SCRIPT: &str = r#"
 set -e
@@ -93,21 +98,6 @@ impl Run {
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
-}
-
-/// The host's Rust toolchain (its sysroot), to share read-only at the same
-/// path: a rustup toolchain, never a system folder such as `/usr`, which
-/// would hide the guest's own.
-fn toolchain() -> Option<PathBuf> {
-    let out = Command::new("rustc")
-        .args(["--print", "sysroot"])
-        .output()
-        .ok()?;
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    let system = ["/", "/usr", "/usr/local", "/opt"]
-        .iter()
-        .any(|s| sysroot == Path::new(s));
-    Some(sysroot).filter(|p| !system && p.join("bin/cargo").is_file())
 }
 
 fn git(args: &[&str], dir: &Path) -> String {
@@ -188,7 +178,7 @@ fn prepare<'a>(run: &'a Run, server: &'static str) -> Bench<'a> {
     std::fs::write(krate.join("src/lib.rs"), lib).unwrap();
     std::fs::write(ws.join("bench.sh"), SCRIPT).unwrap();
 
-    let tc = toolchain();
+    let tc = common::toolchain();
     let mut create = vec![
         "create".to_string(),
         "--name".into(),

@@ -52,21 +52,6 @@ print(s.server_address[1], flush=True)
 s.serve_forever()
 "#;
 
-/// The host's Rust toolchain (its sysroot), to share read-only at the same
-/// path: a rustup toolchain, never a system folder such as `/usr`, which
-/// would hide the guest's own.
-fn toolchain() -> Option<PathBuf> {
-    let out = Command::new("rustc")
-        .args(["--print", "sysroot"])
-        .output()
-        .ok()?;
-    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    let system = ["/", "/usr", "/usr/local", "/opt"]
-        .iter()
-        .any(|s| sysroot == Path::new(s));
-    Some(sysroot).filter(|p| !system && p.join("bin/cargo").is_file())
-}
-
 fn write(path: &Path, content: &str) {
     if let Some(d) = path.parent() {
         std::fs::create_dir_all(d).unwrap();
@@ -119,7 +104,7 @@ fn env() -> &'static Env {
             root,
             http_port: line.trim().parse().unwrap(),
             server: std::sync::Mutex::new(server),
-            toolchain: toolchain(),
+            toolchain: common::toolchain(),
         }
     })
 }

@@ -1,7 +1,7 @@
 //! Helpers shared by the end-to-end test binaries.
 
-use std::path::PathBuf;
-use std::process::Output;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 use libtest_mimic::Failed;
 
@@ -77,4 +77,20 @@ pub fn make_pki(root: &std::path::Path, name: &str, names: &[&str]) {
     std::fs::write(root.join(format!("{name}-ca.pem")), ca.pem()).unwrap();
     std::fs::write(root.join(format!("{name}.pem")), leaf.pem()).unwrap();
     std::fs::write(root.join(format!("{name}.key")), leaf_key.serialize_pem()).unwrap();
+}
+
+/// The host's Rust toolchain (its sysroot), to share read-only at the same
+/// path: a rustup toolchain, never a system folder such as `/usr`, which
+/// would hide the guest's own.
+#[allow(dead_code)] // the file-server tests and bench share the toolchain
+pub fn toolchain() -> Option<PathBuf> {
+    let out = Command::new("rustc")
+        .args(["--print", "sysroot"])
+        .output()
+        .ok()?;
+    let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let system = ["/", "/usr", "/usr/local", "/opt"]
+        .iter()
+        .any(|s| sysroot == Path::new(s));
+    Some(sysroot).filter(|p| !system && p.join("bin/cargo").is_file())
 }

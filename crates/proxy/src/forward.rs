@@ -237,11 +237,7 @@ impl Session {
                 rec.bytes_up = up_head;
                 rec.duration_ms = millis(started);
                 self.log.write(&rec);
-                let mut resp = own_reply(r.status, &r.reason);
-                // The connection ends with the refusal.
-                resp.headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                resp
+                closing_reply(r.status, &r.reason)
             }
         }
     }
@@ -456,10 +452,7 @@ impl Session {
         rec.bytes_up = up.load(Ordering::Relaxed);
         rec.duration_ms = millis(started);
         self.log.write(&rec);
-        let mut resp = own_reply(StatusCode::BAD_GATEWAY, &reason);
-        resp.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        resp
+        closing_reply(StatusCode::BAD_GATEWAY, &reason)
     }
 
     /// The kept upstream connection if it goes to `host:port` and is
@@ -517,6 +510,14 @@ impl Session {
         }
         Err(format!("connect-failed: {last}"))
     }
+}
+
+/// A reply of the proxy's own after which the connection ends.
+fn closing_reply(status: StatusCode, reason: &str) -> Response<ReplyBody> {
+    let mut resp = own_reply(status, reason);
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// The Host header (required for HTTP/1.1) must name `host`, and its port,

@@ -200,6 +200,28 @@ struct Harness {
     _dir: tempfile::TempDir,
 }
 
+/// A global policy file's rules in enforce mode, with the test hosts mapped
+/// to loopback.
+fn policy(text: &str) -> Policy {
+    let f = PolicyFile::parse(
+        text.into(),
+        std::path::Path::new("/t/policy.toml"),
+        sandpen_policy::Scope::Global,
+    )
+    .unwrap();
+    Policy::from_files(Some(&f), None)
+        .with_mode(Mode::Enforce)
+        .with_add_hosts(
+            [
+                "api.anthropic.com:127.0.0.1",
+                "other.test:127.0.0.1",
+                "api.openai.com:127.0.0.1",
+            ]
+            .iter()
+            .map(|s| AddHost::parse(s).unwrap()),
+        )
+}
+
 /// api.anthropic.com and other.test go to `good` (its CA passed as
 /// `--upstream-ca`); api.openai.com goes to `bad`, whose CA is not trusted.
 async fn harness() -> Harness {
@@ -212,24 +234,7 @@ async fn harness() -> Harness {
     let bad_pki = pki(dir.path(), "bad-ca.pem", &["api.openai.com"]);
     let good = upstream(&good_pki).await;
     let bad = upstream(&bad_pki).await;
-    let text = "[[network]]\nid = 1\naction = \"allow\"\ntarget = \"**\"\n";
-    let f = PolicyFile::parse(
-        text.into(),
-        std::path::Path::new("/t/policy.toml"),
-        sandpen_policy::Scope::Global,
-    )
-    .unwrap();
-    let policy = Policy::from_files(Some(&f), None)
-        .with_mode(Mode::Enforce)
-        .with_add_hosts(
-            [
-                "api.anthropic.com:127.0.0.1",
-                "other.test:127.0.0.1",
-                "api.openai.com:127.0.0.1",
-            ]
-            .iter()
-            .map(|s| AddHost::parse(s).unwrap()),
-        );
+    let policy = policy("[[network]]\nid = 1\naction = \"allow\"\ntarget = \"**\"\n");
     let log = dir.path().join("net.jsonl");
     let proxy = Proxy::new(
         ProxyConfig::new("box"),
@@ -323,6 +328,24 @@ impl Harness {
 
     fn records(&self) -> Vec<ConnectionReport> {
         read_log(&self.log, &LogFilter::default()).unwrap()
+    }
+
+    /// The audit record of the request for `path`.
+    fn record_for(&self, path: &str) -> ConnectionReport {
+        self.records()
+            .into_iter()
+            .find(|r| r.path.as_deref() == Some(path))
+            .unwrap_or_else(|| panic!("no record for {path}"))
+    }
+
+    /// Whether the trusted upstream got a request for `path`.
+    fn upstream_saw(&self, path: &str) -> bool {
+        self.good
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|s| s.path == path)
     }
 }
 
@@ -556,17 +579,9 @@ async fn a_policy_change_refuses_the_next_request_on_an_intercepted_connection()
     assert_eq!(resp.status(), 200);
     body_text(resp).await;
     // A rule now denies the host, on the connection already open.
-    let text = "[[network]]\nid = 9\naction = \"deny\"\ntarget = \"api.anthropic.com\"\n";
-    let f = PolicyFile::parse(
-        text.into(),
-        std::path::Path::new("/t/policy.toml"),
-        sandpen_policy::Scope::Global,
-    )
-    .unwrap();
-    h.proxy.set_policy(
-        Policy::from_files(Some(&f), None)
-            .with_add_hosts([AddHost::parse("api.anthropic.com:127.0.0.1").unwrap()]),
-    );
+    h.proxy.set_policy(policy(
+        "[[network]]\nid = 9\naction = \"deny\"\ntarget = \"api.anthropic.com\"\n",
+    ));
     let resp = s
         .send(request(
             &host,
@@ -577,18 +592,8 @@ async fn a_policy_change_refuses_the_next_request_on_an_intercepted_connection()
         .await;
     assert_eq!(resp.status(), 403);
     body_text(resp).await;
-    assert!(h
-        .good
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .all(|s| s.path != "/v1/after"));
-    let recs = h.records();
-    let r = recs
-        .iter()
-        .find(|r| r.path.as_deref() == Some("/v1/after"))
-        .unwrap();
+    assert!(!h.upstream_saw("/v1/after"));
+    let r = h.record_for("/v1/after");
     assert_eq!(r.reason, "policy-changed: denied-by-rule");
     assert_eq!(r.rule.as_deref(), Some("deny api.anthropic.com"));
 }
@@ -610,18 +615,8 @@ async fn a_request_for_another_host_inside_the_tunnel_is_refused() {
         .await;
     assert_eq!(resp.status(), 421);
     body_text(resp).await;
-    assert!(h
-        .good
-        .seen
-        .lock()
-        .unwrap()
-        .iter()
-        .all(|s| s.path != "/steal"));
-    let recs = h.records();
-    let r = recs
-        .iter()
-        .find(|r| r.path.as_deref() == Some("/steal"))
-        .unwrap();
+    assert!(!h.upstream_saw("/steal"));
+    let r = h.record_for("/steal");
     assert_eq!(r.reason_code(), "host-mismatch");
     assert_eq!(r.decision, sandpen_policy::Verdict::Deny);
 }

@@ -4,7 +4,8 @@
 //! The proxy runs in its own process (this binary, re-executed with
 //! `__proxy`), in standalone mode (`serve_http_proxy`), which is the code path
 //! guest streams take minus the serial link. tinyproxy and squid are measured
-//! too when installed (`apt-get install -y tinyproxy squid`).
+//! too when installed (`apt-get install -y tinyproxy squid`). The HTTP origin
+//! runs in a process of its own too (`__origin`), as a real server would.
 //!
 //! - CONNECT tunnel throughput, 1 GiB on loopback: proxy vs direct vs others.
 //! - Small HTTP requests (absolute-form GET) at concurrency 64: requests/s,
@@ -38,6 +39,9 @@ fn main() -> Res<()> {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("__proxy") {
         return run_proxy_process(args.get(2).cloned().unwrap_or_default());
+    }
+    if args.get(1).map(String::as_str) == Some("__origin") {
+        return run_origin_process();
     }
     // `cargo test --benches` runs benches with no `--bench`: do nothing then.
     if !args.iter().any(|a| a == "--bench") {
@@ -99,6 +103,48 @@ fn run_proxy_process(log_dir: String) -> Res<()> {
         sandpen_proxy::serve_http_proxy(proxy, listener).await?;
         Ok(())
     })
+}
+
+/// The HTTP origin on a single-threaded runtime of its own, as a server
+/// process would be: sharing the client's runtime, it would often answer on
+/// the client's own thread with no wake-up at all, which no real server does.
+fn run_origin_process() -> Res<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let addr = origin_server().await?;
+        println!("{addr}");
+        std::future::pending::<()>().await;
+        Ok(())
+    })
+}
+
+/// A helper process of this binary, killed when dropped.
+struct Helper {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Helper {
+    fn start(role: &str) -> Res<Helper> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg(role)
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let out = child.stdout.take().ok_or("no stdout")?;
+        let mut line = String::new();
+        BufReader::new(out).read_line(&mut line)?;
+        let addr = line.trim().parse()?;
+        Ok(Helper { child, addr })
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// A proxy under test: ours, tinyproxy or squid, in its own process.
@@ -582,7 +628,7 @@ async fn latencies(
     origin: SocketAddr,
     keep_alive: bool,
     n: usize,
-) -> Res<(f64, f64)> {
+) -> Res<Vec<f64>> {
     let mut client = Client::new(via, origin, keep_alive);
     for _ in 0..50 {
         client.request().await?; // warm up
@@ -591,8 +637,7 @@ async fn latencies(
     for _ in 0..n {
         v.push(client.request().await?.as_secs_f64() * 1e6);
     }
-    v.sort_by(f64::total_cmp);
-    Ok((v[n / 2], v[n * 99 / 100]))
+    Ok(v)
 }
 
 /// Open `n` CONNECT tunnels through `proxy`, each carrying one round trip,
@@ -635,7 +680,8 @@ async fn bench() -> Res<()> {
     let run = |what: &str| only.is_empty() || only.split(',').any(|w| w == what);
 
     let sink = sink_server().await?;
-    let origin = origin_server().await?;
+    let origin_process = Helper::start("__origin")?;
+    let origin = origin_process.addr;
     let echo = echo_server().await?;
 
     let ours = start_sandpen()?;
@@ -812,25 +858,50 @@ async fn latency_rounds(subjects: &[Subject], origin: SocketAddr, keep_alive: bo
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(2000);
+    const ROUNDS: usize = 5;
     println!(
-        "\n## Latency per request, sequential, {n} requests, {}",
+        "\n## Latency per request, sequential, {n} requests in {ROUNDS} interleaved rounds, {}",
         connection_mode(keep_alive)
     );
-    let (d50, d99) = latencies(None, origin, keep_alive, n).await?;
+    // Round robin over direct and the proxies, so that a change in the
+    // host's load during the run is shared by all of them.
+    let vias: Vec<Option<SocketAddr>> = std::iter::once(None)
+        .chain(subjects.iter().map(|s| Some(s.addr)))
+        .collect();
+    let mut samples: Vec<Result<Vec<f64>, String>> = vec![Ok(Vec::with_capacity(n)); vias.len()];
+    for _ in 0..ROUNDS {
+        for (via, out) in vias.iter().zip(samples.iter_mut()) {
+            let Ok(v) = out else { continue };
+            match latencies(*via, origin, keep_alive, n / ROUNDS).await {
+                Ok(mut more) => v.append(&mut more),
+                Err(e) => *out = Err(e.to_string()),
+            }
+        }
+    }
+    let pct = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[v.len() * 99 / 100])
+    };
+    let (d50, d99) = match &mut samples[0] {
+        Ok(v) => pct(v),
+        Err(e) => return Err(format!("direct: {e}").into()),
+    };
     println!("  direct      p50 {d50:7.1} us  p99 {d99:7.1} us");
-    for s in subjects {
-        match latencies(Some(s.addr), origin, keep_alive, n).await {
-            Ok((p50, p99)) => println!(
-                "  {:<10}  p50 {p50:7.1} us  p99 {p99:7.1} us   added p50 {:+7.1} us  p99 {:+7.1} us{}",
-                s.name,
-                p50 - d50,
-                p99 - d99,
-                if s.name == "sandpen" { "  (target: added p50 <= 100 us)" } else { "" }
-            ),
+    for (s, out) in subjects.iter().zip(samples.iter_mut().skip(1)) {
+        match out {
+            Ok(v) => {
+                let (p50, p99) = pct(v);
+                println!(
+                    "  {:<10}  p50 {p50:7.1} us  p99 {p99:7.1} us   added p50 {:+7.1} us  p99 {:+7.1} us{}",
+                    s.name,
+                    p50 - d50,
+                    p99 - d99,
+                    if s.name == "sandpen" { "  (target: added p50 <= 100 us)" } else { "" }
+                )
+            }
             Err(e) => println!("  {:<10}  failed: {e}", s.name),
         }
     }
-
     Ok(())
 }
 

@@ -27,7 +27,7 @@
 //! record, written when its response has been sent (or abandoned).
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -36,12 +36,9 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use sandpen_policy::Policy;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::audit::ConnectionReport;
@@ -49,13 +46,12 @@ use crate::exchange::{
     millis, own_reply, strip_hop_by_hop, Audited, Counted, GuestIo, Pending, ReplyBody, RequestLog,
 };
 use crate::relay::Activity;
+use crate::upstream::Upstream;
 use crate::{decide, http as h1, truncate, Checked, Proxy, POLICY_CHANGED};
 
-/// Largest request or response head (hyper's read buffer; it cannot be
-/// smaller than 8 KiB).
+/// Largest request head (hyper's read buffer; it cannot be smaller than
+/// 8 KiB).
 const MAX_BUF: usize = h1::MAX_HEAD;
-/// Upstream responses may carry larger heads (many cookies).
-const MAX_UPSTREAM_BUF: usize = 64 * 1024;
 
 /// A transparent connection's claimed destination, decided when it opened.
 pub(crate) struct Bound {
@@ -71,22 +67,6 @@ pub(crate) struct Served {
     /// Why the connection ended, if not by an orderly close. A malformed
     /// head has already been answered by hyper itself (400 or 431).
     pub error: Option<String>,
-}
-
-/// The upstream connection kept between requests.
-struct Upstream {
-    host: String,
-    port: u16,
-    addr: SocketAddr,
-    sender: SendRequest<Counted<Incoming>>,
-    /// Drives the connection; aborted when this is dropped.
-    task: JoinHandle<()>,
-}
-
-impl Drop for Upstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 /// State shared by the requests of one guest connection.
@@ -203,7 +183,11 @@ where
         },
         _ = act.idle(cfg.idle_timeout) => Some("idle-timeout".into()),
     };
-    // Ends the upstream connection's task.
+    // The upstream connection outlives the guest's, for the sandbox's next
+    // connection to the same server.
+    if let Some(u) = lock(&session.upstream).take() {
+        proxy.pool().put(u);
+    }
     drop(session);
     let latest = match latest.lock() {
         Ok(mut g) => g.take(),
@@ -386,8 +370,7 @@ impl Session {
             started,
             log: self.log.clone(),
         };
-        let upstream = self.upstream_for(&host, port, &addrs).await;
-        let mut upstream = match upstream {
+        let (mut upstream, mut reused) = match self.upstream_for(&host, port, &addrs).await {
             Ok(u) => u,
             Err(reason) => {
                 let Some(rec) = pending.rec.take() else {
@@ -396,13 +379,29 @@ impl Session {
                 return self.fail(rec, &up, started, reason);
             }
         };
-        if let Some(rec) = pending.rec.as_mut() {
-            rec.addr = Some(upstream.addr.to_string());
-        }
-        let sent = upstream
-            .sender
-            .send_request(Request::from_parts(parts, body))
-            .await;
+        let mut req = Request::from_parts(parts, body);
+        let sent = loop {
+            if let Some(rec) = pending.rec.as_mut() {
+                rec.addr = Some(upstream.addr.to_string());
+            }
+            match upstream.sender.try_send_request(req).await {
+                Ok(resp) => break Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    // A kept connection the server closed meanwhile; the
+                    // request was not sent: once more on a new connection.
+                    Some(back) if reused => {
+                        req = back;
+                        reused = false;
+                        let cfg = self.proxy.config();
+                        match Upstream::connect(&host, port, &addrs, cfg.connect_timeout).await {
+                            Ok(u) => upstream = u,
+                            Err(reason) => break Err(reason),
+                        }
+                    }
+                    _ => break Err(format!("upstream-error: {}", deepest(&e.into_error()))),
+                },
+            }
+        };
         let Some(mut rec) = pending.rec.take() else {
             return own_reply(StatusCode::INTERNAL_SERVER_ERROR, "internal: record taken");
         };
@@ -427,15 +426,7 @@ impl Session {
                 };
                 Response::from_parts(parts, body.boxed())
             }
-            Err(e) => {
-                let mut deepest = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    deepest = s.to_string();
-                    source = s.source();
-                }
-                self.fail(rec, &up, started, format!("upstream-error: {deepest}"))
-            }
+            Err(reason) => self.fail(rec, &up, started, reason),
         }
     }
 
@@ -455,61 +446,42 @@ impl Session {
         closing_reply(StatusCode::BAD_GATEWAY, &reason)
     }
 
-    /// The kept upstream connection if it goes to `host:port` and is
-    /// usable, else a new one to one of `addrs`.
+    /// The connection's kept upstream connection if it goes to `host:port`
+    /// (at a checked address) and is usable, else an idle one from the
+    /// sandbox's pool, else a new one; and whether it was used before.
     async fn upstream_for(
         &self,
         host: &str,
         port: u16,
         addrs: &[IpAddr],
-    ) -> Result<Upstream, String> {
+    ) -> Result<(Upstream, bool), String> {
         let kept = lock(&self.upstream).take();
         if let Some(mut u) = kept {
-            if u.host == host
-                && u.port == port
-                && addrs.contains(&u.addr.ip())
-                && u.sender.ready().await.is_ok()
-            {
-                return Ok(u);
+            if !u.goes_to(host, port, addrs) {
+                self.proxy.pool().put(u);
+            } else if u.sender.ready().await.is_ok() {
+                return Ok((u, true));
             }
         }
-        let cfg = self.proxy.config();
-        let mut last = String::from("no address");
-        for ip in addrs {
-            let addr = SocketAddr::new(*ip, port);
-            let tcp =
-                match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(addr)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => {
-                        last = format!("{addr}: {e}");
-                        continue;
-                    }
-                    Err(_) => {
-                        last = format!("{addr}: timed out");
-                        continue;
-                    }
-                };
-            let _ = tcp.set_nodelay(true);
-            let (sender, conn) = hyper::client::conn::http1::Builder::new()
-                .max_buf_size(MAX_UPSTREAM_BUF)
-                .title_case_headers(true)
-                .preserve_header_case(true)
-                .handshake(TokioIo::new(tcp))
-                .await
-                .map_err(|e| format!("upstream-error: {e}"))?;
-            let task = tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            return Ok(Upstream {
-                host: host.to_string(),
-                port,
-                addr,
-                sender,
-                task,
-            });
+        if let Some(u) = self.proxy.pool().take(host, port, addrs).await {
+            return Ok((u, true));
         }
-        Err(format!("connect-failed: {last}"))
+        let timeout = self.proxy.config().connect_timeout;
+        Upstream::connect(host, port, addrs, timeout)
+            .await
+            .map(|u| (u, false))
     }
+}
+
+/// The innermost cause of an error (hyper's own message is generic).
+fn deepest(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut deepest = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        deepest = s.to_string();
+        source = s.source();
+    }
+    deepest
 }
 
 /// A reply of the proxy's own after which the connection ends.

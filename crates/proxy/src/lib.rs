@@ -32,6 +32,7 @@ pub mod http;
 pub mod mitm;
 mod relay;
 pub mod tls;
+mod upstream;
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -71,11 +72,17 @@ pub struct ProxyConfig {
     /// The most a tunnel direction buffers while bytes flow (an idle tunnel
     /// holds no buffer; see `relay`).
     pub buffer_size: usize,
+    /// Idle plain-HTTP upstream connections kept for the sandbox's later
+    /// guest connections (see `upstream`); 0 keeps none.
+    pub pool_max_idle: usize,
+    /// How long such a connection is kept unused.
+    pub pool_idle_timeout: Duration,
 }
 
 impl ProxyConfig {
     /// Defaults: 10 s handshake, 1 s server-first wait, 5 min idle, 10 s
-    /// connect, 512 connections, 256 KiB buffers at most.
+    /// connect, 512 connections, 256 KiB buffers at most, 16 idle upstream
+    /// connections kept for 30 s.
     pub fn new(sandbox: impl Into<String>) -> Self {
         ProxyConfig {
             sandbox: sandbox.into(),
@@ -85,6 +92,8 @@ impl ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             max_connections: 512,
             buffer_size: 256 * 1024,
+            pool_max_idle: 16,
+            pool_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -166,6 +175,8 @@ struct Inner {
     mitm: RwLock<Option<Arc<Mitm>>>,
     audit: AuditLog,
     limiter: Arc<Semaphore>,
+    /// Idle plain-HTTP upstream connections.
+    pool: upstream::Pool,
     last_limit_warning: AtomicU64,
     started: Instant,
 }
@@ -276,6 +287,7 @@ fn relay_stop(e: io::Error) -> Stop {
 impl Proxy {
     pub fn new(config: ProxyConfig, policy: Policy, audit: AuditLog) -> Proxy {
         let limiter = Arc::new(Semaphore::new(config.max_connections.max(1)));
+        let pool = upstream::Pool::new(config.pool_max_idle, config.pool_idle_timeout);
         Proxy {
             inner: Arc::new(Inner {
                 config,
@@ -284,6 +296,7 @@ impl Proxy {
                 mitm: RwLock::new(None),
                 audit,
                 limiter,
+                pool,
                 last_limit_warning: AtomicU64::new(0),
                 started: Instant::now(),
             }),
@@ -355,6 +368,10 @@ impl Proxy {
 
     pub fn config(&self) -> &ProxyConfig {
         &self.inner.config
+    }
+
+    pub(crate) fn pool(&self) -> &upstream::Pool {
+        &self.inner.pool
     }
 
     /// Handle one guest connection to its end and return (and log) its record.

@@ -724,11 +724,114 @@ async fn an_upstream_connection_serves_only_its_own_host_and_port() {
         (rep.decision, rep.reason_code()),
         (Verdict::Deny, "bad-request")
     );
-    assert_eq!((one.accepted(), two.accepted()), (2, 1));
-    assert_eq!(one.seen().len() + two.seen().len(), 3);
+    // `/c` went on the first connection to `one`, kept meanwhile.
+    assert_eq!((one.accepted(), two.accepted()), (1, 1));
+    assert_eq!((one.seen().len(), two.seen().len()), (2, 1));
     let recs = h.records();
     assert_eq!(recs.len(), 4, "{recs:?}");
     assert_eq!(recs[3].reason_code(), "bad-request");
+}
+
+/// One request through a new guest connection in http-proxy mode, closing
+/// the guest connection after it as a client that does not keep alive.
+async fn one_request(h: &Harness, port: u16, path: &str) -> String {
+    let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+    guest
+        .write_all(
+            format!(
+                "GET http://allowed.test:{port}{path} HTTP/1.1\r\nHost: allowed.test:{port}\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let resp = read_all(&mut guest).await;
+    rep.await.unwrap();
+    resp
+}
+
+#[tokio::test]
+async fn guest_connections_one_after_another_share_the_upstream_connection() {
+    let srv = http_server().await;
+    let h = harness(Mode::Enforce);
+    for path in ["/one", "/two", "/three"] {
+        let resp = one_request(&h, srv.port(), path).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        assert!(resp.ends_with(&format!("hello {path}")), "{resp}");
+    }
+    assert_eq!(srv.accepted(), 1, "the upstream connection was kept");
+    let seen = srv.seen();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    // The guest's `Connection: close` is its own hop's business.
+    assert!(
+        seen.iter()
+            .all(|r| !r.to_ascii_lowercase().contains("connection:")),
+        "{seen:?}"
+    );
+    let recs = h.records();
+    assert_eq!(recs.len(), 3, "one record per request: {recs:?}");
+    assert!(recs.iter().all(|r| r.status == Some(200)), "{recs:?}");
+
+    // Denied meanwhile: the kept connection does not help a request past
+    // the policy.
+    h.proxy
+        .set_policy(policy_from(POLICY_NOW_DENYING, Mode::Enforce));
+    let resp = one_request(&h, srv.port(), "/four").await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert_eq!(srv.seen().len(), 3);
+}
+
+/// Answers one request per connection, then closes without saying so.
+async fn http_server_closing_after_each() -> Server {
+    let (l, accepted, seen) = listen().await;
+    let addr = l.local_addr().unwrap();
+    let (a, s) = (accepted.clone(), seen.clone());
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = l.accept().await.unwrap();
+            a.fetch_add(1, Ordering::SeqCst);
+            let s = s.clone();
+            tokio::spawn(async move {
+                if let Some(req) = read_request(&mut sock).await {
+                    s.lock().unwrap().push(req);
+                    let _ = sock
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    Server {
+        addr,
+        accepted,
+        seen,
+    }
+}
+
+#[tokio::test]
+async fn a_kept_connection_the_server_closed_is_replaced() {
+    let srv = http_server_closing_after_each().await;
+    let h = harness(Mode::Enforce);
+    for path in ["/one", "/two"] {
+        let resp = one_request(&h, srv.port(), path).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{path}: {resp}");
+    }
+    // And on one guest connection, the same.
+    let (mut guest, _rep) = h.open(EgressMode::HttpProxy, "", 0);
+    let port = srv.port();
+    for path in ["/three", "/four"] {
+        guest
+            .write_all(
+                format!("GET http://allowed.test:{port}{path} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let resp = read_response(&mut guest).await;
+        assert!(resp.starts_with("HTTP/1.1 200"), "{path}: {resp}");
+    }
+    assert_eq!(srv.accepted(), 4);
+    assert_eq!(srv.seen().len(), 4);
 }
 
 #[tokio::test]

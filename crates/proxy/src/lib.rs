@@ -31,9 +31,11 @@ mod forward;
 pub mod http;
 pub mod mitm;
 mod relay;
+mod splice;
 pub mod tls;
 mod upstream;
 
+use std::any::Any;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,6 +79,9 @@ pub struct ProxyConfig {
     pub pool_max_idle: usize,
     /// How long such a connection is kept unused.
     pub pool_idle_timeout: Duration,
+    /// A tunnel between two TCP sockets (standalone mode) moves its bytes
+    /// with splice(2) rather than copying them (see `splice`).
+    pub splice: bool,
 }
 
 impl ProxyConfig {
@@ -94,6 +99,7 @@ impl ProxyConfig {
             buffer_size: 256 * 1024,
             pool_max_idle: 16,
             pool_idle_timeout: Duration::from_secs(30),
+            splice: true,
         }
     }
 }
@@ -377,7 +383,7 @@ impl Proxy {
     /// Handle one guest connection to its end and return (and log) its record.
     pub async fn handle<S>(&self, stream: S, open: EgressOpen) -> ConnectionReport
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let started = Instant::now();
         let cfg = &self.inner.config;
@@ -514,7 +520,7 @@ impl Conn<'_> {
 
     async fn run<S>(&mut self, mut client: S, open: EgressOpen)
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let result = match open.mode {
             EgressMode::Transparent => self.transparent(&mut client, &open.host, open.port).await,
@@ -563,7 +569,7 @@ impl Conn<'_> {
 
     async fn transparent<S>(&mut self, client: &mut S, host: &str, port: u16) -> Result<(), Stop>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let addrs = self.decide(host, port).await.map_err(|e| match e {
             // The client has not spoken HTTP to us: no deny page.
@@ -576,7 +582,7 @@ impl Conn<'_> {
 
     async fn http_proxy<S>(&mut self, client: &mut S) -> Result<(), Stop>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let deadline = Instant::now() + self.cfg().handshake_timeout;
         let mut buf = Vec::with_capacity(1024);
@@ -671,7 +677,7 @@ impl Conn<'_> {
         addrs: &[IpAddr],
     ) -> Result<(), Stop>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let deadline = Instant::now() + self.cfg().handshake_timeout;
         if first.is_empty() {
@@ -814,7 +820,7 @@ impl Conn<'_> {
         addrs: &[IpAddr],
     ) -> Result<(), Stop>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut upstream = self.connect(addrs).await?;
         if !first.is_empty() {
@@ -828,6 +834,17 @@ impl Conn<'_> {
         let size = self.cfg().buffer_size;
         let idle = self.cfg().idle_timeout;
         let live = self.live_check(addrs);
+        // Standalone mode: a socket to a socket moves in the kernel.
+        let socket = (client as &mut dyn Any).downcast_mut::<TcpStream>();
+        if let Some(guest) = socket.filter(|_| self.cfg().splice) {
+            return tokio::select! {
+                r = splice::splice_both(guest, &upstream, self.act, live, size) => match r {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(relay_stop(e)),
+                },
+                _ = self.act.idle(idle) => Err(Stop::End("idle-timeout".into())),
+            };
+        }
         let mut c = Tracked::new(client, self.act, Dir::Up).checked_by(live);
         let mut u = Tracked::new(&mut upstream, self.act, Dir::Down);
         tokio::select! {

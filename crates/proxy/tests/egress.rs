@@ -1266,6 +1266,103 @@ async fn bulk_tunnel_is_byte_exact_both_ways() {
     assert_eq!((rep.bytes_up, rep.bytes_down), (N as u64, N as u64 + 16));
 }
 
+/// Serve `h`'s proxy in standalone mode; the address to reach it at.
+async fn standalone(
+    h: &Harness,
+) -> (
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    (
+        addr,
+        tokio::spawn(sandpen_proxy::serve_http_proxy(h.proxy.clone(), listener)),
+    )
+}
+
+/// A CONNECT tunnel to `host:port` through the standalone proxy at `proxy`.
+async fn tunnel(proxy: std::net::SocketAddr, host: &str, port: u16) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(
+        format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut resp = [0u8; 39];
+    s.read_exact(&mut resp).await.unwrap();
+    assert_eq!(&resp[..], b"HTTP/1.1 200 Connection established\r\n\r\n");
+    s
+}
+
+/// Standalone mode moves a socket's bytes to a socket with splice(2): the
+/// same bytes, counts, half-close and policy checks as the copying path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spliced_tunnel_is_byte_exact_both_ways() {
+    let srv = echo_server().await;
+    let h = harness(Mode::Enforce);
+    let (proxy, serve) = standalone(&h).await;
+    let s = tunnel(proxy, "allowed.test", srv.port()).await;
+    let (mut r, mut w) = s.into_split();
+    const N: usize = 8 * 1024 * 1024 + 12_345;
+    let data: Vec<u8> = (0..N).map(|i| (i * 31 % 251) as u8).collect();
+    let expect = data.clone();
+    let writer = tokio::spawn(async move {
+        let mut off = 0;
+        let mut step = 1;
+        while off < data.len() {
+            let end = (off + step).min(data.len());
+            w.write_all(&data[off..end]).await.unwrap();
+            off = end;
+            step = (step * 7 + 3) % 300_000 + 1;
+        }
+        // Half-closed: the echo must still come back in full.
+        w.shutdown().await.unwrap();
+        w
+    });
+    let mut got = Vec::with_capacity(N + 16);
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    drop(writer.await.unwrap());
+    assert_eq!(&got[..16], b"220 echo ready\r\n");
+    assert!(got[16..] == expect[..], "echoed bytes differ");
+    let rec = wait_records(&h, 1).await.remove(0);
+    assert_eq!(rec.reason, "allowed-by-rule", "{rec:?}");
+    assert_eq!((rec.bytes_up, rec.bytes_down), (N as u64, N as u64 + 16));
+    serve.abort();
+}
+
+#[tokio::test]
+async fn a_policy_change_cuts_a_spliced_tunnel_before_it_sends_more() {
+    let srv = echo_server().await;
+    let h = harness(Mode::Enforce);
+    let changed = Arc::new(AtomicBool::new(false));
+    let c = changed.clone();
+    h.proxy.set_refresh(Some(Arc::new(move |p: &Proxy| {
+        if c.swap(false, Ordering::SeqCst) {
+            p.set_policy(policy_from(POLICY_NOW_DENYING, Mode::Enforce));
+        }
+    })));
+    let (proxy, serve) = standalone(&h).await;
+    let mut s = tunnel(proxy, "allowed.test", srv.port()).await;
+    // The client speaks first (else the tunnel is a server-first relay).
+    s.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 20];
+    s.read_exact(&mut pong).await.unwrap();
+    assert_eq!(&pong, b"220 echo ready\r\nping");
+    changed.store(true, Ordering::SeqCst);
+    s.write_all(b"leak").await.unwrap();
+    let rest = read_all(&mut s).await;
+    assert!(!rest.contains("leak"), "{rest}");
+    let rec = wait_records(&h, 1).await.remove(0);
+    assert_eq!(rec.decision, Verdict::Deny);
+    assert_eq!(rec.reason, "policy-changed: denied-by-rule", "{rec:?}");
+    assert_eq!(rec.bytes_down, 20, "banner and one echo, nothing more");
+    serve.abort();
+}
+
 #[tokio::test]
 async fn waiting_out_the_first_bytes_timer_does_not_skip_the_sni_check() {
     let ca = test_ca();

@@ -24,12 +24,22 @@ use crate::Proxy;
 /// The body of every response the proxy sends the guest.
 pub(crate) type ReplyBody = BoxBody<Bytes, hyper::Error>;
 
-/// The guest side of an intercepted connection: replays the ClientHello
-/// bytes already read, then reads the guest; counts both directions.
+/// The guest side of a connection that speaks HTTP through hyper: replays
+/// the bytes already read (a ClientHello, a request head), then reads the
+/// guest; counts both directions. Request records held in its [`Outbox`] go
+/// to the audit log after each write to the guest and before each read, and
+/// when it is dropped.
 pub(crate) struct GuestIo<'a, S> {
     pub(crate) first: Bytes,
     pub(crate) inner: &'a mut S,
     pub(crate) act: &'a Activity,
+    pub(crate) outbox: Outbox,
+}
+
+impl<S> Drop for GuestIo<'_, S> {
+    fn drop(&mut self) {
+        self.outbox.send();
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for GuestIo<'_, S> {
@@ -38,6 +48,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for GuestIo<'_, S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.outbox.send();
         if !self.first.is_empty() {
             let n = self.first.len().min(buf.remaining());
             let head = self.first.split_to(n);
@@ -63,6 +74,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for GuestIo<'_, S> {
         let r = Pin::new(&mut *self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             self.act.add_down(*n);
+            self.outbox.send();
         }
         r
     }
@@ -161,36 +173,78 @@ pub(crate) fn millis(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Where request records go: the audit log and, for plain HTTP, the
-/// connection's note of its latest request (which becomes what
+/// Request records of one guest connection on their way to the audit log.
+///
+/// A record is complete when its response body ends, which is before hyper
+/// writes the last of the response out; written then, the log write would
+/// sit between the upstream's answer and the guest. Held here instead, it
+/// is written right after the guest connection's next write (the response
+/// itself) or read (hyper reads again once a response is out), and at the
+/// latest when the connection ends ([`GuestIo`]'s drop).
+#[derive(Clone)]
+pub(crate) struct Outbox {
+    proxy: Proxy,
+    held: Arc<Mutex<Vec<ConnectionReport>>>,
+}
+
+impl Outbox {
+    pub(crate) fn new(proxy: Proxy) -> Self {
+        Outbox {
+            proxy,
+            held: Arc::default(),
+        }
+    }
+
+    fn hold(&self, rec: ConnectionReport) {
+        lock(&self.held).push(rec);
+    }
+
+    /// Write the held records to the audit log.
+    pub(crate) fn send(&self) {
+        let held = std::mem::take(&mut *lock(&self.held));
+        for rec in &held {
+            self.proxy.write_record(rec);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Where request records go: the connection's [`Outbox`] and, for plain
+/// HTTP, the connection's note of its latest request (which becomes what
 /// [`Proxy::handle`] returns).
 #[derive(Clone)]
 pub(crate) struct RequestLog {
-    proxy: Proxy,
+    outbox: Outbox,
     latest: Option<Arc<Mutex<Option<ConnectionReport>>>>,
 }
 
 impl RequestLog {
-    pub(crate) fn new(proxy: Proxy) -> Self {
+    pub(crate) fn new(outbox: Outbox) -> Self {
         RequestLog {
-            proxy,
+            outbox,
             latest: None,
         }
     }
 
     /// Also keep each record in `latest`.
     pub(crate) fn keeping_latest(
-        proxy: Proxy,
+        outbox: Outbox,
         latest: Arc<Mutex<Option<ConnectionReport>>>,
     ) -> Self {
         RequestLog {
-            proxy,
+            outbox,
             latest: Some(latest),
         }
     }
 
     pub(crate) fn write(&self, rec: &ConnectionReport) {
-        self.proxy.write_record(rec);
+        self.outbox.hold(rec.clone());
         if let Some(latest) = &self.latest {
             let mut slot = match latest.lock() {
                 Ok(g) => g,

@@ -43,7 +43,8 @@ use tokio::time::Instant;
 
 use crate::audit::ConnectionReport;
 use crate::exchange::{
-    millis, own_reply, strip_hop_by_hop, Audited, Counted, GuestIo, Pending, ReplyBody, RequestLog,
+    millis, own_reply, strip_hop_by_hop, Audited, Counted, GuestIo, Outbox, Pending, ReplyBody,
+    RequestLog,
 };
 use crate::relay::Activity;
 use crate::upstream::Upstream;
@@ -137,11 +138,12 @@ where
         checked: b.checked.clone(),
         by: policy.clone(),
     });
+    let outbox = Outbox::new(proxy.clone());
     let session = Arc::new(Session {
         proxy: proxy.clone(),
         bound,
         template,
-        log: RequestLog::keeping_latest(proxy.clone(), latest.clone()),
+        log: RequestLog::keeping_latest(outbox.clone(), latest.clone()),
         upstream: Mutex::new(None),
         decided: Mutex::new(decided),
         requests: AtomicU64::new(0),
@@ -157,6 +159,7 @@ where
         first: Bytes::from(first),
         inner: client,
         act,
+        outbox,
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())

@@ -48,7 +48,8 @@ use tokio::time::Instant;
 
 use crate::audit::ConnectionReport;
 use crate::exchange::{
-    millis, own_reply, strip_hop_by_hop, Audited, Counted, GuestIo, Pending, ReplyBody, RequestLog,
+    millis, own_reply, strip_hop_by_hop, Audited, Counted, GuestIo, Outbox, Pending, ReplyBody,
+    RequestLog,
 };
 use crate::relay::Activity;
 use crate::{http as h1, truncate, LiveCheck, Proxy};
@@ -352,6 +353,8 @@ struct Session {
     /// record starts from it.
     template: ConnectionReport,
     proxy: Proxy,
+    /// Where its requests' records wait for their responses to go out.
+    outbox: Outbox,
     inflight: Arc<Semaphore>,
     /// Each request passes it: a policy change can close the host.
     live: Mutex<LiveCheck>,
@@ -381,10 +384,12 @@ where
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(
         server_tls(leaf).map_err(|e| format!("mitm-tls: {e}"))?,
     ));
+    let outbox = Outbox::new(proxy.clone());
     let io = GuestIo {
         first: Bytes::from(first),
         inner: guest,
         act,
+        outbox: outbox.clone(),
     };
     let tls = tokio::time::timeout(cfg.handshake_timeout, acceptor.accept(io))
         .await
@@ -423,6 +428,7 @@ where
         connected,
         template,
         proxy: proxy.clone(),
+        outbox,
         inflight: plan.inflight.clone(),
         live: Mutex::new(live),
     });
@@ -594,7 +600,7 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
         rec: Some(rec),
         up: up.clone(),
         started,
-        log: RequestLog::new(s.proxy.clone()),
+        log: RequestLog::new(s.outbox.clone()),
     };
     let sent = s.client.request(Request::from_parts(parts, body)).await;
     let Some(mut rec) = pending.rec.take() else {
@@ -616,7 +622,7 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
                 up,
                 rec: Some(rec),
                 started,
-                log: RequestLog::new(s.proxy.clone()),
+                log: RequestLog::new(s.outbox.clone()),
                 _permit: Some(permit),
             };
             Response::from_parts(parts, body.boxed())

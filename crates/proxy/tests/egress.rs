@@ -732,6 +732,30 @@ async fn an_upstream_connection_serves_only_its_own_host_and_port() {
     assert_eq!(recs[3].reason_code(), "bad-request");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_is_logged_once_answered_while_its_connection_stays_open() {
+    let srv = http_server().await;
+    let h = harness(Mode::Enforce);
+    let (mut guest, _rep) = h.open(EgressMode::HttpProxy, "", 0);
+    let port = srv.port();
+    for (i, path) in ["/one", "/two"].into_iter().enumerate() {
+        guest
+            .write_all(
+                format!("GET http://allowed.test:{port}{path} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let resp = read_response(&mut guest).await;
+        assert!(resp.ends_with(&format!("hello {path}")), "{resp}");
+        // The guest keeps the connection open and sends nothing more.
+        let recs = wait_records(&h, i + 1).await;
+        assert_eq!(recs.len(), i + 1, "{recs:?}");
+        assert_eq!(recs[i].path.as_deref(), Some(path));
+        assert_eq!(recs[i].status, Some(200));
+    }
+}
+
 /// One request through a new guest connection in http-proxy mode, closing
 /// the guest connection after it as a client that does not keep alive.
 async fn one_request(h: &Harness, port: u16, path: &str) -> String {

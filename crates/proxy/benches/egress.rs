@@ -57,7 +57,17 @@ fn main() -> Res<()> {
 
 // ------------------------------------------------------------ proxy process
 
+/// A helper process ends with the bench: its stdin is a pipe from the
+/// bench, which reaches EOF when the bench exits, however it exits.
+fn exit_with_parent() {
+    std::thread::spawn(|| {
+        let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+        std::process::exit(0);
+    });
+}
+
 fn run_proxy_process(log_dir: String) -> Res<()> {
+    exit_with_parent();
     let workers: usize = std::env::var("BENCH_PROXY_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -110,6 +120,7 @@ fn run_proxy_process(log_dir: String) -> Res<()> {
 /// process would be: sharing the client's runtime, it would often answer on
 /// the client's own thread with no wake-up at all, which no real server does.
 fn run_origin_process() -> Res<()> {
+    exit_with_parent();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -131,6 +142,7 @@ impl Helper {
     fn start(role: &str) -> Res<Helper> {
         let mut child = Command::new(std::env::current_exe()?)
             .arg(role)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()?;
         let out = child.stdout.take().ok_or("no stdout")?;
@@ -181,7 +193,10 @@ fn start_sandpen(copy: bool) -> Res<Subject> {
     let name = if copy { "sandpen-copy" } else { "sandpen" };
     let dir = scratch(name)?;
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("__proxy").arg(&dir).stdout(Stdio::piped());
+    cmd.arg("__proxy")
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
     if copy {
         cmd.env("BENCH_COPY", "1");
     }

@@ -86,7 +86,7 @@ pub struct ProxyConfig {
 
 impl ProxyConfig {
     /// Defaults: 10 s handshake, 1 s server-first wait, 5 min idle, 10 s
-    /// connect, 512 connections, 256 KiB buffers at most, 16 idle upstream
+    /// connect, 512 connections, 256 KiB buffers at most, 64 idle upstream
     /// connections kept for 30 s.
     pub fn new(sandbox: impl Into<String>) -> Self {
         ProxyConfig {
@@ -97,7 +97,7 @@ impl ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             max_connections: 512,
             buffer_size: 256 * 1024,
-            pool_max_idle: 16,
+            pool_max_idle: 64,
             pool_idle_timeout: Duration::from_secs(30),
             splice: true,
         }

@@ -5,7 +5,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use crate::audit::ConnectionReport;
 use crate::relay::Activity;
-use crate::Proxy;
+use crate::{LiveCheck, Proxy};
 
 /// The body of every response the proxy sends the guest.
 pub(crate) type ReplyBody = BoxBody<Bytes, hyper::Error>;
@@ -88,30 +88,48 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for GuestIo<'_, S> {
     }
 }
 
-/// A body that counts its data bytes into a shared counter.
+/// What a request body fails with when the policy cuts it.
+pub(crate) type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A request body on its way upstream: counts its data bytes into a shared
+/// counter and, given a [`LiveCheck`], passes every chunk by it first. A
+/// chunk the policy in force refuses (a `secret-read` label set while a
+/// long upload is still going) ends the body with an error instead, so the
+/// upstream never gets it; hyper then abandons the request and its
+/// connection. The refusing decision is in the check's cut slot.
 pub(crate) struct Counted<B> {
     pub(crate) inner: B,
     pub(crate) count: Arc<AtomicU64>,
+    pub(crate) live: Option<LiveCheck>,
 }
 
 impl<B> Body for Counted<B>
 where
     B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BodyError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BodyError;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &r {
-            if let Some(data) = frame.data_ref() {
-                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        let frame = match ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
+            None => return Poll::Ready(None),
+        };
+        if let Some(data) = frame.data_ref() {
+            this.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            if let Some(live) = this.live.as_mut() {
+                if let Err(reason) = live.check() {
+                    return Poll::Ready(Some(Err(reason.into())));
+                }
             }
         }
-        r
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -18,13 +18,15 @@
 //! force before it is forwarded.
 //!
 //! A request goes upstream on a kept-alive HTTP/1.1 connection to an address
-//! the policy checked for its `host:port`; a request for another `host:port`
-//! closes that connection and opens a new one. hyper parses the guest's
+//! the policy checked for its `host:port`: the one the guest connection
+//! used last if it fits, else one from the sandbox's pool of idle ones
+//! (`upstream`), else a new one. hyper parses the guest's
 //! request and writes it out anew, so framing the guest made ambiguous never
 //! reaches the upstream as sent (no request smuggling past the checks).
 //! Hop-by-hop headers are dropped both ways, protocol upgrades are refused,
 //! and a refused request ends the connection. Each request is one audit
-//! record, written when its response has been sent (or abandoned).
+//! record, written once its response has gone out (or was abandoned; see
+//! `exchange::Outbox`).
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -48,7 +50,7 @@ use crate::exchange::{
 };
 use crate::relay::Activity;
 use crate::upstream::Upstream;
-use crate::{decide, http as h1, truncate, Checked, Proxy, POLICY_CHANGED};
+use crate::{decide, http as h1, truncate, Checked, LiveCheck, Proxy, POLICY_CHANGED};
 
 /// Largest request head (hyper's read buffer; it cannot be smaller than
 /// 8 KiB).
@@ -90,6 +92,14 @@ struct Decided {
     host: String,
     port: u16,
     checked: Checked,
+    by: Arc<Policy>,
+}
+
+/// A request the checks let through: its origin-form target, the addresses
+/// it may go to, and the policy that allowed it.
+struct Allowed {
+    origin: Uri,
+    addrs: Vec<IpAddr>,
     by: Arc<Policy>,
 }
 
@@ -212,7 +222,7 @@ impl Session {
         ));
         let up_head = head_len_request(&req);
         match self.check(&req, &mut rec).await {
-            Ok((origin, addrs)) => self.send(req, rec, origin, addrs, started, up_head).await,
+            Ok(allowed) => self.send(req, rec, allowed, started, up_head).await,
             Err(r) => {
                 if r.by_rule {
                     // Keeps the rule the decision named.
@@ -234,7 +244,7 @@ impl Session {
         &self,
         req: &Request<Incoming>,
         rec: &mut ConnectionReport,
-    ) -> Result<(Uri, Vec<IpAddr>), Refusal> {
+    ) -> Result<Allowed, Refusal> {
         if req.method() == Method::CONNECT {
             return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
@@ -295,7 +305,7 @@ impl Session {
         let origin: Uri = origin
             .parse()
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {e}")))?;
-        let checked = self.decide(&host, port).await;
+        let (checked, by) = self.decide(&host, port).await;
         rec.set_decision(&checked.decision);
         if !checked.decision.permits() {
             let reason = match &self.bound {
@@ -309,42 +319,46 @@ impl Session {
                 by_rule: true,
             });
         }
-        Ok((origin, checked.addrs))
+        Ok(Allowed {
+            origin,
+            addrs: checked.addrs,
+            by,
+        })
     }
 
     /// [`decide`] by the policy in force, reusing the previous request's
     /// decision when it was for the same `host:port` and the policy has not
-    /// changed since.
-    async fn decide(&self, host: &str, port: u16) -> Checked {
+    /// changed since; and that policy.
+    async fn decide(&self, host: &str, port: u16) -> (Checked, Arc<Policy>) {
         let policy = self.proxy.current_policy();
         let cached = lock(&self.decided)
             .as_ref()
             .filter(|d| d.host == host && d.port == port && Arc::ptr_eq(&d.by, &policy))
             .map(|d| d.checked.clone());
         if let Some(c) = cached {
-            return c;
+            return (c, policy);
         }
         let checked = decide(&policy, host, port).await;
         *lock(&self.decided) = Some(Decided {
             host: host.to_string(),
             port,
             checked: checked.clone(),
-            by: policy,
+            by: policy.clone(),
         });
-        checked
+        (checked, policy)
     }
 
     async fn send(
         &self,
         req: Request<Incoming>,
         rec: ConnectionReport,
-        origin: Uri,
-        addrs: Vec<IpAddr>,
+        allowed: Allowed,
         started: Instant,
         up_head: u64,
     ) -> Response<ReplyBody> {
         let host = rec.host.clone();
         let port = rec.port;
+        let Allowed { origin, addrs, by } = allowed;
         let (mut parts, body) = req.into_parts();
         let http10 = parts.version == Version::HTTP_10;
         strip_hop_by_hop(&mut parts.headers);
@@ -361,9 +375,13 @@ impl Session {
         parts.uri = origin;
         parts.version = Version::HTTP_11;
         let up = Arc::new(AtomicU64::new(up_head));
+        // The body is checked chunk by chunk against policy changes.
+        let cut = Arc::new(Mutex::new(None));
+        let live = LiveCheck::new(&self.proxy, &host, port, &addrs, by, cut.clone());
         let body = Counted {
             inner: body,
             count: up.clone(),
+            live: Some(live),
         };
         // If the guest gives up before the answer comes, the request is
         // still logged.
@@ -429,7 +447,20 @@ impl Session {
                 };
                 Response::from_parts(parts, body.boxed())
             }
-            Err(reason) => self.fail(rec, &up, started, reason),
+            Err(reason) => match lock(&cut).take() {
+                // The policy changed during the body: what was left of it
+                // never went upstream.
+                Some(d) => {
+                    rec.set_decision(&d);
+                    rec.reason = format!("{POLICY_CHANGED}: {}", d.reason);
+                    rec.status = Some(StatusCode::FORBIDDEN.as_u16());
+                    rec.bytes_up = up.load(Ordering::Relaxed);
+                    rec.duration_ms = millis(started);
+                    self.log.write(&rec);
+                    closing_reply(StatusCode::FORBIDDEN, &rec.reason)
+                }
+                None => self.fail(rec, &up, started, reason),
+            },
         }
     }
 

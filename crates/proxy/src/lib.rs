@@ -214,7 +214,8 @@ enum Stop {
 /// decided (a `secret-read` label set by a file read, a rule removed): the
 /// guest must not keep sending through a connection that the policy in force
 /// would refuse. Cheap when nothing changed: the refresh hook (a few `stat`s
-/// in the supervisor) and a pointer comparison.
+/// in the supervisor) and a pointer comparison. Clones share the cut slot.
+#[derive(Clone)]
 pub(crate) struct LiveCheck {
     proxy: Proxy,
     host: String,

@@ -52,7 +52,7 @@ use crate::exchange::{
     RequestLog,
 };
 use crate::relay::Activity;
-use crate::{http as h1, truncate, LiveCheck, Proxy};
+use crate::{http as h1, truncate, LiveCheck, Proxy, POLICY_CHANGED};
 
 /// Where the proxy gets credential routes and secrets. The supervisor reads
 /// its secret store here on each intercepted connection, so `sandpen secret
@@ -590,9 +590,15 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
     parts.uri = uri;
     parts.version = Version::HTTP_11;
     let up = Arc::new(AtomicU64::new(0));
+    // The body is checked chunk by chunk against policy changes.
+    let live = match s.live.lock() {
+        Ok(l) => l.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    };
     let body = Counted {
         inner: body,
         count: up.clone(),
+        live: Some(live),
     };
     // If the guest gives up before the answer comes, the request (which
     // carried the secret) is still logged.
@@ -628,13 +634,28 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
             Response::from_parts(parts, body.boxed())
         }
         Err(e) => {
-            let reason = upstream_reason(&e);
+            let cut = match s.live.lock() {
+                Ok(l) => l.take_cut(),
+                Err(poisoned) => poisoned.into_inner().take_cut(),
+            };
+            let (status, reason) = match cut {
+                // The policy changed during the body: what was left of it
+                // never went upstream.
+                Some(d) => {
+                    rec.set_decision(&d);
+                    (
+                        StatusCode::FORBIDDEN,
+                        format!("{POLICY_CHANGED}: {}", d.reason),
+                    )
+                }
+                None => (StatusCode::BAD_GATEWAY, upstream_reason(&e)),
+            };
             rec.reason = reason.clone();
-            rec.status = Some(502);
+            rec.status = Some(status.as_u16());
             rec.bytes_up = up.load(Ordering::Relaxed);
             rec.duration_ms = millis(started);
             s.proxy.write_record(&rec);
-            own_reply(StatusCode::BAD_GATEWAY, &reason)
+            own_reply(status, &reason)
         }
     }
 }

@@ -1052,6 +1052,90 @@ async fn a_policy_change_refuses_the_next_request_on_a_kept_connection() {
     assert_eq!(seen.len(), 1, "{seen:?}");
 }
 
+/// Keeps every byte each connection sends, as it arrives.
+async fn raw_sink() -> (u16, Arc<Mutex<Vec<u8>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let got: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let g = got.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = l.accept().await {
+            let g = g.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = sock.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    g.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+        }
+    });
+    (port, got)
+}
+
+async fn wait_for_bytes(got: &Mutex<Vec<u8>>, needle: &str) {
+    for _ in 0..400 {
+        if String::from_utf8_lossy(&got.lock().unwrap()).contains(needle) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the upstream never got {needle:?}");
+}
+
+/// An upload that started before the policy changed (say, before the guest
+/// read a secret) cannot carry on: the rest of its body never goes up.
+#[tokio::test]
+async fn a_policy_change_stops_a_request_body_half_way() {
+    for mode in [EgressMode::HttpProxy, EgressMode::Transparent] {
+        let (port, got) = raw_sink().await;
+        let h = harness(Mode::Enforce);
+        let changed = Arc::new(AtomicBool::new(false));
+        let c = changed.clone();
+        h.proxy.set_refresh(Some(Arc::new(move |p: &Proxy| {
+            if c.swap(false, Ordering::SeqCst) {
+                p.set_policy(policy_from(POLICY_NOW_DENYING, Mode::Enforce));
+            }
+        })));
+        let (target, claimed) = match mode {
+            EgressMode::HttpProxy => (format!("http://allowed.test:{port}/upload"), ""),
+            EgressMode::Transparent => ("/upload".to_string(), "allowed.test"),
+        };
+        let (mut guest, rep) = h.open(mode, claimed, port);
+        guest
+            .write_all(
+                format!(
+                    "POST {target} HTTP/1.1\r\nHost: allowed.test:{port}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        wait_for_bytes(&got, "first").await;
+        changed.store(true, Ordering::SeqCst);
+        guest.write_all(b"4\r\nleak\r\n0\r\n\r\n").await.unwrap();
+        let resp = read_all(&mut guest).await;
+        assert!(resp.starts_with("HTTP/1.1 403"), "{mode:?}: {resp}");
+        assert!(resp.contains("X-Sandpen-Reason: policy-changed"), "{resp}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sent = String::from_utf8_lossy(&got.lock().unwrap()).to_string();
+        assert!(
+            !sent.contains("leak"),
+            "{mode:?}: the upstream got {sent:?}"
+        );
+        rep.await.unwrap();
+        let recs = h.records();
+        let rec = recs.last().unwrap();
+        assert_eq!(rec.decision, Verdict::Deny, "{rec:?}");
+        assert_eq!(rec.reason, "policy-changed: denied-by-rule", "{rec:?}");
+        assert_eq!(rec.rule.as_deref(), Some("deny allowed.test"), "{rec:?}");
+        assert_eq!(rec.path.as_deref(), Some("/upload"));
+        assert_eq!(rec.status, Some(403));
+    }
+}
+
 #[tokio::test]
 async fn learn_mode_lets_a_denied_host_through_and_logs_would_deny() {
     let ca = test_ca();

@@ -91,6 +91,8 @@ struct Upstream {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
     release: Arc<Notify>,
+    /// Body bytes of `/v1/upload` requests, as they arrive.
+    uploaded: Arc<Mutex<Vec<u8>>>,
 }
 
 async fn upstream(pki: &TestPki) -> Upstream {
@@ -98,19 +100,20 @@ async fn upstream(pki: &TestPki) -> Upstream {
     let addr = l.local_addr().unwrap();
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let release = Arc::new(Notify::new());
+    let uploaded: Arc<Mutex<Vec<u8>>> = Arc::default();
     let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
-    let (s, r) = (seen.clone(), release.clone());
+    let (s, r, u) = (seen.clone(), release.clone(), uploaded.clone());
     tokio::spawn(async move {
         loop {
             let (sock, _) = l.accept().await.unwrap();
-            let (acceptor, s, r) = (acceptor.clone(), s.clone(), r.clone());
+            let (acceptor, s, r, u) = (acceptor.clone(), s.clone(), r.clone(), u.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(sock).await else {
                     return;
                 };
                 let svc = hyper::service::service_fn(
                     move |req: hyper::Request<hyper::body::Incoming>| {
-                        let (s, r) = (s.clone(), r.clone());
+                        let (s, r, u) = (s.clone(), r.clone(), u.clone());
                         async move {
                             s.lock().unwrap().push(Seen {
                                 path: req.uri().path().to_string(),
@@ -126,6 +129,18 @@ async fn upstream(pki: &TestPki) -> Upstream {
                                     })
                                     .collect(),
                             });
+                            if req.uri().path() == "/v1/upload" {
+                                let mut body = req.into_body();
+                                while let Some(Ok(f)) = body.frame().await {
+                                    if let Some(d) = f.data_ref() {
+                                        u.lock().unwrap().extend_from_slice(d);
+                                    }
+                                }
+                                let ok = http_body_util::Full::new(Bytes::from("ok"))
+                                    .map_err(|n: Infallible| match n {})
+                                    .boxed();
+                                return Ok(hyper::Response::new(ok));
+                            }
                             let body = if req.uri().path() == "/v1/messages" {
                                 let (tx, rx) = tokio::sync::mpsc::channel::<
                                     Result<Frame<Bytes>, Infallible>,
@@ -170,6 +185,7 @@ async fn upstream(pki: &TestPki) -> Upstream {
         addr,
         seen,
         release,
+        uploaded,
     }
 }
 
@@ -270,30 +286,11 @@ impl Harness {
         roots: rustls::RootCertStore,
         proto: Proto,
     ) -> (Sender, tokio::task::JoinHandle<ConnectionReport>) {
-        let (guest, host_end) = tokio::io::duplex(64 * 1024);
-        let p = self.proxy.clone();
-        let open = EgressOpen {
-            mode: EgressMode::Transparent,
-            host: host.into(),
-            port,
+        let alpn = match proto {
+            Proto::H1 => b"http/1.1".to_vec(),
+            Proto::H2 => b"h2".to_vec(),
         };
-        let report = tokio::spawn(async move { p.handle(host_end, open).await });
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        cfg.alpn_protocols = match proto {
-            Proto::H1 => vec![b"http/1.1".to_vec()],
-            Proto::H2 => vec![b"h2".to_vec()],
-        };
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(
-                pki_types::ServerName::try_from(host.to_string()).unwrap(),
-                guest,
-            )
-            .await
-            .expect("guest TLS handshake");
+        let (tls, report) = self.connect_tls(host, port, roots, alpn).await;
         let io = TokioIo::new(tls);
         let sender = match proto {
             Proto::H1 => {
@@ -310,6 +307,41 @@ impl Harness {
             }
         };
         (sender, report)
+    }
+
+    /// The guest's TLS stream to `host:port`, offering `alpn`.
+    async fn connect_tls(
+        &self,
+        host: &str,
+        port: u16,
+        roots: rustls::RootCertStore,
+        alpn: Vec<u8>,
+    ) -> (
+        tokio_rustls::client::TlsStream<tokio::io::DuplexStream>,
+        tokio::task::JoinHandle<ConnectionReport>,
+    ) {
+        let (guest, host_end) = tokio::io::duplex(64 * 1024);
+        let p = self.proxy.clone();
+        let open = EgressOpen {
+            mode: EgressMode::Transparent,
+            host: host.into(),
+            port,
+        };
+        let report = tokio::spawn(async move { p.handle(host_end, open).await });
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = vec![alpn];
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(
+                pki_types::ServerName::try_from(host.to_string()).unwrap(),
+                guest,
+            )
+            .await
+            .expect("guest TLS handshake");
+        (tls, report)
     }
 
     fn sandbox_roots(&self) -> rustls::RootCertStore {
@@ -596,6 +628,54 @@ async fn a_policy_change_refuses_the_next_request_on_an_intercepted_connection()
     let r = h.record_for("/v1/after");
     assert_eq!(r.reason, "policy-changed: denied-by-rule");
     assert_eq!(r.rule.as_deref(), Some("deny api.anthropic.com"));
+}
+
+/// An upload to a credential host that started before the policy changed
+/// stops there: the rest of its body never reaches the upstream.
+#[tokio::test]
+async fn a_policy_change_stops_an_intercepted_request_body_half_way() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = harness().await;
+    let port = h.good.addr.port();
+    let (mut tls, _) = h
+        .connect_tls(
+            "api.anthropic.com",
+            port,
+            h.sandbox_roots(),
+            b"http/1.1".to_vec(),
+        )
+        .await;
+    tls.write_all(
+        format!(
+            "POST /v1/upload HTTP/1.1\r\nHost: api.anthropic.com:{port}\r\nx-api-key: proxy-managed\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut arrived = false;
+    for _ in 0..400 {
+        if h.good.uploaded.lock().unwrap().ends_with(b"first") {
+            arrived = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(arrived, "the first chunk went up");
+    h.proxy.set_policy(policy(
+        "[[network]]\nid = 9\naction = \"deny\"\ntarget = \"api.anthropic.com\"\n",
+    ));
+    tls.write_all(b"4\r\nleak\r\n0\r\n\r\n").await.unwrap();
+    let mut resp = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut resp)).await;
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(&h.good.uploaded.lock().unwrap()[..], b"first");
+    let r = h.record_for("/v1/upload");
+    assert_eq!(r.reason, "policy-changed: denied-by-rule", "{r:?}");
+    assert_eq!(r.rule.as_deref(), Some("deny api.anthropic.com"));
+    assert_eq!(r.status, Some(403));
 }
 
 #[tokio::test]

@@ -15,12 +15,14 @@
 //!    raw TCP, decided on the name;
 //! 4. connects to exactly an address that was checked, forwards the peeked
 //!    bytes and relays byte for byte (a bidirectional copy with adaptive
-//!    buffers, see `relay`);
+//!    buffers, see `relay`; from a TCP socket to a TCP socket, as in
+//!    standalone mode, with `splice(2)` instead, see `splice`);
 //! 5. writes one audit record ([`ConnectionReport`]) and returns it (plain
 //!    HTTP: one per request).
 //!
 //! Plain HTTP is served request by request, each checked and logged, with
-//! connections kept alive both ways (see `forward`).
+//! connections kept alive both ways and upstream connections shared by the
+//! sandbox's guest connections (see `forward` and `upstream`).
 //! Server-first protocols (SMTP, MySQL) work on ports other than 80 and 443:
 //! when the client has said nothing after [`ProxyConfig::server_first_after`],
 //! the proxy connects and relays raw bytes, decided on the name alone.
@@ -381,7 +383,9 @@ impl Proxy {
         &self.inner.pool
     }
 
-    /// Handle one guest connection to its end and return (and log) its record.
+    /// Handle one guest connection to its end and return (and log) its
+    /// record. When `stream` is a [`TcpStream`] (standalone mode), tunnels
+    /// move their bytes with `splice(2)` (see [`ProxyConfig::splice`]).
     pub async fn handle<S>(&self, stream: S, open: EgressOpen) -> ConnectionReport
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,

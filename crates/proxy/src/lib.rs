@@ -44,7 +44,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use sandpen_policy::{Decision, Host, Policy};
+use sandpen_policy::{Decision, Host, Policy, Verdict};
 use sandpen_proto::messages::{EgressMode, EgressOpen};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -269,6 +269,13 @@ impl LiveCheck {
             d = now.check(&self.host, self.port, Some(&self.addrs));
         }
         self.decided_with = now;
+        if d.verdict == Verdict::WouldDeny {
+            // Learn mode lets it go on; the connection's record notes it.
+            if let Ok(mut cut) = self.cut.lock() {
+                cut.get_or_insert(d);
+            }
+            return Ok(());
+        }
         if d.permits() {
             return Ok(());
         }
@@ -555,6 +562,15 @@ impl Conn<'_> {
                 }
             }
             Err(Stop::End(reason)) => self.rec.reason = reason,
+        }
+        // Learn mode: a policy change that enforce mode would have cut is
+        // logged as `would-deny`, with its rule (the connection went on).
+        let learned = self.cut.lock().ok().and_then(|mut c| c.take());
+        if let Some(d) = learned.filter(|d| d.verdict == Verdict::WouldDeny) {
+            if self.rec.decision == Verdict::Allow {
+                self.rec.set_decision(&d);
+                self.rec.reason = format!("{POLICY_CHANGED}: {}", d.reason);
+            }
         }
     }
 

@@ -1136,6 +1136,37 @@ async fn a_policy_change_stops_a_request_body_half_way() {
     }
 }
 
+/// Learn mode does not cut an open tunnel when a change would deny it,
+/// but its record says that enforce mode would have.
+#[tokio::test]
+async fn learn_mode_logs_a_cut_it_did_not_make() {
+    let srv = echo_server().await;
+    let h = harness(Mode::Learn);
+    let changed = Arc::new(AtomicBool::new(false));
+    let c = changed.clone();
+    h.proxy.set_refresh(Some(Arc::new(move |p: &Proxy| {
+        if c.swap(false, Ordering::SeqCst) {
+            p.set_policy(policy_from(POLICY_NOW_DENYING, Mode::Learn));
+        }
+    })));
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    guest.write_all(b"ping").await.unwrap();
+    let mut pong = [0u8; 20];
+    guest.read_exact(&mut pong).await.unwrap();
+    changed.store(true, Ordering::SeqCst);
+    guest.write_all(b"more").await.unwrap();
+    let mut echo = [0u8; 4];
+    guest.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"more", "learn mode lets it go on");
+    drop(guest);
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::WouldDeny, "{rep:?}");
+    assert_eq!(rep.reason, "policy-changed: denied-by-rule", "{rep:?}");
+    assert_eq!(rep.rule.as_deref(), Some("deny allowed.test"));
+    assert_eq!(rep.bytes_up, 8);
+    assert_eq!(h.records(), vec![rep]);
+}
+
 #[tokio::test]
 async fn learn_mode_lets_a_denied_host_through_and_logs_would_deny() {
     let ca = test_ca();

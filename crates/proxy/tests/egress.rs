@@ -1372,17 +1372,19 @@ async fn idle_tunnels_are_closed() {
     assert_eq!(read_all(&mut guest).await, "220 echo ready\r\nx");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bulk_tunnel_is_byte_exact_both_ways() {
-    let srv = echo_server().await;
-    let h = harness(Mode::Enforce);
-    let (guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
-    let (mut r, mut w) = tokio::io::split(guest);
-    const N: usize = 8 * 1024 * 1024 + 12_345;
-    let data: Vec<u8> = (0..N).map(|i| (i * 31 % 251) as u8).collect();
+/// Bytes sent up in [`bulk_echo`].
+const BULK: usize = 8 * 1024 * 1024 + 12_345;
+
+/// Send [`BULK`] bytes up `w` in uneven writes, then half-close it; the echo
+/// server's banner and every byte must come back on `r`, in full.
+async fn bulk_echo<R, W>(mut r: R, mut w: W)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let data: Vec<u8> = (0..BULK).map(|i| (i * 31 % 251) as u8).collect();
     let expect = data.clone();
     let writer = tokio::spawn(async move {
-        // Uneven writes, and a half-close at the end.
         let mut off = 0;
         let mut step = 1;
         while off < data.len() {
@@ -1392,17 +1394,31 @@ async fn bulk_tunnel_is_byte_exact_both_ways() {
             step = (step * 7 + 3) % 300_000 + 1;
         }
         w.shutdown().await.unwrap();
+        // Kept until the echo is read: half-closed, not closed.
+        w
     });
-    let mut got = Vec::with_capacity(N + 16);
+    let mut got = Vec::with_capacity(BULK + 16);
     tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut got))
         .await
         .unwrap()
         .unwrap();
-    writer.await.unwrap();
+    drop(writer.await.unwrap());
     assert_eq!(&got[..16], b"220 echo ready\r\n");
     assert!(got[16..] == expect[..], "echoed bytes differ");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_tunnel_is_byte_exact_both_ways() {
+    let srv = echo_server().await;
+    let h = harness(Mode::Enforce);
+    let (guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    let (r, w) = tokio::io::split(guest);
+    bulk_echo(r, w).await;
     let rep = rep.await.unwrap();
-    assert_eq!((rep.bytes_up, rep.bytes_down), (N as u64, N as u64 + 16));
+    assert_eq!(
+        (rep.bytes_up, rep.bytes_down),
+        (BULK as u64, BULK as u64 + 16)
+    );
 }
 
 /// Serve `h`'s proxy in standalone mode; the address to reach it at.
@@ -1442,34 +1458,14 @@ async fn a_spliced_tunnel_is_byte_exact_both_ways() {
     let h = harness(Mode::Enforce);
     let (proxy, serve) = standalone(&h).await;
     let s = tunnel(proxy, "allowed.test", srv.port()).await;
-    let (mut r, mut w) = s.into_split();
-    const N: usize = 8 * 1024 * 1024 + 12_345;
-    let data: Vec<u8> = (0..N).map(|i| (i * 31 % 251) as u8).collect();
-    let expect = data.clone();
-    let writer = tokio::spawn(async move {
-        let mut off = 0;
-        let mut step = 1;
-        while off < data.len() {
-            let end = (off + step).min(data.len());
-            w.write_all(&data[off..end]).await.unwrap();
-            off = end;
-            step = (step * 7 + 3) % 300_000 + 1;
-        }
-        // Half-closed: the echo must still come back in full.
-        w.shutdown().await.unwrap();
-        w
-    });
-    let mut got = Vec::with_capacity(N + 16);
-    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut got))
-        .await
-        .unwrap()
-        .unwrap();
-    drop(writer.await.unwrap());
-    assert_eq!(&got[..16], b"220 echo ready\r\n");
-    assert!(got[16..] == expect[..], "echoed bytes differ");
+    let (r, w) = s.into_split();
+    bulk_echo(r, w).await;
     let rec = wait_records(&h, 1).await.remove(0);
     assert_eq!(rec.reason, "allowed-by-rule", "{rec:?}");
-    assert_eq!((rec.bytes_up, rec.bytes_down), (N as u64, N as u64 + 16));
+    assert_eq!(
+        (rec.bytes_up, rec.bytes_down),
+        (BULK as u64, BULK as u64 + 16)
+    );
     serve.abort();
 }
 

@@ -8,7 +8,6 @@
 //! order: `run claude` creates it, `run codex` and `run gemini` attach to it.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -16,7 +15,7 @@ use std::time::{Duration, Instant};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 mod common;
-use common::{check, expect_ok, text};
+use common::{check, expect_ok, text, Cli};
 
 /// The sandbox's name (from the workspace folder's name).
 const NAME: &str = "agents";
@@ -26,12 +25,8 @@ const IMAGE: &str = "test-agents";
 const REAL_KEY: &str = "sk-sandpen-test-real-key-0123456789";
 
 struct Env {
-    bin: PathBuf,
-    state: tempfile::TempDir,
-    config: tempfile::TempDir,
-    data: PathBuf,
+    cli: Cli,
     root: tempfile::TempDir,
-    ws: PathBuf,
     http_port: u16,
     model_port: u16,
     server: std::sync::Mutex<Child>,
@@ -163,12 +158,9 @@ fn env() -> &'static Env {
             .split_whitespace()
             .map(|p| p.parse().expect("a port number"))
             .collect();
-        let config = tempfile::Builder::new()
-            .prefix("sandpen-config-")
-            .tempdir()
-            .expect("config dir");
+        let cli = Cli::new(ws);
         let store =
-            sandpen_credentials::FileStore::new(config.path().join("sandpen").join("secrets"));
+            sandpen_credentials::FileStore::new(cli.config.path().join("sandpen").join("secrets"));
         for service in ["anthropic", "openai", "google"] {
             store
                 .set(
@@ -179,14 +171,7 @@ fn env() -> &'static Env {
                 .expect("storing a test secret");
         }
         Env {
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_sandpen")),
-            state: tempfile::Builder::new()
-                .prefix("sandpen-state-")
-                .tempdir()
-                .expect("state dir"),
-            config,
-            data: common::data_home(),
-            ws,
+            cli,
             http_port: ports[0],
             model_port: ports[1],
             root,
@@ -196,17 +181,9 @@ fn env() -> &'static Env {
 }
 
 fn command(args: &[&str]) -> Command {
-    let e = env();
-    let mut c = Command::new(&e.bin);
-    c.args(args)
-        .current_dir(&e.ws)
-        .env("XDG_STATE_HOME", e.state.path())
-        .env("XDG_DATA_HOME", &e.data)
-        .env("XDG_CONFIG_HOME", e.config.path())
-        // The test writes its secrets into the file store.
-        .env("SANDPEN_SECRET_STORE", "file")
-        .env_remove("SANDPEN_ACCEL")
-        .stdin(Stdio::null());
+    let mut c = env().cli.command(args);
+    // The test writes its secrets into the file store.
+    c.env("SANDPEN_SECRET_STORE", "file");
     c
 }
 
@@ -300,11 +277,11 @@ fn sandboxes() -> Result<Vec<serde_json::Value>, Failed> {
 fn run_claude_without_a_secret_says_how_to_set_one() -> Result<(), Failed> {
     let e = env();
     let bare_config = tempfile::tempdir()?;
-    let out = Command::new(&e.bin)
+    let out = Command::new(&e.cli.bin)
         .args(["run", "claude", "--image", IMAGE])
-        .current_dir(&e.ws)
-        .env("XDG_STATE_HOME", e.state.path())
-        .env("XDG_DATA_HOME", &e.data)
+        .current_dir(&e.cli.ws)
+        .env("XDG_STATE_HOME", e.cli.state.path())
+        .env("XDG_DATA_HOME", &e.cli.data)
         .env("XDG_CONFIG_HOME", bare_config.path())
         .env("SANDPEN_SECRET_STORE", "file")
         .stdin(Stdio::null())
@@ -340,12 +317,12 @@ fn kiro_says_exactly_why_it_cannot_run() -> Result<(), Failed> {
 fn an_image_without_the_agent_is_refused_before_anything_starts() -> Result<(), Failed> {
     let e = env();
     let other = tempfile::tempdir()?;
-    let out = Command::new(&e.bin)
+    let out = Command::new(&e.cli.bin)
         .args(["run", "gemini", "--image", "default", "--", "--version"])
         .current_dir(other.path())
-        .env("XDG_STATE_HOME", e.state.path())
-        .env("XDG_DATA_HOME", &e.data)
-        .env("XDG_CONFIG_HOME", e.config.path())
+        .env("XDG_STATE_HOME", e.cli.state.path())
+        .env("XDG_DATA_HOME", &e.cli.data)
+        .env("XDG_CONFIG_HOME", e.cli.config.path())
         // The test writes its secrets into the file store.
         .env("SANDPEN_SECRET_STORE", "file")
         .stdin(Stdio::null())
@@ -411,7 +388,7 @@ fn codex_attaches_to_the_workspace_sandbox() -> Result<(), Failed> {
     )?;
     let ours: Vec<_> = sandboxes()?
         .into_iter()
-        .filter(|r| r["workspace"] == env().ws.to_string_lossy().as_ref())
+        .filter(|r| r["workspace"] == env().cli.ws.to_string_lossy().as_ref())
         .collect();
     check(
         ours.len() == 1 && ours[0]["name"] == NAME && ours[0]["agent"] == "claude",
@@ -430,7 +407,7 @@ fn gemini_version_in_the_same_sandbox() -> Result<(), Failed> {
 }
 
 fn agent_settings_are_written_for_the_sentinel() -> Result<(), Failed> {
-    let ws = env().ws.to_string_lossy().into_owned();
+    let ws = env().cli.ws.to_string_lossy().into_owned();
     let out = guest(&format!(
         "jq -r '.hasCompletedOnboarding, .customApiKeyResponses.approved[0], \
          .projects[\"{ws}\"].hasTrustDialogAccepted' ~/.claude.json; \
@@ -622,12 +599,12 @@ fn interactive_claude_opens_at_its_prompt() -> Result<(), Failed> {
         .arg("-c")
         .arg(ON_A_TTY)
         .arg("bypass permissions on")
-        .arg(&e.bin)
+        .arg(&e.cli.bin)
         .args(["run", "claude"])
-        .current_dir(&e.ws)
-        .env("XDG_STATE_HOME", e.state.path())
-        .env("XDG_DATA_HOME", &e.data)
-        .env("XDG_CONFIG_HOME", e.config.path())
+        .current_dir(&e.cli.ws)
+        .env("XDG_STATE_HOME", e.cli.state.path())
+        .env("XDG_DATA_HOME", &e.cli.data)
+        .env("XDG_CONFIG_HOME", e.cli.config.path())
         .env("SANDPEN_SECRET_STORE", "file")
         .env("TERM", "xterm-256color")
         .env_remove("SANDPEN_ACCEL")

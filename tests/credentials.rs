@@ -6,24 +6,20 @@
 //! state folder and logs.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 
 mod common;
-use common::{check, text};
+use common::{check, text, Cli};
 
 const NAME: &str = "creds";
 
 struct Env {
-    bin: PathBuf,
-    state: tempfile::TempDir,
-    config: tempfile::TempDir,
-    data: PathBuf,
+    cli: Cli,
     root: tempfile::TempDir,
-    ws: PathBuf,
     /// Trusted through --upstream-ca: api.anthropic.com, github.com, other.test.
     good_port: u16,
     /// A certificate from a CA nobody trusts: api.openai.com.
@@ -107,7 +103,6 @@ fn random_hex(n: usize) -> String {
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let data = common::data_home();
         let (root, ws) = common::workspace("sandpen-creds-", NAME);
         common::make_pki(
             root.path(),
@@ -141,17 +136,7 @@ fn env() -> &'static Env {
             .map(|p| p.parse().unwrap())
             .collect();
         Env {
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_sandpen")),
-            state: tempfile::Builder::new()
-                .prefix("sandpen-state-")
-                .tempdir()
-                .unwrap(),
-            config: tempfile::Builder::new()
-                .prefix("sandpen-config-")
-                .tempdir()
-                .unwrap(),
-            data,
-            ws,
+            cli: Cli::new(ws),
             root,
             good_port: ports[0],
             bad_port: ports[1],
@@ -163,26 +148,15 @@ fn env() -> &'static Env {
 }
 
 fn command(args: &[&str]) -> Command {
-    let e = env();
-    let mut c = Command::new(&e.bin);
-    c.args(args)
-        .current_dir(&e.ws)
-        .env("XDG_STATE_HOME", e.state.path())
-        .env("XDG_DATA_HOME", &e.data)
-        .env("XDG_CONFIG_HOME", e.config.path())
-        .env_remove("SANDPEN_ACCEL");
-    c
+    env().cli.command(args)
 }
 
 fn sandpen(args: &[&str]) -> Output {
-    command(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running sandpen")
+    env().cli.run(args)
 }
 
 fn ok(args: &[&str]) -> Result<String, Failed> {
-    common::expect_ok(&sandpen(args), &format!("sandpen {args:?}"))
+    env().cli.ok(args)
 }
 
 /// `sandpen ARGS` with `input` on stdin (not a terminal).
@@ -307,7 +281,8 @@ fn the_guest_sees_only_sentinels_and_trusts_the_sandbox_ca() -> Result<(), Faile
         "a secret is in the guest environment",
     )?;
     let ca = std::fs::read_to_string(
-        e.state
+        e.cli
+            .state
             .path()
             .join("sandpen/sandboxes")
             .join(NAME)
@@ -354,7 +329,7 @@ fn curl_sentinel_becomes_the_key_only_on_the_route_host() -> Result<(), Failed> 
     // Another allowed host: tunneled, the sentinel goes out unchanged.
     let (code, out) = guest(&format!(
         "curl -sS -m 20 --cacert {}/upstream-ca.crt -H 'x-api-key: proxy-managed' https://other.test:{port}/other",
-        e.ws.display()
+        e.cli.ws.display()
     ));
     check(
         code == 0 && out.contains("ok /other"),
@@ -415,8 +390,8 @@ fn git_over_https_gets_the_token() -> Result<(), Failed> {
 fn sse_arrives_chunk_by_chunk() -> Result<(), Failed> {
     ready()?;
     let e = env();
-    let ws = e.ws.display();
-    let _ = std::fs::remove_file(e.ws.join("release"));
+    let ws = e.cli.ws.display();
+    let _ = std::fs::remove_file(e.cli.ws.join("release"));
     // The guest waits for the first event while the mock holds the last; only
     // then does it let the mock go on.
     let (code, out) = guest(&format!(
@@ -427,7 +402,7 @@ fn sse_arrives_chunk_by_chunk() -> Result<(), Failed> {
          touch {ws}/release; wait; cat /tmp/sse",
         e.good_port
     ));
-    let _ = std::fs::remove_file(e.ws.join("release"));
+    let _ = std::fs::remove_file(e.cli.ws.join("release"));
     check(
         code == 0
             && out.contains("FIRST-ARRIVED")
@@ -530,7 +505,7 @@ fn secret_ls_never_prints_a_value() -> Result<(), Failed> {
         check(!out.contains(&v[..14]), "secret ls printed part of a value")?;
     }
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(e.config.path().join("sandpen/secrets"))?
+    let mode = std::fs::metadata(e.cli.config.path().join("sandpen/secrets"))?
         .permissions()
         .mode();
     check(
@@ -556,7 +531,7 @@ fn the_key_is_nowhere_but_the_store() -> Result<(), Failed> {
         "the key was not used",
     )?;
     let _ = guest("sync");
-    let sandbox = e.state.path().join("sandpen/sandboxes").join(NAME);
+    let sandbox = e.cli.state.path().join("sandpen/sandboxes").join(NAME);
     let dump = e.root.path().join("guest-memory.dump");
     let qmp = sandbox.join("run/qmp.sock");
     let status = Command::new("python3")
@@ -596,11 +571,16 @@ fn the_key_is_nowhere_but_the_store() -> Result<(), Failed> {
         )?;
         let hits = Command::new("grep")
             .args(["-r", "-a", "-l", "-F", s])
-            .arg(e.config.path())
+            .arg(e.cli.config.path())
             .output()?;
         let files = text(&hits.stdout);
         check(
-            files.trim() == e.config.path().join("sandpen/secrets").to_string_lossy(),
+            files.trim()
+                == e.cli
+                    .config
+                    .path()
+                    .join("sandpen/secrets")
+                    .to_string_lossy(),
             format!("the secret is in config files other than the store: {files}"),
         )?;
     }

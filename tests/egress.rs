@@ -4,7 +4,6 @@
 //! proxy's decision with `sandpen policy check`.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -12,17 +11,13 @@ use std::time::{Duration, Instant};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 mod common;
-use common::{check, text};
+use common::{check, text, Cli};
 
 const NAME: &str = "egress";
 
 struct Env {
-    bin: PathBuf,
-    state: tempfile::TempDir,
-    config: tempfile::TempDir,
-    data: PathBuf,
+    cli: Cli,
     root: tempfile::TempDir,
-    ws: PathBuf,
     http_port: u16,
     echo_port: u16,
     tls_port: u16,
@@ -73,7 +68,6 @@ threading.Event().wait()
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let data = common::data_home();
         let (root, ws) = common::workspace("sandpen-egress-", NAME);
         let status = Command::new("openssl")
             .args([
@@ -114,17 +108,7 @@ fn env() -> &'static Env {
             .map(|p| p.parse().unwrap())
             .collect();
         Env {
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_sandpen")),
-            state: tempfile::Builder::new()
-                .prefix("sandpen-state-")
-                .tempdir()
-                .unwrap(),
-            config: tempfile::Builder::new()
-                .prefix("sandpen-config-")
-                .tempdir()
-                .unwrap(),
-            data,
-            ws,
+            cli: Cli::new(ws),
             root,
             http_port: ports[0],
             tls_port: ports[1],
@@ -135,21 +119,11 @@ fn env() -> &'static Env {
 }
 
 fn sandpen(args: &[&str]) -> Output {
-    let e = env();
-    Command::new(&e.bin)
-        .args(args)
-        .current_dir(&e.ws)
-        .env("XDG_STATE_HOME", e.state.path())
-        .env("XDG_DATA_HOME", &e.data)
-        .env("XDG_CONFIG_HOME", e.config.path())
-        .env_remove("SANDPEN_ACCEL")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running sandpen")
+    env().cli.run(args)
 }
 
 fn ok(args: &[&str]) -> Result<String, Failed> {
-    common::expect_ok(&sandpen(args), &format!("sandpen {args:?}"))
+    env().cli.ok(args)
 }
 
 /// Runs `sh` in the guest as root; returns (exit code, stdout + stderr).
@@ -490,6 +464,7 @@ fn malformed_policy_names_the_line_and_blocks_start() -> Result<(), Failed> {
     ready()?;
     ok(&["stop", NAME])?;
     let path = env()
+        .cli
         .state
         .path()
         .join(format!("sandpen/sandboxes/{NAME}/policy.toml"));

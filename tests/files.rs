@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use libtest_mimic::{Arguments, Failed, Trial};
 
 mod common;
-use common::{check, text};
+use common::{check, text, Cli};
 
 const NAME: &str = "files";
 /// The sandbox of the npm test, on the image with Node.js.
@@ -23,12 +23,8 @@ const NPM_IMAGE: &str = "test-agents";
 const OUTSIDE: &str = "HOST-ONLY-9f31c2";
 
 struct Env {
-    bin: PathBuf,
-    state: tempfile::TempDir,
-    config: tempfile::TempDir,
-    data: PathBuf,
+    cli: Cli,
     root: tempfile::TempDir,
-    ws: PathBuf,
     http_port: u16,
     server: std::sync::Mutex<Child>,
     /// The host's Rust toolchain, shared read-only for the cargo test.
@@ -90,17 +86,7 @@ fn env() -> &'static Env {
             .read_line(&mut line)
             .unwrap();
         Env {
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_sandpen")),
-            state: tempfile::Builder::new()
-                .prefix("sandpen-state-")
-                .tempdir()
-                .unwrap(),
-            config: tempfile::Builder::new()
-                .prefix("sandpen-config-")
-                .tempdir()
-                .unwrap(),
-            data: common::data_home(),
-            ws,
+            cli: Cli::new(ws),
             root,
             http_port: line.trim().parse().unwrap(),
             server: std::sync::Mutex::new(server),
@@ -110,22 +96,11 @@ fn env() -> &'static Env {
 }
 
 fn sandpen(args: &[&str]) -> Output {
-    let e = env();
-    Command::new(&e.bin)
-        .args(args)
-        .current_dir(&e.ws)
-        .env("XDG_STATE_HOME", e.state.path())
-        .env("XDG_DATA_HOME", &e.data)
-        .env("XDG_CONFIG_HOME", e.config.path())
-        .env_remove("SANDPEN_ACCEL")
-        .env_remove("SANDPEN_FILE_SERVER")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running sandpen")
+    env().cli.run(args)
 }
 
 fn ok(args: &[&str]) -> Result<String, Failed> {
-    common::expect_ok(&sandpen(args), &format!("sandpen {args:?}"))
+    env().cli.ok(args)
 }
 
 /// Runs `sh` in the guest as root, in the workspace; (exit code, stdout + stderr).
@@ -202,13 +177,13 @@ fn deny_read_hides_secrets_everywhere() -> Result<(), Failed> {
     // Creating something at a hidden path is refused, and the host file is intact.
     let (code, _) = guest("echo stolen > .env");
     check(code != 0, "writing over .env succeeded")?;
-    let host = std::fs::read_to_string(env().ws.join(".env")).unwrap_or_default();
+    let host = std::fs::read_to_string(env().cli.ws.join(".env")).unwrap_or_default();
     check(
         host == "API_KEY=sk-live-host\n",
         format!("host .env changed: {host:?}"),
     )?;
     check(
-        std::fs::read_to_string(env().ws.join("README")).is_ok(),
+        std::fs::read_to_string(env().cli.ws.join("README")).is_ok(),
         "README was moved",
     )?;
     let log = file_log()?;
@@ -252,14 +227,15 @@ fn read_only_paths_refuse_every_change() -> Result<(), Failed> {
     check(code != 0, format!("mv out and back succeeded: {out}"))?;
     let (code, out) = guest("mv .git/hooks .git/h2; mv .git .git2");
     check(code != 0, format!("renaming a protected folder: {out}"))?;
-    let hook = std::fs::read_to_string(env().ws.join(".git/hooks/pre-commit")).unwrap_or_default();
+    let hook =
+        std::fs::read_to_string(env().cli.ws.join(".git/hooks/pre-commit")).unwrap_or_default();
     check(
         hook == "#!/bin/sh\necho hook\n",
         format!("the host's hook changed: {hook:?}"),
     )?;
     check(
-        !env().ws.join(".git/hooks/post-checkout").exists()
-            && env().ws.join(".git/config").exists(),
+        !env().cli.ws.join(".git/hooks/post-checkout").exists()
+            && env().cli.ws.join(".git/config").exists(),
         "host .git changed",
     )?;
     // Ordinary files stay writable.
@@ -288,8 +264,8 @@ fn no_escape_from_the_share() -> Result<(), Failed> {
     check(
         code != 0
             && !out.contains(OUTSIDE)
-            && !env().ws.join("hl1").exists()
-            && !env().ws.join("hl2").exists(),
+            && !env().cli.ws.join("hl1").exists()
+            && !env().cli.ws.join("hl2").exists(),
         format!("a hard link to outside: {code} {out}"),
     )?;
     // The host's file is untouched by anything the guest did with the links.
@@ -299,6 +275,7 @@ fn no_escape_from_the_share() -> Result<(), Failed> {
     // Every server of this sandbox (the workspace, the :ro toolchain) is
     // confined, so every test here runs against confined servers.
     let log = env()
+        .cli
         .state
         .path()
         .join("sandpen/sandboxes")
@@ -426,7 +403,7 @@ fn git_clone_commit_checkout_on_the_share() -> Result<(), Failed> {
     ready()?;
     // A real repository: this project's own history, cloned bare onto the share.
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let bare = env().ws.join("src.git");
+    let bare = env().cli.ws.join("src.git");
     let st = Command::new("git")
         .args(["clone", "-q", "--bare", "--no-local"])
         .arg(&src)
@@ -455,7 +432,7 @@ fn cargo_build_on_the_share() -> Result<(), Failed> {
     let Some(tc) = env().toolchain.clone() else {
         return Err("no host Rust toolchain (rustup) to share into the guest".into());
     };
-    let dir = env().ws.join("smallcrate");
+    let dir = env().cli.ws.join("smallcrate");
     write(
         &dir.join("Cargo.toml"),
         "[package]\nname = \"smallcrate\"\nversion = \"0.1.0\"\nedition = \"2021\"\n[lib]\npath = \"src/lib.rs\"\n",
@@ -479,6 +456,7 @@ fn cargo_build_on_the_share() -> Result<(), Failed> {
     )?;
     check(
         env()
+            .cli
             .ws
             .join("smallcrate/target/debug/libsmallcrate.rlib")
             .is_file(),
@@ -499,7 +477,7 @@ fn npm_sandbox() -> Result<PathBuf, Failed> {
                     format!(
                         "no {NPM_IMAGE} image in {}: scripts/test builds it \
                          (sandpen image build --agent claude --agent codex --agent gemini --name {NPM_IMAGE})",
-                        env().data.display()
+                        env().cli.data.display()
                     ),
                 )?;
                 let ws = env().root.path().join(NPM_NAME);
@@ -667,7 +645,7 @@ fn fs_serve_confines_itself_before_serving() -> Result<(), Failed> {
     std::fs::create_dir_all(t.join("share"))?;
     let sock = t.join("fs.sock");
     let log = std::fs::File::create(t.join("fs.log"))?;
-    let mut child = Command::new(&env().bin)
+    let mut child = Command::new(&env().cli.bin)
         .arg("fs-serve")
         .arg("--socket")
         .arg(&sock)

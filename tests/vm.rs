@@ -15,15 +15,12 @@ use std::time::{Duration, Instant};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 mod common;
-use common::{check, expect_ok, text};
+use common::{check, expect_ok, text, Cli};
 
 struct Env {
-    bin: PathBuf,
-    state: tempfile::TempDir,
-    data: PathBuf,
+    cli: Cli,
     /// Parent of the workspace; the workspace itself is `<root>/proj`.
     _root: tempfile::TempDir,
-    ws: PathBuf,
 }
 
 const NAME: &str = "proj";
@@ -31,31 +28,16 @@ const NAME: &str = "proj";
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        let data = common::data_home();
         let (root, ws) = common::workspace("sandpen-e2e-", NAME);
         Env {
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_sandpen")),
-            state: tempfile::Builder::new()
-                .prefix("sandpen-state-")
-                .tempdir()
-                .unwrap(),
-            data,
+            cli: Cli::new(ws),
             _root: root,
-            ws,
         }
     })
 }
 
 fn cmd(args: &[&str]) -> Command {
-    let e = env();
-    let mut c = Command::new(&e.bin);
-    c.args(args)
-        .current_dir(&e.ws)
-        .env("XDG_STATE_HOME", e.state.path())
-        .env("XDG_DATA_HOME", &e.data)
-        .env_remove("SANDPEN_ACCEL")
-        .stdin(Stdio::null());
-    c
+    env().cli.command(args)
 }
 
 fn sandpen(args: &[&str]) -> Output {
@@ -143,8 +125,8 @@ fn run_prints_and_exits_with_status() -> Result<(), Failed> {
 fn run_pwd_is_the_host_path() -> Result<(), Failed> {
     let out = expect_ok(&sandpen(&["run", "--", "pwd"]), "run -- pwd")?;
     check(
-        out.trim() == env().ws.to_str().unwrap(),
-        format!("pwd {out:?} vs {:?}", env().ws),
+        out.trim() == env().cli.ws.to_str().unwrap(),
+        format!("pwd {out:?} vs {:?}", env().cli.ws),
     )
 }
 
@@ -181,7 +163,7 @@ fn runs_as_agent_with_sudo() -> Result<(), Failed> {
 }
 
 fn workspace_files_keep_host_ownership() -> Result<(), Failed> {
-    let ws = &env().ws;
+    let ws = &env().cli.ws;
     // Guest -> host.
     guest("echo from-guest > made-in-guest.txt")?;
     let meta = std::fs::metadata(ws.join("made-in-guest.txt"))?;
@@ -231,7 +213,7 @@ fn ls_json_has_the_fields() -> Result<(), Failed> {
         format!("{row}"),
     )?;
     check(
-        row["workspace"] == env().ws.to_str().unwrap(),
+        row["workspace"] == env().cli.ws.to_str().unwrap(),
         format!("{row}"),
     )?;
     let table = expect_ok(&sandpen(&["ls"]), "ls")?;
@@ -242,7 +224,7 @@ fn ls_json_has_the_fields() -> Result<(), Failed> {
 }
 
 fn exec_works_while_run_is_attached() -> Result<(), Failed> {
-    let marker = env().ws.join("release-run");
+    let marker = env().cli.ws.join("release-run");
     let _ = std::fs::remove_file(&marker);
     let run = cmd(&[
         "run",
@@ -369,11 +351,12 @@ sys.stdout.write("\nEXIT=%d\n" % os.waitstatus_to_exitcode(status))
     let out = Command::new("python3")
         .arg("-c")
         .arg(script)
-        .arg(&e.bin)
+        .arg(&e.cli.bin)
         .arg(NAME)
-        .current_dir(&e.ws)
-        .env("XDG_STATE_HOME", e.state.path())
-        .env("XDG_DATA_HOME", &e.data)
+        .current_dir(&e.cli.ws)
+        .env("XDG_STATE_HOME", e.cli.state.path())
+        .env("XDG_DATA_HOME", &e.cli.data)
+        .env("XDG_CONFIG_HOME", e.cli.config.path())
         .output()?;
     let s = text(&out.stdout);
     check(s.contains("33 111"), format!("window size not passed: {s}"))?;
@@ -414,7 +397,7 @@ fn ordinary_host_user_owns_guest_files() -> Result<(), Failed> {
         std::fs::copy(from, &to)?;
         Ok(to)
     };
-    let bin = copy(&e.bin, "sandpen")?;
+    let bin = copy(&e.cli.bin, "sandpen")?;
     let guest_bin = copy(&sandpen_guest_binary()?, "sandpen-guest")?;
     // A guest binary other than the one the (root-owned) image's initramfs was
     // made from: the user cannot rewrite that, and gets a private one.
@@ -448,7 +431,7 @@ fn ordinary_host_user_owns_guest_files() -> Result<(), Failed> {
         .env("XDG_STATE_HOME", home.path().join("state"))
         .env("XDG_CONFIG_HOME", home.path().join("config"))
         .env("XDG_CACHE_HOME", home.path().join("cache"))
-        .env("XDG_DATA_HOME", &e.data)
+        .env("XDG_DATA_HOME", &e.cli.data)
         .env("SANDPEN_GUEST_BIN", &guest_bin)
         .stdin(Stdio::null())
         .output()?;
@@ -457,7 +440,7 @@ fn ordinary_host_user_owns_guest_files() -> Result<(), Failed> {
         .arg(&bin)
         .args(["rm", "-f", "work"])
         .env("XDG_STATE_HOME", home.path().join("state"))
-        .env("XDG_DATA_HOME", &e.data)
+        .env("XDG_DATA_HOME", &e.cli.data)
         .output();
     check(
         out.status.success(),
@@ -478,7 +461,7 @@ fn sandpen_guest_binary() -> Result<PathBuf, Failed> {
     if let Some(p) = std::env::var_os("SANDPEN_GUEST_BIN") {
         return Ok(p.into());
     }
-    let exe = env().bin.clone();
+    let exe = env().cli.bin.clone();
     let target = exe.parent().and_then(Path::parent).ok_or("no target dir")?;
     let p = target.join("x86_64-unknown-linux-gnu/release/sandpen-guest");
     check(
@@ -541,7 +524,7 @@ fn wait_for_status(want: &str) -> Result<(), Failed> {
 }
 
 fn kill_9_qemu_reads_stopped_and_starts_again() -> Result<(), Failed> {
-    let state = env().state.path().to_string_lossy().into_owned();
+    let state = env().cli.state.path().to_string_lossy().into_owned();
     let qemu = pid_of(&format!("sandpen-qemu-{NAME}.*{state}"))
         .or_else(|| pid_of(&format!("sandpen-{NAME},process")));
     let qemu = qemu.ok_or("QEMU not found")?;
@@ -560,7 +543,7 @@ fn kill_9_qemu_reads_stopped_and_starts_again() -> Result<(), Failed> {
 }
 
 fn kill_9_supervisor_reads_stopped_and_starts_again() -> Result<(), Failed> {
-    let state = env().state.path().to_string_lossy().into_owned();
+    let state = env().cli.state.path().to_string_lossy().into_owned();
     let pidfile = Path::new(&state).join(format!("sandpen/sandboxes/{NAME}/run/supervisor.pid"));
     let pid = std::fs::read_to_string(&pidfile)?;
     Command::new("kill").args(["-9", pid.trim()]).status()?;
@@ -579,7 +562,7 @@ fn rm_f_removes_every_trace() -> Result<(), Failed> {
         "rm of a running sandbox without -f must refuse",
     )?;
     expect_ok(&sandpen(&["rm", "-f", NAME]), "rm -f")?;
-    let dir = env().state.path().join("sandpen/sandboxes");
+    let dir = env().cli.state.path().join("sandpen/sandboxes");
     let left: Vec<_> = std::fs::read_dir(&dir)?
         .flatten()
         .map(|e| e.file_name())
@@ -593,7 +576,7 @@ fn rm_f_removes_every_trace() -> Result<(), Failed> {
 }
 
 fn qemu_of_this_run_alive() -> bool {
-    let state = env().state.path().to_string_lossy().into_owned();
+    let state = env().cli.state.path().to_string_lossy().into_owned();
     pid_of(&state).is_some()
 }
 

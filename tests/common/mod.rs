@@ -94,3 +94,58 @@ pub fn toolchain() -> Option<PathBuf> {
         .any(|s| sysroot == Path::new(s));
     Some(sysroot).filter(|p| !system && p.join("bin/cargo").is_file())
 }
+
+/// The `sandpen` binary under test, run in one workspace with private state
+/// and config homes and the shared test image's data home, so that a test
+/// binary never reads or writes the user's own sandboxes or policy.
+pub struct Cli {
+    pub bin: PathBuf,
+    pub ws: PathBuf,
+    pub state: tempfile::TempDir,
+    pub config: tempfile::TempDir,
+    pub data: PathBuf,
+}
+
+impl Cli {
+    pub fn new(ws: PathBuf) -> Cli {
+        let home = |prefix: &str| {
+            tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir()
+                .expect("a temporary folder")
+        };
+        Cli {
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_sandpen")),
+            ws,
+            state: home("sandpen-state-"),
+            config: home("sandpen-config-"),
+            data: data_home(),
+        }
+    }
+
+    /// `sandpen ARGS` in the workspace, stdin from /dev/null. The host's
+    /// accelerator choice and file-server override are not inherited.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.args(args)
+            .current_dir(&self.ws)
+            .env("XDG_STATE_HOME", self.state.path())
+            .env("XDG_DATA_HOME", &self.data)
+            .env("XDG_CONFIG_HOME", self.config.path())
+            .env_remove("SANDPEN_ACCEL")
+            .env_remove("SANDPEN_FILE_SERVER")
+            .stdin(std::process::Stdio::null());
+        c
+    }
+
+    #[allow(dead_code)] // the agents tests add an environment variable first
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("running sandpen")
+    }
+
+    /// Its stdout if it succeeded; otherwise a failure with both outputs.
+    #[allow(dead_code)] // the agents and VM tests wrap `command` themselves
+    pub fn ok(&self, args: &[&str]) -> Result<String, Failed> {
+        expect_ok(&self.run(args), &format!("sandpen {args:?}"))
+    }
+}

@@ -987,20 +987,28 @@ action = "deny"
 target = "allowed.test"
 "#;
 
-#[tokio::test]
-async fn a_policy_change_cuts_an_open_connection_before_it_sends_more() {
-    let srv = echo_server().await;
-    let h = harness(Mode::Enforce);
-    // The supervisor's hook: re-reads the files and labels when they changed.
+/// Install a refresh hook, as the supervisor's policy watch: once the
+/// returned flag is set, the next refresh switches to [`POLICY_NOW_DENYING`]
+/// in `mode`. The counter counts the hook's runs.
+fn deny_when_flagged(h: &Harness, mode: Mode) -> (Arc<AtomicBool>, Arc<AtomicUsize>) {
     let changed = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicUsize::new(0));
     let (c, n) = (changed.clone(), calls.clone());
     h.proxy.set_refresh(Some(Arc::new(move |p: &Proxy| {
         n.fetch_add(1, Ordering::SeqCst);
         if c.swap(false, Ordering::SeqCst) {
-            p.set_policy(policy_from(POLICY_NOW_DENYING, Mode::Enforce));
+            p.set_policy(policy_from(POLICY_NOW_DENYING, mode));
         }
     })));
+    (changed, calls)
+}
+
+#[tokio::test]
+async fn a_policy_change_cuts_an_open_connection_before_it_sends_more() {
+    let srv = echo_server().await;
+    let h = harness(Mode::Enforce);
+    // The supervisor's hook: re-reads the files and labels when they changed.
+    let (changed, calls) = deny_when_flagged(&h, Mode::Enforce);
     let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
     let mut banner = [0u8; 16];
     guest.read_exact(&mut banner).await.unwrap();
@@ -1092,13 +1100,7 @@ async fn a_policy_change_stops_a_request_body_half_way() {
     for mode in [EgressMode::HttpProxy, EgressMode::Transparent] {
         let (port, got) = raw_sink().await;
         let h = harness(Mode::Enforce);
-        let changed = Arc::new(AtomicBool::new(false));
-        let c = changed.clone();
-        h.proxy.set_refresh(Some(Arc::new(move |p: &Proxy| {
-            if c.swap(false, Ordering::SeqCst) {
-                p.set_policy(policy_from(POLICY_NOW_DENYING, Mode::Enforce));
-            }
-        })));
+        let (changed, _) = deny_when_flagged(&h, Mode::Enforce);
         let (target, claimed) = match mode {
             EgressMode::HttpProxy => (format!("http://allowed.test:{port}/upload"), ""),
             EgressMode::Transparent => ("/upload".to_string(), "allowed.test"),
@@ -1142,13 +1144,7 @@ async fn a_policy_change_stops_a_request_body_half_way() {
 async fn learn_mode_logs_a_cut_it_did_not_make() {
     let srv = echo_server().await;
     let h = harness(Mode::Learn);
-    let changed = Arc::new(AtomicBool::new(false));
-    let c = changed.clone();
-    h.proxy.set_refresh(Some(Arc::new(move |p: &Proxy| {
-        if c.swap(false, Ordering::SeqCst) {
-            p.set_policy(policy_from(POLICY_NOW_DENYING, Mode::Learn));
-        }
-    })));
+    let (changed, _) = deny_when_flagged(&h, Mode::Learn);
     let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
     guest.write_all(b"ping").await.unwrap();
     let mut pong = [0u8; 20];
@@ -1473,13 +1469,7 @@ async fn a_spliced_tunnel_is_byte_exact_both_ways() {
 async fn a_policy_change_cuts_a_spliced_tunnel_before_it_sends_more() {
     let srv = echo_server().await;
     let h = harness(Mode::Enforce);
-    let changed = Arc::new(AtomicBool::new(false));
-    let c = changed.clone();
-    h.proxy.set_refresh(Some(Arc::new(move |p: &Proxy| {
-        if c.swap(false, Ordering::SeqCst) {
-            p.set_policy(policy_from(POLICY_NOW_DENYING, Mode::Enforce));
-        }
-    })));
+    let (changed, _) = deny_when_flagged(&h, Mode::Enforce);
     let (proxy, serve) = standalone(&h).await;
     let mut s = tunnel(proxy, "allowed.test", srv.port()).await;
     // The client speaks first (else the tunnel is a server-first relay).

@@ -17,6 +17,7 @@
 //!   The secret itself is never logged: it only ever sits in the outgoing
 //!   header, marked sensitive so HTTP/2 never indexes it.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -86,6 +87,52 @@ pub struct Mitm {
     source: Arc<dyn CredentialSource>,
     /// Intercepted requests in flight in this sandbox, across connections.
     inflight: Arc<Semaphore>,
+    clients: Arc<UpstreamClients>,
+}
+
+/// The upstream clients of one sandbox's intercepted connections, one per
+/// host, port and set of checked addresses. A new guest connection to a
+/// model API reuses the TLS connections (and HTTP/2 sessions) that earlier
+/// ones left idle, rather than paying a handshake to a distant server; each
+/// of its requests is still checked and logged on its own.
+#[derive(Default)]
+struct UpstreamClients {
+    by_target: Mutex<HashMap<ClientKey, UpstreamClient>>,
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct ClientKey {
+    host: String,
+    port: u16,
+    addrs: Vec<IpAddr>,
+}
+
+/// Upstream clients kept per sandbox (each holds at most 4 idle connections).
+const MAX_UPSTREAM_CLIENTS: usize = 32;
+
+impl UpstreamClients {
+    fn get_or_build(
+        &self,
+        key: ClientKey,
+        build: impl FnOnce() -> UpstreamClient,
+    ) -> UpstreamClient {
+        let mut map = match self.by_target.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(c) = map.get(&key) {
+            return c.clone();
+        }
+        if map.len() >= MAX_UPSTREAM_CLIENTS {
+            // Any one makes room; its idle connections close with it.
+            if let Some(old) = map.keys().next().cloned() {
+                map.remove(&old);
+            }
+        }
+        let client = build();
+        map.insert(key, client.clone());
+        client
+    }
 }
 
 /// Intercepted requests one sandbox may have in flight at once; each can
@@ -118,6 +165,7 @@ impl Mitm {
             upstream: tokio_rustls::TlsConnector::from(Arc::new(upstream)),
             source,
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS)),
+            clients: Arc::default(),
         }
     }
 
@@ -132,6 +180,7 @@ impl Mitm {
             ca: self.ca.clone(),
             upstream: self.upstream.clone(),
             inflight: self.inflight.clone(),
+            clients: self.clients.clone(),
         }))
     }
 }
@@ -143,6 +192,7 @@ pub(crate) struct Plan {
     ca: Arc<SandboxCa>,
     upstream: tokio_rustls::TlsConnector,
     inflight: Arc<Semaphore>,
+    clients: Arc<UpstreamClients>,
 }
 
 impl Plan {
@@ -235,19 +285,23 @@ struct UpstreamConnector {
     addrs: Arc<[IpAddr]>,
     tls: tokio_rustls::TlsConnector,
     timeout: Duration,
-    /// The address of the last connection, for the audit record.
-    connected: Arc<Mutex<Option<SocketAddr>>>,
 }
+
+/// The address an upstream connection went to: hyper puts it in the
+/// extensions of every response that came over it, for the audit record.
+#[derive(Clone, Copy)]
+struct UpstreamAddr(SocketAddr);
 
 /// An upstream TLS connection, telling hyper whether ALPN chose HTTP/2.
 struct UpstreamIo {
     io: TokioIo<tokio_rustls::client::TlsStream<TcpStream>>,
     h2: bool,
+    addr: SocketAddr,
 }
 
 impl Connection for UpstreamIo {
     fn connected(&self) -> Connected {
-        let c = Connected::new();
+        let c = Connected::new().extra(UpstreamAddr(self.addr));
         if self.h2 {
             c.negotiated_h2()
         } else {
@@ -325,12 +379,10 @@ impl tower_service::Service<Uri> for UpstreamConnector {
                     })?
                     .map_err(|e| io::Error::new(e.kind(), format!("upstream-tls: {e}")))?;
                 let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                if let Ok(mut c) = this.connected.lock() {
-                    *c = Some(sa);
-                }
                 return Ok(UpstreamIo {
                     io: TokioIo::new(tls),
                     h2,
+                    addr: sa,
                 });
             }
             Err(last)
@@ -348,7 +400,6 @@ struct Session {
     secret: SecretValue,
     credential: String,
     client: UpstreamClient,
-    connected: Arc<Mutex<Option<SocketAddr>>>,
     /// Sandbox, mode, decision and rule of the connection: each request's
     /// record starts from it.
     template: ConnectionReport,
@@ -397,24 +448,29 @@ where
         .map_err(|e| format!("guest-tls: {e}"))?;
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
 
-    let connected = Arc::new(Mutex::new(None));
-    let connector = UpstreamConnector {
-        host: Arc::from(host.as_str()),
+    let key = ClientKey {
+        host: host.clone(),
         port: rec.port,
-        addrs: Arc::from(live.addrs()),
-        tls: plan.upstream.clone(),
-        timeout: cfg.connect_timeout,
-        connected: connected.clone(),
+        addrs: live.addrs().to_vec(),
     };
-    let client: UpstreamClient = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(cfg.idle_timeout)
-        .pool_max_idle_per_host(4)
-        .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
-        .http2_initial_connection_window_size(UPSTREAM_CONN_WINDOW)
-        .http2_max_send_buf_size(MAX_GUEST_SEND_BUF)
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .build(connector);
+    let client = plan.clients.get_or_build(key, || {
+        let connector = UpstreamConnector {
+            host: Arc::from(host.as_str()),
+            port: rec.port,
+            addrs: Arc::from(live.addrs()),
+            tls: plan.upstream.clone(),
+            timeout: cfg.connect_timeout,
+        };
+        Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(cfg.pool_idle_timeout)
+            .pool_max_idle_per_host(4)
+            .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
+            .http2_initial_connection_window_size(UPSTREAM_CONN_WINDOW)
+            .http2_max_send_buf_size(MAX_GUEST_SEND_BUF)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .build(connector)
+    });
     let credential = plan.label();
     let mut template = rec.clone();
     template.credential = Some(credential.clone());
@@ -425,7 +481,6 @@ where
         secret: plan.found.value,
         credential,
         client,
-        connected,
         template,
         proxy: proxy.clone(),
         outbox,
@@ -615,11 +670,10 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
     match sent {
         Ok(resp) => {
             rec.status = Some(resp.status().as_u16());
-            rec.addr = s
-                .connected
-                .lock()
-                .ok()
-                .and_then(|a| a.map(|a| a.to_string()));
+            rec.addr = resp
+                .extensions()
+                .get::<UpstreamAddr>()
+                .map(|a| a.0.to_string());
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             let body = Audited {

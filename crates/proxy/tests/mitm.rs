@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -93,6 +94,8 @@ struct Upstream {
     release: Arc<Notify>,
     /// Body bytes of `/v1/upload` requests, as they arrive.
     uploaded: Arc<Mutex<Vec<u8>>>,
+    /// TCP connections accepted.
+    accepted: Arc<AtomicUsize>,
 }
 
 async fn upstream(pki: &TestPki) -> Upstream {
@@ -101,11 +104,14 @@ async fn upstream(pki: &TestPki) -> Upstream {
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let release = Arc::new(Notify::new());
     let uploaded: Arc<Mutex<Vec<u8>>> = Arc::default();
+    let accepted: Arc<AtomicUsize> = Arc::default();
+    let counter = accepted.clone();
     let acceptor = tokio_rustls::TlsAcceptor::from(pki.server.clone());
     let (s, r, u) = (seen.clone(), release.clone(), uploaded.clone());
     tokio::spawn(async move {
         loop {
             let (sock, _) = l.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
             let (acceptor, s, r, u) = (acceptor.clone(), s.clone(), r.clone(), u.clone());
             tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(sock).await else {
@@ -186,6 +192,7 @@ async fn upstream(pki: &TestPki) -> Upstream {
         seen,
         release,
         uploaded,
+        accepted,
     }
 }
 
@@ -628,6 +635,44 @@ async fn a_policy_change_refuses_the_next_request_on_an_intercepted_connection()
     let r = h.record_for("/v1/after");
     assert_eq!(r.reason, "policy-changed: denied-by-rule");
     assert_eq!(r.rule.as_deref(), Some("deny api.anthropic.com"));
+}
+
+/// A later guest connection to the same credential host reuses the upstream
+/// TLS connection an earlier one left idle (no second handshake upstream);
+/// each request is still swapped, checked and logged with its address.
+#[tokio::test]
+async fn guest_connections_share_idle_upstream_tls_connections() {
+    let h = harness().await;
+    let port = h.good.addr.port();
+    let host = format!("api.anthropic.com:{port}");
+    for path in ["/v1/first", "/v1/second"] {
+        let (mut s, report) = h
+            .connect("api.anthropic.com", port, h.sandbox_roots(), Proto::H1)
+            .await;
+        let resp = s
+            .send(request(
+                &host,
+                path,
+                &[("x-api-key", "proxy-managed")],
+                false,
+            ))
+            .await;
+        assert_eq!(resp.status(), 200);
+        body_text(resp).await;
+        drop(s);
+        report.await.unwrap();
+    }
+    assert_eq!(h.good.accepted.load(Ordering::SeqCst), 1);
+    for path in ["/v1/first", "/v1/second"] {
+        let r = h.record_for(path);
+        assert_eq!(r.addr, Some(format!("127.0.0.1:{port}")), "{r:?}");
+        let seen = h.good.seen.lock().unwrap();
+        let req = seen.iter().find(|s| s.path == path).unwrap();
+        assert!(req
+            .headers
+            .iter()
+            .any(|(n, v)| n == "x-api-key" && v == SECRET));
+    }
 }
 
 /// An upload to a credential host that started before the policy changed

@@ -107,8 +107,12 @@ struct ClientKey {
     addrs: Vec<IpAddr>,
 }
 
-/// Upstream clients kept per sandbox (each holds at most 4 idle connections).
-const MAX_UPSTREAM_CLIENTS: usize = 32;
+/// Upstream clients kept per sandbox.
+const MAX_UPSTREAM_CLIENTS: usize = 16;
+/// Idle upstream connections each of them keeps: as many as the guest
+/// connections of a busy agent use at once (HTTP/1.1 needs one per request
+/// in flight).
+const MAX_IDLE_PER_TARGET: usize = 32;
 
 impl UpstreamClients {
     fn get_or_build(
@@ -463,7 +467,7 @@ where
         };
         Client::builder(TokioExecutor::new())
             .pool_idle_timeout(cfg.pool_idle_timeout)
-            .pool_max_idle_per_host(4)
+            .pool_max_idle_per_host(MAX_IDLE_PER_TARGET)
             .http2_initial_stream_window_size(UPSTREAM_STREAM_WINDOW)
             .http2_initial_connection_window_size(UPSTREAM_CONN_WINDOW)
             .http2_max_send_buf_size(MAX_GUEST_SEND_BUF)

@@ -192,7 +192,9 @@ fn sandpen(args: &[&str]) -> Output {
 }
 
 fn ok(args: &[&str]) -> Result<String, Failed> {
-    expect_ok(&sandpen(args), &format!("sandpen {args:?}"))
+    env()
+        .cli
+        .expect_ok(&sandpen(args), &format!("sandpen {args:?}"))
 }
 
 /// Runs `sh` in the guest as the sandbox user `agent`.

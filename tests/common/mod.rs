@@ -146,6 +146,49 @@ impl Cli {
     /// Its stdout if it succeeded; otherwise a failure with both outputs.
     #[allow(dead_code)] // the agents and VM tests wrap `command` themselves
     pub fn ok(&self, args: &[&str]) -> Result<String, Failed> {
-        expect_ok(&self.run(args), &format!("sandpen {args:?}"))
+        self.expect_ok(&self.run(args), &format!("sandpen {args:?}"))
+    }
+
+    /// [`expect_ok`], plus the tails of the sandboxes' logs when the output
+    /// says that the sandbox went away under the command: the tests remove
+    /// their sandboxes at the end, and with them the only evidence.
+    pub fn expect_ok(&self, out: &Output, what: &str) -> Result<String, Failed> {
+        expect_ok(out, what).map_err(|failed| {
+            let stderr = text(&out.stderr);
+            let gone = ["is not running", "closed the session", "QEMU exited"]
+                .iter()
+                .any(|s| stderr.contains(s));
+            let message = failed.message().unwrap_or_default().to_string();
+            if gone {
+                format!(
+                    "{message}
+{}",
+                    self.log_tails()
+                )
+                .into()
+            } else {
+                message.into()
+            }
+        })
+    }
+
+    /// The last lines of every sandbox's supervisor, QEMU, console and file
+    /// server logs.
+    pub fn log_tails(&self) -> String {
+        let root = self.state.path().join("sandpen/sandboxes");
+        let mut out = String::new();
+        let Ok(dirs) = std::fs::read_dir(&root) else {
+            return out;
+        };
+        for dir in dirs.flatten() {
+            for log in ["supervisor.log", "qemu.log", "console.log", "fs.log"] {
+                let path = dir.path().join("logs").join(log);
+                let body = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<&str> = body.lines().collect();
+                let tail = lines[lines.len().saturating_sub(25)..].join("\n");
+                out += &format!("--- {} (last 25 lines)\n{tail}\n", path.display());
+            }
+        }
+        out
     }
 }

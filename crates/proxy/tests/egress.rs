@@ -80,6 +80,12 @@ async fn read_request<S: AsyncRead + Unpin>(s: &mut S) -> Option<String> {
 /// Answers each request on a connection with `hello PATH` until the client
 /// closes (so a second, unchecked request would be seen).
 async fn http_server() -> Server {
+    http_server_with(false).await
+}
+
+/// With `one_each`, a connection gets one answer and is then closed without
+/// the server saying so (as servers with a short keep-alive do).
+async fn http_server_with(one_each: bool) -> Server {
     let (l, accepted, seen) = listen().await;
     let addr = l.local_addr().unwrap();
     let (a, s) = (accepted.clone(), seen.clone());
@@ -99,7 +105,7 @@ async fn http_server() -> Server {
                         body.len(),
                         if close { "Connection: close\r\n" } else { "" }
                     );
-                    if sock.write_all(resp.as_bytes()).await.is_err() || close {
+                    if sock.write_all(resp.as_bytes()).await.is_err() || close || one_each {
                         break;
                     }
                 }
@@ -552,6 +558,19 @@ async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> String {
         .expect("a response before the close")
 }
 
+/// GET `path` from `allowed.test:port` on an open http-proxy guest
+/// connection, kept alive; the response.
+async fn get_on(guest: &mut DuplexStream, port: u16, path: &str) -> String {
+    guest
+        .write_all(
+            format!("GET http://allowed.test:{port}{path} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    read_response(guest).await
+}
+
 #[tokio::test]
 async fn plain_http_via_proxy_keeps_alive_and_checks_every_request() {
     let srv = http_server().await;
@@ -705,14 +724,7 @@ async fn an_upstream_connection_serves_only_its_own_host_and_port() {
     let h = harness(Mode::Enforce);
     let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
     for (port, path) in [(one.port(), "/a"), (two.port(), "/b"), (one.port(), "/c")] {
-        guest
-            .write_all(
-                format!("GET http://allowed.test:{port}{path} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .unwrap();
-        let resp = read_response(&mut guest).await;
+        let resp = get_on(&mut guest, port, path).await;
         assert!(resp.ends_with(&format!("hello {path}")), "{resp}");
     }
     // Then garbage on the same connection: refused, and logged.
@@ -739,14 +751,7 @@ async fn a_request_is_logged_once_answered_while_its_connection_stays_open() {
     let (mut guest, _rep) = h.open(EgressMode::HttpProxy, "", 0);
     let port = srv.port();
     for (i, path) in ["/one", "/two"].into_iter().enumerate() {
-        guest
-            .write_all(
-                format!("GET http://allowed.test:{port}{path} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .unwrap();
-        let resp = read_response(&mut guest).await;
+        let resp = get_on(&mut guest, port, path).await;
         assert!(resp.ends_with(&format!("hello {path}")), "{resp}");
         // The guest keeps the connection open and sends nothing more.
         let recs = wait_records(&h, i + 1).await;
@@ -805,36 +810,9 @@ async fn guest_connections_one_after_another_share_the_upstream_connection() {
     assert_eq!(srv.seen().len(), 3);
 }
 
-/// Answers one request per connection, then closes without saying so.
-async fn http_server_closing_after_each() -> Server {
-    let (l, accepted, seen) = listen().await;
-    let addr = l.local_addr().unwrap();
-    let (a, s) = (accepted.clone(), seen.clone());
-    tokio::spawn(async move {
-        loop {
-            let (mut sock, _) = l.accept().await.unwrap();
-            a.fetch_add(1, Ordering::SeqCst);
-            let s = s.clone();
-            tokio::spawn(async move {
-                if let Some(req) = read_request(&mut sock).await {
-                    s.lock().unwrap().push(req);
-                    let _ = sock
-                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                        .await;
-                }
-            });
-        }
-    });
-    Server {
-        addr,
-        accepted,
-        seen,
-    }
-}
-
 #[tokio::test]
 async fn a_kept_connection_the_server_closed_is_replaced() {
-    let srv = http_server_closing_after_each().await;
+    let srv = http_server_with(true).await;
     let h = harness(Mode::Enforce);
     for path in ["/one", "/two"] {
         let resp = one_request(&h, srv.port(), path).await;
@@ -844,14 +822,7 @@ async fn a_kept_connection_the_server_closed_is_replaced() {
     let (mut guest, _rep) = h.open(EgressMode::HttpProxy, "", 0);
     let port = srv.port();
     for path in ["/three", "/four"] {
-        guest
-            .write_all(
-                format!("GET http://allowed.test:{port}{path} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n")
-                    .as_bytes(),
-            )
-            .await
-            .unwrap();
-        let resp = read_response(&mut guest).await;
+        let resp = get_on(&mut guest, port, path).await;
         assert!(resp.starts_with("HTTP/1.1 200"), "{path}: {resp}");
     }
     assert_eq!(srv.accepted(), 4);

@@ -50,7 +50,9 @@ use crate::exchange::{
 };
 use crate::relay::Activity;
 use crate::upstream::Upstream;
-use crate::{decide, http as h1, truncate, Checked, LiveCheck, Proxy, POLICY_CHANGED};
+use crate::{
+    decide, http as h1, take_refusal, truncate, Checked, LiveCheck, Proxy, POLICY_CHANGED,
+};
 
 /// Largest request head (hyper's read buffer; it cannot be smaller than
 /// 8 KiB).
@@ -447,7 +449,7 @@ impl Session {
                 };
                 Response::from_parts(parts, body.boxed())
             }
-            Err(reason) => match lock(&cut).take() {
+            Err(reason) => match take_refusal(&cut) {
                 // The policy changed during the body: what was left of it
                 // never went upstream.
                 Some(d) => {

@@ -255,7 +255,7 @@ impl LiveCheck {
     /// The decision that refused the connection, once [`check`](Self::check)
     /// has.
     pub(crate) fn take_cut(&self) -> Option<Decision> {
-        self.cut.lock().ok().and_then(|mut c| c.take())
+        take_refusal(&self.cut)
     }
 
     /// `Err(reason)` if the policy in force now refuses the connection.
@@ -284,6 +284,18 @@ impl LiveCheck {
             *cut = Some(d);
         }
         Err(reason)
+    }
+}
+
+/// The refusing decision in a [`LiveCheck`]'s cut slot, if it holds one. A
+/// learn-mode `would-deny` stays there: it cut nothing, and the
+/// connection's record notes it at the end.
+pub(crate) fn take_refusal(slot: &Mutex<Option<Decision>>) -> Option<Decision> {
+    let mut slot = slot.lock().ok()?;
+    if slot.as_ref().is_some_and(|d| !d.permits()) {
+        slot.take()
+    } else {
+        None
     }
 }
 

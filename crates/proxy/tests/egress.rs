@@ -1109,6 +1109,51 @@ async fn a_policy_change_stops_a_request_body_half_way() {
     }
 }
 
+/// In learn mode a change during an upload cuts nothing, and an upstream
+/// that fails afterwards is reported as what it is, not as a policy cut.
+#[tokio::test]
+async fn learn_mode_does_not_blame_an_upstream_failure_on_a_policy_change() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let (got_first_tx, got_first) = tokio::sync::oneshot::channel();
+    let (close_tx, close) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let (mut sock, _) = l.accept().await.unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&seen).contains("first") {
+            let n = sock.read(&mut buf).await.unwrap();
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let _ = got_first_tx.send(());
+        // Then the server goes away without answering.
+        let _ = close.await;
+    });
+    let h = harness(Mode::Learn);
+    let (changed, _) = deny_when_flagged(&h, Mode::Learn);
+    let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+    guest
+        .write_all(
+            format!(
+                "POST http://allowed.test:{port}/upload HTTP/1.1\r\nHost: allowed.test:{port}\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    got_first.await.unwrap();
+    changed.store(true, Ordering::SeqCst);
+    guest.write_all(b"4\r\nmore\r\n").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(close_tx);
+    let resp = read_all(&mut guest).await;
+    assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    rep.await.unwrap();
+    let rec = h.records().pop().unwrap();
+    assert_eq!(rec.status, Some(502), "{rec:?}");
+    assert!(rec.reason.starts_with("upstream-error"), "{rec:?}");
+}
+
 /// Learn mode does not cut an open tunnel when a change would deny it,
 /// but its record says that enforce mode would have.
 #[tokio::test]

@@ -88,6 +88,7 @@ fn bare_boot(ctx: &Ctx, image: &sandpen_image::Image, initrd: &Path) -> f64 {
         initrd: initrd.to_path_buf(),
         disk,
         channel_socket: dir.path().join("channel.sock"),
+        egress_socket: dir.path().join("egress.sock"),
         qmp_socket: dir.path().join("qmp.sock"),
         console: sandpen_vm::Console::File(dir.path().join("console.log")),
         shares: vec![],

@@ -16,11 +16,21 @@ use serde::Serialize;
 use crate::{attach, Command, CreateArgs, ImageCommand, EXIT_SANDPEN_ERROR};
 
 /// An error as one line: the outermost context and its causes.
+/// An error and its causes on one line, each said once: a cause whose text
+/// the message before it already ends with (an error that prints its source,
+/// as `SupervisorError::Io` does) is not repeated.
 pub fn one_line(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|c| c.to_string())
-        .collect::<Vec<_>>()
-        .join(": ")
+    let mut line = String::new();
+    for cause in e.chain().map(|c| c.to_string()) {
+        if line.ends_with(&cause) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&cause);
+    }
+    line
 }
 
 pub fn supervise(name: &str) -> ExitCode {
@@ -52,6 +62,7 @@ pub async fn dispatch(command: Command) -> Result<i32> {
         } => run(&dirs, agent, workspace, create, args).await,
         Command::Create { workspace, create } => {
             let ws = workspace_path(workspace)?;
+            let _lock = sandbox::lock_creation(&dirs)?;
             let config = create_sandbox(&dirs, &ws, &create, "shell").await?;
             println!("{}", config.name);
             Ok(0)
@@ -332,7 +343,7 @@ async fn stop(dirs: &Dirs, name: &str, timeout: Duration) -> Result<()> {
     let deadline = std::time::Instant::now() + timeout;
     loop {
         match control::state(&paths).await {
-            State::Stopped => return Ok(()),
+            State::Stopped | State::Failed(_) => return Ok(()),
             State::Running(_) => return Ok(control::stop(&paths, timeout).await?),
             State::Starting | State::Stopping | State::Unresponsive
                 if std::time::Instant::now() < deadline =>
@@ -417,7 +428,10 @@ async fn run(
         name => Some(agent_or_explain(name)?),
     };
     let ws = workspace_path(workspace)?;
-    // One sandbox per workspace: an existing one is used whatever agent made it.
+    // One sandbox per workspace: an existing one is used whatever agent made
+    // it. Concurrent `run`s wait here for each other: the first creates it,
+    // the others find it.
+    let creation_lock = sandbox::lock_creation(dirs)?;
     let existing = match &create.name {
         Some(name) => match sandbox::load(dirs, name) {
             Ok(c) => Some(c),
@@ -437,6 +451,7 @@ async fn run(
             create_sandbox(dirs, &ws, &create, &agent).await?
         }
     };
+    drop(creation_lock);
     let paths = dirs.sandbox(&config.name);
     let running = matches!(control::state(&paths).await, State::Running(_));
     let mut config = config;
@@ -568,6 +583,9 @@ struct LsRow {
     uptime_secs: Option<u64>,
     accel: Option<String>,
     created_at: String,
+    /// Why the last run failed (status `failed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
 }
 
 fn now_ms() -> u64 {
@@ -597,7 +615,12 @@ async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
             ),
             _ => (None, None),
         };
+        let reason = match &state {
+            State::Failed(reason) => Some(reason.clone()),
+            _ => None,
+        };
         rows.push(LsRow {
+            reason,
             status: state.label().to_string(),
             name: c.name,
             workspace: c.workspace,
@@ -626,7 +649,11 @@ async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
     for r in rows {
         out.push([
             r.name,
-            r.status,
+            match r.reason {
+                // The reason in full: `ls` is where a user learns why.
+                Some(reason) => format!("{} ({reason})", r.status),
+                None => r.status,
+            },
             r.workspace.display().to_string(),
             r.image,
             r.cpus.to_string(),
@@ -892,4 +919,22 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
     println!("      state: {}", dirs.state.display());
     println!("      images: {}", dirs.images().display());
     Ok(if problems == 0 { 0 } else { 1 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_that_prints_its_source_says_it_once() {
+        let io = std::io::Error::from_raw_os_error(39);
+        let e = anyhow::Error::new(sandpen_supervisor::SupervisorError::io(
+            "creating /s/sandboxes/race",
+            io,
+        ));
+        let line = one_line(&e);
+        assert_eq!(line.matches("os error 39").count(), 1, "{line}");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(one_line(&e), "outer: inner");
+    }
 }

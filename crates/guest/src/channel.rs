@@ -7,8 +7,10 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sandpen_proto::fdio::FdStream;
 use sandpen_proto::frame::FrameStream;
-use sandpen_proto::mux::{self, Mode, MuxHandle, MuxStream};
-use sandpen_proto::{handshake, Ack, GuestSetup, Pong, Request, SetupReply, PORT_NAME};
+use sandpen_proto::mux::{self, Channel, MuxHandle, MuxStream, Side};
+use sandpen_proto::{
+    handshake, Ack, GuestSetup, Pong, Request, SetupReply, EGRESS_PORT_NAME, PORT_NAME,
+};
 use tokio::sync::Notify;
 
 use crate::reaper::Reaper;
@@ -17,7 +19,7 @@ use crate::{log, setup, sys};
 /// What every stream handler shares.
 pub struct GuestState {
     pub reaper: Arc<Reaper>,
-    /// Opens guest -> host streams (egress).
+    /// Opens guest -> host streams on the egress port.
     pub mux: MuxHandle,
     pub setup: RwLock<Option<GuestSetup>>,
     /// The egress redirect being installed since boot; taken by the setup.
@@ -25,26 +27,26 @@ pub struct GuestState {
     shutdown: Notify,
 }
 
-/// Finds `/dev/vportNpM` whose name is [`PORT_NAME`] (there is no udev to make
+/// Finds `/dev/vportNpM` whose name is `wanted` (there is no udev to make
 /// `/dev/virtio-ports/NAME`).
-fn find_port() -> Result<PathBuf> {
+fn find_port(wanted: &str) -> Result<PathBuf> {
     for _ in 0..500 {
         if let Ok(entries) = std::fs::read_dir("/sys/class/virtio-ports") {
             for e in entries.flatten() {
                 let name = std::fs::read_to_string(e.path().join("name")).unwrap_or_default();
-                if name.trim() == PORT_NAME {
+                if name.trim() == wanted {
                     return Ok(PathBuf::from("/dev").join(e.file_name()));
                 }
             }
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    anyhow::bail!("no virtio-serial port named {PORT_NAME}")
+    anyhow::bail!("no virtio-serial port named {wanted}")
 }
 
-pub async fn serve(reaper: Arc<Reaper>) -> Result<()> {
-    let egress = crate::egress::prepare();
-    let port = find_port()?;
+/// Opens the port named `name` and performs the handshake on it.
+async fn open_port(name: &str) -> Result<FdStream> {
+    let port = find_port(name)?;
     sys::wait_for(&port, Duration::from_secs(5))?;
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -52,14 +54,30 @@ pub async fn serve(reaper: Arc<Reaper>) -> Result<()> {
         .open(&port)
         .with_context(|| format!("opening {}", port.display()))?;
     let mut io = FdStream::new(file)?;
-    handshake::guest(&mut io, Duration::from_millis(100)).await?;
+    handshake::guest(&mut io, Duration::from_millis(100))
+        .await
+        .with_context(|| format!("the handshake on port {name}"))?;
+    Ok(io)
+}
+
+pub async fn serve(reaper: Arc<Reaper>) -> Result<()> {
+    let egress = crate::egress::prepare();
+    // Control and egress on ports of their own: see docs/architecture.md.
+    let (control_io, egress_io) =
+        tokio::try_join!(open_port(PORT_NAME), open_port(EGRESS_PORT_NAME))?;
     log!("host channel up at {} ms", sys::uptime_ms());
 
-    let (handle, mut inbound, driver) = mux::session(io, Mode::Client);
+    let (_, mut inbound, driver) = mux::session(control_io, Channel::Control, Side::Guest);
     let driver = tokio::spawn(driver);
+    let (egress_handle, _, egress_driver) = mux::session(egress_io, Channel::Egress, Side::Guest);
+    tokio::spawn(async move {
+        if let Err(e) = egress_driver.await {
+            log!("the egress channel ended: {e}");
+        }
+    });
     let state = Arc::new(GuestState {
         reaper,
-        mux: handle,
+        mux: egress_handle,
         setup: RwLock::new(None),
         egress: std::sync::Mutex::new(Some(egress)),
         shutdown: Notify::new(),

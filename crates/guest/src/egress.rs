@@ -11,9 +11,10 @@ use anyhow::{Context, Result};
 use hickory_proto::op::{Message, MessageType, ResponseCode};
 use hickory_proto::rr::rdata::A;
 use hickory_proto::rr::{RData, Record, RecordType};
-use sandpen_proto::frame::FrameStream;
+use sandpen_proto::frame::{read_one, FrameStream};
 use sandpen_proto::mux::MuxHandle;
-use sandpen_proto::{EgressMode, EgressOpen};
+use sandpen_proto::{EgressAccepted, EgressMode, EgressOpen, EGRESS_ACCEPTED_MAX};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::log;
@@ -172,13 +173,56 @@ fn original_destination(conn: &TcpStream) -> Option<SocketAddrV4> {
 }
 
 async fn relay(mux: MuxHandle, mut conn: TcpStream, mode: EgressMode, host: String, port: u16) {
-    let Ok(stream) = mux.open().await else { return };
+    let stream = match mux.open().await {
+        Ok(s) => s,
+        Err(e) => {
+            // Past the channel's stream limit (or the channel is gone): this
+            // connection alone is refused, with a reset.
+            refused(&conn, &e);
+            return;
+        }
+    };
     let mut frames = FrameStream::new(stream);
     if frames.send(&EgressOpen { mode, host, port }).await.is_err() {
         return;
     }
-    let mut stream = frames.into_inner();
-    let _ = tokio::io::copy_bidirectional(&mut conn, &mut stream).await;
+    let stream = frames.into_inner();
+    let (mut from_host, mut to_host) = tokio::io::split(stream);
+    let (mut from_client, mut to_client) = conn.split();
+    let up = async {
+        tokio::io::copy(&mut from_client, &mut to_host).await?;
+        to_host.shutdown().await
+    };
+    let down = async {
+        read_one::<EgressAccepted, _>(&mut from_host, EGRESS_ACCEPTED_MAX)
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::io::copy(&mut from_host, &mut to_client).await?;
+        to_client.shutdown().await
+    };
+    let _ = tokio::try_join!(up, down);
+}
+
+/// Resets a connection the channel could not take, and says so on the
+/// console at most once a second.
+fn refused(conn: &TcpStream, e: &sandpen_proto::ProtoError) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let count = COUNT.fetch_add(1, Ordering::Relaxed) + 1;
+    let now = crate::sys::uptime_ms() / 1000 + 1;
+    if LAST.swap(now, Ordering::Relaxed) != now {
+        crate::log!("egress: a connection refused ({count} so far): {e}");
+    }
+    // SO_LINGER 0: the close sends a reset, as a full accept queue would.
+    let _ = nix::sys::socket::setsockopt(
+        conn,
+        nix::sys::socket::sockopt::Linger,
+        &libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        },
+    );
 }
 
 /// The nftables ruleset: every TCP connection leaving the guest, or leaving a

@@ -32,6 +32,25 @@ where
     Ok(postcard::from_bytes(&buf)?)
 }
 
+/// Writes one frame to `io` the way [`FrameStream::send`] frames it (a
+/// big-endian `u32` length, then the postcard bytes), and flushes it.
+pub async fn write_one<T, W>(io: &mut W, msg: &T) -> Result<(), ProtoError>
+where
+    T: Serialize,
+    W: AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let bytes = postcard::to_stdvec(msg)?;
+    let len = u32::try_from(bytes.len())
+        .map_err(|_| ProtoError::Violation("a frame over 4 GiB".into()))?;
+    let mut out = Vec::with_capacity(4 + bytes.len());
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(&bytes);
+    io.write_all(&out).await?;
+    io.flush().await?;
+    Ok(())
+}
+
 /// A typed frame channel over a byte stream.
 pub struct FrameStream<S> {
     inner: Framed<S, LengthDelimitedCodec>,

@@ -1,8 +1,14 @@
 //! The host <-> guest protocol.
 //!
-//! One virtio-serial port carries everything. After a line-based handshake that
-//! checks protocol versions ([`handshake`]), both sides run a yamux session over the
-//! port ([`mux`]). Every stream the host opens starts with one [`Request`] frame;
+//! Two virtio-serial ports: [`PORT_NAME`] carries control (setup, exec, ping,
+//! shutdown: streams only the host opens) and [`EGRESS_PORT_NAME`] carries the
+//! guest's outbound connections (streams only the guest opens). They never
+//! share fate: whatever the guest does to the egress port (thousands of
+//! connections, garbage, forged stream ids) ends at most the egress session,
+//! and exec, ping and stop keep working. On each port, after a line-based
+//! handshake that checks protocol versions ([`handshake`]), both sides run a
+//! yamux session ([`mux`]) whose stream limits are set so that the opening
+//! side runs out first ([`mux::Channel`]). Every stream the host opens starts with one [`Request`] frame;
 //! frames are length-delimited postcard messages ([`frame`]) bounded by
 //! [`frame::MAX_FRAME`], so a hostile guest cannot make the host buffer more.
 //!
@@ -19,10 +25,13 @@ pub use messages::*;
 
 /// Version of everything in this crate that crosses the boundary. Bump it on any
 /// change to the handshake, the framing or a message type.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
-/// Name of the virtio-serial port (`-device virtserialport,name=...`).
+/// Name of the control port (`-device virtserialport,name=...`).
 pub const PORT_NAME: &str = "sandpen";
+
+/// Name of the egress port: one stream per outbound guest connection.
+pub const EGRESS_PORT_NAME: &str = "sandpen-egress";
 
 /// virtiofs tag of the workspace mount.
 pub const WORKSPACE_TAG: &str = "workspace";
@@ -42,6 +51,8 @@ pub enum ProtoError {
     UnexpectedEof(&'static str),
     #[error("protocol violation: {0}")]
     Violation(String),
+    #[error("too many streams open on the channel (the limit is {0})")]
+    TooManyStreams(usize),
     #[error("multiplexer: {0}")]
     Mux(#[from] yamux::ConnectionError),
 }

@@ -133,7 +133,8 @@ impl ExitStatus {
 pub const IO_CHUNK: usize = 32 * 1024;
 
 /// The first frame of every guest-opened stream: one outbound connection that
-/// the guest wants the host to make. Raw bytes follow in both directions.
+/// the guest wants the host to make. The host answers with one
+/// [`EgressAccepted`] frame; raw bytes follow in both directions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressOpen {
     pub mode: EgressMode,
@@ -151,3 +152,15 @@ pub enum EgressMode {
     /// proxy request (CONNECT or an absolute-form request).
     HttpProxy,
 }
+
+/// The host's first frame on an egress stream, sent as soon as it has read
+/// the [`EgressOpen`]: it acknowledges the stream at the multiplexer (yamux
+/// lets a side have only 256 streams the peer has not acknowledged, and an
+/// idle connection would otherwise never be). The guest reads it before it
+/// relays any byte from the host to the client. Whether the connection is
+/// allowed is decided after it, by the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressAccepted;
+
+/// Largest [`EgressAccepted`] frame (it is empty; room for a later version).
+pub const EGRESS_ACCEPTED_MAX: usize = 64;

@@ -55,6 +55,9 @@ pub struct RuntimeStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum State {
     Stopped,
+    /// Not running, because a part failed (the reason, see [`crate::exit`]).
+    /// `start` works as from `Stopped`.
+    Failed(String),
     /// A supervisor holds the lock but does not answer yet (booting).
     Starting,
     Running(RuntimeStatus),
@@ -68,6 +71,7 @@ impl State {
     pub fn label(&self) -> &'static str {
         match self {
             State::Stopped => "stopped",
+            State::Failed(_) => "failed",
             State::Starting => "starting",
             State::Running(_) => "running",
             State::Stopping => "stopping",
@@ -114,7 +118,10 @@ async fn request(
 
 pub async fn state(paths: &SandboxPaths) -> State {
     if !supervisor_alive(paths) {
-        return State::Stopped;
+        return match crate::exit::last_failure(paths) {
+            Some(reason) => State::Failed(reason),
+            None => State::Stopped,
+        };
     }
     if !paths.control_socket().exists() {
         return State::Starting;
@@ -127,7 +134,10 @@ pub async fn state(paths: &SandboxPaths) -> State {
     {
         Ok(Ok((_, ControlReply::Status(s)))) if s.stopping => State::Stopping,
         Ok(Ok((_, ControlReply::Status(s)))) => State::Running(s),
-        Ok(_) if !supervisor_alive(paths) => State::Stopped,
+        Ok(_) if !supervisor_alive(paths) => match crate::exit::last_failure(paths) {
+            Some(reason) => State::Failed(reason),
+            None => State::Stopped,
+        },
         Ok(Err(_)) => State::Starting,
         Ok(Ok(_)) | Err(_) => State::Unresponsive,
     }

@@ -6,9 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use sandpen_policy::{AddHost, Label, LabelStore, Policy, WorkspaceFile};
-use sandpen_proto::frame::read_one;
+use sandpen_proto::frame::{read_one, write_one};
 use sandpen_proto::mux::MuxStream;
-use sandpen_proto::EgressOpen;
+use sandpen_proto::{EgressAccepted, EgressOpen};
 use sandpen_proxy::{AuditLog, Proxy, ProxyConfig};
 use tokio::sync::mpsc;
 
@@ -176,6 +176,11 @@ pub async fn serve(
                 }
             };
             drop(permit);
+            // Acknowledge the stream at once (see `EgressAccepted`); the
+            // proxy decides the connection after.
+            if write_one(&mut stream, &EgressAccepted).await.is_err() {
+                return;
+            }
             let report = proxy.handle(stream, open).await;
             note_untrusted_input(&proxy, &watch.paths, &watch.config.name, &report);
         });

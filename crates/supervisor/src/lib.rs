@@ -6,10 +6,12 @@
 //! - [`control`]: the control API, as the CLI uses it (status, exec, stop).
 //! - [`lifecycle`]: starting a supervisor and waiting until the guest is ready.
 //! - [`fileserver`]: the seam where the workspace file server plugs in.
+//! - [`exit`]: why the last run failed, for `ls`.
 
 pub mod control;
 pub mod credentials;
 pub mod egress;
+pub mod exit;
 pub mod fileserver;
 pub mod lifecycle;
 pub mod paths;

@@ -13,6 +13,13 @@ use crate::SupervisorError;
 pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
     let _config = crate::sandbox::load(dirs, name)?;
     let paths = dirs.sandbox(name);
+    // One start at a time: a concurrent caller waits here, then finds the
+    // sandbox running and uses it.
+    let lock_path = paths.dir.join("start.lock");
+    let _start_lock =
+        tokio::task::spawn_blocking(move || crate::sandbox::lock_exclusive(&lock_path))
+            .await
+            .map_err(|e| SupervisorError::Invalid(format!("waiting for the start lock: {e}")))??;
     // A sandbox still shutting down is waited for, then started again.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut state = control::state(&paths).await;
@@ -37,7 +44,7 @@ pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
             "sandbox {name} has a supervisor that does not answer; `sandpen stop {name}` ends it"
         )))
         }
-        State::Stopped => {}
+        State::Stopped | State::Failed(_) => {}
     }
     for d in [paths.run(), paths.logs()] {
         std::fs::create_dir_all(&d)

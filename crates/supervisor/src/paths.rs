@@ -79,6 +79,9 @@ impl SandboxPaths {
     pub fn channel_socket(&self) -> PathBuf {
         self.run().join("channel.sock")
     }
+    pub fn egress_socket(&self) -> PathBuf {
+        self.run().join("egress.sock")
+    }
     pub fn console_socket(&self) -> PathBuf {
         self.run().join("console.sock")
     }

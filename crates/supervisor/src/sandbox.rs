@@ -1,6 +1,5 @@
 //! Sandboxes on disk: configuration, names, creation and removal.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use sandpen_vm::AccelChoice;
@@ -230,24 +229,41 @@ pub fn validate_name(name: &str) -> Result<(), SupervisorError> {
     }
 }
 
-/// Writes `data` to `path` atomically: a temporary file in the same directory,
-/// fsynced, then renamed over the target.
+/// Writes `data` to `path` atomically (see `sandpen_fsutil::write_atomic`).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SupervisorError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|f| f.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let io = |what: &str, e| SupervisorError::io(format!("{what} {}", tmp.display()), e);
-    let mut f = std::fs::File::create(&tmp).map_err(|e| io("creating", e))?;
-    f.write_all(data).map_err(|e| io("writing", e))?;
-    f.sync_all().map_err(|e| io("syncing", e))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| SupervisorError::io(format!("renaming into {}", path.display()), e))?;
-    Ok(())
+    sandpen_fsutil::write_atomic(path, data, sandpen_fsutil::MODE_STATE)
+        .map_err(|e| SupervisorError::io(format!("writing {}", path.display()), e))
+}
+
+/// An exclusive `flock` on `path` (created if missing), waited for: the
+/// kernel drops it when the holder exits, however it exits.
+pub type Lock = nix::fcntl::Flock<std::fs::File>;
+
+/// Waits for an exclusive lock on `path`.
+pub fn lock_exclusive(path: &Path) -> Result<Lock, SupervisorError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| SupervisorError::io(format!("creating {}", dir.display()), e))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| SupervisorError::io(format!("opening {}", path.display()), e))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, errno)| {
+        SupervisorError::io(
+            format!("locking {}", path.display()),
+            std::io::Error::from(errno),
+        )
+    })
+}
+
+/// Held while a caller looks for a workspace's sandbox and creates it if
+/// there is none, so that concurrent `run`s and `create`s in one workspace
+/// make one sandbox and all use it.
+pub fn lock_creation(dirs: &Dirs) -> Result<Lock, SupervisorError> {
+    lock_exclusive(&dirs.sandboxes().join(".create.lock"))
 }
 
 pub fn load(dirs: &Dirs, name: &str) -> Result<SandboxConfig, SupervisorError> {
@@ -304,7 +320,7 @@ pub fn find_by_workspace(
     Ok(list(dirs)?.into_iter().find(|c| c.workspace == workspace))
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()

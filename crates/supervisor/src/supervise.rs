@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use sandpen_proto::frame::FrameStream;
-use sandpen_proto::mux::{self, Mode, MuxHandle};
+use sandpen_proto::mux::{self, Channel, MuxHandle, Side};
 use sandpen_proto::{
     handshake, Ack, GuestSetup, GuestUser, Request, SetupReply, ShareMount, WORKSPACE_TAG,
 };
@@ -81,6 +81,7 @@ async fn supervise(name: &str) -> Result<(), SupervisorError> {
     }
     let _lock = take_lock(&paths)?;
     clean_run_dir(&paths);
+    crate::exit::clear(&paths);
     rotate(&paths.console_log());
     std::fs::write(paths.pid_file(), std::process::id().to_string())
         .map_err(|e| SupervisorError::io("writing the pid file", e))?;
@@ -97,6 +98,9 @@ async fn supervise(name: &str) -> Result<(), SupervisorError> {
             Err(e)
         }
     };
+    if let Err(e) = &result {
+        crate::exit::record_failure(&paths, &e.to_string());
+    }
     clean_run_dir(&paths);
     result
 }
@@ -149,8 +153,11 @@ fn rotate(log: &std::path::Path) {
 
 struct Vm {
     config: SandboxConfig,
-    /// Fires when the guest channel ends (the guest can kill it).
-    channel_closed: tokio::sync::oneshot::Receiver<()>,
+    /// Fires, with the reason, when the control channel ends (the guest can
+    /// kill it).
+    channel_closed: tokio::sync::oneshot::Receiver<String>,
+    /// The egress proxy's accept loop: it ends only if it panics.
+    proxy_task: tokio::task::JoinHandle<()>,
     qemu: Child,
     shares: Vec<RunningShare>,
     mux: MuxHandle,
@@ -189,6 +196,7 @@ async fn boot(
         initrd,
         disk: paths.disk(),
         channel_socket: paths.channel_socket(),
+        egress_socket: paths.egress_socket(),
         qmp_socket: paths.qmp_socket(),
         console: sandpen_vm::Console::Socket(paths.console_socket()),
         shares: shares
@@ -243,8 +251,10 @@ async fn boot(
 
     tokio::spawn(pump_console(paths.console_socket(), paths.console_log()));
 
-    // The channel socket appears once QEMU has parsed its arguments.
-    let mut channel = loop {
+    // The channel sockets appear once QEMU has parsed its arguments.
+    let mut control = None;
+    let mut egress = None;
+    while control.is_none() || egress.is_none() {
         if let Ok(Some(status)) = qemu.try_wait() {
             return Err(died(status));
         }
@@ -253,14 +263,26 @@ async fn boot(
                 "QEMU did not open the guest channel".into(),
             ));
         }
-        match UnixStream::connect(paths.channel_socket()).await {
-            Ok(s) => break s,
-            Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
+        for (slot, socket) in [
+            (&mut control, paths.channel_socket()),
+            (&mut egress, paths.egress_socket()),
+        ] {
+            if slot.is_none() {
+                *slot = UnixStream::connect(socket).await.ok();
+            }
         }
+        if control.is_none() || egress.is_none() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let (Some(mut control), Some(mut egress)) = (control, egress) else {
+        unreachable!("the loop ends with both connected");
     };
+    let handshakes =
+        async { tokio::try_join!(handshake::host(&mut control), handshake::host(&mut egress)) };
     tokio::select! {
-        r = tokio::time::timeout(BOOT_TIMEOUT, handshake::host(&mut channel)) => match r {
-            Ok(Ok(())) => {}
+        r = tokio::time::timeout(BOOT_TIMEOUT, handshakes) => match r {
+            Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 // A channel that closes early is mostly QEMU going away: say
                 // so, and where its reason is.
@@ -286,20 +308,32 @@ async fn boot(
         }
     }
     let channel_ms = started.elapsed().as_millis() as u64;
-    let (handle, inbound, driver) = mux::session(channel, Mode::Server);
-    tokio::spawn(crate::egress::serve(
-        inbound,
+    // Control and egress never share fate (docs/architecture.md): the guest
+    // can end its egress session, and exec, ping and stop still work.
+    let (handle, _, driver) = mux::session(control, Channel::Control, Side::Host);
+    let (_, egress_inbound, egress_driver) = mux::session(egress, Channel::Egress, Side::Host);
+    let proxy_task = tokio::spawn(crate::egress::serve(
+        egress_inbound,
         proxy,
         dirs.clone(),
         paths.clone(),
         config.clone(),
     ));
-    let (channel_closed_tx, channel_closed) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
-        if let Err(e) = driver.await {
-            tracing::warn!("guest channel ended: {e}");
+        match egress_driver.await {
+            Ok(()) => tracing::info!("the guest closed its egress channel"),
+            Err(e) => tracing::warn!(
+                "the guest broke its egress channel ({e}); it has no network until the sandbox restarts"
+            ),
         }
-        let _ = channel_closed_tx.send(());
+    });
+    let (channel_closed_tx, channel_closed) = tokio::sync::oneshot::channel::<String>();
+    tokio::spawn(async move {
+        let reason = match driver.await {
+            Ok(()) => "the guest closed its control channel".to_string(),
+            Err(e) => format!("the guest broke its control channel: {e}"),
+        };
+        let _ = channel_closed_tx.send(reason);
     });
 
     let setup = GuestSetup {
@@ -355,6 +389,7 @@ async fn boot(
     Ok(Vm {
         config: config.clone(),
         channel_closed,
+        proxy_task,
         qemu,
         shares,
         mux: handle,
@@ -518,38 +553,82 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
             }
         })
     });
-    let exit = tokio::select! {
-        st = vm.qemu.wait() => {
-            match st {
-                Ok(s) if s.success() => {
-                    tracing::info!("the guest powered off");
-                    Ok(())
-                }
-                Ok(s) => {
-                    tracing::warn!("QEMU exited: {s}");
-                    Err(SupervisorError::Boot(format!("QEMU exited: {s}")))
-                }
-                Err(e) => Err(SupervisorError::io("waiting for QEMU", e)),
-            }
+    // Every part is watched: QEMU, the control channel, each file server and
+    // the egress proxy. A part that dies stops the sandbox at once, with the
+    // reason in the log and in `last-exit.json` for `ls` (a vhost-user-fs
+    // device cannot take a new server back in QEMU, so restarting the file
+    // server is not an option; stopping ends every guest I/O on the share
+    // with an error instead of a hang).
+    let shares = &mut vm.shares;
+    let file_server_died = async move {
+        if shares.is_empty() {
+            return std::future::pending::<String>().await;
         }
-        _ = &mut vm.channel_closed => {
-            tracing::warn!("the guest channel closed; stopping the VM");
-            stopping.store(true, Ordering::Relaxed);
+        let waits = shares.iter_mut().map(|share| {
+            let path = share.spec.host_path.clone();
+            Box::pin(async move {
+                let status = share.child.wait().await;
+                (path, status)
+            })
+        });
+        let ((path, status), _, _) = futures::future::select_all(waits).await;
+        match status {
+            Ok(status) => format!(
+                "the file server for {} {}",
+                path.display(),
+                crate::exit::describe(status)
+            ),
+            Err(e) => format!("waiting for the file server for {}: {e}", path.display()),
+        }
+    };
+    enum Ending {
+        Qemu(std::io::Result<std::process::ExitStatus>),
+        Channel(String),
+        FileServer(String),
+        Proxy(String),
+        Asked,
+    }
+    let ending = tokio::select! {
+        st = vm.qemu.wait() => Ending::Qemu(st),
+        reason = &mut vm.channel_closed => Ending::Channel(
+            reason.unwrap_or_else(|_| "the control channel's task ended".into())
+        ),
+        reason = file_server_died => Ending::FileServer(reason),
+        joined = &mut vm.proxy_task => Ending::Proxy(match joined {
+            Ok(()) => "the egress proxy stopped".into(),
+            Err(e) => format!("the egress proxy failed: {e}"),
+        }),
+        _ = stop_rx.recv() => Ending::Asked,
+        _ = sigterm.recv() => Ending::Asked,
+        _ = sigint.recv() => Ending::Asked,
+    };
+    stopping.store(true, Ordering::Relaxed);
+    let exit = match ending {
+        Ending::Qemu(Ok(s)) if s.success() => {
+            tracing::info!("the guest powered off");
+            Ok(())
+        }
+        Ending::Qemu(Ok(s)) => {
+            let reason = format!(
+                "QEMU {}; see {}",
+                crate::exit::describe(s),
+                paths.logs().join("qemu.log").display()
+            );
+            tracing::warn!("{reason}");
+            Err(SupervisorError::Boot(reason))
+        }
+        Ending::Qemu(Err(e)) => Err(SupervisorError::io("waiting for QEMU", e)),
+        Ending::Channel(reason) | Ending::FileServer(reason) => {
+            tracing::warn!("{reason}; stopping the VM");
             end_qemu(&mut vm, paths).await;
-            Ok(())
+            Err(SupervisorError::Boot(reason))
         }
-        _ = stop_rx.recv() => {
-            stopping.store(true, Ordering::Relaxed);
+        Ending::Proxy(reason) => {
+            tracing::error!("{reason}; stopping the sandbox");
             shutdown(&mut vm, paths).await;
-            Ok(())
+            Err(SupervisorError::Boot(reason))
         }
-        _ = sigterm.recv() => {
-            stopping.store(true, Ordering::Relaxed);
-            shutdown(&mut vm, paths).await;
-            Ok(())
-        }
-        _ = sigint.recv() => {
-            stopping.store(true, Ordering::Relaxed);
+        Ending::Asked => {
             shutdown(&mut vm, paths).await;
             Ok(())
         }
@@ -557,6 +636,7 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
     if let Some(task) = accept_task {
         task.abort();
     }
+    vm.proxy_task.abort();
     for share in &mut vm.shares {
         let _ = share.child.start_kill();
         let _ = share.child.wait().await;

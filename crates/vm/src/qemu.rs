@@ -41,7 +41,10 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub disk: PathBuf,
+    /// The control port's socket ([`sandpen_proto::PORT_NAME`]).
     pub channel_socket: PathBuf,
+    /// The egress port's socket ([`sandpen_proto::EGRESS_PORT_NAME`]).
+    pub egress_socket: PathBuf,
     pub qmp_socket: PathBuf,
     pub console: Console,
     pub shares: Vec<FsShare>,
@@ -154,16 +157,26 @@ impl VmConfig {
         push("virtio-rng-device");
         push("-device");
         push("virtio-serial-device,id=vser0");
-        push("-chardev");
-        push(&format!(
-            "socket,id=channel,path={},server=on,wait=off",
-            self.channel_socket.display()
-        ));
-        push("-device");
-        push(&format!(
-            "virtserialport,bus=vser0.0,chardev=channel,name={}",
-            sandpen_proto::PORT_NAME
-        ));
+        // Two ports, so that control never shares fate with egress (see
+        // docs/architecture.md, "Host <-> guest protocol").
+        for (id, socket, name) in [
+            ("channel", &self.channel_socket, sandpen_proto::PORT_NAME),
+            (
+                "egress",
+                &self.egress_socket,
+                sandpen_proto::EGRESS_PORT_NAME,
+            ),
+        ] {
+            push("-chardev");
+            push(&format!(
+                "socket,id={id},path={},server=on,wait=off",
+                socket.display()
+            ));
+            push("-device");
+            push(&format!(
+                "virtserialport,bus=vser0.0,chardev={id},name={name}"
+            ));
+        }
         for (i, share) in self.shares.iter().enumerate() {
             push("-chardev");
             push(&format!("socket,id=fs{i},path={}", share.socket.display()));
@@ -208,6 +221,7 @@ mod tests {
             initrd: "/img/initrd.img".into(),
             disk: "/s/disk.qcow2".into(),
             channel_socket: "/s/run/channel.sock".into(),
+            egress_socket: "/s/run/egress.sock".into(),
             qmp_socket: "/s/run/qmp.sock".into(),
             console: Console::Socket("/s/run/console.sock".into()),
             shares: vec![FsShare {
@@ -234,6 +248,8 @@ mod tests {
         assert!(!line.contains("netdev") && !line.contains("virtio-net") && !line.contains("-nic"));
         assert!(line.contains(&format!("-sandbox {SECCOMP}")));
         assert!(line.contains("vhost-user-fs-device,chardev=fs0,tag=workspace"));
+        assert!(line.contains("virtserialport,bus=vser0.0,chardev=channel,name=sandpen "));
+        assert!(line.contains("virtserialport,bus=vser0.0,chardev=egress,name=sandpen-egress"));
         assert!(line.contains("memory-backend-memfd,id=mem,size=1024M,share=on"));
     }
 

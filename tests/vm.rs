@@ -49,14 +49,24 @@ fn guest(sh: &str) -> Result<String, Failed> {
 }
 
 fn status_of(name: &str) -> Result<String, Failed> {
+    Ok(status_and_reason(name)?.0)
+}
+
+/// `ls --json`'s status of `name`, and the reason of a `failed` one.
+fn status_and_reason(name: &str) -> Result<(String, String), Failed> {
     let out = expect_ok(&sandpen(&["ls", "--json"]), "ls --json")?;
     let rows: serde_json::Value =
         serde_json::from_str(&out).map_err(|e| format!("ls --json: {e}: {out}"))?;
-    Ok(rows
+    let row = rows
         .as_array()
-        .and_then(|a| a.iter().find(|r| r["name"] == name))
-        .map(|r| r["status"].as_str().unwrap_or("").to_string())
-        .unwrap_or_else(|| "absent".into()))
+        .and_then(|a| a.iter().find(|r| r["name"] == name));
+    Ok(match row {
+        Some(r) => (
+            r["status"].as_str().unwrap_or("").to_string(),
+            r["reason"].as_str().unwrap_or("").to_string(),
+        ),
+        None => ("absent".into(), String::new()),
+    })
 }
 
 // ---- errors (no VM needed) ----
@@ -523,7 +533,7 @@ fn wait_for_status(want: &str) -> Result<(), Failed> {
     }
 }
 
-fn kill_9_qemu_reads_stopped_and_starts_again() -> Result<(), Failed> {
+fn kill_9_qemu_reads_failed_and_starts_again() -> Result<(), Failed> {
     let state = env().cli.state.path().to_string_lossy().into_owned();
     let qemu = pid_of(&format!("sandpen-qemu-{NAME}.*{state}"))
         .or_else(|| pid_of(&format!("sandpen-{NAME},process")));
@@ -532,9 +542,15 @@ fn kill_9_qemu_reads_stopped_and_starts_again() -> Result<(), Failed> {
         .args(["-9", &qemu.to_string()])
         .status()?;
     let t = Instant::now();
-    wait_for_status("stopped")?;
+    wait_for_status("failed")?;
     let ls_time = t.elapsed();
+    let (_, reason) = status_and_reason(NAME)?;
+    check(
+        reason.contains("QEMU killed by signal 9"),
+        format!("ls gives the reason {reason:?}"),
+    )?;
     expect_ok(&sandpen(&["start", NAME]), "start after kill -9 of QEMU")?;
+    check(status_of(NAME)? == "running", "not running after start")?;
     check(guest("echo back")? == "back\n", "guest not back")?;
     check(
         ls_time < Duration::from_secs(10),
@@ -542,12 +558,17 @@ fn kill_9_qemu_reads_stopped_and_starts_again() -> Result<(), Failed> {
     )
 }
 
-fn kill_9_supervisor_reads_stopped_and_starts_again() -> Result<(), Failed> {
+fn kill_9_supervisor_reads_failed_and_starts_again() -> Result<(), Failed> {
     let state = env().cli.state.path().to_string_lossy().into_owned();
     let pidfile = Path::new(&state).join(format!("sandpen/sandboxes/{NAME}/run/supervisor.pid"));
     let pid = std::fs::read_to_string(&pidfile)?;
     Command::new("kill").args(["-9", pid.trim()]).status()?;
-    wait_for_status("stopped")?;
+    wait_for_status("failed")?;
+    let (_, reason) = status_and_reason(NAME)?;
+    check(
+        reason.contains("supervisor died"),
+        format!("ls gives the reason {reason:?}"),
+    )?;
     expect_ok(
         &sandpen(&["start", NAME]),
         "start after kill -9 of the supervisor",
@@ -631,12 +652,12 @@ fn main() {
             stop_then_start_keeps_the_disk,
         ),
         (
-            "kill_9_qemu_reads_stopped_and_starts_again",
-            kill_9_qemu_reads_stopped_and_starts_again,
+            "kill_9_qemu_reads_failed_and_starts_again",
+            kill_9_qemu_reads_failed_and_starts_again,
         ),
         (
-            "kill_9_supervisor_reads_stopped_and_starts_again",
-            kill_9_supervisor_reads_stopped_and_starts_again,
+            "kill_9_supervisor_reads_failed_and_starts_again",
+            kill_9_supervisor_reads_failed_and_starts_again,
         ),
         ("rm_f_removes_every_trace", rm_f_removes_every_trace),
     ];

@@ -29,7 +29,7 @@ pub struct ConnectionReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     /// A reason code (`allowed-by-rule`, `no-matching-rule`, `blocked-address`,
-    /// `sni-mismatch`, `host-mismatch`, `connection-limit`, ...), optionally
+    /// `sni-mismatch`, `host-mismatch`, `too-many-connections`, ...), optionally
     /// followed by `: detail`.
     pub reason: String,
     /// The claimed host (name or literal IP), as the guest gave it.

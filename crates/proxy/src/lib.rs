@@ -71,7 +71,7 @@ pub struct ProxyConfig {
     pub idle_timeout: Duration,
     pub connect_timeout: Duration,
     /// Connections handled at once; beyond it new ones are refused
-    /// (`connection-limit`) with a warning in the log.
+    /// (`too-many-connections`) with a warning in the log.
     pub max_connections: usize,
     /// The most a tunnel direction buffers while bytes flow (an idle tunnel
     /// holds no buffer; see `relay`).
@@ -438,7 +438,7 @@ impl Proxy {
             Err(_) => {
                 self.warn_limit();
                 rec.deny(format!(
-                    "connection-limit: {} connections open",
+                    "too-many-connections: {} connections open",
                     cfg.max_connections
                 ));
             }

@@ -1328,7 +1328,7 @@ async fn survives_ten_thousand_streams_that_never_write() {
         let rep = r.await.unwrap();
         assert_eq!(rep.decision, Verdict::Deny);
         match rep.reason_code() {
-            "connection-limit" => limit += 1,
+            "too-many-connections" => limit += 1,
             "handshake-timeout" => timeout += 1,
             other => panic!("unexpected reason {other}"),
         }

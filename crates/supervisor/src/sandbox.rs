@@ -263,7 +263,7 @@ pub fn lock_exclusive(path: &Path) -> Result<Lock, SupervisorError> {
 /// there is none, so that concurrent `run`s and `create`s in one workspace
 /// make one sandbox and all use it.
 pub fn lock_creation(dirs: &Dirs) -> Result<Lock, SupervisorError> {
-    lock_exclusive(&dirs.sandboxes().join(".create.lock"))
+    lock_exclusive(&dirs.state.join("create.lock"))
 }
 
 pub fn load(dirs: &Dirs, name: &str) -> Result<SandboxConfig, SupervisorError> {

@@ -581,6 +581,15 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
             Err(e) => format!("waiting for the file server for {}: {e}", path.display()),
         }
     };
+    // The proxy's loop ends by itself when the egress channel does (which the
+    // guest may do: it then has no network); only a panic is a failure.
+    let proxy_task = &mut vm.proxy_task;
+    let proxy_failed = async move {
+        match proxy_task.await {
+            Err(e) if e.is_panic() => format!("the egress proxy failed: {e}"),
+            _ => std::future::pending::<String>().await,
+        }
+    };
     enum Ending {
         Qemu(std::io::Result<std::process::ExitStatus>),
         Channel(String),
@@ -594,10 +603,7 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
             reason.unwrap_or_else(|_| "the control channel's task ended".into())
         ),
         reason = file_server_died => Ending::FileServer(reason),
-        joined = &mut vm.proxy_task => Ending::Proxy(match joined {
-            Ok(()) => "the egress proxy stopped".into(),
-            Err(e) => format!("the egress proxy failed: {e}"),
-        }),
+        reason = proxy_failed => Ending::Proxy(reason),
         _ = stop_rx.recv() => Ending::Asked,
         _ = sigterm.recv() => Ending::Asked,
         _ = sigint.recv() => Ending::Asked,
@@ -619,6 +625,17 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
         }
         Ending::Qemu(Err(e)) => Err(SupervisorError::io("waiting for QEMU", e)),
         Ending::Channel(reason) | Ending::FileServer(reason) => {
+            // A QEMU that died takes the channel and the file servers with
+            // it: if it is gone, it is the cause to name.
+            let reason =
+                match tokio::time::timeout(Duration::from_millis(500), vm.qemu.wait()).await {
+                    Ok(Ok(s)) if !s.success() => format!(
+                        "QEMU {}; see {}",
+                        crate::exit::describe(s),
+                        paths.logs().join("qemu.log").display()
+                    ),
+                    _ => reason,
+                };
             tracing::warn!("{reason}; stopping the VM");
             end_qemu(&mut vm, paths).await;
             Err(SupervisorError::Boot(reason))

@@ -1,49 +1,14 @@
 //! Small file helpers shared by the store and the CA.
 
-use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
-use std::io::{self, Write};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Writes `data` to `path` atomically: a new temporary file in the same
-/// folder with `mode`, fsync, rename over `path`, fsync of the folder.
-/// A reader sees the old file or the new one, never a partial one.
+/// Writes `data` to `path` atomically with exactly `mode` (the one helper
+/// every sandpen state file goes through: `sandpen_fsutil::write_atomic`).
 pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?
-        .to_string_lossy();
-    let tmp = dir.join(format!(
-        ".{name}.tmp.{}.{}",
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        // The umask may have cleared bits we want (0644) or left none we
-        // forbid; set the mode exactly.
-        f.set_permissions(Permissions::from_mode(mode))?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    sandpen_fsutil::write_atomic(path, data, mode)
 }
 
 /// Creates the folder that holds `path` (and its parents), 0700.

@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,22 +12,12 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{ImageError, IoContext};
 
-/// Writes `bytes` to `path` through a temporary file in the same directory and a rename,
-/// so readers see either the old or the new content, never a partial one.
+/// Writes `bytes` to `path` atomically and durably (see
+/// `sandpen_fsutil::write_atomic`): readers see the old or the new content,
+/// never a partial one.
 pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> Result<(), ImageError> {
-    let tmp = tmp_sibling(path);
-    let result = (|| {
-        let mut file = fs::File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
-        file.write_all(bytes)
-            .ctx(|| format!("writing {}", tmp.display()))?;
-        file.sync_all()
-            .ctx(|| format!("syncing {}", tmp.display()))?;
-        fs::rename(&tmp, path).ctx(|| format!("renaming {} to {}", tmp.display(), path.display()))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    sandpen_fsutil::write_atomic(path, bytes, sandpen_fsutil::MODE_STATE)
+        .ctx(|| format!("writing {}", path.display()))
 }
 
 /// A temporary name next to `path`, unique to this process.

@@ -676,7 +676,8 @@ impl PolicyFile {
         self.edit(|doc| set_value(doc, "preset", preset.as_str()))
     }
 
-    /// Write the file atomically (temp file + rename), creating its directory.
+    /// Write the file atomically and durably (`sandpen_fsutil::write_atomic`),
+    /// creating its directory.
     pub fn save(&self) -> Result<(), PolicyError> {
         let werr = |source| PolicyError::Write {
             path: self.path.clone(),
@@ -685,14 +686,8 @@ impl PolicyFile {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(werr)?;
         }
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(format!(".tmp.{}", std::process::id()));
-        let tmp = PathBuf::from(tmp);
-        std::fs::write(&tmp, self.text.as_bytes()).map_err(werr)?;
-        std::fs::rename(&tmp, &self.path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            werr(e)
-        })
+        sandpen_fsutil::write_atomic(&self.path, self.text.as_bytes(), sandpen_fsutil::MODE_STATE)
+            .map_err(werr)
     }
 }
 

@@ -412,6 +412,75 @@ mod tests {
 }
 
 #[cfg(test)]
+mod hostile_tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// What a hostile guest kernel can write at the raw egress port: random
+    /// bytes, a frame header claiming 4 GiB, data for a stream never opened,
+    /// a SYN in the host's id space. Each costs the guest its egress session
+    /// or the stream it named, never a panic of the host, and a control
+    /// session in the same process goes on.
+    #[tokio::test]
+    async fn garbage_on_the_egress_port_ends_only_that_session() {
+        // yamux header: version, type, flags, stream id, length.
+        let header = |kind: u8, flags: u16, id: u32, len: u32| {
+            let mut h = vec![0u8, kind];
+            h.extend_from_slice(&flags.to_be_bytes());
+            h.extend_from_slice(&id.to_be_bytes());
+            h.extend_from_slice(&len.to_be_bytes());
+            h
+        };
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut random = |n: usize| {
+            (0..n)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    seed as u8
+                })
+                .collect::<Vec<u8>>()
+        };
+        let inputs: Vec<Vec<u8>> = vec![
+            random(4096),
+            header(0, 0x1, 1, u32::MAX), // SYN with a 4 GiB body
+            [header(0, 0, 7, 16), vec![0; 16]].concat(), // a stream never opened
+            header(1, 0x1, 2, 0),        // SYN with an id of the host's
+            header(0, 0x1, 1, 300 * 1024), // a first body past the window
+            [header(1, 0x1, 1, 0), header(1, 0x1, 1, 0)].concat(), // one id twice
+        ];
+        let (control_host, control_guest) = tokio::io::duplex(64 * 1024);
+        let (host, _, host_driver) = session(control_host, Channel::Control, Side::Host);
+        tokio::spawn(host_driver);
+        let (_, mut guest_in, guest_driver) = session(control_guest, Channel::Control, Side::Guest);
+        tokio::spawn(guest_driver);
+        for (i, input) in inputs.into_iter().enumerate() {
+            let (egress_host, mut raw) = tokio::io::duplex(64 * 1024);
+            let (_, _in, driver) = session(egress_host, Channel::Egress, Side::Host);
+            let driver = tokio::spawn(driver);
+            let _ = raw.write_all(&input).await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Whether the garbage ended the session or only the stream it
+            // named, the session holds nothing once the port closes.
+            drop(raw);
+            let joined = tokio::time::timeout(Duration::from_secs(10), driver)
+                .await
+                .unwrap_or_else(|_| panic!("input {i}: the session outlives its port"));
+            assert!(joined.is_ok(), "input {i}: the host's driver panicked");
+            // The control session is untouched.
+            let mut s = host.open().await.unwrap();
+            s.write_all(b"ping").await.unwrap();
+            let mut r = guest_in.recv().await.unwrap();
+            let mut buf = [0u8; 4];
+            r.read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"ping", "input {i}");
+        }
+    }
+}
+
+#[cfg(test)]
 mod fd_tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

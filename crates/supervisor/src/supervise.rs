@@ -592,17 +592,25 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
     };
     enum Ending {
         Qemu(std::io::Result<std::process::ExitStatus>),
-        Channel(String),
-        FileServer(String),
+        /// The control channel or a file server ended; QEMU gets `grace` to
+        /// show whether it was the cause.
+        PartDied {
+            reason: String,
+            grace: Duration,
+        },
         Proxy(String),
         Asked,
     }
     let ending = tokio::select! {
         st = vm.qemu.wait() => Ending::Qemu(st),
-        reason = &mut vm.channel_closed => Ending::Channel(
-            reason.unwrap_or_else(|_| "the control channel's task ended".into())
-        ),
-        reason = file_server_died => Ending::FileServer(reason),
+        reason = &mut vm.channel_closed => Ending::PartDied {
+            reason: reason.unwrap_or_else(|_| "the control channel's task ended".into()),
+            grace: Duration::from_secs(2),
+        },
+        reason = file_server_died => Ending::PartDied {
+            reason,
+            grace: Duration::from_millis(200),
+        },
         reason = proxy_failed => Ending::Proxy(reason),
         _ = stop_rx.recv() => Ending::Asked,
         _ = sigterm.recv() => Ending::Asked,
@@ -624,21 +632,32 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
             Err(SupervisorError::Boot(reason))
         }
         Ending::Qemu(Err(e)) => Err(SupervisorError::io("waiting for QEMU", e)),
-        Ending::Channel(reason) | Ending::FileServer(reason) => {
+        Ending::PartDied { reason, grace } => {
             // A QEMU that died takes the channel and the file servers with
-            // it: if it is gone, it is the cause to name.
-            let reason =
-                match tokio::time::timeout(Duration::from_millis(500), vm.qemu.wait()).await {
-                    Ok(Ok(s)) if !s.success() => format!(
+            // it: if it is gone, it is the cause to name. A guest that powers
+            // itself off closes its channel a moment before QEMU exits: that
+            // is a stop, not a failure. A file server that died leaves QEMU
+            // running: a short grace.
+            match tokio::time::timeout(grace, vm.qemu.wait()).await {
+                Ok(Ok(s)) if s.success() => {
+                    tracing::info!("the guest powered off");
+                    Ok(())
+                }
+                Ok(Ok(s)) => {
+                    let reason = format!(
                         "QEMU {}; see {}",
                         crate::exit::describe(s),
                         paths.logs().join("qemu.log").display()
-                    ),
-                    _ => reason,
-                };
-            tracing::warn!("{reason}; stopping the VM");
-            end_qemu(&mut vm, paths).await;
-            Err(SupervisorError::Boot(reason))
+                    );
+                    tracing::warn!("{reason}");
+                    Err(SupervisorError::Boot(reason))
+                }
+                _ => {
+                    tracing::warn!("{reason}; stopping the VM");
+                    end_qemu(&mut vm, paths).await;
+                    Err(SupervisorError::Boot(reason))
+                }
+            }
         }
         Ending::Proxy(reason) => {
             tracing::error!("{reason}; stopping the sandbox");

@@ -10,6 +10,12 @@
 //! - `*.example.com` matches one or more labels below `example.com`
 //!   (`a.example.com`, `a.b.example.com`), never `example.com` itself;
 //! - `**` matches every name and every literal IP address.
+//!
+//! A name target may end in ` raw` (`db.example.org:5432 raw`): the
+//! connections it allows may carry bytes that are neither HTTP nor TLS. A
+//! connection allowed by a name target without it must speak HTTP (whose
+//! Host is checked) or TLS (whose SNI is checked), so that the name the
+//! policy allowed is the name the server sees (docs/egress.md).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -28,12 +34,16 @@ pub enum HostPattern {
 }
 
 /// A rule target: `HOST[:PORT]`, `*.HOST[:PORT]`, `**[:PORT]`, `CIDR[:PORT]`,
-/// `IP[:PORT]`, or `[IPv6 or IPv6 CIDR]:PORT`.
+/// `IP[:PORT]`, or `[IPv6 or IPv6 CIDR]:PORT`; a name target may end in
+/// ` raw`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Host {
         pattern: HostPattern,
         port: Option<u16>,
+        /// ` raw`: the connections may carry bytes that are neither HTTP
+        /// nor TLS.
+        raw: bool,
     },
     /// A literal address is stored as a /32 or /128 network.
     Net { net: IpNet, port: Option<u16> },
@@ -143,6 +153,31 @@ impl Target {
         if s.is_empty() {
             return Err(terr(input, "empty target"));
         }
+        let (s, raw) = match s.split_once(char::is_whitespace) {
+            None => (s, false),
+            Some((t, w)) if w.trim() == "raw" => (t, true),
+            Some((_, w)) => {
+                return Err(terr(
+                    input,
+                    format!(
+                        "unexpected `{}` after the target (the only word allowed there is `raw`)",
+                        w.trim()
+                    ),
+                ))
+            }
+        };
+        let target = Target::parse_bare(input, s)?;
+        match target {
+            Target::Host { pattern, port, .. } => Ok(Target::Host { pattern, port, raw }),
+            Target::Net { .. } if raw => Err(terr(
+                input,
+                "`raw` is for name targets: an address target allows any protocol already",
+            )),
+            net => Ok(net),
+        }
+    }
+
+    fn parse_bare(input: &str, s: &str) -> Result<Target, TargetError> {
         // `[v6 or v6/len]` with an optional `:port`.
         if let Some(rest) = s.strip_prefix('[') {
             let Some((inside, after)) = rest.split_once(']') else {
@@ -192,7 +227,20 @@ impl Target {
         } else {
             HostPattern::Exact(normalize_name(host).map_err(|e| terr(input, e.why))?)
         };
-        Ok(Target::Host { pattern, port })
+        Ok(Target::Host {
+            pattern,
+            port,
+            raw: false,
+        })
+    }
+
+    /// May the connections this target allows carry bytes that are neither
+    /// HTTP nor TLS? Address targets: yes; name targets: with ` raw`.
+    pub fn allows_raw(&self) -> bool {
+        match self {
+            Target::Host { raw, .. } => *raw,
+            Target::Net { .. } => true,
+        }
     }
 
     /// The port this target is limited to, if any.
@@ -259,7 +307,7 @@ impl fmt::Display for Target {
     /// The canonical text form; `Target::parse` of it gives the same target.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Host { pattern, port } => {
+            Target::Host { pattern, port, raw } => {
                 match pattern {
                     HostPattern::Exact(n) => f.write_str(n)?,
                     HostPattern::Subdomains(s) => write!(f, "*.{s}")?,
@@ -267,6 +315,9 @@ impl fmt::Display for Target {
                 }
                 if let Some(p) = port {
                     write!(f, ":{p}")?;
+                }
+                if *raw {
+                    f.write_str(" raw")?;
                 }
                 Ok(())
             }
@@ -360,9 +411,22 @@ mod tests {
             "a..b",
             "ünïcode.example",
             "x.*.example.com",
+            "db.example.org:5432 tcp",
+            "db.example.org raw raw",
+            "10.0.0.0/8 raw",
         ] {
             assert!(Target::parse(bad).is_err(), "{bad:?} should not parse");
         }
+    }
+
+    #[test]
+    fn raw_is_a_word_after_a_name_target() {
+        assert!(t("db.example.org:5432 raw").allows_raw());
+        assert!(t("  db.example.org:5432   raw ").allows_raw());
+        assert!(!t("db.example.org:5432").allows_raw());
+        assert!(t("10.0.0.0/8:5432").allows_raw());
+        assert!(t("db.example.org:5432 raw").matches_host(&name("db.example.org"), 5432));
+        assert_ne!(t("db.example.org raw"), t("db.example.org"));
     }
 
     #[test]
@@ -376,6 +440,8 @@ mod tests {
             "10.1.2.3:22",
             "::1",
             "[2001:db8::/32]:443",
+            "db.example.org:5432 raw",
+            "** raw",
         ] {
             assert_eq!(t(s).to_string(), s);
             assert_eq!(t(&t(s).to_string()), t(s));

@@ -35,9 +35,9 @@
 
 mod blocked;
 pub mod file;
-pub mod hostaddrs;
 pub mod files;
 pub mod flow;
+pub mod hostaddrs;
 mod preset;
 mod target;
 
@@ -48,10 +48,10 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use blocked::{blocked_ranges, is_blocked};
-pub use hostaddrs::is_host_address;
 pub use file::{global_policy_path, PolicyError, PolicyFile, WorkspaceFile};
 pub use files::{FileRules, FilesSection, FlowSection, PatternError};
 pub use flow::{FlowLabels, Label, LabelSet, LabelStore};
+pub use hostaddrs::is_host_address;
 pub use preset::Preset;
 pub use target::{canonical, normalize_name, Host, HostPattern, Target, TargetError};
 
@@ -434,7 +434,9 @@ impl Policy {
 
     /// `flow.trusted_sinks` of every file.
     pub fn trusted_sinks(&self) -> impl Iterator<Item = &Target> {
-        self.sections.iter().flat_map(|s| s.flow.trusted_sinks.iter())
+        self.sections
+            .iter()
+            .flat_map(|s| s.flow.trusted_sinks.iter())
     }
 
     /// `flow.trusted_sinks` of the user's own files (global and sandbox),

@@ -51,7 +51,7 @@ use crate::exchange::{
 use crate::relay::Activity;
 use crate::upstream::Upstream;
 use crate::{
-    decide, http as h1, take_refusal, truncate, Checked, LiveCheck, Proxy, POLICY_CHANGED,
+    decide, http as h1, narrow, take_refusal, truncate, Checked, LiveCheck, Proxy, POLICY_CHANGED,
 };
 
 /// Largest request head (hyper's read buffer; it cannot be smaller than
@@ -307,7 +307,9 @@ impl Session {
         let origin: Uri = origin
             .parse()
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {e}")))?;
-        let (checked, by) = self.decide(&host, port).await;
+        let (mut checked, by) = self.decide(&host, port).await;
+        // Plain HTTP is never intercepted.
+        checked.decision = narrow(&by, checked.decision, &host, false, false);
         rec.set_decision(&checked.decision);
         if !checked.decision.permits() {
             let reason = match &self.bound {

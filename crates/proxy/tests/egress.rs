@@ -221,11 +221,18 @@ async fn echo_server() -> Server {
     }
 }
 
+/// `allowed.test` may carry raw bytes (its rule says `raw`); `web.test`
+/// only HTTP and TLS.
 const POLICY: &str = r#"
 [[network]]
 id = 1
 action = "allow"
-target = "allowed.test"
+target = "allowed.test raw"
+
+[[network]]
+id = 4
+action = "allow"
+target = "web.test"
 
 [[network]]
 id = 2
@@ -252,6 +259,7 @@ fn policy_from(text: &str, mode: Mode) -> Policy {
                 "allowed.test:127.0.0.1",
                 "denied.test:127.0.0.1",
                 "learn.test:127.0.0.1",
+                "web.test:127.0.0.1",
             ]
             .iter()
             .map(|s| AddHost::parse(s).unwrap()),
@@ -938,10 +946,10 @@ async fn raw_tcp_allowed_including_server_first_protocols() {
     let mut banner = [0u8; 16];
     guest.read_exact(&mut banner).await.unwrap();
     assert_eq!(&banner, b"220 echo ready\r\n");
-    guest.write_all(b"ping").await.unwrap();
+    guest.write_all(b"pin\n").await.unwrap();
     let mut pong = [0u8; 4];
     guest.read_exact(&mut pong).await.unwrap();
-    assert_eq!(&pong, b"ping");
+    assert_eq!(&pong, b"pin\n");
     drop(guest);
     let rep = rep.await.unwrap();
     assert_eq!(rep.decision, Verdict::Allow);
@@ -983,10 +991,10 @@ async fn a_policy_change_cuts_an_open_connection_before_it_sends_more() {
     let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
     let mut banner = [0u8; 16];
     guest.read_exact(&mut banner).await.unwrap();
-    guest.write_all(b"ping").await.unwrap();
+    guest.write_all(b"pin\n").await.unwrap();
     let mut pong = [0u8; 4];
     guest.read_exact(&mut pong).await.unwrap();
-    assert_eq!(&pong, b"ping");
+    assert_eq!(&pong, b"pin\n");
     // The policy changes while the connection is open: the next bytes up
     // are refused, not relayed.
     changed.store(true, Ordering::SeqCst);
@@ -1162,7 +1170,7 @@ async fn learn_mode_logs_a_cut_it_did_not_make() {
     let h = harness(Mode::Learn);
     let (changed, _) = deny_when_flagged(&h, Mode::Learn);
     let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
-    guest.write_all(b"ping").await.unwrap();
+    guest.write_all(b"pin\n").await.unwrap();
     let mut pong = [0u8; 20];
     guest.read_exact(&mut pong).await.unwrap();
     changed.store(true, Ordering::SeqCst);
@@ -1233,7 +1241,7 @@ async fn audit_records_carry_every_field() {
     assert_eq!(v["decision"], "allow");
     assert_eq!(v["rule_id"], 1);
     assert_eq!(v["rule_scope"], "global");
-    assert_eq!(v["rule"], "allow allowed.test");
+    assert_eq!(v["rule"], "allow allowed.test raw");
     assert_eq!(v["reason"], "allowed-by-rule");
     assert_eq!(v["host"], "allowed.test");
     assert_eq!(v["port"], srv.port());
@@ -1374,14 +1382,15 @@ async fn idle_tunnels_are_closed() {
         c.idle_timeout = Duration::from_millis(300);
     });
     let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
-    guest.write_all(b"x").await.unwrap();
+    // Not the start of a request line: relayed at once.
+    guest.write_all(b"\0").await.unwrap();
     let rep = tokio::time::timeout(Duration::from_secs(5), rep)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(rep.decision, Verdict::Allow);
     assert_eq!(rep.reason, "idle-timeout");
-    assert_eq!(read_all(&mut guest).await, "220 echo ready\r\nx");
+    assert_eq!(read_all(&mut guest).await, "220 echo ready\r\n\0");
 }
 
 /// Bytes sent up in [`bulk_echo`].
@@ -1489,10 +1498,10 @@ async fn a_policy_change_cuts_a_spliced_tunnel_before_it_sends_more() {
     let (proxy, serve) = standalone(&h).await;
     let mut s = tunnel(proxy, "allowed.test", srv.port()).await;
     // The client speaks first (else the tunnel is a server-first relay).
-    s.write_all(b"ping").await.unwrap();
+    s.write_all(b"pin\n").await.unwrap();
     let mut pong = [0u8; 20];
     s.read_exact(&mut pong).await.unwrap();
-    assert_eq!(&pong, b"220 echo ready\r\nping");
+    assert_eq!(&pong, b"220 echo ready\r\npin\n");
     changed.store(true, Ordering::SeqCst);
     s.write_all(b"leak").await.unwrap();
     let rest = read_all(&mut s).await;

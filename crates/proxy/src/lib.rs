@@ -11,21 +11,26 @@
 //!    (blocked ranges). `sandpen policy check` calls the same function;
 //! 3. reads the client's first bytes (bounded in size and time): a TLS
 //!    ClientHello's SNI must equal the claimed name (`sni-mismatch`); a plain
-//!    HTTP request's Host must equal it (`host-mismatch`); other bytes are
-//!    raw TCP, decided on the name;
+//!    HTTP request's Host must equal it (`host-mismatch`), a request line
+//!    being recognized in any case and however split (`http::classify`);
+//!    other bytes are raw TCP, which a name rule must allow with ` raw`
+//!    (`raw-refused`);
 //! 4. connects to exactly an address that was checked, forwards the peeked
-//!    bytes and relays byte for byte (a bidirectional copy with adaptive
-//!    buffers, see `relay`; from a TCP socket to a TCP socket, as in
-//!    standalone mode, with `splice(2)` instead, see `splice`);
+//!    bytes once they pass the live check (the policy and labels in force
+//!    when they leave decide them, see [`LiveCheck`]) and relays byte for
+//!    byte, every chunk checked the same way (a bidirectional copy with
+//!    adaptive buffers, see `relay`; from a TCP socket to a TCP socket, as
+//!    in standalone mode, with `splice(2)` instead, see `splice`);
 //! 5. writes one audit record ([`ConnectionReport`]) and returns it (plain
 //!    HTTP: one per request).
 //!
 //! Plain HTTP is served request by request, each checked and logged, with
 //! connections kept alive both ways and upstream connections shared by the
 //! sandbox's guest connections (see `forward` and `upstream`).
-//! Server-first protocols (SMTP, MySQL) work on ports other than 80 and 443:
-//! when the client has said nothing after [`ProxyConfig::server_first_after`],
-//! the proxy connects and relays raw bytes, decided on the name alone.
+//! Server-first protocols (SMTP, MySQL) work on ports other than 80 and 443
+//! under a ` raw` rule: when the client has said nothing after
+//! [`ProxyConfig::server_first_after`], the proxy connects and relays raw
+//! bytes; the client's first bytes are still told apart and checked.
 
 pub mod audit;
 mod exchange;

@@ -1802,3 +1802,113 @@ async fn new_blocked_forms_are_refused_as_literals() {
         h.assert_check_agrees(&rep).await;
     }
 }
+
+// ------------------------------------ `policy check` and the proxy agree
+
+/// The ways a guest can spell an IPv4 address that the host's resolver
+/// (`inet_aton`) or the policy's parser may read: dotted, one number in
+/// decimal, octal or hex, dotted octal and hex, the short forms, a trailing
+/// dot, IPv4-mapped IPv6 (bracketed or not, dotted or hex).
+fn spellings(ip: [u8; 4]) -> Vec<String> {
+    let [a, b, c, d] = ip;
+    let n = u32::from_be_bytes(ip);
+    let (a, b, c, d) = (u32::from(a), u32::from(b), u32::from(c), u32::from(d));
+    vec![
+        format!("{a}.{b}.{c}.{d}"),
+        format!("{a}.{b}.{c}.{d}."),
+        format!("{n}"),
+        format!("0{n:o}"),
+        format!("0x{n:08x}"),
+        format!("0X{n:08X}"),
+        format!("0{a:o}.0{b:o}.0{c:o}.0{d:o}"),
+        format!("0x{a:x}.0x{b:x}.0x{c:x}.0x{d:x}"),
+        format!("{a}.{b}.{}", c * 256 + d),
+        format!("{a}.{}", b * 65536 + c * 256 + d),
+        format!("0{a:o}.{b}.0x{c:x}.{d}."),
+        format!("::ffff:{a}.{b}.{c}.{d}"),
+        format!("[::ffff:{a}.{b}.{c}.{d}]"),
+        format!("::ffff:{:x}:{:x}", a * 256 + b, c * 256 + d),
+        format!("::{a}.{b}.{c}.{d}"),
+    ]
+}
+
+/// For every spelling of a blocked, a denied and a public address, and for
+/// names in other cases, with trailing dots and in IDNA forms, the proxy
+/// decides as `policy check` (`decide`) does; and no spelling of a blocked
+/// or denied address is ever let through.
+#[tokio::test]
+async fn policy_check_and_the_proxy_agree_on_every_spelling() {
+    let h = harness_with(
+        policy_from(
+            "[[network]]\nid = 1\naction = \"allow\"\ntarget = \"** raw\"\n\
+             [[network]]\nid = 2\naction = \"deny\"\ntarget = \"198.51.100.0/24\"\n\
+             [[network]]\nid = 3\naction = \"deny\"\ntarget = \"denied.test\"\n",
+            Mode::Enforce,
+        ),
+        |c| c.connect_timeout = Duration::from_millis(200),
+    );
+    let mut hosts: Vec<(String, bool)> = Vec::new();
+    for (ip, may_pass) in [
+        ([127, 0, 0, 1], false),
+        ([10, 1, 2, 3], false),
+        ([169, 254, 169, 254], false),
+        ([198, 51, 100, 7], false),
+        ([203, 0, 113, 9], true),
+    ] {
+        hosts.extend(spellings(ip).into_iter().map(|s| (s, may_pass)));
+    }
+    for name in [
+        "allowed.test",
+        "ALLOWED.test.",
+        "Allowed.Test",
+        "denied.test",
+        "DENIED.TEST.",
+        "xn--dnied-fsa.test",
+        "dénied.test",
+        "denied.test..",
+        ".denied.test",
+        "denied..test",
+        "",
+    ] {
+        hosts.push((
+            name.to_string(),
+            !name.to_ascii_lowercase().contains("denied"),
+        ));
+    }
+    let mut passed = Vec::new();
+    for (host, may_pass) in hosts {
+        let (mut guest, rep) = h.open(EgressMode::Transparent, &host, 9);
+        let _ = guest.write_all(b"\0").await;
+        drop(guest);
+        let rep = rep.await.unwrap();
+        let c = decide(&h.proxy.policy(), &host, 9).await;
+        assert_eq!(c.decision.verdict, rep.decision, "{host:?}: {rep:?}");
+        assert_eq!(
+            c.decision.rule.as_ref().map(|r| r.id),
+            rep.rule_id,
+            "{host:?}"
+        );
+        if rep.decision == Verdict::Deny {
+            assert_eq!(c.decision.reason, rep.reason, "{host:?}");
+        }
+        if !may_pass {
+            assert_eq!(rep.decision, Verdict::Deny, "{host:?} passed: {rep:?}");
+        }
+        if host == "2130706433" || host == "0x7f.0x0.0x0.0x1" {
+            // Not a literal to the policy, a name the resolver reads as
+            // 127.0.0.1: refused on the address.
+            assert_eq!(rep.reason, "blocked-address: 127.0.0.1", "{host:?}");
+        }
+        if rep.decision == Verdict::Allow {
+            passed.push(host);
+        }
+    }
+    // The public address gets through in its plain spellings (and the
+    // resolver's), so the test is not passing by refusing everything.
+    for host in ["203.0.113.9", "3405803785", "allowed.test", "ALLOWED.test."] {
+        assert!(
+            passed.iter().any(|p| p == host),
+            "{host} refused: {passed:?}"
+        );
+    }
+}

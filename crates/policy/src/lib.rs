@@ -335,7 +335,14 @@ impl fmt::Display for Decision {
             }
             Some(r) => write!(f, "{word}: {} ({r})", self.reason),
             None => write!(f, "{word}: {}", self.reason),
+        }?;
+        if self.sink_if_intercepted && self.permits() {
+            f.write_str(
+                "; after secret-read a trusted sink only through interception \
+                 (only the workspace's .sandpen.toml names it)",
+            )?;
         }
+        Ok(())
     }
 }
 

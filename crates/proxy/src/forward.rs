@@ -308,14 +308,15 @@ impl Session {
             .parse()
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {e}")))?;
         let (mut checked, by) = self.decide(&host, port).await;
+        let by_policy = checked.decision.permits();
         // Plain HTTP is never intercepted.
         checked.decision = narrow(&by, checked.decision, &host, false, false);
         rec.set_decision(&checked.decision);
         if !checked.decision.permits() {
             let reason = match &self.bound {
                 // The connection was allowed when it opened.
-                Some(_) => format!("{POLICY_CHANGED}: {}", checked.decision.reason),
-                None => checked.decision.reason,
+                Some(_) if !by_policy => format!("{POLICY_CHANGED}: {}", checked.decision.reason),
+                _ => checked.decision.reason,
             };
             return Err(Refusal {
                 status: StatusCode::FORBIDDEN,

@@ -817,7 +817,8 @@ impl Conn<'_> {
         match classify_first(client, &mut first, deadline).await? {
             FirstBytes::Tls => {}
             FirstBytes::Http => {
-                self.carries(host, false, false)?;
+                // Each request is narrowed (and refused with a page of its
+                // own) in `forward`.
                 let bound = forward::Bound {
                     host: host.to_string(),
                     port,

@@ -1912,3 +1912,51 @@ async fn policy_check_and_the_proxy_agree_on_every_spelling() {
         );
     }
 }
+
+/// After `secret-read`, a trusted sink that only the workspace's
+/// `.sandpen.toml` names is not a sink for a connection the proxy does not
+/// intercept (plain HTTP here, or TLS without a secret): it could carry any
+/// key. The user's own file makes it one.
+#[tokio::test]
+async fn a_workspace_sink_is_no_sink_without_interception() {
+    let srv = http_server().await;
+    let ws = sandpen_policy::WorkspaceFile::parse(
+        "[flow]\ntrusted_sinks = [\"allowed.test\"]\n",
+        std::path::Path::new("/w/.sandpen.toml"),
+    )
+    .unwrap();
+    let labelled = after_secret_read().with_workspace(Some(ws));
+    let h = harness_with(labelled.clone(), |_| {});
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    guest
+        .write_all(b"GET /upload HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_all(&mut guest).await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("X-Sandpen-Reason: flow"), "{resp}");
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny, "{rep:?}");
+    assert!(rep.reason.contains("only through interception"), "{rep:?}");
+    assert!(srv.seen().is_empty(), "{:?}", srv.seen());
+    // `policy check` says the condition.
+    let said = decide(&h.proxy.policy(), "allowed.test", srv.port()).await;
+    assert!(
+        said.decision
+            .to_string()
+            .contains("only through interception"),
+        "{}",
+        said.decision
+    );
+
+    // Named by the user's own file: a sink.
+    let h = harness_with(
+        labelled.with_trusted_sinks(vec![sandpen_policy::Target::parse("allowed.test").unwrap()]),
+        |_| {},
+    );
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    let resp = get_on(&mut guest, srv.port(), "/fine").await;
+    assert!(resp.ends_with("hello /fine"), "{resp}");
+    drop(guest);
+    assert_eq!(rep.await.unwrap().decision, Verdict::Allow);
+}

@@ -30,9 +30,16 @@ fuzz_target!(|data: &[u8]| {
     let before = headers.clone();
     if apply(route, &mut headers, SECRET).is_ok() {
         for ((name, value), (old_name, old_value)) in headers.iter().zip(&before) {
-            let own = route.headers.iter().any(|r| r.name.eq_ignore_ascii_case(name));
+            let own = route
+                .headers
+                .iter()
+                .any(|r| r.name.eq_ignore_ascii_case(name));
             if !own {
-                assert_eq!((name, value), (old_name, old_value), "only route headers change");
+                assert_eq!(
+                    (name, value),
+                    (old_name, old_value),
+                    "only route headers change"
+                );
             }
         }
     }

@@ -82,7 +82,11 @@ impl fmt::Display for Host {
 
 impl Host {
     /// Normalize a claimed host: a literal IP (IPv6 may be bracketed) or a DNS
-    /// name (lower-cased, trailing dot removed, labels checked).
+    /// name (lower-cased, trailing dot removed, labels checked). Every
+    /// spelling of an IPv4 address that the host's resolver would read as
+    /// one (`inet_aton`: `2130706433`, `0x7f.1`, `0177.0.0.1`, `10.0.0.2.`)
+    /// is that address, so address rules and blocked ranges see it as the
+    /// proxy will connect to it.
     pub fn parse(s: &str) -> Result<Host, TargetError> {
         let inner = s
             .strip_prefix('[')
@@ -91,8 +95,60 @@ impl Host {
         if let Ok(ip) = inner.parse::<IpAddr>() {
             return Ok(Host::Ip(ip));
         }
+        if let Some(v4) = inet_aton(s.strip_suffix('.').unwrap_or(s)) {
+            return Ok(Host::Ip(IpAddr::V4(v4)));
+        }
         normalize_name(s).map(Host::Name)
     }
+}
+
+/// The IPv4 address glibc's `inet_aton` (and so `getaddrinfo`) reads `s` as,
+/// if any: one to four parts separated by dots, each decimal, octal (`0`
+/// prefix) or hex (`0x`), the last filling the remaining bytes.
+pub fn inet_aton(s: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<&str> = s.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let mut nums = Vec::with_capacity(parts.len());
+    for p in &parts {
+        let (digits, radix) = if let Some(h) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X"))
+        {
+            (h, 16)
+        } else if p.len() > 1 && p.starts_with('0') {
+            (&p[1..], 8)
+        } else {
+            (*p, 10)
+        };
+        if digits.is_empty() && radix != 16 {
+            return None;
+        }
+        // `0x` alone is 0 to inet_aton.
+        let n = if digits.is_empty() {
+            0
+        } else if digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+            u64::from_str_radix(digits, radix).ok()?
+        } else {
+            return None;
+        };
+        if n > u64::from(u32::MAX) {
+            return None;
+        }
+        nums.push(n as u32);
+    }
+    let (last, head) = nums.split_last()?;
+    if head.iter().any(|n| *n > 255) {
+        return None;
+    }
+    let room = 8 * (4 - head.len() as u32);
+    if room < 32 && u64::from(*last) >> room != 0 {
+        return None;
+    }
+    let mut v: u32 = 0;
+    for (i, n) in head.iter().enumerate() {
+        v |= n << (24 - 8 * i as u32);
+    }
+    Some(std::net::Ipv4Addr::from(v | last))
 }
 
 /// Lower-case a DNS name, drop one trailing dot and check its labels.
@@ -214,6 +270,13 @@ impl Target {
         };
         if let Some(net) = parse_net(input, host) {
             return Ok(Target::Net { net: net?, port });
+        }
+        // `10.0.0.2.`, `0x0a000002`: the address the resolver would read.
+        if let Some(v4) = inet_aton(host.strip_suffix('.').unwrap_or(host)) {
+            return Ok(Target::Net {
+                net: IpNet::from(IpAddr::V4(v4)),
+                port,
+            });
         }
         let pattern = if host == "**" {
             HostPattern::Any
@@ -427,6 +490,45 @@ mod tests {
         assert!(t("10.0.0.0/8:5432").allows_raw());
         assert!(t("db.example.org:5432 raw").matches_host(&name("db.example.org"), 5432));
         assert_ne!(t("db.example.org raw"), t("db.example.org"));
+    }
+
+    #[test]
+    fn every_spelling_of_an_ipv4_address_is_that_address() {
+        let lo = Host::Ip("127.0.0.1".parse().unwrap());
+        for s in [
+            "127.0.0.1",
+            "127.0.0.1.",
+            "2130706433",
+            "0x7f000001",
+            "0X7F000001",
+            "017700000001",
+            "0177.0.0.1",
+            "0x7f.0.0.1",
+            "0x7f.1",
+            "127.1",
+            "127.0.1",
+        ] {
+            assert_eq!(Host::parse(s).unwrap(), lo, "{s}");
+        }
+        for name in [
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "0x.y",
+            "08.1.1.1",
+            "1e3",
+            "a.b",
+            "1..2",
+            "4294967296",
+        ] {
+            assert!(!matches!(Host::parse(name), Ok(Host::Ip(_))), "{name}");
+        }
+        assert_eq!(
+            Host::parse("0x").unwrap(),
+            Host::Ip("0.0.0.0".parse().unwrap())
+        );
+        // As a target: an address, which prints and parses back the same.
+        assert_eq!(t("10.0.0.2."), t("10.0.0.2"));
+        assert_eq!(t("0x0a000002:22").to_string(), "10.0.0.2:22");
     }
 
     #[test]

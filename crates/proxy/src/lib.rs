@@ -664,9 +664,6 @@ impl Conn<'_> {
     /// Decide `host:port` and record the decision; the checked addresses if
     /// the connection may proceed.
     async fn decide(&mut self, host: &str, port: u16) -> Result<Vec<IpAddr>, Stop> {
-        // The policy in force now: an HTTP-proxy client may have sent its
-        // CONNECT long after the stream opened (after a `secret-read`).
-        self.policy = self.proxy.current_policy();
         let checked = decide(&self.policy, host, port).await;
         self.rec.set_decision(&checked.decision);
         self.decision = Some(checked.decision.clone());
@@ -714,6 +711,9 @@ impl Conn<'_> {
                 })?;
             self.rec.host = host.clone();
             self.rec.port = port;
+            // The policy in force now: the CONNECT may come long after the
+            // stream opened (after a `secret-read`).
+            self.policy = self.proxy.current_policy();
             let addrs = self.decide(&host, port).await?;
             write_all_by(
                 client,
@@ -956,11 +956,9 @@ impl Conn<'_> {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let mut live = self.live_check(addrs).carrying_raw(raw);
-        // Before connecting (a refused connection opens nothing upstream),
-        // and again right before the bytes go (the connect takes time).
-        live.check().map_err(|r| Stop::Deny(None, r))?;
         let mut upstream = self.connect(addrs).await?;
         if !first.is_empty() {
+            // Right before they go (the connect took time).
             live.check().map_err(|r| Stop::Deny(None, r))?;
             upstream
                 .write_all(&first)

@@ -443,12 +443,14 @@ fn a_custom_route_swaps_its_placeholder() -> Result<(), Failed> {
     ready()?;
     let e = env();
     let value = format!("custom-{}", random_hex(8));
+    // A route serves one port: the mock's.
+    let host = format!("custom.test:{}", e.good_port);
     let out = with_stdin(
         &[
             "secret",
             "set-custom",
             "--host",
-            "custom.test",
+            &host,
             "--header",
             "X-Custom-Key",
             "--format",

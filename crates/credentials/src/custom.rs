@@ -172,6 +172,10 @@ impl CustomRoutes {
         let mut rebuilt =
             Route::custom_with_placeholder(&r.service, host, &header.name, format, &r.sentinel)?;
         rebuilt.guest_env = None;
+        if r.port == 0 {
+            return Err(bad("port 0 is not a port"));
+        }
+        rebuilt.port = r.port;
         Ok(rebuilt)
     }
 
@@ -191,6 +195,18 @@ impl CustomRoutes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_saved_route_keeps_its_port() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = CustomRoutes::new(dir.path().join("routes.json"));
+        let r = Route::custom("mytoken", "api.example.com:8443", "Authorization", "{}").unwrap();
+        c.put(r).unwrap();
+        let table = c.table().unwrap();
+        let got = table.route_for("api.example.com").unwrap();
+        assert!(got.serves("api.example.com", 8443));
+        assert!(!got.serves("api.example.com", 443));
+    }
 
     #[test]
     fn put_load_replace_remove() {

@@ -19,7 +19,7 @@ pub use ca::{CaError, SandboxCa};
 pub use custom::{CustomRoutes, CustomRoutesError};
 pub use keyring::Keyring;
 pub use routes::{
-    apply, builtin_routes, route_for, Applied, ApplyError, HeaderRule, Route, RouteError,
-    RouteTable, ValueFormat, SENTINEL,
+    apply, builtin_routes, foreign_credential, route_for, Applied, ApplyError, HeaderRule, Route,
+    RouteError, RouteTable, ValueFormat, SENTINEL,
 };
 pub use store::{EntryInfo, FileStore, Found, Scope, SecretValue, StoreError};

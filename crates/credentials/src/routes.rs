@@ -3,7 +3,9 @@
 //! A route is plain data. [`apply`] is a pure function over a request's
 //! headers; [`route_for`] and [`RouteTable::route_for`] match the request's
 //! host exactly, so a request to any other host never gets a route, and so
-//! never gets the secret.
+//! never gets the secret. A route also names its port (443 unless a custom
+//! route says otherwise): the proxy intercepts, and sends the secret, only
+//! on that port ([`Route::serves`]).
 
 use std::sync::OnceLock;
 
@@ -59,6 +61,9 @@ pub struct Route {
     pub service: String,
     /// Exact host names, lowercase, without port.
     pub hosts: Vec<String>,
+    /// The one port the route serves (HTTPS: 443).
+    #[serde(default = "https_port")]
+    pub port: u16,
     /// Headers where the sentinel is swapped. The first one is added when
     /// the request carries none of them.
     pub headers: Vec<HeaderRule>,
@@ -102,6 +107,14 @@ impl Route {
         {
             return Err(RouteError::InvalidService(service.to_string()));
         }
+        // `host` or `host:port`.
+        let (host, port) = match host.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => match p.parse::<u16>() {
+                Ok(p) if p != 0 => (h, p),
+                _ => return Err(RouteError::InvalidHost(host.to_string())),
+            },
+            _ => (host, https_port()),
+        };
         let host = normalize_host(host);
         if host.is_empty()
             || !host
@@ -122,6 +135,7 @@ impl Route {
         Ok(Route {
             service: service.to_string(),
             hosts: vec![host],
+            port,
             headers: vec![HeaderRule {
                 name: header.to_ascii_lowercase(),
                 format: ValueFormat::Template(format.to_string()),
@@ -132,11 +146,21 @@ impl Route {
     }
 
     /// Whether this route serves `host` (exact match, case-insensitive,
-    /// one trailing dot ignored).
+    /// one trailing dot ignored), on any port.
     pub fn matches_host(&self, host: &str) -> bool {
         let host = normalize_host(host);
         self.hosts.contains(&host)
     }
+
+    /// Whether this route serves `host` on `port`: only then does a
+    /// connection get the secret.
+    pub fn serves(&self, host: &str, port: u16) -> bool {
+        port == self.port && self.matches_host(host)
+    }
+}
+
+fn https_port() -> u16 {
+    443
 }
 
 /// Errors building a route.
@@ -235,6 +259,61 @@ pub fn apply(
     }
 }
 
+/// Headers that carry an API credential, besides a route's own.
+const CREDENTIAL_HEADERS: &[&str] = &[
+    "authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "x-auth-token",
+    "x-access-token",
+];
+
+/// Query parameters that carry an API credential (`?key=` for Google's).
+const CREDENTIAL_PARAMS: &[&str] = &["key", "api_key", "apikey", "access_token", "token"];
+
+/// A credential in a request that is not `route`'s sentinel: a route header
+/// whose value is not one of the sentinel's forms, another credential
+/// header, or a credential query parameter. `None` when the request carries
+/// only the sentinel (or no credential, so that [`apply`] adds the user's).
+/// After `secret-read` the proxy refuses such a request
+/// (`flow: foreign-credential`): the guest could otherwise upload a secret
+/// to a trusted sink under an account of its own. Names, never values, come
+/// back.
+pub fn foreign_credential(
+    route: &Route,
+    headers: &[(String, Vec<u8>)],
+    query: Option<&str>,
+) -> Option<String> {
+    let sentinel = route.sentinel.as_bytes();
+    for (name, value) in headers {
+        let own = route
+            .headers
+            .iter()
+            .any(|r| r.name.eq_ignore_ascii_case(name));
+        if own {
+            if swap_value(value, sentinel, b"x").is_none() {
+                return Some(format!("header {}", name.to_ascii_lowercase()));
+            }
+        } else if CREDENTIAL_HEADERS
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(name))
+        {
+            return Some(format!("header {}", name.to_ascii_lowercase()));
+        }
+    }
+    for pair in query.unwrap_or_default().split('&') {
+        let key = pair.split('=').next().unwrap_or_default();
+        if CREDENTIAL_PARAMS
+            .iter()
+            .any(|c| c.eq_ignore_ascii_case(key))
+        {
+            return Some(format!("query parameter {}", key.to_ascii_lowercase()));
+        }
+    }
+    None
+}
+
 /// The swapped value, or `None` when `value` is not one of the forms the
 /// sentinel may take. Only whole forms are swapped: the sentinel alone,
 /// `SCHEME SENTINEL` (`Bearer`, `token`, a custom format's prefix), or
@@ -299,6 +378,7 @@ fn builtin(service: &str, hosts: &[&str], headers: Vec<HeaderRule>, env: &str) -
     Route {
         service: service.to_string(),
         hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        port: https_port(),
         headers,
         sentinel: SENTINEL.to_string(),
         guest_env: Some(env.to_string()),
@@ -633,6 +713,62 @@ mod tests {
         // A built-in sentinel does not unlock a custom route.
         let mut headers = h(&[("authorization", "Token proxy-managed")]);
         assert_eq!(apply(r, &mut headers, SECRET), Ok(Applied::Unchanged));
+    }
+
+    #[test]
+    fn a_route_serves_its_port_only() {
+        let r = route_for("api.anthropic.com").unwrap();
+        assert!(r.serves("API.anthropic.com.", 443));
+        assert!(!r.serves("api.anthropic.com", 8443));
+        let c = Route::custom("x", "api.example.com:8443", "Authorization", "{}").unwrap();
+        assert_eq!((c.hosts[0].as_str(), c.port), ("api.example.com", 8443));
+        assert!(c.serves("api.example.com", 8443));
+        assert!(!c.serves("api.example.com", 443));
+        assert!(Route::custom("x", "api.example.com:0", "Authorization", "{}").is_err());
+        assert!(Route::custom("x", "api.example.com:https", "Authorization", "{}").is_err());
+        // A route saved before routes had ports serves 443.
+        let old: Route = serde_json::from_str(
+            r#"{"service":"x","hosts":["a.example"],"headers":[],"sentinel":"sandpen-cs-00","guest_env":null}"#,
+        )
+        .unwrap();
+        assert_eq!(old.port, 443);
+    }
+
+    #[test]
+    fn only_the_sentinel_is_not_a_foreign_credential() {
+        let r = route_for("api.anthropic.com").unwrap();
+        let none: Vec<(String, Vec<u8>)> = Vec::new();
+        assert_eq!(foreign_credential(r, &none, None), None);
+        assert_eq!(
+            foreign_credential(r, &h(&[("X-Api-Key", "proxy-managed")]), Some("a=1")),
+            None
+        );
+        assert_eq!(
+            foreign_credential(r, &h(&[("authorization", "Bearer proxy-managed")]), None),
+            None
+        );
+        for (headers, query, what) in [
+            (h(&[("x-api-key", "sk-attacker")]), None, "header x-api-key"),
+            (
+                h(&[
+                    ("x-api-key", "proxy-managed"),
+                    ("Authorization", "Bearer sk-attacker"),
+                ]),
+                None,
+                "header authorization",
+            ),
+            (
+                h(&[("x-goog-api-key", "AIza-attacker")]),
+                None,
+                "header x-goog-api-key",
+            ),
+            (h(&[]), Some("x=1&KEY=AIza-attacker"), "query parameter key"),
+        ] {
+            assert_eq!(
+                foreign_credential(r, &headers, query).as_deref(),
+                Some(what)
+            );
+        }
     }
 
     #[test]

@@ -26,14 +26,21 @@ const BLOCKED_V4: &[(Ipv4Addr, u8)] = &[
 ];
 
 /// IPv6 ranges blocked by default. IPv4-mapped addresses are checked as IPv4.
+/// The ranges that embed an IPv4 address in another form (IPv4-compatible,
+/// NAT64, 6to4) are blocked whole: none of them is needed to reach a public
+/// service, and each may carry a private IPv4 address to a host that
+/// translates it.
 const BLOCKED_V6: &[(Ipv6Addr, u8)] = &[
     (Ipv6Addr::UNSPECIFIED, 128),
     (Ipv6Addr::LOCALHOST, 128),
+    (Ipv6Addr::UNSPECIFIED, 96), // IPv4-compatible (deprecated): `::a.b.c.d`
     (Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96), // NAT64: may embed a private IPv4
-    (Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7),     // unique local (ULA)
-    (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),    // link-local
-    (Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 0), 10),    // site-local (deprecated)
-    (Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),     // multicast
+    (Ipv6Addr::new(0x64, 0xff9b, 1, 0, 0, 0, 0, 0), 48), // local-use NAT64 (RFC 8215)
+    (Ipv6Addr::new(0x2002, 0, 0, 0, 0, 0, 0, 0), 16), // 6to4: embeds an IPv4 in bits 16-47
+    (Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7), // unique local (ULA)
+    (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10), // link-local
+    (Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 0), 10), // site-local (deprecated)
+    (Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8), // multicast
 ];
 
 /// The blocked ranges as networks, for documentation and `policy ls`.
@@ -108,6 +115,14 @@ mod tests {
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
             "64:ff9b::a00:1",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "::8.8.8.8",
+            "64:ff9b:1::a00:1",
+            "64:ff9b:1:ffff::1",
+            "2002:a00:1::1",
+            "2002:7f00:1::",
+            "2002:808:808::1",
         ] {
             assert!(is_blocked(b.parse().unwrap()), "{b} should be blocked");
         }
@@ -119,6 +134,9 @@ mod tests {
             "198.20.0.1",
             "2606:4700::1111",
             "::ffff:1.1.1.1",
+            "64:ff9b:2::1",
+            "2003::1",
+            "2001:db9::1",
         ] {
             assert!(
                 !is_blocked(ok.parse().unwrap()),

@@ -16,8 +16,9 @@
 //! After a name is allowed, the proxy resolves it on the host and calls
 //! `check` again with the addresses. An address in a [blocked range](is_blocked)
 //! (loopback, RFC 1918, link-local and the metadata address, CGNAT, the guest's
-//! fake-IP range 198.18.0.0/15, ULA, multicast, unspecified) is refused with
-//! reason `blocked-address` unless an allow rule with a CIDR target covers it,
+//! fake-IP range 198.18.0.0/15, ULA, multicast, unspecified, the IPv6 forms
+//! that embed an IPv4 address) or one of the host's own addresses
+//! ([`hostaddrs`]) is refused with reason `blocked-address` unless an allow rule with a CIDR target covers it,
 //! or the name was mapped to it by an [`AddHost`] override. A deny rule with a
 //! CIDR target denies names that resolve into it. Allow rules with a CIDR
 //! target never allow a *name* (the host resolves only names that a name rule
@@ -36,6 +37,7 @@ mod blocked;
 pub mod file;
 pub mod files;
 pub mod flow;
+pub mod hostaddrs;
 mod preset;
 mod target;
 
@@ -49,6 +51,7 @@ pub use blocked::{blocked_ranges, is_blocked};
 pub use file::{global_policy_path, PolicyError, PolicyFile, WorkspaceFile};
 pub use files::{FileRules, FilesSection, FlowSection, PatternError};
 pub use flow::{FlowLabels, Label, LabelSet, LabelStore};
+pub use hostaddrs::is_host_address;
 pub use preset::Preset;
 pub use target::{canonical, normalize_name, Host, HostPattern, Target, TargetError};
 
@@ -272,6 +275,18 @@ pub struct Decision {
     /// A reason code from [`reason`] (the proxy adds its own, e.g.
     /// `sni-mismatch`), optionally followed by `: detail`.
     pub reason: String,
+    /// On a decision that permits: may the connection carry bytes that are
+    /// neither HTTP nor TLS? False when a name rule without ` raw` allowed
+    /// it (the proxy then refuses such bytes, `raw-refused`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw: bool,
+    /// After `secret-read`, the host is open only because a workspace's
+    /// `.sandpen.toml` names it a trusted sink: it stays open only for a
+    /// connection the proxy intercepts (one that carries the user's own
+    /// credential, swapped in by the proxy). The user's own files name
+    /// sinks without this condition.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sink_if_intercepted: bool,
 }
 
 impl Decision {
@@ -280,6 +295,8 @@ impl Decision {
             verdict,
             rule,
             reason: reason.into(),
+            raw: false,
+            sink_if_intercepted: false,
         }
     }
 
@@ -318,8 +335,25 @@ impl fmt::Display for Decision {
             }
             Some(r) => write!(f, "{word}: {} ({r})", self.reason),
             None => write!(f, "{word}: {}", self.reason),
+        }?;
+        if self.sink_if_intercepted && self.permits() {
+            f.write_str(
+                "; after secret-read a trusted sink only through interception \
+                 (only the workspace's .sandpen.toml names it)",
+            )?;
         }
+        Ok(())
     }
+}
+
+/// One file's `[files]` and `[flow]`.
+#[derive(Debug, Clone)]
+struct Section {
+    path: PathBuf,
+    files: FilesSection,
+    flow: FlowSection,
+    /// From the user's own files (global, sandbox), not the workspace's.
+    users: bool,
 }
 
 /// The effective policy of one sandbox: global + sandbox + preset rules, the
@@ -331,7 +365,7 @@ pub struct Policy {
     rules: Vec<Rule>,
     add_hosts: Vec<AddHost>,
     /// `[files]` and `[flow]` of each file, in order (global, sandbox, workspace).
-    sections: Vec<(PathBuf, FilesSection, FlowSection)>,
+    sections: Vec<Section>,
     /// The sandbox's flow labels at the time the policy was built.
     labels: FlowLabels,
 }
@@ -352,7 +386,12 @@ impl Policy {
         let mut sections = Vec::new();
         for f in [global, sandbox].into_iter().flatten() {
             rules.extend(f.rules().iter().cloned());
-            sections.push((f.path().to_path_buf(), f.files().clone(), f.flow().clone()));
+            sections.push(Section {
+                path: f.path().to_path_buf(),
+                files: f.files().clone(),
+                flow: f.flow().clone(),
+                users: true,
+            });
         }
         rules.extend(preset.rules());
         Policy {
@@ -368,7 +407,12 @@ impl Policy {
     /// Add a workspace's `.sandpen.toml` (it only adds file and flow rules).
     pub fn with_workspace(mut self, ws: Option<WorkspaceFile>) -> Policy {
         if let Some(ws) = ws {
-            self.sections.push((ws.path, ws.files, ws.flow));
+            self.sections.push(Section {
+                path: ws.path,
+                files: ws.files,
+                flow: ws.flow,
+                users: false,
+            });
         }
         self
     }
@@ -390,7 +434,7 @@ impl Policy {
         let refs: Vec<_> = self
             .sections
             .iter()
-            .map(|(p, f, fl)| (p.as_path(), f, fl))
+            .map(|s| (s.path.as_path(), &s.files, &s.flow))
             .collect();
         files::compile(&refs)
     }
@@ -399,7 +443,16 @@ impl Policy {
     pub fn trusted_sinks(&self) -> impl Iterator<Item = &Target> {
         self.sections
             .iter()
-            .flat_map(|(_, _, f)| f.trusted_sinks.iter())
+            .flat_map(|s| s.flow.trusted_sinks.iter())
+    }
+
+    /// `flow.trusted_sinks` of the user's own files (global and sandbox),
+    /// not of the workspace's `.sandpen.toml`.
+    pub fn users_trusted_sinks(&self) -> impl Iterator<Item = &Target> {
+        self.sections
+            .iter()
+            .filter(|s| s.users)
+            .flat_map(|s| s.flow.trusted_sinks.iter())
     }
 
     /// Is `host` in `flow.trusted` (content from it does not set
@@ -410,7 +463,7 @@ impl Policy {
         };
         self.sections
             .iter()
-            .flat_map(|(_, _, f)| f.trusted.iter())
+            .flat_map(|s| s.flow.trusted.iter())
             .any(|t| t.matches_host(&host, port))
     }
 
@@ -450,14 +503,15 @@ impl Policy {
 
     /// Add `flow.trusted_sinks` (tests, embedding).
     pub fn with_trusted_sinks(mut self, sinks: Vec<Target>) -> Policy {
-        self.sections.push((
-            PathBuf::new(),
-            FilesSection::default(),
-            FlowSection {
+        self.sections.push(Section {
+            path: PathBuf::new(),
+            files: FilesSection::default(),
+            flow: FlowSection {
                 trusted_sinks: sinks,
                 ..Default::default()
             },
-        ));
+            users: true,
+        });
         self
     }
 
@@ -527,18 +581,29 @@ impl Policy {
                 .iter()
                 .find(|r| r.action == action && r.target.matches_host(&host, port))
         };
+        let allowing = find(Action::Allow);
         let mut decision = if let Some(r) = find(Action::Deny) {
             Decision::new(Verdict::Deny, Some(r.to_ref()), reason::DENIED_BY_RULE)
-        } else if let Some(r) = find(Action::Allow) {
+        } else if let Some(r) = allowing {
             Decision::new(Verdict::Allow, Some(r.to_ref()), reason::ALLOWED_BY_RULE)
         } else {
             Decision::deny(reason::NO_MATCHING_RULE)
         };
+        // Raw bytes: an address rule or a literal address carries any
+        // protocol; a name rule only with ` raw` (docs/egress.md).
+        decision.raw = matches!(host, Host::Ip(_))
+            || allowing.is_none_or(|r| r.target.allows_raw())
+            || decision.verdict != Verdict::Allow;
         // Flow: after a secret was read, only the trusted sinks stay open. It
         // narrows what the rules allow; it never allows anything itself.
         if decision.verdict == Verdict::Allow {
             if let Some(l) = self.labels.get(Label::SecretRead) {
-                if !self.trusted_sinks().any(|t| t.matches_host(&host, port)) {
+                let names = |t: &Target| t.matches_host(&host, port);
+                let users_sink = self.users_trusted_sinks().any(names);
+                if !users_sink && self.trusted_sinks().any(names) {
+                    // Named by the workspace only: see `sink_if_intercepted`.
+                    decision.sink_if_intercepted = true;
+                } else if !users_sink {
                     decision = Decision::new(
                         Verdict::Deny,
                         None,
@@ -583,9 +648,18 @@ impl Policy {
                 }
             }
             let permitted = covering(Action::Allow).is_some() || overrides.contains(&ip);
-            if is_blocked(ip) && !permitted {
-                // A safety check: learn mode does not waive it.
+            if permitted {
+                continue;
+            }
+            // Safety checks: learn mode does not waive them.
+            if is_blocked(ip) {
                 return Decision::deny(format!("{}: {ip}", reason::BLOCKED_ADDRESS));
+            }
+            if is_host_address(ip) {
+                return Decision::deny(format!(
+                    "{}: {ip} (the host's own)",
+                    reason::BLOCKED_ADDRESS
+                ));
             }
         }
         soften(decision)

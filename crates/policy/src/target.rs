@@ -10,6 +10,12 @@
 //! - `*.example.com` matches one or more labels below `example.com`
 //!   (`a.example.com`, `a.b.example.com`), never `example.com` itself;
 //! - `**` matches every name and every literal IP address.
+//!
+//! A name target may end in ` raw` (`db.example.org:5432 raw`): the
+//! connections it allows may carry bytes that are neither HTTP nor TLS. A
+//! connection allowed by a name target without it must speak HTTP (whose
+//! Host is checked) or TLS (whose SNI is checked), so that the name the
+//! policy allowed is the name the server sees (docs/egress.md).
 
 use std::fmt;
 use std::net::IpAddr;
@@ -28,12 +34,16 @@ pub enum HostPattern {
 }
 
 /// A rule target: `HOST[:PORT]`, `*.HOST[:PORT]`, `**[:PORT]`, `CIDR[:PORT]`,
-/// `IP[:PORT]`, or `[IPv6 or IPv6 CIDR]:PORT`.
+/// `IP[:PORT]`, or `[IPv6 or IPv6 CIDR]:PORT`; a name target may end in
+/// ` raw`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     Host {
         pattern: HostPattern,
         port: Option<u16>,
+        /// ` raw`: the connections may carry bytes that are neither HTTP
+        /// nor TLS.
+        raw: bool,
     },
     /// A literal address is stored as a /32 or /128 network.
     Net { net: IpNet, port: Option<u16> },
@@ -72,7 +82,11 @@ impl fmt::Display for Host {
 
 impl Host {
     /// Normalize a claimed host: a literal IP (IPv6 may be bracketed) or a DNS
-    /// name (lower-cased, trailing dot removed, labels checked).
+    /// name (lower-cased, trailing dot removed, labels checked). Every
+    /// spelling of an IPv4 address that the host's resolver would read as
+    /// one (`inet_aton`: `2130706433`, `0x7f.1`, `0177.0.0.1`, `10.0.0.2.`)
+    /// is that address, so address rules and blocked ranges see it as the
+    /// proxy will connect to it.
     pub fn parse(s: &str) -> Result<Host, TargetError> {
         let inner = s
             .strip_prefix('[')
@@ -81,8 +95,60 @@ impl Host {
         if let Ok(ip) = inner.parse::<IpAddr>() {
             return Ok(Host::Ip(ip));
         }
+        if let Some(v4) = inet_aton(s.strip_suffix('.').unwrap_or(s)) {
+            return Ok(Host::Ip(IpAddr::V4(v4)));
+        }
         normalize_name(s).map(Host::Name)
     }
+}
+
+/// The IPv4 address glibc's `inet_aton` (and so `getaddrinfo`) reads `s` as,
+/// if any: one to four parts separated by dots, each decimal, octal (`0`
+/// prefix) or hex (`0x`), the last filling the remaining bytes.
+pub fn inet_aton(s: &str) -> Option<std::net::Ipv4Addr> {
+    let parts: Vec<&str> = s.split('.').collect();
+    if parts.is_empty() || parts.len() > 4 {
+        return None;
+    }
+    let mut nums = Vec::with_capacity(parts.len());
+    for p in &parts {
+        let (digits, radix) = if let Some(h) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X"))
+        {
+            (h, 16)
+        } else if p.len() > 1 && p.starts_with('0') {
+            (&p[1..], 8)
+        } else {
+            (*p, 10)
+        };
+        if digits.is_empty() && radix != 16 {
+            return None;
+        }
+        // `0x` alone is 0 to inet_aton.
+        let n = if digits.is_empty() {
+            0
+        } else if digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+            u64::from_str_radix(digits, radix).ok()?
+        } else {
+            return None;
+        };
+        if n > u64::from(u32::MAX) {
+            return None;
+        }
+        nums.push(n as u32);
+    }
+    let (last, head) = nums.split_last()?;
+    if head.iter().any(|n| *n > 255) {
+        return None;
+    }
+    let room = 8 * (4 - head.len() as u32);
+    if room < 32 && u64::from(*last) >> room != 0 {
+        return None;
+    }
+    let mut v: u32 = 0;
+    for (i, n) in head.iter().enumerate() {
+        v |= n << (24 - 8 * i as u32);
+    }
+    Some(std::net::Ipv4Addr::from(v | last))
 }
 
 /// Lower-case a DNS name, drop one trailing dot and check its labels.
@@ -143,6 +209,31 @@ impl Target {
         if s.is_empty() {
             return Err(terr(input, "empty target"));
         }
+        let (s, raw) = match s.split_once(char::is_whitespace) {
+            None => (s, false),
+            Some((t, w)) if w.trim() == "raw" => (t, true),
+            Some((_, w)) => {
+                return Err(terr(
+                    input,
+                    format!(
+                        "unexpected `{}` after the target (the only word allowed there is `raw`)",
+                        w.trim()
+                    ),
+                ))
+            }
+        };
+        let target = Target::parse_bare(input, s)?;
+        match target {
+            Target::Host { pattern, port, .. } => Ok(Target::Host { pattern, port, raw }),
+            Target::Net { .. } if raw => Err(terr(
+                input,
+                "`raw` is for name targets: an address target allows any protocol already",
+            )),
+            net => Ok(net),
+        }
+    }
+
+    fn parse_bare(input: &str, s: &str) -> Result<Target, TargetError> {
         // `[v6 or v6/len]` with an optional `:port`.
         if let Some(rest) = s.strip_prefix('[') {
             let Some((inside, after)) = rest.split_once(']') else {
@@ -180,6 +271,13 @@ impl Target {
         if let Some(net) = parse_net(input, host) {
             return Ok(Target::Net { net: net?, port });
         }
+        // `10.0.0.2.`, `0x0a000002`: the address the resolver would read.
+        if let Some(v4) = inet_aton(host.strip_suffix('.').unwrap_or(host)) {
+            return Ok(Target::Net {
+                net: IpNet::from(IpAddr::V4(v4)),
+                port,
+            });
+        }
         let pattern = if host == "**" {
             HostPattern::Any
         } else if let Some(suffix) = host.strip_prefix("*.") {
@@ -192,7 +290,20 @@ impl Target {
         } else {
             HostPattern::Exact(normalize_name(host).map_err(|e| terr(input, e.why))?)
         };
-        Ok(Target::Host { pattern, port })
+        Ok(Target::Host {
+            pattern,
+            port,
+            raw: false,
+        })
+    }
+
+    /// May the connections this target allows carry bytes that are neither
+    /// HTTP nor TLS? Address targets: yes; name targets: with ` raw`.
+    pub fn allows_raw(&self) -> bool {
+        match self {
+            Target::Host { raw, .. } => *raw,
+            Target::Net { .. } => true,
+        }
     }
 
     /// The port this target is limited to, if any.
@@ -259,7 +370,7 @@ impl fmt::Display for Target {
     /// The canonical text form; `Target::parse` of it gives the same target.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Host { pattern, port } => {
+            Target::Host { pattern, port, raw } => {
                 match pattern {
                     HostPattern::Exact(n) => f.write_str(n)?,
                     HostPattern::Subdomains(s) => write!(f, "*.{s}")?,
@@ -267,6 +378,9 @@ impl fmt::Display for Target {
                 }
                 if let Some(p) = port {
                     write!(f, ":{p}")?;
+                }
+                if *raw {
+                    f.write_str(" raw")?;
                 }
                 Ok(())
             }
@@ -360,9 +474,61 @@ mod tests {
             "a..b",
             "ünïcode.example",
             "x.*.example.com",
+            "db.example.org:5432 tcp",
+            "db.example.org raw raw",
+            "10.0.0.0/8 raw",
         ] {
             assert!(Target::parse(bad).is_err(), "{bad:?} should not parse");
         }
+    }
+
+    #[test]
+    fn raw_is_a_word_after_a_name_target() {
+        assert!(t("db.example.org:5432 raw").allows_raw());
+        assert!(t("  db.example.org:5432   raw ").allows_raw());
+        assert!(!t("db.example.org:5432").allows_raw());
+        assert!(t("10.0.0.0/8:5432").allows_raw());
+        assert!(t("db.example.org:5432 raw").matches_host(&name("db.example.org"), 5432));
+        assert_ne!(t("db.example.org raw"), t("db.example.org"));
+    }
+
+    #[test]
+    fn every_spelling_of_an_ipv4_address_is_that_address() {
+        let lo = Host::Ip("127.0.0.1".parse().unwrap());
+        for s in [
+            "127.0.0.1",
+            "127.0.0.1.",
+            "2130706433",
+            "0x7f000001",
+            "0X7F000001",
+            "017700000001",
+            "0177.0.0.1",
+            "0x7f.0.0.1",
+            "0x7f.1",
+            "127.1",
+            "127.0.1",
+        ] {
+            assert_eq!(Host::parse(s).unwrap(), lo, "{s}");
+        }
+        for name in [
+            "1.2.3.4.5",
+            "256.1.1.1",
+            "0x.y",
+            "08.1.1.1",
+            "1e3",
+            "a.b",
+            "1..2",
+            "4294967296",
+        ] {
+            assert!(!matches!(Host::parse(name), Ok(Host::Ip(_))), "{name}");
+        }
+        assert_eq!(
+            Host::parse("0x").unwrap(),
+            Host::Ip("0.0.0.0".parse().unwrap())
+        );
+        // As a target: an address, which prints and parses back the same.
+        assert_eq!(t("10.0.0.2."), t("10.0.0.2"));
+        assert_eq!(t("0x0a000002:22").to_string(), "10.0.0.2:22");
     }
 
     #[test]
@@ -376,6 +542,8 @@ mod tests {
             "10.1.2.3:22",
             "::1",
             "[2001:db8::/32]:443",
+            "db.example.org:5432 raw",
+            "** raw",
         ] {
             assert_eq!(t(s).to_string(), s);
             assert_eq!(t(&t(s).to_string()), t(s));

@@ -594,3 +594,96 @@ fn after_secret_read_only_trusted_sinks_stay_open() {
         reason::NO_MATCHING_RULE
     );
 }
+
+#[test]
+fn ipv6_forms_embedding_ipv4_are_blocked_by_literal_and_by_name() {
+    let p = policy("preset = \"allow-all\"", "");
+    for bad in [
+        "::127.0.0.1",
+        "::a00:1",
+        "::8.8.8.8",
+        "64:ff9b:1::a00:1",
+        "2002:a00:1::1",
+        "2002:7f00:1::1",
+    ] {
+        let literal = p.check(bad, 443, None);
+        assert_eq!(literal.reason_code(), reason::BLOCKED_ADDRESS, "{bad}");
+        let named = p.check("api.example", 443, Some(&ips(&[bad])));
+        assert_eq!(named.verdict, Verdict::Deny, "{bad}");
+        assert_eq!(named.reason_code(), reason::BLOCKED_ADDRESS, "{bad}");
+        // Learn mode does not waive it.
+        let learn = p.clone().with_mode(Mode::Learn);
+        assert_eq!(learn.check(bad, 443, None).verdict, Verdict::Deny, "{bad}");
+    }
+    // An address rule lifts it, as for every blocked range.
+    let p = policy(
+        "preset = \"allow-all\"\n[[network]]\naction = \"allow\"\ntarget = \"2002::/16\"\n",
+        "",
+    );
+    assert_eq!(p.check("2002:a00:1::1", 443, None).verdict, Verdict::Allow);
+}
+
+#[test]
+fn the_hosts_own_addresses_are_blocked_unless_named() {
+    // Every address on the host's interfaces, whatever its range: the
+    // loopback one is always there; others (a public address) when present.
+    let own = hostaddrs::host_addresses();
+    assert!(!own.is_empty());
+    let p = policy("preset = \"allow-all\"", "");
+    for ip in &own {
+        let text = ip.to_string();
+        let literal = p.check(&text, 8080, None);
+        assert_eq!(literal.verdict, Verdict::Deny, "{ip}");
+        assert_eq!(literal.reason_code(), reason::BLOCKED_ADDRESS, "{ip}");
+        let named = p.check("api.example", 8080, Some(&[*ip]));
+        assert_eq!(named.reason_code(), reason::BLOCKED_ADDRESS, "{ip}");
+        if !is_blocked(*ip) {
+            assert!(named.reason.ends_with("(the host's own)"), "{named:?}");
+        }
+        // `--add-host` for a name is permission for that name.
+        let mapped = p
+            .clone()
+            .with_add_hosts([AddHost::parse(&format!("svc.test:[{ip}]")).unwrap()]);
+        assert_eq!(
+            mapped.check("svc.test", 8080, Some(&[*ip])).verdict,
+            Verdict::Allow,
+            "{ip}"
+        );
+    }
+}
+
+#[test]
+fn raw_bytes_need_a_raw_name_rule() {
+    let p = policy(
+        "[[network]]\naction = \"allow\"\ntarget = \"web.example\"\n\
+         [[network]]\naction = \"allow\"\ntarget = \"db.example:5432 raw\"\n\
+         [[network]]\naction = \"allow\"\ntarget = \"203.0.113.0/24\"\n",
+        "",
+    );
+    assert!(!p.check("web.example", 5432, None).raw);
+    assert!(p.check("db.example", 5432, None).raw);
+    assert!(p.check("203.0.113.9", 5432, None).raw);
+    let rules = p.rules();
+    assert_eq!(rules[1].target.to_string(), "db.example:5432 raw");
+}
+
+#[test]
+fn a_workspace_sink_counts_only_when_intercepted() {
+    let ws = WorkspaceFile::parse(
+        "[flow]\ntrusted_sinks = [\"api.anthropic.com\"]\n",
+        Path::new("/w/.sandpen.toml"),
+    )
+    .unwrap();
+    let p = policy(
+        "[[network]]\naction = \"allow\"\ntarget = \"api.anthropic.com\"\n",
+        "",
+    )
+    .with_workspace(Some(ws))
+    .with_labels(secret_read());
+    let d = p.check("api.anthropic.com", 443, None);
+    assert_eq!(d.verdict, Verdict::Allow);
+    assert!(d.sink_if_intercepted);
+    // The same sink in the user's own file needs nothing more.
+    let p = p.with_trusted_sinks(vec![Target::parse("api.anthropic.com").unwrap()]);
+    assert!(!p.check("api.anthropic.com", 443, None).sink_if_intercepted);
+}

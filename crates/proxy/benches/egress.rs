@@ -16,9 +16,11 @@
 //!
 //! Environment: `BENCH_GIB` (default 1), `BENCH_SECS` (rate run, default 5),
 //! `BENCH_BUF` (relay buffer bytes in the proxy), `BENCH_ONLY` (a comma list
-//! of `throughput,rate,latency,idle`), `BENCH_CONN` (`close` or `keep-alive`:
+//! of `throughput,rate,latency,idle,checks`), `BENCH_CONN` (`close` or `keep-alive`:
 //! only that connection mode for requests), `BENCH_LAT_N` (sequential requests
-//! per latency figure, default 2000).
+//! per latency figure, default 2000), `BENCH_REFRESH` (set: the proxy
+//! runs a refresh hook that `stat`s three files before every decision and
+//! every chunk sent up, as the supervisor's policy watch does).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -109,6 +111,28 @@ fn run_proxy_process(log_dir: String) -> Res<()> {
         cfg.splice = std::env::var_os("BENCH_COPY").is_none();
         let audit = AuditLog::open(Path::new(&log_dir).join("net.jsonl"))?;
         let proxy = Proxy::new(cfg, policy, audit);
+        if std::env::var_os("BENCH_REFRESH").is_some() {
+            // The supervisor's policy watch when nothing changed: a `stat`
+            // of each policy file and of the labels before every decision
+            // and every chunk sent up.
+            let files: Vec<PathBuf> = ["global.toml", "sandbox.toml", "flow.json"]
+                .iter()
+                .map(|n| Path::new(&log_dir).join(n))
+                .collect();
+            for f in &files {
+                std::fs::write(f, "")?;
+            }
+            let stamps: Vec<_> = files
+                .iter()
+                .map(|f| std::fs::metadata(f).and_then(|m| m.modified()).ok())
+                .collect();
+            proxy.set_refresh(Some(Arc::new(move |_p: &Proxy| {
+                for (f, was) in files.iter().zip(&stamps) {
+                    let now = std::fs::metadata(f).and_then(|m| m.modified()).ok();
+                    assert_eq!(&now, was, "a bench policy file changed");
+                }
+            })));
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         println!("{}", listener.local_addr()?);
         sandpen_proxy::serve_http_proxy(proxy, listener).await?;
@@ -684,6 +708,82 @@ async fn idle_tunnels(subject: &Subject, echo: SocketAddr, n: usize) -> Res<(f64
     ))
 }
 
+// ------------------------------------------------------------ the checks
+
+/// What the checks on every byte cost, each alone, in this process: the
+/// refresh hook the supervisor runs before every decision and every chunk
+/// sent up (three `stat`s when nothing changed), the first-bytes
+/// classifier, and the policy's decision on a name and its address (what a
+/// live check does when the policy did change). Minimum of five rounds, so
+/// that the other load on the machine counts as little as it can.
+fn check_costs() -> Res<()> {
+    use std::hint::black_box;
+    let dir = std::env::temp_dir().join(format!("sandpen-bench-checks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let files: Vec<PathBuf> = ["global.toml", "sandbox.toml", "flow.json"]
+        .iter()
+        .map(|n| dir.join(n))
+        .collect();
+    for f in &files {
+        std::fs::write(f, "")?;
+    }
+    let policy = Policy::from_rules(
+        Mode::Enforce,
+        Preset::DenyAll,
+        vec![Rule {
+            id: 1,
+            scope: Scope::Global,
+            action: sandpen_policy::Action::Allow,
+            target: Target::parse("origin.test")?,
+            source: RuleSource::File {
+                path: "bench".into(),
+                line: 1,
+            },
+        }],
+    )
+    .with_add_hosts([AddHost::parse("origin.test:127.0.0.1")?]);
+    let addrs = ["127.0.0.1".parse()?];
+    let head = b"GET http://origin.test/x HTTP/1.1\r\nHost: origin.test\r\n\r\n";
+    let time = |n: u32, f: &mut dyn FnMut()| {
+        (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..n {
+                    f();
+                }
+                t.elapsed().as_nanos() as f64 / f64::from(n)
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let refresh = time(20_000, &mut || {
+        for f in &files {
+            let _ = black_box(std::fs::metadata(black_box(f)).and_then(|m| m.modified()));
+        }
+    });
+    let classify = time(200_000, &mut || {
+        black_box(sandpen_proxy::http::classify(black_box(head)));
+    });
+    let decide = time(200_000, &mut || {
+        black_box(policy.check(black_box("origin.test"), 80, None));
+        black_box(policy.check(black_box("origin.test"), 80, Some(&addrs)));
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    println!("\n## What the checks cost, each alone (min of 5 rounds)");
+    println!(
+        "  refresh hook (3 stats, nothing changed)  {:8.0} ns  per decision and per chunk sent up",
+        refresh
+    );
+    println!(
+        "  first-bytes classifier (request line)    {:8.0} ns  per connection",
+        classify
+    );
+    println!(
+        "  policy decision, name + address          {:8.0} ns  per live check after a change",
+        decide
+    );
+    Ok(())
+}
+
 // ------------------------------------------------------------ the run
 
 async fn bench() -> Res<()> {
@@ -698,6 +798,9 @@ async fn bench() -> Res<()> {
     let bytes = (gib * 1024.0 * 1024.0 * 1024.0) as u64;
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let run = |what: &str| only.is_empty() || only.split(',').any(|w| w == what);
+    if run("checks") {
+        check_costs()?;
+    }
 
     let sink = sink_server().await?;
     let origin_process = Helper::start("__origin")?;

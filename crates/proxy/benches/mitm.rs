@@ -38,11 +38,16 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-struct Source;
+/// The built-in routes, served on the mock upstream's port.
+struct Source {
+    port: u16,
+}
 
 impl CredentialSource for Source {
     fn route_for(&self, host: &str) -> Option<Route> {
-        sandpen_credentials::route_for(host).cloned()
+        let mut r = sandpen_credentials::route_for(host).cloned()?;
+        r.port = self.port;
+        Some(r)
     }
     fn secret(&self, _service: &str) -> Result<Option<Found>, String> {
         Ok(Some(Found {
@@ -138,7 +143,9 @@ fn main() -> Res<()> {
     proxy.set_mitm(Some(Mitm::new(
         ca.clone(),
         upstream_tls(&[up_ca_path])?,
-        Arc::new(Source),
+        Arc::new(Source {
+            port: upstream_addr.port(),
+        }),
     )));
     let proxy_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     let proxy_addr = proxy_listener.local_addr()?;

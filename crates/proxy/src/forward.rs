@@ -51,7 +51,7 @@ use crate::exchange::{
 use crate::relay::Activity;
 use crate::upstream::Upstream;
 use crate::{
-    decide, http as h1, take_refusal, truncate, Checked, LiveCheck, Proxy, POLICY_CHANGED,
+    decide, http as h1, narrow, take_refusal, truncate, Checked, LiveCheck, Proxy, POLICY_CHANGED,
 };
 
 /// Largest request head (hyper's read buffer; it cannot be smaller than
@@ -307,13 +307,16 @@ impl Session {
         let origin: Uri = origin
             .parse()
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {e}")))?;
-        let (checked, by) = self.decide(&host, port).await;
+        let (mut checked, by) = self.decide(&host, port).await;
+        let by_policy = checked.decision.permits();
+        // Plain HTTP is never intercepted.
+        checked.decision = narrow(&by, checked.decision, &host, false, false);
         rec.set_decision(&checked.decision);
         if !checked.decision.permits() {
             let reason = match &self.bound {
                 // The connection was allowed when it opened.
-                Some(_) => format!("{POLICY_CHANGED}: {}", checked.decision.reason),
-                None => checked.decision.reason,
+                Some(_) if !by_policy => format!("{POLICY_CHANGED}: {}", checked.decision.reason),
+                _ => checked.decision.reason,
             };
             return Err(Refusal {
                 status: StatusCode::FORBIDDEN,

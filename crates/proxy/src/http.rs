@@ -28,24 +28,63 @@ pub enum HeadError {
     Bad(String),
 }
 
-/// Could these first bytes be an HTTP/1 request line (`TOKEN SP`)? Leading
-/// empty lines count as HTTP too: servers skip them (RFC 9112 §2.2), so they
-/// must not turn a request into unchecked raw bytes.
-pub fn looks_like_http(first: &[u8]) -> bool {
-    if matches!(first.first(), Some(b'\r' | b'\n')) {
-        return true;
+/// What a connection's first bytes are, for the Host and SNI checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstBytes {
+    /// A TLS record (`0x16`): the ClientHello's SNI is checked.
+    Tls,
+    /// A line `TOKEN SP ... HTTP/` (any case, after any blank lines): served
+    /// as HTTP, so its Host is checked; what hyper cannot parse is refused.
+    Http,
+    /// Neither TLS nor a request line: raw bytes.
+    Other,
+    /// A prefix of what could still become a request line (`G`, `GET / HT`):
+    /// more bytes are needed to tell.
+    Undecided,
+}
+
+/// Classify a connection's first bytes. A request line is recognized
+/// whatever its case and however it was split: anything that could still
+/// become one is [`FirstBytes::Undecided`] until its line ends, so no
+/// request can reach a server as raw bytes past the Host check (servers skip
+/// blank lines before a request, RFC 9112 §2.2, and some take lower-case
+/// methods).
+pub fn classify(first: &[u8]) -> FirstBytes {
+    let Some(&b0) = first.first() else {
+        return FirstBytes::Undecided;
+    };
+    if b0 == crate::tls::CONTENT_HANDSHAKE {
+        return FirstBytes::Tls;
     }
-    let token_len = first
+    let Some(start) = first
         .iter()
-        .take_while(|b| b.is_ascii_uppercase() || **b == b'-' || **b == b'_')
-        .count();
-    token_len > 0
-        && token_len <= 20
-        && match first.get(token_len) {
-            Some(b' ') => true,
-            None => true, // still arriving
-            Some(_) => false,
-        }
+        .position(|b| !matches!(b, b'\r' | b'\n' | b' ' | b'\t'))
+    else {
+        return FirstBytes::Undecided;
+    };
+    let rest = &first[start..];
+    let token = rest.iter().take_while(|b| is_tchar(**b)).count();
+    if token == rest.len() {
+        return FirstBytes::Undecided;
+    }
+    if token == 0 || !matches!(rest[token], b' ' | b'\t') {
+        return FirstBytes::Other;
+    }
+    let line = &rest[token..];
+    let Some(end) = line.iter().position(|b| *b == b'\n') else {
+        return FirstBytes::Undecided;
+    };
+    let line = &line[..end];
+    if line.windows(5).any(|w| w.eq_ignore_ascii_case(b"http/")) {
+        FirstBytes::Http
+    } else {
+        FirstBytes::Other
+    }
+}
+
+/// A byte of an HTTP token (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 impl RequestHead {
@@ -199,12 +238,33 @@ mod tests {
 
     #[test]
     fn http_detection_and_authority() {
-        assert!(looks_like_http(b"GET / HTTP/1.1"));
-        assert!(looks_like_http(b"PO"));
-        assert!(!looks_like_http(b"\x16\x03\x01"));
-        assert!(!looks_like_http(b"SSH-2.0-OpenSSH"));
-        assert!(!looks_like_http(b"get / HTTP/1.1"));
-        assert!(looks_like_http(b"\r\nGET / HTTP/1.1"));
+        use FirstBytes::*;
+        for (bytes, want) in [
+            (&b"GET / HTTP/1.1\r\n"[..], Http),
+            (b"get / http/1.1\r\n", Http),
+            (b"\r\n\r\nGET / HTTP/1.1\n", Http),
+            (b"  Get\t/ HTTP/1.0\r\n", Http),
+            (b"X-CUSTOM-METHOD-THAT-IS-LONG /x HTTP/1.1\r\n", Http),
+            (b"", Undecided),
+            (b"G", Undecided),
+            (b"\r\n", Undecided),
+            (b"GET / HT", Undecided),
+            (b"get /", Undecided),
+            (b"\x16\x03\x01", Tls),
+            (b"SSH-2.0-OpenSSH\r\n", Other),
+            (b"\x00\x00\x00\x08\x04\xd2\x16\x2f", Other),
+            (b"*1\r\n$4\r\nPING\r\n", Other),
+            (b"PING\r\n", Other),
+            (b"SET k v\r\n", Other),
+            (b"\x00GET / HTTP/1.1\r\n", Other),
+        ] {
+            assert_eq!(
+                classify(bytes),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        }
         // A request behind empty lines is still parsed, so its Host is checked.
         match RequestHead::parse(b"\r\nGET / HTTP/1.1\r\nHost: evil.example\r\n\r\n") {
             Ok(head) => assert!(head

@@ -11,21 +11,26 @@
 //!    (blocked ranges). `sandpen policy check` calls the same function;
 //! 3. reads the client's first bytes (bounded in size and time): a TLS
 //!    ClientHello's SNI must equal the claimed name (`sni-mismatch`); a plain
-//!    HTTP request's Host must equal it (`host-mismatch`); other bytes are
-//!    raw TCP, decided on the name;
+//!    HTTP request's Host must equal it (`host-mismatch`), a request line
+//!    being recognized in any case and however split (`http::classify`);
+//!    other bytes are raw TCP, which a name rule must allow with ` raw`
+//!    (`raw-refused`);
 //! 4. connects to exactly an address that was checked, forwards the peeked
-//!    bytes and relays byte for byte (a bidirectional copy with adaptive
-//!    buffers, see `relay`; from a TCP socket to a TCP socket, as in
-//!    standalone mode, with `splice(2)` instead, see `splice`);
+//!    bytes once they pass the live check (the policy and labels in force
+//!    when they leave decide them, see [`LiveCheck`]) and relays byte for
+//!    byte, every chunk checked the same way (a bidirectional copy with
+//!    adaptive buffers, see `relay`; from a TCP socket to a TCP socket, as
+//!    in standalone mode, with `splice(2)` instead, see `splice`);
 //! 5. writes one audit record ([`ConnectionReport`]) and returns it (plain
 //!    HTTP: one per request).
 //!
 //! Plain HTTP is served request by request, each checked and logged, with
 //! connections kept alive both ways and upstream connections shared by the
 //! sandbox's guest connections (see `forward` and `upstream`).
-//! Server-first protocols (SMTP, MySQL) work on ports other than 80 and 443:
-//! when the client has said nothing after [`ProxyConfig::server_first_after`],
-//! the proxy connects and relays raw bytes, decided on the name alone.
+//! Server-first protocols (SMTP, MySQL) work on ports other than 80 and 443
+//! under a ` raw` rule: when the client has said nothing after
+//! [`ProxyConfig::server_first_after`], the proxy connects and relays raw
+//! bytes; the client's first bytes are still told apart and checked.
 
 pub mod audit;
 mod exchange;
@@ -52,7 +57,7 @@ use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
 pub use audit::{read_log, AuditError, AuditLog, ConnectionReport, LogFilter};
-use http::{HeadError, RequestHead};
+use http::{FirstBytes, HeadError, RequestHead};
 use mitm::Mitm;
 use relay::{Activity, Dir, Tracked};
 use tls::Hello;
@@ -226,6 +231,10 @@ pub(crate) struct LiveCheck {
     decided_with: Arc<Policy>,
     /// The decision that cut the connection, for its record.
     cut: Arc<Mutex<Option<Decision>>>,
+    /// The proxy swaps the user's credential in (see [`narrow`]).
+    intercepted: bool,
+    /// The connection carries bytes that are neither HTTP nor TLS.
+    raw: bool,
 }
 
 impl LiveCheck {
@@ -244,7 +253,22 @@ impl LiveCheck {
             addrs: addrs.to_vec(),
             decided_with,
             cut,
+            intercepted: false,
+            raw: false,
         }
+    }
+
+    /// The connection is intercepted: a trusted sink named only by the
+    /// workspace stays open for it.
+    pub(crate) fn intercepted(mut self) -> Self {
+        self.intercepted = true;
+        self
+    }
+
+    /// The connection carries raw bytes: a name rule must say ` raw`.
+    pub(crate) fn carrying_raw(mut self, raw: bool) -> Self {
+        self.raw = raw;
+        self
     }
 
     /// The addresses the connection may use.
@@ -268,6 +292,7 @@ impl LiveCheck {
         if d.permits() {
             d = now.check(&self.host, self.port, Some(&self.addrs));
         }
+        let d = narrow(&now, d, &self.host, self.intercepted, self.raw);
         self.decided_with = now;
         if d.verdict == Verdict::WouldDeny {
             // Learn mode lets it go on; the connection's record notes it.
@@ -286,6 +311,56 @@ impl LiveCheck {
         Err(reason)
     }
 }
+
+/// What a permitting decision still requires of the connection, now that
+/// the proxy knows what it carries (docs/egress.md):
+///
+/// - raw bytes (neither HTTP nor TLS) need an address rule or a name rule
+///   that says ` raw` (`raw-refused`, in every mode: like the Host check, it
+///   keeps the name the policy allowed the name the server sees);
+/// - after `secret-read`, a trusted sink that only the workspace names stays
+///   open only for an intercepted connection, which carries the user's own
+///   credential (`flow`, `would-deny` in learn mode).
+pub(crate) fn narrow(
+    policy: &Policy,
+    d: Decision,
+    host: &str,
+    intercepted: bool,
+    raw: bool,
+) -> Decision {
+    if d.verdict != Verdict::Allow {
+        return d;
+    }
+    if raw && !d.raw {
+        return Decision::new(
+            Verdict::Deny,
+            d.rule,
+            format!("{RAW_REFUSED}: neither HTTP nor TLS; a rule allowing the name must say `raw`"),
+        );
+    }
+    if d.sink_if_intercepted && !intercepted {
+        let verdict = if policy.mode() == sandpen_policy::Mode::Learn {
+            Verdict::WouldDeny
+        } else {
+            Verdict::Deny
+        };
+        return Decision::new(
+            verdict,
+            d.rule,
+            format!(
+                "{}: after secret-read {} is a trusted sink only through interception \
+                 (only the workspace's .sandpen.toml names it)",
+                sandpen_policy::reason::FLOW,
+                truncate(host)
+            ),
+        );
+    }
+    d
+}
+
+/// Reason code of raw bytes on a connection a name rule without ` raw`
+/// allowed.
+pub(crate) const RAW_REFUSED: &str = "raw-refused";
 
 /// The refusing decision in a [`LiveCheck`]'s cut slot, if it holds one. A
 /// learn-mode `would-deny` stays there: it cut nothing, and the
@@ -636,6 +711,9 @@ impl Conn<'_> {
                 })?;
             self.rec.host = host.clone();
             self.rec.port = port;
+            // The policy in force now: the CONNECT may come long after the
+            // stream opened (after a `secret-read`).
+            self.policy = self.proxy.current_policy();
             let addrs = self.decide(&host, port).await?;
             write_all_by(
                 client,
@@ -728,90 +806,108 @@ impl Conn<'_> {
                     return Err(Stop::Deny(None, "handshake-timeout".into()))
                 }
                 Err(_) => {
-                    // A server-first protocol (SMTP, MySQL): connect now.
+                    // A server-first protocol (SMTP, MySQL): raw bytes.
                     self.rec.proto = Some("tcp".into());
+                    self.carries(host, false, true)?;
                     return self.server_first_relay(client, host, addrs).await;
                 }
             }
         }
 
-        if tls::looks_like_tls(&first) {
-            self.rec.proto = Some("tls".into());
-            let sni = loop {
-                match tls::parse_client_hello(&first) {
-                    Hello::Complete(sni) => break sni,
-                    Hello::Malformed(why) => {
-                        return Err(Stop::Deny(None, format!("bad-client-hello: {why}")))
-                    }
-                    Hello::Incomplete => {
-                        read_more(client, &mut first, tls::MAX_HELLO, deadline)
-                            .await
-                            .map_err(|e| {
-                                if e.starts_with("client-") {
-                                    Stop::End(e)
-                                } else {
-                                    Stop::Deny(None, e)
-                                }
-                            })?;
-                    }
+        match classify_first(client, &mut first, deadline).await? {
+            FirstBytes::Tls => {}
+            FirstBytes::Http => {
+                // Each request is narrowed (and refused with a page of its
+                // own) in `forward`.
+                let bound = forward::Bound {
+                    host: host.to_string(),
+                    port,
+                    checked: Checked {
+                        decision: self
+                            .decision
+                            .clone()
+                            .unwrap_or_else(|| Decision::deny("internal: no decision")),
+                        addrs: addrs.to_vec(),
+                    },
+                };
+                return self.plain_http(client, first, Some(bound)).await;
+            }
+            FirstBytes::Other | FirstBytes::Undecided => {
+                self.rec.proto = Some("tcp".into());
+                self.carries(host, false, true)?;
+                return self.relay(client, first, addrs, true).await;
+            }
+        }
+
+        self.rec.proto = Some("tls".into());
+        let sni = loop {
+            match tls::parse_client_hello(&first) {
+                Hello::Complete(sni) => break sni,
+                Hello::Malformed(why) => {
+                    return Err(Stop::Deny(None, format!("bad-client-hello: {why}")))
                 }
-            };
-            if let Some(sni) = sni {
-                self.rec.sni = Some(truncate(&sni));
-                if !http::same_host(&sni, host) {
-                    return Err(Stop::Deny(
-                        None,
-                        format!("sni-mismatch: SNI {} for {host}", truncate(&sni)),
-                    ));
+                Hello::Incomplete => {
+                    read_more(client, &mut first, tls::MAX_HELLO, deadline)
+                        .await
+                        .map_err(handshake_stop)?;
                 }
             }
-            if let Some(m) = self.proxy.mitm() {
-                // The store may be a file or a D-Bus call: off the async thread.
-                let claimed = host.to_string();
-                // Bounded: a keyring that hangs (a prompt nobody answers)
-                // fails this connection closed instead of holding it.
-                let lookup = tokio::task::spawn_blocking(move || m.plan(&claimed));
-                let plan = match tokio::time::timeout(self.cfg().handshake_timeout, lookup).await {
-                    Ok(Ok(plan)) => plan,
-                    Ok(Err(e)) => Err(format!("lookup failed: {e}")),
-                    Err(_) => Err("lookup timed out".to_string()),
-                };
-                match plan {
-                    Err(e) => return Err(Stop::Deny(None, format!("credential-store: {e}"))),
-                    Ok(Some(plan)) => {
-                        self.rec.proto = Some("tls-mitm".into());
-                        self.rec.credential = Some(plan.label());
-                        let rec = self.rec.clone();
-                        let live = self.live_check(addrs);
-                        return mitm::intercept(
-                            self.proxy, plan, client, first, &rec, self.act, live,
-                        )
+        };
+        if let Some(sni) = sni {
+            self.rec.sni = Some(truncate(&sni));
+            if !http::same_host(&sni, host) {
+                return Err(Stop::Deny(
+                    None,
+                    format!("sni-mismatch: SNI {} for {host}", truncate(&sni)),
+                ));
+            }
+        }
+        if let Some(m) = self.proxy.mitm() {
+            // The store may be a file or a D-Bus call: off the async thread.
+            let claimed = host.to_string();
+            // Bounded: a keyring that hangs (a prompt nobody answers)
+            // fails this connection closed instead of holding it.
+            let lookup = tokio::task::spawn_blocking(move || m.plan(&claimed, port));
+            let plan = match tokio::time::timeout(self.cfg().handshake_timeout, lookup).await {
+                Ok(Ok(plan)) => plan,
+                Ok(Err(e)) => Err(format!("lookup failed: {e}")),
+                Err(_) => Err("lookup timed out".to_string()),
+            };
+            match plan {
+                Err(e) => return Err(Stop::Deny(None, format!("credential-store: {e}"))),
+                Ok(Some(plan)) => {
+                    self.carries(host, true, false)?;
+                    self.rec.proto = Some("tls-mitm".into());
+                    self.rec.credential = Some(plan.label());
+                    let rec = self.rec.clone();
+                    let live = self.live_check(addrs).intercepted();
+                    return mitm::intercept(self.proxy, plan, client, first, &rec, self.act, live)
                         .await
                         .map_err(Stop::End);
-                    }
-                    Ok(None) => {}
                 }
+                Ok(None) => {}
             }
-            return self.relay(client, first, addrs).await;
         }
+        self.carries(host, false, false)?;
+        self.relay(client, first, addrs, false).await
+    }
 
-        if http::looks_like_http(&first) {
-            let bound = forward::Bound {
-                host: host.to_string(),
-                port,
-                checked: Checked {
-                    decision: self
-                        .decision
-                        .clone()
-                        .unwrap_or_else(|| Decision::deny("internal: no decision")),
-                    addrs: addrs.to_vec(),
-                },
-            };
-            return self.plain_http(client, first, Some(bound)).await;
+    /// Narrow the connection's decision by what it carries (see
+    /// [`narrow`]); a refusal is recorded with its rule.
+    fn carries(&mut self, host: &str, intercepted: bool, raw: bool) -> Result<(), Stop> {
+        let Some(d) = self.decision.clone() else {
+            return Err(Stop::Deny(None, "internal: no decision".into()));
+        };
+        let d = narrow(&self.policy, d, host, intercepted, raw);
+        self.rec.set_decision(&d);
+        let permits = d.permits();
+        let reason = d.reason.clone();
+        self.decision = Some(d);
+        if permits {
+            Ok(())
+        } else {
+            Err(Stop::Deny(None, reason))
         }
-
-        self.rec.proto = Some("tcp".into());
-        self.relay(client, first, addrs).await
     }
 
     /// The check a live connection to `addrs` passes before each chunk it
@@ -845,18 +941,25 @@ impl Conn<'_> {
     }
 
     /// Connect, send the peeked bytes, then relay both ways until both sides
-    /// are done or the connection is idle too long.
+    /// are done or the connection is idle too long. The peeked bytes pass
+    /// the live check first, like every later chunk: the policy in force
+    /// when they leave is what decides them, not the one of the moment the
+    /// connection opened.
     async fn relay<S>(
         &mut self,
         client: &mut S,
         first: Vec<u8>,
         addrs: &[IpAddr],
+        raw: bool,
     ) -> Result<(), Stop>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
+        let mut live = self.live_check(addrs).carrying_raw(raw);
         let mut upstream = self.connect(addrs).await?;
         if !first.is_empty() {
+            // Right before they go (the connect took time).
+            live.check().map_err(|r| Stop::Deny(None, r))?;
             upstream
                 .write_all(&first)
                 .await
@@ -866,7 +969,6 @@ impl Conn<'_> {
         drop(first);
         let size = self.cfg().buffer_size;
         let idle = self.cfg().idle_timeout;
-        let live = self.live_check(addrs);
         // Standalone mode: a socket to a socket moves in the kernel.
         let socket = (client as &mut dyn Any).downcast_mut::<TcpStream>();
         if let Some(guest) = socket.filter(|_| self.cfg().splice) {
@@ -890,11 +992,12 @@ impl Conn<'_> {
     }
 
     /// Relay a connection whose client waited for the server to speak. The
-    /// client's first bytes are still checked when they come: a TLS
-    /// ClientHello must carry the claimed name (else a client could wait out
-    /// the first-bytes timer and then front another site), and an HTTP
-    /// request is refused (HTTP clients speak first; one that waits is
-    /// dodging the Host check).
+    /// client's first bytes are still checked when they come, within the
+    /// handshake timeout of the first of them: a TLS ClientHello must carry
+    /// the claimed name (else a client could wait out the first-bytes timer
+    /// and then front another site), an HTTP request is refused (HTTP
+    /// clients speak first; one that waits is dodging the Host check), and
+    /// they pass the live check before they go up, like every later chunk.
     async fn server_first_relay<S>(
         &mut self,
         client: &mut S,
@@ -904,8 +1007,9 @@ impl Conn<'_> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {
+        let mut live = self.live_check(addrs).carrying_raw(true);
+        live.check().map_err(|r| Stop::Deny(None, r))?;
         let mut upstream = self.connect(addrs).await?;
-        let live = self.live_check(addrs);
         let act = self.act;
         let size = self.cfg().buffer_size;
         let idle = self.cfg().idle_timeout;
@@ -913,19 +1017,23 @@ impl Conn<'_> {
         let (mut ur, mut uw) = upstream.split();
         let (mut cr, mut cw) = tokio::io::split(client);
         let up = async {
+            // Bounded by the idle timeout (below) until the first byte, and
+            // by the handshake timeout from it until the bytes are told apart.
             let mut first = Vec::with_capacity(2048);
             match cr.read_buf(&mut first).await {
                 Ok(0) => {
                     let _ = uw.shutdown().await;
                     return Ok(None);
                 }
-                Ok(n) => act.add_up(n),
+                Ok(_) => {}
                 Err(e) => return Err(Stop::End(format!("client-error: {e}"))),
             }
+            let deadline = Instant::now() + handshake;
+            let kind = classify_first(&mut cr, &mut first, deadline).await;
+            act.add_up(first.len());
             let mut sni = None;
-            if tls::looks_like_tls(&first) {
-                let deadline = Instant::now() + handshake;
-                loop {
+            match kind? {
+                FirstBytes::Tls => loop {
                     match tls::parse_client_hello(&first) {
                         Hello::Complete(s) => {
                             sni = s;
@@ -941,25 +1049,28 @@ impl Conn<'_> {
                             let before = first.len();
                             read_more(&mut cr, &mut first, tls::MAX_HELLO, deadline)
                                 .await
-                                .map_err(Stop::End)?;
+                                .map_err(handshake_stop)?;
                             act.add_up(first.len() - before);
                         }
                     }
+                },
+                FirstBytes::Http => {
+                    return Err(Stop::Deny(
+                        None,
+                        "bad-request: HTTP request after the server-first wait".into(),
+                    ))
                 }
-                if let Some(name) = &sni {
-                    if !http::same_host(name, host) {
-                        return Err(Stop::Deny(
-                            None,
-                            format!("sni-mismatch: SNI {} for {host}", truncate(name)),
-                        ));
-                    }
-                }
-            } else if http::looks_like_http(&first) && is_http_request_start(&first) {
-                return Err(Stop::Deny(
-                    None,
-                    "bad-request: HTTP request after the server-first wait".into(),
-                ));
+                FirstBytes::Other | FirstBytes::Undecided => {}
             }
+            if let Some(name) = &sni {
+                if !http::same_host(name, host) {
+                    return Err(Stop::Deny(
+                        None,
+                        format!("sni-mismatch: SNI {} for {host}", truncate(name)),
+                    ));
+                }
+            }
+            live.check().map_err(|r| Stop::Deny(None, r))?;
             uw.write_all(&first)
                 .await
                 .map_err(|e| Stop::End(format!("upstream-error: {e}")))?;
@@ -996,15 +1107,36 @@ impl Conn<'_> {
     }
 }
 
-/// Does `buf` start like an HTTP/1 request line (`METHOD TARGET HTTP/1.`)?
-fn is_http_request_start(buf: &[u8]) -> bool {
-    let line_end = buf
-        .windows(2)
-        .position(|w| w == b"\r\n")
-        .unwrap_or(buf.len());
-    buf[..line_end]
-        .windows(7)
-        .any(|w| w == b" HTTP/1" || w == b" HTTP/2")
+/// Read into `first` until [`http::classify`] can tell what it is, within
+/// `deadline` and [`http::MAX_HEAD`] bytes: a client that stops in the middle
+/// of what could be a request line (`G`, `GET / HT`) is refused when the
+/// time runs out, never relayed unchecked.
+async fn classify_first<S>(
+    client: &mut S,
+    first: &mut Vec<u8>,
+    deadline: Instant,
+) -> Result<FirstBytes, Stop>
+where
+    S: AsyncRead + Unpin,
+{
+    loop {
+        match http::classify(first) {
+            FirstBytes::Undecided => read_more(client, first, http::MAX_HEAD, deadline)
+                .await
+                .map_err(handshake_stop)?,
+            kind => return Ok(kind),
+        }
+    }
+}
+
+/// A [`read_more`] failure during the handshake: the client's own end is an
+/// end; a timeout or too many bytes is a deny.
+fn handshake_stop(e: String) -> Stop {
+    if e.starts_with("client-") {
+        Stop::End(e)
+    } else {
+        Stop::Deny(None, e)
+    }
 }
 
 fn head_error(e: &HeadError) -> String {

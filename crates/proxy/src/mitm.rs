@@ -1,9 +1,9 @@
 //! TLS interception for hosts with a credential route (DESIGN.md,
 //! "Credentials").
 //!
-//! A connection is intercepted only when the claimed host has a credential
-//! route *and* a secret is set for that route's service; every other host
-//! stays a byte tunnel. Then:
+//! A connection is intercepted only when the claimed host and port have a
+//! credential route *and* a secret is set for that route's service; every
+//! other connection stays a byte tunnel. Then:
 //!
 //! - the guest's TLS is terminated with a leaf minted by the sandbox CA for
 //!   the claimed host (whose ClientHello SNI was already checked);
@@ -13,6 +13,11 @@
 //!   TLS connection verified against the platform roots plus any
 //!   `--upstream-ca`, at an address the policy checked;
 //! - bodies stream frame by frame both ways (SSE arrives chunk by chunk);
+//! - once the sandbox carries `secret-read`, a request that carries any
+//!   credential other than the sentinel (another key in the route's header,
+//!   another credential header, `?key=`) is refused, `403` and
+//!   `flow: foreign-credential`: a trusted sink takes only the user's own
+//!   credential, so the guest cannot upload a secret to an account of its own;
 //! - each request is one audit record, with `credential: SERVICE (SCOPE)`.
 //!   The secret itself is never logged: it only ever sits in the outgoing
 //!   header, marked sensitive so HTTP/2 never indexes it.
@@ -41,7 +46,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use sandpen_credentials::{apply, Applied, Found, Route, SandboxCa, SecretValue};
+use sandpen_credentials::{
+    apply, foreign_credential, Applied, Found, Route, SandboxCa, SecretValue,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -54,6 +61,7 @@ use crate::exchange::{
 };
 use crate::relay::Activity;
 use crate::{http as h1, truncate, LiveCheck, Proxy, POLICY_CHANGED};
+use sandpen_policy::Label;
 
 /// Where the proxy gets credential routes and secrets. The supervisor reads
 /// its secret store here on each intercepted connection, so `sandpen secret
@@ -173,9 +181,11 @@ impl Mitm {
         }
     }
 
-    /// The route and secret for `host`, when it is to be intercepted.
-    pub(crate) fn plan(&self, host: &str) -> Result<Option<Plan>, String> {
-        let Some(route) = self.source.route_for(host) else {
+    /// The route and secret for `host:port`, when it is to be intercepted:
+    /// a route's host on another port than the route's is a plain tunnel,
+    /// and gets no secret.
+    pub(crate) fn plan(&self, host: &str, port: u16) -> Result<Option<Plan>, String> {
+        let Some(route) = self.source.route_for(host).filter(|r| r.serves(host, port)) else {
             return Ok(None);
         };
         Ok(self.source.secret(&route.service)?.map(|found| Plan {
@@ -415,6 +425,10 @@ struct Session {
     live: Mutex<LiveCheck>,
 }
 
+/// The detail of a refused request that carried a credential of the guest's
+/// own to a trusted sink after `secret-read`.
+pub(crate) const FOREIGN_CREDENTIAL: &str = "foreign-credential";
+
 /// Intercept one guest connection whose ClientHello (in `first`) named
 /// `host`. Returns when the guest closes, or when it stays idle past the
 /// proxy's idle timeout.
@@ -593,6 +607,21 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
         rec.duration_ms = millis(started);
         s.proxy.write_record(&rec);
         return own_reply(StatusCode::FORBIDDEN, &reason);
+    }
+    if s.proxy.policy().labels().get(Label::SecretRead).is_some() {
+        let list: Vec<(String, Vec<u8>)> = req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
+        if let Some(what) = foreign_credential(&s.route, &list, req.uri().query()) {
+            let reason = format!(
+                "{}: {FOREIGN_CREDENTIAL}: {what} is not the sentinel of {} after secret-read",
+                sandpen_policy::reason::FLOW,
+                s.route.service
+            );
+            return refuse(rec, StatusCode::FORBIDDEN, reason);
+        }
     }
     if req.method() == Method::CONNECT || req.headers().contains_key(header::UPGRADE) {
         let reason = "upgrade-refused: protocol upgrades are not relayed on credential hosts";

@@ -7,7 +7,7 @@
 /// The most ClientHello bytes we buffer (TLS records carry at most 16 KiB).
 pub const MAX_HELLO: usize = 16 * 1024 + 5;
 
-const CONTENT_HANDSHAKE: u8 = 0x16;
+pub(crate) const CONTENT_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_CLIENT_HELLO: u8 = 0x01;
 const EXT_SERVER_NAME: u16 = 0x0000;
 const NAME_TYPE_HOST: u8 = 0x00;

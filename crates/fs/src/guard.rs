@@ -534,9 +534,11 @@ where
         rels.iter().try_for_each(|r| self.visible(op, r))
     }
 
-    /// [`writable`](Self::writable) for every name of an inode.
-    fn writable_all(&self, op: &str, rels: &[PathBuf]) -> io::Result<()> {
-        rels.iter().try_for_each(|r| self.writable(op, r))
+    /// [`writable_entry`](Self::writable_entry) for every name of an inode
+    /// of type `kind` (`S_IF*`).
+    fn writable_all(&self, op: &str, rels: &[PathBuf], kind: u32) -> io::Result<()> {
+        rels.iter()
+            .try_for_each(|r| self.writable_entry(op, r, kind))
     }
 
     /// The first name of an inode that matches `flow.secret`.
@@ -750,9 +752,9 @@ where
         handle: Option<u64>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
-        let (rels, _) = self.node(inode)?;
+        let (rels, kind) = self.node(inode)?;
         self.visible_all("setattr", &rels)?;
-        self.writable_all("setattr", &rels)?;
+        self.writable_all("setattr", &rels, kind)?;
         if valid.contains(SetattrValid::UID) {
             attr.st_uid = self.ids.uid_to_host(attr.st_uid);
         }
@@ -931,7 +933,7 @@ where
             _ => return Err(err(libc::EACCES)),
         }
         if is_write_open(flags) {
-            self.writable_all("open", &rels)?;
+            self.writable_all("open", &rels, kind)?;
         }
         let secret = if is_read_open(flags) {
             self.secret_name(&rels).cloned()
@@ -1040,8 +1042,8 @@ where
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
-        let (rels, _) = self.node(inode)?;
-        self.writable_all("fallocate", &rels)?;
+        let (rels, kind) = self.node(inode)?;
+        self.writable_all("fallocate", &rels, kind)?;
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }
@@ -1075,9 +1077,9 @@ where
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
-        let (rels, _) = self.node(inode)?;
+        let (rels, kind) = self.node(inode)?;
         self.visible_all("setxattr", &rels)?;
-        self.writable_all("setxattr", &rels)?;
+        self.writable_all("setxattr", &rels, kind)?;
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -1100,9 +1102,9 @@ where
     }
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
-        let (rels, _) = self.node(inode)?;
+        let (rels, kind) = self.node(inode)?;
         self.visible_all("removexattr", &rels)?;
-        self.writable_all("removexattr", &rels)?;
+        self.writable_all("removexattr", &rels, kind)?;
         self.inner.removexattr(ctx, inode, name)
     }
 
@@ -1221,10 +1223,10 @@ where
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
-        let (rels, _) = self.node(inode)?;
+        let (rels, kind) = self.node(inode)?;
         self.visible_all("access", &rels)?;
         if mask & libc::W_OK as u32 != 0 {
-            self.writable_all("access", &rels)?;
+            self.writable_all("access", &rels, kind)?;
         }
         self.inner.access(ctx, inode, mask)
     }

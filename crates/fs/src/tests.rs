@@ -580,6 +580,7 @@ fn git_metadata_is_read_only_at_any_depth() {
             ".git/modules/lib/config",
             ".git/worktrees/w/HEAD",
             "plain/readme",
+            "mod/.git",
         ],
     );
     let args = || CreateIn {
@@ -657,6 +658,18 @@ fn git_metadata_is_read_only_at_any_depth() {
         libc::EROFS
     );
     assert!(!f.root.join("plain/.git").exists());
+    // An existing gitfile (a submodule's) is neither changed nor removed.
+    let gitfile = f.path("mod/.git").unwrap().inode;
+    assert_eq!(
+        code(f.fs.open(&ctx(), gitfile, libc::O_WRONLY as u32, 0)),
+        libc::EROFS
+    );
+    let m = f.path("mod").unwrap().inode;
+    assert_eq!(code(f.fs.unlink(&ctx(), m, &c(".git"))), libc::EROFS);
+    assert_eq!(
+        code(f.fs.rename(&ctx(), m, &c(".git"), m, &c("g"), 0)),
+        libc::EROFS
+    );
     // A folder `.git` is ordinary, and what git itself does there works.
     let g = f.fs.mkdir(&ctx(), plain, &c(".git"), 0o755, 0).unwrap();
     let (e, _, _, _) =

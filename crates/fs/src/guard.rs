@@ -584,12 +584,6 @@ where
         err(libc::EROFS)
     }
 
-    fn writable(&self, op: &str, rel: &Path) -> io::Result<()> {
-        self.rules
-            .writable(rel)
-            .map_err(|by| self.erofs(op, rel, by))
-    }
-
     /// May the entry `rel` of type `kind` (`S_IF*`) be changed or removed?
     fn writable_entry(&self, op: &str, rel: &Path, kind: u32) -> io::Result<()> {
         self.rules

@@ -21,6 +21,10 @@ const NPM_NAME: &str = "files-npm";
 const NPM_IMAGE: &str = "test-agents";
 /// Content of a host file outside the workspace; must never reach the guest.
 const OUTSIDE: &str = "HOST-ONLY-9f31c2";
+/// Content of the workspace's deny-read files; must never reach the guest.
+const PRIVATE: &str = "PRIVATE-5c1e07\n";
+/// The sandbox of the resource caps test (caps lowered for it).
+const CAPS_NAME: &str = "files-caps";
 
 struct Env {
     cli: Cli,
@@ -66,9 +70,15 @@ fn env() -> &'static Env {
         write(&ws.join(".git/config"), "[core]\n\tbare = false\n");
         write(&ws.join("secrets/token"), "tok-123\n");
         write(&ws.join("README"), "hello\n");
+        write(&ws.join("private/x"), PRIVATE);
+        write(&ws.join("proj/vault/x"), PRIVATE);
+        write(&ws.join("proj/keys/token"), "key-456\n");
+        write(&ws.join("public/y"), "public\n");
+        write(&ws.join("nested/.git/config"), "[core]\n\tbare = false\n");
         write(
             &ws.join(".sandpen.toml"),
-            "[flow]\nsecret = [\"secrets/**\"]\ntrusted_sinks = [\"api.anthropic.com\"]\n",
+            "[files]\ndeny_read = [\"private/**\", \"**/vault/**\"]\n\
+             [flow]\nsecret = [\"secrets/**\", \"**/keys/**\"]\ntrusted_sinks = [\"api.anthropic.com\"]\n",
         );
         let outside = root.path().join("outside.txt");
         write(&outside, OUTSIDE);
@@ -411,14 +421,30 @@ fn git_clone_commit_checkout_on_the_share() -> Result<(), Failed> {
         .status()
         .expect("git");
     check(st.success(), "cloning the test repository on the host")?;
-    // Clone, branch, commit on the branch, back to the first branch (the
-    // working tree is rewritten both ways), then check the repository.
+    // The working clone is made on the host: a clone in the guest would
+    // write `.git/config`, which is read-only (docs/files.md). In the guest:
+    // branch, commit on the branch, back to the first branch (the working
+    // tree is rewritten both ways), stash, a commit on each branch and a
+    // rebase, then check the repository.
+    let st = Command::new("git")
+        .args(["clone", "-q"])
+        .arg(&bare)
+        .arg(env().cli.ws.join("work"))
+        .status()
+        .expect("git");
+    check(st.success(), "cloning the working copy on the host")?;
     let (code, out) = guest(
         "set -e; git config --global --add safe.directory '*'; \
-         git clone -q src.git work; cd work; \
+         export GIT_AUTHOR_NAME=a GIT_AUTHOR_EMAIL=a@b GIT_COMMITTER_NAME=a GIT_COMMITTER_EMAIL=a@b; \
+         cd work; main=$(git branch --show-current); \
          git checkout -q -b t; echo change >> README.md; mkdir -p new/dir; echo x > new/dir/f; \
-         git add -A; git -c user.email=a@b -c user.name=a commit -qm change; \
+         git add -A; git commit -qm change; \
          git checkout -q -; test ! -e new/dir/f; git checkout -q t; test -f new/dir/f; \
+         echo wip >> README.md; git stash -q; test -z \"$(git status --porcelain)\"; \
+         git stash pop -q; git commit -qam wip; \
+         git checkout -q \"$main\"; echo other > other.txt; git add other.txt; git commit -qm other; \
+         git checkout -q t; git rebase -q \"$main\"; test -f other.txt; test -f new/dir/f; \
+         git branch -q gone; git branch -q -D gone; \
          test -z \"$(git status --porcelain)\"; git fsck --no-progress; echo GIT-OK",
     );
     check(
@@ -741,6 +767,360 @@ fn extra_mount_is_read_only() -> Result<(), Failed> {
     )
 }
 
+/// `mv private p2 && cat p2/x`, and the same for every kind of rule, from
+/// guest root: the folder above a rule's matches cannot be renamed out from
+/// under it (a hidden or secret one is `EXDEV`, so `mv` copies file by file
+/// through the rules; a read-only one is `EROFS`), nor swapped with an
+/// ordinary one, nor a secret linked to an ordinary name.
+fn renaming_a_folder_never_escapes_a_rule() -> Result<(), Failed> {
+    ready()?;
+    let ws = env().cli.ws.clone();
+    let secret = PRIVATE.trim();
+    for (attack, what) in [
+        ("mv private p2; cat p2/x; ls -a p2", "deny_read, parent"),
+        ("mv proj/vault proj/v2; cat proj/v2/x", "deny_read **/, parent"),
+        ("mv proj proj2; cat proj2/vault/x; mv proj2 proj", "deny_read **/, grandparent"),
+        ("perl -e 'my ($a, $b) = (\"private\", \"public\"); syscall(316, -100, $a, -100, $b, 2) == 0 or die \"exchange: $!\\n\"'; cat public/x", "RENAME_EXCHANGE"),
+        ("perl -e 'my ($a, $b) = (\"public\", \"private\"); syscall(316, -100, $a, -100, $b, 2) == 0 or die \"exchange: $!\\n\"'; cat public/x", "RENAME_EXCHANGE, the other way"),
+    ] {
+        let (_, out) = guest(attack);
+        check(
+            !out.contains(secret),
+            format!("{what}: `{attack}` read a hidden file: {out}"),
+        )?;
+    }
+    let (_, out) = guest("perl -e 'my ($a, $b) = (\"private\", \"public\"); syscall(316, -100, $a, -100, $b, 2) == 0 or die \"exchange: $!\\n\"'");
+    check(
+        out.contains("Invalid cross-device link"),
+        format!("RENAME_EXCHANGE of a hidden and an ordinary folder: {out}"),
+    )?;
+    let (_, out) = guest(
+        "perl -e 'my ($a, $b) = (\"public\", \"p3\"); syscall(316, -100, $a, -100, $b, 4) == 0 or die \"whiteout: $!\\n\"'",
+    );
+    check(
+        out.contains("Operation not permitted"),
+        format!("RENAME_WHITEOUT: {out}"),
+    )?;
+    for p in ["private/x", "proj/vault/x"] {
+        check(
+            std::fs::read_to_string(ws.join(p)).unwrap_or_default() == PRIVATE,
+            format!("{p} moved or changed on the host"),
+        )?;
+    }
+    // A read-only rule written `**/.git/config`: move the folder away,
+    // edit, move back.
+    let (code, out) = guest(
+        "mv nested/.git nested/g && echo '[core]' >> nested/g/config; mv nested/g nested/.git",
+    );
+    check(
+        code != 0 && out.contains("Read-only file system"),
+        format!("moving a nested .git away: {code} {out}"),
+    )?;
+    check(
+        std::fs::read_to_string(ws.join("nested/.git/config")).unwrap_or_default()
+            == "[core]\n\tbare = false\n",
+        "nested/.git/config changed",
+    )?;
+    // Moving the repository as a whole keeps its rules.
+    let (code, out) = guest("mv nested n2 && echo x >> n2/.git/config; mv n2 nested");
+    check(
+        out.contains("Read-only file system") && ws.join("nested/.git/config").is_file(),
+        format!("the moved repository's config: {code} {out}"),
+    )?;
+    // A secret folder: `mv` falls back to copying, which reads the secret
+    // through the rules and sets the label.
+    ok(&["flow", "reset", NAME])?;
+    let (code, out) = guest("ln proj/keys/token proj/t");
+    check(
+        code != 0 && out.contains("Invalid cross-device link") && !ws.join("proj/t").exists(),
+        format!("a hard link to a secret: {code} {out}"),
+    )?;
+    let shown = ok(&["flow", "show", NAME])?;
+    check(
+        !shown.contains("secret-read"),
+        format!("a refused link set a label: {shown}"),
+    )?;
+    let (code, out) = guest("mv proj/keys proj/k2 && cat proj/k2/token");
+    let shown = ok(&["flow", "show", NAME])?;
+    // Put it back as it was for the other tests.
+    if ws.join("proj/k2").exists() && !ws.join("proj/keys").exists() {
+        std::fs::rename(ws.join("proj/k2"), ws.join("proj/keys"))?;
+    }
+    ok(&["flow", "reset", NAME])?;
+    check(
+        !out.contains("key-456") || (shown.contains("secret-read") && shown.contains("keys/token")),
+        format!("a secret read under a new name without the label: {code} {out}\n{shown}"),
+    )?;
+    let log = file_log()?;
+    check(
+        log.contains("\"op\":\"rename\"") && log.contains("EXDEV") && log.contains("private/**"),
+        format!("no rename denial in the file log:\n{log}"),
+    )
+}
+
+fn host_git(dir: &Path, args: &[&str], home: &Path) -> Result<Output, Failed> {
+    Ok(Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env("HOME", home)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_AUTHOR_NAME", "h")
+        .env("GIT_AUTHOR_EMAIL", "h@h")
+        .env("GIT_COMMITTER_NAME", "h")
+        .env("GIT_COMMITTER_EMAIL", "h@h")
+        .output()?)
+}
+
+fn host_git_ok(dir: &Path, args: &[&str], home: &Path) -> Result<(), Failed> {
+    let out = host_git(dir, args, home)?;
+    check(
+        out.status.success(),
+        format!("git {args:?} in {}: {}", dir.display(), text(&out.stderr)),
+    )
+}
+
+/// Every way the guest could make the host's git run a command of its
+/// choosing (`core.fsmonitor` in a config git reads, hooks), tried from guest
+/// root, then a real `git status` on the host that must not run it.
+fn git_metadata_cannot_make_the_host_run_anything() -> Result<(), Failed> {
+    ready()?;
+    let ws = env().cli.ws.clone();
+    let scratch = tempfile::tempdir()?;
+    let home = scratch.path().join("home");
+    std::fs::create_dir_all(&home)?;
+    let mark = scratch.path().join("ran");
+    let repo = ws.join("gitrepo");
+    let sub = repo.join("sub");
+    let subsrc = scratch.path().join("subsrc");
+    for d in [&repo, &sub, &subsrc] {
+        std::fs::create_dir_all(d)?;
+        host_git_ok(d, &["init", "-q"], &home)?;
+        write(&d.join("README"), "r\n");
+        host_git_ok(d, &["add", "README"], &home)?;
+        host_git_ok(d, &["commit", "-qm", "init"], &home)?;
+    }
+    host_git_ok(
+        &repo,
+        &[
+            "-c",
+            "protocol.file.allow=always",
+            "submodule",
+            "add",
+            "-q",
+            &subsrc.display().to_string(),
+            "mod",
+        ],
+        &home,
+    )?;
+    host_git_ok(&repo, &["commit", "-qm", "mod"], &home)?;
+    check(
+        repo.join(".git/modules/mod/config").is_file(),
+        "no .git/modules/mod/config after submodule add",
+    )?;
+    // Missing on the host, for the guest to try to make them symlinks.
+    std::fs::remove_dir_all(repo.join(".git/hooks"))?;
+    std::fs::remove_dir_all(sub.join(".git/hooks"))?;
+    let before: Vec<(PathBuf, String)> = [
+        repo.join(".git/config"),
+        sub.join(".git/config"),
+        repo.join(".git/modules/mod/config"),
+        repo.join("mod/.git"),
+    ]
+    .into_iter()
+    .map(|p| {
+        let t = std::fs::read_to_string(&p).unwrap_or_default();
+        (p, t)
+    })
+    .collect();
+    // The command the guest wants run: an executable in the workspace
+    // (the same path on the host) that touches a file outside it.
+    let evil = ws.join("evil.sh");
+    write(&evil, &format!("#!/bin/sh\ntouch {}\n", mark.display()));
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&evil, std::fs::Permissions::from_mode(0o755))?;
+    // Control: on this host, git does run a configured fsmonitor.
+    let control = scratch.path().join("control");
+    std::fs::create_dir_all(&control)?;
+    host_git_ok(&control, &["init", "-q"], &home)?;
+    host_git_ok(
+        &control,
+        &["config", "core.fsmonitor", &evil.display().to_string()],
+        &home,
+    )?;
+    let _ = host_git(&control, &["status"], &home)?;
+    check(
+        mark.exists(),
+        "control: git on this host did not run a configured core.fsmonitor",
+    )?;
+    std::fs::remove_file(&mark)?;
+
+    let e = evil.display();
+    let cfg = format!("printf '[core]\\n\\tfsmonitor = {e}\\n'");
+    let attacks = [
+        format!("git -C gitrepo config core.fsmonitor {e}"),
+        format!("{cfg} >> gitrepo/.git/config"),
+        format!("{cfg} > gitrepo/.git/config.worktree"),
+        format!("mkdir -p evilcommon && {cfg} > evilcommon/config && echo ../../evilcommon > gitrepo/.git/commondir"),
+        format!("git -C gitrepo/mod config core.fsmonitor {e}"),
+        format!("{cfg} >> gitrepo/.git/modules/mod/config"),
+        "mkdir -p gitrepo/.git/modules/mod/hooks && echo x > gitrepo/.git/modules/mod/hooks/post-checkout".into(),
+        format!("git -C gitrepo/sub config core.fsmonitor {e}"),
+        format!("{cfg} >> gitrepo/sub/.git/config"),
+        "mkdir -p gitrepo/.git/worktrees/w".into(),
+        "echo ../../evilobjects > gitrepo/.git/objects/info/alternates".into(),
+        "mkdir -p evilhooks && ln -s ../../evilhooks gitrepo/.git/hooks".into(),
+        "ln -s ../../../evilhooks gitrepo/sub/.git/hooks".into(),
+        "mkdir -p gitrepo/.git/hooks && ln -s ../../../evil.sh gitrepo/.git/hooks/post-checkout".into(),
+        format!("mkdir -p gitless && git init -q --bare gitless/.g && git -C gitless/.g config core.fsmonitor {e} && printf 'gitdir: .g\\n' > gitless/.git"),
+        "printf 'gitdir: .g\\n' > gitless/gf && mv gitless/gf gitless/.git".into(),
+        "ln -s .g gitless/.git".into(),
+        // The submodule's gitfile pointed at the guest's repository.
+        "printf 'gitdir: ../../gitless/.g\\n' > gitrepo/mod/.git".into(),
+        "rm gitrepo/mod/.git".into(),
+        format!("mkdir -p gitrepo/x && {cfg} > gitrepo/x/config && mv gitrepo/x gitrepo/sub/.git/modules"),
+    ];
+    for attack in &attacks {
+        let (code, out) = guest(attack);
+        check(code != 0, format!("the guest managed `{attack}`: {out}"))?;
+    }
+    for (path, text) in &before {
+        check(
+            std::fs::read_to_string(path).unwrap_or_default() == *text,
+            format!("{} changed on the host", path.display()),
+        )?;
+    }
+    for p in [
+        "gitrepo/.git/commondir",
+        "gitrepo/.git/config.worktree",
+        "gitrepo/.git/objects/info/alternates",
+        "gitrepo/.git/worktrees/w",
+        "gitrepo/sub/.git/hooks",
+        "gitrepo/sub/.git/modules",
+        "gitless/.git",
+    ] {
+        check(
+            std::fs::symlink_metadata(ws.join(p)).is_err(),
+            format!("{p} exists on the host"),
+        )?;
+    }
+    // The guest may make the missing hooks folder, but it stays an empty
+    // folder.
+    let hooks = repo.join(".git/hooks");
+    if let Ok(meta) = std::fs::symlink_metadata(&hooks) {
+        check(
+            meta.is_dir() && std::fs::read_dir(&hooks)?.next().is_none(),
+            "gitrepo/.git/hooks is not an empty folder",
+        )?;
+    }
+    // The user's git on the host, in each repository.
+    for dir in [
+        repo.clone(),
+        sub.clone(),
+        repo.join("mod"),
+        ws.join("gitless"),
+    ] {
+        let _ = host_git(&dir, &["status"], &home)?;
+    }
+    check(
+        !mark.exists(),
+        "the host's git status ran the guest's command",
+    )?;
+    // And the ordinary work still goes on in the guest, in the nested
+    // repository and in the submodule.
+    let (code, out) = guest(
+        "set -e; git config --global --add safe.directory '*'; \
+         export GIT_AUTHOR_NAME=a GIT_AUTHOR_EMAIL=a@b GIT_COMMITTER_NAME=a GIT_COMMITTER_EMAIL=a@b; \
+         cd gitrepo/sub; echo more >> README; git commit -qam more; git checkout -q -b b2; \
+         cd ../mod; echo m >> README; git add README; git stash -q; git stash drop -q; echo GIT-OK",
+    );
+    check(
+        code == 0 && out.contains("GIT-OK"),
+        format!("ordinary git in the nested repository and the submodule: {code} {out}"),
+    )
+}
+
+/// A guest that opens files without end, or looks up files and never
+/// forgets them, is refused past the server's caps (lowered for this
+/// sandbox so the test reaches them quickly) and the server stays up.
+fn file_server_caps_hold_and_it_stays_up() -> Result<(), Failed> {
+    let ws = env().root.path().join(CAPS_NAME);
+    std::fs::create_dir_all(ws.join("many"))?;
+    for i in 0..600 {
+        write(&ws.join(format!("many/f{i}")), "x");
+    }
+    write(&ws.join("README"), "still here\n");
+    let ws = ws.canonicalize()?;
+    let ws_arg = ws.display().to_string();
+    ok(&[
+        "create", "--name", CAPS_NAME, "--cpus", "1", "--memory", "1G", "--docker", "off", &ws_arg,
+    ])?;
+    let out = env()
+        .cli
+        .command(&["start", CAPS_NAME])
+        .env("SANDPEN_FS_MAX_HANDLES", "256")
+        .env("SANDPEN_FS_MAX_INODES", "512")
+        .output()?;
+    env().cli.expect_ok(&out, "starting the caps sandbox")?;
+    let run = |sh: &str| {
+        let out = sandpen(&[
+            "exec", "-u", "root", "-w", &ws_arg, CAPS_NAME, "--", "bash", "-c", sh,
+        ]);
+        (
+            out.status.code().unwrap_or(-1),
+            text(&out.stdout) + &text(&out.stderr),
+        )
+    };
+    // A million opens, each kept open.
+    let (_, out) = run(
+        "ulimit -n 1048576; i=0; while [ $i -lt 1000000 ]; do exec {fd}<README || break; i=$((i+1)); done; echo opened=$i",
+    );
+    let opened: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("opened="))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| Failed::from(format!("the open loop: {out}")))?;
+    check(
+        opened <= 256 && opened > 200 && out.contains("Too many open files in system"),
+        format!("opens past the cap of 256: {opened}\n{out}"),
+    )?;
+    // Lookups that are never forgotten (the guest kernel keeps them).
+    let (_, out) = run(
+        "n=0; for i in $(seq 0 599); do stat -c %s many/f$i >/dev/null 2>/tmp/err || break; n=$((n+1)); done; echo looked=$n; cat /tmp/err",
+    );
+    let looked: usize = out
+        .lines()
+        .find_map(|l| l.strip_prefix("looked="))
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| Failed::from(format!("the lookup loop: {out}")))?;
+    check(
+        looked <= 512 && looked > 450 && out.contains("Too many open files in system"),
+        format!("lookups past the cap of 512: {looked}\n{out}"),
+    )?;
+    // The server is up; a FORGET (the guest dropping its caches) makes room.
+    let (code, out) = run(
+        "cat README && sync && echo 2 > /proc/sys/vm/drop_caches && stat -c %s many/f599 && ls many | wc -l",
+    );
+    check(
+        code == 0 && out.contains("still here") && out.contains("600"),
+        format!("after the caps: {code} {out}"),
+    )?;
+    let log = std::fs::read_to_string(
+        env()
+            .cli
+            .state
+            .path()
+            .join("sandpen/sandboxes")
+            .join(CAPS_NAME)
+            .join("logs/fs.log"),
+    )
+    .unwrap_or_default();
+    check(
+        log.contains("inodes=512") && log.contains("handles=256"),
+        format!("the server did not log its caps:\n{log}"),
+    )
+}
+
 fn main() {
     let args = Arguments {
         test_threads: Some(1),
@@ -765,6 +1145,14 @@ fn main() {
             "git_clone_commit_checkout_on_the_share",
             git_clone_commit_checkout_on_the_share,
         ),
+        (
+            "renaming_a_folder_never_escapes_a_rule",
+            renaming_a_folder_never_escapes_a_rule,
+        ),
+        (
+            "git_metadata_cannot_make_the_host_run_anything",
+            git_metadata_cannot_make_the_host_run_anything,
+        ),
         ("cargo_build_on_the_share", cargo_build_on_the_share),
         ("extra_mount_is_read_only", extra_mount_is_read_only),
         (
@@ -772,11 +1160,16 @@ fn main() {
             fs_serve_confines_itself_before_serving,
         ),
         ("npm_ci_on_the_share", npm_ci_on_the_share),
+        (
+            "file_server_caps_hold_and_it_stays_up",
+            file_server_caps_hold_and_it_stays_up,
+        ),
     ];
     let trials = tests.into_iter().map(|(n, f)| Trial::test(n, f)).collect();
     let conclusion = libtest_mimic::run(&args, trials);
     let _ = sandpen(&["rm", "-f", NAME]);
     let _ = sandpen(&["rm", "-f", NPM_NAME]);
+    let _ = sandpen(&["rm", "-f", CAPS_NAME]);
     if let Ok(mut s) = env().server.lock() {
         let _ = s.kill();
         let _ = s.wait();

@@ -2,10 +2,16 @@
 //! and puts every FUSE operation through the share's [`FileRules`].
 //!
 //! The guest speaks in inodes, the rules in paths. The layer keeps, for every
-//! inode it has handed out, the path (relative to the share's root) under
-//! which it was handed out and its file type; a rename moves the paths of
-//! everything below. Names that come from the guest are checked before they
-//! reach the passthrough layer: no `/`, no `.` or `..`, not empty.
+//! inode it has handed out, its file type and its names as links (folder
+//! inode, name), so a path is built by walking up to the root and a rename
+//! changes one link whatever is known below it. A folder stays known while
+//! something below it is. Names that come from the guest are checked before
+//! they reach the passthrough layer: no `/`, no `.` or `..`, not empty.
+//!
+//! Rules follow the file, not its name: a rename or hard link that would
+//! take anything out from under a rule is refused (see
+//! [`FileRules::rename`]), so what a rule covers keeps its rule whatever it
+//! is called later.
 //!
 //! What the guest gets:
 //!
@@ -14,13 +20,21 @@
 //!   listings; creating something there is `EACCES` whether or not it exists.
 //! - a read-only path: `EROFS` for every change (write-open, truncate,
 //!   create, mknod, mkdir, symlink, link, unlink, rmdir, rename to or from,
-//!   setattr, setxattr, removexattr, fallocate).
-//! - never: a device node, an open of anything but a regular file or a
+//!   setattr, setxattr, removexattr, fallocate), and for a rename of a
+//!   folder that would change what a read-only rule covers below it.
+//! - a rename that would move something hidden or secret out from under its
+//!   rule (the folder above a `private/**`, a secret file to an ordinary
+//!   name): `EXDEV`, so `mv` copies instead, file by file, through the rules;
+//!   a hard link to a secret under an ordinary name: `EXDEV`.
+//! - past the caps ([`Limits`]): `ENFILE` for a lookup of one more inode or
+//!   an open of one more handle.
+//! - never: a device node (nor a rename with `RENAME_WHITEOUT`, which makes
+//!   one: `EPERM`), an open of anything but a regular file or a
 //!   folder (a symlink is only ever read with readlink, so the host never
 //!   follows it), a set-uid or set-gid bit, an ioctl, a DAX mapping.
 
 use std::collections::HashMap;
-use std::ffi::CStr;
+use std::ffi::{CStr, OsStr, OsString};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -32,7 +46,7 @@ use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileLock, FileSystem, FsOptions, GetxattrReply, ListxattrReply,
     OpenOptions, SetattrValid, ZeroCopyReader, ZeroCopyWriter, ROOT_ID,
 };
-use sandpen_policy::files::ReadOnlyBy;
+use sandpen_policy::files::{EntryKind, MoveRefused, ReadOnlyBy};
 use sandpen_policy::FileRules;
 
 use crate::events::Events;
@@ -75,19 +89,298 @@ impl IdMap {
     }
 }
 
-/// The most ordinary names one inode is remembered under (hard links); names
-/// a rule covers are always kept.
+/// The most names one inode is remembered under (hard links; a name the
+/// guest removed stays until the inode is forgotten, so that an open
+/// deleted file keeps its rules).
 const MAX_NAMES: usize = 16;
+/// Folders above a node, at most (a guard against a cycle in the records).
+const MAX_DEPTH: usize = 4096;
+
+/// The caps on what the guest can make the server hold (docs/files.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Inodes known at once (each is an `O_PATH` descriptor in the
+    /// passthrough layer); a lookup past it is `ENFILE`.
+    pub inodes: usize,
+    /// Open files and folders at once (each a descriptor); an open past it
+    /// is `ENFILE`.
+    pub handles: usize,
+}
+
+impl Limits {
+    /// The default caps: 262144 inodes and 16384 handles, less when the
+    /// process may not have that many descriptors (a quarter of the limit
+    /// for handles, the rest less 256 for inodes).
+    pub fn for_fd_limit(fds: u64) -> Limits {
+        let fds = usize::try_from(fds).unwrap_or(usize::MAX);
+        let handles = (fds / 4).clamp(64, 16384);
+        let inodes = fds.saturating_sub(handles + 256).clamp(256, 262_144);
+        Limits { inodes, handles }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits::for_fd_limit(u64::MAX)
+    }
+}
+
+/// One name of a node: the folder it is in, and its name there.
+type Link = (u64, OsString);
 
 struct Node {
-    /// The paths the inode was handed out under, first the first one. More
-    /// than one for a hard-linked file: every rule is checked against each,
-    /// so a second name never makes a protected or secret file ordinary.
-    rels: Vec<PathBuf>,
     /// `st_mode & S_IFMT`.
     kind: u32,
-    /// Lookups handed out and not yet forgotten.
+    /// Lookups handed out to the guest and not yet forgotten.
     refs: u64,
+    /// Known nodes whose names are in this folder: a folder stays known
+    /// while something below it is, so their paths can be built.
+    children: u64,
+    /// The passthrough layer holds one lookup of this node for the layer
+    /// itself (the guest forgot it while it had children), so its inode
+    /// number stays the same.
+    pinned: bool,
+    /// Its names, first the first one; a folder has one (the root none).
+    links: Vec<Link>,
+}
+
+/// The inodes handed out and their names, as a tree of (folder, name)
+/// links: a rename changes one link, whatever the tree holds below it.
+struct Tree {
+    nodes: HashMap<u64, Node>,
+    /// Which node each (folder, name) is now.
+    dentries: HashMap<Link, u64>,
+    max: usize,
+}
+
+impl Tree {
+    fn new(max: usize) -> Tree {
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            ROOT_ID,
+            Node {
+                kind: libc::S_IFDIR,
+                refs: 1,
+                children: 0,
+                pinned: false,
+                links: Vec::new(),
+            },
+        );
+        Tree {
+            nodes,
+            dentries: HashMap::new(),
+            max,
+        }
+    }
+
+    /// The path of a folder, relative to the root.
+    fn dir_path(&self, mut inode: u64) -> io::Result<PathBuf> {
+        let mut names = Vec::new();
+        while inode != ROOT_ID {
+            let node = self.nodes.get(&inode).ok_or_else(|| err(libc::ENOENT))?;
+            let (parent, name) = node.links.first().ok_or_else(|| err(libc::ENOENT))?;
+            if names.len() >= MAX_DEPTH {
+                return Err(err(libc::ENAMETOOLONG));
+            }
+            names.push(name.as_os_str());
+            inode = *parent;
+        }
+        Ok(names.iter().rev().collect())
+    }
+
+    /// Every path of a node (one per name), and its type.
+    fn paths(&self, inode: u64) -> io::Result<(Vec<PathBuf>, u32)> {
+        let node = self.nodes.get(&inode).ok_or_else(|| err(libc::ENOENT))?;
+        if inode == ROOT_ID {
+            return Ok((vec![PathBuf::new()], node.kind));
+        }
+        let mut out = Vec::with_capacity(node.links.len());
+        for (parent, name) in &node.links {
+            out.push(self.dir_path(*parent)?.join(name));
+        }
+        Ok((out, node.kind))
+    }
+
+    fn kind_at(&self, parent: u64, name: &OsStr) -> Option<u32> {
+        let ino = self.dentries.get(&(parent, name.to_os_string()))?;
+        self.nodes.get(ino).map(|n| n.kind)
+    }
+
+    fn add_link(&mut self, inode: u64, link: Link) {
+        if let Some(p) = self.nodes.get_mut(&link.0) {
+            p.children += 1;
+        }
+        self.dentries.insert(link.clone(), inode);
+        if let Some(n) = self.nodes.get_mut(&inode) {
+            n.links.push(link);
+        }
+    }
+
+    /// Takes one name from a node; what that leaves unneeded is dropped, and
+    /// the lookups to give back to the passthrough layer are added to `back`.
+    fn remove_link(&mut self, inode: u64, link: &Link, back: &mut Vec<u64>) {
+        let Some(n) = self.nodes.get_mut(&inode) else {
+            return;
+        };
+        let Some(i) = n.links.iter().position(|l| l == link) else {
+            return;
+        };
+        n.links.remove(i);
+        if self.dentries.get(link) == Some(&inode) {
+            self.dentries.remove(link);
+        }
+        self.child_gone(link.0, back);
+    }
+
+    fn child_gone(&mut self, parent: u64, back: &mut Vec<u64>) {
+        if let Some(p) = self.nodes.get_mut(&parent) {
+            p.children = p.children.saturating_sub(1);
+        }
+        self.drop_if_unused(parent, back);
+    }
+
+    /// Drops a node nothing holds any more (and then maybe its folders).
+    fn drop_if_unused(&mut self, inode: u64, back: &mut Vec<u64>) {
+        let mut todo = vec![inode];
+        while let Some(ino) = todo.pop() {
+            if ino == ROOT_ID {
+                continue;
+            }
+            let unused = matches!(self.nodes.get(&ino), Some(n) if n.refs == 0 && n.children == 0);
+            if !unused {
+                continue;
+            }
+            let Some(node) = self.nodes.remove(&ino) else {
+                continue;
+            };
+            if node.pinned {
+                back.push(ino);
+            }
+            for link in node.links {
+                if self.dentries.get(&link) == Some(&ino) {
+                    self.dentries.remove(&link);
+                }
+                if let Some(p) = self.nodes.get_mut(&link.0) {
+                    p.children = p.children.saturating_sub(1);
+                }
+                todo.push(link.0);
+            }
+        }
+    }
+
+    /// Records one lookup of `inode` under `link`. `ENFILE` for a new
+    /// inode past the cap, `EMLINK` past the cap on names.
+    fn record(&mut self, inode: u64, kind: u32, link: Link, back: &mut Vec<u64>) -> io::Result<()> {
+        if !self.nodes.contains_key(&inode) {
+            if self.nodes.len() >= self.max {
+                return Err(err(libc::ENFILE));
+            }
+            self.nodes.insert(
+                inode,
+                Node {
+                    kind,
+                    refs: 0,
+                    children: 0,
+                    pinned: false,
+                    links: Vec::new(),
+                },
+            );
+        }
+        let (has, first, count) = {
+            let n = &self.nodes[&inode];
+            (
+                n.links.contains(&link),
+                n.links.first().cloned(),
+                n.links.len(),
+            )
+        };
+        if kind == libc::S_IFDIR {
+            // A folder has one name; a new one means it moved on the host.
+            if first.as_ref() != Some(&link) {
+                if let Some(old) = first {
+                    self.add_link(inode, link);
+                    self.remove_link(inode, &old, back);
+                } else {
+                    self.add_link(inode, link);
+                }
+            }
+        } else if !has {
+            if count >= MAX_NAMES {
+                // Forget the refs taken so far only if the node is new.
+                self.drop_if_unused(inode, back);
+                return Err(err(libc::EMLINK));
+            }
+            self.add_link(inode, link);
+        } else {
+            // The name is current again (it may have been replaced).
+            self.dentries.insert(link, inode);
+        }
+        if let Some(n) = self.nodes.get_mut(&inode) {
+            n.kind = kind;
+            n.refs = n.refs.saturating_add(1);
+        }
+        Ok(())
+    }
+
+    /// The guest forgets `count` lookups; returns how many to pass on to
+    /// the passthrough layer (one is kept while the node has children).
+    fn forget(&mut self, inode: u64, count: u64, back: &mut Vec<u64>) -> u64 {
+        if inode == ROOT_ID {
+            return 0;
+        }
+        let Some(n) = self.nodes.get_mut(&inode) else {
+            return 0;
+        };
+        let c = count.min(n.refs);
+        n.refs -= c;
+        let mut pass = c;
+        if n.refs == 0 && n.children > 0 && !n.pinned && c > 0 {
+            n.pinned = true;
+            pass -= 1;
+        }
+        self.drop_if_unused(inode, back);
+        pass
+    }
+
+    /// A lookup the passthrough layer already gave back (a listing entry
+    /// that did not fit).
+    fn unrecord(&mut self, inode: u64, back: &mut Vec<u64>) {
+        if let Some(n) = self.nodes.get_mut(&inode) {
+            n.refs = n.refs.saturating_sub(1);
+        }
+        self.drop_if_unused(inode, back);
+    }
+
+    /// The name (parent, name) no longer exists; the node keeps it.
+    fn unlinked(&mut self, link: &Link) {
+        self.dentries.remove(link);
+    }
+
+    fn relink(&mut self, inode: u64, from: &Link, to: Link, back: &mut Vec<u64>) {
+        self.add_link(inode, to);
+        self.remove_link(inode, from, back);
+    }
+
+    /// After a rename: one link changes, whatever is below.
+    fn renamed(&mut self, from: Link, to: Link, exchange: bool, back: &mut Vec<u64>) {
+        let a = self.dentries.get(&from).copied();
+        let b = self.dentries.get(&to).copied();
+        if !exchange {
+            // What was at `to` is gone (it keeps the name while held).
+            self.dentries.remove(&to);
+        }
+        if let Some(a) = a {
+            self.relink(a, &from, to.clone(), back);
+        }
+        if exchange {
+            if let Some(b) = b {
+                self.relink(b, &to, from.clone(), back);
+            }
+            if let Some(a) = a {
+                self.dentries.insert(to, a);
+            }
+        }
+    }
 }
 
 /// The policy layer over `F`.
@@ -97,10 +390,12 @@ pub struct Guarded<F> {
     ids: IdMap,
     /// The share's root on the host (for the audit log).
     root: PathBuf,
-    nodes: Mutex<HashMap<u64, Node>>,
-    /// Open handles on files that match `flow.secret`: every read through
-    /// one sets the label again (it may have been reset since the open).
-    secret_handles: Mutex<HashMap<u64, PathBuf>>,
+    tree: Mutex<Tree>,
+    /// Open handles, with the path of the ones on files that match
+    /// `flow.secret`: every read through one sets the label again (it may
+    /// have been reset since the open).
+    handles: Mutex<HashMap<u64, Option<PathBuf>>>,
+    limits: Limits,
     events: Arc<Events>,
 }
 
@@ -141,24 +436,28 @@ where
     F: FileSystem<Inode = u64, Handle = u64>,
 {
     pub fn new(inner: F, rules: FileRules, ids: IdMap, root: PathBuf, events: Arc<Events>) -> Self {
-        let mut nodes = HashMap::new();
-        nodes.insert(
-            ROOT_ID,
-            Node {
-                rels: vec![PathBuf::new()],
-                kind: libc::S_IFDIR,
-                refs: 1,
-            },
-        );
+        let limits = Limits::default();
         Guarded {
             inner,
             rules,
             ids,
             root,
-            nodes: Mutex::new(nodes),
-            secret_handles: Mutex::new(HashMap::new()),
+            tree: Mutex::new(Tree::new(limits.inodes)),
+            handles: Mutex::new(HashMap::new()),
+            limits,
             events,
         }
+    }
+
+    /// The same with other caps (before the first request).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self.tree().max = limits.inodes;
+        self
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     /// The share's root on the host (canonical).
@@ -166,27 +465,63 @@ where
         &self.root
     }
 
-    fn nodes(&self) -> MutexGuard<'_, HashMap<u64, Node>> {
-        // A panic while holding the map leaves it consistent (every update is
-        // one insert or one loop of renames), so a poisoned lock is usable.
-        self.nodes.lock().unwrap_or_else(|p| p.into_inner())
+    fn tree(&self) -> MutexGuard<'_, Tree> {
+        // A panic while holding the tree leaves it usable (at worst a count
+        // is off, which keeps a node longer), so a poisoned lock is usable.
+        self.tree.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn handles(&self) -> MutexGuard<'_, HashMap<u64, Option<PathBuf>>> {
+        self.handles.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Gives lookups back to the passthrough layer.
+    fn give_back(&self, back: Vec<u64>) {
+        let ctx = Context::new();
+        for ino in back {
+            self.inner.forget(&ctx, ino, 1);
+        }
+    }
+
+    /// The paths of a known inode, and how many inodes are known.
+    #[cfg(test)]
+    pub(crate) fn known(&self, inode: u64) -> (Vec<PathBuf>, usize) {
+        let tree = self.tree();
+        let paths = tree.paths(inode).map(|p| p.0).unwrap_or_default();
+        (paths, tree.nodes.len())
     }
 
     /// The paths and type of a known inode; `ENOENT` for one never handed out.
     fn node(&self, inode: u64) -> io::Result<(Vec<PathBuf>, u32)> {
-        self.nodes()
-            .get(&inode)
-            .map(|n| (n.rels.clone(), n.kind))
-            .ok_or_else(|| err(libc::ENOENT))
+        self.tree().paths(inode)
     }
 
     /// The path of a folder (folders have exactly one).
     fn dir(&self, inode: u64) -> io::Result<PathBuf> {
-        let (rels, kind) = self.node(inode)?;
+        let tree = self.tree();
+        let kind = tree
+            .nodes
+            .get(&inode)
+            .map(|n| n.kind)
+            .ok_or_else(|| err(libc::ENOENT))?;
         if kind != libc::S_IFDIR {
             return Err(err(libc::ENOTDIR));
         }
-        rels.into_iter().next().ok_or_else(|| err(libc::ENOENT))
+        tree.dir_path(inode)
+    }
+
+    /// The type of the entry `name` in `parent`: from the records, else
+    /// asked of the passthrough layer (a lookup given back at once).
+    fn kind_at(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<u32> {
+        let os = OsStr::from_bytes(name.to_bytes());
+        if let Some(kind) = self.tree().kind_at(parent, os) {
+            return Ok(kind);
+        }
+        let e = self.inner.lookup(ctx, parent, name)?;
+        if e.inode != 0 {
+            self.inner.forget(ctx, e.inode, 1);
+        }
+        Ok(e.attr.st_mode & S_IFMT)
     }
 
     fn child(&self, parent: u64, name: &CStr) -> io::Result<PathBuf> {
@@ -199,9 +534,11 @@ where
         rels.iter().try_for_each(|r| self.visible(op, r))
     }
 
-    /// [`writable`](Self::writable) for every name of an inode.
-    fn writable_all(&self, op: &str, rels: &[PathBuf]) -> io::Result<()> {
-        rels.iter().try_for_each(|r| self.writable(op, r))
+    /// [`writable_entry`](Self::writable_entry) for every name of an inode
+    /// of type `kind` (`S_IF*`).
+    fn writable_all(&self, op: &str, rels: &[PathBuf], kind: u32) -> io::Result<()> {
+        rels.iter()
+            .try_for_each(|r| self.writable_entry(op, r, kind))
     }
 
     /// The first name of an inode that matches `flow.secret`.
@@ -225,34 +562,32 @@ where
         }
     }
 
-    /// For creating an entry at `rel`: `EACCES` if hidden (whether or not
-    /// something is there, so nothing is revealed), `EROFS` if read-only.
-    fn creatable(&self, op: &str, rel: &Path) -> io::Result<()> {
+    /// For creating an entry of type `kind` (`S_IF*`) at `rel`: `EACCES` if
+    /// hidden (whether or not something is there, so nothing is revealed),
+    /// `EROFS` if read-only or refused by the git guard.
+    fn creatable(&self, op: &str, rel: &Path, kind: u32) -> io::Result<()> {
         if let Some(rule) = self.rules.hidden(rel) {
             self.events
                 .denied(op, &self.host_path(rel), &rule.to_string(), "EACCES");
             return Err(err(libc::EACCES));
         }
-        self.writable(op, rel)
+        self.rules
+            .creatable_entry(rel, EntryKind::from_mode(kind))
+            .map_err(|by| self.erofs(op, rel, by))
     }
 
     fn erofs(&self, op: &str, rel: &Path, by: ReadOnlyBy<'_>) -> io::Error {
-        if let ReadOnlyBy::Rule(rule) = by {
+        if !matches!(by, ReadOnlyBy::Share) {
             self.events
-                .denied(op, &self.host_path(rel), &rule.to_string(), "EROFS");
+                .denied(op, &self.host_path(rel), &by.to_string(), "EROFS");
         }
         err(libc::EROFS)
     }
 
-    fn writable(&self, op: &str, rel: &Path) -> io::Result<()> {
+    /// May the entry `rel` of type `kind` (`S_IF*`) be changed or removed?
+    fn writable_entry(&self, op: &str, rel: &Path, kind: u32) -> io::Result<()> {
         self.rules
-            .writable(rel)
-            .map_err(|by| self.erofs(op, rel, by))
-    }
-
-    fn movable(&self, op: &str, rel: &Path) -> io::Result<()> {
-        self.rules
-            .movable(rel)
+            .writable_entry(rel, EntryKind::from_mode(kind))
             .map_err(|by| self.erofs(op, rel, by))
     }
 
@@ -265,73 +600,80 @@ where
         }
     }
 
-    /// Remember an entry handed to the guest and put its ids in guest terms.
-    fn record(&self, mut entry: Entry, rel: PathBuf) -> Entry {
+    /// Remember an entry handed to the guest (by a lookup the passthrough
+    /// layer counted) and put its ids in guest terms. Past a cap the lookup
+    /// is given back and the answer is `ENFILE` (or `EMLINK`).
+    fn record(&self, mut entry: Entry, parent: u64, name: &CStr) -> io::Result<Entry> {
         self.ids.show_to_guest(&mut entry.attr);
-        if entry.inode != 0 {
-            let kind = entry.attr.st_mode & S_IFMT;
-            let mut nodes = self.nodes();
-            let node = nodes.entry(entry.inode).or_insert(Node {
-                rels: Vec::new(),
-                kind,
-                refs: 0,
-            });
-            if kind == libc::S_IFDIR {
-                // A folder has one name; a new one means it moved.
-                node.rels = vec![rel];
-            } else if !node.rels.contains(&rel) {
-                // Past the cap, only names that a rule covers are kept: those
-                // are the ones that must never be lost.
-                let ruled = self.rules.hidden(&rel).is_some()
-                    || self.rules.writable(&rel).is_err()
-                    || self.rules.secret(&rel).is_some();
-                if node.rels.len() < MAX_NAMES || ruled {
-                    node.rels.push(rel);
-                }
-            }
-            node.kind = kind;
-            node.refs = node.refs.saturating_add(1);
+        if entry.inode == 0 || entry.inode == ROOT_ID {
+            return Ok(entry);
         }
-        entry
-    }
-
-    fn forget_one(&self, inode: u64, count: u64) {
-        if inode == ROOT_ID {
-            return;
-        }
-        let mut nodes = self.nodes();
-        if let Some(n) = nodes.get_mut(&inode) {
-            n.refs = n.refs.saturating_sub(count);
-            if n.refs == 0 {
-                nodes.remove(&inode);
+        let link = (parent, OsStr::from_bytes(name.to_bytes()).to_os_string());
+        let kind = entry.attr.st_mode & S_IFMT;
+        let mut back = Vec::new();
+        let res = self.tree().record(entry.inode, kind, link, &mut back);
+        self.give_back(back);
+        match res {
+            Ok(()) => Ok(entry),
+            Err(e) => {
+                self.inner.forget(&Context::new(), entry.inode, 1);
+                Err(e)
             }
         }
     }
 
-    /// After a rename: everything at or below `from` is now below `to`.
-    fn moved(&self, from: &Path, to: &Path) {
-        for n in self.nodes().values_mut() {
-            for rel in n.rels.iter_mut() {
-                if let Ok(rest) = rel.strip_prefix(from) {
-                    *rel = if rest.as_os_str().is_empty() {
-                        to.to_path_buf()
-                    } else {
-                        to.join(rest)
-                    };
-                }
-            }
+    fn forget_one(&self, ctx: &Context, inode: u64, count: u64) {
+        let mut back = Vec::new();
+        let pass = self.tree().forget(inode, count, &mut back);
+        if pass > 0 {
+            self.inner.forget(ctx, inode, pass);
         }
+        self.give_back(back);
     }
 
-    /// After RENAME_EXCHANGE: the two paths swap.
-    fn swapped(&self, a: &Path, b: &Path) {
-        for n in self.nodes().values_mut() {
-            for rel in n.rels.iter_mut() {
-                if let Ok(rest) = rel.strip_prefix(a) {
-                    *rel = b.join(rest);
-                } else if let Ok(rest) = rel.strip_prefix(b) {
-                    *rel = a.join(rest);
-                }
+    /// Counts a handle just opened; past the cap it is closed again.
+    fn opened(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: Option<u64>,
+        secret: Option<PathBuf>,
+        dir: bool,
+    ) -> io::Result<()> {
+        let Some(h) = handle else {
+            return Ok(());
+        };
+        let mut handles = self.handles();
+        if handles.len() >= self.limits.handles {
+            drop(handles);
+            let _ = if dir {
+                self.inner.releasedir(ctx, inode, 0, h)
+            } else {
+                self.inner.release(ctx, inode, 0, h, false, false, None)
+            };
+            return Err(err(libc::ENFILE));
+        }
+        handles.insert(h, secret);
+        Ok(())
+    }
+
+    /// `ENFILE` when no handle can be opened now.
+    fn handle_room(&self) -> io::Result<()> {
+        if self.handles().len() >= self.limits.handles {
+            return Err(err(libc::ENFILE));
+        }
+        Ok(())
+    }
+
+    /// `EROFS`, `ENOENT` (never said for a name the guest can see, so
+    /// `EXDEV`) or `EXDEV` for a refused rename or link, with an audit line.
+    fn refuse_move(&self, op: &str, rel: &Path, why: MoveRefused<'_>) -> io::Error {
+        match why {
+            MoveRefused::ReadOnly(by) => self.erofs(op, rel, by),
+            MoveRefused::Hidden(r) | MoveRefused::Secret(r) => {
+                self.events
+                    .denied(op, &self.host_path(rel), &r.to_string(), "EXDEV");
+                err(libc::EXDEV)
             }
         }
     }
@@ -368,19 +710,19 @@ where
         let rel = self.child(parent, name)?;
         self.visible("lookup", &rel)?;
         let entry = self.inner.lookup(ctx, parent, name)?;
-        Ok(self.record(entry, rel))
+        self.record(entry, parent, name)
     }
 
     fn forget(&self, ctx: &Context, inode: u64, count: u64) {
-        self.forget_one(inode, count);
-        self.inner.forget(ctx, inode, count)
+        // What the passthrough layer is told is decided by the tree: it
+        // keeps one lookup of a folder that still has known children.
+        self.forget_one(ctx, inode, count)
     }
 
     fn batch_forget(&self, ctx: &Context, requests: Vec<(u64, u64)>) {
-        for (inode, count) in &requests {
-            self.forget_one(*inode, *count);
+        for (inode, count) in requests {
+            self.forget_one(ctx, inode, count);
         }
-        self.inner.batch_forget(ctx, requests)
     }
 
     fn getattr(
@@ -404,9 +746,9 @@ where
         handle: Option<u64>,
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
-        let (rels, _) = self.node(inode)?;
+        let (rels, kind) = self.node(inode)?;
         self.visible_all("setattr", &rels)?;
-        self.writable_all("setattr", &rels)?;
+        self.writable_all("setattr", &rels, kind)?;
         if valid.contains(SetattrValid::UID) {
             attr.st_uid = self.ids.uid_to_host(attr.st_uid);
         }
@@ -435,9 +777,9 @@ where
         name: &CStr,
     ) -> io::Result<Entry> {
         let rel = self.child(parent, name)?;
-        self.creatable("symlink", &rel)?;
+        self.creatable("symlink", &rel, libc::S_IFLNK)?;
         let entry = self.inner.symlink(ctx, linkname, parent, name)?;
-        Ok(self.record(entry, rel))
+        self.record(entry, parent, name)
     }
 
     fn mknod(
@@ -450,7 +792,7 @@ where
         umask: u32,
     ) -> io::Result<Entry> {
         let rel = self.child(parent, name)?;
-        self.creatable("mknod", &rel)?;
+        self.creatable("mknod", &rel, mode & S_IFMT)?;
         match mode & S_IFMT {
             libc::S_IFREG | libc::S_IFIFO | libc::S_IFSOCK => {}
             // Device nodes on the host's disk are the host's business.
@@ -459,7 +801,7 @@ where
         let entry = self
             .inner
             .mknod(ctx, parent, name, strip_mode(mode), rdev, umask)?;
-        Ok(self.record(entry, rel))
+        self.record(entry, parent, name)
     }
 
     fn mkdir(
@@ -471,26 +813,33 @@ where
         umask: u32,
     ) -> io::Result<Entry> {
         let rel = self.child(parent, name)?;
-        self.creatable("mkdir", &rel)?;
+        self.creatable("mkdir", &rel, libc::S_IFDIR)?;
         // A set-gid folder is ordinary and harmless; only set-uid goes.
         let entry = self
             .inner
             .mkdir(ctx, parent, name, mode & !libc::S_ISUID, umask)?;
-        Ok(self.record(entry, rel))
+        self.record(entry, parent, name)
     }
 
     fn unlink(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         let rel = self.child(parent, name)?;
         self.visible("unlink", &rel)?;
-        self.movable("unlink", &rel)?;
-        self.inner.unlink(ctx, parent, name)
+        let kind = self.kind_at(ctx, parent, name)?;
+        self.writable_entry("unlink", &rel, kind)?;
+        self.inner.unlink(ctx, parent, name)?;
+        self.tree()
+            .unlinked(&(parent, OsStr::from_bytes(name.to_bytes()).to_os_string()));
+        Ok(())
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
         let rel = self.child(parent, name)?;
         self.visible("rmdir", &rel)?;
-        self.movable("rmdir", &rel)?;
-        self.inner.rmdir(ctx, parent, name)
+        self.writable_entry("rmdir", &rel, libc::S_IFDIR)?;
+        self.inner.rmdir(ctx, parent, name)?;
+        self.tree()
+            .unlinked(&(parent, OsStr::from_bytes(name.to_bytes()).to_os_string()));
+        Ok(())
     }
 
     fn rename(
@@ -506,37 +855,60 @@ where
         let to = self.child(newdir, newname)?;
         self.visible("rename", &from)?;
         self.visible("rename", &to)?;
-        self.movable("rename", &from)?;
-        self.movable("rename", &to)?;
-        // A secret moved to a name that is not one would be readable without
-        // the label: moving it counts as reading it.
-        self.note_read(&from);
+        if flags & libc::RENAME_WHITEOUT != 0 {
+            // A whiteout is a character device left at the old name.
+            return Err(err(libc::EPERM));
+        }
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        let kind = EntryKind::from_mode(self.kind_at(ctx, olddir, oldname)?);
+        self.rules
+            .rename(&from, &to, kind)
+            .map_err(|why| self.refuse_move("rename", &from, why))?;
         if exchange {
-            self.note_read(&to);
+            // Both move: each must be allowed where the other was.
+            let other = EntryKind::from_mode(self.kind_at(ctx, newdir, newname)?);
+            self.rules
+                .rename(&to, &from, other)
+                .map_err(|why| self.refuse_move("rename", &to, why))?;
+        } else {
+            // What is at `to` now is removed by the rename.
+            match self.kind_at(ctx, newdir, newname) {
+                Ok(victim) => self.writable_entry("rename", &to, victim)?,
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(e),
+            }
         }
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)?;
-        if exchange {
-            self.swapped(&from, &to);
-        } else {
-            self.moved(&from, &to);
-        }
+        let mut back = Vec::new();
+        self.tree().renamed(
+            (olddir, OsStr::from_bytes(oldname.to_bytes()).to_os_string()),
+            (newdir, OsStr::from_bytes(newname.to_bytes()).to_os_string()),
+            exchange,
+            &mut back,
+        );
+        self.give_back(back);
         Ok(())
     }
 
     fn link(&self, ctx: &Context, inode: u64, newparent: u64, newname: &CStr) -> io::Result<Entry> {
-        let (srcs, _) = self.node(inode)?;
+        let (srcs, kind) = self.node(inode)?;
         let rel = self.child(newparent, newname)?;
         self.visible_all("link", &srcs)?;
         // A second name for a read-only file would make it writable.
-        self.writable_all("link", &srcs)?;
-        self.creatable("link", &rel)?;
+        for src in &srcs {
+            self.writable_entry("link", src, kind)?;
+        }
+        self.creatable("link", &rel, kind)?;
+        // Nor may a secret get a name that is not one: the rule follows the
+        // file, and the layer may forget the secret name before the other.
         if let Some(secret) = self.secret_name(&srcs) {
-            self.note_read(secret);
+            if let (Some(rule), None) = (self.rules.secret(secret), self.rules.secret(&rel)) {
+                return Err(self.refuse_move("link", secret, MoveRefused::Secret(rule)));
+            }
         }
         let entry = self.inner.link(ctx, inode, newparent, newname)?;
-        Ok(self.record(entry, rel))
+        self.record(entry, newparent, newname)
     }
 
     fn open(
@@ -555,23 +927,19 @@ where
             _ => return Err(err(libc::EACCES)),
         }
         if is_write_open(flags) {
-            self.writable_all("open", &rels)?;
+            self.writable_all("open", &rels, kind)?;
         }
         let secret = if is_read_open(flags) {
             self.secret_name(&rels).cloned()
         } else {
             None
         };
+        self.handle_room()?;
         if let Some(rel) = &secret {
             self.note_read(rel);
         }
         let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
-        if let (Some(rel), Some(handle)) = (secret, opened.0) {
-            self.secret_handles
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(handle, rel);
-        }
+        self.opened(ctx, inode, opened.0, secret, false)?;
         Ok(opened)
     }
 
@@ -583,10 +951,25 @@ where
         mut args: CreateIn,
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         let rel = self.child(parent, name)?;
-        self.creatable("create", &rel)?;
+        self.creatable("create", &rel, libc::S_IFREG)?;
+        self.handle_room()?;
         args.mode = strip_mode(args.mode);
         let (entry, handle, opts, passthrough) = self.inner.create(ctx, parent, name, args)?;
-        Ok((self.record(entry, rel), handle, opts, passthrough))
+        let ino = entry.inode;
+        let entry = match self.record(entry, parent, name) {
+            Ok(e) => e,
+            Err(e) => {
+                if let Some(h) = handle {
+                    let _ = self.inner.release(ctx, ino, 0, h, false, false, None);
+                }
+                return Err(e);
+            }
+        };
+        if let Err(e) = self.opened(ctx, ino, handle, None, false) {
+            self.forget_one(ctx, ino, 1);
+            return Err(e);
+        }
+        Ok((entry, handle, opts, passthrough))
     }
 
     fn read(
@@ -600,12 +983,7 @@ where
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
-        let secret = self
-            .secret_handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&handle)
-            .cloned();
+        let secret = self.handles().get(&handle).cloned().flatten();
         if let Some(rel) = secret {
             self.note_read(&rel);
         }
@@ -658,8 +1036,8 @@ where
         offset: u64,
         length: u64,
     ) -> io::Result<()> {
-        let (rels, _) = self.node(inode)?;
-        self.writable_all("fallocate", &rels)?;
+        let (rels, kind) = self.node(inode)?;
+        self.writable_all("fallocate", &rels, kind)?;
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }
@@ -674,12 +1052,10 @@ where
         flock_release: bool,
         lock_owner: Option<u64>,
     ) -> io::Result<()> {
-        self.secret_handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&handle);
         self.inner
-            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)
+            .release(ctx, inode, flags, handle, flush, flock_release, lock_owner)?;
+        self.handles().remove(&handle);
+        Ok(())
     }
 
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
@@ -695,9 +1071,9 @@ where
         value: &[u8],
         flags: u32,
     ) -> io::Result<()> {
-        let (rels, _) = self.node(inode)?;
+        let (rels, kind) = self.node(inode)?;
         self.visible_all("setxattr", &rels)?;
-        self.writable_all("setxattr", &rels)?;
+        self.writable_all("setxattr", &rels, kind)?;
         self.inner.setxattr(ctx, inode, name, value, flags)
     }
 
@@ -720,9 +1096,9 @@ where
     }
 
     fn removexattr(&self, ctx: &Context, inode: u64, name: &CStr) -> io::Result<()> {
-        let (rels, _) = self.node(inode)?;
+        let (rels, kind) = self.node(inode)?;
         self.visible_all("removexattr", &rels)?;
-        self.writable_all("removexattr", &rels)?;
+        self.writable_all("removexattr", &rels, kind)?;
         self.inner.removexattr(ctx, inode, name)
     }
 
@@ -737,7 +1113,10 @@ where
         if kind != libc::S_IFDIR {
             return Err(err(libc::ENOTDIR));
         }
-        self.inner.opendir(ctx, inode, flags)
+        self.handle_room()?;
+        let opened = self.inner.opendir(ctx, inode, flags)?;
+        self.opened(ctx, inode, opened.0, None, true)?;
+        Ok(opened)
     }
 
     fn readdir(
@@ -773,13 +1152,14 @@ where
     ) -> io::Result<()> {
         let dir = self.dir(inode)?;
         let mut hidden: Vec<u64> = Vec::new();
+        let mut later: Vec<u64> = Vec::new();
         let res = self.inner.readdirplus(
             ctx,
             inode,
             handle,
             size,
             offset,
-            &mut |e: DirEntry, entry: Entry| {
+            &mut |e: DirEntry, mut entry: Entry| {
                 if e.name == b"." || e.name == b".." {
                     return add_entry(e, entry);
                 }
@@ -791,11 +1171,28 @@ where
                     return Ok(1);
                 }
                 let ino = entry.inode;
-                let entry = self.record(entry, rel);
+                let name = OsStr::from_bytes(e.name).to_os_string();
+                self.ids.show_to_guest(&mut entry.attr);
+                if ino == 0 || ino == ROOT_ID {
+                    return add_entry(e, entry);
+                }
+                // Lookups to give back wait until the listing is done (the
+                // passthrough layer may hold its inode map meanwhile).
+                let res =
+                    self.tree()
+                        .record(ino, entry.attr.st_mode & S_IFMT, (inode, name), &mut later);
+                if res.is_err() {
+                    // Past a cap: listed without attributes (node id 0, which
+                    // the guest kernel does not hold), the lookup given back.
+                    hidden.push(ino);
+                    entry.inode = 0;
+                    return add_entry(e, entry);
+                }
                 let n = add_entry(e, entry)?;
                 if n == 0 {
-                    // Did not fit: the kernel will not hold this lookup.
-                    self.forget_one(ino, 1);
+                    // Did not fit: the passthrough layer gives its lookup
+                    // back itself.
+                    self.tree().unrecord(ino, &mut later);
                 }
                 Ok(n)
             },
@@ -805,6 +1202,7 @@ where
         for ino in hidden {
             self.inner.forget(ctx, ino, 1);
         }
+        self.give_back(later);
         res
     }
 
@@ -813,14 +1211,16 @@ where
     }
 
     fn releasedir(&self, ctx: &Context, inode: u64, flags: u32, handle: u64) -> io::Result<()> {
-        self.inner.releasedir(ctx, inode, flags, handle)
+        self.inner.releasedir(ctx, inode, flags, handle)?;
+        self.handles().remove(&handle);
+        Ok(())
     }
 
     fn access(&self, ctx: &Context, inode: u64, mask: u32) -> io::Result<()> {
-        let (rels, _) = self.node(inode)?;
+        let (rels, kind) = self.node(inode)?;
         self.visible_all("access", &rels)?;
         if mask & libc::W_OK as u32 != 0 {
-            self.writable_all("access", &rels)?;
+            self.writable_all("access", &rels, kind)?;
         }
         self.inner.access(ctx, inode, mask)
     }

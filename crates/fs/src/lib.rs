@@ -30,7 +30,7 @@ use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 pub use events::{read_records, Events, FileRecord};
-pub use guard::{Guarded, IdMap};
+pub use guard::{Guarded, IdMap, Limits};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FsError {
@@ -135,6 +135,24 @@ pub fn raise_fd_limit() -> Result<u64, FsError> {
     Ok(lim.rlim_cur)
 }
 
+/// The caps, lowered (never raised) by `SANDPEN_FS_MAX_INODES` and
+/// `SANDPEN_FS_MAX_HANDLES` (for tests that reach them quickly).
+pub fn limits_from_env(mut limits: Limits) -> Result<Limits, FsError> {
+    for (var, cap) in [
+        ("SANDPEN_FS_MAX_INODES", &mut limits.inodes),
+        ("SANDPEN_FS_MAX_HANDLES", &mut limits.handles),
+    ] {
+        if let Some(v) = std::env::var_os(var) {
+            let n: usize = v
+                .to_str()
+                .and_then(|v| v.parse().ok())
+                .ok_or_else(|| FsError::Backend(format!("{var}: not a number: {v:?}")))?;
+            *cap = (*cap).min(n.max(1));
+        }
+    }
+    Ok(limits)
+}
+
 /// Serve one share until QEMU disconnects.
 ///
 /// Everything outside the share is opened first (the passthrough layer's
@@ -143,8 +161,14 @@ pub fn raise_fd_limit() -> Result<u64, FsError> {
 /// vhost-user daemon starts its threads and accepts QEMU.
 pub fn serve(cfg: ServeConfig) -> Result<(), FsError> {
     let limit = raise_fd_limit()?;
-    tracing::debug!(limit, "open-file limit");
-    let fs = guarded_fs(&cfg)?;
+    let limits = limits_from_env(Limits::for_fd_limit(limit))?;
+    tracing::info!(
+        fd_limit = limit,
+        inodes = limits.inodes,
+        handles = limits.handles,
+        "caps on what the guest can make the server hold"
+    );
+    let fs = guarded_fs(&cfg)?.with_limits(limits);
     let root = fs.root().to_path_buf();
     let _ = std::fs::remove_file(&cfg.socket);
     let mut listener = vhost::vhost_user::Listener::new(&cfg.socket, true)
@@ -186,10 +210,14 @@ pub fn serve(cfg: ServeConfig) -> Result<(), FsError> {
     }
 }
 
+/// The `kind` that carries the git guard in `--rules`.
+const GIT_GUARD: &str = "git_guard";
+
 /// One rule as carried to the server process (`--rules`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct RuleSpec {
-    /// `deny_read`, `read_only` or `flow.secret`.
+    /// `deny_read`, `read_only`, `flow.secret`, or `git_guard` (the git
+    /// guard is on).
     pub kind: String,
     pub pattern: String,
     /// Where it was written, for the audit log.
@@ -198,7 +226,7 @@ pub struct RuleSpec {
 
 /// The rules as JSON for `sandpen fs-serve --rules`.
 pub fn rules_to_json(rules: &FileRules) -> String {
-    let specs: Vec<RuleSpec> = rules
+    let mut specs: Vec<RuleSpec> = rules
         .all()
         .map(|r| RuleSpec {
             kind: r.kind.as_str().into(),
@@ -206,6 +234,13 @@ pub fn rules_to_json(rules: &FileRules) -> String {
             source: r.source.to_string(),
         })
         .collect();
+    if rules.git_guard() {
+        specs.push(RuleSpec {
+            kind: GIT_GUARD.into(),
+            pattern: sandpen_policy::files::GIT_DIR.into(),
+            source: "default".into(),
+        });
+    }
     serde_json::to_string(&specs).unwrap_or_else(|_| "[]".into())
 }
 
@@ -216,6 +251,10 @@ pub fn rules_from_json(json: &str) -> Result<FileRules, FsError> {
         serde_json::from_str(json).map_err(|e| FsError::Backend(format!("--rules: {e}")))?;
     let mut rules = FileRules::default();
     for s in specs {
+        if s.kind == GIT_GUARD {
+            rules = rules.with_git_guard(true);
+            continue;
+        }
         let kind = FileRuleKind::parse(&s.kind)
             .ok_or_else(|| FsError::Backend(format!("--rules: unknown kind {:?}", s.kind)))?;
         let rule = PathRule::new(kind, &s.pattern, FileRuleSource::Text(s.source))

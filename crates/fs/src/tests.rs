@@ -25,6 +25,11 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with(&[(FileRuleKind::Secret, "secrets/**")], &[])
+}
+
+/// The defaults, `extra` rules, and `files` besides the usual ones.
+fn fixture_with(extra: &[(FileRuleKind, &str)], files: &[&str]) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("ws");
     let state = dir.path().join("state");
@@ -40,17 +45,17 @@ fn fixture() -> Fixture {
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(p, c).unwrap();
     }
+    for p in files {
+        let p = root.join(p);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, "x").unwrap();
+    }
     std::fs::write(dir.path().join("outside"), "HOST").unwrap();
     std::os::unix::fs::symlink(dir.path().join("outside"), root.join("link")).unwrap();
     let mut rules = compile(&[]).unwrap();
-    rules.push(
-        PathRule::new(
-            FileRuleKind::Secret,
-            "secrets/**",
-            FileRuleSource::Text("test".into()),
-        )
-        .unwrap(),
-    );
+    for (kind, pattern) in extra {
+        rules.push(PathRule::new(*kind, pattern, FileRuleSource::Text("test".into())).unwrap());
+    }
     let events = Events::new(
         "t",
         Some(&state.join("files.jsonl")),
@@ -316,13 +321,21 @@ fn reading_a_secret_sets_the_label_before_the_open_returns() {
 }
 
 #[test]
-fn renaming_a_secret_counts_as_reading_it_and_paths_follow_renames() {
+fn a_secret_keeps_its_name_and_paths_follow_renames() {
     let f = fixture();
     let store = LabelStore::in_dir(&f.state);
+    // A secret moved to an ordinary name is EXDEV (`mv` then copies it,
+    // reading it through the rules); nothing moved, nothing read.
     let secrets = f.path("secrets").unwrap().inode;
-    f.fs.rename(&ctx(), secrets, &c("token"), ROOT_ID, &c("plain"), 0)
+    assert_eq!(
+        code(f.fs.rename(&ctx(), secrets, &c("token"), ROOT_ID, &c("plain"), 0)),
+        libc::EXDEV
+    );
+    assert!(f.root.join("secrets/token").exists());
+    assert!(store.load().unwrap().get(Label::SecretRead).is_none());
+    // Within the secret folder it moves.
+    f.fs.rename(&ctx(), secrets, &c("token"), secrets, &c("t2"), 0)
         .unwrap();
-    assert!(store.load().unwrap().get(Label::SecretRead).is_some());
     // A folder renamed under a protected path name keeps being checked by
     // its new path: src -> moved, then moved/main.rs is where it is.
     f.fs.rename(&ctx(), ROOT_ID, &c("src"), ROOT_ID, &c("moved"), 0)
@@ -340,12 +353,423 @@ fn a_second_name_does_not_launder_a_secret() {
     let f = fixture();
     let store = LabelStore::in_dir(&f.state);
     let token = f.path("secrets/token").unwrap().inode;
-    let e = f.fs.link(&ctx(), token, ROOT_ID, &c("plain")).unwrap();
-    assert_eq!(e.inode, token);
+    assert_eq!(
+        code(f.fs.link(&ctx(), token, ROOT_ID, &c("plain"))),
+        libc::EXDEV
+    );
+    assert!(!f.root.join("plain").exists());
+    // A second name inside the secret folder is fine, and still a secret.
+    let secrets = f.path("secrets").unwrap().inode;
+    f.fs.link(&ctx(), token, secrets, &c("again")).unwrap();
+    let again = f.path("secrets/again").unwrap().inode;
+    f.fs.open(&ctx(), again, libc::O_RDONLY as u32, 0).unwrap();
     assert!(store.load().unwrap().get(Label::SecretRead).is_some());
-    store.reset().unwrap();
-    // Opened under its ordinary name, it is still the secret.
+}
+
+fn rules_for_renames() -> Fixture {
+    fixture_with(
+        &[
+            (FileRuleKind::DenyRead, "private/**"),
+            (FileRuleKind::DenyRead, "work/private/**"),
+            (FileRuleKind::DenyRead, "**/vault/**"),
+            (FileRuleKind::ReadOnly, "ci/*.yml"),
+            (FileRuleKind::Secret, "secrets/**"),
+            (FileRuleKind::Secret, "**/keys/**"),
+        ],
+        &[
+            "private/x",
+            "work/private/x",
+            "top/vault/x",
+            "ci/a.yml",
+            "home/keys/id",
+            "public/y",
+            "sub/.git/config",
+            "sub/.git/hooks/pre-commit",
+            "sub/plain/z",
+        ],
+    )
+}
+
+/// `mv private p2 && cat p2/x`, for every kind of rule, the folder above
+/// the match and the one above that, `**/` rules included.
+#[test]
+fn renaming_a_parent_or_grandparent_never_escapes_a_rule() {
+    let f = rules_for_renames();
+    let store = LabelStore::in_dir(&f.state);
+    let mv = |from: &str, to: &str| {
+        let (fd, fname) = from.rsplit_once('/').unwrap_or(("", from));
+        let (td, tname) = to.rsplit_once('/').unwrap_or(("", to));
+        let dir = |d: &str| {
+            if d.is_empty() {
+                ROOT_ID
+            } else {
+                f.path(d).unwrap().inode
+            }
+        };
+        code(f.fs.rename(&ctx(), dir(fd), &c(fname), dir(td), &c(tname), 0))
+    };
+    for (from, to, want, what) in [
+        ("private", "p2", libc::EXDEV, "deny_read, parent"),
+        ("work", "w2", libc::EXDEV, "deny_read, grandparent"),
+        (
+            "work/private",
+            "work/p2",
+            libc::EXDEV,
+            "deny_read, parent, deeper",
+        ),
+        ("top/vault", "top/v2", libc::EXDEV, "deny_read **/, parent"),
+        ("secrets", "s2", libc::EXDEV, "flow.secret, parent"),
+        (
+            "home/keys",
+            "home/k2",
+            libc::EXDEV,
+            "flow.secret **/, parent",
+        ),
+        ("ci", "c2", libc::EROFS, "read_only, parent"),
+        (
+            "sub/.git",
+            "sub/g",
+            libc::EROFS,
+            "read_only **/.git/config, parent",
+        ),
+        (
+            "sub/.git/hooks",
+            "sub/h",
+            libc::EROFS,
+            "read_only **/.git/hooks/**, parent",
+        ),
+        (
+            "sub/plain",
+            "sub/.git/modules",
+            libc::EROFS,
+            "a folder into .git",
+        ),
+        ("sub/plain", ".git", libc::EROFS, "a folder becoming a .git"),
+    ] {
+        assert_eq!(mv(from, to), want, "{what}: {from} -> {to}");
+    }
+    for p in [
+        "private/x",
+        "work/private/x",
+        "top/vault/x",
+        "secrets/token",
+        "home/keys/id",
+        "ci/a.yml",
+        "sub/.git/config",
+    ] {
+        assert!(f.root.join(p).exists(), "{p} moved");
+    }
+    assert!(store.load().unwrap().get(Label::SecretRead).is_none());
+    // Moves that keep every rule over what they carry still work: the
+    // grandparent of a `**/` match, a nested repository as a whole.
+    assert_eq!(mv("top", "t2"), 0);
+    assert_eq!(
+        code(f.path("t2/vault/x")),
+        libc::ENOENT,
+        "hidden after the move"
+    );
+    let config = f.path("sub/.git/config").unwrap().inode;
+    assert_eq!(mv("sub", "sub2"), 0);
+    assert_eq!(
+        code(f.fs.open(&ctx(), config, libc::O_WRONLY as u32, 0)),
+        libc::EROFS,
+        "the known inode follows the move"
+    );
+    assert_eq!(f.fs.known(config).0, vec![Path::new("sub2/.git/config")]);
+    // Into a rule is allowed where it only hides or labels more.
+    assert_eq!(mv("public", "secrets/public"), 0);
+    let log = std::fs::read_to_string(f.state.join("files.jsonl")).unwrap();
+    assert!(
+        log.contains("\"op\":\"rename\"") && log.contains("EXDEV") && log.contains("private/**"),
+        "{log}"
+    );
+}
+
+#[test]
+fn rename_exchange_and_whiteout() {
+    let f = rules_for_renames();
+    let public = f.path("public").unwrap().inode;
+    let y = f.path("public/y").unwrap().inode;
+    let exchange = |a: &str, b: &str| {
+        code(f.fs.rename(
+            &ctx(),
+            ROOT_ID,
+            &c(a),
+            ROOT_ID,
+            &c(b),
+            libc::RENAME_EXCHANGE,
+        ))
+    };
+    // A protected folder and an unprotected one, either way round.
+    assert_eq!(exchange("private", "public"), libc::EXDEV);
+    assert_eq!(exchange("public", "private"), libc::EXDEV);
+    assert_eq!(exchange("secrets", "public"), libc::EXDEV);
+    assert_eq!(exchange("ci", "public"), libc::EROFS);
+    assert_eq!(exchange("public", "ci"), libc::EROFS);
+    let sub = f.path("sub").unwrap().inode;
+    assert_eq!(
+        code(f.fs.rename(
+            &ctx(),
+            sub,
+            &c(".git"),
+            sub,
+            &c("plain"),
+            libc::RENAME_EXCHANGE
+        )),
+        libc::EROFS
+    );
+    assert!(f.root.join("private/x").exists() && f.root.join("public/y").exists());
+    // Two ordinary folders swap, and the known inodes below follow.
+    std::fs::create_dir_all(f.root.join("other")).unwrap();
+    assert_eq!(exchange("public", "other"), 0);
+    assert!(f.root.join("other/y").exists());
+    assert_eq!(f.fs.known(y).0, vec![Path::new("other/y")]);
+    assert_eq!(f.fs.known(public).0, vec![Path::new("other")]);
+    // A whiteout would leave a device node behind.
+    assert_eq!(
+        code(f.fs.rename(
+            &ctx(),
+            ROOT_ID,
+            &c("other"),
+            ROOT_ID,
+            &c("o2"),
+            libc::RENAME_WHITEOUT
+        )),
+        libc::EPERM
+    );
+}
+
+#[test]
+fn a_hard_link_never_takes_a_file_out_from_under_a_rule() {
+    let f = rules_for_renames();
+    let id = f.path("home/keys/id").unwrap().inode;
+    let yml = f.path("ci/a.yml").unwrap().inode;
+    let config = f.path("sub/.git/config").unwrap().inode;
+    let y = f.path("public/y").unwrap().inode;
+    let plain = f.path("sub/plain").unwrap().inode;
+    let sub = f.path("sub").unwrap().inode;
+    assert_eq!(code(f.fs.link(&ctx(), id, ROOT_ID, &c("id"))), libc::EXDEV);
+    assert_eq!(
+        code(f.fs.link(&ctx(), yml, ROOT_ID, &c("a.yml"))),
+        libc::EROFS
+    );
+    assert_eq!(
+        code(f.fs.link(&ctx(), config, ROOT_ID, &c("cfg"))),
+        libc::EROFS
+    );
+    // Nor a gitfile, nor a file into the protected git metadata.
+    assert_eq!(code(f.fs.link(&ctx(), y, plain, &c(".git"))), libc::EROFS);
+    let git = f.path("sub/.git").unwrap().inode;
+    assert_eq!(
+        code(f.fs.link(&ctx(), y, git, &c("commondir"))),
+        libc::EROFS
+    );
+    assert_eq!(code(f.fs.link(&ctx(), y, sub, &c("y"))), 0);
+    for p in ["id", "a.yml", "cfg", "sub/plain/.git", "sub/.git/commondir"] {
+        assert!(!f.root.join(p).exists(), "{p} was made");
+    }
+}
+
+#[test]
+fn git_metadata_is_read_only_at_any_depth() {
+    let f = fixture_with(
+        &[],
+        &[
+            "sub/.git/HEAD",
+            "sub/.git/config",
+            ".git/modules/lib/config",
+            ".git/worktrees/w/HEAD",
+            "plain/readme",
+            "mod/.git",
+        ],
+    );
+    let args = || CreateIn {
+        flags: libc::O_WRONLY as u32,
+        mode: 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    let git = f.path(".git").unwrap().inode;
+    let sub_git = f.path("sub/.git").unwrap().inode;
+    let modules_lib = f.path(".git/modules/lib").unwrap().inode;
+    let wt = f.path(".git/worktrees/w").unwrap().inode;
     let plain = f.path("plain").unwrap().inode;
-    f.fs.open(&ctx(), plain, libc::O_RDONLY as u32, 0).unwrap();
-    assert!(store.load().unwrap().get(Label::SecretRead).is_some());
+    for (dir, name) in [
+        (git, "commondir"),
+        (sub_git, "commondir"),
+        (wt, "gitdir"),
+        (modules_lib, "config.worktree"),
+    ] {
+        assert_eq!(
+            code(f.fs.create(&ctx(), dir, &c(name), args())),
+            libc::EROFS,
+            "{name}"
+        );
+    }
+    for p in [
+        "sub/.git/config",
+        ".git/modules/lib/config",
+        ".git/worktrees/w/HEAD",
+    ] {
+        let ino = f.path(p).unwrap().inode;
+        assert_eq!(
+            code(f.fs.open(&ctx(), ino, libc::O_WRONLY as u32, 0)),
+            libc::EROFS,
+            "{p}"
+        );
+    }
+    // `objects/info/alternates` and a missing hooks folder made a symlink.
+    let objects =
+        f.fs.mkdir(&ctx(), sub_git, &c("objects"), 0o755, 0)
+            .unwrap();
+    let info =
+        f.fs.mkdir(&ctx(), objects.inode, &c("info"), 0o755, 0)
+            .unwrap();
+    assert_eq!(
+        code(f.fs.create(&ctx(), info.inode, &c("alternates"), args())),
+        libc::EROFS
+    );
+    assert_eq!(
+        code(f.fs.create(&ctx(), info.inode, &c("packs"), args())),
+        0
+    );
+    for (dir, name) in [(sub_git, "hooks"), (git, "x"), (info.inode, "l")] {
+        assert_eq!(
+            code(f.fs.symlink(&ctx(), &c("../../evil"), dir, &c(name))),
+            libc::EROFS,
+            "{name}"
+        );
+    }
+    // A gitfile anywhere: created, made by mknod, renamed into place.
+    assert_eq!(
+        code(f.fs.create(&ctx(), plain, &c(".git"), args())),
+        libc::EROFS
+    );
+    assert_eq!(
+        code(f.fs.mknod(&ctx(), plain, &c(".git"), libc::S_IFREG | 0o644, 0, 0)),
+        libc::EROFS
+    );
+    assert_eq!(
+        code(f.fs.symlink(&ctx(), &c("../sub/.git"), plain, &c(".git"))),
+        libc::EROFS
+    );
+    assert_eq!(
+        code(f.fs.rename(&ctx(), plain, &c("readme"), plain, &c(".git"), 0)),
+        libc::EROFS
+    );
+    assert!(!f.root.join("plain/.git").exists());
+    // An existing gitfile (a submodule's) is neither changed nor removed.
+    let gitfile = f.path("mod/.git").unwrap().inode;
+    assert_eq!(
+        code(f.fs.open(&ctx(), gitfile, libc::O_WRONLY as u32, 0)),
+        libc::EROFS
+    );
+    let m = f.path("mod").unwrap().inode;
+    assert_eq!(code(f.fs.unlink(&ctx(), m, &c(".git"))), libc::EROFS);
+    assert_eq!(
+        code(f.fs.rename(&ctx(), m, &c(".git"), m, &c("g"), 0)),
+        libc::EROFS
+    );
+    // A folder `.git` is ordinary, and what git itself does there works.
+    let g = f.fs.mkdir(&ctx(), plain, &c(".git"), 0o755, 0).unwrap();
+    let (e, _, _, _) =
+        f.fs.create(&ctx(), sub_git, &c("index.lock"), args())
+            .unwrap();
+    f.fs.rename(&ctx(), sub_git, &c("index.lock"), sub_git, &c("index"), 0)
+        .unwrap();
+    assert_eq!(f.fs.known(e.inode).0, vec![Path::new("sub/.git/index")]);
+    assert_eq!(code(f.fs.create(&ctx(), g.inode, &c("HEAD"), args())), 0);
+}
+
+#[test]
+fn the_guest_cannot_make_the_server_hold_more_than_the_caps() {
+    let many: Vec<String> = (0..20).map(|i| format!("many/f{i}")).collect();
+    let names: Vec<&str> = many.iter().map(String::as_str).collect();
+    let f = fixture_with(&[], &names);
+    let fs = f.fs;
+    let fs = fs.with_limits(crate::Limits {
+        inodes: 8,
+        handles: 4,
+    });
+    let dir = fs.lookup(&ctx(), ROOT_ID, &c("many")).unwrap().inode;
+    // Lookups without a FORGET: the root, `many` and six more, then ENFILE.
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for i in 0..20 {
+        match fs.lookup(&ctx(), dir, &c(&format!("f{i}"))) {
+            Ok(e) => held.push(e.inode),
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENFILE));
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((held.len(), refused), (6, 14));
+    assert_eq!(fs.known(ROOT_ID).1, 8);
+    // A listing past the cap still lists every name, without holding them.
+    let (h, _) = fs.opendir(&ctx(), dir, 0).unwrap();
+    let mut listed = 0;
+    fs.readdirplus(&ctx(), dir, h.unwrap(), 65536, 0, &mut |_, _| {
+        listed += 1;
+        Ok(1)
+    })
+    .unwrap();
+    assert_eq!(listed, 20);
+    assert_eq!(fs.known(ROOT_ID).1, 8);
+    fs.releasedir(&ctx(), dir, 0, h.unwrap()).unwrap();
+    // A FORGET makes room again (the lookup, and the listing's).
+    fs.forget(&ctx(), held[0], 2);
+    assert!(fs.lookup(&ctx(), dir, &c("f19")).is_ok());
+    // Handles: four open, the fifth refused, a release makes room.
+    let mut handles = Vec::new();
+    for _ in 0..4 {
+        let (h, _, _) = fs.open(&ctx(), held[1], libc::O_RDONLY as u32, 0).unwrap();
+        handles.push(h.unwrap());
+    }
+    assert_eq!(
+        code(fs.open(&ctx(), held[1], libc::O_RDONLY as u32, 0)),
+        libc::ENFILE
+    );
+    assert_eq!(code(fs.opendir(&ctx(), dir, 0)), libc::ENFILE);
+    // A made-up handle frees nothing.
+    assert!(fs
+        .release(&ctx(), held[1], 0, 999_999, false, false, None)
+        .is_err());
+    assert_eq!(
+        code(fs.open(&ctx(), held[1], libc::O_RDONLY as u32, 0)),
+        libc::ENFILE
+    );
+    fs.release(&ctx(), held[1], 0, handles[0], false, false, None)
+        .unwrap();
+    assert!(fs.open(&ctx(), held[1], libc::O_RDONLY as u32, 0).is_ok());
+}
+
+/// A folder the guest forgot while it still holds something below stays
+/// known (and keeps its inode number in the passthrough layer), so a later
+/// rename of it moves what is below; forgetting everything frees it all.
+#[test]
+fn folders_stay_known_while_something_below_is() {
+    let f = fixture_with(&[], &["a/b/c/f"]);
+    let a = f.lookup(ROOT_ID, "a").unwrap().inode;
+    let b = f.lookup(a, "b").unwrap().inode;
+    let c_ = f.lookup(b, "c").unwrap().inode;
+    let file = f.lookup(c_, "f").unwrap().inode;
+    let before = f.fs.known(ROOT_ID).1;
+    for ino in [a, b, c_] {
+        f.fs.forget(&ctx(), ino, 1);
+    }
+    assert_eq!(f.fs.known(ROOT_ID).1, before);
+    // A forget of more than was handed out takes no more.
+    f.fs.forget(&ctx(), a, 1000);
+    assert_eq!(
+        f.lookup(ROOT_ID, "a").unwrap().inode,
+        a,
+        "the same inode number"
+    );
+    f.fs.rename(&ctx(), ROOT_ID, &c("a"), ROOT_ID, &c("z"), 0)
+        .unwrap();
+    assert_eq!(f.fs.known(file).0, vec![Path::new("z/b/c/f")]);
+    f.fs.forget(&ctx(), a, 1);
+    f.fs.forget(&ctx(), file, 1);
+    assert_eq!(f.fs.known(ROOT_ID).1, before - 4);
 }

@@ -15,10 +15,25 @@
 //! # What each list does
 //!
 //! - `deny_read`: the path and everything below it do not exist for the guest.
-//! - `read_only`: the path cannot be changed. A path above an anchored
-//!   read-only pattern (`.git` and `.git/hooks` for `.git/hooks/**`) cannot
-//!   be renamed or removed either, since that would move the protected files.
+//! - `read_only`: the path cannot be changed.
 //! - `flow.secret`: opening the file for reading sets the `secret-read` label.
+//! - the git guard (with the defaults): a non-folder named `.git` (a gitfile)
+//!   cannot be created, changed or removed, and no symlink can be made at or
+//!   below a `.git` folder; with the default read-only patterns this keeps
+//!   everything the host's git runs or reads its configuration from out of
+//!   the guest's reach, at any depth (docs/files.md).
+//!
+//! # Rules follow the file, not its name
+//!
+//! A rename moves a whole subtree to new names, so [`FileRules::rename`]
+//! decides it by what the rules say about *everything* the move carries, not
+//! only about the two names: each pattern is also run as a small automaton
+//! over path components, and the set of pattern positions still open after a
+//! folder's path says which names below it the pattern can match. A move
+//! is refused when it would leave something below the folder uncovered by a
+//! deny-read or secret rule that covered it, or change in any way what a
+//! read-only rule (or the git guard) covers below it. This costs the length
+//! of the two paths times the number of rules, whatever the tree holds.
 //!
 //! Every rule is evaluated only here, by [`FileRules`]; the file server asks
 //! it and never matches a pattern itself.
@@ -31,14 +46,32 @@ use globset::{Glob, GlobBuilder, GlobMatcher};
 /// The deny-read rules every sandbox gets.
 pub const DEFAULT_DENY_READ: &[&str] =
     &[".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*"];
-/// The read-only rules every sandbox gets. `.sandpen.toml` is among them: the
-/// agent must not be able to widen the rules its next start will read.
+/// The read-only rules every sandbox gets: whatever the host's git executes
+/// or takes configuration from, under a `.git` folder at any depth (and in
+/// the repositories of submodules and linked worktrees it holds), and
+/// `.sandpen.toml`, so that the agent cannot widen the rules its next start
+/// will read.
 pub const DEFAULT_READ_ONLY: &[&str] = &[
-    ".git/hooks/**",
-    ".git/config",
-    ".git/info/**",
+    "**/.git/config",
+    "**/.git/config.worktree",
+    "**/.git/hooks/**",
+    "**/.git/info/**",
+    "**/.git/commondir",
+    "**/.git/objects/info/alternates",
+    "**/.git/objects/info/http-alternates",
+    "**/.git/modules/**/config",
+    "**/.git/modules/**/config.worktree",
+    "**/.git/modules/**/hooks/**",
+    "**/.git/modules/**/info/**",
+    "**/.git/modules/**/commondir",
+    "**/.git/modules/**/objects/info/alternates",
+    "**/.git/modules/**/objects/info/http-alternates",
+    "**/.git/worktrees/**",
     ".sandpen.toml",
 ];
+
+/// The name of git's metadata folder (or gitfile).
+pub const GIT_DIR: &str = ".git";
 
 /// The workspace file that can add rules.
 pub const WORKSPACE_FILE: &str = ".sandpen.toml";
@@ -101,6 +134,15 @@ pub struct PatternError {
     pub why: String,
 }
 
+/// One component of a pattern, for following it along a path.
+#[derive(Debug, Clone)]
+enum Comp {
+    /// `**`: any number of components.
+    AnyDepth,
+    /// One component.
+    One(GlobMatcher),
+}
+
 /// One compiled path pattern.
 #[derive(Debug, Clone)]
 pub struct PathRule {
@@ -109,10 +151,43 @@ pub struct PathRule {
     pub pattern: String,
     pub source: FileRuleSource,
     matcher: GlobMatcher,
-    /// For anchored patterns: the literal leading components (`.git/hooks`
-    /// for `.git/hooks/**`). Renaming or removing one of these, or a folder
-    /// above them, would move what the rule protects.
-    literal_prefix: Option<String>,
+    /// The same pattern one component at a time (see [`PathRule::open_after`]).
+    comps: Vec<Comp>,
+}
+
+fn glob(pattern: &str) -> Result<Glob, globset::Error> {
+    GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()
+}
+
+/// Splits a pattern at the `/` that separate components; `None` when a `/`
+/// sits inside `{…}` or `[…]`, where it would not.
+fn split_components(p: &str) -> Option<Vec<&str>> {
+    let mut out = Vec::new();
+    let (mut braces, mut bracket, mut escaped, mut start) = (0usize, false, false, 0);
+    for (i, ch) in p.char_indices() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match ch {
+            '\\' => escaped = true,
+            '[' if !bracket => bracket = true,
+            ']' if bracket => bracket = false,
+            '{' if !bracket => braces += 1,
+            '}' if !bracket => braces = braces.saturating_sub(1),
+            '/' if braces > 0 || bracket => return None,
+            '/' => {
+                out.push(&p[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&p[start..]);
+    Some(out)
 }
 
 impl PathRule {
@@ -145,26 +220,30 @@ impl PathRule {
         } else {
             format!("**/{p}")
         };
-        let glob: Glob = GlobBuilder::new(&full)
-            .literal_separator(true)
-            .backslash_escape(true)
-            .build()
-            .map_err(|e| bad(&e.kind().to_string()))?;
-        let literal_prefix = if anchored && !p.starts_with("**") {
-            let lits: Vec<&str> = p
-                .split('/')
-                .take_while(|c| !c.contains(['*', '?', '[', '{', '\\']))
-                .collect();
-            (!lits.is_empty()).then(|| lits.join("/"))
-        } else {
-            None
-        };
+        let matcher = glob(&full)
+            .map_err(|e| bad(&e.kind().to_string()))?
+            .compile_matcher();
+        let parts = split_components(&full).ok_or_else(|| {
+            bad("a `/` inside `{…}` or `[…]` is not supported: write one pattern per alternative")
+        })?;
+        let comps = parts
+            .into_iter()
+            .map(|c| {
+                if c == "**" {
+                    Ok(Comp::AnyDepth)
+                } else {
+                    glob(c)
+                        .map(|g| Comp::One(g.compile_matcher()))
+                        .map_err(|e| bad(&e.kind().to_string()))
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(PathRule {
             kind,
             pattern: pattern.to_string(),
             source,
-            matcher: glob.compile_matcher(),
-            literal_prefix,
+            matcher,
+            comps,
         })
     }
 
@@ -176,11 +255,65 @@ impl PathRule {
             .any(|a| self.matcher.is_match(a))
     }
 
-    /// Is `rel` the literal prefix of this anchored pattern, or above it?
-    fn guards(&self, rel: &Path) -> bool {
-        match &self.literal_prefix {
-            Some(prefix) => Path::new(prefix).starts_with(rel) && !rel.as_os_str().is_empty(),
-            None => false,
+    /// Adds the positions reachable without a component (past a `**`).
+    fn closure(&self, mut states: Vec<usize>) -> Vec<usize> {
+        let mut i = 0;
+        while i < states.len() {
+            let s = states[i];
+            if matches!(self.comps.get(s), Some(Comp::AnyDepth)) && !states.contains(&(s + 1)) {
+                states.push(s + 1);
+            }
+            i += 1;
+        }
+        states.sort_unstable();
+        states.dedup();
+        states
+    }
+
+    /// The positions of the pattern still open after the components of the
+    /// folder `rel`: what the pattern can match below `rel` depends on `rel`
+    /// only through this set, so two folders with the same set (or the
+    /// second with more) have the same names below them covered.
+    fn open_after(&self, rel: &Path) -> Vec<usize> {
+        let mut states = self.closure(vec![0]);
+        for c in rel.components() {
+            let name = Path::new(c.as_os_str());
+            let next = states
+                .iter()
+                .filter_map(|&s| match self.comps.get(s) {
+                    Some(Comp::AnyDepth) => Some(s),
+                    Some(Comp::One(m)) if m.is_match(name) => Some(s + 1),
+                    _ => None,
+                })
+                .collect();
+            states = self.closure(next);
+            if states.is_empty() {
+                break;
+            }
+        }
+        states.retain(|&s| s < self.comps.len());
+        states
+    }
+
+    /// Would moving `from` (a folder when `dir`, whose contents go along)
+    /// to `to` take something out from under this rule? With `both_ways`,
+    /// bringing something under it counts too.
+    fn move_changes(&self, from: &Path, to: &Path, dir: bool, both_ways: bool) -> bool {
+        let (was, will) = (self.matches(from), self.matches(to));
+        if will {
+            return both_ways && !was;
+        }
+        if was {
+            return true;
+        }
+        if !dir {
+            return false;
+        }
+        let (before, after) = (self.open_after(from), self.open_after(to));
+        if both_ways {
+            before != after
+        } else {
+            !before.iter().all(|s| after.contains(s))
         }
     }
 }
@@ -205,6 +338,33 @@ pub struct FileRules {
     secret: Vec<PathRule>,
     /// The whole share is read-only (`--mount PATH:ro`).
     all_read_only: bool,
+    /// The git guard (on with the defaults, see the module docs).
+    git: bool,
+}
+
+/// What kind of entry a name is, for the rules that depend on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    Dir,
+    Symlink,
+    /// A regular file, FIFO or socket.
+    File,
+}
+
+impl EntryKind {
+    /// From `st_mode`.
+    pub fn from_mode(mode: u32) -> EntryKind {
+        match mode & 0o170000 {
+            0o040000 => EntryKind::Dir,
+            0o120000 => EntryKind::Symlink,
+            _ => EntryKind::File,
+        }
+    }
+}
+
+/// Is `rel` a `.git` folder or below one?
+fn in_git(rel: &Path) -> bool {
+    rel.components().any(|c| c.as_os_str() == GIT_DIR)
 }
 
 impl FileRules {
@@ -236,6 +396,16 @@ impl FileRules {
 
     pub fn all_read_only(&self) -> bool {
         self.all_read_only
+    }
+
+    /// Switch the git guard on or off (on with the defaults).
+    pub fn with_git_guard(mut self, yes: bool) -> FileRules {
+        self.git = yes;
+        self
+    }
+
+    pub fn git_guard(&self) -> bool {
+        self.git
     }
 
     /// Every rule: deny-read, read-only, then secret.
@@ -274,14 +444,64 @@ impl FileRules {
         }
     }
 
-    /// May `rel` be renamed away or removed? Like [`writable`](Self::writable),
-    /// and also refused for a folder that holds an anchored read-only path.
-    pub fn movable(&self, rel: &Path) -> Result<(), ReadOnlyBy<'_>> {
+    /// May the entry `rel`, of `kind`, be changed or removed? Like
+    /// [`writable`](Self::writable), and a gitfile (a non-folder named
+    /// `.git`) never is under the git guard.
+    pub fn writable_entry(&self, rel: &Path, kind: EntryKind) -> Result<(), ReadOnlyBy<'_>> {
         self.writable(rel)?;
-        match self.read_only.iter().find(|r| r.guards(rel)) {
-            Some(r) => Err(ReadOnlyBy::Rule(r)),
-            None => Ok(()),
+        if self.git && kind != EntryKind::Dir && rel.file_name() == Some(GIT_DIR.as_ref()) {
+            return Err(ReadOnlyBy::Git);
         }
+        Ok(())
+    }
+
+    /// May an entry of `kind` be created at `rel` (by create, mknod, mkdir,
+    /// symlink, link or a rename)? Like [`writable`](Self::writable), and
+    /// under the git guard no gitfile and no symlink at or below a `.git`.
+    pub fn creatable_entry(&self, rel: &Path, kind: EntryKind) -> Result<(), ReadOnlyBy<'_>> {
+        self.writable_entry(rel, kind)?;
+        if self.git && kind == EntryKind::Symlink && in_git(rel) {
+            return Err(ReadOnlyBy::Git);
+        }
+        Ok(())
+    }
+
+    /// May the entry `from` (of `kind`; a folder's contents go along) be
+    /// renamed to `to`? Refused when the move would change what a read-only
+    /// rule or the git guard covers at or below it, or take anything there
+    /// out from under a deny-read or secret rule (see the module docs). Hidden
+    /// names themselves are the caller's to refuse first (as `ENOENT`).
+    pub fn rename(&self, from: &Path, to: &Path, kind: EntryKind) -> Result<(), MoveRefused<'_>> {
+        self.writable_entry(from, kind)
+            .map_err(MoveRefused::ReadOnly)?;
+        self.creatable_entry(to, kind)
+            .map_err(MoveRefused::ReadOnly)?;
+        let dir = kind == EntryKind::Dir;
+        if let Some(r) = self
+            .read_only
+            .iter()
+            .find(|r| r.move_changes(from, to, dir, true))
+        {
+            return Err(MoveRefused::ReadOnly(ReadOnlyBy::Rule(r)));
+        }
+        if self.git && dir && in_git(from) != in_git(to) {
+            return Err(MoveRefused::ReadOnly(ReadOnlyBy::Git));
+        }
+        if let Some(r) = self
+            .deny_read
+            .iter()
+            .find(|r| r.move_changes(from, to, dir, false))
+        {
+            return Err(MoveRefused::Hidden(r));
+        }
+        if let Some(r) = self
+            .secret
+            .iter()
+            .find(|r| r.move_changes(from, to, dir, false))
+        {
+            return Err(MoveRefused::Secret(r));
+        }
+        Ok(())
     }
 
     /// The `flow.secret` rule that `rel` matches, if any.
@@ -318,6 +538,8 @@ impl FileRules {
 pub enum ReadOnlyBy<'a> {
     Share,
     Rule(&'a PathRule),
+    /// A gitfile, a symlink in a `.git`, or a folder moved into or out of one.
+    Git,
 }
 
 impl fmt::Display for ReadOnlyBy<'_> {
@@ -325,6 +547,27 @@ impl fmt::Display for ReadOnlyBy<'_> {
         match self {
             ReadOnlyBy::Share => f.write_str("read-only mount"),
             ReadOnlyBy::Rule(r) => r.fmt(f),
+            ReadOnlyBy::Git => f.write_str("git metadata (default)"),
+        }
+    }
+}
+
+/// Why a rename is refused.
+#[derive(Debug, Clone, Copy)]
+pub enum MoveRefused<'a> {
+    /// It would change something read-only, or what a read-only rule covers.
+    ReadOnly(ReadOnlyBy<'a>),
+    /// It would take something hidden out from under its deny-read rule.
+    Hidden(&'a PathRule),
+    /// It would take a secret out from under its `flow.secret` rule.
+    Secret(&'a PathRule),
+}
+
+impl fmt::Display for MoveRefused<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MoveRefused::ReadOnly(by) => by.fmt(f),
+            MoveRefused::Hidden(r) | MoveRefused::Secret(r) => r.fmt(f),
         }
     }
 }
@@ -372,7 +615,7 @@ pub fn compile(
         .filter_map(|(_, f, _)| f.defaults)
         .next_back()
         .unwrap_or(true);
-    let mut rules = FileRules::default();
+    let mut rules = FileRules::default().with_git_guard(defaults);
     if defaults {
         for p in DEFAULT_DENY_READ {
             rules.push(PathRule::new(
@@ -455,47 +698,153 @@ mod tests {
     }
 
     #[test]
-    fn defaults_protect_git_hooks_and_config() {
+    fn defaults_protect_git_metadata_at_any_depth() {
         let r = defaults();
         for p in [
             ".git/hooks/pre-commit",
             ".git/config",
             ".git/info/exclude",
             ".sandpen.toml",
+            "sub/.git/config",
+            "a/b/.git/hooks/post-checkout",
+            "sub/.git/commondir",
+            ".git/objects/info/alternates",
+            ".git/modules/lib/config",
+            ".git/modules/lib/hooks/pre-commit",
+            ".git/modules/a/modules/b/config",
+            ".git/worktrees/wt/HEAD",
+            ".git/worktrees/wt/config.worktree",
+            "x/.git/modules/m/info/attributes",
         ] {
             assert!(r.writable(Path::new(p)).is_err(), "{p} should be read-only");
         }
         for p in [
             ".git/HEAD",
+            ".git/index",
             ".git/objects/ab/cd",
-            "sub/.git/config",
+            ".git/objects/info/packs",
+            ".git/refs/heads/main",
+            ".git/modules/lib/index",
+            "sub/.git/index",
             "src/a.rs",
             ".git/hooks",
+            "config",
         ] {
             assert!(r.writable(Path::new(p)).is_ok(), "{p} should be writable");
         }
-        // Moving a folder that holds protected files is refused too.
-        for p in [".git", ".git/hooks", ".git/info", ".git/config"] {
-            assert!(r.movable(Path::new(p)).is_err(), "{p} should not move");
+        let (dir, link, file) = (EntryKind::Dir, EntryKind::Symlink, EntryKind::File);
+        // A gitfile is neither made nor changed; a folder `.git` is ordinary.
+        for p in [".git", "sub/.git"] {
+            assert!(r.creatable_entry(Path::new(p), file).is_err(), "{p}");
+            assert!(r.writable_entry(Path::new(p), file).is_err(), "{p}");
+            assert!(r.creatable_entry(Path::new(p), dir).is_ok(), "{p}");
         }
-        assert!(r.movable(Path::new(".git/objects")).is_ok());
-        assert!(r.movable(Path::new("src")).is_ok());
+        // No symlink at or below a `.git` folder.
+        for p in [
+            ".git",
+            ".git/hooks",
+            "sub/.git/refs/heads/x",
+            ".git/objects/x",
+        ] {
+            assert!(r.creatable_entry(Path::new(p), link).is_err(), "{p}");
+        }
+        assert!(r.creatable_entry(Path::new("src/l"), link).is_ok());
+        assert!(r.creatable_entry(Path::new("src/.gitignore"), file).is_ok());
+        let no_defaults = rules(&[], &[], &[]);
+        assert!(no_defaults.creatable_entry(Path::new(".git"), file).is_ok());
+    }
+
+    /// Moving a folder (or a folder above it) would move what a rule covers.
+    #[test]
+    fn a_rename_never_takes_anything_out_from_under_a_rule() {
+        let mut r = rules(
+            &["private/**", "**/vault/**"],
+            &["ci/*.yml"],
+            &["secrets/**", "**/keys/**"],
+        )
+        .with_git_guard(true);
+        for p in DEFAULT_READ_ONLY {
+            r.push(PathRule::new(FileRuleKind::ReadOnly, p, FileRuleSource::Default).unwrap());
+        }
+        let (dir, file, link) = (EntryKind::Dir, EntryKind::File, EntryKind::Symlink);
+        let refused =
+            |from: &str, to: &str, kind| r.rename(Path::new(from), Path::new(to), kind).is_err();
+        for (from, to, what) in [
+            ("private", "p2", "deny_read parent"),
+            ("x/vault", "x/v2", "deny_read ** parent"),
+            ("secrets", "s2", "secret parent"),
+            ("x/keys", "x/k2", "secret ** parent"),
+            ("ci", "c2", "read_only parent"),
+            (".git", "g", "git folder"),
+            ("sub/.git", "sub/g", "nested git folder"),
+            (".git/hooks", ".git/h", "hooks folder"),
+            (".git/modules", ".git/m", "modules folder"),
+            (
+                "sub/.git/modules/lib",
+                "sub/.git/lib",
+                "a submodule's git folder",
+            ),
+            ("evil", ".git", "a folder becoming .git"),
+            ("evil", "sub/.git", "a folder becoming a nested .git"),
+            ("evil", ".git/hooks", "a folder becoming hooks"),
+            ("evil", ".git/refs/x", "a folder moving into .git"),
+            (".git/refs", "refs", "a folder moving out of .git"),
+        ] {
+            assert!(refused(from, to, dir), "{what}: {from} -> {to}");
+        }
+        // The grandparent: everything above a rule's match.
+        let mut r2 = rules(&["a/b/private/**"], &[], &[]);
+        r2.push(PathRule::new(FileRuleKind::DenyRead, "*.pem", FileRuleSource::Default).unwrap());
+        assert!(r2.rename(Path::new("a"), Path::new("z"), dir).is_err());
+        assert!(r2.rename(Path::new("a/b"), Path::new("a/c"), dir).is_err());
+        assert!(r2.rename(Path::new("q"), Path::new("z"), dir).is_ok());
+        for (from, to, kind, what) in [
+            ("secrets/token", "plain", file, "a secret file"),
+            ("x/keys/id", "x/id", file, "a secret file under **"),
+            ("src/x", ".git", file, "a gitfile"),
+            ("src/l", ".git/hooks", link, "a symlink into .git"),
+            (".git/config", ".git/c2", file, "a read-only file"),
+        ] {
+            assert!(refused(from, to, kind), "{what}: {from} -> {to}");
+        }
+        // What git and ordinary work do still moves.
+        for (from, to, kind) in [
+            ("src", "src2", dir),
+            ("sub", "sub2", dir),
+            ("sub/.git", "other/.git", dir),
+            ("x/vault/a", "x/vault/b", dir),
+            ("secrets/a", "secrets/b", dir),
+            ("docs", "secrets/docs", dir),
+            (".git/index.lock", ".git/index", file),
+            (".git/refs/heads/a.lock", ".git/refs/heads/a", file),
+            (".git/rebase-merge", ".git/rebase-apply", dir),
+            (".git/objects/tmp", ".git/objects/ab", dir),
+            ("a.txt", "b.txt", file),
+            ("src/l", "src/m", link),
+        ] {
+            assert!(
+                r.rename(Path::new(from), Path::new(to), kind).is_ok(),
+                "{from} -> {to}: {}",
+                r.rename(Path::new(from), Path::new(to), kind).unwrap_err()
+            );
+        }
     }
 
     #[test]
-    fn anchored_and_floating_patterns() {
-        let r = rules(&["secrets/**", "**/*.sqlite"], &["/ci/*.yml"], &[".env*"]);
-        assert!(r.hidden(Path::new("secrets/token")).is_some());
-        assert!(r.hidden(Path::new("secrets/a/b")).is_some());
-        assert!(r.hidden(Path::new("secrets")).is_none());
-        assert!(r.hidden(Path::new("x/secrets/token")).is_none());
-        assert!(r.hidden(Path::new("db.sqlite")).is_some());
-        assert!(r.hidden(Path::new("a/db.sqlite")).is_some());
-        assert!(r.writable(Path::new("ci/a.yml")).is_err());
-        assert!(r.writable(Path::new("ci/sub/a.yml")).is_ok());
-        assert!(r.movable(Path::new("ci")).is_err());
-        assert!(r.secret(Path::new("app/.env.prod")).is_some());
-        assert!(r.secret(Path::new("app/env")).is_none());
+    fn a_slash_inside_braces_is_refused() {
+        let e = PathRule::new(
+            FileRuleKind::ReadOnly,
+            "{a/b,c}/x",
+            FileRuleSource::Text("t".into()),
+        )
+        .unwrap_err();
+        assert!(e.why.contains("one pattern per alternative"), "{e}");
+        assert!(PathRule::new(
+            FileRuleKind::ReadOnly,
+            "{a,b}/[xy]*/z",
+            FileRuleSource::Text("t".into())
+        )
+        .is_ok());
     }
 
     #[test]

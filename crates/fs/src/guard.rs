@@ -36,6 +36,7 @@ use sandpen_policy::files::ReadOnlyBy;
 use sandpen_policy::FileRules;
 
 use crate::events::Events;
+use crate::reserve::{DiskReserve, ENTRY_BYTES};
 
 /// How guest ids and host ids correspond.
 #[derive(Debug, Clone, Copy)]
@@ -102,6 +103,9 @@ pub struct Guarded<F> {
     /// one sets the label again (it may have been reset since the open).
     secret_handles: Mutex<HashMap<u64, PathBuf>>,
     events: Arc<Events>,
+    /// Writes that would take the state folder's disk below its floor fail
+    /// with `ENOSPC` (see [`crate::reserve`]).
+    reserve: Option<Arc<DiskReserve>>,
 }
 
 fn err(code: i32) -> io::Error {
@@ -158,6 +162,21 @@ where
             nodes: Mutex::new(nodes),
             secret_handles: Mutex::new(HashMap::new()),
             events,
+            reserve: None,
+        }
+    }
+
+    /// Keep the disk reserve.
+    pub fn with_reserve(mut self, reserve: Option<Arc<DiskReserve>>) -> Self {
+        self.reserve = reserve;
+        self
+    }
+
+    /// `ENOSPC` when adding `bytes` would go below the reserve.
+    fn admit(&self, bytes: u64) -> io::Result<()> {
+        match &self.reserve {
+            Some(r) => r.admit(bytes),
+            None => Ok(()),
         }
     }
 
@@ -257,11 +276,15 @@ where
     }
 
     /// A read of `rel` (or a move that would let it be read under another
-    /// name): sets `secret-read` if it matches `flow.secret`.
-    fn note_read(&self, rel: &Path) {
-        if let Some(rule) = self.rules.secret(rel) {
-            self.events
-                .secret_read(&self.host_path(rel), &rule.to_string());
+    /// name): sets `secret-read` if it matches `flow.secret`. `EIO` when the
+    /// label cannot be written: nothing is served without it.
+    fn note_read(&self, op: &str, rel: &Path) -> io::Result<()> {
+        match self.rules.secret(rel) {
+            Some(rule) => self
+                .events
+                .secret_read(op, &self.host_path(rel), &rule.to_string())
+                .map_err(|_| err(libc::EIO)),
+            None => Ok(()),
         }
     }
 
@@ -416,6 +439,13 @@ where
         if valid.contains(SetattrValid::MODE) {
             attr.st_mode = strip_mode(attr.st_mode);
         }
+        if valid.contains(SetattrValid::SIZE) && self.admit(0).is_err() {
+            // Below the reserve a file may shrink, not grow.
+            let (now, _) = self.inner.getattr(ctx, inode, handle)?;
+            if attr.st_size > now.st_size {
+                return Err(err(libc::ENOSPC));
+            }
+        }
         let (mut st, t) = self.inner.setattr(ctx, inode, attr, handle, valid)?;
         self.ids.show_to_guest(&mut st);
         Ok((st, t))
@@ -436,6 +466,7 @@ where
     ) -> io::Result<Entry> {
         let rel = self.child(parent, name)?;
         self.creatable("symlink", &rel)?;
+        self.admit(ENTRY_BYTES)?;
         let entry = self.inner.symlink(ctx, linkname, parent, name)?;
         Ok(self.record(entry, rel))
     }
@@ -456,6 +487,7 @@ where
             // Device nodes on the host's disk are the host's business.
             _ => return Err(err(libc::EPERM)),
         }
+        self.admit(ENTRY_BYTES)?;
         let entry = self
             .inner
             .mknod(ctx, parent, name, strip_mode(mode), rdev, umask)?;
@@ -472,6 +504,7 @@ where
     ) -> io::Result<Entry> {
         let rel = self.child(parent, name)?;
         self.creatable("mkdir", &rel)?;
+        self.admit(ENTRY_BYTES)?;
         // A set-gid folder is ordinary and harmless; only set-uid goes.
         let entry = self
             .inner
@@ -510,10 +543,10 @@ where
         self.movable("rename", &to)?;
         // A secret moved to a name that is not one would be readable without
         // the label: moving it counts as reading it.
-        self.note_read(&from);
+        self.note_read("rename", &from)?;
         let exchange = flags & libc::RENAME_EXCHANGE != 0;
         if exchange {
-            self.note_read(&to);
+            self.note_read("rename", &to)?;
         }
         self.inner
             .rename(ctx, olddir, oldname, newdir, newname, flags)?;
@@ -533,8 +566,9 @@ where
         self.writable_all("link", &srcs)?;
         self.creatable("link", &rel)?;
         if let Some(secret) = self.secret_name(&srcs) {
-            self.note_read(secret);
+            self.note_read("link", secret)?;
         }
+        self.admit(ENTRY_BYTES)?;
         let entry = self.inner.link(ctx, inode, newparent, newname)?;
         Ok(self.record(entry, rel))
     }
@@ -563,7 +597,7 @@ where
             None
         };
         if let Some(rel) = &secret {
-            self.note_read(rel);
+            self.note_read("open", rel)?;
         }
         let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
         if let (Some(rel), Some(handle)) = (secret, opened.0) {
@@ -584,6 +618,7 @@ where
     ) -> io::Result<(Entry, Option<u64>, OpenOptions, Option<u32>)> {
         let rel = self.child(parent, name)?;
         self.creatable("create", &rel)?;
+        self.admit(ENTRY_BYTES)?;
         args.mode = strip_mode(args.mode);
         let (entry, handle, opts, passthrough) = self.inner.create(ctx, parent, name, args)?;
         Ok((self.record(entry, rel), handle, opts, passthrough))
@@ -607,7 +642,7 @@ where
             .get(&handle)
             .cloned();
         if let Some(rel) = secret {
-            self.note_read(&rel);
+            self.note_read("read", &rel)?;
         }
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
@@ -627,6 +662,7 @@ where
         fuse_flags: u32,
     ) -> io::Result<usize> {
         // The handle was checked when it was opened for writing.
+        self.admit(u64::from(size))?;
         self.inner.write(
             ctx,
             inode,
@@ -660,6 +696,9 @@ where
     ) -> io::Result<()> {
         let (rels, _) = self.node(inode)?;
         self.writable_all("fallocate", &rels)?;
+        if mode & libc::FALLOC_FL_PUNCH_HOLE as u32 == 0 {
+            self.admit(length)?;
+        }
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }

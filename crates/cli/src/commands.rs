@@ -207,12 +207,20 @@ fn flow(dirs: &Dirs, cmd: crate::FlowCommand) -> Result<i32> {
     }
 }
 
-/// One line on the file rules a sandbox runs with.
+/// One line on the file rules a sandbox runs with, and one on what of the
+/// workspace file was not applied, and why.
 fn print_file_rules(dirs: &Dirs, config: &SandboxConfig) -> Result<()> {
+    sandpen_supervisor::own::check_shares(dirs, config)?;
     let policy =
         sandpen_supervisor::egress::load_policy(dirs, &dirs.sandbox(&config.name), config)?;
     let rules = policy.file_rules()?;
     eprintln!("sandpen: files: {}", rules.summary());
+    if let Some(held) = policy.held_back() {
+        eprintln!(
+            "sandpen: {held}; `sandpen policy trust {}` applies it",
+            config.name
+        );
+    }
     Ok(())
 }
 

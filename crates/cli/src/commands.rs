@@ -231,6 +231,12 @@ async fn create_sandbox(
     agent: &str,
 ) -> Result<SandboxConfig> {
     let opts = create_options(ws, args, agent)?;
+    // Before anything slow (an image build) or anything made.
+    let own = sandpen_supervisor::own::own_folders(dirs);
+    sandpen_supervisor::own::check_share(ws, &own)?;
+    for m in &opts.mounts {
+        sandpen_supervisor::own::check_share(&m.path, &own)?;
+    }
     let image = ensure_image(dirs, &opts.image)?;
     let config = sandbox::create(dirs, &opts, &image.rootfs())?;
     first_run_policy(dirs)?;

@@ -79,7 +79,7 @@ struct PolicyWatch {
     stamps: Mutex<Stamps>,
 }
 
-type Stamps = [Option<(SystemTime, u64)>; 4];
+type Stamps = [Option<(SystemTime, u64)>; 5];
 
 /// Modification time and inode: files are replaced by rename.
 fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
@@ -96,6 +96,12 @@ impl PolicyWatch {
             stamp(&s),
             stamp(LabelStore::in_dir(&self.paths.dir).path()),
             stamp(&crate::trust::trust_file(&self.paths)),
+            stamp(
+                &self
+                    .config
+                    .workspace
+                    .join(sandpen_policy::files::WORKSPACE_FILE),
+            ),
         ]
     }
 
@@ -141,7 +147,7 @@ pub async fn serve(
     config: SandboxConfig,
 ) {
     let watch = Arc::new(PolicyWatch {
-        stamps: Mutex::new([None; 4]),
+        stamps: Mutex::new([None; 5]),
         dirs,
         paths,
         config,

@@ -25,6 +25,14 @@ const OUTSIDE: &str = "HOST-ONLY-9f31c2";
 const PRIVATE: &str = "PRIVATE-5c1e07\n";
 /// The sandbox of the resource caps test (caps lowered for it).
 const CAPS_NAME: &str = "files-caps";
+/// The workspace's `.sandpen.toml`, as a cloned repository brings it: it
+/// narrows (a secret) and widens (a trusted sink, an allow rule).
+const WORKSPACE_FILE: &str = "[files]\ndeny_read = [\"private/**\", \"**/vault/**\"]\n\
+[flow]\nsecret = [\"secrets/**\", \"**/keys/**\"]\ntrusted_sinks = [\"api.anthropic.com\"]\n\
+[[network]]\naction = \"allow\"\ntarget = \"widened.test\"\n";
+/// What setup saw before the user trusted the workspace file: `run`'s
+/// stderr and a guest's request to `widened.test`.
+static BEFORE_TRUST: OnceLock<(String, i32, String)> = OnceLock::new();
 
 struct Env {
     cli: Cli,
@@ -66,6 +74,14 @@ fn env() -> &'static Env {
         write(&ws.join(".env"), "API_KEY=sk-live-host\n");
         write(&ws.join("app/.env.local"), "X=1\n");
         write(&ws.join("server.pem"), "-----BEGIN-----\n");
+        // The defaults match without regard to case, and cover more names.
+        write(&ws.join(".ENV"), "UPPER=sk-upper-1\n");
+        write(&ws.join("KEY.PEM"), "-----BEGIN-UPPER-----\n");
+        write(
+            &ws.join("deploy/.netrc"),
+            "machine x login y password netrc-pw\n",
+        );
+        write(&ws.join("deploy/cert.P12"), "p12-bytes\n");
         write(&ws.join(".git/hooks/pre-commit"), "#!/bin/sh\necho hook\n");
         write(&ws.join(".git/config"), "[core]\n\tbare = false\n");
         write(&ws.join("secrets/token"), "tok-123\n");
@@ -75,11 +91,7 @@ fn env() -> &'static Env {
         write(&ws.join("proj/keys/token"), "key-456\n");
         write(&ws.join("public/y"), "public\n");
         write(&ws.join("nested/.git/config"), "[core]\n\tbare = false\n");
-        write(
-            &ws.join(".sandpen.toml"),
-            "[files]\ndeny_read = [\"private/**\", \"**/vault/**\"]\n\
-             [flow]\nsecret = [\"secrets/**\", \"**/keys/**\"]\ntrusted_sinks = [\"api.anthropic.com\"]\n",
-        );
+        write(&ws.join(".sandpen.toml"), WORKSPACE_FILE);
         let outside = root.path().join("outside.txt");
         write(&outside, OUTSIDE);
         std::os::unix::fs::symlink(&outside, ws.join("hostlink")).unwrap();
@@ -143,6 +155,8 @@ fn setup() -> Result<(), Failed> {
         "api.anthropic.com:127.0.0.1".into(),
         "--add-host".into(),
         "other.test:127.0.0.1".into(),
+        "--add-host".into(),
+        "widened.test:127.0.0.1".into(),
     ];
     if let Some(tc) = &e.toolchain {
         args.push("--mount".into());
@@ -152,7 +166,18 @@ fn setup() -> Result<(), Failed> {
     ok(&args)?;
     ok(&["policy", "allow", "network", "api.anthropic.com", NAME])?;
     ok(&["policy", "allow", "network", "other.test", NAME])?;
-    ok(&["start", NAME])?;
+    // `run` starts it and says what of the workspace file it left out; the
+    // guest cannot reach what only the untrusted file allows. Then the user
+    // trusts it, and the running sandbox applies it at once.
+    let out = sandpen(&["run", "--", "true"]);
+    let stderr = text(&out.stderr);
+    env().cli.expect_ok(&out, "sandpen run -- true")?;
+    let (code, curl) = guest(&format!(
+        "curl -sS -m 10 --noproxy '*' http://widened.test:{}/x",
+        e.http_port
+    ));
+    let _ = BEFORE_TRUST.set((stderr, code, curl));
+    ok(&["policy", "trust", NAME])?;
     Ok(())
 }
 
@@ -1121,6 +1146,303 @@ fn file_server_caps_hold_and_it_stays_up() -> Result<(), Failed> {
     )
 }
 
+fn default_secret_patterns_ignore_case() -> Result<(), Failed> {
+    ready()?;
+    let (_, out) = guest("cat .ENV KEY.PEM deploy/.netrc deploy/cert.P12");
+    for leak in ["sk-upper-1", "BEGIN-UPPER", "netrc-pw", "p12-bytes"] {
+        check(!out.contains(leak), format!("{leak} was served: {out}"))?;
+    }
+    check(
+        out.matches("No such file").count() == 4,
+        format!("a hidden file was found: {out}"),
+    )?;
+    let (_, out) = guest("ls -a . deploy");
+    check(
+        !out.contains(".ENV")
+            && !out.contains("KEY.PEM")
+            && !out.contains(".netrc")
+            && !out.contains("cert.P12"),
+        format!("hidden files were listed: {out}"),
+    )
+}
+
+fn workspace_file_widens_only_once_trusted() -> Result<(), Failed> {
+    ready()?;
+    let port = env().http_port;
+    let (line, code, curl) = BEFORE_TRUST
+        .get()
+        .cloned()
+        .ok_or_else(|| Failed::from("setup did not run"))?;
+    let held = line
+        .lines()
+        .find(|l| l.contains("not applied"))
+        .unwrap_or_default()
+        .to_string();
+    check(
+        held.contains(".sandpen.toml")
+            && held.contains("flow.trusted_sinks api.anthropic.com")
+            && held.contains("network allow widened.test")
+            && held.contains("not trusted")
+            && held.contains(&format!("sandpen policy trust {NAME}")),
+        format!("run's line on the workspace file: {line}"),
+    )?;
+    check(
+        code != 0 && !curl.contains("hello"),
+        format!("the untrusted allow rule was applied: {code} {curl}"),
+    )?;
+    let get = || {
+        guest(&format!(
+            "curl -sS -m 10 --noproxy '*' http://widened.test:{port}/x"
+        ))
+    };
+    let (code, out) = get();
+    check(
+        code == 0 && out.contains("hello"),
+        format!("after policy trust: {code} {out}"),
+    )?;
+    // The guest cannot edit the file; the host user can, and an edited file
+    // needs a new trust: the running sandbox drops the widening at once.
+    let (code, out) = guest("echo '[[network]]' >> .sandpen.toml");
+    check(
+        code != 0 && out.contains("Read-only"),
+        format!("the guest edited .sandpen.toml: {code} {out}"),
+    )?;
+    let file = env().cli.ws.join(".sandpen.toml");
+    write(&file, &format!("{WORKSPACE_FILE}# edited\n"));
+    let result = (|| {
+        let (code, out) = get();
+        check(
+            code != 0 && !out.contains("hello"),
+            format!("an edited file kept its trust: {code} {out}"),
+        )?;
+        let out = sandpen(&["run", "--", "true"]);
+        let line = text(&out.stderr);
+        check(
+            line.contains("changed since you trusted it"),
+            format!("run's line after an edit: {line}"),
+        )
+    })();
+    write(&file, WORKSPACE_FILE);
+    result
+}
+
+/// XDG folders pointed inside the workspace, and a `--mount` of sandpen's
+/// own folder: refused with one line before anything is made or booted.
+fn sandpens_own_files_are_never_shared() -> Result<(), Failed> {
+    let (_root, ws) = common::workspace("sandpen-own-", "own");
+    let cli = Cli::new(ws.clone());
+    let cfg = ws.join(".config");
+    let sandpen_in = |args: &[&str], var: &str, dir: &Path| {
+        cli.command(args)
+            .env(var, dir)
+            .output()
+            .expect("running sandpen")
+    };
+    // The file secret store, with a key, inside the workspace.
+    let mut set = cli
+        .command(&["secret", "set", "anthropic"])
+        .env("XDG_CONFIG_HOME", &cfg)
+        .stdin(Stdio::piped())
+        .spawn()?;
+    use std::io::Write as _;
+    set.stdin.take().unwrap().write_all(b"sk-ant-own-files\n")?;
+    check(set.wait()?.success(), "secret set")?;
+    check(
+        cfg.join("sandpen/secrets").is_file(),
+        "the secret store is not in the workspace",
+    )?;
+    for (var, dir, what) in [
+        ("XDG_CONFIG_HOME", cfg.clone(), "config folder"),
+        ("XDG_STATE_HOME", ws.join(".local/state"), "state folder"),
+        ("XDG_DATA_HOME", ws.join("data"), "data folder"),
+    ] {
+        for cmd in [
+            &["run", "--", "cat", ".config/sandpen/secrets"][..],
+            &["create"][..],
+        ] {
+            let out = sandpen_in(cmd, var, &dir);
+            let err = text(&out.stderr);
+            let line = err
+                .lines()
+                .find(|l| l.contains("cannot share"))
+                .unwrap_or_default();
+            check(
+                out.status.code() == Some(125)
+                    && line.contains(&ws.display().to_string())
+                    && line.contains(what)
+                    && line.contains(var)
+                    && !text(&out.stdout).contains("sk-ant"),
+                format!(
+                    "{var} in the workspace, sandpen {cmd:?}: {:?}\n{err}",
+                    out.status
+                ),
+            )?;
+        }
+    }
+    check(
+        !cli.state.path().join("sandpen/sandboxes/own").exists()
+            && !ws.join(".local/state/sandpen/sandboxes/own").exists(),
+        "a sandbox was made",
+    )?;
+    // A --mount of the config folder, and of a folder above it.
+    let elsewhere = tempfile::tempdir()?;
+    let ws2 = elsewhere.path().canonicalize()?.join("plain");
+    std::fs::create_dir(&ws2)?;
+    let cli2 = Cli::new(ws2);
+    for m in [
+        cli2.config.path().to_path_buf(),
+        cli2.config.path().join("sandpen"),
+    ] {
+        std::fs::create_dir_all(&m)?;
+        let out = cli2.run(&["create", "--mount", &m.display().to_string()]);
+        let err = text(&out.stderr);
+        check(
+            out.status.code() == Some(125)
+                && err.contains("cannot share")
+                && err.contains("config folder"),
+            format!("--mount {}: {:?} {err}", m.display(), out.status),
+        )?;
+    }
+    Ok(())
+}
+
+/// Unmounts on drop (lazily: a test that failed may leave a process in it).
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn mount(args: &[&str], at: &Path) -> Result<Mounted, Failed> {
+    let st = Command::new("mount").args(args).arg(at).status()?;
+    check(st.success(), format!("mount {args:?} {}", at.display()))?;
+    Ok(Mounted(at.to_path_buf()))
+}
+
+/// Free bytes of the file system holding `p`, as an unprivileged user sees them.
+fn avail(p: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(p).expect("statvfs");
+    st.blocks_available() as u64 * st.fragment_size() as u64
+}
+
+/// A small tmpfs holds the workspace and the sandbox's flow label folder.
+/// The guest fills it: its writes stop at the reserve (ENOSPC) and the
+/// label can still be written. Then the host fills the rest: a read of the
+/// secret fails with EIO and hands out nothing, and says so in the log.
+fn a_full_disk_fails_secret_reads_and_the_reserve_holds() -> Result<(), Failed> {
+    // SAFETY: geteuid has no arguments and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("needs root, to mount a small tmpfs".into());
+    }
+    const NAME: &str = "files-disk";
+    let tmp = tempfile::tempdir()?;
+    let disk = tmp.path().join("disk");
+    std::fs::create_dir(&disk)?;
+    let _tmpfs = mount(&["-t", "tmpfs", "-o", "size=64m", "tmpfs"], &disk)?;
+    let ws = disk.join(NAME);
+    write(&ws.join("secrets/token"), "tok-disk-77\n");
+    write(
+        &ws.join(".sandpen.toml"),
+        "[flow]\nsecret = [\"secrets/**\"]\n",
+    );
+    std::fs::create_dir(disk.join("flow"))?;
+    let cli = Cli::new(ws.clone());
+    let run = |args: &[&str]| cli.run(args);
+    let gsh = |sh: &str| {
+        let out = run(&["exec", "-u", "root", NAME, "--", "sh", "-c", sh]);
+        (
+            out.status.code().unwrap_or(-1),
+            text(&out.stdout) + &text(&out.stderr),
+        )
+    };
+    cli.ok(&["policy", "init", "deny-all"])?;
+    cli.ok(&["create", "--cpus", "1", "--memory", "1G"])?;
+    let flow_dir = cli
+        .state
+        .path()
+        .join("sandpen/sandboxes")
+        .join(NAME)
+        .join("flow");
+    std::fs::create_dir_all(&flow_dir)?;
+    let _bind = mount(
+        &["--bind", &disk.join("flow").display().to_string()],
+        &flow_dir,
+    )?;
+    let result = (|| -> Result<(), Failed> {
+        cli.ok(&["start", NAME])?;
+        // The default reserve on 64 MiB: 5 %.
+        let floor = (64u64 << 20) * 5 / 100;
+        let (code, out) = gsh("fallocate -l 100M big");
+        check(
+            code != 0 && out.contains("No space left"),
+            format!("fallocate past the reserve: {code} {out}"),
+        )?;
+        let (_, out) = gsh("i=0; for s in 16M 4M 1M 256K 64K 16K 4K; do \
+               while fallocate -l $s f$i 2>/dev/null; do i=$((i+1)); done; done; \
+             echo x > more; dd if=/dev/zero of=big2 bs=64k count=1 conv=fsync; mkdir d");
+        check(
+            out.matches("No space left").count() >= 3,
+            format!("writes below the reserve: {out}"),
+        )?;
+        let left = avail(&disk);
+        check(
+            left >= floor && left < floor + (1 << 20),
+            format!("the guest left {left} bytes free; the floor is {floor}"),
+        )?;
+        // The label goes into the reserve: the read is served, labelled.
+        let (code, out) = gsh("cat secrets/token");
+        check(
+            code == 0 && out.contains("tok-disk-77"),
+            format!("the secret read at the reserve: {code} {out}"),
+        )?;
+        let shown = cli.ok(&["flow", "show", NAME])?;
+        check(shown.contains("secret-read"), format!("flow show: {shown}"))?;
+        cli.ok(&["flow", "reset", NAME])?;
+        // Now something on the host takes the rest.
+        let filler = disk.join("host-filler");
+        let f = std::fs::File::create(&filler)?;
+        for size in [1u64 << 20, 64 << 10, 4 << 10] {
+            while nix::fcntl::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                nix::fcntl::FallocateFlags::empty(),
+                f.metadata()?.len() as i64,
+                size as i64,
+            )
+            .is_ok()
+            {}
+        }
+        let (code, out) = gsh("cat secrets/token");
+        check(
+            code != 0 && out.contains("Input/output error") && !out.contains("tok-disk"),
+            format!("the secret read on a full disk: {code} {out}"),
+        )?;
+        let shown = cli.ok(&["flow", "show", NAME])?;
+        check(
+            shown.contains("no flow labels"),
+            format!("flow show: {shown}"),
+        )?;
+        let log = cli.ok(&["policy", "log", NAME, "--type", "file", "--json"])?;
+        check(
+            log.lines()
+                .any(|l| l.contains("\"EIO\"") && l.contains("secrets/token")),
+            format!("no EIO record in the file log:\n{log}"),
+        )?;
+        drop(f);
+        std::fs::remove_file(&filler)?;
+        let (code, out) = gsh("cat secrets/token");
+        check(
+            code == 0 && out.contains("tok-disk-77"),
+            format!("the secret read with room again: {code} {out}"),
+        )
+    })();
+    let _ = run(&["stop", NAME]);
+    drop(_bind);
+    let _ = run(&["rm", "-f", NAME]);
+    result
+}
+
 fn main() {
     let args = Arguments {
         test_threads: Some(1),
@@ -1163,6 +1485,22 @@ fn main() {
         (
             "file_server_caps_hold_and_it_stays_up",
             file_server_caps_hold_and_it_stays_up,
+        ),
+        (
+            "default_secret_patterns_ignore_case",
+            default_secret_patterns_ignore_case,
+        ),
+        (
+            "workspace_file_widens_only_once_trusted",
+            workspace_file_widens_only_once_trusted,
+        ),
+        (
+            "sandpens_own_files_are_never_shared",
+            sandpens_own_files_are_never_shared,
+        ),
+        (
+            "a_full_disk_fails_secret_reads_and_the_reserve_holds",
+            a_full_disk_fails_secret_reads_and_the_reserve_holds,
         ),
     ];
     let trials = tests.into_iter().map(|(n, f)| Trial::test(n, f)).collect();

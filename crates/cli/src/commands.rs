@@ -218,12 +218,20 @@ fn flow(dirs: &Dirs, cmd: crate::FlowCommand) -> Result<i32> {
     }
 }
 
-/// One line on the file rules a sandbox runs with.
+/// One line on the file rules a sandbox runs with, and one on what of the
+/// workspace file was not applied, and why.
 fn print_file_rules(dirs: &Dirs, config: &SandboxConfig) -> Result<()> {
+    sandpen_supervisor::own::check_shares(dirs, config)?;
     let policy =
         sandpen_supervisor::egress::load_policy(dirs, &dirs.sandbox(&config.name), config)?;
     let rules = policy.file_rules()?;
     eprintln!("sandpen: files: {}", rules.summary());
+    if let Some(held) = policy.held_back() {
+        eprintln!(
+            "sandpen: {held}; `sandpen policy trust {}` applies it",
+            config.name
+        );
+    }
     Ok(())
 }
 
@@ -234,6 +242,12 @@ async fn create_sandbox(
     agent: &str,
 ) -> Result<SandboxConfig> {
     let opts = create_options(ws, args, agent)?;
+    // Before anything slow (an image build) or anything made.
+    let own = sandpen_supervisor::own::own_folders(dirs);
+    sandpen_supervisor::own::check_share(ws, &own)?;
+    for m in &opts.mounts {
+        sandpen_supervisor::own::check_share(&m.path, &own)?;
+    }
     let image = ensure_image(dirs, &opts.image)?;
     let config = sandbox::create(dirs, &opts, &image.rootfs())?;
     first_run_policy(dirs)?;

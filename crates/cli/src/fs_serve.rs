@@ -37,6 +37,10 @@ pub struct FsServeArgs {
     /// Refuse every change (`--mount PATH:ro`)
     #[arg(long)]
     pub all_read_only: bool,
+    /// Keep this much free on the flow label folder's file system: writes
+    /// that would go below get ENOSPC (`1GiB`, `5%`, `default`, `0`)
+    #[arg(long)]
+    pub reserve: Option<String>,
 }
 
 pub fn main(args: &FsServeArgs) -> ExitCode {
@@ -70,6 +74,22 @@ fn serve(args: &FsServeArgs) -> Result<()> {
             .with_context(|| format!("creating the flow label folder {}", dir.display()))?;
         state_dirs.push(dir.to_path_buf());
     }
+    let reserve = match (&args.reserve, state_dirs.first()) {
+        (Some(spec), Some(dir)) => {
+            let r = sandpen_policy::Reserve::parse(spec).map_err(anyhow::Error::msg)?;
+            let reserve = sandpen_fs::reserve::DiskReserve::open(dir, r)
+                .with_context(|| format!("measuring the free space of {}", dir.display()))?;
+            let (floor, avail) = reserve.status()?;
+            tracing::info!(
+                "disk reserve {r}: writes through the share stop while less than {} MiB is free on the state folder's file system ({} MiB free now)",
+                floor >> 20,
+                avail >> 20
+            );
+            Some(Arc::new(reserve))
+        }
+        (Some(_), None) => anyhow::bail!("--reserve needs --flow-state (the folder it protects)"),
+        (None, _) => None,
+    };
     let events = sandpen_fs::Events::new(&args.sandbox, args.files_log.as_deref(), labels)
         .context("opening the file audit log")?;
     let cfg = sandpen_fs::ServeConfig {
@@ -83,6 +103,7 @@ fn serve(args: &FsServeArgs) -> Result<()> {
             host_gid: nix::unistd::getgid().as_raw(),
         },
         events: Arc::new(events),
+        reserve,
         confine: Some(sandpen_fs::ConfineSpec {
             read_only: args.all_read_only,
             state_dirs,

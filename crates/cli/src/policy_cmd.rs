@@ -87,6 +87,11 @@ pub enum PolicyCommand {
         #[arg(long = "type", value_enum, default_value_t = LogType::All)]
         kind: LogType,
     },
+    /// Accept the sandbox's workspace `.sandpen.toml` as it is now: its
+    /// trusted_sinks, trusted and allow rules apply until the file changes
+    Trust { name: String },
+    /// Forget an earlier `policy trust`
+    Untrust { name: String },
     /// enforce (default), learn (allow, log what enforce would deny) or ask
     Mode {
         mode: String,
@@ -199,6 +204,37 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
                 f.set_mode(m)?;
                 Ok(format!("{}: mode {}", f.path().display(), m.as_str()))
             })
+        }
+        PolicyCommand::Trust { name } => {
+            let config = sandbox::load(dirs, &name)?;
+            let Some(ws) = sandpen_policy::WorkspaceFile::load(&config.workspace)? else {
+                bail!(
+                    "{} has no {}; there is nothing to trust",
+                    config.workspace.display(),
+                    sandpen_policy::files::WORKSPACE_FILE
+                );
+            };
+            let t = sandpen_supervisor::trust::save(&dirs.sandbox(&name), &ws.path, &ws.sha256)?;
+            let what = sandpen_policy::Policy::default()
+                .with_workspace(Some(ws), None)
+                .held_back()
+                .map(|h| h.items.join(", "))
+                .unwrap_or_else(|| "nothing that widens the policy".into());
+            println!(
+                "{name}: trusted {} (sha256 {}): {what}; a later edit needs a new `sandpen policy trust {name}`",
+                t.file.display(),
+                &t.sha256[..12]
+            );
+            Ok(0)
+        }
+        PolicyCommand::Untrust { name } => {
+            sandbox::load(dirs, &name)?;
+            if sandpen_supervisor::trust::remove(&dirs.sandbox(&name))? {
+                println!("{name}: the workspace file is no longer trusted");
+            } else {
+                println!("{name}: the workspace file was not trusted");
+            }
+            Ok(0)
         }
         PolicyCommand::Ls { name, json } => {
             let policy = policy_for(dirs, name.as_deref())?;

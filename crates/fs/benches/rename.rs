@@ -26,7 +26,7 @@ fn per_rename(known: usize) -> f64 {
     let cfg = ServeConfig {
         root: root.clone(),
         socket: dir.path().join("s.sock"),
-        rules: compile(&[]).unwrap(),
+        rules: compile(&[], false).unwrap(),
         ids: IdMap {
             guest_uid: 1000,
             guest_gid: 1000,
@@ -35,6 +35,7 @@ fn per_rename(known: usize) -> f64 {
         },
         events: Arc::new(Events::new("bench", None, None).unwrap()),
         confine: None,
+        reserve: None,
     };
     let fs = sandpen_fs::guarded_fs(&cfg).unwrap();
     fs.init(FsOptions::empty()).unwrap();

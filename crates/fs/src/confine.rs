@@ -152,9 +152,12 @@ pub fn share_access(writable: bool) -> BitFlags<AccessFs> {
 }
 
 /// The rights in a state folder: write a temporary file, rename it over the
-/// old one (same folder, so no `Refer`), take the lock.
+/// old one (same folder, so no `Refer`), take the lock, and open the folder
+/// itself to fsync the rename (`ReadDir`: the listing of the label folder
+/// tells nothing).
 pub fn state_access() -> BitFlags<AccessFs> {
     AccessFs::ReadFile
+        | AccessFs::ReadDir
         | AccessFs::WriteFile
         | AccessFs::Truncate
         | AccessFs::MakeReg
@@ -494,7 +497,8 @@ mod tests {
         ] {
             assert!(!rw.contains(never), "{never:?}");
         }
-        assert!(!state_access().contains(AccessFs::ReadDir | AccessFs::Refer));
+        assert!(!state_access().contains(AccessFs::Refer));
+        assert!(!state_access().contains(AccessFs::MakeDir));
     }
 
     #[cfg(target_arch = "x86_64")]

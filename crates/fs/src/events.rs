@@ -7,9 +7,17 @@
 //! server run, at most [`MAX_DISTINCT`] of them, and the file stops growing
 //! at [`MAX_BYTES`].
 //!
-//! The label is written to `flow.json` before the open that set it returns to
-//! the guest, so no byte of the secret can reach the guest before the proxy
-//! can know about it (the proxy reloads the labels on every connection).
+//! The label is written to `flow.json` (fsynced, then renamed into place and
+//! the folder fsynced) before the open or read that set it returns to the
+//! guest, so no byte of the secret can reach the guest before the proxy
+//! knows about it (the proxy reloads the labels before every decision).
+//! When the label cannot be written, [`Events::secret_read`] fails and the
+//! caller fails the request with `EIO`: it fails closed.
+//!
+//! The log file gets its [`MAX_BYTES`] allocated beyond its end when it is
+//! opened (`fallocate` with `KEEP_SIZE`, best effort), so that the record of
+//! a label that could not be written because the disk is full can still be
+//! written.
 
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
@@ -85,7 +93,11 @@ impl Events {
         labels: Option<LabelStore>,
     ) -> std::io::Result<Events> {
         let file = match log {
-            Some(p) => Some(OpenOptions::new().create(true).append(true).open(p)?),
+            Some(p) => {
+                let f = OpenOptions::new().create(true).append(true).open(p)?;
+                preallocate(&f);
+                Some(f)
+            }
             None => None,
         };
         Ok(Events {
@@ -142,10 +154,12 @@ impl Events {
     /// A file matching `flow.secret` is being served: set `secret-read`
     /// before the data goes out. Not cached: after `sandpen flow reset` the
     /// next read must set it again (secret files are few; this is one small
-    /// locked read of `flow.json`).
-    pub fn secret_read(&self, path: &Path, rule: &str) {
+    /// locked read of `flow.json`). `Err` when the label could not be
+    /// written: the caller must not serve the data (it answers `EIO`); the
+    /// failure is logged as a denied operation.
+    pub fn secret_read(&self, op: &str, path: &Path, rule: &str) -> Result<(), LabelError> {
         let Some(store) = &self.labels else {
-            return;
+            return Ok(());
         };
         let at = now();
         let by = path.to_string_lossy();
@@ -165,11 +179,48 @@ impl Events {
                     let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
                     self.write(&mut log, &rec);
                 }
+                Ok(())
             }
-            // Fail closed would mean failing the read; the label file is the
-            // host's own, so this is a host problem worth shouting about.
-            Err(e) => tracing::error!("cannot set secret-read for {by}: {e}"),
+            Err(source) => {
+                let e = LabelError { source };
+                tracing::error!("{op} {by} refused (EIO): {e}");
+                self.denied(op, path, &format!("{rule}: {e}"), "EIO");
+                Err(e)
+            }
         }
+    }
+}
+
+/// The `secret-read` label could not be written, so the secret is not served.
+#[derive(Debug, thiserror::Error)]
+#[error("the secret-read label cannot be written: {source}")]
+pub struct LabelError {
+    #[source]
+    pub source: sandpen_policy::flow::FlowError,
+}
+
+/// Room for this run's records beyond the log's end, so that they can be
+/// written on a full disk. Best effort: a file system without `fallocate`
+/// just does not get it.
+fn preallocate(f: &File) {
+    use std::os::fd::AsRawFd;
+    let Ok(len) = f.metadata().map(|m| m.len()) else {
+        return;
+    };
+    // SAFETY: fallocate on a descriptor we own; no memory is passed.
+    let rc = unsafe {
+        libc::fallocate(
+            f.as_raw_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            len as libc::off_t,
+            MAX_BYTES as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        tracing::debug!(
+            "no room kept for the file log: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -205,5 +256,37 @@ mod tests {
             ev.denied("open", Path::new(&format!("/w/{i}.pem")), "r", "ENOENT");
         }
         assert_eq!(read_records(&log).unwrap().len(), MAX_DISTINCT);
+    }
+
+    #[test]
+    fn a_label_that_cannot_be_written_fails_the_read_and_is_logged() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("files.jsonl");
+        // The label file's folder is a file: every write of it fails.
+        std::fs::write(dir.path().join("flow"), "not a folder").unwrap();
+        let store = LabelStore::at(dir.path().join("flow/flow.json"));
+        let ev = Events::new("s", Some(&log), Some(store)).unwrap();
+        let e = ev
+            .secret_read("open", Path::new("/w/secrets/t"), "flow.secret secrets/**")
+            .unwrap_err();
+        assert!(e.to_string().contains("cannot be written"), "{e}");
+        let recs = read_records(&log).unwrap();
+        assert_eq!(recs.len(), 1, "{recs:?}");
+        assert_eq!(
+            (
+                recs[0].kind.as_str(),
+                recs[0].op.as_str(),
+                recs[0].error.as_str()
+            ),
+            ("denied", "open", "EIO")
+        );
+        assert!(recs[0].rule.contains("secret-read label"), "{:?}", recs[0]);
+        // Written, it is durable and the read goes on.
+        let ok_dir = tempfile::tempdir().unwrap();
+        let store = LabelStore::in_dir(ok_dir.path());
+        let ev = Events::new("s", None, Some(store.clone())).unwrap();
+        ev.secret_read("open", Path::new("/w/secrets/t"), "r")
+            .unwrap();
+        assert!(store.load().unwrap().get(Label::SecretRead).is_some());
     }
 }

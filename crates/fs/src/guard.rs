@@ -50,6 +50,7 @@ use sandpen_policy::files::{EntryKind, MoveRefused, ReadOnlyBy};
 use sandpen_policy::FileRules;
 
 use crate::events::Events;
+use crate::reserve::{DiskReserve, ENTRY_BYTES};
 
 /// How guest ids and host ids correspond.
 #[derive(Debug, Clone, Copy)]
@@ -397,6 +398,9 @@ pub struct Guarded<F> {
     handles: Mutex<HashMap<u64, Option<PathBuf>>>,
     limits: Limits,
     events: Arc<Events>,
+    /// Writes that would take the state folder's disk below its floor fail
+    /// with `ENOSPC` (see [`crate::reserve`]).
+    reserve: Option<Arc<DiskReserve>>,
 }
 
 fn err(code: i32) -> io::Error {
@@ -446,6 +450,21 @@ where
             handles: Mutex::new(HashMap::new()),
             limits,
             events,
+            reserve: None,
+        }
+    }
+
+    /// Keep the disk reserve.
+    pub fn with_reserve(mut self, reserve: Option<Arc<DiskReserve>>) -> Self {
+        self.reserve = reserve;
+        self
+    }
+
+    /// `ENOSPC` when adding `bytes` would go below the reserve.
+    fn admit(&self, bytes: u64) -> io::Result<()> {
+        match &self.reserve {
+            Some(r) => r.admit(bytes),
+            None => Ok(()),
         }
     }
 
@@ -592,11 +611,15 @@ where
     }
 
     /// A read of `rel` (or a move that would let it be read under another
-    /// name): sets `secret-read` if it matches `flow.secret`.
-    fn note_read(&self, rel: &Path) {
-        if let Some(rule) = self.rules.secret(rel) {
-            self.events
-                .secret_read(&self.host_path(rel), &rule.to_string());
+    /// name): sets `secret-read` if it matches `flow.secret`. `EIO` when the
+    /// label cannot be written: nothing is served without it.
+    fn note_read(&self, op: &str, rel: &Path) -> io::Result<()> {
+        match self.rules.secret(rel) {
+            Some(rule) => self
+                .events
+                .secret_read(op, &self.host_path(rel), &rule.to_string())
+                .map_err(|_| err(libc::EIO)),
+            None => Ok(()),
         }
     }
 
@@ -758,6 +781,13 @@ where
         if valid.contains(SetattrValid::MODE) {
             attr.st_mode = strip_mode(attr.st_mode);
         }
+        if valid.contains(SetattrValid::SIZE) && self.admit(0).is_err() {
+            // Below the reserve a file may shrink, not grow.
+            let (now, _) = self.inner.getattr(ctx, inode, handle)?;
+            if attr.st_size > now.st_size {
+                return Err(err(libc::ENOSPC));
+            }
+        }
         let (mut st, t) = self.inner.setattr(ctx, inode, attr, handle, valid)?;
         self.ids.show_to_guest(&mut st);
         Ok((st, t))
@@ -778,6 +808,7 @@ where
     ) -> io::Result<Entry> {
         let rel = self.child(parent, name)?;
         self.creatable("symlink", &rel, libc::S_IFLNK)?;
+        self.admit(ENTRY_BYTES)?;
         let entry = self.inner.symlink(ctx, linkname, parent, name)?;
         self.record(entry, parent, name)
     }
@@ -798,6 +829,7 @@ where
             // Device nodes on the host's disk are the host's business.
             _ => return Err(err(libc::EPERM)),
         }
+        self.admit(ENTRY_BYTES)?;
         let entry = self
             .inner
             .mknod(ctx, parent, name, strip_mode(mode), rdev, umask)?;
@@ -814,6 +846,7 @@ where
     ) -> io::Result<Entry> {
         let rel = self.child(parent, name)?;
         self.creatable("mkdir", &rel, libc::S_IFDIR)?;
+        self.admit(ENTRY_BYTES)?;
         // A set-gid folder is ordinary and harmless; only set-uid goes.
         let entry = self
             .inner
@@ -907,6 +940,7 @@ where
                 return Err(self.refuse_move("link", secret, MoveRefused::Secret(rule)));
             }
         }
+        self.admit(ENTRY_BYTES)?;
         let entry = self.inner.link(ctx, inode, newparent, newname)?;
         self.record(entry, newparent, newname)
     }
@@ -936,7 +970,7 @@ where
         };
         self.handle_room()?;
         if let Some(rel) = &secret {
-            self.note_read(rel);
+            self.note_read("open", rel)?;
         }
         let opened = self.inner.open(ctx, inode, flags, fuse_flags)?;
         self.opened(ctx, inode, opened.0, secret, false)?;
@@ -953,6 +987,7 @@ where
         let rel = self.child(parent, name)?;
         self.creatable("create", &rel, libc::S_IFREG)?;
         self.handle_room()?;
+        self.admit(ENTRY_BYTES)?;
         args.mode = strip_mode(args.mode);
         let (entry, handle, opts, passthrough) = self.inner.create(ctx, parent, name, args)?;
         let ino = entry.inode;
@@ -985,7 +1020,7 @@ where
     ) -> io::Result<usize> {
         let secret = self.handles().get(&handle).cloned().flatten();
         if let Some(rel) = secret {
-            self.note_read(&rel);
+            self.note_read("read", &rel)?;
         }
         self.inner
             .read(ctx, inode, handle, w, size, offset, lock_owner, flags)
@@ -1005,6 +1040,7 @@ where
         fuse_flags: u32,
     ) -> io::Result<usize> {
         // The handle was checked when it was opened for writing.
+        self.admit(u64::from(size))?;
         self.inner.write(
             ctx,
             inode,
@@ -1038,6 +1074,9 @@ where
     ) -> io::Result<()> {
         let (rels, kind) = self.node(inode)?;
         self.writable_all("fallocate", &rels, kind)?;
+        if mode & libc::FALLOC_FL_PUNCH_HOLE as u32 == 0 {
+            self.admit(length)?;
+        }
         self.inner
             .fallocate(ctx, inode, handle, mode, offset, length)
     }

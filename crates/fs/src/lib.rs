@@ -19,6 +19,7 @@ pub mod backend;
 pub mod confine;
 pub mod events;
 pub mod guard;
+pub mod reserve;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -62,6 +63,8 @@ pub struct ServeConfig {
     /// Confine the process before the first request (see [`confine`]);
     /// `None` only where the caller is not a server process of its own.
     pub confine: Option<ConfineSpec>,
+    /// The disk reserve on the state folder's file system (see [`reserve`]).
+    pub reserve: Option<Arc<reserve::DiskReserve>>,
 }
 
 /// What the server may still reach once confined, besides its share.
@@ -98,13 +101,10 @@ pub fn guarded_fs(cfg: &ServeConfig) -> Result<Guarded<PassthroughFs>, FsError> 
         ..Default::default()
     };
     let fs = PassthroughFs::new(pt).map_err(|e| FsError::Backend(format!("passthrough: {e}")))?;
-    Ok(Guarded::new(
-        fs,
-        cfg.rules.clone(),
-        cfg.ids,
-        root,
-        cfg.events.clone(),
-    ))
+    Ok(
+        Guarded::new(fs, cfg.rules.clone(), cfg.ids, root, cfg.events.clone())
+            .with_reserve(cfg.reserve.clone()),
+    )
 }
 
 /// Raises the soft limit on open files to the hard one: the passthrough layer
@@ -222,6 +222,9 @@ pub struct RuleSpec {
     pub pattern: String,
     /// Where it was written, for the audit log.
     pub source: String,
+    /// Matched without regard to case (the defaults).
+    #[serde(default)]
+    pub ignore_case: bool,
 }
 
 /// The rules as JSON for `sandpen fs-serve --rules`.
@@ -232,6 +235,7 @@ pub fn rules_to_json(rules: &FileRules) -> String {
             kind: r.kind.as_str().into(),
             pattern: r.pattern.clone(),
             source: r.source.to_string(),
+            ignore_case: r.ignore_case,
         })
         .collect();
     if rules.git_guard() {
@@ -239,6 +243,7 @@ pub fn rules_to_json(rules: &FileRules) -> String {
             kind: GIT_GUARD.into(),
             pattern: sandpen_policy::files::GIT_DIR.into(),
             source: "default".into(),
+            ignore_case: false,
         });
     }
     serde_json::to_string(&specs).unwrap_or_else(|_| "[]".into())
@@ -257,8 +262,13 @@ pub fn rules_from_json(json: &str) -> Result<FileRules, FsError> {
         }
         let kind = FileRuleKind::parse(&s.kind)
             .ok_or_else(|| FsError::Backend(format!("--rules: unknown kind {:?}", s.kind)))?;
-        let rule = PathRule::new(kind, &s.pattern, FileRuleSource::Text(s.source))
-            .map_err(|e| FsError::Backend(format!("--rules: {e}")))?;
+        let rule = PathRule::with_case(
+            kind,
+            &s.pattern,
+            FileRuleSource::Text(s.source),
+            s.ignore_case,
+        )
+        .map_err(|e| FsError::Backend(format!("--rules: {e}")))?;
         rules.push(rule);
     }
     Ok(rules)

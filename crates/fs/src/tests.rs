@@ -30,6 +30,15 @@ fn fixture() -> Fixture {
 
 /// The defaults, `extra` rules, and `files` besides the usual ones.
 fn fixture_with(extra: &[(FileRuleKind, &str)], files: &[&str]) -> Fixture {
+    fixture_reserving(extra, files, None)
+}
+
+/// [`fixture_with`], keeping `reserve` free on the state folder's disk.
+fn fixture_reserving(
+    extra: &[(FileRuleKind, &str)],
+    files: &[&str],
+    reserve: Option<sandpen_policy::Reserve>,
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("ws");
     let state = dir.path().join("state");
@@ -52,7 +61,7 @@ fn fixture_with(extra: &[(FileRuleKind, &str)], files: &[&str]) -> Fixture {
     }
     std::fs::write(dir.path().join("outside"), "HOST").unwrap();
     std::os::unix::fs::symlink(dir.path().join("outside"), root.join("link")).unwrap();
-    let mut rules = compile(&[]).unwrap();
+    let mut rules = compile(&[], false).unwrap();
     for (kind, pattern) in extra {
         rules.push(PathRule::new(*kind, pattern, FileRuleSource::Text("test".into())).unwrap());
     }
@@ -75,6 +84,7 @@ fn fixture_with(extra: &[(FileRuleKind, &str)], files: &[&str]) -> Fixture {
         },
         events: Arc::new(events),
         confine: None,
+        reserve: reserve.map(|r| Arc::new(crate::reserve::DiskReserve::open(&state, r).unwrap())),
     };
     let fs = crate::guarded_fs(&cfg).unwrap();
     fs.init(FsOptions::empty()).unwrap();
@@ -772,4 +782,100 @@ fn folders_stay_known_while_something_below_is() {
     f.fs.forget(&ctx(), a, 1);
     f.fs.forget(&ctx(), file, 1);
     assert_eq!(f.fs.known(ROOT_ID).1, before - 4);
+}
+
+#[test]
+fn a_secret_is_not_served_when_its_label_cannot_be_written() {
+    let f = fixture();
+    let token = f.path("secrets/token").unwrap().inode;
+    // The label folder cannot be made (a file is in its place), as when the
+    // disk is full: the open fails with EIO and nothing is handed out.
+    std::fs::write(f.state.join("flow"), "in the way").unwrap();
+    assert_eq!(
+        code(f.fs.open(&ctx(), token, libc::O_RDONLY as u32, 0)),
+        libc::EIO
+    );
+    let log = std::fs::read_to_string(f.state.join("files.jsonl")).unwrap();
+    assert!(
+        log.contains("\"EIO\"") && log.contains("secrets/token"),
+        "{log}"
+    );
+    // An ordinary file is still served; a secret one once the label can be
+    // written again.
+    let main = f.path("src/main.rs").unwrap().inode;
+    f.fs.open(&ctx(), main, libc::O_RDONLY as u32, 0).unwrap();
+    std::fs::remove_file(f.state.join("flow")).unwrap();
+    f.fs.open(&ctx(), token, libc::O_RDONLY as u32, 0).unwrap();
+    assert!(LabelStore::in_dir(&f.state)
+        .load()
+        .unwrap()
+        .get(Label::SecretRead)
+        .is_some());
+}
+
+#[test]
+fn below_the_reserve_nothing_grows_and_everything_may_shrink() {
+    // A floor far above what any disk has free.
+    let f = fixture_reserving(
+        &[(FileRuleKind::Secret, "secrets/**")],
+        &[],
+        Some(sandpen_policy::Reserve::Bytes(u64::MAX / 4)),
+    );
+    let src = f.path("src").unwrap().inode;
+    let main = f.path("src/main.rs").unwrap().inode;
+    let args = CreateIn {
+        flags: libc::O_WRONLY as u32,
+        mode: libc::S_IFREG | 0o644,
+        umask: 0,
+        fuse_flags: 0,
+    };
+    assert_eq!(
+        code(f.fs.create(&ctx(), src, &c("new"), args)),
+        libc::ENOSPC
+    );
+    assert_eq!(
+        code(f.fs.mkdir(&ctx(), src, &c("d"), 0o755, 0)),
+        libc::ENOSPC
+    );
+    assert_eq!(
+        code(f.fs.symlink(&ctx(), &c("main.rs"), src, &c("l"))),
+        libc::ENOSPC
+    );
+    assert_eq!(code(f.fs.link(&ctx(), main, src, &c("hard"))), libc::ENOSPC);
+    let (h, _, _) = f.fs.open(&ctx(), main, libc::O_RDWR as u32, 0).unwrap();
+    let h = h.unwrap_or(0);
+    assert_eq!(
+        code(f.fs.fallocate(&ctx(), main, h, 0, 0, 1 << 20)),
+        libc::ENOSPC
+    );
+    // SAFETY: stat64 is plain data; all zeroes is a valid value.
+    let mut attr: stat64 = unsafe { std::mem::zeroed() };
+    attr.st_size = 1 << 30;
+    assert_eq!(
+        code(f.fs.setattr(&ctx(), main, attr, None, SetattrValid::SIZE)),
+        libc::ENOSPC
+    );
+    // Freeing space stays possible: shrink, punch a hole, remove.
+    attr.st_size = 2;
+    f.fs.setattr(&ctx(), main, attr, None, SetattrValid::SIZE)
+        .unwrap();
+    f.fs.fallocate(
+        &ctx(),
+        main,
+        h,
+        (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE) as u32,
+        0,
+        2,
+    )
+    .unwrap();
+    f.fs.unlink(&ctx(), src, &c("main.rs")).unwrap();
+    assert!(!f.root.join("src/main.rs").exists());
+    // Without a floor the same create works.
+    let g = fixture_reserving(
+        &[(FileRuleKind::Secret, "secrets/**")],
+        &[],
+        Some(sandpen_policy::Reserve::Bytes(0)),
+    );
+    let src = g.path("src").unwrap().inode;
+    g.fs.create(&ctx(), src, &c("new"), args).unwrap();
 }

@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use toml_edit::{value, ArrayOfTables, Document, DocumentMut, Item, Table};
 
 use crate::files::{
-    FileRuleKind, FileRuleSource, FilesSection, FlowSection, PathRule, PatternEntry,
+    FileRuleKind, FileRuleSource, FilesSection, FlowSection, PathRule, PatternEntry, Reserve,
 };
 use crate::{Action, Mode, Preset, Rule, RuleSource, Scope, Target, TargetError};
 
@@ -209,12 +209,27 @@ impl Checker<'_> {
                          only your own policy (sandpen policy files) can",
                     ))
                 }
+                "reserve" if allow_defaults => {
+                    let text = self.string(v, "reserve")?;
+                    files.reserve =
+                        Some(Reserve::parse(text).map_err(|why| self.err(v.span(), why))?);
+                }
+                "reserve" => {
+                    return Err(self.err(
+                        span,
+                        "a workspace file cannot set the disk reserve; only your own policy can",
+                    ))
+                }
                 other => {
                     return Err(self.err(
                         span,
                         format!(
                             "unknown key `{other}` in [files] (expected deny_read, read_only{})",
-                            if allow_defaults { ", defaults" } else { "" }
+                            if allow_defaults {
+                                ", defaults, reserve"
+                            } else {
+                                ""
+                            }
                         ),
                     ))
                 }
@@ -270,13 +285,21 @@ impl Checker<'_> {
     }
 }
 
-/// A workspace's `.sandpen.toml`: `[files]` and `[flow]` only. It can add
-/// rules to the defaults, never remove them.
+/// A workspace's `.sandpen.toml`: `[files]`, `[flow]` and `[[network]]`.
+/// It comes with the repository, so it is untrusted: what in it narrows
+/// (deny-read, read-only, `flow.secret`, deny rules) always applies, what
+/// widens (`flow.trusted_sinks`, `flow.trusted`, allow rules) only once the
+/// user trusted this very text (its [`sha256`](Self::sha256)); see
+/// [`Policy::with_workspace`](crate::Policy::with_workspace).
 #[derive(Debug, Clone, Default)]
 pub struct WorkspaceFile {
     pub path: PathBuf,
     pub files: FilesSection,
     pub flow: FlowSection,
+    /// `[[network]]` rules, in scope [`Scope::Workspace`].
+    pub network: Vec<Rule>,
+    /// Hex SHA-256 of the file's bytes as read.
+    pub sha256: String,
 }
 
 impl WorkspaceFile {
@@ -298,25 +321,92 @@ impl WorkspaceFile {
         let doc = Document::parse(text).map_err(|e| ck.err(e.span(), e.message().trim()))?;
         let mut out = WorkspaceFile {
             path: path.to_path_buf(),
+            sha256: sha256_hex(text.as_bytes()),
             ..Default::default()
         };
+        let mut entries = Vec::new();
         for (key, item) in doc.iter() {
             let key_span = doc.key(key).and_then(|k| k.span()).or_else(|| item.span());
             match key {
                 "files" => out.files = ck.files_table(item, key_span, false)?,
                 "flow" => out.flow = ck.flow_table(item, key_span)?,
+                "network" => {
+                    let Some(tables) = item.as_array_of_tables() else {
+                        return Err(
+                            ck.err(key_span, "`network` must be written as [[network]] tables")
+                        );
+                    };
+                    for table in tables.iter() {
+                        entries.push(PolicyFile::check_rule(&ck, table)?);
+                    }
+                }
                 other => {
                     return Err(ck.err(
                         key_span,
                         format!(
-                            "unknown key `{other}` in a workspace file (expected [files] or [flow])"
+                            "unknown key `{other}` in a workspace file (expected [files], [flow] or [[network]])"
                         ),
                     ))
                 }
             }
         }
+        out.network = assign_ids(&ck, entries, Scope::Workspace)?;
         Ok(out)
     }
+}
+
+/// Rules with their ids: explicit ones must be unique, the others get the
+/// next free one after the file's largest, in file order.
+fn assign_ids(
+    ck: &Checker<'_>,
+    entries: Vec<Entry>,
+    scope: Scope,
+) -> Result<Vec<Rule>, PolicyError> {
+    let mut used: Vec<u32> = Vec::new();
+    for entry in &entries {
+        if let Some((id, span)) = &entry.id {
+            if used.contains(id) {
+                return Err(ck.err(span.clone(), format!("duplicate rule id {id}")));
+            }
+            used.push(*id);
+        }
+    }
+    let mut next = used.iter().copied().max().unwrap_or(0);
+    let mut rules = Vec::with_capacity(entries.len());
+    for Entry {
+        id,
+        action,
+        target,
+        line,
+    } in entries
+    {
+        let id = match id {
+            Some((id, _)) => id,
+            None => {
+                next = next
+                    .checked_add(1)
+                    .ok_or_else(|| ck.err(None, "rule ids are exhausted; renumber the file"))?;
+                next
+            }
+        };
+        rules.push(Rule {
+            id,
+            scope,
+            action,
+            target,
+            source: RuleSource::File {
+                path: ck.path.to_path_buf(),
+                line,
+            },
+        });
+    }
+    Ok(rules)
+}
+
+/// Hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(bytes))
 }
 
 fn read_no_follow(path: &Path) -> io::Result<String> {
@@ -421,44 +511,7 @@ impl PolicyFile {
             }
         }
 
-        let mut used: Vec<u32> = Vec::new();
-        for entry in &entries {
-            if let Some((id, span)) = &entry.id {
-                if used.contains(id) {
-                    return Err(ck.err(span.clone(), format!("duplicate rule id {id}")));
-                }
-                used.push(*id);
-            }
-        }
-        let mut next = used.iter().copied().max().unwrap_or(0);
-        let mut rules = Vec::with_capacity(entries.len());
-        for Entry {
-            id,
-            action,
-            target,
-            line,
-        } in entries
-        {
-            let id = match id {
-                Some((id, _)) => id,
-                None => {
-                    next = next
-                        .checked_add(1)
-                        .ok_or_else(|| ck.err(None, "rule ids are exhausted; renumber the file"))?;
-                    next
-                }
-            };
-            rules.push(Rule {
-                id,
-                scope,
-                action,
-                target,
-                source: RuleSource::File {
-                    path: path.to_path_buf(),
-                    line,
-                },
-            });
-        }
+        let rules = assign_ids(&ck, entries, scope)?;
         drop(doc);
         Ok(PolicyFile {
             path: path.to_path_buf(),

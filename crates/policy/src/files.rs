@@ -43,9 +43,41 @@ use std::path::{Path, PathBuf};
 
 use globset::{Glob, GlobBuilder, GlobMatcher};
 
-/// The deny-read rules every sandbox gets.
-pub const DEFAULT_DENY_READ: &[&str] =
-    &[".env", ".env.*", "*.pem", "*.key", "id_rsa*", "id_ed25519*"];
+/// The deny-read rules every sandbox gets: the conventional names of
+/// credential files. They match without regard to case (`.ENV`, `KEY.PEM`).
+/// All are deny-read rather than `flow.secret`: a secret file the guest may
+/// read is a file the guest holds, and the defaults are files no build needs
+/// to read (see docs/files.md).
+pub const DEFAULT_DENY_READ: &[&str] = &[
+    ".env",
+    ".env.*",
+    ".envrc",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa*",
+    "id_dsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".netrc",
+    ".npmrc",
+    ".pypirc",
+    ".git-credentials",
+];
+/// Added to the deny-read defaults when a share is a home folder or holds
+/// one: the home-level credential stores, at any depth (a home inside the
+/// share is at some depth). Case-insensitive like the other defaults.
+pub const HOME_DENY_READ: &[&str] = &[
+    ".ssh",
+    ".aws",
+    "**/.config/gh",
+    "**/.docker/config.json",
+    ".kube",
+    ".gnupg",
+    ".netrc",
+    ".git-credentials",
+];
 /// The read-only rules every sandbox gets: whatever the host's git executes
 /// or takes configuration from, under a `.git` folder at any depth (and in
 /// the repositories of submodules and linked worktrees it holds), and
@@ -150,15 +182,18 @@ pub struct PathRule {
     /// As written.
     pub pattern: String,
     pub source: FileRuleSource,
+    /// Matched without regard to case (the defaults).
+    pub ignore_case: bool,
     matcher: GlobMatcher,
     /// The same pattern one component at a time (see [`PathRule::open_after`]).
     comps: Vec<Comp>,
 }
 
-fn glob(pattern: &str) -> Result<Glob, globset::Error> {
+fn glob(pattern: &str, ignore_case: bool) -> Result<Glob, globset::Error> {
     GlobBuilder::new(pattern)
         .literal_separator(true)
         .backslash_escape(true)
+        .case_insensitive(ignore_case)
         .build()
 }
 
@@ -191,10 +226,21 @@ fn split_components(p: &str) -> Option<Vec<&str>> {
 }
 
 impl PathRule {
+    /// A rule that matches case-sensitively, as users write them.
     pub fn new(
         kind: FileRuleKind,
         pattern: &str,
         source: FileRuleSource,
+    ) -> Result<PathRule, PatternError> {
+        PathRule::with_case(kind, pattern, source, false)
+    }
+
+    /// A rule that matches without regard to case when `ignore_case`.
+    pub fn with_case(
+        kind: FileRuleKind,
+        pattern: &str,
+        source: FileRuleSource,
+        ignore_case: bool,
     ) -> Result<PathRule, PatternError> {
         let bad = |why: &str| PatternError {
             pattern: pattern.to_string(),
@@ -220,7 +266,7 @@ impl PathRule {
         } else {
             format!("**/{p}")
         };
-        let matcher = glob(&full)
+        let matcher = glob(&full, ignore_case)
             .map_err(|e| bad(&e.kind().to_string()))?
             .compile_matcher();
         let parts = split_components(&full).ok_or_else(|| {
@@ -232,7 +278,7 @@ impl PathRule {
                 if c == "**" {
                     Ok(Comp::AnyDepth)
                 } else {
-                    glob(c)
+                    glob(c, ignore_case)
                         .map(|g| Comp::One(g.compile_matcher()))
                         .map_err(|e| bad(&e.kind().to_string()))
                 }
@@ -242,6 +288,7 @@ impl PathRule {
             kind,
             pattern: pattern.to_string(),
             source,
+            ignore_case,
             matcher,
             comps,
         })
@@ -587,6 +634,81 @@ pub struct FilesSection {
     /// `defaults = false` drops the built-in rules (only in the user's own
     /// files, never in a workspace's `.sandpen.toml`).
     pub defaults: Option<bool>,
+    /// `reserve = "2GiB"` or `"10%"` (only in the user's own files).
+    pub reserve: Option<Reserve>,
+}
+
+/// The free space the file server keeps on the file system that holds the
+/// sandbox's state: below it, the guest's writes through the share fail
+/// with `ENOSPC`, so the guest can never starve sandpen's own writes (the
+/// flow labels above all). See docs/files.md.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Reserve {
+    /// 1 GiB, or 5 % of the file system when that is less (a small disk is
+    /// not all reserve).
+    #[default]
+    Default,
+    Bytes(u64),
+    /// Per cent of the file system's size, 0 to 100.
+    Percent(u8),
+}
+
+impl Reserve {
+    pub const DEFAULT_BYTES: u64 = 1 << 30;
+    pub const DEFAULT_PERCENT: u64 = 5;
+
+    /// `1GiB`, `512M`, `4096` (bytes), `10%`, `0` (no reserve), `default`.
+    pub fn parse(s: &str) -> Result<Reserve, String> {
+        let t = s.trim();
+        let bad = || {
+            format!(
+                "invalid reserve {s:?}: use a size such as 1GiB or 512M, a share of the disk such as 5%, or 0"
+            )
+        };
+        if t == "default" {
+            return Ok(Reserve::Default);
+        }
+        if let Some(p) = t.strip_suffix('%') {
+            let n: u8 = p.trim().parse().map_err(|_| bad())?;
+            if n > 100 {
+                return Err(bad());
+            }
+            return Ok(Reserve::Percent(n));
+        }
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| bad())?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" | "kib" => 1 << 10,
+            "m" | "mb" | "mib" => 1 << 20,
+            "g" | "gb" | "gib" => 1 << 30,
+            "t" | "tb" | "tib" => 1 << 40,
+            _ => return Err(bad()),
+        };
+        n.checked_mul(mult).map(Reserve::Bytes).ok_or_else(bad)
+    }
+
+    /// The floor in bytes on a file system of `total` bytes.
+    pub fn floor(self, total: u64) -> u64 {
+        let pct = |p: u64| (total as u128 * p as u128 / 100) as u64;
+        match self {
+            Reserve::Default => Reserve::DEFAULT_BYTES.min(pct(Reserve::DEFAULT_PERCENT)),
+            Reserve::Bytes(b) => b,
+            Reserve::Percent(p) => pct(u64::from(p)),
+        }
+    }
+}
+
+impl fmt::Display for Reserve {
+    /// What [`Reserve::parse`] reads back.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Reserve::Default => f.write_str("default"),
+            Reserve::Bytes(b) => write!(f, "{b}"),
+            Reserve::Percent(p) => write!(f, "{p}%"),
+        }
+    }
 }
 
 /// The `[flow]` table of one file.
@@ -605,10 +727,12 @@ impl FlowSection {
 
 /// The file rules of a sandbox's shares, from the defaults and the
 /// `[files]`/`[flow]` tables of the given files (in order: global, sandbox,
-/// workspace). Patterns were checked when the files were parsed, so this
-/// cannot fail on them.
+/// workspace). `home` adds [`HOME_DENY_READ`] to the defaults (a share is a
+/// home folder or holds one). Patterns were checked when the files were
+/// parsed, so this cannot fail on them.
 pub fn compile(
     sections: &[(&Path, &FilesSection, &FlowSection)],
+    home: bool,
 ) -> Result<FileRules, PatternError> {
     let defaults = sections
         .iter()
@@ -617,11 +741,13 @@ pub fn compile(
         .unwrap_or(true);
     let mut rules = FileRules::default().with_git_guard(defaults);
     if defaults {
-        for p in DEFAULT_DENY_READ {
-            rules.push(PathRule::new(
+        let home_list = if home { HOME_DENY_READ } else { &[] };
+        for p in DEFAULT_DENY_READ.iter().chain(home_list) {
+            rules.push(PathRule::with_case(
                 FileRuleKind::DenyRead,
                 p,
                 FileRuleSource::Default,
+                true,
             )?);
         }
         for p in DEFAULT_READ_ONLY {
@@ -665,7 +791,7 @@ mod tests {
     }
 
     fn defaults() -> FileRules {
-        compile(&[]).unwrap()
+        compile(&[], false).unwrap()
     }
 
     #[test]
@@ -681,20 +807,116 @@ mod tests {
             "home/.ssh/id_rsa.pub",
             "id_ed25519",
             ".env/inside",
+            // Without regard to case.
+            ".ENV",
+            "KEY.PEM",
+            "a/Server.Key",
+            ".Env.Local",
+            "ID_RSA",
+            // The wider list.
+            "id_ecdsa",
+            "x/id_ecdsa.pub",
+            "id_dsa",
+            ".netrc",
+            "sub/.npmrc",
+            ".pypirc",
+            ".git-credentials",
+            "cert.p12",
+            "CERT.PFX",
+            ".envrc",
+            "a/.ENVRC",
         ] {
             assert!(r.hidden(Path::new(p)).is_some(), "{p} should be hidden");
         }
         for p in [
             "",
             "env",
-            ".envrc",
             "src/main.rs",
             "pem",
             "x.pem.txt",
             "keys/k",
+            "npmrc",
+            "p12",
+            ".ssh/config",
+            ".aws/credentials",
         ] {
             assert!(r.hidden(Path::new(p)).is_none(), "{p} should be visible");
         }
+    }
+
+    #[test]
+    fn reserves_parse_and_give_a_floor() {
+        const G: u64 = 1 << 30;
+        assert_eq!(Reserve::parse("1GiB").unwrap(), Reserve::Bytes(G));
+        assert_eq!(Reserve::parse("512M").unwrap(), Reserve::Bytes(512 << 20));
+        assert_eq!(Reserve::parse("0").unwrap(), Reserve::Bytes(0));
+        assert_eq!(Reserve::parse("10%").unwrap(), Reserve::Percent(10));
+        assert_eq!(Reserve::parse("default").unwrap(), Reserve::Default);
+        for bad in ["", "lots", "101%", "-1", "5 parsecs", "99999999999T"] {
+            assert!(Reserve::parse(bad).is_err(), "{bad:?}");
+        }
+        for r in [Reserve::Bytes(4096), Reserve::Percent(7), Reserve::Default] {
+            assert_eq!(Reserve::parse(&r.to_string()).unwrap(), r);
+        }
+        // The default: 1 GiB, or 5 % when that is less.
+        assert_eq!(Reserve::Default.floor(100 * G), G);
+        assert_eq!(Reserve::Default.floor(10 * G), G / 2);
+        assert_eq!(Reserve::Default.floor(256 << 20), (256 << 20) / 20);
+        assert_eq!(Reserve::Percent(10).floor(100 * G), 10 * G);
+        assert_eq!(Reserve::Bytes(5).floor(0), 5);
+    }
+
+    #[test]
+    fn user_patterns_keep_their_case() {
+        let r = rules(&["Secrets/**"], &[], &["token.txt"]);
+        assert!(r.hidden(Path::new("Secrets/a")).is_some());
+        assert!(r.hidden(Path::new("secrets/a")).is_none());
+        assert!(r.secret(Path::new("TOKEN.TXT")).is_none());
+    }
+
+    #[test]
+    fn a_home_in_the_share_adds_its_credential_stores() {
+        let home = [
+            ".ssh/id_rsa_work",
+            ".ssh/config",
+            ".aws/credentials",
+            ".config/gh/hosts.yml",
+            ".docker/config.json",
+            ".kube/config",
+            ".gnupg/private-keys-v1.d/x.key",
+            ".netrc",
+            ".git-credentials",
+        ];
+        let with = compile(&[], true).unwrap();
+        let without = compile(&[], false).unwrap();
+        for base in ["", "alice/", "home/bob/"] {
+            for p in home {
+                let p = format!("{base}{p}");
+                assert!(with.hidden(Path::new(&p)).is_some(), "{p} should be hidden");
+            }
+        }
+        for p in [
+            ".ssh/config",
+            ".aws/credentials",
+            ".kube/config",
+            ".config/gh/hosts.yml",
+        ] {
+            assert!(
+                without.hidden(Path::new(p)).is_none(),
+                "{p}: no home, no rule"
+            );
+        }
+        for p in [".config/other", ".docker/daemon.json", "src/ssh.rs"] {
+            assert!(with.hidden(Path::new(p)).is_none(), "{p} should be visible");
+        }
+        // `defaults = false` drops them too.
+        let files = FilesSection {
+            defaults: Some(false),
+            ..Default::default()
+        };
+        let flow = FlowSection::default();
+        let none = compile(&[(Path::new("/c/policy.toml"), &files, &flow)], true).unwrap();
+        assert!(none.hidden(Path::new(".ssh/id_rsa")).is_none());
     }
 
     #[test]
@@ -878,9 +1100,10 @@ mod tests {
             }],
             read_only: vec![],
             defaults: Some(false),
+            reserve: None,
         };
         let flow = FlowSection::default();
-        let r = compile(&[(Path::new("/c/policy.toml"), &files, &flow)]).unwrap();
+        let r = compile(&[(Path::new("/c/policy.toml"), &files, &flow)], true).unwrap();
         assert!(r.hidden(Path::new(".env")).is_none());
         let hit = r.hidden(Path::new("secrets/a")).unwrap();
         assert_eq!(hit.to_string(), "deny_read secrets/** (/c/policy.toml:3)");

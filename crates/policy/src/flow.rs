@@ -212,11 +212,26 @@ impl LabelStore {
             path: self.path.clone(),
             source,
         })?;
-        std::fs::write(&tmp, text).map_err(|e| self.err(e))?;
+        // Durable before it is in place, and in place durably: a label the
+        // file server reported set must survive a host crash (docs/files.md,
+        // "fail closed").
+        let written = (|| {
+            use std::io::Write;
+            let mut f = File::create(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(self.err(e));
+        }
         std::fs::rename(&tmp, &self.path).map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
             self.err(e)
-        })
+        })?;
+        File::open(self.dir())
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.err(e))
     }
 
     /// Set `label` unless it is set already. Returns the entry that is now in

@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 
 pub use blocked::{blocked_ranges, is_blocked};
 pub use file::{global_policy_path, PolicyError, PolicyFile, WorkspaceFile};
-pub use files::{FileRules, FilesSection, FlowSection, PatternError};
+pub use files::{FileRules, FilesSection, FlowSection, PatternError, Reserve};
 pub use flow::{FlowLabels, Label, LabelSet, LabelStore};
 pub use hostaddrs::is_host_address;
 pub use preset::Preset;
@@ -88,6 +88,8 @@ pub enum Scope {
     Sandbox,
     /// The built-in rules of the preset that a file names.
     Preset,
+    /// A workspace's `.sandpen.toml` (allow rules only once trusted).
+    Workspace,
 }
 
 impl Scope {
@@ -96,6 +98,7 @@ impl Scope {
             Scope::Global => "global",
             Scope::Sandbox => "sandbox",
             Scope::Preset => "preset",
+            Scope::Workspace => "workspace",
         }
     }
 }
@@ -368,6 +371,68 @@ pub struct Policy {
     sections: Vec<Section>,
     /// The sandbox's flow labels at the time the policy was built.
     labels: FlowLabels,
+    /// A share is a home folder or holds one: the home-level credential
+    /// stores join the deny-read defaults.
+    home_secrets: bool,
+    /// What the workspace file asked for and did not get.
+    held: Option<HeldBack>,
+    reserve: Reserve,
+}
+
+/// Why a workspace file's widening parts were not applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldReason {
+    /// The user never trusted this workspace's file.
+    NotTrusted,
+    /// The user trusted another text of it.
+    ChangedSinceTrusted,
+}
+
+impl fmt::Display for HeldReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            HeldReason::NotTrusted => "it comes with the workspace and you have not trusted it",
+            HeldReason::ChangedSinceTrusted => "it changed since you trusted it",
+        })
+    }
+}
+
+/// The parts of a workspace file that widen the policy and were left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldBack {
+    pub path: PathBuf,
+    pub reason: HeldReason,
+    /// `flow.trusted_sinks **`, `network allow evil.test`, ...
+    pub items: Vec<String>,
+}
+
+impl fmt::Display for HeldBack {
+    /// `/w/.sandpen.toml: not applied: flow.trusted_sinks **, network allow x (it comes with ...)`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: not applied: {} ({})",
+            self.path.display(),
+            self.items.join(", "),
+            self.reason
+        )
+    }
+}
+
+/// What in a workspace file widens the policy: `flow.trusted_sinks`,
+/// `flow.trusted` and allow rules. Everything else in it only narrows.
+fn widening(ws: &WorkspaceFile) -> Vec<String> {
+    let mut items = Vec::new();
+    for t in &ws.flow.trusted_sinks {
+        items.push(format!("flow.trusted_sinks {t}"));
+    }
+    for t in &ws.flow.trusted {
+        items.push(format!("flow.trusted {t}"));
+    }
+    for r in ws.network.iter().filter(|r| r.action == Action::Allow) {
+        items.push(format!("network allow {}", r.target));
+    }
+    items
 }
 
 impl Policy {
@@ -394,6 +459,11 @@ impl Policy {
             });
         }
         rules.extend(preset.rules());
+        let reserve = [sandbox, global]
+            .into_iter()
+            .flatten()
+            .find_map(|f| f.files().reserve)
+            .unwrap_or_default();
         Policy {
             mode,
             preset,
@@ -401,20 +471,69 @@ impl Policy {
             add_hosts: Vec::new(),
             sections,
             labels: FlowLabels::default(),
+            home_secrets: false,
+            held: None,
+            reserve,
         }
     }
 
-    /// Add a workspace's `.sandpen.toml` (it only adds file and flow rules).
-    pub fn with_workspace(mut self, ws: Option<WorkspaceFile>) -> Policy {
-        if let Some(ws) = ws {
-            self.sections.push(Section {
-                path: ws.path,
-                files: ws.files,
-                flow: ws.flow,
-                users: false,
+    /// Add a workspace's `.sandpen.toml`. What in it narrows (deny-read,
+    /// read-only, `flow.secret`, deny rules) always applies. What widens
+    /// (`flow.trusted_sinks`, `flow.trusted`, allow rules) applies only when
+    /// `trusted_sha256` is the hash of this very text (`sandpen policy
+    /// trust`); otherwise it is left out and [`held_back`](Self::held_back)
+    /// says what and why.
+    pub fn with_workspace(
+        mut self,
+        ws: Option<WorkspaceFile>,
+        trusted_sha256: Option<&str>,
+    ) -> Policy {
+        let Some(mut ws) = ws else {
+            return self;
+        };
+        let items = widening(&ws);
+        let reason = match trusted_sha256 {
+            _ if items.is_empty() => None,
+            Some(h) if h == ws.sha256 => None,
+            Some(_) => Some(HeldReason::ChangedSinceTrusted),
+            None => Some(HeldReason::NotTrusted),
+        };
+        if let Some(reason) = reason {
+            ws.flow.trusted_sinks.clear();
+            ws.flow.trusted.clear();
+            ws.network.retain(|r| r.action == Action::Deny);
+            self.held = Some(HeldBack {
+                path: ws.path.clone(),
+                reason,
+                items,
             });
         }
+        self.rules.extend(ws.network);
+        self.sections.push(Section {
+            path: ws.path,
+            files: ws.files,
+            flow: ws.flow,
+            users: false,
+        });
         self
+    }
+
+    /// The widening parts of the workspace file that were left out.
+    pub fn held_back(&self) -> Option<&HeldBack> {
+        self.held.as_ref()
+    }
+
+    /// A share is a home folder or holds one: add the home-level credential
+    /// stores (`~/.ssh`, `~/.aws`, ...) to the deny-read defaults.
+    pub fn with_home_secrets(mut self, yes: bool) -> Policy {
+        self.home_secrets = yes;
+        self
+    }
+
+    /// The free space kept on the state folder's file system: the sandbox
+    /// file's `[files] reserve`, else the global file's, else the default.
+    pub fn reserve(&self) -> Reserve {
+        self.reserve
     }
 
     /// The sandbox's current flow labels.
@@ -436,7 +555,7 @@ impl Policy {
             .iter()
             .map(|s| (s.path.as_path(), &s.files, &s.flow))
             .collect();
-        files::compile(&refs)
+        files::compile(&refs, self.home_secrets)
     }
 
     /// `flow.trusted_sinks` of every file.
@@ -498,6 +617,9 @@ impl Policy {
             add_hosts: Vec::new(),
             sections: Vec::new(),
             labels: FlowLabels::default(),
+            home_secrets: false,
+            held: None,
+            reserve: Reserve::default(),
         }
     }
 

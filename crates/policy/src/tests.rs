@@ -517,7 +517,7 @@ fn bad_file_rules_name_the_line_and_column() {
 fn a_workspace_file_adds_rules_but_cannot_drop_defaults() {
     let path = Path::new("/w/.sandpen.toml");
     let ws = WorkspaceFile::parse("[files]\ndeny_read = [\"db/**\"]\n", path).unwrap();
-    let p = Policy::default().with_workspace(Some(ws));
+    let p = Policy::default().with_workspace(Some(ws), None);
     let rules = p.file_rules().unwrap();
     assert!(rules.hidden(Path::new("db/x")).is_some());
     assert!(rules.hidden(Path::new("id_rsa")).is_some());
@@ -530,9 +530,13 @@ fn a_workspace_file_adds_rules_but_cannot_drop_defaults() {
         }
         other => panic!("{other:?}"),
     }
-    assert!(
-        WorkspaceFile::parse("[[network]]\naction = \"allow\"\ntarget = \"**\"\n", path).is_err()
-    );
+    match WorkspaceFile::parse("[files]\nreserve = \"0\"\n", path) {
+        Err(PolicyError::Invalid { message, .. }) => {
+            assert!(message.contains("reserve"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(WorkspaceFile::parse("mode = \"learn\"\n", path).is_err());
     // The user's own file can drop them.
     let user = file("[files]\ndefaults = false\n", Scope::Sandbox);
     let rules = Policy::from_files(None, Some(&user)).file_rules().unwrap();
@@ -678,7 +682,7 @@ fn a_workspace_sink_counts_only_when_intercepted() {
         "[[network]]\naction = \"allow\"\ntarget = \"api.anthropic.com\"\n",
         "",
     )
-    .with_workspace(Some(ws))
+    .with_workspace(Some(ws.clone()), Some(&ws.sha256))
     .with_labels(secret_read());
     let d = p.check("api.anthropic.com", 443, None);
     assert_eq!(d.verdict, Verdict::Allow);
@@ -686,4 +690,121 @@ fn a_workspace_sink_counts_only_when_intercepted() {
     // The same sink in the user's own file needs nothing more.
     let p = p.with_trusted_sinks(vec![Target::parse("api.anthropic.com").unwrap()]);
     assert!(!p.check("api.anthropic.com", 443, None).sink_if_intercepted);
+}
+
+/// A workspace file that widens: `trusted_sinks = ["**"]`, `trusted`, an
+/// allow rule; it also narrows (a deny rule, a secret).
+const WIDENING: &str = "[files]\ndeny_read = [\"db/**\"]\n\
+[flow]\nsecret = [\"secrets/**\"]\ntrusted_sinks = [\"**\"]\ntrusted = [\"*.evil.test\"]\n\
+[[network]]\naction = \"allow\"\ntarget = \"evil.test\"\n\
+[[network]]\naction = \"deny\"\ntarget = \"registry.npmjs.org\"\n";
+
+fn sandbox_allowing(targets: &[&str]) -> PolicyFile {
+    let mut text = String::from("preset = \"deny-all\"\n");
+    for t in targets {
+        text += &format!("[[network]]\naction = \"allow\"\ntarget = \"{t}\"\n");
+    }
+    file(&text, Scope::Sandbox)
+}
+
+#[test]
+fn an_untrusted_workspace_file_only_narrows() {
+    let path = Path::new("/w/.sandpen.toml");
+    let ws = WorkspaceFile::parse(WIDENING, path).unwrap();
+    assert_eq!(ws.network.len(), 2);
+    assert_eq!(ws.network[0].scope, Scope::Workspace);
+    let user = sandbox_allowing(&["other.test", "registry.npmjs.org"]);
+    let p = Policy::from_files(None, Some(&user))
+        .with_workspace(Some(ws.clone()), None)
+        .with_labels(secret_read());
+    // The allow rule is not applied: evil.test stays denied.
+    assert_eq!(p.check("evil.test", 443, None).verdict, Verdict::Deny);
+    // `trusted_sinks = ["**"]` is not applied: the label narrows.
+    let d = p.check("other.test", 443, None);
+    assert_eq!(d.verdict, Verdict::Deny, "{d}");
+    assert!(d.reason.starts_with("flow: secret-read"), "{d}");
+    assert!(!p.is_trusted_source("a.evil.test", 443));
+    // What narrows applies: the deny rule, the deny-read and secret patterns.
+    let p2 = Policy::from_files(None, Some(&user)).with_workspace(Some(ws.clone()), None);
+    assert_eq!(
+        p2.check("registry.npmjs.org", 443, None).verdict,
+        Verdict::Deny
+    );
+    assert_eq!(p2.check("other.test", 443, None).verdict, Verdict::Allow);
+    let rules = p2.file_rules().unwrap();
+    assert!(rules.hidden(Path::new("db/x")).is_some());
+    assert!(rules.secret(Path::new("secrets/t")).is_some());
+    // And the policy says what it left out, and why, in one line.
+    let held = p.held_back().unwrap();
+    assert_eq!(held.reason, HeldReason::NotTrusted);
+    let line = held.to_string();
+    assert!(!line.contains('\n'), "{line}");
+    for part in [
+        "/w/.sandpen.toml",
+        "flow.trusted_sinks **",
+        "flow.trusted *.evil.test",
+        "network allow evil.test",
+        "not trusted",
+    ] {
+        assert!(line.contains(part), "{part} missing from: {line}");
+    }
+    assert!(
+        !line.contains("registry.npmjs.org"),
+        "a deny rule is not held back: {line}"
+    );
+}
+
+#[test]
+fn a_trusted_workspace_file_applies_until_it_changes() {
+    let path = Path::new("/w/.sandpen.toml");
+    let ws = WorkspaceFile::parse(WIDENING, path).unwrap();
+    let user = sandbox_allowing(&["other.test"]);
+    let trusted = ws.sha256.clone();
+    let p = Policy::from_files(None, Some(&user))
+        .with_workspace(Some(ws), Some(&trusted))
+        .with_labels(secret_read());
+    assert!(p.held_back().is_none());
+    assert_eq!(p.check("evil.test", 443, None).verdict, Verdict::Allow);
+    assert_eq!(p.check("other.test", 443, None).verdict, Verdict::Allow);
+    assert!(p.is_trusted_source("a.evil.test", 443));
+    // One byte more, and the trust no longer holds.
+    let edited = WorkspaceFile::parse(&format!("{WIDENING}# edited\n"), path).unwrap();
+    assert_ne!(edited.sha256, trusted);
+    let p = Policy::from_files(None, Some(&user))
+        .with_workspace(Some(edited), Some(&trusted))
+        .with_labels(secret_read());
+    assert_eq!(
+        p.held_back().unwrap().reason,
+        HeldReason::ChangedSinceTrusted
+    );
+    assert!(p
+        .held_back()
+        .unwrap()
+        .to_string()
+        .contains("changed since you trusted it"));
+    assert_eq!(p.check("evil.test", 443, None).verdict, Verdict::Deny);
+    // A file that only narrows needs no trust and holds nothing back.
+    let narrow = WorkspaceFile::parse("[files]\nread_only = [\"ci/**\"]\n", path).unwrap();
+    assert!(Policy::default()
+        .with_workspace(Some(narrow), None)
+        .held_back()
+        .is_none());
+}
+
+#[test]
+fn the_reserve_comes_from_the_users_files_only() {
+    let g = file("[files]\nreserve = \"2GiB\"\n", Scope::Global);
+    let s = file("[files]\nreserve = \"10%\"\n", Scope::Sandbox);
+    assert_eq!(
+        Policy::from_files(Some(&g), None).reserve(),
+        Reserve::Bytes(2 << 30)
+    );
+    assert_eq!(
+        Policy::from_files(Some(&g), Some(&s)).reserve(),
+        Reserve::Percent(10)
+    );
+    assert_eq!(Policy::default().reserve(), Reserve::Default);
+    let (line, _, msg) = invalid("[files]\nreserve = \"lots\"\n");
+    assert_eq!(line, 2);
+    assert!(msg.contains("invalid reserve"), "{msg}");
 }

@@ -1925,7 +1925,7 @@ async fn a_workspace_sink_is_no_sink_without_interception() {
         std::path::Path::new("/w/.sandpen.toml"),
     )
     .unwrap();
-    let labelled = after_secret_read().with_workspace(Some(ws));
+    let labelled = after_secret_read().with_workspace(Some(ws.clone()), Some(&ws.sha256));
     let h = harness_with(labelled.clone(), |_| {});
     let (mut guest, rep) = h.open(EgressMode::Transparent, "allowed.test", srv.port());
     guest

@@ -33,7 +33,10 @@ pub fn policy_files(dirs: &Dirs, paths: &SandboxPaths) -> (PathBuf, PathBuf) {
 }
 
 /// Loads the sandbox's policy with its `--add-host` overrides. A malformed file
-/// is an error naming the file and line: never a silent allow-all.
+/// is an error naming the file and line: never a silent allow-all. The
+/// workspace's `.sandpen.toml` widens nothing unless the user trusted its
+/// text (crate::trust); a share that is or holds a home folder brings the
+/// home-level credential stores under the deny-read defaults.
 pub fn load_policy(
     dirs: &Dirs,
     paths: &SandboxPaths,
@@ -45,9 +48,13 @@ pub fn load_policy(
     let labels = LabelStore::in_dir(&paths.dir)
         .load()
         .map_err(|e| SupervisorError::Invalid(format!("flow labels: {e}")))?;
+    let trusted = crate::trust::load(paths)?;
+    let homes = crate::own::home_folders();
+    let home = crate::own::shares(config).any(|s| crate::own::holds_home(s, &homes));
     let policy = Policy::load(Some(&global), Some(&own))
         .map_err(|e| SupervisorError::Invalid(format!("policy: {e}")))?
-        .with_workspace(workspace)
+        .with_workspace(workspace, trusted.as_ref().map(|t| t.sha256.as_str()))
+        .with_home_secrets(home)
         .with_labels(labels);
     let mut add_hosts = Vec::new();
     for entry in &config.add_hosts {
@@ -72,7 +79,7 @@ struct PolicyWatch {
     stamps: Mutex<Stamps>,
 }
 
-type Stamps = [Option<(SystemTime, u64)>; 3];
+type Stamps = [Option<(SystemTime, u64)>; 5];
 
 /// Modification time and inode: files are replaced by rename.
 fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
@@ -88,6 +95,13 @@ impl PolicyWatch {
             stamp(&g),
             stamp(&s),
             stamp(LabelStore::in_dir(&self.paths.dir).path()),
+            stamp(&crate::trust::trust_file(&self.paths)),
+            stamp(
+                &self
+                    .config
+                    .workspace
+                    .join(sandpen_policy::files::WORKSPACE_FILE),
+            ),
         ]
     }
 
@@ -133,7 +147,7 @@ pub async fn serve(
     config: SandboxConfig,
 ) {
     let watch = Arc::new(PolicyWatch {
-        stamps: Mutex::new([None; 3]),
+        stamps: Mutex::new([None; 5]),
         dirs,
         paths,
         config,

@@ -33,6 +33,9 @@ pub struct ShareSpec {
     /// (`flow/flow.json`) the server writes to.
     pub files_log: PathBuf,
     pub flow_state: PathBuf,
+    /// Free space kept on the flow label folder's file system (`[files]
+    /// reserve` of the user's policy).
+    pub reserve: String,
 }
 
 /// Which program serves the shares.
@@ -77,6 +80,8 @@ pub fn fs_serve_args(spec: &ShareSpec) -> Vec<String> {
         spec.flow_state.display().to_string(),
         "--rules".into(),
         spec.rules_json.clone(),
+        "--reserve".into(),
+        spec.reserve.clone(),
     ];
     if spec.read_only {
         args.push("--all-read-only".into());
@@ -225,6 +230,7 @@ mod tests {
             sandbox: "p".into(),
             files_log: "/s/logs/files.jsonl".into(),
             flow_state: "/s/flow/flow.json".into(),
+            reserve: "default".into(),
         }
     }
 
@@ -237,6 +243,7 @@ mod tests {
         let pos = |k: &str| a.iter().position(|x| x == k).unwrap();
         assert_eq!(a[pos("--root") + 1], "/home/me/p");
         assert_eq!(a[pos("--rules") + 1], "[]");
+        assert_eq!(a[pos("--reserve") + 1], "default");
         assert!(a.contains(&"--all-read-only".to_string()));
     }
 

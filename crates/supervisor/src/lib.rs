@@ -14,9 +14,11 @@ pub mod egress;
 pub mod exit;
 pub mod fileserver;
 pub mod lifecycle;
+pub mod own;
 pub mod paths;
 pub mod sandbox;
 pub mod supervise;
+pub mod trust;
 
 pub use paths::{Dirs, SandboxPaths};
 pub use sandbox::SandboxConfig;
@@ -43,6 +45,18 @@ pub enum SupervisorError {
     Proto(#[from] sandpen_proto::ProtoError),
     #[error("{0}")]
     Boot(String),
+    /// A share holds sandpen's own files (or lies inside them).
+    #[error(
+        "cannot share {}: it overlaps sandpen's {what} {} (the guest could read sandpen's secrets \
+         and rewrite its policy); run sandpen in a project folder, or move that folder with {var}",
+        share.display(), folder.display()
+    )]
+    OwnFiles {
+        share: std::path::PathBuf,
+        what: &'static str,
+        folder: std::path::PathBuf,
+        var: &'static str,
+    },
 }
 
 impl SupervisorError {

@@ -11,7 +11,10 @@ use crate::SupervisorError;
 /// Starts the sandbox unless it runs already. Blocks until the guest is ready or
 /// the boot failed; the supervisor then lives on by itself.
 pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
-    let _config = crate::sandbox::load(dirs, name)?;
+    let config = crate::sandbox::load(dirs, name)?;
+    // Before anything runs: sandpen's own files never go into a sandbox
+    // (the environment that names them may differ from create's).
+    crate::own::check_shares(dirs, &config)?;
     let paths = dirs.sandbox(name);
     // One start at a time: a concurrent caller waits here, then finds the
     // sandbox running and uses it.

@@ -343,6 +343,11 @@ pub fn create(
         )));
     }
     validate_cpus(opts.cpus)?;
+    let own = crate::own::own_folders(dirs);
+    crate::own::check_share(&workspace, &own)?;
+    for m in &opts.mounts {
+        crate::own::check_share(&m.path, &own)?;
+    }
     let mut upstream_cas = Vec::new();
     for ca in &opts.upstream_cas {
         let path = ca

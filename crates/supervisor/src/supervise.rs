@@ -408,6 +408,7 @@ async fn start_shares(
     // The servers write `secret-read` there and may write nowhere else in
     // the sandbox's folder: it must exist (and an earlier version's file be
     // moved in) before they start.
+    crate::own::check_shares(dirs, config)?;
     let labels = sandpen_policy::LabelStore::in_dir(&paths.dir);
     labels
         .prepare()
@@ -444,6 +445,7 @@ async fn start_shares(
             sandbox: config.name.clone(),
             files_log: paths.logs().join("files.jsonl"),
             flow_state: labels.path().to_path_buf(),
+            reserve: policy.reserve().to_string(),
         };
         shares.push(fileserver::start(&spec, &paths.fs_log(), kind).await?);
     }

@@ -27,8 +27,9 @@ pub const TCG_TB_SIZE_MIB: u32 = 32;
 
 /// TCG threading mode: `single` runs every vCPU of the VM in turn on one host
 /// thread. The default (`multi`, one thread per vCPU) lets the guest kernel
-/// die with `Oops: int3` while it patches its own text, e.g. as Docker loads
-/// modules (docs/architecture.md, "TCG and kernel text patching").
+/// die with `Oops: int3` while it patches its own text, e.g. as runc makes a
+/// cpuset cgroup. This removes that class; the soak still saw one other oops
+/// (docs/architecture.md, "TCG and kernel text patching").
 pub const TCG_THREAD: &str = "single";
 
 /// A vhost-user-fs share: the guest mounts `tag`; the file server listens on `socket`.

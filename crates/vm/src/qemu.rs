@@ -25,6 +25,13 @@ pub enum Console {
 /// little speed.
 pub const TCG_TB_SIZE_MIB: u32 = 32;
 
+/// TCG threading mode: `single` runs every vCPU of the VM in turn on one host
+/// thread. The default (`multi`, one thread per vCPU) lets the guest kernel
+/// die with `Oops: int3` while it patches its own text, e.g. as runc makes a
+/// cpuset cgroup. This removes that class; the soak still saw one other oops
+/// (docs/architecture.md, "TCG and kernel text patching").
+pub const TCG_THREAD: &str = "single";
+
 /// A vhost-user-fs share: the guest mounts `tag`; the file server listens on `socket`.
 #[derive(Debug, Clone)]
 pub struct FsShare {
@@ -106,9 +113,15 @@ impl VmConfig {
             }
             Accel::Tcg => {
                 // Bound the translation cache: QEMU's default grows to hundreds of
-                // MiB of host memory per VM.
+                // MiB of host memory per VM. One host thread for all vCPUs:
+                // under multi-threaded TCG a vCPU can run a stale translation of
+                // kernel text that another vCPU is patching (an int3 left by
+                // text_poke_bp) and the guest kernel panics (docs/architecture.md,
+                // "TCG and kernel text patching").
                 push("-accel");
-                push(&format!("tcg,tb-size={TCG_TB_SIZE_MIB}"));
+                push(&format!(
+                    "tcg,tb-size={TCG_TB_SIZE_MIB},thread={TCG_THREAD}"
+                ));
                 // Every instruction set extension TCG can emulate. The default
                 // (qemu64) has no SSE4.2 or AVX2, and agents' native binaries
                 // (Claude Code is a Bun executable built for x86-64-v3) die
@@ -256,12 +269,17 @@ mod tests {
     #[test]
     fn accel_specific_options() {
         let tcg = config(Accel::Tcg);
-        assert!(joined(&tcg).contains("-accel tcg,tb-size="));
+        assert!(joined(&tcg).contains(&format!(
+            "-accel tcg,tb-size={TCG_TB_SIZE_MIB},thread=single -cpu max"
+        )));
         // Agents' native binaries need x86-64-v3 (AVX2), which qemu64 lacks.
         assert!(joined(&tcg).contains("-cpu max"));
         assert!(tcg.kernel_cmdline().contains("tsc_early_khz=2596134"));
         let kvm = config(Accel::Kvm);
         assert!(joined(&kvm).contains("-accel kvm -cpu host"));
+        // The TCG-only threading mode never reaches a KVM command line.
+        assert!(!joined(&kvm).contains("thread="));
+        assert!(!joined(&kvm).contains("tcg"));
         assert!(!kvm.kernel_cmdline().contains("tsc_early_khz"));
     }
 

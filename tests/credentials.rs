@@ -80,8 +80,11 @@ class H(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 servers = []
-for name in ("good", "bad"):
-    s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+# Credential routes serve port 443 only (a route matches host and port), so
+# the mocks listen on 443, each on a loopback address of its own (root, as
+# CI runs the tests).
+for name, addr in (("good", "127.0.0.2"), ("bad", "127.0.0.3")):
+    s = http.server.ThreadingHTTPServer((addr, 443), H)
     s.name = name
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(os.path.join(root, name + ".pem"), os.path.join(root, name + ".key"))
@@ -225,15 +228,15 @@ fn setup() -> Result<(), Failed> {
         "--memory",
         "768M",
         "--add-host",
-        "api.anthropic.com:127.0.0.1",
+        "api.anthropic.com:127.0.0.2",
         "--add-host",
-        "github.com:127.0.0.1",
+        "github.com:127.0.0.2",
         "--add-host",
-        "other.test:127.0.0.1",
+        "other.test:127.0.0.2",
         "--add-host",
-        "api.openai.com:127.0.0.1",
+        "api.openai.com:127.0.0.3",
         "--add-host",
-        "custom.test:127.0.0.1",
+        "custom.test:127.0.0.2",
         "--upstream-ca",
         good_ca.to_str().unwrap(),
     ])?;

@@ -166,6 +166,17 @@ fn setup() -> Result<(), Failed> {
     ok(&args)?;
     ok(&["policy", "allow", "network", "api.anthropic.com", NAME])?;
     ok(&["policy", "allow", "network", "other.test", NAME])?;
+    // The sink the flow test reaches over plain HTTP after secret-read: named
+    // in the user's own (sandbox) file, since a sink only the workspace file
+    // names counts only where the proxy intercepts (docs/egress.md).
+    let own = e
+        .cli
+        .state
+        .path()
+        .join(format!("sandpen/sandboxes/{NAME}/policy.toml"));
+    let mut policy = std::fs::read_to_string(&own)?;
+    policy.push_str("\n[flow]\ntrusted_sinks = [\"api.anthropic.com\"]\n");
+    std::fs::write(&own, policy)?;
     // `run` starts it and says what of the workspace file it left out; the
     // guest cannot reach what only the untrusted file allows. Then the user
     // trusts it, and the running sandbox applies it at once.

@@ -25,12 +25,19 @@ pub enum Console {
 /// little speed.
 pub const TCG_TB_SIZE_MIB: u32 = 32;
 
-/// TCG threading mode: `single` runs every vCPU of the VM in turn on one host
-/// thread. The default (`multi`, one thread per vCPU) lets the guest kernel
-/// die with `Oops: int3` while it patches its own text, e.g. as runc makes a
-/// cpuset cgroup. This removes that class; the soak still saw one other oops
-/// (docs/architecture.md, "TCG and kernel text patching").
-pub const TCG_THREAD: &str = "single";
+/// TCG threading mode, `$SANDPEN_TCG_THREAD`: `multi` (the default: one host
+/// thread per vCPU) or `single` (every vCPU of the VM in turn on one host
+/// thread). Under `multi`, QEMU 7.2 can let the guest kernel die with `Oops:
+/// int3` while it patches its own text (e.g. as runc makes a cpuset cgroup);
+/// `single` removed that oops in the soak, but the soak still saw another
+/// one, and Docker's on-demand start timed out under it, so it is not the
+/// default yet (docs/architecture.md, "TCG and kernel text patching").
+pub fn tcg_thread() -> &'static str {
+    match std::env::var("SANDPEN_TCG_THREAD").as_deref() {
+        Ok("single") => "single",
+        _ => "multi",
+    }
+}
 
 /// A vhost-user-fs share: the guest mounts `tag`; the file server listens on `socket`.
 #[derive(Debug, Clone)]
@@ -113,14 +120,13 @@ impl VmConfig {
             }
             Accel::Tcg => {
                 // Bound the translation cache: QEMU's default grows to hundreds of
-                // MiB of host memory per VM. One host thread for all vCPUs:
-                // under multi-threaded TCG a vCPU can run a stale translation of
-                // kernel text that another vCPU is patching (an int3 left by
-                // text_poke_bp) and the guest kernel panics (docs/architecture.md,
-                // "TCG and kernel text patching").
+                // MiB of host memory per VM. The threading mode: see
+                // `tcg_thread` (docs/architecture.md, "TCG and kernel text
+                // patching").
                 push("-accel");
                 push(&format!(
-                    "tcg,tb-size={TCG_TB_SIZE_MIB},thread={TCG_THREAD}"
+                    "tcg,tb-size={TCG_TB_SIZE_MIB},thread={}",
+                    tcg_thread()
                 ));
                 // Every instruction set extension TCG can emulate. The default
                 // (qemu64) has no SSE4.2 or AVX2, and agents' native binaries
@@ -270,7 +276,8 @@ mod tests {
     fn accel_specific_options() {
         let tcg = config(Accel::Tcg);
         assert!(joined(&tcg).contains(&format!(
-            "-accel tcg,tb-size={TCG_TB_SIZE_MIB},thread=single -cpu max"
+            "-accel tcg,tb-size={TCG_TB_SIZE_MIB},thread={} -cpu max",
+            tcg_thread()
         )));
         // Agents' native binaries need x86-64-v3 (AVX2), which qemu64 lacks.
         assert!(joined(&tcg).contains("-cpu max"));

@@ -117,7 +117,7 @@ fn main() {
     });
     ctx.ok(&["policy", "init", "deny-all"]);
     ctx.ok(&["create", "--add-host", "h.test:127.0.0.1"]);
-    ctx.ok(&["policy", "allow", "network", "h.test", NAME]);
+    ctx.ok(&["policy", "allow", "network", "h.test raw", NAME]);
     ctx.ok(&["start", NAME]);
     // Settle, then the idle figures.
     std::thread::sleep(Duration::from_secs(5));

@@ -205,32 +205,14 @@ impl LabelStore {
     }
 
     fn save(&self, labels: &FlowLabels) -> Result<(), FlowError> {
-        let tmp = self
-            .path
-            .with_extension(format!("json.tmp.{}", std::process::id()));
         let text = serde_json::to_vec_pretty(labels).map_err(|source| FlowError::Parse {
             path: self.path.clone(),
             source,
         })?;
         // Durable before it is in place, and in place durably: a label the
         // file server reported set must survive a host crash (docs/files.md,
-        // "fail closed").
-        let written = (|| {
-            use std::io::Write;
-            let mut f = File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()
-        })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(self.err(e));
-        }
-        std::fs::rename(&tmp, &self.path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            self.err(e)
-        })?;
-        File::open(self.dir())
-            .and_then(|d| d.sync_all())
+        // "fail closed"). The one atomic-write helper does both.
+        sandpen_fsutil::write_atomic(&self.path, &text, sandpen_fsutil::MODE_STATE)
             .map_err(|e| self.err(e))
     }
 

@@ -32,8 +32,8 @@ struct Env {
     server: std::sync::Mutex<Child>,
 }
 
-/// Two servers on 127.0.0.1: plain HTTP (`hello from the host PATH`, each path
-/// logged to `requests.log`), and a mock model API over TLS for
+/// Two servers, plain HTTP on 127.0.0.1 (`hello from the host PATH`, each path
+/// logged to `requests.log`), and a mock model API over TLS on 127.0.0.4:443 for
 /// `api.anthropic.com` and `api.openai.com` (certificate from a test CA the
 /// sandbox trusts upstream through `--upstream-ca`). The mock speaks the
 /// Anthropic Messages API (streaming server-sent events, or JSON) and the
@@ -120,7 +120,9 @@ class Plain(http.server.BaseHTTPRequestHandler):
     def log_message(self, *a):
         pass
 plain = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Plain)
-model = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Model)
+# Credential routes serve port 443 only (a route matches host and port): the
+# model mock listens there, on a loopback address of its own (root, as CI).
+model = http.server.ThreadingHTTPServer(("127.0.0.4", 443), Model)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(os.path.join(root, "model.pem"), os.path.join(root, "model.key"))
 model.socket = ctx.wrap_socket(model.socket, server_side=True)
@@ -256,9 +258,9 @@ fn run_agent(agent: &str, args: &[&str]) -> Output {
         "--add-host",
         "denied.test:127.0.0.1",
         "--add-host",
-        "api.anthropic.com:127.0.0.1",
+        "api.anthropic.com:127.0.0.4",
         "--add-host",
-        "api.openai.com:127.0.0.1",
+        "api.openai.com:127.0.0.4",
         "--upstream-ca",
         &upstream_ca,
         "--",

@@ -89,23 +89,6 @@ fn setup() -> Result<(), Failed> {
     Ok(())
 }
 
-/// `ls --json`'s status of `name` and, for a failed one, the reason.
-fn status_of(cli: &Cli, name: &str) -> Result<(String, String), Failed> {
-    let out = cli.ok(&["ls", "--json"])?;
-    let rows: serde_json::Value =
-        serde_json::from_str(&out).map_err(|e| format!("ls --json: {e}: {out}"))?;
-    let row = rows
-        .as_array()
-        .and_then(|a| a.iter().find(|r| r["name"] == name));
-    Ok(match row {
-        Some(r) => (
-            r["status"].as_str().unwrap_or("").to_string(),
-            r["reason"].as_str().unwrap_or("").to_string(),
-        ),
-        None => ("absent".into(), String::new()),
-    })
-}
-
 /// The proxy's records in the network log.
 fn net_records() -> Result<Vec<serde_json::Value>, Failed> {
     let path = env()
@@ -177,7 +160,7 @@ fn a_thousand_connections_keep_the_sandbox_up() -> Result<(), Failed> {
         status.success() && out.contains("flood-done"),
         format!("the flood's exec ended with {status}: {out}"),
     )?;
-    let (state, reason) = status_of(&env().cli, NAME)?;
+    let (state, reason) = env().cli.status_of(NAME)?;
     check(state == "running", format!("status {state} {reason}"))?;
     check(root_sh("echo after")? == "after\n", "exec after the flood")?;
     let accepted = env().accepted.load(Ordering::Relaxed) - before;
@@ -236,7 +219,7 @@ fn a_burst_and_port_garbage_take_nothing_down() -> Result<(), Failed> {
         garbage.trim().parse::<u32>().unwrap_or(0) >= 2,
         format!("the guest sees {garbage} ports"),
     )?;
-    let (state, reason) = status_of(&env().cli, NAME)?;
+    let (state, reason) = env().cli.status_of(NAME)?;
     check(state == "running", format!("status {state} {reason}"))?;
     check(root_sh("echo alive")? == "alive\n", "exec after the burst")?;
     let other_up = other.ok(&["exec", "other", "--", "echo", "other"]);
@@ -334,7 +317,7 @@ fn pid_of(part: Part) -> Result<i32, Failed> {
 /// chunk the guest had fsynced.
 fn kill_mid_write(part: Part) -> Result<(), Failed> {
     ready()?;
-    let (state, _) = status_of(&env().cli, NAME)?;
+    let (state, _) = env().cli.status_of(NAME)?;
     if state != "running" {
         ok(&["start", NAME])?;
     }
@@ -414,7 +397,7 @@ fn kill_mid_write(part: Part) -> Result<(), Failed> {
     };
     let deadline = Instant::now() + Duration::from_secs(15);
     let (state, reason) = loop {
-        let (state, reason) = status_of(&env().cli, NAME)?;
+        let (state, reason) = env().cli.status_of(NAME)?;
         if state == "failed" || Instant::now() > deadline {
             break (state, reason);
         }
@@ -437,7 +420,7 @@ fn kill_mid_write(part: Part) -> Result<(), Failed> {
     )?;
     ok(&["start", NAME])?;
     check(root_sh("echo back")? == "back\n", "exec after start")?;
-    let (state, _) = status_of(&env().cli, NAME)?;
+    let (state, _) = env().cli.status_of(NAME)?;
     check(state == "running", format!("status after start: {state}"))
 }
 

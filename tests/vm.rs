@@ -54,19 +54,7 @@ fn status_of(name: &str) -> Result<String, Failed> {
 
 /// `ls --json`'s status of `name`, and the reason of a `failed` one.
 fn status_and_reason(name: &str) -> Result<(String, String), Failed> {
-    let out = expect_ok(&sandpen(&["ls", "--json"]), "ls --json")?;
-    let rows: serde_json::Value =
-        serde_json::from_str(&out).map_err(|e| format!("ls --json: {e}: {out}"))?;
-    let row = rows
-        .as_array()
-        .and_then(|a| a.iter().find(|r| r["name"] == name));
-    Ok(match row {
-        Some(r) => (
-            r["status"].as_str().unwrap_or("").to_string(),
-            r["reason"].as_str().unwrap_or("").to_string(),
-        ),
-        None => ("absent".into(), String::new()),
-    })
+    env().cli.status_of(name)
 }
 
 // ---- errors (no VM needed) ----

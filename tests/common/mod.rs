@@ -172,6 +172,25 @@ impl Cli {
         })
     }
 
+    /// `ls --json`'s status of `name` (`absent` when it is not listed), and
+    /// the reason of a `failed` one.
+    #[allow(dead_code)] // the VM and stays-up tests read it
+    pub fn status_of(&self, name: &str) -> Result<(String, String), Failed> {
+        let out = self.ok(&["ls", "--json"])?;
+        let rows: serde_json::Value =
+            serde_json::from_str(&out).map_err(|e| format!("ls --json: {e}: {out}"))?;
+        let row = rows
+            .as_array()
+            .and_then(|a| a.iter().find(|r| r["name"] == name));
+        Ok(match row {
+            Some(r) => (
+                r["status"].as_str().unwrap_or("").to_string(),
+                r["reason"].as_str().unwrap_or("").to_string(),
+            ),
+            None => ("absent".into(), String::new()),
+        })
+    }
+
     /// The last lines of every sandbox's supervisor, QEMU, console and file
     /// server logs.
     pub fn log_tails(&self) -> String {

@@ -35,15 +35,19 @@ fn cache() -> &'static Mutex<Cache> {
 }
 
 /// Every address on the host's interfaces, as of at most [`REFRESH`] ago.
-/// Empty if the list cannot be read (then only the fixed ranges apply; the
-/// failure is not the guest's to cause).
+/// A list that cannot be read again keeps the last one read (a failed
+/// refresh must not unblock the host's addresses); empty only if it was
+/// never read (then only the fixed ranges apply; the failure is not the
+/// guest's to cause).
 pub fn host_addresses() -> Vec<IpAddr> {
     let mut c = match cache().lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
     };
     if c.read_at.is_none_or(|t| t.elapsed() >= REFRESH) {
-        c.addrs = read_interfaces();
+        if let Some(addrs) = read_interfaces() {
+            c.addrs = addrs;
+        }
         c.read_at = Some(Instant::now());
     }
     c.addrs.clone()
@@ -54,9 +58,9 @@ pub fn is_host_address(ip: IpAddr) -> bool {
     host_addresses().contains(&canonical(ip))
 }
 
-fn read_interfaces() -> Vec<IpAddr> {
+fn read_interfaces() -> Option<Vec<IpAddr>> {
     let Ok(list) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
+        return None;
     };
     let mut out = Vec::new();
     for ifa in list {
@@ -72,7 +76,7 @@ fn read_interfaces() -> Vec<IpAddr> {
             out.push(ip);
         }
     }
-    out
+    Some(out)
 }
 
 #[cfg(test)]

@@ -127,7 +127,7 @@ pub async fn dispatch(command: Command) -> Result<i32> {
         Command::Flow(cmd) => flow(&dirs, cmd),
         Command::Secret(cmd) => crate::secret_cmd::run(&dirs, cmd),
         Command::Doctor => doctor(&dirs),
-        Command::Supervise { .. } | Command::FsServe(_) => {
+        Command::Supervise { .. } | Command::FsServe(_) | Command::Jail => {
             unreachable!("handled before the runtime starts")
         }
     }
@@ -172,6 +172,7 @@ fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOpt
         docker: args.docker.parse()?,
         mounts: parse_mounts(&args.mounts)?,
         upstream_cas: args.upstream_cas.clone(),
+        require_jail: args.require_jail,
     })
 }
 

@@ -62,6 +62,10 @@ pub struct CreateArgs {
     /// on credential hosts (private upstreams, tests)
     #[arg(long = "upstream-ca", value_name = "FILE")]
     pub upstream_cas: Vec<PathBuf>,
+    /// Refuse to start when a layer of QEMU's jail (namespaces, Landlock,
+    /// seccomp, capabilities) cannot be had on this host
+    #[arg(long, env = "SANDPEN_REQUIRE_JAIL")]
+    pub require_jail: bool,
 }
 
 #[derive(Subcommand)]
@@ -158,6 +162,9 @@ enum Command {
     /// Internal: the file server of one share (started by the supervisor)
     #[command(hide = true)]
     FsServe(fs_serve::FsServeArgs),
+    /// Internal: QEMU's jail launcher (started by the supervisor)
+    #[command(name = "__jail", hide = true)]
+    Jail,
 }
 
 #[derive(Subcommand)]
@@ -209,6 +216,17 @@ fn main() -> ExitCode {
     }
     if let Command::FsServe(args) = &cli.command {
         return fs_serve::main(args);
+    }
+    if let Command::Jail = &cli.command {
+        // Returns only when the jail or the program's start failed.
+        return ExitCode::from(sandpen_supervisor::jail::launcher_main() as u8);
+    }
+    if let Command::Run { create, .. } | Command::Create { create, .. } = &cli.command {
+        if create.require_jail {
+            // The supervisor this command may start checks it too, for a
+            // sandbox created without the flag.
+            std::env::set_var("SANDPEN_REQUIRE_JAIL", "1");
+        }
     }
     // Like other Unix tools, end quietly when the reader of our output goes
     // away (`sandpen ls | head`). Not for the supervisor above, whose stdout

@@ -49,6 +49,12 @@ pub struct RuntimeStatus {
     pub ready_ms: u64,
     /// A stop is under way.
     pub stopping: bool,
+    /// The layers of QEMU's jail, one line (docs/architecture.md).
+    #[serde(default)]
+    pub jail: String,
+    /// The layers this host could not give QEMU, with the reason each.
+    #[serde(default)]
+    pub jail_missing: Vec<String>,
 }
 
 /// What `ls` shows.

@@ -13,6 +13,7 @@ pub mod credentials;
 pub mod egress;
 pub mod exit;
 pub mod fileserver;
+pub mod jail;
 pub mod lifecycle;
 pub mod own;
 pub mod paths;
@@ -45,6 +46,11 @@ pub enum SupervisorError {
     Proto(#[from] sandpen_proto::ProtoError),
     #[error("{0}")]
     Boot(String),
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
+    /// `--require-jail`, and a layer is missing.
+    #[error("{0}; the sandbox requires the whole jail (--require-jail)")]
+    JailIncomplete(String),
     /// A share holds sandpen's own files (or lies inside them).
     #[error(
         "cannot share {}: it overlaps sandpen's {what} {} (the guest could read sandpen's secrets \

@@ -40,6 +40,10 @@ pub struct SandboxConfig {
     /// Extra folders shared at the same path (`--mount PATH[:ro]`).
     #[serde(default)]
     pub mounts: Vec<ExtraMount>,
+    /// Refuse to boot when a layer of QEMU's jail is missing on this host
+    /// (`--require-jail`).
+    #[serde(default)]
+    pub require_jail: bool,
 }
 
 /// When dockerd starts in the guest. It travels to the guest on the kernel
@@ -153,6 +157,8 @@ pub struct CreateOptions {
     pub docker: DockerStart,
     pub mounts: Vec<ExtraMount>,
     pub upstream_cas: Vec<PathBuf>,
+    /// `--require-jail`.
+    pub require_jail: bool,
 }
 
 /// Parses sizes like `2048`, `512M`, `2G`, `2GiB` into MiB.
@@ -410,6 +416,7 @@ pub fn create(
             docker: opts.docker,
             mounts: opts.mounts.clone(),
             upstream_cas,
+            require_jail: opts.require_jail,
         };
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| SupervisorError::Invalid(format!("serializing the sandbox: {e}")))?;

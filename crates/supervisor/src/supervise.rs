@@ -187,25 +187,53 @@ async fn boot(
     }
     let shares = start_shares(dirs, config, paths).await?;
 
+    // QEMU makes no socket of its own (its jail refuses it): the supervisor
+    // binds the ones QEMU serves and connects the file servers' ones, and
+    // QEMU inherits them (docs/architecture.md, "QEMU's jail").
+    let mut passed: Vec<std::os::fd::OwnedFd> = Vec::new();
+    let mut pass = |fd: std::os::fd::OwnedFd| {
+        passed.push(fd);
+        sandpen_vm::Socket::Fd(crate::jail::passed_fd(passed.len() - 1))
+    };
+    let listen = |path: std::path::PathBuf| {
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::net::UnixListener::bind(&path)
+            .map(std::os::fd::OwnedFd::from)
+            .map_err(|e| SupervisorError::io(format!("binding {}", path.display()), e))
+    };
+    let channel_socket = pass(listen(paths.channel_socket())?);
+    let egress_socket = pass(listen(paths.egress_socket())?);
+    let qmp_socket = pass(listen(paths.qmp_socket())?);
+    let console_socket = pass(listen(paths.console_socket())?);
+    let mut fs_shares = Vec::new();
+    for share in &shares {
+        let conn = std::os::unix::net::UnixStream::connect(&share.spec.socket).map_err(|e| {
+            SupervisorError::io(
+                format!(
+                    "connecting to the file server at {}",
+                    share.spec.socket.display()
+                ),
+                e,
+            )
+        })?;
+        fs_shares.push(sandpen_vm::FsShare {
+            tag: share.spec.tag.clone(),
+            socket: pass(conn.into()),
+        });
+    }
     let vm_config = sandpen_vm::VmConfig {
         name: config.name.clone(),
         accel: accel.accel,
         cpus: config.cpus,
         memory_mib: config.memory_mib,
         kernel: image.kernel(),
-        initrd,
+        initrd: initrd.clone(),
         disk: paths.disk(),
-        channel_socket: paths.channel_socket(),
-        egress_socket: paths.egress_socket(),
-        qmp_socket: paths.qmp_socket(),
-        console: sandpen_vm::Console::Socket(paths.console_socket()),
-        shares: shares
-            .iter()
-            .map(|s| sandpen_vm::FsShare {
-                tag: s.spec.tag.clone(),
-                socket: s.spec.socket.clone(),
-            })
-            .collect(),
+        channel_socket,
+        egress_socket,
+        qmp_socket,
+        console: sandpen_vm::Console::Socket(console_socket),
+        shares: fs_shares,
         tsc_khz: sandpen_vm::qemu::host_tsc_khz(),
         extra_cmdline: vec![format!("sandpen.docker={}", config.docker.as_str())],
     };
@@ -224,9 +252,18 @@ async fn boot(
     let log2 = log
         .try_clone()
         .map_err(|e| SupervisorError::io("log handle", e))?;
-    let mut cmd = Command::new(&qemu_bin);
-    cmd.args(vm_config.args())
-        .stdin(Stdio::null())
+    let spec = crate::jail::JailSpec::for_qemu(
+        &qemu_bin,
+        vm_config.args(),
+        &config.name,
+        &[image.kernel(), initrd, image.rootfs()],
+        &paths.disk(),
+        accel.accel,
+    );
+    let launcher =
+        std::env::current_exe().map_err(|e| SupervisorError::io("finding sandpen", e))?;
+    let (mut cmd, fds) = spec.command(&launcher, passed)?;
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
         .kill_on_drop(true);
@@ -236,10 +273,19 @@ async fn boot(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let mut qemu = cmd
-        .spawn()
-        .map_err(|e| SupervisorError::io(format!("starting {}", qemu_bin.display()), e))?;
-    let qemu_pid = qemu.id().unwrap_or(0);
+    let launched = crate::jail::spawn(cmd, fds)?;
+    let (mut qemu, jail) = tokio::task::spawn_blocking(move || launched.report())
+        .await
+        .map_err(|e| SupervisorError::Boot(format!("the jail launcher's report: {e}")))??;
+    tracing::info!(pid = jail.pid, "QEMU jailed: {}", jail.applied);
+    if let Some(line) = jail.missing_line() {
+        if config.require_jail || crate::jail::required_by_env() {
+            let _ = qemu.kill().await;
+            return Err(SupervisorError::JailIncomplete(line));
+        }
+        tracing::warn!("{line}");
+    }
+    let qemu_pid = jail.pid;
     let died = |status: std::process::ExitStatus| {
         SupervisorError::Boot(format!(
             "QEMU exited during boot ({status}); see {}, {} and {}",
@@ -385,6 +431,8 @@ async fn boot(
         channel_ms,
         ready_ms,
         stopping: false,
+        jail: jail.applied,
+        jail_missing: jail.missing,
     };
     Ok(Vm {
         config: config.clone(),

@@ -11,7 +11,7 @@ pub mod qemu;
 pub mod qmp;
 
 pub use accel::{choose_accel, Accel, AccelChoice, AccelDecision};
-pub use qemu::{Console, FsShare, VmConfig};
+pub use qemu::{Console, FsShare, Socket, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {

@@ -16,7 +16,28 @@ pub enum Console {
     File(PathBuf),
     /// A unix socket QEMU listens on; the supervisor copies it into a log it
     /// caps, since the guest can write to its console without end.
-    Socket(PathBuf),
+    Socket(Socket),
+}
+
+/// Where QEMU finds one of its unix sockets.
+#[derive(Debug, Clone)]
+pub enum Socket {
+    /// QEMU binds (a server chardev) or connects to (a client) this path.
+    Path(PathBuf),
+    /// A descriptor QEMU inherits: a listening socket for a server chardev,
+    /// a connected one for a client. The jailed QEMU makes no socket of its
+    /// own (docs/architecture.md, "QEMU's jail").
+    Fd(i32),
+}
+
+impl Socket {
+    /// The chardev option that names it.
+    fn option(&self) -> String {
+        match self {
+            Socket::Path(p) => format!("path={}", p.display()),
+            Socket::Fd(fd) => format!("fd={fd}"),
+        }
+    }
 }
 
 /// TCG translation-cache size (MiB), for the software-emulation path only.
@@ -43,7 +64,7 @@ pub fn tcg_thread() -> &'static str {
 #[derive(Debug, Clone)]
 pub struct FsShare {
     pub tag: String,
-    pub socket: PathBuf,
+    pub socket: Socket,
 }
 
 #[derive(Debug, Clone)]
@@ -56,10 +77,10 @@ pub struct VmConfig {
     pub initrd: PathBuf,
     pub disk: PathBuf,
     /// The control port's socket ([`sandpen_proto::PORT_NAME`]).
-    pub channel_socket: PathBuf,
+    pub channel_socket: Socket,
     /// The egress port's socket ([`sandpen_proto::EGRESS_PORT_NAME`]).
-    pub egress_socket: PathBuf,
-    pub qmp_socket: PathBuf,
+    pub egress_socket: Socket,
+    pub qmp_socket: Socket,
     pub console: Console,
     pub shares: Vec<FsShare>,
     /// Extra kernel command-line words (benchmarks use `sandpen.bare`).
@@ -149,11 +170,8 @@ impl VmConfig {
         push("-chardev");
         push(&match &self.console {
             Console::File(path) => format!("file,id=console,path={},append=on", path.display()),
-            Console::Socket(path) => {
-                format!(
-                    "socket,id=console,path={},server=on,wait=off",
-                    path.display()
-                )
+            Console::Socket(socket) => {
+                format!("socket,id=console,{},server=on,wait=off", socket.option())
             }
         });
         push("-serial");
@@ -188,8 +206,8 @@ impl VmConfig {
         ] {
             push("-chardev");
             push(&format!(
-                "socket,id={id},path={},server=on,wait=off",
-                socket.display()
+                "socket,id={id},{},server=on,wait=off",
+                socket.option()
             ));
             push("-device");
             push(&format!(
@@ -198,18 +216,20 @@ impl VmConfig {
         }
         for (i, share) in self.shares.iter().enumerate() {
             push("-chardev");
-            push(&format!("socket,id=fs{i},path={}", share.socket.display()));
+            push(&format!("socket,id=fs{i},{}", share.socket.option()));
             push("-device");
             push(&format!(
                 "vhost-user-fs-device,chardev=fs{i},tag={}",
                 share.tag
             ));
         }
-        push("-qmp");
+        push("-chardev");
         push(&format!(
-            "unix:{},server=on,wait=off",
-            self.qmp_socket.display()
+            "socket,id=qmp,{},server=on,wait=off",
+            self.qmp_socket.option()
         ));
+        push("-mon");
+        push("chardev=qmp,mode=control");
         a
     }
 }
@@ -239,13 +259,13 @@ mod tests {
             kernel: "/img/vmlinux".into(),
             initrd: "/img/initrd.img".into(),
             disk: "/s/disk.qcow2".into(),
-            channel_socket: "/s/run/channel.sock".into(),
-            egress_socket: "/s/run/egress.sock".into(),
-            qmp_socket: "/s/run/qmp.sock".into(),
-            console: Console::Socket("/s/run/console.sock".into()),
+            channel_socket: Socket::Fd(4),
+            egress_socket: Socket::Path("/s/run/egress.sock".into()),
+            qmp_socket: Socket::Fd(5),
+            console: Console::Socket(Socket::Fd(6)),
             shares: vec![FsShare {
                 tag: "workspace".into(),
-                socket: "/s/run/fs0.sock".into(),
+                socket: Socket::Fd(7),
             }],
             tsc_khz: Some(2_596_134),
             extra_cmdline: vec![],
@@ -270,6 +290,18 @@ mod tests {
         assert!(line.contains("virtserialport,bus=vser0.0,chardev=channel,name=sandpen "));
         assert!(line.contains("virtserialport,bus=vser0.0,chardev=egress,name=sandpen-egress"));
         assert!(line.contains("memory-backend-memfd,id=mem,size=1024M,share=on"));
+    }
+
+    #[test]
+    fn sockets_by_descriptor_or_path() {
+        let line = joined(&config(Accel::Tcg));
+        assert!(line.contains("-chardev socket,id=channel,fd=4,server=on,wait=off"));
+        assert!(line.contains("-chardev socket,id=egress,path=/s/run/egress.sock,server=on"));
+        assert!(line.contains(
+            "-chardev socket,id=qmp,fd=5,server=on,wait=off -mon chardev=qmp,mode=control"
+        ));
+        assert!(line.contains("-chardev socket,id=console,fd=6,server=on"));
+        assert!(line.contains("-chardev socket,id=fs0,fd=7 "));
     }
 
     #[test]

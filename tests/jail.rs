@@ -23,6 +23,9 @@ use std::path::{Path, PathBuf};
 use libtest_mimic::{Arguments, Failed, Trial};
 use sandpen_supervisor::jail::{self, JailSpec, Layers};
 
+mod common;
+use common::{check, text, Cli};
+
 const PROBE: &str = "SANDPEN_JAIL_PROBE";
 
 /// What the probe is told to attack (paths and addresses of the host side).
@@ -189,8 +192,63 @@ fn fixture() -> Fixture {
     }
 }
 
+/// A host where namespaces cannot be made (user namespaces off, as some
+/// distributions ship): the test refuses `unshare` to the launcher (and to
+/// the whole `sandpen` it starts) with a seccomp filter put on from outside.
+fn without_namespaces(cmd: &mut impl PreExec) {
+    let program =
+        sandpen_confine::deny_list_program(std::env::consts::ARCH, &[libc::SYS_unshare], &[])
+            .expect("a filter");
+    cmd.pre_exec_filter(program);
+}
+
+trait PreExec {
+    fn pre_exec_filter(&mut self, program: sandpen_confine::seccompiler::BpfProgram);
+}
+
+/// Installs `program` between fork and exec with raw system calls only
+/// (the program was built before the fork).
+fn install_raw(program: &[sandpen_confine::seccompiler::sock_filter]) -> std::io::Result<()> {
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl and seccomp take integers and a pointer to `prog`,
+    // alive for the call; both are async-signal-safe.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, 0, &prog) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+impl PreExec for tokio::process::Command {
+    fn pre_exec_filter(&mut self, program: sandpen_confine::seccompiler::BpfProgram) {
+        // SAFETY: see install_raw.
+        unsafe { self.pre_exec(move || install_raw(&program)) };
+    }
+}
+
+impl PreExec for std::process::Command {
+    fn pre_exec_filter(&mut self, program: sandpen_confine::seccompiler::BpfProgram) {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: see install_raw.
+        unsafe { self.pre_exec(move || install_raw(&program)) };
+    }
+}
+
 /// Runs the probe in the jail with `layers`: its report and what it found.
 fn run_probe(layers: Layers) -> Result<(jail::JailReport, BTreeMap<String, String>), Failed> {
+    run_probe_on(layers, false)
+}
+
+fn run_probe_on(
+    layers: Layers,
+    no_namespaces: bool,
+) -> Result<(jail::JailReport, BTreeMap<String, String>), Failed> {
     let f = fixture();
     let me = std::env::current_exe()?;
     let mut spec = JailSpec::for_qemu(
@@ -216,6 +274,9 @@ fn run_probe(layers: Layers) -> Result<(jail::JailReport, BTreeMap<String, Strin
         cmd.env(PROBE, serde_json::to_string(&f.targets).unwrap())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::inherit());
+        if no_namespaces {
+            without_namespaces(&mut cmd);
+        }
         let launched = jail::spawn(cmd, fds).map_err(|e| e.to_string())?;
         let (child, report) = tokio::task::spawn_blocking(move || launched.report())
             .await
@@ -381,6 +442,75 @@ fn caps_alone() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Where user namespaces cannot be had, the program still starts, the
+/// report names every missing namespace, and the other layers still hold.
+fn without_namespaces_it_starts_and_says_so() -> Result<(), Failed> {
+    let (report, found) = run_probe_on(Layers::ALL, true)?;
+    let line = report.missing_line().unwrap_or_default();
+    check(
+        line.contains("user namespace") && line.contains("network namespace"),
+        format!("the report does not name the missing namespaces: {line:?}"),
+    )?;
+    expect(
+        &found,
+        &[
+            "read-ssh",
+            "read-secrets",
+            "read-other-disk",
+            "unix-connect-other",
+            "exec-shell",
+            "exec-shell-via-interpreter",
+        ],
+    )
+}
+
+/// `run` on such a host: one note line and a running sandbox; with
+/// `--require-jail`, a clear refusal and no sandbox running.
+fn run_says_so_and_require_jail_refuses() -> Result<(), Failed> {
+    let (_root, ws) = common::workspace("sandpen-jail-", "jailed");
+    let cli = Cli::new(ws);
+    let filtered = |args: &[&str]| {
+        let mut c = cli.command(args);
+        without_namespaces(&mut c);
+        c.output().expect("running sandpen")
+    };
+    let out = filtered(&["run", "--require-jail", "--", "echo", "in"]);
+    let stderr = text(&out.stderr);
+    check(
+        out.status.code() == Some(125)
+            && stderr.contains("QEMU's jail is incomplete on this host: user namespace")
+            && stderr.contains("--require-jail")
+            && stderr
+                .trim()
+                .lines()
+                .last()
+                .is_some_and(|l| l.contains("error")),
+        format!("--require-jail: {:?} {stderr}", out.status),
+    )?;
+    let (status, _) = cli.status_of("jailed")?;
+    check(
+        status != "running",
+        format!("running after a refusal: {status}"),
+    )?;
+    // The sandbox keeps `--require-jail`: a new one runs without it.
+    let _ = cli.run(&["rm", "-f", "jailed"]);
+    let out = filtered(&["run", "--", "echo", "in"]);
+    let stderr = text(&out.stderr);
+    let notes = stderr
+        .lines()
+        .filter(|l| l.contains("QEMU's jail is incomplete"))
+        .count();
+    let result = check(
+        out.status.success() && text(&out.stdout) == "in\n" && notes == 1,
+        format!(
+            "run without the jail's namespaces: {:?} {stderr}",
+            out.status
+        ),
+    );
+    let _ = cli.run(&["rm", "-f", "jailed"]);
+    result
+}
+
 fn main() {
     if std::env::var_os(PROBE).is_some() {
         std::process::exit(probe());
@@ -399,6 +529,14 @@ fn main() {
             seccomp_alone,
         ),
         ("capabilities_alone_are_empty", caps_alone),
+        (
+            "without_namespaces_it_starts_and_says_so",
+            without_namespaces_it_starts_and_says_so,
+        ),
+        (
+            "run_says_so_and_require_jail_refuses",
+            run_says_so_and_require_jail_refuses,
+        ),
     ];
     let trials = tests
         .into_iter()

@@ -521,6 +521,51 @@ fn wait_for_status(want: &str) -> Result<(), Failed> {
     }
 }
 
+/// QEMU runs in its jail (docs/architecture.md, "QEMU's jail"): no new
+/// privileges, a seccomp filter, no capabilities, namespaces of its own, and
+/// a network namespace with only `lo`.
+fn qemu_is_jailed() -> Result<(), Failed> {
+    let state = env().cli.state.path().to_string_lossy().into_owned();
+    let qemu = pid_of(&format!("process=sandpen-qemu-{NAME}")).ok_or("QEMU not found")?;
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    check(field("NoNewPrivs:") == "1", format!("NoNewPrivs {status}"))?;
+    check(field("Seccomp:") == "2", format!("Seccomp {status}"))?;
+    for set in ["CapEff:", "CapPrm:", "CapBnd:", "CapAmb:", "CapInh:"] {
+        check(
+            field(set).trim_start_matches('0').is_empty(),
+            format!("{set} {}", field(set)),
+        )?;
+    }
+    let pidfile = Path::new(&state).join(format!("sandpen/sandboxes/{NAME}/run/supervisor.pid"));
+    let supervisor = std::fs::read_to_string(&pidfile)?;
+    for ns in ["user", "mnt", "pid", "net", "ipc", "uts"] {
+        let theirs = std::fs::read_link(format!("/proc/{qemu}/ns/{ns}"))?;
+        let ours = std::fs::read_link(format!("/proc/{}/ns/{ns}", supervisor.trim()))?;
+        check(
+            theirs != ours,
+            format!("QEMU shares the supervisor's {ns} namespace"),
+        )?;
+    }
+    let dev = std::fs::read_to_string(format!("/proc/{qemu}/net/dev"))?;
+    let interfaces: Vec<&str> = dev
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    check(
+        interfaces == ["lo"],
+        format!("QEMU's interfaces: {interfaces:?}"),
+    )
+}
+
 fn kill_9_qemu_reads_failed_and_starts_again() -> Result<(), Failed> {
     let state = env().cli.state.path().to_string_lossy().into_owned();
     let qemu = pid_of(&format!("sandpen-qemu-{NAME}.*{state}"))
@@ -639,6 +684,7 @@ fn main() {
             "stop_then_start_keeps_the_disk",
             stop_then_start_keeps_the_disk,
         ),
+        ("qemu_is_jailed", qemu_is_jailed),
         (
             "kill_9_qemu_reads_failed_and_starts_again",
             kill_9_qemu_reads_failed_and_starts_again,

@@ -866,6 +866,53 @@ fn agent_or_explain(name: &str) -> Result<&'static sandpen_agents::Agent> {
     Ok(agent)
 }
 
+/// `doctor`'s line on QEMU's jail: the launcher jails `true` with QEMU's
+/// spec and says what it could not apply.
+fn jail_check() {
+    // Its own thread and runtime: doctor runs inside the CLI's runtime.
+    let check = || -> Result<sandpen_supervisor::jail::JailReport, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let truth = sandpen_vm::which("true").ok_or("no `true` program")?;
+        let spec = sandpen_supervisor::jail::JailSpec::for_qemu(
+            &truth,
+            vec![],
+            "doctor",
+            &[],
+            std::path::Path::new("/dev/null"),
+            sandpen_vm::Accel::Tcg,
+        );
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(async {
+            let (mut cmd, fds) = spec.command(&exe, vec![]).map_err(|e| e.to_string())?;
+            cmd.stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null());
+            let launched = sandpen_supervisor::jail::spawn(cmd, fds).map_err(|e| e.to_string())?;
+            let (mut child, report) = tokio::task::spawn_blocking(move || launched.report())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+            let _ = child.wait().await;
+            Ok(report)
+        })
+    };
+    let outcome = std::thread::spawn(check)
+        .join()
+        .unwrap_or_else(|_| Err("the check panicked".into()));
+    match outcome {
+        Ok(r) => match r.missing_line() {
+            None => println!("ok    QEMU's jail: {}", r.applied),
+            Some(line) => println!(
+                "note  {line}; sandboxes still start (--require-jail refuses them); applied: {}",
+                r.applied
+            ),
+        },
+        Err(e) => println!("MISSING QEMU's jail: the launcher failed: {e}"),
+    }
+}
+
 fn doctor(dirs: &Dirs) -> Result<i32> {
     let mut problems = 0;
     let mut check = |what: &str, found: Option<String>, fix: &str| match found {
@@ -891,6 +938,7 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
             "note  file server confinement: no usable Landlock in this kernel (ABI {abi};              2 or later is needed): the server runs with seccomp and its file rules only"
         ),
     }
+    jail_check();
     match sandpen_supervisor::fileserver::virtiofsd() {
         Ok(p) => println!(
             "note  virtiofsd (optional, benchmarks only): {}",

@@ -79,10 +79,22 @@ pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
         .spawn()
         .map_err(|e| SupervisorError::io("starting the supervisor", e))?;
     let stdout = child.stdout.take();
+    // Notes (one line each, e.g. a jail layer this host cannot give) come
+    // before the outcome; the user sees them once, at start.
     let outcome = tokio::task::spawn_blocking(move || {
         let mut line = String::new();
         if let Some(out) = stdout {
-            let _ = BufReader::new(out).read_line(&mut line);
+            let mut out = BufReader::new(out);
+            loop {
+                line.clear();
+                if out.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                match line.trim().strip_prefix("note: ") {
+                    Some(note) => eprintln!("sandpen: note: {note}"),
+                    None => break,
+                }
+            }
         }
         line
     })

@@ -284,6 +284,9 @@ async fn boot(
             return Err(SupervisorError::JailIncomplete(line));
         }
         tracing::warn!("{line}");
+        report(&format!(
+            "note: {line} (`sandpen doctor` says more; --require-jail refuses such a start)"
+        ));
     }
     let qemu_pid = jail.pid;
     let died = |status: std::process::ExitStatus| {

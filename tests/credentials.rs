@@ -103,8 +103,9 @@ fn random_hex(n: usize) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+static ENV: OnceLock<Env> = OnceLock::new();
+
 fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let (root, ws) = common::workspace("sandpen-creds-", NAME);
         common::make_pki(
@@ -606,12 +607,21 @@ def read():
         if "event" not in m:
             return m
 read()
-for cmd in ({"execute": "qmp_capabilities"},
-            {"execute": "dump-guest-memory", "arguments": {"paging": False, "protocol": "file:" + sys.argv[2]}}):
-    f.write(json.dumps(cmd) + "\n"); f.flush()
+# QEMU's jail lets it open no file of ours: the dump goes to a descriptor
+# passed over QMP (getfd), as libvirt does.
+out = open(sys.argv[2], "wb")
+def send(cmd, fds=()):
+    data = (json.dumps(cmd) + "\n").encode()
+    if fds:
+        s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, bytes(memoryview(__import__("array").array("i", fds))))])
+    else:
+        s.sendall(data)
     m = read()
     if "error" in m:
         print(m, file=sys.stderr); sys.exit(1)
+send({"execute": "qmp_capabilities"})
+send({"execute": "getfd", "arguments": {"fdname": "dump"}}, [out.fileno()])
+send({"execute": "dump-guest-memory", "arguments": {"paging": False, "protocol": "fd:dump"}})
 "#;
 
 fn contains(file: &Path, needle: &str) -> bool {
@@ -664,5 +674,13 @@ fn main() {
     let trials = tests.into_iter().map(|(n, f)| Trial::test(n, f)).collect();
     let conclusion = libtest_mimic::run(&args, trials);
     let _ = sandpen(&["rm", "-f", NAME]);
+    // The mock upstreams hold 127.0.0.2:443 and 127.0.0.3:443: a next run
+    // could not bind them if they outlived this one.
+    if let Some(env) = ENV.get() {
+        if let Ok(mut servers) = env._servers.lock() {
+            let _ = servers.kill();
+            let _ = servers.wait();
+        }
+    }
     conclusion.exit();
 }

@@ -265,11 +265,8 @@ fn run_probe_on(
         .enable_all()
         .build()?;
     let (report, stdout) = rt.block_on(async {
-        let (mut cmd, fds) = spec
-            .command(
-                Path::new(env!("CARGO_BIN_EXE_sandpen")),
-                vec![theirs.into()],
-            )
+        let mut cmd = spec
+            .command(Path::new(env!("CARGO_BIN_EXE_sandpen")))
             .map_err(|e| e.to_string())?;
         cmd.env(PROBE, serde_json::to_string(&f.targets).unwrap())
             .stdout(std::process::Stdio::piped())
@@ -277,11 +274,8 @@ fn run_probe_on(
         if no_namespaces {
             without_namespaces(&mut cmd);
         }
-        let launched = jail::spawn(cmd, fds).map_err(|e| e.to_string())?;
-        let (child, report) = tokio::task::spawn_blocking(move || launched.report())
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let launched = jail::spawn(cmd, vec![theirs.into()]).map_err(|e| e.to_string())?;
+        let (child, report) = launched.report().await.map_err(|e| e.to_string())?;
         let out = child.wait_with_output().await.map_err(|e| e.to_string())?;
         Ok::<_, String>((report, out))
     })?;

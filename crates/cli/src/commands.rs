@@ -886,14 +886,12 @@ fn jail_check() {
             .build()
             .map_err(|e| e.to_string())?;
         rt.block_on(async {
-            let (mut cmd, fds) = spec.command(&exe, vec![]).map_err(|e| e.to_string())?;
+            let mut cmd = spec.command(&exe).map_err(|e| e.to_string())?;
             cmd.stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null());
-            let launched = sandpen_supervisor::jail::spawn(cmd, fds).map_err(|e| e.to_string())?;
-            let (mut child, report) = tokio::task::spawn_blocking(move || launched.report())
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+            let launched =
+                sandpen_supervisor::jail::spawn(cmd, vec![]).map_err(|e| e.to_string())?;
+            let (mut child, report) = launched.report().await.map_err(|e| e.to_string())?;
             let _ = child.wait().await;
             Ok(report)
         })

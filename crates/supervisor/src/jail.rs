@@ -158,6 +158,9 @@ pub enum JailError {
     Launcher(String),
     #[error("jail: the launcher ended before it started the program")]
     NoReport,
+    /// The launcher's own words (they name the step that failed).
+    #[error("{0}")]
+    Failed(String),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> JailError {
@@ -173,39 +176,40 @@ pub struct Launched {
 
 impl Launched {
     /// Waits until the program is started (or failed to be), and says how.
-    /// Blocking: call it from `spawn_blocking` or before the runtime matters.
-    pub fn report(self) -> Result<(tokio::process::Child, JailReport), JailError> {
+    /// No thread is used (the supervisor confines its one thread later).
+    pub async fn report(self) -> Result<(tokio::process::Child, JailReport), JailError> {
+        use tokio::io::AsyncBufReadExt;
         let Launched { child, report } = self;
-        let report = read_report(report)?;
-        Ok((child, report))
-    }
-}
-
-fn read_report(pipe: std::fs::File) -> Result<JailReport, JailError> {
-    use std::io::BufRead;
-    let mut out = JailReport::default();
-    let mut applied = false;
-    // Both ends of the launcher write here and then close it (the program's
-    // copy closes at its exec): end of file means the program runs.
-    for line in std::io::BufReader::new(pipe).lines() {
-        let line = line.map_err(io_err("reading the launcher's report"))?;
-        match serde_json::from_str::<ReportLine>(&line)? {
-            ReportLine::Pid(pid) => out.pid = pid,
-            ReportLine::Applied {
-                applied: a,
-                missing,
-            } => {
-                out.applied = a;
-                out.missing = missing;
-                applied = true;
+        let pipe = tokio::net::unix::pipe::Receiver::from_file(report)
+            .map_err(io_err("reading the launcher's report"))?;
+        let mut lines = tokio::io::BufReader::new(pipe).lines();
+        let mut out = JailReport::default();
+        let mut applied = false;
+        // Both ends of the launcher write here and then close it (the
+        // program's copy closes at its exec): end of file means it runs.
+        while let Some(line) = lines
+            .next_line()
+            .await
+            .map_err(io_err("reading the launcher's report"))?
+        {
+            match serde_json::from_str::<ReportLine>(&line)? {
+                ReportLine::Pid(pid) => out.pid = pid,
+                ReportLine::Applied {
+                    applied: a,
+                    missing,
+                } => {
+                    out.applied = a;
+                    out.missing = missing;
+                    applied = true;
+                }
+                ReportLine::Failed(why) => return Err(JailError::Failed(why)),
             }
-            ReportLine::Failed(why) => return Err(JailError::Launcher(why)),
         }
+        if !applied || out.pid == 0 {
+            return Err(JailError::NoReport);
+        }
+        Ok((child, out))
     }
-    if !applied || out.pid == 0 {
-        return Err(JailError::NoReport);
-    }
-    Ok(out)
 }
 
 /// `SANDPEN_REQUIRE_JAIL=1`: every sandbox refuses to boot without the
@@ -270,18 +274,13 @@ impl JailSpec {
     }
 
     /// The launcher's command: `launcher` (the `sandpen` binary) with this
-    /// spec, and `fds` passed to the program as descriptors 4, 5, … in
-    /// order (its arguments name them so). The caller sets stdio and spawns
-    /// it with [`spawn`].
-    pub fn command(
-        &self,
-        launcher: &Path,
-        fds: Vec<OwnedFd>,
-    ) -> Result<(tokio::process::Command, Vec<OwnedFd>), JailError> {
+    /// spec. The caller sets stdio and starts it with [`spawn`], which
+    /// passes the program its descriptors.
+    pub fn command(&self, launcher: &Path) -> Result<tokio::process::Command, JailError> {
         let mut cmd = tokio::process::Command::new(launcher);
         cmd.arg("__jail")
             .env(SPEC_ENV, serde_json::to_string(self)?);
-        Ok((cmd, fds))
+        Ok(cmd)
     }
 }
 
@@ -291,7 +290,8 @@ pub fn passed_fd(index: usize) -> RawFd {
 }
 
 /// Spawns the launcher built by [`JailSpec::command`], moving the report
-/// pipe to descriptor 3 and `fds` to 4, 5, … in the child.
+/// pipe to descriptor 3 and `fds` to 4, 5, … (see [`passed_fd`]) in the
+/// child; the program's arguments name them so.
 pub fn spawn(mut cmd: tokio::process::Command, fds: Vec<OwnedFd>) -> Result<Launched, JailError> {
     let (report_read, report_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| io_err("making the report pipe")(e.into()))?;

@@ -8,6 +8,7 @@
 //! - [`fileserver`]: the seam where the workspace file server plugs in.
 //! - [`exit`]: why the last run failed, for `ls`.
 
+pub mod confine;
 pub mod control;
 pub mod credentials;
 pub mod egress;

@@ -89,6 +89,11 @@ async fn supervise(name: &str) -> Result<(), SupervisorError> {
     let booted = boot(&dirs, &config, &paths).await;
     let result = match booted {
         Ok(vm) => {
+            // Everything is started: from here on the supervisor runs
+            // nothing and reaches only its own files (see confine.rs).
+            let threads = sandpen_confine::thread_count();
+            let confined = crate::confine::confine(&dirs, &vm.config, &paths);
+            tracing::info!(threads, "supervisor confined: {confined}");
             report("ready");
             tracing::info!(ready_ms = vm.status.ready_ms, "sandbox {name} is running");
             serve(vm, &paths).await
@@ -262,7 +267,7 @@ async fn boot(
     );
     let launcher =
         std::env::current_exe().map_err(|e| SupervisorError::io("finding sandpen", e))?;
-    let (mut cmd, fds) = spec.command(&launcher, passed)?;
+    let mut cmd = spec.command(&launcher)?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
@@ -273,10 +278,8 @@ async fn boot(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    let launched = crate::jail::spawn(cmd, fds)?;
-    let (mut qemu, jail) = tokio::task::spawn_blocking(move || launched.report())
-        .await
-        .map_err(|e| SupervisorError::Boot(format!("the jail launcher's report: {e}")))??;
+    let launched = crate::jail::spawn(cmd, passed)?;
+    let (mut qemu, jail) = launched.report().await?;
     tracing::info!(pid = jail.pid, "QEMU jailed: {}", jail.applied);
     if let Some(line) = jail.missing_line() {
         if config.require_jail || crate::jail::required_by_env() {

@@ -297,7 +297,8 @@ fn pid_of(part: Part) -> Result<i32, Failed> {
     let run = format!("{state}/sandpen/sandboxes/{NAME}/run");
     let pattern = match part {
         Part::FileServer => format!("fs-serve.*{run}/fs0.sock"),
-        Part::Qemu => format!("qemu-system.*{run}/qmp.sock"),
+        // QEMU's sockets are descriptors it inherits; its disk is named.
+        Part::Qemu => format!("qemu-system.*{}/disk.qcow2", run.trim_end_matches("/run")),
         Part::Supervisor => {
             let pid = std::fs::read_to_string(format!("{run}/supervisor.pid"))?;
             return Ok(pid.trim().parse()?);

@@ -566,6 +566,33 @@ fn qemu_is_jailed() -> Result<(), Failed> {
     )
 }
 
+/// The supervisor confines itself after the boot (docs/architecture.md,
+/// "The supervisor's confinement"): every thread has no_new_privs and the
+/// seccomp filter, and the log says what Landlock enforced.
+fn supervisor_is_confined() -> Result<(), Failed> {
+    let state = env().cli.state.path().to_string_lossy().into_owned();
+    let dir = Path::new(&state).join(format!("sandpen/sandboxes/{NAME}"));
+    let pid = std::fs::read_to_string(dir.join("run/supervisor.pid"))?;
+    for task in std::fs::read_dir(format!("/proc/{}/task", pid.trim()))? {
+        let status = std::fs::read_to_string(task?.path().join("status"))?;
+        check(
+            status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
+            format!("a supervisor thread is not confined: {status}"),
+        )?;
+    }
+    let log = std::fs::read_to_string(dir.join("logs/supervisor.log"))?;
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("supervisor confined:"))
+        .unwrap_or_default();
+    check(
+        line.contains("no_new_privs")
+            && line.contains("seccomp deny list (no exec)")
+            && (line.contains("landlock ABI") || sandpen_confine::kernel_landlock_abi() == 0),
+        format!("the supervisor's confinement: {line:?}"),
+    )
+}
+
 fn kill_9_qemu_reads_failed_and_starts_again() -> Result<(), Failed> {
     let state = env().cli.state.path().to_string_lossy().into_owned();
     let qemu = pid_of(&format!("sandpen-qemu-{NAME}.*{state}"))
@@ -685,6 +712,7 @@ fn main() {
             stop_then_start_keeps_the_disk,
         ),
         ("qemu_is_jailed", qemu_is_jailed),
+        ("supervisor_is_confined", supervisor_is_confined),
         (
             "kill_9_qemu_reads_failed_and_starts_again",
             kill_9_qemu_reads_failed_and_starts_again,

@@ -58,6 +58,8 @@ use serde::{Deserialize, Serialize};
 
 /// The environment variable that carries the spec to the launcher.
 const SPEC_ENV: &str = "SANDPEN_JAIL_SPEC";
+/// How many descriptors [`spawn`] passed (from [`passed_fd`]`(0)` on).
+const FDS_ENV: &str = "SANDPEN_JAIL_FDS";
 /// The launcher's report goes to this descriptor; the program's own start
 /// at `FIRST_PASSED_FD + 1` and on.
 const REPORT_FD: RawFd = 3;
@@ -311,6 +313,7 @@ pub fn spawn(mut cmd: tokio::process::Command, fds: Vec<OwnedFd>) -> Result<Laun
         staged.push(unsafe { OwnedFd::from_raw_fd(high) });
     }
     let raw: Vec<RawFd> = staged.iter().map(|f| f.as_raw_fd()).collect();
+    cmd.env(FDS_ENV, fds.len().to_string());
     // SAFETY: the closure only calls dup2, which is async-signal-safe, on
     // descriptors that stay open until after the spawn (`staged` lives
     // past it); it allocates nothing.
@@ -370,6 +373,11 @@ fn launch(report: &mut std::fs::File) -> Result<Never, JailError> {
             .map_err(|_| JailError::Launcher(format!("{SPEC_ENV} is not set")))?,
     )?;
     std::env::remove_var(SPEC_ENV);
+    let passed: RawFd = std::env::var(FDS_ENV)
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    std::env::remove_var(FDS_ENV);
     let mut missing = Vec::new();
     let mut applied = Vec::new();
     if spec.layers.namespaces {
@@ -417,6 +425,14 @@ fn launch(report: &mut std::fs::File) -> Result<Never, JailError> {
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(child_sock);
+            // The program's descriptors are its own: a file server must see
+            // its connection end when the program does, not when the
+            // launcher does.
+            for fd in passed_fd(0)..passed_fd(0) + passed {
+                // SAFETY: these descriptors were passed for the program;
+                // nothing in the launcher uses them.
+                unsafe { libc::close(fd) };
+            }
             let _ = send(report, &ReportLine::Pid(child.as_raw() as u32));
             // The launcher's copy must close, or the supervisor would wait
             // for its end of file as long as the launcher lives.

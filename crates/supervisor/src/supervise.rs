@@ -212,15 +212,7 @@ async fn boot(
     let console_socket = pass(listen(paths.console_socket())?);
     let mut fs_shares = Vec::new();
     for share in &shares {
-        let conn = std::os::unix::net::UnixStream::connect(&share.spec.socket).map_err(|e| {
-            SupervisorError::io(
-                format!(
-                    "connecting to the file server at {}",
-                    share.spec.socket.display()
-                ),
-                e,
-            )
-        })?;
+        let conn = connect_file_server(&share.spec.socket).await?;
         fs_shares.push(sandpen_vm::FsShare {
             tag: share.spec.tag.clone(),
             socket: pass(conn.into()),
@@ -450,6 +442,35 @@ async fn boot(
         status,
         listener: Some(listener),
     })
+}
+
+/// Connects to a file server's socket for QEMU. The socket file appears at
+/// the server's `bind`, a moment before its `listen`: a refused connection
+/// is tried again for a while.
+async fn connect_file_server(
+    socket: &std::path::Path,
+) -> Result<std::os::unix::net::UnixStream, SupervisorError> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match std::os::unix::net::UnixStream::connect(socket) {
+            Ok(conn) => return Ok(conn),
+            Err(e)
+                if Instant::now() < deadline
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Err(e) => {
+                return Err(SupervisorError::io(
+                    format!("connecting to the file server at {}", socket.display()),
+                    e,
+                ))
+            }
+        }
+    }
 }
 
 /// The shares: the workspace (tag `workspace`), then each `--mount` (tags

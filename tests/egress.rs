@@ -542,8 +542,8 @@ fn malformed_policy_names_the_line_and_blocks_start() -> Result<(), Failed> {
 }
 
 /// A trusted sink that only the workspace's `.sandpen.toml` names holds
-/// after `secret-read` only through interception: `sandpen run` names, one
-/// line each, the sinks with no route or no secret, and stops naming one
+/// after `secret-read` only through interception: `sandpen run` and
+/// `start` name, one line each, the sinks with no route or no secret, and stops naming one
 /// once its secret is set. A sink of the user's own file is never named.
 fn run_names_workspace_sinks_that_will_not_count() -> Result<(), Failed> {
     ready()?;
@@ -593,6 +593,13 @@ fn run_names_workspace_sinks_that_will_not_count() -> Result<(), Failed> {
                 said[1].contains("sink api.openai.com ")
                     && said[1].contains("`sandpen secret set openai`"),
                 format!("the line for api.openai.com: {}", said[1]),
+            )?;
+            // `start` says the same.
+            ok(&["stop", NAME])?;
+            let out = sandpen(&["start", NAME]);
+            check(
+                out.status.success() && lines(&out) == said,
+                format!("start's lines: {}", text(&out.stderr)),
             )?;
             let mut child = e
                 .cli

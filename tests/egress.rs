@@ -541,6 +541,96 @@ fn malformed_policy_names_the_line_and_blocks_start() -> Result<(), Failed> {
     )
 }
 
+/// A trusted sink that only the workspace's `.sandpen.toml` names holds
+/// after `secret-read` only through interception: `sandpen run` and
+/// `start` name, one line each, the sinks with no route or no secret, and stops naming one
+/// once its secret is set. A sink of the user's own file is never named.
+fn run_names_workspace_sinks_that_will_not_count() -> Result<(), Failed> {
+    ready()?;
+    let e = env();
+    let file = e.cli.ws.join(".sandpen.toml");
+    let original = std::fs::read_to_string(&file)?;
+    std::fs::write(
+        &file,
+        format!("{original}trusted_sinks = [\"sink.test\", \"api.openai.com\", \"own.test\"]\n"),
+    )?;
+    let result = (|| {
+        ok(&["policy", "trust", NAME])?;
+        let own = e
+            .cli
+            .state
+            .path()
+            .join(format!("sandpen/sandboxes/{NAME}/policy.toml"));
+        let good = std::fs::read_to_string(&own)?;
+        std::fs::write(
+            &own,
+            format!("{good}\n[flow]\ntrusted_sinks = [\"own.test\"]\n"),
+        )?;
+        let lines = |out: &Output| -> Vec<String> {
+            text(&out.stderr)
+                .lines()
+                .filter(|l| l.contains("trusted sink"))
+                .map(str::to_string)
+                .collect()
+        };
+        let run = || sandpen(&["run", "--", "true"]);
+        let out = run();
+        let said = lines(&out);
+        let result = (|| {
+            check(out.status.success(), format!("run: {}", text(&out.stderr)))?;
+            check(
+                said.len() == 2,
+                format!("one line per weak sink: {said:#?}"),
+            )?;
+            check(
+                said[0].starts_with("sandpen: the workspace's trusted sink sink.test ")
+                    && said[0].contains("will not count as a sink")
+                    && said[0].contains("no credential route serves it")
+                    && said[0].contains(&format!("trusted_sinks of {}", own.display())),
+                format!("the line for sink.test: {}", said[0]),
+            )?;
+            check(
+                said[1].contains("sink api.openai.com ")
+                    && said[1].contains("`sandpen secret set openai`"),
+                format!("the line for api.openai.com: {}", said[1]),
+            )?;
+            // `start` says the same.
+            ok(&["stop", NAME])?;
+            let out = sandpen(&["start", NAME]);
+            check(
+                out.status.success() && lines(&out) == said,
+                format!("start's lines: {}", text(&out.stderr)),
+            )?;
+            let mut child = e
+                .cli
+                .command(&["secret", "set", "openai", NAME])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .ok_or("no stdin")?
+                .write_all(b"sk-openai-egress-unused\n")?;
+            check(child.wait()?.success(), "secret set openai")?;
+            let out = run();
+            let said = lines(&out);
+            check(
+                said.len() == 1 && said[0].contains("sink sink.test "),
+                format!("with the openai secret set: {said:#?}"),
+            )
+        })();
+        std::fs::write(&own, good)?;
+        let _ = sandpen(&["secret", "rm", "openai", NAME]);
+        result
+    })();
+    std::fs::write(&file, original)?;
+    let _ = sandpen(&["policy", "untrust", NAME]);
+    result
+}
+
 type TestFn = fn() -> Result<(), Failed>;
 
 fn main() {
@@ -587,6 +677,10 @@ fn main() {
         (
             "learn_mode_lets_through_and_logs_would_deny",
             learn_mode_lets_through_and_logs_would_deny,
+        ),
+        (
+            "run_names_workspace_sinks_that_will_not_count",
+            run_names_workspace_sinks_that_will_not_count,
         ),
         (
             "malformed_policy_names_the_line_and_blocks_start",

@@ -68,7 +68,13 @@ pub async fn dispatch(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Start { name } => {
-            sandbox::load(&dirs, &name)?;
+            let config = sandbox::load(&dirs, &name)?;
+            // A policy that does not load stops the start itself, with its line.
+            if let Ok(policy) =
+                sandpen_supervisor::egress::load_policy(&dirs, &dirs.sandbox(&config.name), &config)
+            {
+                print_weak_sinks(&dirs, &config, &policy);
+            }
             start(&dirs, &name).await?;
             Ok(0)
         }
@@ -233,7 +239,17 @@ fn print_file_rules(dirs: &Dirs, config: &SandboxConfig) -> Result<()> {
             config.name
         );
     }
+    print_weak_sinks(dirs, config, &policy);
     Ok(())
+}
+
+/// One line per trusted sink that only the workspace file names and that
+/// will not count as a sink after `secret-read` for want of interception
+/// (docs/egress.md).
+fn print_weak_sinks(dirs: &Dirs, config: &SandboxConfig, policy: &sandpen_policy::Policy) {
+    for weak in sandpen_supervisor::credentials::weak_sinks_of(dirs, config, policy) {
+        eprintln!("sandpen: {weak}");
+    }
 }
 
 async fn create_sandbox(

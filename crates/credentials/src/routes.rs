@@ -259,7 +259,12 @@ pub fn apply(
     }
 }
 
-/// Headers that carry an API credential, besides a route's own.
+/// Headers that carry an API credential, besides a route's own: the
+/// generic ones, Azure's (`api-key`, `ocp-apim-subscription-key`), Google's
+/// (`x-goog-api-key`), GitLab's (`private-token`), Cloudflare's
+/// (`x-auth-key`) and an AWS session token. `Proxy-Authorization` never
+/// reaches an upstream (it is hop-by-hop), and `Cookie` is dropped rather
+/// than refused (see `crates/proxy/src/mitm.rs`).
 const CREDENTIAL_HEADERS: &[&str] = &[
     "authorization",
     "x-api-key",
@@ -267,10 +272,35 @@ const CREDENTIAL_HEADERS: &[&str] = &[
     "x-goog-api-key",
     "x-auth-token",
     "x-access-token",
+    "x-api-token",
+    "ocp-apim-subscription-key",
+    "private-token",
+    "x-auth-key",
+    "x-amz-security-token",
 ];
 
-/// Query parameters that carry an API credential (`?key=` for Google's).
-const CREDENTIAL_PARAMS: &[&str] = &["key", "api_key", "apikey", "access_token", "token"];
+/// Query parameters that carry an API credential (`?key=` for Google's),
+/// or sign a request for an account (pre-signed S3 and GCS URLs, Azure SAS
+/// `sig`).
+const CREDENTIAL_PARAMS: &[&str] = &[
+    "key",
+    "api_key",
+    "apikey",
+    "access_token",
+    "token",
+    "auth",
+    "auth_token",
+    "access_key",
+    "private_token",
+    "client_secret",
+    "sig",
+    "signature",
+    "x-amz-credential",
+    "x-amz-signature",
+    "x-amz-security-token",
+    "x-goog-credential",
+    "x-goog-signature",
+];
 
 /// A credential in a request that is not `route`'s sentinel: a route header
 /// whose value is not one of the sentinel's forms, another credential
@@ -302,8 +332,11 @@ pub fn foreign_credential(
             return Some(format!("header {}", name.to_ascii_lowercase()));
         }
     }
-    for pair in query.unwrap_or_default().split('&') {
-        let key = pair.split('=').next().unwrap_or_default();
+    // The server reads `%6Bey` and `key;x` (some split on `;` too) as `key`.
+    for pair in query.unwrap_or_default().split(['&', ';']) {
+        let raw = pair.split('=').next().unwrap_or_default();
+        let key = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+        let key = key.trim();
         if CREDENTIAL_PARAMS
             .iter()
             .any(|c| c.eq_ignore_ascii_case(key))
@@ -763,6 +796,28 @@ mod tests {
                 "header x-goog-api-key",
             ),
             (h(&[]), Some("x=1&KEY=AIza-attacker"), "query parameter key"),
+            (
+                h(&[]),
+                Some("x=1&%6Bey=AIza-attacker"),
+                "query parameter key",
+            ),
+            (h(&[]), Some("x=1;key=AIza-attacker"), "query parameter key"),
+            (
+                h(&[]),
+                Some("X-Amz-Credential=AKIA%2F20261204&X-Amz-Signature=ab"),
+                "query parameter x-amz-credential",
+            ),
+            (h(&[]), Some("sv=2024&sig=abc"), "query parameter sig"),
+            (
+                h(&[("Ocp-Apim-Subscription-Key", "attacker")]),
+                None,
+                "header ocp-apim-subscription-key",
+            ),
+            (
+                h(&[("PRIVATE-TOKEN", "glpat-attacker")]),
+                None,
+                "header private-token",
+            ),
         ] {
             assert_eq!(
                 foreign_credential(r, &headers, query).as_deref(),

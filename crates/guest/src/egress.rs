@@ -1,16 +1,13 @@
 //! The guest's way out, all plumbing: a DNS stub that hands out synthetic
-//! addresses, an nftables redirect of every outgoing TCP connection to a
+//! addresses (its answers are `sandpen_guest::dns`), an nftables redirect of every outgoing TCP connection to a
 //! transparent listener, and an HTTP proxy port. Each accepted connection becomes
 //! one stream to the host, where the policy is decided. Nothing here decides.
 
-use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::A;
-use hickory_proto::rr::{RData, Record, RecordType};
+use sandpen_guest::dns::{answer, FakeDns};
 use sandpen_proto::frame::{read_one, FrameStream};
 use sandpen_proto::mux::MuxHandle;
 use sandpen_proto::{EgressAccepted, EgressMode, EgressOpen, EGRESS_ACCEPTED_MAX};
@@ -25,73 +22,6 @@ pub const DNS_STUB: &str = "127.0.0.53:53";
 pub const BRIDGE_DNS_PORT: u16 = 15053;
 pub const TRANSPARENT_PORT: u16 = 15001;
 pub const HTTP_PROXY_PORT: u16 = 3128;
-/// Synthetic addresses: 198.18.0.0/15 (reserved for benchmarking, never routed).
-const FAKE_BASE: u32 = u32::from_be_bytes([198, 18, 0, 0]);
-const FAKE_SIZE: u32 = 1 << 17;
-const MAX_NAMES: usize = 65_536;
-
-/// Names the stub has answered, and the synthetic address each got.
-#[derive(Default)]
-pub struct FakeDns {
-    by_name: HashMap<String, Ipv4Addr>,
-    by_addr: HashMap<Ipv4Addr, String>,
-    next: u32,
-}
-
-impl FakeDns {
-    /// The stable synthetic address of `name`, allocating one on first use.
-    pub fn address_of(&mut self, name: &str) -> Option<Ipv4Addr> {
-        let name = name.trim_end_matches('.').to_ascii_lowercase();
-        if let Some(ip) = self.by_name.get(&name) {
-            return Some(*ip);
-        }
-        if self.by_name.len() >= MAX_NAMES {
-            return None;
-        }
-        // Skip .0 of the range: some clients treat x.x.x.0 as a network address.
-        self.next += 1;
-        let ip = Ipv4Addr::from(FAKE_BASE + (self.next % FAKE_SIZE));
-        self.by_name.insert(name.clone(), ip);
-        self.by_addr.insert(ip, name);
-        Some(ip)
-    }
-
-    pub fn name_of(&self, ip: Ipv4Addr) -> Option<&str> {
-        self.by_addr.get(&ip).map(String::as_str)
-    }
-}
-
-/// Answers one DNS query: A gets a synthetic address, AAAA an empty answer,
-/// everything else REFUSED (no TXT, no NULL: nothing to tunnel data through).
-pub fn answer(query: &[u8], table: &Mutex<FakeDns>) -> Option<Vec<u8>> {
-    let request = Message::from_vec(query).ok()?;
-    if request.metadata.message_type != MessageType::Query {
-        return None;
-    }
-    let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
-    reply.metadata.recursion_desired = request.metadata.recursion_desired;
-    reply.metadata.recursion_available = true;
-    let Some(q) = request.queries.first().cloned() else {
-        reply.metadata.response_code = ResponseCode::FormErr;
-        return reply.to_vec().ok();
-    };
-    reply.add_query(q.clone());
-    match q.query_type() {
-        RecordType::A => {
-            let name = q.name().to_ascii();
-            let ip = table.lock().ok()?.address_of(&name);
-            match ip {
-                Some(ip) => {
-                    reply.add_answer(Record::from_rdata(q.name().clone(), 5, RData::A(A(ip))));
-                }
-                None => reply.metadata.response_code = ResponseCode::ServFail,
-            }
-        }
-        RecordType::AAAA => {}
-        _ => reply.metadata.response_code = ResponseCode::Refused,
-    }
-    reply.to_vec().ok()
-}
 
 /// Installs the route and the nftables redirect. Slow-ish (the kernel loads the
 /// nf_tables modules), so it runs at boot in parallel with the handshake.
@@ -342,9 +272,6 @@ fn install_redirect() -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hickory_proto::op::Query;
-    use hickory_proto::rr::Name;
-    use std::str::FromStr;
 
     /// The ruleset is the script in testdata/egress.nft, message for message
     /// and byte for byte what `nft -f` sends for it (scripts/nft-golden).
@@ -419,65 +346,5 @@ mod tests {
                 assert!(ours.contains("udp dport 53 redirect to :15053"), "{ours}");
             }
         }
-    }
-
-    fn query(name: &str, t: RecordType) -> Vec<u8> {
-        let mut m = Message::query();
-        m.metadata.id = 4242;
-        m.add_query(Query::query(Name::from_str(name).unwrap(), t));
-        m.to_vec().unwrap()
-    }
-
-    #[test]
-    fn a_queries_get_stable_synthetic_addresses() {
-        let table = Mutex::new(FakeDns::default());
-        let r1 =
-            Message::from_vec(&answer(&query("api.example.com.", RecordType::A), &table).unwrap())
-                .unwrap();
-        let r2 =
-            Message::from_vec(&answer(&query("API.example.com.", RecordType::A), &table).unwrap())
-                .unwrap();
-        let other =
-            Message::from_vec(&answer(&query("b.example.com.", RecordType::A), &table).unwrap())
-                .unwrap();
-        let ip = |m: &Message| match &m.answers[0].data {
-            RData::A(a) => a.0,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(r1.metadata.id, 4242);
-        assert_eq!(ip(&r1), ip(&r2));
-        assert_ne!(ip(&r1), ip(&other));
-        assert!(ipnet_contains(ip(&r1)));
-        assert_eq!(
-            table.lock().unwrap().name_of(ip(&r1)),
-            Some("api.example.com")
-        );
-    }
-
-    fn ipnet_contains(ip: Ipv4Addr) -> bool {
-        let n = u32::from(ip);
-        (FAKE_BASE..FAKE_BASE + FAKE_SIZE).contains(&n)
-    }
-
-    #[test]
-    fn no_tunnel_record_types() {
-        let table = Mutex::new(FakeDns::default());
-        for t in [
-            RecordType::TXT,
-            RecordType::NULL,
-            RecordType::MX,
-            RecordType::CNAME,
-            RecordType::ANY,
-        ] {
-            let r =
-                Message::from_vec(&answer(&query("x.attacker.test.", t), &table).unwrap()).unwrap();
-            assert_eq!(r.metadata.response_code, ResponseCode::Refused, "{t:?}");
-            assert!(r.answers.is_empty());
-        }
-        let r = Message::from_vec(&answer(&query("x.test.", RecordType::AAAA), &table).unwrap())
-            .unwrap();
-        assert_eq!(r.metadata.response_code, ResponseCode::NoError);
-        assert!(r.answers.is_empty());
-        assert!(answer(b"\x00\x01garbage", &table).is_none());
     }
 }

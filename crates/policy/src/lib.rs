@@ -574,6 +574,27 @@ impl Policy {
             .flat_map(|s| s.flow.trusted_sinks.iter())
     }
 
+    /// The `flow.trusted_sinks` that only the workspace's `.sandpen.toml`
+    /// names: no sink of the user's own files covers them (see
+    /// [`Target::covers`]). After `secret-read` such a sink stays open only
+    /// for connections the proxy intercepts, so it is a sink only for hosts
+    /// with a credential route and a secret (docs/egress.md); `sandpen run`
+    /// and `start` name those that are not.
+    pub fn workspace_only_sinks(&self) -> Vec<&Target> {
+        let mut out: Vec<&Target> = Vec::new();
+        for t in self
+            .sections
+            .iter()
+            .filter(|s| !s.users)
+            .flat_map(|s| s.flow.trusted_sinks.iter())
+        {
+            if !self.users_trusted_sinks().any(|u| u.covers(t)) && !out.contains(&t) {
+                out.push(t);
+            }
+        }
+        out
+    }
+
     /// Is `host` in `flow.trusted` (content from it does not set
     /// `untrusted-input`)?
     pub fn is_trusted_source(&self, host: &str, port: u16) -> bool {

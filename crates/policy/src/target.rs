@@ -345,6 +345,48 @@ impl Target {
         }
     }
 
+    /// Does every host and port that `other` matches match this target too?
+    /// (`*.example.org` covers `api.example.org:443` and `*.a.example.org`;
+    /// `**` covers every name target; a target with a port covers only
+    /// targets with the same port.) ` raw` plays no part.
+    pub fn covers(&self, other: &Target) -> bool {
+        let port = match (self.port(), other.port()) {
+            (None, _) => true,
+            (Some(a), Some(b)) => a == b,
+            (Some(_), None) => false,
+        };
+        let under = |name: &str, suffix: &str| {
+            name.strip_suffix(suffix)
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.'))
+        };
+        port && match (self, other) {
+            (
+                Target::Host { pattern: mine, .. },
+                Target::Host {
+                    pattern: theirs, ..
+                },
+            ) => match (mine, theirs) {
+                (HostPattern::Any, _) => true,
+                (_, HostPattern::Any) => false,
+                (HostPattern::Exact(a), HostPattern::Exact(b)) => a == b,
+                (HostPattern::Exact(_), HostPattern::Subdomains(_)) => false,
+                (HostPattern::Subdomains(s), HostPattern::Exact(n)) => under(n, s),
+                (HostPattern::Subdomains(s), HostPattern::Subdomains(t)) => s == t || under(t, s),
+            },
+            (
+                Target::Host {
+                    pattern: HostPattern::Any,
+                    ..
+                },
+                Target::Net { .. },
+            ) => true,
+            (Target::Net { net: mine, .. }, Target::Net { net: theirs, .. }) => {
+                mine.contains(theirs)
+            }
+            _ => false,
+        }
+    }
+
     /// Is this a network rule that covers `ip` on `port`?
     pub fn covers_addr(&self, ip: IpAddr, port: u16) -> bool {
         match self {

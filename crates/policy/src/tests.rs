@@ -692,6 +692,82 @@ fn a_workspace_sink_counts_only_when_intercepted() {
     assert!(!p.check("api.anthropic.com", 443, None).sink_if_intercepted);
 }
 
+#[test]
+fn workspace_only_sinks_are_those_no_user_sink_covers() {
+    let ws = WorkspaceFile::parse(
+        "[flow]\ntrusted_sinks = [\"api.anthropic.com\", \"up.example.org\", \
+         \"*.corp.example\", \"*.a.corp.example:443\", \"api.anthropic.com\"]\n",
+        Path::new("/w/.sandpen.toml"),
+    )
+    .unwrap();
+    let user = file(
+        "[flow]\ntrusted_sinks = [\"*.example.org:8443\", \"a.corp.example\"]\n",
+        Scope::Sandbox,
+    );
+    let p =
+        Policy::from_files(None, Some(&user)).with_workspace(Some(ws.clone()), Some(&ws.sha256));
+    let only: Vec<String> = p
+        .workspace_only_sinks()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    // The user's `*.example.org:8443` does not cover every port of
+    // up.example.org, nor `a.corp.example` the wildcard; duplicates once.
+    assert_eq!(
+        only,
+        [
+            "api.anthropic.com",
+            "up.example.org",
+            "*.corp.example",
+            "*.a.corp.example:443"
+        ]
+    );
+    let p = p.with_trusted_sinks(vec![
+        Target::parse("*.example.org").unwrap(),
+        Target::parse("*.corp.example").unwrap(),
+    ]);
+    let only: Vec<String> = p
+        .workspace_only_sinks()
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+    assert_eq!(only, ["api.anthropic.com"]);
+    // An untrusted workspace file names no sink at all.
+    let p = Policy::default().with_workspace(Some(ws), None);
+    assert!(p.workspace_only_sinks().is_empty());
+}
+
+#[test]
+fn a_target_covers_what_it_matches_all_of() {
+    let t = |s: &str| Target::parse(s).unwrap();
+    let yes = [
+        ("**", "api.example.org"),
+        ("**", "*.example.org:443"),
+        ("**", "10.0.0.0/8"),
+        ("*.example.org", "api.example.org:443"),
+        ("*.example.org", "*.a.example.org"),
+        ("*.example.org", "*.example.org:443"),
+        ("api.example.org", "api.example.org:443 raw"),
+        ("10.0.0.0/8", "10.1.2.3:22"),
+    ];
+    for (a, b) in yes {
+        assert!(t(a).covers(&t(b)), "{a} covers {b}");
+    }
+    let no = [
+        ("api.example.org:443", "api.example.org"),
+        ("*.example.org", "example.org"),
+        ("*.example.org", "**"),
+        ("api.example.org", "*.example.org"),
+        ("*.a.example.org", "*.example.org"),
+        ("*.example.org", "badexample.org"),
+        ("10.0.0.0/8", "11.0.0.1"),
+        ("api.example.org", "10.0.0.1"),
+    ];
+    for (a, b) in no {
+        assert!(!t(a).covers(&t(b)), "{a} does not cover {b}");
+    }
+}
+
 /// A workspace file that widens: `trusted_sinks = ["**"]`, `trusted`, an
 /// allow rule; it also narrows (a deny rule, a secret).
 const WIDENING: &str = "[files]\ndeny_read = [\"db/**\"]\n\

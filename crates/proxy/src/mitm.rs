@@ -18,6 +18,8 @@
 //!   another credential header, `?key=`) is refused, `403` and
 //!   `flow: foreign-credential`: a trusted sink takes only the user's own
 //!   credential, so the guest cannot upload a secret to an account of its own;
+//!   its `Cookie` headers are dropped (a cookie can be another account's
+//!   session; a client's cookie jar holding the CDN's cookies keeps working);
 //! - each request is one audit record, with `credential: SERVICE (SCOPE)`.
 //!   The secret itself is never logged: it only ever sits in the outgoing
 //!   header, marked sensitive so HTTP/2 never indexes it.
@@ -608,7 +610,8 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
         s.proxy.write_record(&rec);
         return own_reply(StatusCode::FORBIDDEN, &reason);
     }
-    if s.proxy.policy().labels().get(Label::SecretRead).is_some() {
+    let secret_read = s.proxy.policy().labels().get(Label::SecretRead).is_some();
+    if secret_read {
         let list: Vec<(String, Vec<u8>)> = req
             .headers()
             .iter()
@@ -640,6 +643,11 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
+    // After `secret-read` no cookie goes up: one could be a session of an
+    // account of the guest's own. Dropped rather than refused: clients
+    // with a cookie jar send back what the sink's CDN set (`__cf_bm`), and
+    // without cookies the request runs under the user's credential only.
+    let cookies_dropped = secret_read && parts.headers.remove(header::COOKIE).is_some();
     let mut list: Vec<(String, Vec<u8>)> = parts
         .headers
         .iter()
@@ -657,6 +665,11 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
                 format!("credential-error: {e}"),
             );
         }
+    }
+    if cookies_dropped {
+        rec.credential = rec
+            .credential
+            .map(|c| format!("{c}; cookies dropped after secret-read"));
     }
     let mut headers = HeaderMap::with_capacity(list.len());
     for (name, value) in list {

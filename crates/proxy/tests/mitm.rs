@@ -830,7 +830,7 @@ async fn after_secret_read_a_trusted_sink_takes_only_the_users_credential() {
 
     // The attacker's own key, in every place a key may go: refused, and
     // nothing reaches the upstream.
-    let attempts: [(&str, &[(&str, &str)]); 4] = [
+    let attempts: [(&str, &[(&str, &str)]); 12] = [
         ("/v1/files", &[("x-api-key", "sk-attacker")]),
         (
             "/v1/files-2",
@@ -841,6 +841,18 @@ async fn after_secret_read_a_trusted_sink_takes_only_the_users_credential() {
         ),
         ("/v1/files-3?key=sk-attacker", &[]),
         ("/v1/files-4", &[("x-goog-api-key", "sk-attacker")]),
+        ("/v1/files-5", &[("api-key", "attacker")]),
+        ("/v1/files-6", &[("Ocp-Apim-Subscription-Key", "attacker")]),
+        ("/v1/files-7", &[("private-token", "glpat-attacker")]),
+        ("/v1/files-8", &[("x-api-token", "attacker")]),
+        ("/v1/files-9", &[("x-amz-security-token", "attacker")]),
+        // A percent-encoded name is the same parameter to the server.
+        ("/v1/files-10?%6Bey=sk-attacker", &[]),
+        (
+            "/v1/files-11?X-Amz-Credential=AKIA%2Fx&X-Amz-Signature=ab",
+            &[],
+        ),
+        ("/v1/files-12?sv=2024&sig=attacker", &[]),
     ];
     for (path, headers) in attempts {
         let (mut s, _) = h.connect(host, port, h.sandbox_roots(), Proto::H1).await;
@@ -866,6 +878,79 @@ async fn after_secret_read_a_trusted_sink_takes_only_the_users_credential() {
     }
     let log = std::fs::read_to_string(&h.log).unwrap();
     assert!(!log.contains(SECRET), "the key is in the audit log");
+}
+
+/// After `secret-read`, a cookie (possibly a session of the attacker's
+/// account) never reaches a trusted sink: the request goes up without it,
+/// under the user's key, and the record says so; `Proxy-Authorization` is
+/// never forwarded at all. Before the label, cookies pass as they are.
+#[tokio::test]
+async fn after_secret_read_cookies_and_proxy_authorization_do_not_reach_a_sink() {
+    let h = harness().await;
+    let port = h.good.addr.port();
+    let host = "api.anthropic.com";
+    let authority = format!("{host}:{port}");
+    let seen = |path: &str| {
+        h.good
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|s| s.path == path)
+            .map(|s| {
+                (
+                    s.header("cookie"),
+                    s.header("proxy-authorization"),
+                    s.header("x-api-key"),
+                )
+            })
+    };
+    let cookie_headers: &[(&str, &str)] = &[
+        ("x-api-key", "proxy-managed"),
+        ("cookie", "sessionKey=sk-ant-sid-attacker"),
+        ("cookie", "__cf_bm=abc"),
+        ("proxy-authorization", "Basic YXR0YWNrZXI6cHc="),
+    ];
+    let (mut s, _) = h.connect(host, port, h.sandbox_roots(), Proto::H1).await;
+    let resp = s
+        .send(request(&authority, "/v1/before", cookie_headers, false))
+        .await;
+    assert_eq!(resp.status(), 200);
+    body_text(resp).await;
+    let (cookies, proxy_auth, key) = seen("/v1/before").expect("the upstream got it");
+    assert_eq!(
+        cookies.len(),
+        2,
+        "before the label cookies pass: {cookies:?}"
+    );
+    assert!(proxy_auth.is_empty(), "{proxy_auth:?}");
+    assert_eq!(key, [SECRET]);
+
+    h.proxy.set_policy(after_secret_read());
+    for (path, proto) in [("/v1/after-h1", Proto::H1), ("/v1/after-h2", Proto::H2)] {
+        let h2 = matches!(proto, Proto::H2);
+        let (mut s, _) = h.connect(host, port, h.sandbox_roots(), proto).await;
+        let resp = s.send(request(&authority, path, cookie_headers, h2)).await;
+        assert_eq!(resp.status(), 200, "{path}");
+        body_text(resp).await;
+        let (cookies, proxy_auth, key) = seen(path).expect("the upstream got it");
+        assert!(cookies.is_empty(), "{path}: a cookie went up: {cookies:?}");
+        assert!(proxy_auth.is_empty(), "{path}: {proxy_auth:?}");
+        assert_eq!(key, [SECRET], "{path}: the user's key, and only it");
+        let rec = h.record_for(path);
+        assert_eq!(rec.decision, sandpen_policy::Verdict::Allow, "{rec:?}");
+        assert!(
+            rec.credential
+                .as_deref()
+                .is_some_and(|c| c.ends_with("; cookies dropped after secret-read")),
+            "{rec:?}"
+        );
+    }
+    let log = std::fs::read_to_string(&h.log).unwrap();
+    assert!(
+        !log.contains("sk-ant-sid-attacker"),
+        "a cookie is in the audit log"
+    );
 }
 
 #[tokio::test]

@@ -212,3 +212,209 @@ pub fn guest_env(dirs: &Dirs, name: &str) -> Vec<(String, String)> {
     }
     env
 }
+
+/// A trusted sink that only the workspace's `.sandpen.toml` names and that
+/// will not (fully) count as a sink after `secret-read`: such a sink stays
+/// open only for connections the proxy intercepts, that is to a credential
+/// route's host whose secret is set (docs/egress.md, "After `secret-read`,
+/// trusted sinks take only the user's credential"). `sandpen run` and
+/// `start` print one line per such sink (its Display).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeakSink {
+    /// The target as the workspace file names it.
+    pub target: String,
+    /// Hosts under it that are intercepted, for which it does hold.
+    pub holds_for: Vec<String>,
+    /// Services with a route to a host under it but no secret set.
+    pub no_secret: Vec<String>,
+    /// The user's own policy file, where a sink needs no interception.
+    pub own_file: PathBuf,
+}
+
+impl std::fmt::Display for WeakSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the workspace's trusted sink {} holds after secret-read only through \
+             credential interception (only .sandpen.toml names it), ",
+            self.target
+        )?;
+        if self.holds_for.is_empty() {
+            f.write_str("so it will not count as a sink")?;
+        } else {
+            write!(f, "so it counts only for {}", self.holds_for.join(", "))?;
+        }
+        match self.no_secret.as_slice() {
+            [] => f.write_str("; no credential route serves it")?,
+            services => {
+                let set: Vec<String> = services
+                    .iter()
+                    .map(|s| format!("`sandpen secret set {s}`"))
+                    .collect();
+                write!(f, "; no secret is set for it ({})", set.join(", "))?;
+            }
+        }
+        write!(
+            f,
+            "; to make it a sink, name it in [flow] trusted_sinks of {}",
+            self.own_file.display()
+        )
+    }
+}
+
+/// The workspace-only sinks of `policy` that interception does not cover,
+/// given the credential routes and the services with a secret for this
+/// sandbox (`(service, scope)` from the store's index). A sink for one exact
+/// host holds when a route serves that host and its secret is set; a
+/// pattern (`*.corp.example`, `**`) holds only for such hosts under it, so
+/// it is always named.
+pub fn weak_sinks(
+    policy: &sandpen_policy::Policy,
+    routes: &RouteTable,
+    secrets: &[(String, Scope)],
+    sandbox: &str,
+    own_file: &Path,
+) -> Vec<WeakSink> {
+    use sandpen_policy::{Host, HostPattern, Target};
+    let own = Scope::Sandbox(sandbox.to_string());
+    let has_secret = |service: &str| {
+        secrets
+            .iter()
+            .any(|(s, scope)| s == service && (*scope == Scope::Global || *scope == own))
+    };
+    let mut out = Vec::new();
+    for target in policy.workspace_only_sinks() {
+        let mut holds_for = Vec::new();
+        let mut no_secret = Vec::new();
+        for route in routes.routes() {
+            for host in &route.hosts {
+                let Ok(h) = Host::parse(host) else { continue };
+                if !target.matches_host(&h, route.port) {
+                    continue;
+                }
+                if has_secret(&route.service) {
+                    holds_for.push(host.clone());
+                } else if !no_secret.contains(&route.service) {
+                    no_secret.push(route.service.clone());
+                }
+            }
+        }
+        let exact = matches!(
+            target,
+            Target::Host {
+                pattern: HostPattern::Exact(_),
+                ..
+            }
+        );
+        if exact && !holds_for.is_empty() {
+            continue;
+        }
+        out.push(WeakSink {
+            target: target.to_string(),
+            holds_for,
+            no_secret,
+            own_file: own_file.to_path_buf(),
+        });
+    }
+    out
+}
+
+/// [`weak_sinks`] for a sandbox, with the user's routes and the store's
+/// index (no secret value is read, nor a keyring asked).
+pub fn weak_sinks_of(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    policy: &sandpen_policy::Policy,
+) -> Vec<WeakSink> {
+    if policy.workspace_only_sinks().is_empty() {
+        return Vec::new();
+    }
+    let table = custom_routes(dirs).table().unwrap_or_else(|e| {
+        tracing::warn!("custom credential routes not used: {e}");
+        RouteTable::new()
+    });
+    let secrets: Vec<(String, Scope)> = match store(dirs).list() {
+        Ok(entries) => entries.into_iter().map(|e| (e.service, e.scope)).collect(),
+        Err(e) => {
+            tracing::warn!("secret store: {e}");
+            Vec::new()
+        }
+    };
+    let (_, own_file) = crate::egress::policy_files(dirs, &dirs.sandbox(&config.name));
+    weak_sinks(policy, &table, &secrets, &config.name, &own_file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandpen_credentials::Route;
+    use sandpen_policy::{Policy, PolicyFile, WorkspaceFile};
+
+    fn policy(user_sinks: &str, ws_sinks: &str) -> Policy {
+        let dir = tempfile::tempdir().unwrap();
+        let user = dir.path().join("policy.toml");
+        std::fs::write(&user, format!("[flow]\ntrusted_sinks = [{user_sinks}]\n")).unwrap();
+        let user = PolicyFile::load(&user, sandpen_policy::Scope::Sandbox).unwrap();
+        let ws = WorkspaceFile::parse(
+            &format!("[flow]\ntrusted_sinks = [{ws_sinks}]\n"),
+            Path::new("/w/.sandpen.toml"),
+        )
+        .unwrap();
+        let sha = ws.sha256.clone();
+        Policy::from_files(None, Some(&user)).with_workspace(Some(ws), Some(&sha))
+    }
+
+    #[test]
+    fn names_each_workspace_sink_that_interception_does_not_cover() {
+        let p = policy(
+            r#""uploads.example.org""#,
+            r#""api.anthropic.com", "api.openai.com", "uploads.example.org", "sink.example.net", "*.corp.example""#,
+        );
+        let mut routes = RouteTable::new();
+        routes
+            .add(Route::custom("corp", "api.corp.example", "authorization", "Bearer {}").unwrap())
+            .unwrap();
+        let secrets = vec![
+            ("anthropic".to_string(), Scope::Global),
+            ("corp".to_string(), Scope::Sandbox("box".into())),
+            ("openai".to_string(), Scope::Sandbox("another".into())),
+        ];
+        let own = Path::new("/c/sandboxes/box/policy.toml");
+        let weak = weak_sinks(&p, &routes, &secrets, "box", own);
+        let lines: Vec<String> = weak.iter().map(ToString::to_string).collect();
+        // anthropic: intercepted (global secret); uploads.example.org: the
+        // user's own file names it.
+        assert_eq!(weak.len(), 3, "{lines:#?}");
+        assert_eq!(weak[0].target, "api.openai.com");
+        assert_eq!(weak[0].no_secret, ["openai"], "another sandbox's secret");
+        assert!(
+            lines[0].contains("will not count as a sink"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[0].contains("`sandpen secret set openai`"),
+            "{}",
+            lines[0]
+        );
+        assert!(
+            lines[0].contains("/c/sandboxes/box/policy.toml"),
+            "{}",
+            lines[0]
+        );
+        assert_eq!(weak[1].target, "sink.example.net");
+        assert!(
+            lines[1].contains("no credential route serves it"),
+            "{}",
+            lines[1]
+        );
+        assert_eq!(weak[2].target, "*.corp.example");
+        assert_eq!(weak[2].holds_for, ["api.corp.example"]);
+        assert!(
+            lines[2].contains("counts only for api.corp.example"),
+            "{}",
+            lines[2]
+        );
+        assert!(lines.iter().all(|l| !l.contains('\n')));
+    }
+}

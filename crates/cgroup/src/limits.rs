@@ -9,11 +9,11 @@ pub const CPU_PERIOD_US: u64 = 100_000;
 /// Host memory a sandbox may use beyond its guest RAM. The figure and its
 /// parts are in docs/architecture.md ("Resource limits"): TCG's translation
 /// cache (32 MiB, `sandpen_vm::qemu::TCG_TB_SIZE_MIB`), QEMU's own heap and
-/// mappings (~25 MiB idle, 64 MiB allowed), the supervisor (12 MiB idle, plus
-/// at most 256 MiB of channel windows a hostile guest can make it hold), the
-/// file servers (8 MiB idle each; their inode and handle tables are capped),
-/// and the page cache of the overlay, which the kernel reclaims under the
-/// limit rather than failing.
+/// mappings (an idle sandbox uses 56.2 MiB beyond guest RAM, the cache
+/// included: docs/benchmarks.md), the supervisor (12 MiB idle, plus at most
+/// 256 MiB of channel windows a hostile guest can make it hold), the file
+/// servers (8 MiB idle each; their inode and handle tables are capped), and
+/// page cache, which the kernel reclaims at the limit rather than failing.
 pub const MEMORY_OVERHEAD_MIB: u64 = 512;
 
 /// Tasks (processes and threads) of the sandbox's host side: the supervisor

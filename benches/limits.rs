@@ -167,16 +167,36 @@ fn main() {
             true,
         );
     }
-    let on = measure(&ctx, true);
-    let off = measure(&ctx, false);
+    // Rounds alternate which mode goes first, so that a change in the
+    // host's load (other work on a shared machine) falls on both.
+    let rounds: usize = std::env::var("SANDPEN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    eprintln!(
+        "load before: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        if r % 2 == 0 {
+            on.push(measure(&ctx, true));
+            off.push(measure(&ctx, false));
+        } else {
+            off.push(measure(&ctx, false));
+            on.push(measure(&ctx, true));
+        }
+    }
     ctx.ok(&["rm", "-f", "a", "b"], true);
 
-    println!("guest CPU stress in A (--cpus 1, 2 busy loops as root); {EXECS} execs, {SPIN_SECS} s of host spin per figure");
+    println!("guest CPU stress in A (--cpus 1, 2 busy loops as root); {EXECS} execs, {SPIN_SECS} s of host spin per figure; {rounds} rounds, modes alternated");
     println!(
         "{:<10} {:>14} {:>14} {:>8} {:>16} {:>16} {:>8}",
         "mode", "exec B idle", "exec B busy", "ratio", "host it/s idle", "host it/s busy", "ratio"
     );
-    for (label, f) in [("limits", &on), ("no limits", &off)] {
+    let row = |label: &str, f: &Figures| {
         println!(
             "{:<10} {:>11.0} ms {:>11.0} ms {:>7.2}x {:>16.3e} {:>16.3e} {:>7.2}x",
             label,
@@ -187,10 +207,38 @@ fn main() {
             f.rate_busy,
             f.rate_busy / f.rate_idle
         );
+    };
+    for r in 0..rounds {
+        row(&format!("limits {}", r + 1), &on[r]);
+        row(&format!("off {}", r + 1), &off[r]);
     }
+    let median = |v: Vec<f64>| {
+        let mut v = v;
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let ratios = |fs: &[Figures]| {
+        (
+            median(fs.iter().map(|f| f.exec_busy / f.exec_idle).collect()),
+            median(fs.iter().map(|f| f.rate_busy / f.rate_idle).collect()),
+        )
+    };
+    let (on_exec, on_rate) = ratios(&on);
+    let (off_exec, off_rate) = ratios(&off);
     println!(
-        "limits / no limits under stress: exec p50 {:.2}x, host throughput {:.2}x",
-        on.exec_busy / off.exec_busy,
-        on.rate_busy / off.rate_busy
+        "median busy/idle: limits exec {on_exec:.2}x, host {on_rate:.2}x; no limits exec {off_exec:.2}x, host {off_rate:.2}x"
+    );
+    println!(
+        "median under stress, limits / no limits: exec p50 {:.2}x, host throughput {:.2}x",
+        median(on.iter().map(|f| f.exec_busy).collect())
+            / median(off.iter().map(|f| f.exec_busy).collect()),
+        median(on.iter().map(|f| f.rate_busy).collect())
+            / median(off.iter().map(|f| f.rate_busy).collect())
+    );
+    eprintln!(
+        "load after: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
 }

@@ -149,7 +149,8 @@ impl Spinner {
 
     /// CPU seconds used so far (utime + stime from /proc/PID/stat).
     fn cpu_secs(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
         let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
         let f: Vec<&str> = after.split_whitespace().collect();
         let ticks: f64 = f.get(11).and_then(|s| s.parse().ok()).unwrap_or(0.0)
@@ -285,7 +286,9 @@ fn a_fork_bomb_leaves_the_host_responsive() -> Result<(), Failed> {
 /// Allocated bytes of a file on the host.
 fn allocated(path: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+    std::fs::metadata(path)
+        .map(|m| m.blocks() * 512)
+        .unwrap_or(0)
 }
 
 /// A guest that fills its disk: the overlay stops at `--disk`, `ls` says

@@ -163,7 +163,10 @@ impl Host {
     fn v2(&self) -> Option<(&parse::CgroupMount, PathBuf)> {
         let mount = self.mounts.iter().find(|m| m.v2)?;
         let path = &self.member.iter().find(|m| m.controllers.is_empty())?.path;
-        Some((mount, parse::dir_in_mount(&mount.mount_point, &mount.root, path)?))
+        Some((
+            mount,
+            parse::dir_in_mount(&mount.mount_point, &mount.root, path)?,
+        ))
     }
 
     /// The v2 controllers available at the mount's root.
@@ -192,8 +195,15 @@ impl Host {
         ))
     }
 
-    fn backend(&self) -> Result<Backend, CgroupError> {
-        if std::env::var_os(ENV_SCOPE).is_some() && self.v2().is_some() {
+    fn backend(&self, name: &str) -> Result<Backend, CgroupError> {
+        // Only a scope that `systemd_scope_command` made for this sandbox
+        // counts (an inherited or hand-set variable does not).
+        let in_scope = self.v2().is_some_and(|(_, dir)| {
+            dir.file_name().and_then(|f| f.to_str()).is_some_and(|f| {
+                f.starts_with(&format!("sandpen-{name}-")) && f.ends_with(".scope")
+            })
+        });
+        if std::env::var_os(ENV_SCOPE).is_some() && in_scope {
             return Ok(Backend::SystemdScope);
         }
         let v2 = self.v2_controllers();
@@ -238,7 +248,7 @@ pub fn probe() -> Result<Backend, CgroupError> {
         return Err(CgroupError::Disabled);
     }
     let host = Host::read();
-    match host.backend() {
+    match host.backend("") {
         // A normal user on v2 gets a scope where systemd's user manager runs.
         Err(CgroupError::NoDelegation) if user_manager().is_some() => Ok(Backend::SystemdScope),
         other => other,
@@ -278,7 +288,7 @@ pub fn systemd_scope_command(
         return None;
     }
     let host = Host::read();
-    if !matches!(host.backend(), Err(CgroupError::NoDelegation)) {
+    if !matches!(host.backend(name), Err(CgroupError::NoDelegation)) {
         return None;
     }
     let systemd_run = user_manager()?;
@@ -308,7 +318,7 @@ impl Cgroup {
             return Err(CgroupError::Disabled);
         }
         let host = Host::read();
-        match host.backend()? {
+        match host.backend(name)? {
             Backend::SystemdScope => {
                 let (_, dir) = host.v2().ok_or(CgroupError::NoCgroupFs)?;
                 Ok(Cgroup {
@@ -365,7 +375,10 @@ impl Cgroup {
             write(&path.join("memory.max"), &limits.memory_max.to_string())?;
             write(&path.join("pids.max"), &limits.pids_max.to_string())?;
             if path.join("io.weight").exists() {
-                write(&path.join("io.weight"), &format!("default {}", limits.io_weight))?;
+                write(
+                    &path.join("io.weight"),
+                    &format!("default {}", limits.io_weight),
+                )?;
             }
             Ok(())
         };
@@ -410,8 +423,14 @@ impl Cgroup {
         };
         let set = made.and_then(|()| {
             let cpu = cg.dir("cpu").ok_or(CgroupError::MissingController("cpu"))?;
-            write(&cpu.join("cpu.cfs_period_us"), &limits.cpu_period_us.to_string())?;
-            write(&cpu.join("cpu.cfs_quota_us"), &limits.cpu_quota_us.to_string())?;
+            write(
+                &cpu.join("cpu.cfs_period_us"),
+                &limits.cpu_period_us.to_string(),
+            )?;
+            write(
+                &cpu.join("cpu.cfs_quota_us"),
+                &limits.cpu_quota_us.to_string(),
+            )?;
             let mem = cg
                 .dir("memory")
                 .ok_or(CgroupError::MissingController("memory"))?;
@@ -419,7 +438,9 @@ impl Cgroup {
                 &mem.join("memory.limit_in_bytes"),
                 &limits.memory_max.to_string(),
             )?;
-            let pids = cg.dir("pids").ok_or(CgroupError::MissingController("pids"))?;
+            let pids = cg
+                .dir("pids")
+                .ok_or(CgroupError::MissingController("pids"))?;
             write(&pids.join("pids.max"), &limits.pids_max.to_string())?;
             match cg.dir("blkio").map(|d| d.join("blkio.weight")) {
                 Some(w) if w.exists() => write(&w, &limits.blkio_weight().to_string())?,
@@ -480,9 +501,8 @@ impl Cgroup {
 
     /// What the sandbox uses now. Files that cannot be read are `None`.
     pub fn usage(&self) -> Usage {
-        let file = |controller: &str, name: &str| {
-            self.dir(controller).and_then(|d| read(&d.join(name)))
-        };
+        let file =
+            |controller: &str, name: &str| self.dir(controller).and_then(|d| read(&d.join(name)));
         match self.backend {
             Backend::V2 | Backend::SystemdScope => {
                 let io = file("io", "io.stat").map(|s| parse::io_stat(&s));
@@ -541,7 +561,9 @@ impl Cgroup {
         loop {
             match self.try_rmdirs() {
                 Ok(()) => return Ok(()),
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -646,7 +668,10 @@ mod tests {
         // A stale cgroup (its supervisor killed, a child left in it) is
         // emptied and made again.
         let again = Cgroup::create(&name, &limits).expect("over the stale one");
-        assert!(child.wait().unwrap().code().is_none(), "the leftover was killed");
+        assert!(
+            child.wait().unwrap().code().is_none(),
+            "the leftover was killed"
+        );
         assert_eq!(again.usage().pids, Some(0));
         again.remove().expect("removed");
         for p in paths {

@@ -95,7 +95,10 @@ mod tests {
         let l = Limits::for_sandbox(2, 1024);
         assert_eq!(l.io_weight, 50);
         assert_eq!(l.blkio_weight(), 250);
-        let default = Limits { io_weight: 100, ..l };
+        let default = Limits {
+            io_weight: 100,
+            ..l
+        };
         assert_eq!(default.blkio_weight(), 500);
         let huge = Limits {
             io_weight: 10_000,

@@ -65,7 +65,11 @@ pub fn mountinfo(text: &str) -> Vec<CgroupMount> {
                     .filter(|o| {
                         !matches!(
                             *o,
-                            "rw" | "ro" | "xattr" | "noprefix" | "clone_children" | "cpuset_v2_mode"
+                            "rw" | "ro"
+                                | "xattr"
+                                | "noprefix"
+                                | "clone_children"
+                                | "cpuset_v2_mode"
                         ) && !o.contains('=')
                     })
                     .map(String::from)

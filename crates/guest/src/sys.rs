@@ -109,11 +109,11 @@ pub fn kernel_release() -> String {
 pub fn usage() -> sandpen_proto::GuestUsage {
     let (total, free, avail) = nix::sys::statvfs::statvfs("/")
         .map(|s| {
-            let f = s.fragment_size() as u64;
+            let f = s.fragment_size();
             (
-                (s.blocks() as u64).saturating_mul(f),
-                (s.blocks_free() as u64).saturating_mul(f),
-                (s.blocks_available() as u64).saturating_mul(f),
+                s.blocks().saturating_mul(f),
+                s.blocks_free().saturating_mul(f),
+                s.blocks_available().saturating_mul(f),
             )
         })
         .unwrap_or((0, 0, 0));
@@ -150,7 +150,10 @@ pub fn uptime_ms() -> u64 {
 mod usage_tests {
     #[test]
     fn task_count_from_loadavg() {
-        assert_eq!(super::loadavg_tasks("0.00 0.01 0.05 1/123 4567\n"), Some(123));
+        assert_eq!(
+            super::loadavg_tasks("0.00 0.01 0.05 1/123 4567\n"),
+            Some(123)
+        );
         assert_eq!(super::loadavg_tasks("garbage"), None);
     }
 }

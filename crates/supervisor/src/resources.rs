@@ -51,8 +51,15 @@ pub fn confine(config: &SandboxConfig, paths: &SandboxPaths) -> Option<String> {
     if let Ok(mut dir) = DIR.lock() {
         *dir = Some(paths.dir.clone());
     }
-    let made = Cgroup::create(&config.name, &limits(config))
-        .and_then(|cg| cg.enter(std::process::id()).map(|()| cg));
+    let made = Cgroup::create(&config.name, &limits(config)).and_then(|cg| {
+        match cg.enter(std::process::id()) {
+            Ok(()) => Ok(cg),
+            Err(e) => {
+                let _ = cg.remove();
+                Err(e)
+            }
+        }
+    });
     let note = match made {
         Ok(cg) => {
             let l = cg.limits();
@@ -200,7 +207,7 @@ pub fn stats(guest: Option<GuestUsage>) -> Stats {
     let dir = DIR.lock().ok().and_then(|d| d.clone());
     let host_avail = dir
         .and_then(|d| nix::sys::statvfs::statvfs(&d).ok())
-        .map(|s| (s.blocks_available() as u64).saturating_mul(s.fragment_size() as u64));
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()));
     let cg = CGROUP.lock().ok();
     let cg = cg.as_ref().and_then(|c| c.as_ref());
     Stats {

@@ -354,6 +354,122 @@ fn filling_the_overlay_says_disk_full() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Runs `cmd`, killing it after `secs`: a VM that QEMU paused would make an
+/// exec wait for ever.
+fn output_within(mut cmd: Command, secs: u64) -> Result<Output, Failed> {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning: {e}"))?;
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(secs)) {
+        Ok(out) => out.map_err(|e| format!("waiting: {e}").into()),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            Err(format!("no answer within {secs} s (a paused VM?)").into())
+        }
+    }
+}
+
+/// Unmounts a test's file system, whatever happened.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The host file system under `disk.qcow2` fills up while the guest
+/// writes: the guest gets an I/O error (QEMU does not pause the VM), the
+/// sandbox keeps answering, and `ls` says why.
+fn a_full_host_file_system_is_an_error_not_a_pause() -> Result<(), Failed> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("  needs root to mount a small file system; skipping");
+        return Ok(());
+    }
+    let (root, ws) = common::workspace("sandpen-hostfull-", "hostfull");
+    let cli = Cli::new(ws);
+    // The sandbox's state folder, disk.qcow2 included, on a 768 MiB ext4
+    // (a loop device: a tmpfs's pages would be charged to the sandbox's
+    // memory limit).
+    let state = cli.state.path().to_path_buf();
+    let image = root.path().join("small.ext4");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(768 << 20))
+        .map_err(|e| format!("{}: {e}", image.display()))?;
+    let made = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&image)
+        .status()
+        .map_err(|e| format!("mkfs.ext4: {e}"))?;
+    check(made.success(), "mkfs.ext4 of the small file system")?;
+    let mounted = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(&state)
+        .status()
+        .map_err(|e| format!("mount: {e}"))?;
+    check(mounted.success(), "mounting the small file system")?;
+    let _unmount = Unmount(state);
+    cli.ok(&["create", "--name", "hostfull", "--disk", "4"])?;
+    cli.ok(&["start", "hostfull"])?;
+    let out = output_within(
+        cli.command(&[
+            "exec",
+            "-u",
+            "root",
+            "hostfull",
+            "--",
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/fill bs=1M count=1200 conv=fsync 2>&1 | tail -n 1; \
+             dmesg | grep -c 'I/O error'",
+        ]),
+        600,
+    )?;
+    let said = text(&out.stdout);
+    eprintln!("  guest: {} {}", said.trim(), text(&out.stderr).trim());
+    // The guest saw the failed writes as I/O errors.
+    let errors: u64 = said
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
+    check(errors > 0, format!("the guest saw no I/O error: {said}"))?;
+    let alive = output_within(
+        cli.command(&["exec", "hostfull", "--", "echo", "alive"]),
+        120,
+    )?;
+    check(
+        text(&alive.stdout).trim() == "alive",
+        format!("exec after the host filled: {alive:?}\n{}", cli.log_tails()),
+    )?;
+    let table = cli.ok(&["ls"])?;
+    eprintln!("{table}");
+    check(
+        table.contains("running (disk full: the host file system holding disk.qcow2 is full)"),
+        format!("ls does not say why: {table}"),
+    )?;
+    let qemu_log = std::fs::read_to_string(
+        cli.state
+            .path()
+            .join("sandpen/sandboxes/hostfull/logs/qemu.log"),
+    )
+    .unwrap_or_default();
+    eprintln!("  qemu.log: {}", qemu_log.trim());
+    let _ = cli.run(&["rm", "-f", "hostfull"]);
+    Ok(())
+}
+
 type TestFn = fn() -> Result<(), Failed>;
 
 fn main() {
@@ -369,6 +485,10 @@ fn main() {
         (
             "filling_the_overlay_says_disk_full",
             filling_the_overlay_says_disk_full,
+        ),
+        (
+            "a_full_host_file_system_is_an_error_not_a_pause",
+            a_full_host_file_system_is_an_error_not_a_pause,
         ),
     ];
     let trials = tests

@@ -420,6 +420,13 @@ fn a_full_host_file_system_is_an_error_not_a_pause() -> Result<(), Failed> {
         .map_err(|e| format!("mount: {e}"))?;
     check(mounted.success(), "mounting the small file system")?;
     let _unmount = Unmount(state);
+    let result = fill_the_host(&cli);
+    // Whatever happened (a paused VM included), nothing is left running.
+    let _ = cli.run(&["rm", "-f", "hostfull"]);
+    result
+}
+
+fn fill_the_host(cli: &Cli) -> Result<(), Failed> {
     cli.ok(&["create", "--name", "hostfull", "--disk", "4"])?;
     cli.ok(&["start", "hostfull"])?;
     let out = output_within(
@@ -466,7 +473,6 @@ fn a_full_host_file_system_is_an_error_not_a_pause() -> Result<(), Failed> {
     )
     .unwrap_or_default();
     eprintln!("  qemu.log: {}", qemu_log.trim());
-    let _ = cli.run(&["rm", "-f", "hostfull"]);
     Ok(())
 }
 

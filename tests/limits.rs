@@ -476,6 +476,76 @@ fn fill_the_host(cli: &Cli) -> Result<(), Failed> {
     Ok(())
 }
 
+/// Bytes the host sends each connection in the egress test.
+const EGRESS_BYTES: usize = 8 << 20;
+
+/// `stats` and `ls --json` count the bytes a guest pulls through the
+/// egress proxy.
+fn stats_count_egress_bytes() -> Result<(), Failed> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut line = [0u8; 64];
+                let n = conn.read(&mut line).unwrap_or(0);
+                let chunk = vec![b'x'; 64 << 10];
+                for _ in 0..EGRESS_BYTES / chunk.len() {
+                    if conn.write_all(&chunk).is_err() {
+                        return;
+                    }
+                }
+                let _ = n;
+            });
+        }
+    });
+    ok(&["policy", "init", "deny-all"])?;
+    ok(&["create", "--name", "net", "--add-host", "h.test:127.0.0.1"])?;
+    ok(&["policy", "allow", "network", "h.test raw", "net"])?;
+    ok(&["start", "net"])?;
+    let got = ok(&[
+        "exec",
+        "net",
+        "--",
+        "bash",
+        "-c",
+        &format!(
+            "exec 3<>/dev/tcp/h.test/{port}; echo hello >&3; head -c {EGRESS_BYTES} <&3 | wc -c"
+        ),
+    ])?;
+    check(
+        got.trim() == EGRESS_BYTES.to_string(),
+        format!("the guest read {got:?}"),
+    )?;
+    let row = ls_row("net")?;
+    let r = &row["resources"];
+    let (up, down) = (
+        r["egress_up_bytes"].as_u64().unwrap_or(0),
+        r["egress_down_bytes"].as_u64().unwrap_or(0),
+    );
+    eprintln!("  egress: {up} bytes up, {down} down");
+    check(
+        down >= EGRESS_BYTES as u64 && down < 2 * EGRESS_BYTES as u64,
+        format!("down {down} for {EGRESS_BYTES} read"),
+    )?;
+    check(up >= 6, format!("up {up} for the 6 bytes written"))?;
+    let out = ok(&["stats", "--no-stream", "--json", "net"])?;
+    let rows: Value = serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+    check(
+        rows[0]["egress_down_bytes"].as_u64() >= Some(down)
+            && rows[0]["egress_down_bytes_per_sec"].is_u64(),
+        format!("stats --json: {out}"),
+    )?;
+    let table = ok(&["stats", "--no-stream", "net"])?;
+    check(
+        table.starts_with("NAME") && table.contains("NET UP / DOWN") && table.contains("net "),
+        format!("stats: {table}"),
+    )?;
+    ok(&["rm", "-f", "net"])?;
+    Ok(())
+}
+
 type TestFn = fn() -> Result<(), Failed>;
 
 fn main() {
@@ -496,13 +566,14 @@ fn main() {
             "a_full_host_file_system_is_an_error_not_a_pause",
             a_full_host_file_system_is_an_error_not_a_pause,
         ),
+        ("stats_count_egress_bytes", stats_count_egress_bytes),
     ];
     let trials = tests
         .into_iter()
         .map(|(name, f)| Trial::test(name, f))
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
-    for name in ["bomb", "calm", "full"] {
+    for name in ["bomb", "calm", "full", "net"] {
         let _ = sandpen(&["rm", "-f", name]);
     }
     conclusion.exit();

@@ -488,6 +488,23 @@ impl Cgroup {
         format!("{} {}", self.backend, paths.join(", "))
     }
 
+    /// Every directory the cgroup's owner touches after [`Cgroup::create`]:
+    /// the cgroup's own (read for usage, removed at the end; their parents
+    /// too, for the removal) and the ones it came from (written to move back).
+    /// A confinement of the supervisor (Landlock) must leave these open.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for d in &self.dirs {
+            out.push(d.path.clone());
+            if let Some(parent) = d.path.parent() {
+                out.push(parent.to_path_buf());
+            }
+            out.push(d.origin.clone());
+        }
+        out.dedup();
+        out
+    }
+
     /// Moves process `pid` (all its threads) into the cgroup.
     pub fn enter(&self, pid: u32) -> Result<(), CgroupError> {
         if self.backend == Backend::SystemdScope {

@@ -90,6 +90,18 @@ pub fn confine(config: &SandboxConfig, paths: &SandboxPaths) -> Option<String> {
     note
 }
 
+/// The cgroup folders the supervisor reads and writes after [`confine`]
+/// (see `sandpen_cgroup::Cgroup::paths`): a confinement of the supervisor
+/// must leave them open, or `stats` reads nothing and [`release`] leaves the
+/// cgroup for the next start to remove.
+pub fn cgroup_paths() -> Vec<std::path::PathBuf> {
+    CGROUP
+        .lock()
+        .ok()
+        .and_then(|c| c.as_ref().map(|c| c.paths()))
+        .unwrap_or_default()
+}
+
 /// Moves this process out of the sandbox's cgroup and removes it (its
 /// children have exited by now).
 pub fn release() {

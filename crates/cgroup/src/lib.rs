@@ -293,20 +293,31 @@ pub fn systemd_scope_command(
     }
     let systemd_run = user_manager()?;
     let mut cmd = std::process::Command::new(systemd_run);
-    cmd.args(["--user", "--scope", "--quiet", "--collect"])
-        .arg(format!("--unit=sandpen-{name}-{}", std::process::id()))
-        .arg(format!(
-            "--property=CPUQuota={}%",
-            limits.cpu_quota_us * 100 / limits.cpu_period_us.max(1)
-        ))
-        .arg(format!("--property=MemoryMax={}", limits.memory_max))
-        .arg(format!("--property=TasksMax={}", limits.pids_max))
-        .arg(format!("--property=IOWeight={}", limits.io_weight))
+    cmd.args(scope_args(name, limits, std::process::id()))
         .arg("--")
         .arg(program)
         .args(args)
         .env(ENV_SCOPE, "1");
     Some(cmd)
+}
+
+/// `systemd-run`'s options for sandbox `name`'s scope (the unit is named
+/// `sandpen-NAME-PID.scope`, which [`Cgroup::create`] recognises).
+fn scope_args(name: &str, limits: &Limits, pid: u32) -> Vec<String> {
+    vec![
+        "--user".into(),
+        "--scope".into(),
+        "--quiet".into(),
+        "--collect".into(),
+        format!("--unit=sandpen-{name}-{pid}"),
+        format!(
+            "--property=CPUQuota={}%",
+            limits.cpu_quota_us * 100 / limits.cpu_period_us.max(1)
+        ),
+        format!("--property=MemoryMax={}", limits.memory_max),
+        format!("--property=TasksMax={}", limits.pids_max),
+        format!("--property=IOWeight={}", limits.io_weight),
+    ]
 }
 
 impl Cgroup {
@@ -644,6 +655,16 @@ fn clear_stale(path: &Path) -> Result<(), CgroupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_systemd_scope_carries_the_limits() {
+        let args = scope_args("demo", &Limits::for_sandbox(2, 1024), 42).join(" ");
+        assert_eq!(
+            args,
+            "--user --scope --quiet --collect --unit=sandpen-demo-42 --property=CPUQuota=200% \
+             --property=MemoryMax=1610612736 --property=TasksMax=1024 --property=IOWeight=50"
+        );
+    }
 
     /// Needs root on a host with cgroups: makes a real cgroup for a child
     /// process, checks the limits landed and the usage reads, removes it.

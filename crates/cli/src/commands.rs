@@ -89,6 +89,11 @@ pub async fn dispatch(command: Command) -> Result<i32> {
             Ok(0)
         }
         Command::Ls { json } => ls(&dirs, json).await,
+        Command::Stats {
+            names,
+            no_stream,
+            json,
+        } => crate::stats_cmd::run(&dirs, names, no_stream, json).await,
         Command::Logs {
             name,
             follow,
@@ -361,7 +366,10 @@ async fn start(dirs: &Dirs, name: &str) -> Result<()> {
     if let Some(s) = spinner {
         s.finish_and_clear();
     }
-    started.with_context(|| format!("starting sandbox {name}"))?;
+    let started = started.with_context(|| format!("starting sandbox {name}"))?;
+    for note in started.notes {
+        eprintln!("sandpen: note: {note}");
+    }
     Ok(())
 }
 
@@ -617,6 +625,10 @@ struct LsRow {
     /// Why the last run failed (status `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// A running sandbox's limits, usage, egress bytes and disk state
+    /// (`disk_full`), as `stats` shows them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    resources: Option<sandpen_supervisor::resources::Stats>,
 }
 
 fn now_ms() -> u64 {
@@ -650,8 +662,13 @@ async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
             State::Failed(reason) => Some(reason.clone()),
             _ => None,
         };
+        let resources = match &state {
+            State::Running(_) => control::stats(&dirs.sandbox(&c.name)).await.ok(),
+            _ => None,
+        };
         rows.push(LsRow {
             reason,
+            resources,
             status: state.label().to_string(),
             name: c.name,
             workspace: c.workspace,
@@ -676,14 +693,27 @@ async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
         "CPUS".into(),
         "MEMORY".into(),
         "UPTIME".into(),
+        "CPU TIME".into(),
+        "MEM USE".into(),
+        "PIDS".into(),
     ]];
     for r in rows {
+        let [cpu, mem, pids] = match &r.resources {
+            Some(s) => crate::stats_cmd::ls_columns(s),
+            None => ["-".into(), "-".into(), "-".into()],
+        };
+        let disk_full = r
+            .resources
+            .as_ref()
+            .and_then(|s| s.disk_full)
+            .map(|d| d.to_string());
         out.push([
             r.name,
-            match r.reason {
+            match (r.reason, disk_full) {
                 // The reason in full: `ls` is where a user learns why.
-                Some(reason) => format!("{} ({reason})", r.status),
-                None => r.status,
+                (Some(reason), _) => format!("{} ({reason})", r.status),
+                (None, Some(full)) => format!("{} ({full})", r.status),
+                (None, None) => r.status,
             },
             r.workspace.display().to_string(),
             r.image,
@@ -692,6 +722,9 @@ async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
             r.uptime_secs
                 .map(human_duration)
                 .unwrap_or_else(|| "-".into()),
+            cpu,
+            mem,
+            pids,
         ]);
     }
     print_table(&out);
@@ -980,6 +1013,15 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
             .or_else(|| Some("/usr/sbin/mkfs.ext4".to_string()).filter(|p| Path::new(p).exists())),
         "apt install e2fsprogs",
     );
+    match sandpen_cgroup::probe() {
+        Ok(backend) => println!(
+            "ok    resource limits: {backend} (CPU quota = --cpus, memory = guest RAM + {} MiB, {} tasks, IO weight {})",
+            sandpen_cgroup::limits::MEMORY_OVERHEAD_MIB,
+            sandpen_cgroup::limits::PIDS_MAX,
+            sandpen_cgroup::limits::IO_WEIGHT
+        ),
+        Err(e) => println!("note  resource limits not applied: {e}; sandboxes run unbounded"),
+    }
     let decision = sandpen_vm::choose_accel(sandpen_vm::AccelChoice::Auto)?;
     println!("accel {}: {}", decision.accel, decision.reason);
     match sandpen_image::list(&dirs.images()) {

@@ -5,6 +5,7 @@ mod commands;
 mod fs_serve;
 mod policy_cmd;
 mod secret_cmd;
+mod stats_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -31,13 +32,16 @@ pub struct CreateArgs {
     /// Name of the sandbox (default: from the workspace folder)
     #[arg(long)]
     pub name: Option<String>,
-    /// Virtual CPUs
+    /// Virtual CPUs, and the host CPU time the sandbox may use (a quota of
+    /// as many CPUs; `SANDPEN_LIMITS=off` starts it without limits)
     #[arg(long, default_value_t = sandpen_supervisor::sandbox::DEFAULT_CPUS)]
     pub cpus: u32,
-    /// Guest memory, e.g. 2G or 512M
+    /// Guest memory, e.g. 2G or 512M (the sandbox's host memory limit is
+    /// this plus 512 MiB)
     #[arg(long, default_value = "2G")]
     pub memory: String,
-    /// Disk size of the sandbox in GiB (copy-on-write; grows as used)
+    /// Disk size of the sandbox in GiB (copy-on-write; grows as used, never
+    /// past it: a full disk shows as `disk full` in `ls`)
     #[arg(long, default_value_t = sandpen_supervisor::sandbox::DEFAULT_DISK_GIB)]
     pub disk: u32,
     /// Image to boot (default: the agent's image, built on first use; "default" for shell)
@@ -108,6 +112,18 @@ enum Command {
     },
     /// List sandboxes
     Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Live resource usage of running sandboxes: CPU, memory, disk I/O,
+    /// host tasks and the egress rate, refreshed every second
+    Stats {
+        /// Sandboxes (default: every running one)
+        names: Vec<String>,
+        /// Print once and exit
+        #[arg(long)]
+        no_stream: bool,
+        /// One JSON array per refresh
         #[arg(long)]
         json: bool,
     },

@@ -149,6 +149,10 @@ async fn handle_stream(stream: MuxStream, state: Arc<GuestState>) -> Result<()> 
             frames.close().await?;
         }
         Request::Exec(req) => crate::exec::run(frames, req, state).await?,
+        Request::Usage => {
+            frames.send(&sys::usage()).await?;
+            frames.close().await?;
+        }
         Request::Shutdown => {
             frames.send(&Ack).await?;
             frames.close().await?;

@@ -104,6 +104,36 @@ pub fn kernel_release() -> String {
         .unwrap_or_default()
 }
 
+/// The root file system's size and free space, and the task count, for the
+/// host's `ls` and `stats` (zeros where a figure cannot be read).
+pub fn usage() -> sandpen_proto::GuestUsage {
+    let (total, free, avail) = nix::sys::statvfs::statvfs("/")
+        .map(|s| {
+            let f = s.fragment_size();
+            (
+                s.blocks().saturating_mul(f),
+                s.blocks_free().saturating_mul(f),
+                s.blocks_available().saturating_mul(f),
+            )
+        })
+        .unwrap_or((0, 0, 0));
+    sandpen_proto::GuestUsage {
+        root_total_bytes: total,
+        root_free_bytes: free,
+        root_avail_bytes: avail,
+        tasks: std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .as_deref()
+            .and_then(loadavg_tasks)
+            .unwrap_or(0),
+    }
+}
+
+/// The task count of `/proc/loadavg` (`0.00 0.01 0.05 1/123 4567`: 123).
+fn loadavg_tasks(s: &str) -> Option<u64> {
+    s.split_whitespace().nth(3)?.split_once('/')?.1.parse().ok()
+}
+
 pub fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
         .ok()
@@ -114,4 +144,16 @@ pub fn uptime_ms() -> u64 {
         })
         .map(|secs| (secs * 1000.0) as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod usage_tests {
+    #[test]
+    fn task_count_from_loadavg() {
+        assert_eq!(
+            super::loadavg_tasks("0.00 0.01 0.05 1/123 4567\n"),
+            Some(123)
+        );
+        assert_eq!(super::loadavg_tasks("garbage"), None);
+    }
 }

@@ -16,6 +16,9 @@ pub enum Request {
     /// Stop every process, flush disks and power off. Answered with [`Ack`] just
     /// before the power-off.
     Shutdown,
+    /// The guest's root file system and task count. Answered with
+    /// [`GuestUsage`] (the host shows `disk full` from it).
+    Usage,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +67,18 @@ pub enum SetupReply {
 pub struct Pong {
     pub uptime_ms: u64,
     pub kernel_release: String,
+}
+
+/// What the guest reports about itself for `ls` and `stats`. Facts from a
+/// hostile guest: the host shows them, and decides nothing from them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestUsage {
+    /// `statvfs("/")`: size, free, and free for non-root users, in bytes.
+    pub root_total_bytes: u64,
+    pub root_free_bytes: u64,
+    pub root_avail_bytes: u64,
+    /// Tasks (processes and threads) in the guest, from `/proc/loadavg`.
+    pub tasks: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,6 +23,8 @@ pub enum ControlRequest {
     Stop,
     /// A round trip to the guest's PID 1 and back.
     Ping,
+    /// Resource usage and limits, egress bytes, the disk's state.
+    Stats,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,6 +34,7 @@ pub enum ControlReply {
     Stopping,
     Error(String),
     Pong { guest_uptime_ms: u64 },
+    Stats(crate::resources::Stats),
 }
 
 /// A running sandbox, as its supervisor reports it.
@@ -164,6 +167,14 @@ pub async fn exec(
 pub async fn ping(paths: &SandboxPaths) -> Result<u64, SupervisorError> {
     match request(paths, &ControlRequest::Ping).await? {
         (_, ControlReply::Pong { guest_uptime_ms }) => Ok(guest_uptime_ms),
+        (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// The sandbox's resource usage and limits (`ls`, `stats`).
+pub async fn stats(paths: &SandboxPaths) -> Result<crate::resources::Stats, SupervisorError> {
+    match request(paths, &ControlRequest::Stats).await? {
+        (_, ControlReply::Stats(s)) => Ok(s),
         (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
     }
 }

@@ -195,7 +195,7 @@ pub async fn serve(
             if write_one(&mut stream, &EgressAccepted).await.is_err() {
                 return;
             }
-            let report = proxy.handle(stream, open).await;
+            let report = proxy.handle(crate::resources::Counted(stream), open).await;
             note_untrusted_input(&proxy, &watch.paths, &watch.config.name, &report);
         });
     }

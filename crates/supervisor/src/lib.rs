@@ -7,6 +7,7 @@
 //! - [`lifecycle`]: starting a supervisor and waiting until the guest is ready.
 //! - [`fileserver`]: the seam where the workspace file server plugs in.
 //! - [`exit`]: why the last run failed, for `ls`.
+//! - [`resources`]: the sandbox's cgroup, egress counters and disk state.
 
 pub mod confine;
 pub mod control;
@@ -18,6 +19,7 @@ pub mod jail;
 pub mod lifecycle;
 pub mod own;
 pub mod paths;
+pub mod resources;
 pub mod sandbox;
 pub mod supervise;
 pub mod trust;

@@ -8,9 +8,19 @@ use crate::control::{self, State};
 use crate::paths::Dirs;
 use crate::SupervisorError;
 
+/// What a start did.
+#[derive(Debug, Default)]
+pub struct Started {
+    /// False when the sandbox was running already.
+    pub booted: bool,
+    /// Lines the supervisor asked to be said once (`note: ...`): resource
+    /// limits that could not be applied.
+    pub notes: Vec<String>,
+}
+
 /// Starts the sandbox unless it runs already. Blocks until the guest is ready or
 /// the boot failed; the supervisor then lives on by itself.
-pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
+pub async fn start(dirs: &Dirs, name: &str) -> Result<Started, SupervisorError> {
     let config = crate::sandbox::load(dirs, name)?;
     // Before anything runs: sandpen's own files never go into a sandbox
     // (the environment that names them may differ from create's).
@@ -31,7 +41,7 @@ pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
         state = control::state(&paths).await;
     }
     match state {
-        State::Running(_) => return Ok(false),
+        State::Running(_) => return Ok(Started::default()),
         State::Stopping => {
             return Err(SupervisorError::Invalid(format!(
                 "sandbox {name} is still stopping; try again when `sandpen ls` says stopped"
@@ -59,11 +69,18 @@ pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
         .open(paths.supervisor_log())
         .map_err(|e| SupervisorError::io("opening the supervisor log", e))?;
     let exe = std::env::current_exe().map_err(|e| SupervisorError::io("finding sandpen", e))?;
-    let mut cmd = Command::new(exe);
+    // A normal user on cgroup v2 gets the supervisor started in a systemd
+    // user scope that bounds it (docs/architecture.md, "Resource limits");
+    // otherwise the supervisor makes its cgroup itself, or says why not.
+    let limits = crate::resources::limits(&config);
+    let mut cmd = sandpen_cgroup::systemd_scope_command(name, &limits, &exe, &["supervise", name])
+        .unwrap_or_else(|| {
+            let mut c = Command::new(&exe);
+            c.arg("supervise").arg(name);
+            c
+        });
     // A long-lived process should not hold the user's current folder busy.
-    cmd.arg("supervise")
-        .arg(name)
-        .current_dir("/")
+    cmd.current_dir("/")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
@@ -79,9 +96,9 @@ pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
         .spawn()
         .map_err(|e| SupervisorError::io("starting the supervisor", e))?;
     let stdout = child.stdout.take();
-    // Notes (one line each, e.g. a jail layer this host cannot give) come
-    // before the outcome; the user sees them once, at start.
-    let outcome = tokio::task::spawn_blocking(move || {
+    // `note: ...` lines, then `ready` or `error: ...`.
+    let (notes, outcome) = tokio::task::spawn_blocking(move || {
+        let mut notes = Vec::new();
         let mut line = String::new();
         if let Some(out) = stdout {
             let mut out = BufReader::new(out);
@@ -91,12 +108,13 @@ pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
                     break;
                 }
                 match line.trim().strip_prefix("note: ") {
-                    Some(note) => eprintln!("sandpen: note: {note}"),
+                    Some(note) if notes.len() < 8 => notes.push(note.to_string()),
+                    Some(_) => {}
                     None => break,
                 }
             }
         }
-        line
+        (notes, line)
     })
     .await
     .unwrap_or_default();
@@ -104,7 +122,10 @@ pub async fn start(dirs: &Dirs, name: &str) -> Result<bool, SupervisorError> {
     let _ = child.try_wait();
     let line = outcome.trim();
     if line == "ready" {
-        return Ok(true);
+        return Ok(Started {
+            booted: true,
+            notes,
+        });
     }
     let reason = line.strip_prefix("error: ").unwrap_or(line);
     let reason = if reason.is_empty() {

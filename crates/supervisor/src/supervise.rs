@@ -80,6 +80,11 @@ async fn supervise(name: &str) -> Result<(), SupervisorError> {
             .map_err(|e| SupervisorError::io(format!("creating {}", d.display()), e))?;
     }
     let _lock = take_lock(&paths)?;
+    // Into the sandbox's cgroup before anything is started, so that the file
+    // servers and QEMU inherit it (docs/architecture.md, "Resource limits").
+    if let Some(note) = crate::resources::confine(&config, &paths) {
+        report(&format!("note: {note}"));
+    }
     clean_run_dir(&paths);
     crate::exit::clear(&paths);
     rotate(&paths.console_log());
@@ -107,6 +112,7 @@ async fn supervise(name: &str) -> Result<(), SupervisorError> {
         crate::exit::record_failure(&paths, &e.to_string());
     }
     clean_run_dir(&paths);
+    crate::resources::release();
     result
 }
 
@@ -809,6 +815,22 @@ async fn ping_guest(mux: &MuxHandle) -> Result<sandpen_proto::Pong, SupervisorEr
         .map_err(|_| SupervisorError::Boot("no answer within 10 s".into()))?
 }
 
+/// The guest's root file system and task count; a guest too busy to answer
+/// within 2 s gets its last answer shown.
+async fn guest_usage(mux: &MuxHandle) -> Result<sandpen_proto::GuestUsage, SupervisorError> {
+    let ask = async {
+        let stream = mux.open().await?;
+        let mut frames = FrameStream::new(stream);
+        frames.send(&Request::Usage).await?;
+        Ok(frames
+            .expect::<sandpen_proto::GuestUsage>("the guest's usage")
+            .await?)
+    };
+    tokio::time::timeout(Duration::from_secs(2), ask)
+        .await
+        .map_err(|_| SupervisorError::Boot("no answer within 2 s".into()))?
+}
+
 async fn handle_control(
     conn: UnixStream,
     mux: MuxHandle,
@@ -834,6 +856,11 @@ async fn handle_control(
                 Err(e) => ControlReply::Error(format!("the guest did not answer: {e}")),
             };
             frames.send(&reply).await?;
+        }
+        ControlRequest::Stats => {
+            let guest = guest_usage(&mux).await.ok();
+            let stats = crate::resources::stats(guest);
+            frames.send(&ControlReply::Stats(stats)).await?;
         }
         ControlRequest::Stop => {
             frames.send(&ControlReply::Stopping).await?;

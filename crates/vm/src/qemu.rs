@@ -182,9 +182,13 @@ impl VmConfig {
         push(&self.initrd.to_string_lossy());
         push("-append");
         push(&self.kernel_cmdline());
+        // A write the host cannot do (its file system is full) fails in the
+        // guest with an I/O error: QEMU's default (`werror=enospc`) pauses
+        // the VM until someone resumes it, which nobody would. The guest's
+        // own limit is the overlay's virtual size (`--disk`).
         push("-drive");
         push(&format!(
-            "file={},format=qcow2,if=none,id=root,discard=unmap,cache=writeback",
+            "file={},format=qcow2,if=none,id=root,discard=unmap,cache=writeback,werror=report,rerror=report",
             self.disk.display()
         ));
         push("-device");
@@ -290,6 +294,8 @@ mod tests {
         assert!(line.contains("virtserialport,bus=vser0.0,chardev=channel,name=sandpen "));
         assert!(line.contains("virtserialport,bus=vser0.0,chardev=egress,name=sandpen-egress"));
         assert!(line.contains("memory-backend-memfd,id=mem,size=1024M,share=on"));
+        // A full host file system is an error in the guest, not a paused VM.
+        assert!(line.contains(",werror=report,rerror=report"));
     }
 
     #[test]

@@ -505,6 +505,8 @@ fn run_says_so_and_require_jail_refuses() -> Result<(), Failed> {
     result
 }
 
+type TestFn = fn() -> Result<(), Failed>;
+
 fn main() {
     if std::env::var_os(PROBE).is_some() {
         std::process::exit(probe());
@@ -513,7 +515,7 @@ fn main() {
         test_threads: Some(1),
         ..Arguments::from_args()
     };
-    let tests: Vec<(&str, fn() -> Result<(), Failed>)> = vec![
+    let tests: Vec<(&str, TestFn)> = vec![
         ("all_layers_refuse_every_attack", all_layers),
         ("without_a_jail_every_attack_works", no_layer),
         ("namespaces_alone_refuse_tcp", namespaces_alone),
@@ -534,7 +536,7 @@ fn main() {
     ];
     let trials = tests
         .into_iter()
-        .map(|(name, f)| Trial::test(name, move || f()))
+        .map(|(name, f)| Trial::test(name, f))
         .collect();
     libtest_mimic::run(&args, trials).exit();
 }

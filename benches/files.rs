@@ -15,8 +15,9 @@
 //! - a build: `cargo build` of a small library crate with the host's Rust
 //!   toolchain shared read-only (`--mount`), if rustup has one.
 //!
-//! Both sandboxes run side by side and the rounds alternate between them, so
-//! that load from other work on the host falls on both alike. Each figure is
+//! Both sandboxes run side by side and the rounds alternate between them
+//! (every other round in the other order), so that load from other work on
+//! the host falls on both alike. Each figure is
 //! the best of `SANDPEN_BENCH_ROUNDS` (default 2) rounds.
 //! `cargo bench -p sandpen --bench files`. Needs the default image (see
 //! benches/spine.rs) and virtiofsd.
@@ -312,7 +313,7 @@ fn main() {
     let vf = prepare(&run, "virtiofsd");
     let (mut sp_share, mut sp_disk, mut vf_share, mut vf_disk) = Default::default();
     for r in 1..=rounds {
-        for (label, bench, dir, into) in [
+        let mut order = [
             ("sandpen share", &sp, sp.ws.join("b-share"), &mut sp_share),
             ("virtiofsd share", &vf, vf.ws.join("b-share"), &mut vf_share),
             (
@@ -327,7 +328,14 @@ fn main() {
                 PathBuf::from("/root/fsbench"),
                 &mut vf_disk,
             ),
-        ] {
+        ];
+        if r % 2 == 0 {
+            // Every other round virtiofsd goes first, so that neither server
+            // always follows the same work (the other VM's writeback, say).
+            order.swap(0, 1);
+            order.swap(2, 3);
+        }
+        for (label, bench, dir, into) in order {
             let figures = bench.round(&dir);
             eprintln!("round {r}, {label}: {figures:?}");
             best(into, figures);

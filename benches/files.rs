@@ -20,7 +20,9 @@
 //! the host falls on both alike. Each figure is
 //! the best of `SANDPEN_BENCH_ROUNDS` (default 2) rounds.
 //! `cargo bench -p sandpen --bench files`. Needs the default image (see
-//! benches/spine.rs) and virtiofsd.
+//! benches/spine.rs) and virtiofsd (`SANDPEN_VIRTIOFSD` names one).
+//! `SANDPEN_BENCH_RESERVE=256MiB` lowers the disk reserve where the host
+//! has less than about 1.5 GiB free.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

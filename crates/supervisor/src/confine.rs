@@ -11,9 +11,10 @@
 //!   `process_vm_*`, `bpf`, `perf_event_open`, `userfaultfd`, `io_uring`,
 //!   keyrings, mounts, namespaces, modules, `kexec`, and no x32 calls.
 //! - **Landlock** (the calling thread and every thread it starts; all
-//!   threads at once from ABI 8): read and write beneath sandpen's state and
-//!   config folders (the sandbox's logs, labels and locks; the policy and
-//!   the secret store's index), read beneath its data folder (images), the
+//!   threads at once from ABI 8): read and write beneath the sandbox's own
+//!   folder (its logs, labels, sockets, policy) and sandpen's config folder
+//!   (the policy and the secret store's index), not other sandboxes'
+//!   folders; read beneath its data folder (images), the
 //!   workspace and `--mount` folders (the policy file `.sandpen.toml`),
 //!   `--upstream-ca` files, the system's libraries, name service and TLS
 //!   files, `/proc`, the cgroup tree; nothing else. No execution anywhere.
@@ -115,7 +116,8 @@ fn landlock(
     let mut wanted: Vec<(PathBuf, BitFlags<AccessFs>)> = Vec::new();
     wanted.extend(SYSTEM_READS.iter().map(|p| (PathBuf::from(p), read)));
     wanted.extend(SYSTEM_WRITES.iter().map(|p| (PathBuf::from(p), write)));
-    wanted.push((dirs.state.clone(), write));
+    // Of the state folder, only this sandbox's own: another sandbox's disk,
+    // CA key and sockets are out of reach.
     wanted.push((dirs.config.clone(), write));
     wanted.push((dirs.data.clone(), read));
     wanted.push((paths.dir.clone(), write));

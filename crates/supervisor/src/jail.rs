@@ -693,9 +693,11 @@ pub fn elf_interpreter(program: &Path) -> Option<PathBuf> {
 
 /// `PT_INTERP` of a 64-bit little-endian ELF file, if it has one.
 fn parse_interp(b: &[u8]) -> Option<PathBuf> {
-    let u16_at = |o: usize| Some(u16::from_le_bytes(b.get(o..o + 2)?.try_into().ok()?));
-    let u32_at = |o: usize| Some(u32::from_le_bytes(b.get(o..o + 4)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(b.get(o..o + 8)?.try_into().ok()?));
+    // Offsets come from the file: every sum is checked.
+    let field = |o: usize, n: usize| b.get(o..o.checked_add(n)?);
+    let u16_at = |o: usize| Some(u16::from_le_bytes(field(o, 2)?.try_into().ok()?));
+    let u32_at = |o: usize| Some(u32::from_le_bytes(field(o, 4)?.try_into().ok()?));
+    let u64_at = |o: usize| Some(u64::from_le_bytes(field(o, 8)?.try_into().ok()?));
     // ELFCLASS64, ELFDATA2LSB.
     if b.get(0..4)? != b"\x7fELF" || *b.get(4)? != 2 || *b.get(5)? != 1 {
         return None;
@@ -707,8 +709,8 @@ fn parse_interp(b: &[u8]) -> Option<PathBuf> {
         let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
         // PT_INTERP = 3.
         if u32_at(ph)? == 3 {
-            let off = usize::try_from(u64_at(ph + 8)?).ok()?;
-            let size = usize::try_from(u64_at(ph + 32)?).ok()?;
+            let off = usize::try_from(u64_at(ph.checked_add(8)?)?).ok()?;
+            let size = usize::try_from(u64_at(ph.checked_add(32)?)?).ok()?;
             let raw = b.get(off..off.checked_add(size)?)?;
             let raw = raw.split(|c| *c == 0).next()?;
             return Some(PathBuf::from(std::ffi::OsStr::from_bytes(raw)));

@@ -156,8 +156,20 @@ pub enum JailError {
     },
     #[error("jail: the spec: {0}")]
     Spec(#[from] serde_json::Error),
-    #[error("jail: {0}")]
-    Launcher(String),
+    #[error("jail: {SPEC_ENV} is not set (sandpen __jail is started by the supervisor)")]
+    NoSpec,
+    #[error("jail: the launcher died before the program started")]
+    LauncherDied,
+    #[error("jail: dropping capabilities: {0}")]
+    Caps(String),
+    #[error("jail: seccomp: {0}")]
+    Seccomp(String),
+    #[error("jail: the argument {0:?} holds a NUL byte")]
+    NulByte(OsString),
+    #[error("jail: Landlock: {0}")]
+    Landlock(#[from] sandpen_confine::landlock::RulesetError),
+    #[error("jail: Landlock: {}: {reason}", path.display())]
+    LandlockPath { path: PathBuf, reason: String },
     #[error("jail: the launcher ended before it started the program")]
     NoReport,
     /// The launcher's own words (they name the step that failed).
@@ -368,10 +380,8 @@ fn send(report: &mut std::fs::File, line: &ReportLine) -> std::io::Result<()> {
 }
 
 fn launch(report: &mut std::fs::File) -> Result<Never, JailError> {
-    let spec: JailSpec = serde_json::from_str(
-        &std::env::var(SPEC_ENV)
-            .map_err(|_| JailError::Launcher(format!("{SPEC_ENV} is not set")))?,
-    )?;
+    let spec: JailSpec =
+        serde_json::from_str(&std::env::var(SPEC_ENV).map_err(|_| JailError::NoSpec)?)?;
     std::env::remove_var(SPEC_ENV);
     let passed: RawFd = std::env::var(FDS_ENV)
         .ok()
@@ -410,7 +420,7 @@ fn launch(report: &mut std::fs::File) -> Result<Never, JailError> {
             // In a new PID namespace the parent is outside it (getppid() is
             // 0); otherwise a launcher that already died is noticed here.
             if !in_pid_namespace && nix::unistd::getppid().as_raw() != launcher_pid {
-                return Err(JailError::Launcher("the launcher died".into()));
+                return Err(JailError::LauncherDied);
             }
             match program(&spec, child_sock, report, applied, missing) {
                 Ok(never) => match never {},
@@ -532,8 +542,7 @@ fn program(
         }
     }
     if spec.layers.caps {
-        sandpen_confine::drop_caps(&[])
-            .map_err(|e| JailError::Launcher(format!("dropping capabilities: {e}")))?;
+        sandpen_confine::drop_caps(&[]).map_err(JailError::Caps)?;
         lines.push("no capabilities".into());
     }
     if let (true, Some(sock)) = (spec.layers.seccomp, listener_sock) {
@@ -542,7 +551,7 @@ fn program(
             &denied_syscalls(),
             &[libc::SYS_execve, libc::SYS_execveat],
         )
-        .map_err(|e| JailError::Launcher(format!("seccomp: {e}")))?;
+        .map_err(JailError::Seccomp)?;
         match sandpen_confine::install_with_listener(&program) {
             Ok(listener) => {
                 send_fd(&sock, &listener)?;
@@ -563,8 +572,7 @@ fn program(
 
 fn exec(spec: &JailSpec) -> Result<Never, JailError> {
     let cstr = |s: &std::ffi::OsStr| {
-        CString::new(s.as_bytes())
-            .map_err(|_| JailError::Launcher(format!("{s:?} holds a NUL byte")))
+        CString::new(s.as_bytes()).map_err(|_| JailError::NulByte(s.to_os_string()))
     };
     let program = cstr(spec.program.as_os_str())?;
     let mut argv = vec![program.clone()];
@@ -631,8 +639,7 @@ fn recv_fd(sock: &OwnedFd) -> Option<OwnedFd> {
 
 fn landlock(spec: &JailSpec) -> Result<LandlockOutcome, JailError> {
     use sandpen_confine::landlock::Ruleset;
-    let err =
-        |e: sandpen_confine::landlock::RulesetError| JailError::Launcher(format!("Landlock: {e}"));
+    let err = JailError::Landlock;
     let mut created = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(AccessFs::from_all(TARGET_ABI))
@@ -660,13 +667,13 @@ fn landlock(spec: &JailSpec) -> Result<LandlockOutcome, JailError> {
     for (path, access, required) in wanted {
         let fd = match PathFd::new(&path) {
             Ok(fd) => fd,
-            // A optional path this host does not have.
+            // An optional path this host does not have.
             Err(_) if !required => continue,
             Err(e) => {
-                return Err(JailError::Launcher(format!(
-                    "Landlock: {}: {e}",
-                    path.display()
-                )))
+                return Err(JailError::LandlockPath {
+                    path,
+                    reason: e.to_string(),
+                })
             }
         };
         let is_dir = std::fs::metadata(&path)

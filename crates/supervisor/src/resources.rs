@@ -3,10 +3,10 @@
 //! (docs/architecture.md, "Resource limits").
 //!
 //! The supervisor moves itself into its sandbox's cgroup first thing
-//! ([`confine`]), before it starts the file servers and QEMU, which inherit
+//! ([`enter_cgroup`]), before it starts the file servers and QEMU, which inherit
 //! it; it moves back out and removes the cgroup last thing ([`release`]).
 //! Where the cgroup cannot be had, the sandbox runs without limits and
-//! [`confine`] returns the one line that says why.
+//! [`enter_cgroup`] returns the one line that says why.
 //!
 //! One supervisor process serves one sandbox, so this state is process-wide.
 
@@ -47,7 +47,7 @@ pub fn limits(config: &SandboxConfig) -> Limits {
 /// Makes the sandbox's cgroup and moves this process into it. Returns why
 /// limits are not applied, if they are not (said once by `run`/`start`).
 /// The caller holds the supervisor lock.
-pub fn confine(config: &SandboxConfig, paths: &SandboxPaths) -> Option<String> {
+pub fn enter_cgroup(config: &SandboxConfig, paths: &SandboxPaths) -> Option<String> {
     if let Ok(mut dir) = DIR.lock() {
         *dir = Some(paths.dir.clone());
     }
@@ -90,7 +90,7 @@ pub fn confine(config: &SandboxConfig, paths: &SandboxPaths) -> Option<String> {
     note
 }
 
-/// The cgroup folders the supervisor reads and writes after [`confine`]
+/// The cgroup folders the supervisor reads and writes after [`enter_cgroup`]
 /// (see `sandpen_cgroup::Cgroup::paths`): a confinement of the supervisor
 /// must leave them open, or `stats` reads nothing and [`release`] leaves the
 /// cgroup for the next start to remove.

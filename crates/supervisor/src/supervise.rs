@@ -82,7 +82,7 @@ async fn supervise(name: &str) -> Result<(), SupervisorError> {
     let _lock = take_lock(&paths)?;
     // Into the sandbox's cgroup before anything is started, so that the file
     // servers and QEMU inherit it (docs/architecture.md, "Resource limits").
-    if let Some(note) = crate::resources::confine(&config, &paths) {
+    if let Some(note) = crate::resources::enter_cgroup(&config, &paths) {
         report(&format!("note: {note}"));
     }
     clean_run_dir(&paths);

@@ -153,7 +153,7 @@ pub fn state_access() -> BitFlags<AccessFs> {
 /// Confines the calling process (see the module's documentation). Call it
 /// once everything outside the share is open and before any thread starts.
 pub fn confine(c: &Confinement) -> Result<Confined, ConfineError> {
-    let threads = thread_count();
+    let threads = sandpen_confine::thread_count();
     if threads > 1 {
         return Err(ConfineError::Threads(threads));
     }
@@ -167,10 +167,6 @@ pub fn confine(c: &Confinement) -> Result<Confined, ConfineError> {
         seccomp,
         caps,
     })
-}
-
-fn thread_count() -> usize {
-    sandpen_confine::thread_count()
 }
 
 fn path_fd(path: &Path) -> Result<PathFd, ConfineError> {

@@ -692,33 +692,56 @@ fn landlock(spec: &JailSpec) -> Result<LandlockOutcome, JailError> {
 }
 
 /// The ELF interpreter (`PT_INTERP`) a dynamically linked program names:
-/// the kernel opens it for execution too, so Landlock must allow it.
+/// the kernel opens it for execution too, so Landlock must allow it. Reads
+/// only the header, the program headers and the name, not the whole
+/// program (QEMU is tens of MiB, and this runs at every start).
 pub fn elf_interpreter(program: &Path) -> Option<PathBuf> {
-    let bytes = std::fs::read(program).ok()?;
-    parse_interp(&bytes).map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(program).ok()?;
+    let read_at = |off: usize, len: usize| {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, u64::try_from(off).ok()?)
+            .ok()?;
+        Some(buf)
+    };
+    parse_interp(read_at).map(|p| std::fs::canonicalize(&p).unwrap_or(p))
 }
 
-/// `PT_INTERP` of a 64-bit little-endian ELF file, if it has one.
-fn parse_interp(b: &[u8]) -> Option<PathBuf> {
-    // Offsets come from the file: every sum is checked.
-    let field = |o: usize, n: usize| b.get(o..o.checked_add(n)?);
-    let u16_at = |o: usize| Some(u16::from_le_bytes(field(o, 2)?.try_into().ok()?));
-    let u32_at = |o: usize| Some(u32::from_le_bytes(field(o, 4)?.try_into().ok()?));
-    let u64_at = |o: usize| Some(u64::from_le_bytes(field(o, 8)?.try_into().ok()?));
+/// `PT_INTERP` of a 64-bit little-endian ELF file, if it has one; `read_at`
+/// gives `len` bytes at an offset, or `None` past the end.
+fn parse_interp(read_at: impl Fn(usize, usize) -> Option<Vec<u8>>) -> Option<PathBuf> {
+    // The 64-byte ELF64 header; offsets in it come from the file, so every
+    // sum below is checked.
+    let header = read_at(0, 64)?;
     // ELFCLASS64, ELFDATA2LSB.
-    if b.get(0..4)? != b"\x7fELF" || *b.get(4)? != 2 || *b.get(5)? != 1 {
+    if header[0..4] != *b"\x7fELF" || header[4] != 2 || header[5] != 1 {
         return None;
     }
-    let phoff = usize::try_from(u64_at(0x20)?).ok()?;
-    let phentsize = usize::from(u16_at(0x36)?);
-    let phnum = usize::from(u16_at(0x38)?);
+    let le = |b: &[u8], o: usize, n: usize| -> Option<u64> {
+        let bytes = b.get(o..o.checked_add(n)?)?;
+        Some(
+            bytes
+                .iter()
+                .rev()
+                .fold(0u64, |acc, x| (acc << 8) | u64::from(*x)),
+        )
+    };
+    let phoff = usize::try_from(le(&header, 0x20, 8)?).ok()?;
+    let phentsize = usize::try_from(le(&header, 0x36, 2)?).ok()?;
+    let phnum = usize::try_from(le(&header, 0x38, 2)?).ok()?;
+    // An ELF64 program header is 56 bytes: p_type at 0, p_offset at 8,
+    // p_filesz at 32.
+    if phentsize < 56 {
+        return None;
+    }
     for i in 0..phnum {
-        let ph = phoff.checked_add(i.checked_mul(phentsize)?)?;
+        let ph = read_at(phoff.checked_add(i.checked_mul(phentsize)?)?, 56)?;
         // PT_INTERP = 3.
-        if u32_at(ph)? == 3 {
-            let off = usize::try_from(u64_at(ph.checked_add(8)?)?).ok()?;
-            let size = usize::try_from(u64_at(ph.checked_add(32)?)?).ok()?;
-            let raw = b.get(off..off.checked_add(size)?)?;
+        if le(&ph, 0, 4)? == 3 {
+            let off = usize::try_from(le(&ph, 8, 8)?).ok()?;
+            // A path, so at most PATH_MAX.
+            let size = usize::try_from(le(&ph, 32, 8)?).ok()?.min(4096);
+            let raw = read_at(off, size)?;
             let raw = raw.split(|c| *c == 0).next()?;
             return Some(PathBuf::from(std::ffi::OsStr::from_bytes(raw)));
         }
@@ -837,25 +860,28 @@ fn reap(child: nix::unistd::Pid, listener_sock: Option<OwnedFd>) -> Result<Never
 mod tests {
     use super::*;
 
+    fn in_memory(b: &[u8]) -> impl Fn(usize, usize) -> Option<Vec<u8>> + '_ {
+        move |off, len| b.get(off..off.checked_add(len)?).map(<[u8]>::to_vec)
+    }
+
     #[test]
     fn finds_the_interpreter_of_a_dynamic_program() {
         let exe = std::env::current_exe().unwrap();
-        let bytes = std::fs::read(&exe).unwrap();
-        let interp = parse_interp(&bytes).expect("test binaries are dynamically linked");
+        let interp = elf_interpreter(&exe).expect("test binaries are dynamically linked");
         assert!(interp.to_string_lossy().contains("ld-linux"), "{interp:?}");
     }
 
     #[test]
     fn garbage_has_no_interpreter() {
-        assert_eq!(parse_interp(b""), None);
-        assert_eq!(parse_interp(b"\x7fELF\x02\x01"), None);
+        assert_eq!(parse_interp(in_memory(b"")), None);
+        assert_eq!(parse_interp(in_memory(b"\x7fELF\x02\x01")), None);
         let mut b = vec![0u8; 128];
         b[..6].copy_from_slice(b"\x7fELF\x02\x01");
         // A program header table far beyond the end.
         b[0x20..0x28].copy_from_slice(&u64::MAX.to_le_bytes());
         b[0x38] = 10;
         b[0x36] = 56;
-        assert_eq!(parse_interp(&b), None);
+        assert_eq!(parse_interp(in_memory(&b)), None);
     }
 
     #[test]

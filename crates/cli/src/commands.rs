@@ -13,7 +13,7 @@ use sandpen_supervisor::sandbox::{self, CreateOptions, SandboxConfig, GUEST_USER
 use sandpen_supervisor::{lifecycle, Dirs};
 use serde::Serialize;
 
-use crate::{attach, Command, CreateArgs, ImageCommand, EXIT_SANDPEN_ERROR};
+use crate::{attach, Command, CreateArgs, EnvCommand, ImageCommand, EXIT_SANDPEN_ERROR};
 
 /// An error as one line: the outermost context and its causes.
 /// An error and its causes on one line, each said once: a cause whose text
@@ -138,10 +138,28 @@ pub async fn dispatch(command: Command) -> Result<i32> {
         Command::Flow(cmd) => flow(&dirs, cmd),
         Command::Secret(cmd) => crate::secret_cmd::run(&dirs, cmd),
         Command::Doctor => doctor(&dirs),
+        Command::Env(EnvCommand::Plan { path, json }) => env_plan(path, json),
         Command::Supervise { .. } | Command::FsServe(_) | Command::Jail => {
             unreachable!("handled before the runtime starts")
         }
     }
+}
+
+/// `sandpen env plan`: the toolchains and devcontainer settings the workspace
+/// asks for (docs/dev-env.md).
+fn env_plan(path: Option<PathBuf>, json: bool) -> Result<i32> {
+    let ws = workspace_path(path)?;
+    let plan = sandpen_devenv::detect(&ws)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&plan)?);
+    } else {
+        println!("workspace {}", ws.display());
+        print!("{plan}");
+        for conflict in plan.conflicts() {
+            println!("conflict: {conflict}");
+        }
+    }
+    Ok(0)
 }
 
 fn workspace_path(arg: Option<PathBuf>) -> Result<PathBuf> {

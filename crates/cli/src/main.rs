@@ -170,6 +170,9 @@ enum Command {
     /// Secrets the proxy puts in place of the guest's placeholder
     #[command(subcommand)]
     Secret(secret_cmd::SecretCommand),
+    /// The development environment a workspace asks for (toolchains, devcontainer.json)
+    #[command(subcommand)]
+    Env(EnvCommand),
     /// Check this host: QEMU, KVM or TCG, file server, image tools
     Doctor,
     /// Internal: the per-sandbox supervisor process
@@ -181,6 +184,17 @@ enum Command {
     /// Internal: QEMU's jail launcher (started by the supervisor)
     #[command(name = "__jail", hide = true)]
     Jail,
+}
+
+#[derive(Subcommand)]
+pub enum EnvCommand {
+    /// What would be provisioned and why, file by file
+    Plan {
+        /// The workspace (default: the current directory)
+        path: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]

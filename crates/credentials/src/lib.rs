@@ -1,4 +1,4 @@
-//! Host-side credentials for sandpen (see DESIGN.md, "Credentials").
+//! Host-side credentials for sandpen (see docs/credentials.md).
 //!
 //! - [`routes`]: which service's secret goes to which host, in which header,
 //!   and the pure sentinel swap the proxy applies to a request's headers.

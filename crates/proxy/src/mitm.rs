@@ -1,5 +1,4 @@
-//! TLS interception for hosts with a credential route (DESIGN.md,
-//! "Credentials").
+//! TLS interception for hosts with a credential route (docs/credentials.md).
 //!
 //! A connection is intercepted only when the claimed host and port have a
 //! credential route *and* a secret is set for that route's service; every

@@ -505,6 +505,36 @@ fn run_says_so_and_require_jail_refuses() -> Result<(), Failed> {
     result
 }
 
+/// A kernel without Landlock (refused to `sandpen` from outside): `run`
+/// starts the sandbox, and says for QEMU's jail and for the supervisor's own
+/// confinement that Landlock is missing.
+fn without_landlock_both_confinements_say_so() -> Result<(), Failed> {
+    let (_root, ws) = common::workspace("sandpen-jail-", "nolandlock");
+    let cli = Cli::new(ws);
+    let mut c = cli.command(&["run", "--", "echo", "in"]);
+    let program = sandpen_confine::deny_list_program(
+        std::env::consts::ARCH,
+        &[libc::SYS_landlock_create_ruleset],
+        &[],
+    )
+    .expect("a filter");
+    c.pre_exec_filter(program);
+    let out = c.output().expect("running sandpen");
+    let stderr = text(&out.stderr);
+    let qemu = stderr
+        .lines()
+        .any(|l| l.contains("QEMU's jail is incomplete on this host: Landlock"));
+    let supervisor = stderr
+        .lines()
+        .any(|l| l.contains("the supervisor's confinement is incomplete on this host: Landlock"));
+    let result = check(
+        out.status.success() && text(&out.stdout) == "in\n" && qemu && supervisor,
+        format!("run without Landlock: {:?} {stderr}", out.status),
+    );
+    let _ = cli.run(&["rm", "-f", "nolandlock"]);
+    result
+}
+
 type TestFn = fn() -> Result<(), Failed>;
 
 fn main() {
@@ -532,6 +562,10 @@ fn main() {
         (
             "run_says_so_and_require_jail_refuses",
             run_says_so_and_require_jail_refuses,
+        ),
+        (
+            "without_landlock_both_confinements_say_so",
+            without_landlock_both_confinements_say_so,
         ),
     ];
     let trials = tests

@@ -67,26 +67,56 @@ const SYSTEM_READS: &[&str] = &[
 /// What is read and written outside sandpen's folders.
 const SYSTEM_WRITES: &[&str] = &["/dev/null", "/dev/urandom", "/sys/fs/cgroup"];
 
-/// One line for the log: what was applied.
-pub fn confine(dirs: &Dirs, config: &SandboxConfig, paths: &SandboxPaths) -> String {
-    let mut done = Vec::new();
+/// What the supervisor's confinement applied, and which layers this host
+/// could not give.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Confinement {
+    pub applied: Vec<String>,
+    pub missing: Vec<String>,
+}
+
+impl Confinement {
+    /// One line for the log: what was applied.
+    pub fn applied_line(&self) -> String {
+        self.applied.join("; ")
+    }
+
+    /// The line a start prints, and `--require-jail` refuses on, when a
+    /// layer is missing.
+    pub fn missing_line(&self) -> Option<String> {
+        (!self.missing.is_empty()).then(|| {
+            format!(
+                "the supervisor's confinement is incomplete on this host: {}",
+                self.missing.join("; ")
+            )
+        })
+    }
+}
+
+/// Confines the calling process: no_new_privs, Landlock, then seccomp.
+/// A layer the host cannot give is listed in [`Confinement::missing`], and
+/// the others are still applied.
+pub fn confine(dirs: &Dirs, config: &SandboxConfig, paths: &SandboxPaths) -> Confinement {
+    let mut c = Confinement::default();
     match sandpen_confine::set_no_new_privs() {
-        Ok(()) => done.push("no_new_privs".to_string()),
-        Err(e) => done.push(format!("no no_new_privs ({e})")),
+        Ok(()) => c.applied.push("no_new_privs".to_string()),
+        Err(e) => c.missing.push(format!("no_new_privs ({e})")),
     }
     match landlock(dirs, config, paths) {
-        Ok(outcome) => done.push(outcome.to_string()),
-        Err(e) => done.push(format!("no landlock ({e})")),
+        Ok(outcome @ LandlockOutcome::Enforced { .. }) => c.applied.push(outcome.to_string()),
+        Ok(LandlockOutcome::NotEnforced(why)) | Err(why) => {
+            c.missing.push(format!("Landlock ({why})"))
+        }
     }
     let mut denied = vec![libc::SYS_execve, libc::SYS_execveat];
     denied.extend(sandpen_confine::common_denied_syscalls());
     match sandpen_confine::deny_list_program(std::env::consts::ARCH, &denied, &[])
         .and_then(|p| sandpen_confine::install(&p))
     {
-        Ok(()) => done.push("seccomp deny list (no exec)".into()),
-        Err(e) => done.push(format!("no seccomp ({e})")),
+        Ok(()) => c.applied.push("seccomp deny list (no exec)".into()),
+        Err(e) => c.missing.push(format!("seccomp ({e})")),
     }
-    done.join("; ")
+    c
 }
 
 fn landlock(
@@ -144,4 +174,26 @@ fn landlock(
         status,
         "it enforced none of the rules",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_missing_line_names_every_missing_layer() {
+        let c = Confinement {
+            applied: vec!["no_new_privs".into()],
+            missing: vec![
+                "Landlock (not in this kernel)".into(),
+                "seccomp (EINVAL)".into(),
+            ],
+        };
+        assert_eq!(
+            c.missing_line().unwrap(),
+            "the supervisor's confinement is incomplete on this host: \
+             Landlock (not in this kernel); seccomp (EINVAL)"
+        );
+        assert!(Confinement::default().missing_line().is_none());
+    }
 }

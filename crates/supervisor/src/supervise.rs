@@ -98,10 +98,34 @@ async fn supervise(name: &str) -> Result<(), SupervisorError> {
             // nothing and reaches only its own files (see confine.rs).
             let threads = sandpen_confine::thread_count();
             let confined = crate::confine::confine(&dirs, &vm.config, &paths);
-            tracing::info!(threads, "supervisor confined: {confined}");
-            report("ready");
-            tracing::info!(ready_ms = vm.status.ready_ms, "sandbox {name} is running");
-            serve(vm, &paths).await
+            tracing::info!(threads, "supervisor confined: {}", confined.applied_line());
+            let refused = match confined.missing_line() {
+                Some(line) if vm.config.require_jail || crate::jail::required_by_env() => {
+                    Some(line)
+                }
+                Some(line) => {
+                    tracing::warn!("{line}");
+                    report(&format!(
+                        "note: {line} (`sandpen doctor` says more; --require-jail refuses such a start)"
+                    ));
+                    None
+                }
+                None => None,
+            };
+            match refused {
+                // QEMU dies with the supervisor (kill_on_drop and the
+                // parent-death signal): nothing runs half-confined.
+                Some(line) => {
+                    let e = SupervisorError::JailIncomplete(line);
+                    report(&format!("error: {e}"));
+                    Err(e)
+                }
+                None => {
+                    report("ready");
+                    tracing::info!(ready_ms = vm.status.ready_ms, "sandbox {name} is running");
+                    serve(vm, &paths).await
+                }
+            }
         }
         Err(e) => {
             report(&format!("error: {e}"));

@@ -113,7 +113,7 @@ pub async fn dispatch(command: Command) -> Result<i32> {
             if !matches!(control::state(&paths).await, State::Running(_)) {
                 bail!("sandbox {name} is not running; start it with `sandpen start {name}`");
             }
-            let env = env
+            let user_env = env
                 .iter()
                 .map(|kv| {
                     kv.split_once('=')
@@ -121,6 +121,9 @@ pub async fn dispatch(command: Command) -> Result<i32> {
                         .with_context(|| format!("-e {kv}: expected K=V"))
                 })
                 .collect::<Result<Vec<_>>>()?;
+            // devcontainer.json's variables, then the user's `-e` (which win).
+            let mut env = workspace_env(&config);
+            env.extend(user_env);
             exec(
                 &dirs,
                 &config,
@@ -388,7 +391,110 @@ async fn start(dirs: &Dirs, name: &str) -> Result<()> {
     for note in started.notes {
         eprintln!("sandpen: note: {note}");
     }
+    after_start(dirs, &config).await
+}
+
+/// What the workspace's devcontainer.json and version files ask of a start
+/// (docs/dev-env.md): a line for toolchains sandpen does not provision yet,
+/// `postCreateCommand` once per sandbox (until it succeeds) and
+/// `postStartCommand` at every start, each inside the sandbox.
+async fn after_start(dirs: &Dirs, config: &SandboxConfig) -> Result<()> {
+    let plan = match sandpen_devenv::detect(&config.workspace) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("sandpen: note: {e}");
+            return Ok(());
+        }
+    };
+    if let Some(tools) = plan.summary() {
+        eprintln!(
+            "sandpen: note: this workspace asks for {tools}; sandpen does not provision \
+             toolchains yet, so the image's own are used (`sandpen env plan`)"
+        );
+    }
+    let Some((file, dc)) = plan.devcontainer else {
+        return Ok(());
+    };
+    if !dc.not_honoured.is_empty() {
+        let keys: Vec<&str> = dc.not_honoured.iter().map(|(k, _)| k.as_str()).collect();
+        eprintln!(
+            "sandpen: {file}: not honoured: {} (`sandpen env plan` says why)",
+            keys.join(", ")
+        );
+    }
+    let env = devcontainer_env(&dc);
+    let created_marker = dirs.sandbox(&config.name).dir.join("devcontainer-created");
+    if let Some(cmd) = dc.post_create.as_ref().filter(|_| !created_marker.exists()) {
+        if lifecycle(dirs, config, "postCreateCommand", cmd, &env).await? {
+            sandpen_fsutil::write_atomic(&created_marker, b"", sandpen_fsutil::MODE_STATE)
+                .with_context(|| format!("writing {}", created_marker.display()))?;
+        }
+    }
+    if let Some(cmd) = &dc.post_start {
+        lifecycle(dirs, config, "postStartCommand", cmd, &env).await?;
+    }
     Ok(())
+}
+
+/// `containerEnv` then `remoteEnv` (the later wins, as in the spec); the
+/// names sandpen sets itself were refused when the file was read.
+fn devcontainer_env(dc: &sandpen_devenv::devcontainer::DevContainer) -> Vec<(String, String)> {
+    dc.container_env
+        .iter()
+        .chain(dc.remote_env.iter())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The workspace's devcontainer variables, for a command in the sandbox.
+fn workspace_env(config: &SandboxConfig) -> Vec<(String, String)> {
+    sandpen_devenv::detect(&config.workspace)
+        .ok()
+        .and_then(|plan| plan.devcontainer)
+        .map(|(_, dc)| devcontainer_env(&dc))
+        .unwrap_or_default()
+}
+
+/// Runs one lifecycle command in the sandbox, its output on this terminal.
+/// Named commands (the object form) run one after the other. True when every
+/// command exited 0.
+async fn lifecycle(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    what: &str,
+    cmd: &sandpen_devenv::devcontainer::LifecycleCommand,
+    env: &[(String, String)],
+) -> Result<bool> {
+    use sandpen_devenv::devcontainer::LifecycleCommand;
+    let argvs: Vec<(String, Vec<String>)> = match cmd {
+        LifecycleCommand::Shell(_) | LifecycleCommand::Exec(_) => {
+            vec![(what.to_string(), lifecycle_argv(cmd))]
+        }
+        LifecycleCommand::Parallel(named) => named
+            .iter()
+            .map(|(name, c)| (format!("{what} {name}"), lifecycle_argv(c)))
+            .collect(),
+    };
+    let mut all_ok = true;
+    for (label, argv) in argvs {
+        eprintln!("sandpen: {label}: {}", argv.join(" "));
+        let code = exec(dirs, config, argv, env.to_vec(), None, None, false, false).await?;
+        if code != 0 {
+            eprintln!("sandpen: {label} exited with {code}");
+            all_ok = false;
+        }
+    }
+    Ok(all_ok)
+}
+
+fn lifecycle_argv(cmd: &sandpen_devenv::devcontainer::LifecycleCommand) -> Vec<String> {
+    use sandpen_devenv::devcontainer::LifecycleCommand;
+    match cmd {
+        LifecycleCommand::Shell(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],
+        LifecycleCommand::Exec(argv) => argv.clone(),
+        // Nested objects are refused when the file is read.
+        LifecycleCommand::Parallel(_) => vec!["true".into()],
+    }
 }
 
 async fn stop(dirs: &Dirs, name: &str, timeout: Duration) -> Result<()> {
@@ -527,7 +633,7 @@ async fn run(
         start(dirs, &config.name).await?;
     }
     let tty = attach::want_tty();
-    let (argv, env) = match agent_def {
+    let (argv, agent_vars) = match agent_def {
         None if args.is_empty() => (vec!["/bin/bash".to_string(), "-l".to_string()], vec![]),
         None => (args, vec![]),
         Some(agent) => (
@@ -535,6 +641,9 @@ async fn run(
             agent_env(agent),
         ),
     };
+    // The agent's own variables come last and win.
+    let mut env = workspace_env(&config);
+    env.extend(agent_vars);
     exec(dirs, &config, argv, env, None, None, tty, true).await
 }
 

@@ -7,7 +7,10 @@
 //! The file comes from the workspace, so it is untrusted. Nothing in it runs on
 //! the host: `initializeCommand` (which editors run on the host) is refused by
 //! name. Lifecycle commands run inside the sandbox only, as the agent would.
-//! Environment names must be shell-safe identifiers and ports must be numbers.
+//! Environment names must be identifiers; a variable sandpen sets itself
+//! (`PATH`, `HOME`, proxies, CA bundles, an agent's key and base URL) or a
+//! value with `${…}` substitution (`${localEnv:X}` would copy a host variable
+//! into the guest) is refused by name. Ports must be numbers.
 
 use std::collections::BTreeMap;
 
@@ -95,8 +98,10 @@ pub fn parse(text: &str) -> Result<(DevContainer, Parsed), Skipped> {
         let result = match key.as_str() {
             k if INFORMATIONAL.contains(&k) => Ok(()),
             "features" => features(value, &mut tools, &mut dc),
-            "containerEnv" => env(value).map(|e| dc.container_env = e),
-            "remoteEnv" => env(value).map(|e| dc.remote_env = e),
+            "containerEnv" => {
+                env("containerEnv", value, &mut dc.not_honoured).map(|e| dc.container_env = e)
+            }
+            "remoteEnv" => env("remoteEnv", value, &mut dc.not_honoured).map(|e| dc.remote_env = e),
             "postCreateCommand" => lifecycle(value).map(|c| dc.post_create = Some(c)),
             "postStartCommand" => lifecycle(value).map(|c| dc.post_start = Some(c)),
             "forwardPorts" => ports(value).map(|p| dc.forward_ports = p),
@@ -184,29 +189,85 @@ fn official_feature(id: &str) -> Option<&str> {
     Some(rest.split([':', '@']).next().unwrap_or(rest))
 }
 
-fn env(value: &Value) -> Result<BTreeMap<String, String>, String> {
+/// One environment table. A variable that cannot be taken is named in
+/// `not_honoured` as `TABLE.NAME`, and the others are kept.
+fn env(
+    table: &str,
+    value: &Value,
+    not_honoured: &mut Vec<(String, String)>,
+) -> Result<BTreeMap<String, String>, String> {
     let Value::Object(map) = value else {
         return Err("not an object".into());
     };
     let mut out = BTreeMap::new();
     for (name, v) in map {
-        let valid = !name.is_empty()
+        let valid_name = !name.is_empty()
             && name.len() <= 128
             && !name.starts_with(|c: char| c.is_ascii_digit())
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !valid {
-            return Err(format!("{name:?} is not a variable name"));
-        }
-        let Value::String(s) = v else {
-            return Err(format!("{name}: the value is not a string"));
+        let why = if !valid_name {
+            Some("not a variable name")
+        } else if RESERVED_ENV.contains(&name.as_str()) || name.starts_with("SANDPEN_") {
+            Some("sandpen sets it")
+        } else {
+            match v {
+                Value::String(s) if s.contains("${") => Some(
+                    "variable substitution is not supported (`${localEnv:…}` would carry the \
+                     host's variables into the sandbox)",
+                ),
+                Value::String(s) if s.contains('\0') || s.len() > 4096 => {
+                    Some("a NUL byte or longer than 4 KiB")
+                }
+                Value::String(s) => {
+                    out.insert(name.clone(), s.clone());
+                    None
+                }
+                _ => Some("the value is not a string"),
+            }
         };
-        if s.contains('\0') {
-            return Err(format!("{name}: the value holds a NUL byte"));
+        if let Some(why) = why {
+            not_honoured.push((format!("{table}.{name}"), why.into()));
         }
-        out.insert(name.clone(), s.clone());
     }
     Ok(out)
 }
+
+/// Variables sandpen itself sets for a command in the guest; the workspace
+/// cannot replace them (an agent's sentinel key and base URL among them).
+const RESERVED_ENV: &[&str] = &[
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "TERM",
+    "PATH",
+    "LD_PRELOAD",
+    "LD_LIBRARY_PATH",
+    "LD_AUDIT",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "NODE_EXTRA_CA_CERTS",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "ALL_PROXY",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "all_proxy",
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_BASE_URL",
+    "ANTHROPIC_AUTH_TOKEN",
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "GEMINI_API_KEY",
+    "GOOGLE_API_KEY",
+    "GOOGLE_GEMINI_BASE_URL",
+    "GITHUB_TOKEN",
+    "GH_TOKEN",
+];
 
 fn lifecycle(value: &Value) -> Result<LifecycleCommand, String> {
     match value {
@@ -338,7 +399,11 @@ mod tests {
     #[test]
     fn hostile_values_are_refused_by_name() {
         let (dc, _) = parse(
-            r#"{"containerEnv": {"LD_PRELOAD=x; rm": "1"}, "forwardPorts": ["10.0.0.1:22", 70000],
+            r#"{"containerEnv": {"LD_PRELOAD=x; rm": "1", "OK": "yes",
+                                 "ANTHROPIC_BASE_URL": "https://evil.example",
+                                 "AWS_SECRET": "${localEnv:AWS_SECRET_ACCESS_KEY}", "SANDPEN_X": "1"},
+                "remoteEnv": {"LD_PRELOAD": "/workspace/evil.so"},
+                "forwardPorts": ["10.0.0.1:22", 70000],
                 "remoteUser": "root; id", "postCreateCommand": 5}"#,
         )
         .unwrap();
@@ -346,13 +411,20 @@ mod tests {
         assert_eq!(
             named,
             [
-                "containerEnv",
+                "containerEnv.ANTHROPIC_BASE_URL",
+                "containerEnv.AWS_SECRET",
+                "containerEnv.LD_PRELOAD=x; rm",
+                "containerEnv.SANDPEN_X",
                 "forwardPorts",
                 "postCreateCommand",
+                "remoteEnv.LD_PRELOAD",
                 "remoteUser"
             ]
         );
-        assert!(dc.container_env.is_empty() && dc.forward_ports.is_empty());
+        assert_eq!(dc.container_env.len(), 1);
+        assert_eq!(dc.container_env["OK"], "yes");
+        assert!(dc.remote_env.is_empty() && dc.forward_ports.is_empty());
+        assert!(dc.not_honoured[1].1.contains("localEnv"));
     }
 
     #[test]

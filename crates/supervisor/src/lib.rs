@@ -8,6 +8,7 @@
 //! - [`fileserver`]: the seam where the workspace file server plugs in.
 //! - [`exit`]: why the last run failed, for `ls`.
 //! - [`resources`]: the sandbox's cgroup, egress counters and disk state.
+//! - [`ports`]: published ports (`-p`), carried to the guest over the channel.
 
 pub mod confine;
 pub mod control;
@@ -19,6 +20,7 @@ pub mod jail;
 pub mod lifecycle;
 pub mod own;
 pub mod paths;
+pub mod ports;
 pub mod resources;
 pub mod sandbox;
 pub mod supervise;

@@ -44,7 +44,9 @@ pub enum Request {
 pub enum ForwardReply {
     Connected,
     /// Nothing listens on the port in the guest, or the connect failed.
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
 }
 
 /// Guest -> host frames of a copy.

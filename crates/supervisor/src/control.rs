@@ -27,11 +27,15 @@ pub enum ControlRequest {
     Stats,
     /// `sandpen cp NAME:PATH ...`: answered with `ExecStarted`, then the
     /// guest's [`sandpen_proto::CopyEvent`] frames.
-    CopyOut { path: String },
+    CopyOut {
+        path: String,
+    },
     /// `sandpen cp ... NAME:PATH`: answered with `ExecStarted`; the CLI then
     /// sends [`sandpen_proto::CopyChunk`] frames and reads one
     /// [`sandpen_proto::CopyEvent`]. What is made belongs to the guest user.
-    CopyIn { path: String },
+    CopyIn {
+        path: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -43,7 +43,9 @@ impl PortMapping {
 /// Why a `-p` value does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PortError {
-    #[error("expected [HOST_IP:]HOST_PORT[:GUEST_PORT], e.g. 3000, 8080:3000 or 127.0.0.1:8080:3000")]
+    #[error(
+        "expected [HOST_IP:]HOST_PORT[:GUEST_PORT], e.g. 3000, 8080:3000 or 127.0.0.1:8080:3000"
+    )]
     Shape,
     #[error("{0:?} is not a port: use 1 to 65535")]
     Port(String),
@@ -278,19 +280,37 @@ mod tests {
             p("0.0.0.0:8080:3000").unwrap(),
             ("0.0.0.0".into(), 8080, 3000)
         );
-        assert_eq!(p("127.0.0.2:3000").unwrap(), ("127.0.0.2".into(), 3000, 3000));
+        assert_eq!(
+            p("127.0.0.2:3000").unwrap(),
+            ("127.0.0.2".into(), 3000, 3000)
+        );
         assert_eq!(p("[::1]:8080:3000").unwrap(), ("::1".into(), 8080, 3000));
         assert_eq!(p("[::]:3000").unwrap(), ("::".into(), 3000, 3000));
-        assert_eq!(p("8080:3000/tcp").unwrap(), ("127.0.0.1".into(), 8080, 3000));
+        assert_eq!(
+            p("8080:3000/tcp").unwrap(),
+            ("127.0.0.1".into(), 8080, 3000)
+        );
     }
 
     #[test]
     fn bad_input_says_why() {
         assert_eq!(p("0").unwrap_err(), "\"0\" is not a port: use 1 to 65535");
-        assert_eq!(p("70000").unwrap_err(), "\"70000\" is not a port: use 1 to 65535");
-        assert_eq!(p("http").unwrap_err(), "\"http\" is not a port: use 1 to 65535");
-        assert_eq!(p("+80").unwrap_err(), "\"+80\" is not a port: use 1 to 65535");
-        assert_eq!(p("1.2.3:80:80").unwrap_err(), "\"1.2.3\" is not an IP address");
+        assert_eq!(
+            p("70000").unwrap_err(),
+            "\"70000\" is not a port: use 1 to 65535"
+        );
+        assert_eq!(
+            p("http").unwrap_err(),
+            "\"http\" is not a port: use 1 to 65535"
+        );
+        assert_eq!(
+            p("+80").unwrap_err(),
+            "\"+80\" is not a port: use 1 to 65535"
+        );
+        assert_eq!(
+            p("1.2.3:80:80").unwrap_err(),
+            "\"1.2.3\" is not an IP address"
+        );
         assert_eq!(p("[::1:80").unwrap_err(), PortError::Shape.to_string());
         assert_eq!(p("a:b:c:d").unwrap_err(), PortError::Shape.to_string());
         assert_eq!(p("").unwrap_err(), "\"\" is not a port: use 1 to 65535");

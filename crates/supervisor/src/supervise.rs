@@ -643,7 +643,9 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
                     stopping.clone(),
                 );
                 tokio::spawn(async move {
-                    if let Err(e) = handle_control(conn, mux, stop_tx, status, stopping, owner).await {
+                    if let Err(e) =
+                        handle_control(conn, mux, stop_tx, status, stopping, owner).await
+                    {
                         tracing::debug!("control connection: {e}");
                     }
                 });
@@ -888,9 +890,7 @@ async fn handle_control(
             std::future::pending::<()>().await;
         }
         ControlRequest::Exec(req) => relay(frames, &mux, Request::Exec(req)).await?,
-        ControlRequest::CopyOut { path } => {
-            relay(frames, &mux, Request::CopyOut { path }).await?
-        }
+        ControlRequest::CopyOut { path } => relay(frames, &mux, Request::CopyOut { path }).await?,
         ControlRequest::CopyIn { path } => {
             relay(frames, &mux, Request::CopyIn { path, owner }).await?
         }

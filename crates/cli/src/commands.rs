@@ -1128,6 +1128,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn save_scrubs_where_the_guest_puts_the_ca() {
+        assert_eq!(sandpen_image::GUEST_EXTRA_CA, sandpen_proto::GUEST_EXTRA_CA);
+        assert_eq!(
+            sandpen_image::GUEST_CA_BUNDLE,
+            sandpen_proto::GUEST_CA_BUNDLE
+        );
+    }
+
+    #[test]
     fn an_error_that_prints_its_source_says_it_once() {
         let io = std::io::Error::from_raw_os_error(39);
         let e = anyhow::Error::new(sandpen_supervisor::SupervisorError::io(

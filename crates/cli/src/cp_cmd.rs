@@ -165,6 +165,8 @@ impl Shares {
             .find(path)
             .and_then(|(rules, rel)| rules.hidden(&rel).map(|r| r.to_string()));
         by_name.or_else(|| {
+            // Only a share is the same on both sides.
+            self.find(path)?;
             let real = path.canonicalize().ok()?;
             let (rules, rel) = self.find(&real)?;
             rules
@@ -196,6 +198,7 @@ impl Shares {
                 })
         };
         check(path).or_else(|| {
+            self.find(path)?;
             let real = path.parent()?.canonicalize().ok()?.join(path.file_name()?);
             (real != path).then(|| check(&real)).flatten()
         })
@@ -699,7 +702,8 @@ mod tests {
             guest_path(ws, "/tmp/./x/../y").unwrap(),
             Path::new("/tmp/y")
         );
-        assert_eq!(guest_path(ws, "../../..").unwrap(), Path::new("/"));
+        assert_eq!(guest_path(ws, "../..").unwrap(), Path::new("/"));
+        assert!(guest_path(ws, "../../..").is_err());
         assert!(guest_path(ws, "/../x").is_err());
     }
 

@@ -406,11 +406,6 @@ fn ca_pem(name: &str) -> Result<String, Failed> {
     Ok(std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?)
 }
 
-/// A line of the certificate's body, to look for in the guest.
-fn pem_line(pem: &str) -> String {
-    pem.lines().nth(2).unwrap_or_default().to_string()
-}
-
 fn save_then_run_image() -> Result<(), Failed> {
     let e = env();
     ok(&["run", "--name", TMPL, "--", "true"])?;
@@ -486,8 +481,11 @@ fn save_then_run_image() -> Result<(), Failed> {
         format!("secret material in the image: {found}"),
     )?;
     // The old sandbox's CA is gone; the new one's is what the guest trusts.
-    let old = pem_line(&ca_pem(TMPL)?);
-    let new = pem_line(&ca_pem(FROM_TMPL)?);
+    // Whole certificates: two sandbox CAs share their subject, so a line
+    // of one can be in the other.
+    let old = ca_pem(TMPL)?.trim().to_string();
+    let new = ca_pem(FROM_TMPL)?.trim().to_string();
+    check(old != new, "both sandboxes have the same CA")?;
     let trust = root(
         FROM_TMPL,
         "cat /etc/ssl/certs/ca-certificates.crt /usr/local/share/ca-certificates/sandpen-sandbox-ca.crt",

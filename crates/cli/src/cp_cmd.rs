@@ -247,7 +247,7 @@ async fn copy_out(
         },
     )
     .await?;
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
     let unpacker = tokio::task::spawn_blocking(move || {
         unpack(
             target,
@@ -266,7 +266,7 @@ async fn copy_out(
                 if let Some(t) = &tx {
                     // A send fails when the unpacker stopped (its error is
                     // reported below); the rest is read and dropped.
-                    if t.send(bytes).is_err() {
+                    if t.send(bytes).await.is_err() {
                         tx = None;
                     }
                 }
@@ -343,7 +343,7 @@ impl Target {
 
 /// A `Read` over chunks from the async side.
 struct Chunks {
-    rx: std::sync::mpsc::Receiver<Vec<u8>>,
+    rx: mpsc::Receiver<Vec<u8>>,
     buf: Vec<u8>,
     pos: usize,
 }
@@ -351,12 +351,12 @@ struct Chunks {
 impl Read for Chunks {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.pos == self.buf.len() {
-            match self.rx.recv() {
-                Ok(chunk) => {
+            match self.rx.blocking_recv() {
+                Some(chunk) => {
                     self.buf = chunk;
                     self.pos = 0;
                 }
-                Err(_) => return Ok(0),
+                None => return Ok(0),
             }
         }
         let n = out.len().min(self.buf.len() - self.pos);
@@ -715,9 +715,9 @@ mod tests {
 
     fn unpack_bytes(host: &Path, bytes: Vec<u8>) -> Result<(), CpError> {
         let target = Target::for_host(host, Path::new("/guest/x"))?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (tx, rx) = mpsc::channel(1);
         let feeder = std::thread::spawn(move || {
-            let _ = tx.send(bytes);
+            let _ = tx.blocking_send(bytes);
         });
         let r = unpack(
             target,

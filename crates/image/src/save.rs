@@ -254,9 +254,10 @@ fn scrub(
         Ok(fs::read_to_string(to).ok())
     };
     let mut script = format!("rm {GUEST_EXTRA_CA}\n");
-    if let Some(bundle) = dump(&bundle_copy)? {
-        let cleaned = remove_pems(&bundle, certs);
-        if cleaned != bundle {
+    let before = dump(&bundle_copy)?;
+    if let Some(bundle) = &before {
+        let cleaned = remove_pems(bundle, certs);
+        if cleaned != *bundle {
             fs::write(&bundle_copy, &cleaned)
                 .ctx(|| format!("writing {}", bundle_copy.display()))?;
             let (folder, file) = GUEST_CA_BUNDLE
@@ -273,8 +274,16 @@ fn scrub(
     let mut cmd = Command::new(debugfs);
     cmd.arg("-w").arg("-f").arg(&script_path).arg(rootfs);
     run(cmd, "debugfs", log, &[0])?;
-    // Checked, not assumed.
-    let after = dump(&bundle_copy)?.unwrap_or_default();
+    // Checked, not assumed: a bundle that was there must still be readable.
+    let after = match (dump(&bundle_copy)?, &before) {
+        (Some(after), _) => after,
+        (None, None) => String::new(),
+        (None, Some(_)) => {
+            return Err(ImageError::Scrub {
+                what: format!("{GUEST_CA_BUNDLE} (unreadable after the change)"),
+            })
+        }
+    };
     let _ = fs::remove_file(&bundle_copy);
     let _ = fs::remove_file(&script_path);
     let mut cmd = Command::new(debugfs);

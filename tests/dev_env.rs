@@ -350,6 +350,24 @@ fn cp_refuses_deny_read_and_read_only() -> Result<(), Failed> {
     for n in ["a", "b", "c", "d", "e", "g"] {
         check(!host.join(n).exists(), format!("{n} was written"))?;
     }
+    // A folder holding a deny-read file: the rest goes in, that one does not.
+    let bundle = env().host.path().join("bundle");
+    std::fs::create_dir_all(&bundle)?;
+    std::fs::write(bundle.join("ok.txt"), "fine\n")?;
+    std::fs::write(bundle.join(".env"), "TOKEN=from-the-host\n")?;
+    let out = sandpen(&["cp", bundle.to_str().unwrap(), &wsp("")]);
+    let err = text(&out.stderr);
+    check(
+        out.status.success() && err.contains("left out") && err.contains("deny_read .env"),
+        format!(
+            "cp of a folder with .env: exit {:?}: {err}",
+            out.status.code()
+        ),
+    )?;
+    check(
+        ws().join("bundle/ok.txt").is_file() && !ws().join("bundle/.env").exists(),
+        "the folder did not arrive without its .env",
+    )?;
     // Into a deny-read or a read-only path.
     let file = env().host.path().join("x.txt");
     std::fs::write(&file, "overwrite\n")?;

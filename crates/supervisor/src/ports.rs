@@ -26,6 +26,10 @@ use serde::{Deserialize, Serialize};
 /// channel's 256 streams stays for exec, ping, stats and stop.
 pub const MAX_FORWARDED: usize = 192;
 
+/// How long the guest has to say whether it reached its port (its own
+/// connect gives up after 5 s).
+const REPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// One `-p`: where the host listens, and the guest port it reaches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PortMapping {
@@ -247,7 +251,16 @@ async fn forward(
     let stream = mux.open().await?;
     let mut frames = FrameStream::new(stream);
     frames.send(&Request::Forward { port: guest_port }).await?;
-    match frames.expect::<ForwardReply>("the forward reply").await? {
+    // A guest that never answers must not hold a connection slot for ever.
+    let reply = tokio::time::timeout(
+        REPLY_TIMEOUT,
+        frames.expect::<ForwardReply>("the forward reply"),
+    )
+    .await
+    .map_err(|_| {
+        crate::SupervisorError::Boot(format!("the guest did not answer within {REPLY_TIMEOUT:?}"))
+    })??;
+    match reply {
         ForwardReply::Connected => {}
         ForwardReply::Failed { message } => {
             // The client sees the connection close, as with nothing listening.

@@ -716,6 +716,10 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
         _ = sigint.recv() => Ending::Asked,
     };
     stopping.store(true, Ordering::Relaxed);
+    // The published ports close as soon as the sandbox is on its way down.
+    for task in &port_tasks {
+        task.abort();
+    }
     let exit = match ending {
         Ending::Qemu(Ok(s)) if s.success() => {
             tracing::info!("the guest powered off");
@@ -769,10 +773,6 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
         }
     };
     if let Some(task) = accept_task {
-        task.abort();
-    }
-    // The published ports close with the sandbox.
-    for task in port_tasks {
         task.abort();
     }
     vm.proxy_task.abort();

@@ -480,6 +480,23 @@ fn save_then_run_image() -> Result<(), Failed> {
         manifest["parent"] == "default" && manifest["saved_from"] == TMPL,
         format!("manifest: {manifest}"),
     )?;
+    let parent_size = all
+        .as_array()
+        .and_then(|a| a.iter().find(|m| m["name"] == "default"))
+        .and_then(|m| m["sizes"]["rootfs_image"].as_u64())
+        .ok_or("no default image")?;
+    let size = manifest["sizes"]["rootfs_image"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    check(
+        size < parent_size + (512 << 20),
+        format!("the saved rootfs is {size} bytes (the parent's {parent_size}): not shrunk"),
+    )?;
+    // `--image` on an existing sandbox of another image is refused.
+    refused(
+        &["run", "--name", TMPL, "--image", &e.image, "--", "true"],
+        &format!("runs image default, not {}", e.image),
+    )?;
     // A new sandbox from it.
     ok(&[
         "run", "--name", FROM_TMPL, "--image", &e.image, "--", "true",

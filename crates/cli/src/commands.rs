@@ -536,6 +536,19 @@ async fn run(
         },
         None => sandbox::find_by_workspace(dirs, &ws)?,
     };
+    // A sandbox's disk is an overlay over its image: `--image` cannot change
+    // it, so an existing sandbox of another image is not silently used.
+    if let (Some(c), Some(image)) = (&existing, &create.image) {
+        if *image != c.image {
+            bail!(
+                "sandbox {} runs image {}, not {image}; start a new sandbox from it with                  `sandpen run --image {image} --name {}-{image}`, or remove this one first                  (`sandpen rm {}`)",
+                c.name,
+                c.image,
+                c.name,
+                c.name
+            );
+        }
+    }
     if let Some(agent) = agent_def {
         check_agent_can_start(dirs, agent, existing.as_ref(), &create, &ws)?;
     }
@@ -698,6 +711,8 @@ struct LsRow {
     uptime_secs: Option<u64>,
     accel: Option<String>,
     created_at: String,
+    /// Published ports (`-p`), as `sandpen ports` prints them.
+    ports: Vec<String>,
     /// Why the last run failed (status `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
@@ -755,6 +770,7 @@ async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
             uptime_secs: uptime,
             accel,
             created_at: c.created_at,
+            ports: c.ports.iter().map(|m| m.to_string()).collect(),
         });
     }
     if json {

@@ -368,6 +368,31 @@ fn cp_refuses_deny_read_and_read_only() -> Result<(), Failed> {
         ws().join("bundle/ok.txt").is_file() && !ws().join("bundle/.env").exists(),
         "the folder did not arrive without its .env",
     )?;
+    // The same folder copied into a folder above the workspace: the check
+    // follows it to where it lands.
+    let parent = ws().parent().ok_or("the workspace has no parent")?;
+    let deep = env().host.path().join("deep");
+    let ws_name = ws().file_name().ok_or("no workspace name")?;
+    std::fs::create_dir_all(deep.join(ws_name).join("bundle2"))?;
+    std::fs::write(deep.join(ws_name).join("bundle2/.env"), "TOKEN=deep\n")?;
+    std::fs::write(deep.join(ws_name).join("bundle2/ok.txt"), "fine\n")?;
+    let out = sandpen(&[
+        "cp",
+        deep.join(ws_name).to_str().unwrap(),
+        &format!("{WEB}:{}", parent.display()),
+    ]);
+    let err = text(&out.stderr);
+    check(
+        out.status.success() && err.contains("left out") && err.contains("deny_read .env"),
+        format!(
+            "cp into the workspace's parent: exit {:?}: {err}",
+            out.status.code()
+        ),
+    )?;
+    check(
+        ws().join("bundle2/ok.txt").is_file() && !ws().join("bundle2/.env").exists(),
+        "bundle2 did not arrive without its .env",
+    )?;
     // Into a deny-read or a read-only path.
     let file = env().host.path().join("x.txt");
     std::fs::write(&file, "overwrite\n")?;

@@ -157,6 +157,11 @@ impl Shares {
             .map(|(_, rules, rel)| (rules, rel))
     }
 
+    /// Is a share at or below `path` (which is then a folder in the guest)?
+    fn below(&self, path: &Path) -> bool {
+        self.0.iter().any(|(root, _)| root.starts_with(path))
+    }
+
     /// The deny-read rule that hides `path` from the guest, by its name or
     /// by where it leads on the host (a symlink inside a share; the share
     /// is at the same path on both sides).
@@ -602,9 +607,17 @@ async fn copy_in(
     guest: &Path,
 ) -> Result<(), CpError> {
     let list = items(host)?;
-    // Where the top entry lands: into a folder that exists, else as `guest`
-    // (for a share path the host sees what the guest sees).
-    let top = if guest.is_dir() && shares.find(guest).is_some() {
+    // Where the top entry lands: into a folder that exists, else as `guest`.
+    // A share path is the same on both sides, and the folders above a share
+    // exist in the guest (its mount point is made there). Elsewhere the host
+    // cannot see the guest's folders; no share is below such a path by name,
+    // and a guest symlink from there into a share meets the file server.
+    let into = if shares.find(guest).is_some() {
+        guest.is_dir()
+    } else {
+        shares.below(guest)
+    };
+    let top = if into {
         list.first().map(|i| guest.join(&i.name))
     } else {
         Some(guest.to_path_buf())

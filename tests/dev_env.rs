@@ -273,6 +273,38 @@ fn cp_both_ways() -> Result<(), Failed> {
             && std::fs::read_link(back.join("link"))? == Path::new("a.txt"),
         "the folder did not come back whole",
     )?;
+    // `-`: a tar stream on stdout, and from stdin, as in Docker.
+    let out = sandpen(&["cp", &format!("{WEB}:/tmp/in"), "-"]);
+    check(
+        out.status.success(),
+        format!("cp to -: {}", text(&out.stderr)),
+    )?;
+    let listed = pipe(Command::new("tar").args(["-tf", "-"]), &out.stdout)?;
+    check(
+        listed.lines().any(|l| l == "in/sub/b.txt"),
+        format!("the tar on stdout lists {listed:?}"),
+    )?;
+    let tarball = Command::new("tar")
+        .args(["-cf", "-", "--exclude", "./link", "-C"])
+        .arg(&src)
+        .arg(".")
+        .output()?
+        .stdout;
+    let mut child = env()
+        .cli
+        .command(&["cp", "-", &format!("{WEB}:/tmp")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().ok_or("no stdin")?.write_all(&tarball)?;
+    env()
+        .cli
+        .expect_ok(&child.wait_with_output()?, "cp - NAME:/tmp")?;
+    check(
+        guest(WEB, "cat /tmp/a.txt /tmp/sub/b.txt")? == "alpha\nbeta\n",
+        "the tar from stdin did not land in /tmp",
+    )?;
     // Into the workspace: the host user owns it, as with the guest's own writes.
     let file = host.join("note.txt");
     std::fs::write(&file, "note\n")?;
@@ -287,6 +319,17 @@ fn cp_both_ways() -> Result<(), Failed> {
         std::fs::metadata(ws().join("note.txt"))?.uid() == me,
         "a file copied into the workspace is not the host user's",
     )
+}
+
+/// `cmd` with `input` on its stdin; its stdout.
+fn pipe(cmd: &mut Command, input: &[u8]) -> Result<String, Failed> {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().ok_or("no stdin")?.write_all(input)?;
+    common::expect_ok(&child.wait_with_output()?, &format!("{cmd:?}"))
 }
 
 /// Nothing under the host folder holds the secret.
@@ -367,6 +410,34 @@ fn cp_refuses_deny_read_and_read_only() -> Result<(), Failed> {
     check(
         ws().join("bundle/ok.txt").is_file() && !ws().join("bundle/.env").exists(),
         "the folder did not arrive without its .env",
+    )?;
+    // The same as a tar stream on stdin.
+    let tarball = Command::new("tar")
+        .args(["-cf", "-", "-C"])
+        .arg(&bundle)
+        .args([".env", "ok.txt"])
+        .output()?
+        .stdout;
+    let mut child = env()
+        .cli
+        .command(&["cp", "-", &wsp("")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().ok_or("no stdin")?.write_all(&tarball)?;
+    let out = child.wait_with_output()?;
+    let err = text(&out.stderr);
+    check(
+        out.status.success() && err.contains("left out .env") && ws().join("ok.txt").is_file(),
+        format!(
+            "cp - into the workspace: exit {:?}: {err}",
+            out.status.code()
+        ),
+    )?;
+    check(
+        std::fs::read_to_string(ws().join(".env"))? == format!("TOKEN={SECRET}\n"),
+        ".env was overwritten from stdin",
     )?;
     // The same folder copied into a folder above the workspace: the check
     // follows it to where it lands.

@@ -224,19 +224,23 @@ pub async fn run(dirs: &Dirs, src: &str, dest: &str) -> anyhow::Result<i32> {
     }
     let guest = guest_path(&config.workspace, &guest)?;
     let shares = Shares::load(dirs, &config)?;
-    if out {
-        copy_out(&paths, &shares, &guest, &host).await?;
-    } else {
-        copy_in(&paths, &shares, &host, &guest).await?;
+    let stdio = host == Path::new("-");
+    match (out, stdio) {
+        (true, false) => copy_out(&paths, &shares, &guest, Some(&host)).await?,
+        (true, true) => copy_out(&paths, &shares, &guest, None).await?,
+        (false, false) => copy_in(&paths, &shares, &host, &guest).await?,
+        (false, true) => copy_in_stdin(&paths, shares, &guest).await?,
     }
     Ok(0)
 }
 
+/// Copies `guest` out: unpacked at `host`, or as a tar stream on stdout
+/// (`-`, as `docker cp`).
 async fn copy_out(
     paths: &sandpen_supervisor::SandboxPaths,
     shares: &Shares,
     guest: &Path,
-    host: &Path,
+    host: Option<&Path>,
 ) -> Result<(), CpError> {
     if let Some(rule) = shares.hidden(guest) {
         return Err(CpError::Hidden {
@@ -244,6 +248,9 @@ async fn copy_out(
             rule,
         });
     }
+    let Some(host) = host else {
+        return copy_out_stdout(paths, guest).await;
+    };
     let target = Target::for_host(host, guest)?;
     let mut frames = control::copy(
         paths,
@@ -293,6 +300,34 @@ async fn copy_out(
         .map_err(|e| CpError::BadArchive(format!("the unpacker panicked: {e}")))?;
     result?;
     unpacked
+}
+
+/// The guest's tar stream, as it comes, on stdout (`sandpen cp NAME:PATH -`).
+async fn copy_out_stdout(
+    paths: &sandpen_supervisor::SandboxPaths,
+    guest: &Path,
+) -> Result<(), CpError> {
+    use tokio::io::AsyncWriteExt;
+    let mut frames = control::copy(
+        paths,
+        ControlRequest::CopyOut {
+            path: guest.to_string_lossy().into_owned(),
+        },
+    )
+    .await?;
+    let mut stdout = tokio::io::stdout();
+    let stdout_err = |e| CpError::Host {
+        path: "stdout".into(),
+        source: e,
+    };
+    loop {
+        match frames.recv::<CopyEvent>().await? {
+            Some(CopyEvent::Data(bytes)) => stdout.write_all(&bytes).await.map_err(stdout_err)?,
+            Some(CopyEvent::Done) => return stdout.flush().await.map_err(stdout_err),
+            Some(CopyEvent::Failed(why)) => return Err(CpError::Guest(why)),
+            None => return Err(CpError::Guest("the sandbox ended the copy early".into())),
+        }
+    }
 }
 
 /// Where a copy out goes on the host, as `docker cp` decides it.
@@ -682,6 +717,106 @@ async fn copy_in(
             "the sandbox ended the copy without a word".into(),
         )),
     }
+}
+
+/// A tar stream from stdin unpacked into the folder `guest`
+/// (`sandpen cp - NAME:DIR`, as `docker cp`). Each entry is checked against
+/// the rules where it lands; the ones they forbid are left out.
+async fn copy_in_stdin(
+    paths: &sandpen_supervisor::SandboxPaths,
+    shares: Shares,
+    guest: &Path,
+) -> Result<(), CpError> {
+    let mut frames = control::copy(
+        paths,
+        ControlRequest::CopyIn {
+            path: guest.to_string_lossy().into_owned(),
+        },
+    )
+    .await?;
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let dest = guest.to_path_buf();
+    let filter = tokio::task::spawn_blocking(move || filter_stdin(&shares, &dest, Sink(tx)));
+    while let Some(chunk) = rx.recv().await {
+        frames.send(&CopyChunk::Data(chunk)).await?;
+    }
+    let filtered = filter
+        .await
+        .map_err(|e| CpError::Guest(format!("the filter panicked: {e}")))?;
+    if filtered.is_ok() {
+        frames.send(&CopyChunk::End).await?;
+    }
+    let answer = frames.recv::<CopyEvent>().await?;
+    filtered?;
+    match answer {
+        Some(CopyEvent::Done) => Ok(()),
+        Some(CopyEvent::Failed(why)) => Err(CpError::Guest(why)),
+        Some(CopyEvent::Data(_)) | None => Err(CpError::Guest(
+            "the sandbox ended the copy without a word".into(),
+        )),
+    }
+}
+
+/// Re-emits the tar stream on stdin with only the entries the rules allow
+/// at `dest/PATH`: files, folders and symlinks.
+fn filter_stdin(shares: &Shares, dest: &Path, out: Sink) -> Result<(), CpError> {
+    let bad = |e: std::io::Error| CpError::BadArchive(format!("stdin: {e}"));
+    let mut archive = tar::Archive::new(std::io::stdin().lock());
+    let mut builder = tar::Builder::new(out);
+    let mut left_out: Vec<PathBuf> = Vec::new();
+    for entry in archive.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let path = entry.path().map_err(bad)?.into_owned();
+        let kind = match entry.header().entry_type() {
+            tar::EntryType::Directory => EntryKind::Dir,
+            tar::EntryType::Symlink => EntryKind::Symlink,
+            tar::EntryType::Regular | tar::EntryType::Continuous => EntryKind::File,
+            other => {
+                eprintln!(
+                    "sandpen: cp: left out {}: an entry of type {other:?}",
+                    path.display()
+                );
+                continue;
+            }
+        };
+        if path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+        {
+            return Err(CpError::BadArchive(format!(
+                "the path {} leaves the destination",
+                path.display()
+            )));
+        }
+        // `./` itself (`tar -C DIR .`): the folder is there already.
+        if path.components().all(|c| c == Component::CurDir) {
+            continue;
+        }
+        if left_out.iter().any(|d| path.starts_with(d)) {
+            continue;
+        }
+        if let Some(refused) = shares.refuses(&dest.join(&path), kind) {
+            eprintln!("sandpen: cp: left out {}: {refused}", path.display());
+            left_out.push(path);
+            continue;
+        }
+        let mut header = entry.header().clone();
+        if kind == EntryKind::Symlink {
+            let link = entry
+                .link_name()
+                .map_err(bad)?
+                .ok_or_else(|| CpError::BadArchive("a symlink without a target".into()))?
+                .into_owned();
+            builder
+                .append_link(&mut header, &path, &link)
+                .map_err(bad)?;
+        } else {
+            builder
+                .append_data(&mut header, &path, &mut entry)
+                .map_err(bad)?;
+        }
+    }
+    builder.finish().map_err(bad)
 }
 
 #[cfg(test)]

@@ -271,16 +271,14 @@ async fn copy_out(
         )
     });
     let mut result = Ok(());
-    let mut tx = Some(tx);
     loop {
         match frames.recv::<CopyEvent>().await? {
             Some(CopyEvent::Data(bytes)) => {
-                if let Some(t) = &tx {
-                    // A send fails when the unpacker stopped (its error is
-                    // reported below); the rest is read and dropped.
-                    if t.send(bytes).await.is_err() {
-                        tx = None;
-                    }
+                // A send fails when the unpacker stopped: at the archive's
+                // end, or at an error it reports below. Nothing more is read
+                // (a guest could send without end).
+                if tx.send(bytes).await.is_err() {
+                    break;
                 }
             }
             Some(CopyEvent::Done) => break,
@@ -702,15 +700,13 @@ async fn copy_in(
     while let Some(chunk) = rx.recv().await {
         frames.send(&CopyChunk::Data(chunk)).await?;
     }
-    let packed = packer
+    // A packing error ends the copy here: dropping the stream tells the
+    // guest that the archive ended early.
+    packer
         .await
-        .map_err(|e| CpError::Guest(format!("the packer panicked: {e}")))?;
-    if packed.is_ok() {
-        frames.send(&CopyChunk::End).await?;
-    }
-    let answer = frames.recv::<CopyEvent>().await?;
-    packed?;
-    match answer {
+        .map_err(|e| CpError::Guest(format!("the packer panicked: {e}")))??;
+    frames.send(&CopyChunk::End).await?;
+    match frames.recv::<CopyEvent>().await? {
         Some(CopyEvent::Done) => Ok(()),
         Some(CopyEvent::Failed(why)) => Err(CpError::Guest(why)),
         Some(CopyEvent::Data(_)) | None => Err(CpError::Guest(
@@ -740,15 +736,11 @@ async fn copy_in_stdin(
     while let Some(chunk) = rx.recv().await {
         frames.send(&CopyChunk::Data(chunk)).await?;
     }
-    let filtered = filter
+    filter
         .await
-        .map_err(|e| CpError::Guest(format!("the filter panicked: {e}")))?;
-    if filtered.is_ok() {
-        frames.send(&CopyChunk::End).await?;
-    }
-    let answer = frames.recv::<CopyEvent>().await?;
-    filtered?;
-    match answer {
+        .map_err(|e| CpError::Guest(format!("the filter panicked: {e}")))??;
+    frames.send(&CopyChunk::End).await?;
+    match frames.recv::<CopyEvent>().await? {
         Some(CopyEvent::Done) => Ok(()),
         Some(CopyEvent::Failed(why)) => Err(CpError::Guest(why)),
         Some(CopyEvent::Data(_)) | None => Err(CpError::Guest(

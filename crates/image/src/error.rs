@@ -58,6 +58,9 @@ pub enum ImageError {
     #[error("{what} is still in the saved image after it was taken out; the image was not saved")]
     Scrub { what: String },
 
+    #[error("dumpe2fs printed no block count, free blocks or block size for {}", path.display())]
+    FsGeometry { path: PathBuf },
+
     #[error("kernel {}: {reason}", path.display())]
     Kernel { path: PathBuf, reason: String },
 

@@ -206,9 +206,8 @@ impl Geometry {
         let mut cmd = Command::new(dumpe2fs);
         cmd.arg("-h").arg(image);
         let out = run(cmd, "dumpe2fs", log, &[0])?;
-        Geometry::parse(&out).ok_or_else(|| ImageError::Kernel {
+        Geometry::parse(&out).ok_or_else(|| ImageError::FsGeometry {
             path: image.to_path_buf(),
-            reason: "dumpe2fs printed no block count or block size".into(),
         })
     }
 

@@ -53,6 +53,9 @@ pub enum SupervisorError {
     Boot(String),
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    /// A published port (`-p`) cannot be bound.
+    #[error(transparent)]
+    Publish(#[from] crate::ports::BindError),
     /// `--require-jail`, and a layer is missing.
     #[error("{0}; the sandbox requires the whole jail (--require-jail)")]
     JailIncomplete(String),

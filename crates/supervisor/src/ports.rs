@@ -42,6 +42,12 @@ impl PortMapping {
     pub fn host_addr(&self) -> SocketAddr {
         SocketAddr::new(self.host_ip, self.host_port)
     }
+
+    /// The mapping as a `-p` value in full: `127.0.0.1:8080:3000`,
+    /// `[::1]:8080:3000`.
+    pub fn flag(&self) -> String {
+        format!("{}:{}", self.host_addr(), self.guest_port)
+    }
 }
 
 /// Why a `-p` value does not parse.
@@ -148,11 +154,38 @@ pub struct Listeners(Vec<(PortMapping, std::net::TcpListener)>);
 
 /// A host port that cannot be had.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot publish {addr} (-p {mapping}): {why}")]
+#[error("cannot publish {addr} (-p {}): {cause}", mapping.flag())]
 pub struct BindError {
-    addr: SocketAddr,
-    mapping: String,
-    why: String,
+    pub addr: SocketAddr,
+    pub mapping: PortMapping,
+    pub cause: BindCause,
+}
+
+/// Why a listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+pub enum BindCause {
+    #[error(
+        "the host port is already in use (by another sandbox or program; `ss -ltnp` shows \
+         which); publish another host port"
+    )]
+    InUse,
+    #[error("this host has no such address")]
+    NoSuchAddress,
+    #[error("ports below 1024 need root")]
+    Privileged,
+    #[error("{0}")]
+    Other(std::io::Error),
+}
+
+impl From<std::io::Error> for BindCause {
+    fn from(e: std::io::Error) -> BindCause {
+        match e.kind() {
+            std::io::ErrorKind::AddrInUse => BindCause::InUse,
+            std::io::ErrorKind::AddrNotAvailable => BindCause::NoSuchAddress,
+            std::io::ErrorKind::PermissionDenied => BindCause::Privileged,
+            _ => BindCause::Other(e),
+        }
+    }
 }
 
 impl Listeners {
@@ -161,30 +194,13 @@ impl Listeners {
         let mut out = Vec::new();
         for m in ports {
             let addr = m.host_addr();
-            let mapping = format!("{}:{}:{}", m.host_ip, m.host_port, m.guest_port);
-            let listener = std::net::TcpListener::bind(addr).map_err(|e| BindError {
+            let failed = |e: std::io::Error| BindError {
                 addr,
-                mapping: mapping.clone(),
-                why: match e.kind() {
-                    std::io::ErrorKind::AddrInUse => {
-                        "the host port is already in use (by another sandbox or program; \
-                         `ss -ltnp` shows which); publish another host port"
-                            .to_string()
-                    }
-                    std::io::ErrorKind::AddrNotAvailable => {
-                        "this host has no such address".to_string()
-                    }
-                    std::io::ErrorKind::PermissionDenied => {
-                        "ports below 1024 need root".to_string()
-                    }
-                    _ => e.to_string(),
-                },
-            })?;
-            listener.set_nonblocking(true).map_err(|e| BindError {
-                addr,
-                mapping,
-                why: e.to_string(),
-            })?;
+                mapping: *m,
+                cause: e.into(),
+            };
+            let listener = std::net::TcpListener::bind(addr).map_err(failed)?;
+            listener.set_nonblocking(true).map_err(failed)?;
             out.push((*m, listener));
         }
         Ok(Listeners(out))
@@ -339,6 +355,8 @@ mod tests {
         assert_eq!(m.to_string(), "3000/tcp -> 127.0.0.1:8080");
         let m: PortMapping = "[::1]:8080:3000".parse().unwrap();
         assert_eq!(m.to_string(), "3000/tcp -> [::1]:8080");
+        assert_eq!(m.flag(), "[::1]:8080:3000");
+        assert_eq!(m.flag().parse::<PortMapping>().unwrap(), m);
     }
 
     #[test]

@@ -186,8 +186,7 @@ async fn boot(
     // Published ports first: a host port in use stops the start before
     // anything else is started, and they must be bound before the
     // supervisor confines itself (its Landlock forbids TCP bind).
-    let ports = crate::ports::Listeners::bind(&config.ports)
-        .map_err(|e| SupervisorError::Invalid(e.to_string()))?;
+    let ports = crate::ports::Listeners::bind(&config.ports)?;
     // A malformed policy stops the boot here, before anything starts.
     let proxy = crate::egress::start_proxy(dirs, paths, config)?;
     // Only the certificate goes to the guest; the key stays in `ca/`.

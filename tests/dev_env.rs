@@ -116,6 +116,18 @@ fn curl(port: u16, path: &str) -> Output {
 
 // ---- ports ----
 
+/// The socket inode of the TCP listener on 127.0.0.1:`port`, from /proc/net/tcp.
+fn listening_inode(port: u16) -> Result<Option<String>, Failed> {
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    let local = format!("0100007F:{port:04X}");
+    Ok(table.lines().skip(1).find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(1) == Some(&local.as_str()) && f.get(3) == Some(&"0A"))
+            .then(|| f.get(9).map(|s| s.to_string()))
+            .flatten()
+    }))
+}
+
 fn publish_reaches_a_server_in_the_guest() -> Result<(), Failed> {
     let e = env();
     let p = format!("{}:8000", e.port);
@@ -186,6 +198,30 @@ fn publish_reaches_a_server_in_the_guest() -> Result<(), Failed> {
             format!("big body: {} bytes of {}", out.stdout.len(), big.len()),
         )?;
     }
+    // The listener is the supervisor's own, kept through its confinement
+    // (Landlock there forbids any later TCP bind).
+    let dir = e.cli.state.path().join("sandpen/sandboxes").join(WEB);
+    let pid = std::fs::read_to_string(dir.join("run/supervisor.pid"))?;
+    let inode = listening_inode(e.port)?.ok_or("nothing listens on the published port")?;
+    let owned = std::fs::read_dir(format!("/proc/{}/fd", pid.trim()))?
+        .flatten()
+        .any(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|l| l.to_string_lossy() == format!("socket:[{inode}]"))
+        });
+    check(
+        owned,
+        "the published port's listener is not the supervisor's",
+    )?;
+    let log = std::fs::read_to_string(dir.join("logs/supervisor.log"))?;
+    let confined = log
+        .lines()
+        .rfind(|l| l.contains("supervisor confined:"))
+        .unwrap_or_default();
+    check(
+        confined.contains("landlock ABI") || sandpen_confine::kernel_landlock_abi() == 0,
+        format!("the supervisor is not under Landlock: {confined:?}"),
+    )?;
     // No network card appeared for it.
     let links = guest(WEB, "ls /sys/class/net")?;
     check(links.trim() == "lo", format!("links: {links}"))

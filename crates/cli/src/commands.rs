@@ -136,6 +136,25 @@ pub async fn dispatch(command: Command) -> Result<i32> {
             )
             .await
         }
+        Command::Ports { name, guest_port } => {
+            let config = sandbox::load(&dirs, &name)?;
+            let shown: Vec<_> = config
+                .ports
+                .iter()
+                .filter(|m| guest_port.is_none_or(|p| p == m.guest_port))
+                .collect();
+            if shown.is_empty() {
+                if let Some(p) = guest_port {
+                    bail!("sandbox {name} does not publish guest port {p}");
+                }
+            }
+            for m in shown {
+                println!("{m}");
+            }
+            Ok(0)
+        }
+        Command::Cp { src, dest } => crate::cp_cmd::run(&dirs, &src, &dest).await,
+        Command::Save { name, image } => save(&dirs, &name, &image),
         Command::Image(cmd) => image(&dirs, cmd).await,
         Command::Policy(cmd) => crate::policy_cmd::run(&dirs, cmd).await,
         Command::Flow(cmd) => flow(&dirs, cmd),
@@ -205,6 +224,7 @@ fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOpt
         mounts: parse_mounts(&args.mounts)?,
         upstream_cas: args.upstream_cas.clone(),
         require_jail: args.require_jail,
+        ports: args.ports.clone(),
     })
 }
 
@@ -571,6 +591,43 @@ async fn exec(
     attach::attach(frames, tty, interactive || tty).await
 }
 
+/// `sandpen save NAME IMAGE`: the stopped sandbox's disk becomes an image.
+fn save(dirs: &Dirs, name: &str, image: &str) -> Result<i32> {
+    let config = sandbox::load(dirs, name)?;
+    let paths = dirs.sandbox(name);
+    // No start while the disk is read.
+    let _start = sandbox::lock_exclusive(&paths.dir.join("start.lock"))?;
+    if control::supervisor_alive(&paths) {
+        bail!("sandbox {name} is running; stop it first (`sandpen stop {name}`): a running disk changes under the copy");
+    }
+    let parent = sandpen_image::load(&dirs.images(), &config.image)?;
+    let ca = sandpen_supervisor::credentials::ensure_ca(&paths)?;
+    let started = std::time::Instant::now();
+    eprintln!(
+        "sandpen: saving sandbox {name} as image {image} (from image {})",
+        parent.name
+    );
+    let saved = sandpen_image::save(
+        &dirs.images(),
+        &sandpen_image::SaveSpec {
+            parent: &parent,
+            disk: &paths.disk(),
+            name: image,
+            sandbox: name,
+            remove_certs: &[ca.cert_pem().to_string()],
+        },
+    )?;
+    println!(
+        "saved image {} from sandbox {name} in {:.0} s: {} MiB of content, parent {} ({})",
+        saved.name,
+        started.elapsed().as_secs_f64(),
+        saved.manifest.sizes.rootfs_content >> 20,
+        parent.name,
+        saved.dir.display()
+    );
+    Ok(0)
+}
+
 async fn run(
     dirs: &Dirs,
     agent: Option<String>,
@@ -603,6 +660,19 @@ async fn run(
         },
         None => sandbox::find_by_workspace(dirs, &ws)?,
     };
+    // A sandbox's disk is an overlay over its image: `--image` cannot change
+    // it, so an existing sandbox of another image is not silently used.
+    if let (Some(c), Some(image)) = (&existing, &create.image) {
+        if *image != c.image {
+            bail!(
+                "sandbox {} runs image {}, not {image}; start a new sandbox from it with                  `sandpen run --image {image} --name {}-{image}`, or remove this one first                  (`sandpen rm {}`)",
+                c.name,
+                c.image,
+                c.name,
+                c.name
+            );
+        }
+    }
     if let Some(agent) = agent_def {
         check_agent_can_start(dirs, agent, existing.as_ref(), &create, &ws)?;
     }
@@ -627,6 +697,25 @@ async fn run(
             );
         }
         config = sandbox::set_mounts(dirs, &config.name, mounts)?;
+    }
+    if !create.ports.is_empty() && create.ports != config.ports {
+        if running {
+            bail!(
+                "sandbox {} is running with other published ports ({}); stop it first to change them",
+                config.name,
+                if config.ports.is_empty() {
+                    "none".to_string()
+                } else {
+                    config
+                        .ports
+                        .iter()
+                        .map(|m| m.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            );
+        }
+        config = sandbox::set_ports(dirs, &config.name, create.ports.clone())?;
     }
     print_file_rules(dirs, &config)?;
     if !running {
@@ -749,6 +838,8 @@ struct LsRow {
     uptime_secs: Option<u64>,
     accel: Option<String>,
     created_at: String,
+    /// Published ports (`-p`), as `sandpen ports` prints them.
+    ports: Vec<String>,
     /// Why the last run failed (status `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
@@ -806,6 +897,7 @@ async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
             uptime_secs: uptime,
             accel,
             created_at: c.created_at,
+            ports: c.ports.iter().map(|m| m.to_string()).collect(),
         });
     }
     if json {
@@ -967,15 +1059,22 @@ async fn image(dirs: &Dirs, cmd: ImageCommand) -> Result<i32> {
             }
             let mut rows = vec![[
                 "NAME".to_string(),
+                "FROM".into(),
                 "AGENTS".into(),
                 "SUITE".into(),
                 "KERNEL".into(),
                 "CONTENT".into(),
                 "CREATED".into(),
             ]];
-            for i in images {
+            for i in &images {
+                let lineage = sandpen_image::lineage(i, &images);
                 rows.push([
                     i.name.clone(),
+                    if lineage.is_empty() {
+                        "-".into()
+                    } else {
+                        lineage.join(" <- ")
+                    },
                     agents_column(&i.manifest).unwrap_or_else(|| "-".into()),
                     i.manifest.suite.clone(),
                     i.manifest.kernel_release.clone(),
@@ -1170,6 +1269,15 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn save_scrubs_where_the_guest_puts_the_ca() {
+        assert_eq!(sandpen_image::GUEST_EXTRA_CA, sandpen_proto::GUEST_EXTRA_CA);
+        assert_eq!(
+            sandpen_image::GUEST_CA_BUNDLE,
+            sandpen_proto::GUEST_CA_BUNDLE
+        );
+    }
 
     #[test]
     fn an_error_that_prints_its_source_says_it_once() {

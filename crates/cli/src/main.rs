@@ -2,6 +2,7 @@
 
 mod attach;
 mod commands;
+mod cp_cmd;
 mod fs_serve;
 mod policy_cmd;
 mod secret_cmd;
@@ -70,6 +71,16 @@ pub struct CreateArgs {
     /// seccomp, capabilities) cannot be had on this host
     #[arg(long, env = "SANDPEN_REQUIRE_JAIL")]
     pub require_jail: bool,
+    /// Publish a guest port on the host, like `docker run -p`: the host
+    /// listens (on 127.0.0.1 unless HOST_IP says otherwise) and carries each
+    /// connection to GUEST_PORT (default HOST_PORT) on the guest's loopback
+    #[arg(
+        short = 'p',
+        long = "publish",
+        value_name = "[HOST_IP:]HOST_PORT[:GUEST_PORT]",
+        value_parser = sandpen_supervisor::ports::parse_flag
+    )]
+    pub ports: Vec<sandpen_supervisor::ports::PortMapping>,
 }
 
 #[derive(Subcommand)]
@@ -136,6 +147,29 @@ enum Command {
         /// The supervisor's log instead of the guest console
         #[arg(long)]
         supervisor: bool,
+    },
+    /// The sandbox's published ports, like `docker port`: GUEST/tcp -> HOST_IP:HOST_PORT
+    Ports {
+        name: String,
+        /// Only this guest port
+        guest_port: Option<u16>,
+    },
+    /// Copy files or folders between a running sandbox and the host, like
+    /// `docker cp`: `NAME:/path host/path` or `host/path NAME:/path`
+    /// (a guest path without a leading / is taken from the workspace)
+    Cp {
+        /// NAME:PATH or a host path
+        src: String,
+        /// NAME:PATH or a host path
+        dest: String,
+    },
+    /// Make an image of a stopped sandbox's disk (a template for
+    /// `run --image`); its manifest names the image it came from
+    Save {
+        /// The sandbox
+        name: String,
+        /// The new image's name
+        image: String,
     },
     /// Run a command in a running sandbox
     Exec {

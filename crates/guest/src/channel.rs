@@ -153,6 +153,9 @@ async fn handle_stream(stream: MuxStream, state: Arc<GuestState>) -> Result<()> 
             frames.send(&sys::usage()).await?;
             frames.close().await?;
         }
+        Request::Forward { port } => crate::copy::forward(frames, port).await?,
+        Request::CopyOut { path } => crate::copy::copy_out(frames, path).await?,
+        Request::CopyIn { path, owner } => crate::copy::copy_in(frames, path, owner).await?,
         Request::Shutdown => {
             frames.send(&Ack).await?;
             frames.close().await?;

@@ -7,6 +7,7 @@
 
 mod boot;
 mod channel;
+mod copy;
 mod docker;
 mod egress;
 mod exec;

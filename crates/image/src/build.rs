@@ -256,6 +256,8 @@ impl Builder<'_> {
             files,
             sizes,
             build_seconds: started.elapsed().as_secs_f64(),
+            parent: None,
+            saved_from: None,
             steps: timings,
         };
         manifest.write(self.dir)?;

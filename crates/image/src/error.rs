@@ -52,6 +52,15 @@ pub enum ImageError {
         tail: String,
     },
 
+    #[error("an image named {name:?} exists already: pick another name, or remove it with `sandpen image rm {name}`")]
+    Exists { name: String },
+
+    #[error("{what} is still in the saved image after it was taken out; the image was not saved")]
+    Scrub { what: String },
+
+    #[error("dumpe2fs printed no block count, free blocks or block size for {}", path.display())]
+    FsGeometry { path: PathBuf },
+
     #[error("kernel {}: {reason}", path.display())]
     Kernel { path: PathBuf, reason: String },
 

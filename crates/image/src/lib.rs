@@ -14,6 +14,7 @@
 //! build.log              output of debootstrap, chroot commands and mkfs
 //! initrd.img             newc cpio, written by Image::ensure_initrd
 //! initrd.json            what initrd.img was made from
+//! save.log               a saved image's (`sandpen save`) commands and output
 //! ```
 
 mod build;
@@ -24,6 +25,7 @@ mod initrd;
 mod kernel;
 mod manifest;
 mod modules;
+mod save;
 mod spec;
 mod store;
 mod tree;
@@ -33,6 +35,7 @@ pub use error::ImageError;
 pub use initrd::{check_static, InitrdRecord};
 pub use manifest::{FileEntry, Manifest, Sizes, StepTiming, MANIFEST_FILE, MANIFEST_FORMAT};
 pub use modules::{BOOT_MODULES, LOAD_ORDER_FILE};
+pub use save::{lineage, save, SaveSpec, GUEST_CA_BUNDLE, GUEST_EXTRA_CA};
 pub use spec::{ImageSpec, BASE_PACKAGES, DEFAULT_SUITE, FALLBACK_MIRROR, RECIPE_VERSION};
 pub use store::{
     list, load, remove, Image, INITRD_FILE, INITRD_RECORD_FILE, MODULES_DIR, ROOTFS_FILE,

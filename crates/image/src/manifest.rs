@@ -53,6 +53,12 @@ pub struct Manifest {
     /// Hashes and sizes of the image's files (paths relative to the image directory).
     pub files: Vec<FileEntry>,
     pub sizes: Sizes,
+    /// The image this one was saved from (`sandpen save`); none for a built one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// The sandbox whose disk it was saved from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_from: Option<String>,
     /// Wall-clock seconds the build took.
     #[serde(default)]
     pub build_seconds: f64,
@@ -152,6 +158,8 @@ pub(crate) mod tests {
             }],
             sizes: Sizes::default(),
             build_seconds: 1.5,
+            parent: None,
+            saved_from: None,
             steps: vec![StepTiming {
                 step: "debootstrap trixie".into(),
                 seconds: 1.0,

@@ -25,7 +25,7 @@ pub use messages::*;
 
 /// Version of everything in this crate that crosses the boundary. Bump it on any
 /// change to the handshake, the framing or a message type.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Name of the control port (`-device virtserialport,name=...`).
 pub const PORT_NAME: &str = "sandpen";

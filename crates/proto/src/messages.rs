@@ -19,6 +19,53 @@ pub enum Request {
     /// The guest's root file system and task count. Answered with
     /// [`GuestUsage`] (the host shows `disk full` from it).
     Usage,
+    /// Carry one TCP connection the host accepted on a published port
+    /// (`-p`) to `127.0.0.1:port` (or `[::1]:port`) inside the guest.
+    /// Answered with one [`ForwardReply`]; raw bytes follow both ways after
+    /// [`ForwardReply::Connected`]. Only the host opens these (it accepted
+    /// the connection on a listener its own config names): the guest can
+    /// never ask for a listener or a connection on the host.
+    Forward { port: u16 },
+    /// Send the file or folder at `path` (absolute, in the guest) as a tar
+    /// stream whose one top-level entry is named after the path's last
+    /// component (symlinks are archived as symlinks, not followed). Answered
+    /// with [`CopyEvent`] frames: `Data`..., then `Done` or `Failed`.
+    CopyOut { path: String },
+    /// Receive a tar stream ([`CopyChunk`] frames) and unpack it at `path`
+    /// like `docker cp`: into `path` when it is an existing folder, else as
+    /// `path` (its top-level entry renamed). What is created belongs to
+    /// `owner` (uid, gid). Answered with one [`CopyEvent`]: `Done` or
+    /// `Failed`.
+    CopyIn { path: String, owner: (u32, u32) },
+}
+
+/// The guest's answer to [`Request::Forward`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ForwardReply {
+    Connected,
+    /// Nothing listens on the port in the guest, or the connect failed.
+    Failed {
+        message: String,
+    },
+}
+
+/// Guest -> host frames of a copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyEvent {
+    /// Part of the tar stream (`CopyOut`), at most [`IO_CHUNK`] bytes.
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The whole stream was sent (`CopyOut`) or unpacked (`CopyIn`).
+    Done,
+    /// The copy failed: the reason, one line.
+    Failed(String),
+}
+
+/// Host -> guest frames of [`Request::CopyIn`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CopyChunk {
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The end of the tar stream.
+    End,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

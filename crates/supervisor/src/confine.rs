@@ -18,8 +18,10 @@
 //!   workspace and `--mount` folders (the policy file `.sandpen.toml`),
 //!   `--upstream-ca` files, the system's libraries, name service and TLS
 //!   files, `/proc`, the cgroup tree; nothing else. No execution anywhere.
-//!   No TCP `bind` (the proxy only connects out); TCP `connect` stays, since
-//!   upstreams are anywhere the policy allows.
+//!   No TCP `bind` (the proxy only connects out; the published ports'
+//!   listeners are bound before this, at the boot's start, and accepting
+//!   on them needs no `bind`); TCP `connect` stays, since upstreams are
+//!   anywhere the policy allows.
 //! - **no_new_privs**.
 //!
 //! Not restricted, because the job needs them: outgoing TCP and UDP (the

@@ -25,6 +25,17 @@ pub enum ControlRequest {
     Ping,
     /// Resource usage and limits, egress bytes, the disk's state.
     Stats,
+    /// `sandpen cp NAME:PATH ...`: answered with `ExecStarted`, then the
+    /// guest's [`sandpen_proto::CopyEvent`] frames.
+    CopyOut {
+        path: String,
+    },
+    /// `sandpen cp ... NAME:PATH`: answered with `ExecStarted`; the CLI then
+    /// sends [`sandpen_proto::CopyChunk`] frames and reads one
+    /// [`sandpen_proto::CopyEvent`]. What is made belongs to the guest user.
+    CopyIn {
+        path: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,6 +169,18 @@ pub async fn exec(
     req: ExecRequest,
 ) -> Result<FrameStream<UnixStream>, SupervisorError> {
     match request(paths, &ControlRequest::Exec(req)).await? {
+        (frames, ControlReply::ExecStarted) => Ok(frames),
+        (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Starts a copy (`CopyOut` or `CopyIn`); the returned stream then carries
+/// the guest's copy frames.
+pub async fn copy(
+    paths: &SandboxPaths,
+    req: ControlRequest,
+) -> Result<FrameStream<UnixStream>, SupervisorError> {
+    match request(paths, &req).await? {
         (frames, ControlReply::ExecStarted) => Ok(frames),
         (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
     }

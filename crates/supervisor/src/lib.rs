@@ -8,6 +8,7 @@
 //! - [`fileserver`]: the seam where the workspace file server plugs in.
 //! - [`exit`]: why the last run failed, for `ls`.
 //! - [`resources`]: the sandbox's cgroup, egress counters and disk state.
+//! - [`ports`]: published ports (`-p`), carried to the guest over the channel.
 
 pub mod confine;
 pub mod control;
@@ -19,6 +20,7 @@ pub mod jail;
 pub mod lifecycle;
 pub mod own;
 pub mod paths;
+pub mod ports;
 pub mod resources;
 pub mod sandbox;
 pub mod supervise;
@@ -51,6 +53,9 @@ pub enum SupervisorError {
     Boot(String),
     #[error(transparent)]
     Jail(#[from] crate::jail::JailError),
+    /// A published port (`-p`) cannot be bound.
+    #[error(transparent)]
+    Publish(#[from] crate::ports::BindError),
     /// `--require-jail`, and a layer is missing.
     #[error("{0}; the sandbox requires the whole jail (--require-jail)")]
     JailIncomplete(String),

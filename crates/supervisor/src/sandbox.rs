@@ -44,6 +44,10 @@ pub struct SandboxConfig {
     /// (`--require-jail`).
     #[serde(default)]
     pub require_jail: bool,
+    /// Published ports (`-p`): the only listeners the supervisor opens on
+    /// the host for this sandbox.
+    #[serde(default)]
+    pub ports: Vec<crate::ports::PortMapping>,
 }
 
 /// When dockerd starts in the guest. It travels to the guest on the kernel
@@ -129,8 +133,26 @@ pub fn set_mounts(
     name: &str,
     mounts: Vec<ExtraMount>,
 ) -> Result<SandboxConfig, SupervisorError> {
+    update(dirs, name, |c| c.mounts = mounts)
+}
+
+/// Replace a stopped sandbox's published ports.
+pub fn set_ports(
+    dirs: &Dirs,
+    name: &str,
+    ports: Vec<crate::ports::PortMapping>,
+) -> Result<SandboxConfig, SupervisorError> {
+    crate::ports::check_distinct(&ports)?;
+    update(dirs, name, |c| c.ports = ports)
+}
+
+fn update(
+    dirs: &Dirs,
+    name: &str,
+    change: impl FnOnce(&mut SandboxConfig),
+) -> Result<SandboxConfig, SupervisorError> {
     let mut config = load(dirs, name)?;
-    config.mounts = mounts;
+    change(&mut config);
     let data = serde_json::to_vec_pretty(&config)
         .map_err(|e| SupervisorError::Invalid(format!("encoding the sandbox: {e}")))?;
     write_atomic(&dirs.sandbox(name).config(), &data)?;
@@ -159,6 +181,8 @@ pub struct CreateOptions {
     pub upstream_cas: Vec<PathBuf>,
     /// `--require-jail`.
     pub require_jail: bool,
+    /// `-p`.
+    pub ports: Vec<crate::ports::PortMapping>,
 }
 
 /// Parses sizes like `2048`, `512M`, `2G`, `2GiB` into MiB.
@@ -349,6 +373,7 @@ pub fn create(
         )));
     }
     validate_cpus(opts.cpus)?;
+    crate::ports::check_distinct(&opts.ports)?;
     let own = crate::own::own_folders(dirs);
     crate::own::check_share(&workspace, &own)?;
     for m in &opts.mounts {
@@ -417,6 +442,7 @@ pub fn create(
             mounts: opts.mounts.clone(),
             upstream_cas,
             require_jail: opts.require_jail,
+            ports: opts.ports.clone(),
         };
         let json = serde_json::to_vec_pretty(&config)
             .map_err(|e| SupervisorError::Invalid(format!("serializing the sandbox: {e}")))?;

@@ -198,6 +198,8 @@ struct Vm {
     mux: MuxHandle,
     status: RuntimeStatus,
     listener: Option<UnixListener>,
+    /// The published ports' listeners, bound at the boot's start.
+    ports: Option<crate::ports::Listeners>,
 }
 
 async fn boot(
@@ -205,6 +207,10 @@ async fn boot(
     config: &SandboxConfig,
     paths: &SandboxPaths,
 ) -> Result<Vm, SupervisorError> {
+    // Published ports first: a host port in use stops the start before
+    // anything else is started, and they must be bound before the
+    // supervisor confines itself (its Landlock forbids TCP bind).
+    let ports = crate::ports::Listeners::bind(&config.ports)?;
     // A malformed policy stops the boot here, before anything starts.
     let proxy = crate::egress::start_proxy(dirs, paths, config)?;
     // Only the certificate goes to the guest; the key stays in `ca/`.
@@ -471,6 +477,7 @@ async fn boot(
         mux: handle,
         status,
         listener: Some(listener),
+        ports: Some(ports),
     })
 }
 
@@ -630,6 +637,12 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
         signal(SignalKind::interrupt()).map_err(|e| SupervisorError::io("watching SIGINT", e))?;
     let status = Arc::new(vm.status.clone());
     let stopping = Arc::new(AtomicBool::new(false));
+    let port_tasks = vm
+        .ports
+        .take()
+        .map(|p| p.serve(vm.mux.clone()))
+        .unwrap_or_default();
+    let owner = (vm.config.guest_uid, vm.config.guest_gid);
     // Control connections are served by their own task, so that status keeps
     // being answered ("stopping") while the guest shuts down.
     let accept_task = vm.listener.take().map(|listener| {
@@ -653,7 +666,9 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
                     stopping.clone(),
                 );
                 tokio::spawn(async move {
-                    if let Err(e) = handle_control(conn, mux, stop_tx, status, stopping).await {
+                    if let Err(e) =
+                        handle_control(conn, mux, stop_tx, status, stopping, owner).await
+                    {
                         tracing::debug!("control connection: {e}");
                     }
                 });
@@ -724,6 +739,10 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
         _ = sigint.recv() => Ending::Asked,
     };
     stopping.store(true, Ordering::Relaxed);
+    // The published ports close as soon as the sandbox is on its way down.
+    for task in &port_tasks {
+        task.abort();
+    }
     let exit = match ending {
         Ending::Qemu(Ok(s)) if s.success() => {
             tracing::info!("the guest powered off");
@@ -861,6 +880,7 @@ async fn handle_control(
     stop_tx: mpsc::Sender<()>,
     status: Arc<RuntimeStatus>,
     stopping: Arc<AtomicBool>,
+    owner: (u32, u32),
 ) -> Result<(), SupervisorError> {
     let mut frames = FrameStream::new(conn);
     let Some(request) = frames.recv::<ControlRequest>().await? else {
@@ -892,29 +912,42 @@ async fn handle_control(
             // Hold the connection: it closes when the supervisor exits.
             std::future::pending::<()>().await;
         }
-        ControlRequest::Exec(req) => {
-            let stream = match mux.open().await {
-                Ok(s) => s,
-                Err(e) => {
-                    frames
-                        .send(&ControlReply::Error(format!("the guest channel: {e}")))
-                        .await?;
-                    return Ok(());
-                }
-            };
-            let mut guest = FrameStream::new(stream);
-            guest.send(&Request::Exec(req)).await?;
-            frames.send(&ControlReply::ExecStarted).await?;
-            let (mut cli, early) = frames.into_parts();
-            let mut guest = guest.into_inner();
-            if !early.is_empty() {
-                guest
-                    .write_all(&early)
-                    .await
-                    .map_err(|e| SupervisorError::io("relaying to the guest", e))?;
-            }
-            let _ = tokio::io::copy_bidirectional(&mut cli, &mut guest).await;
+        ControlRequest::Exec(req) => relay(frames, &mux, Request::Exec(req)).await?,
+        ControlRequest::CopyOut { path } => relay(frames, &mux, Request::CopyOut { path }).await?,
+        ControlRequest::CopyIn { path } => {
+            relay(frames, &mux, Request::CopyIn { path, owner }).await?
         }
     }
+    Ok(())
+}
+
+/// Opens a guest stream, sends `request`, answers `ExecStarted`, then copies
+/// bytes both ways: the CLI speaks the guest's frames of that stream.
+async fn relay(
+    mut frames: FrameStream<UnixStream>,
+    mux: &MuxHandle,
+    request: Request,
+) -> Result<(), SupervisorError> {
+    let stream = match mux.open().await {
+        Ok(s) => s,
+        Err(e) => {
+            frames
+                .send(&ControlReply::Error(format!("the guest channel: {e}")))
+                .await?;
+            return Ok(());
+        }
+    };
+    let mut guest = FrameStream::new(stream);
+    guest.send(&request).await?;
+    frames.send(&ControlReply::ExecStarted).await?;
+    let (mut cli, early) = frames.into_parts();
+    let mut guest = guest.into_inner();
+    if !early.is_empty() {
+        guest
+            .write_all(&early)
+            .await
+            .map_err(|e| SupervisorError::io("relaying to the guest", e))?;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut cli, &mut guest).await;
     Ok(())
 }

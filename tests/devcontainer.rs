@@ -27,6 +27,7 @@ fn devcontainer_json(host_marker: &Path) -> String {
   "postCreateCommand": "echo created >> $HOME/lifecycle.log",
   "postStartCommand": ["sh", "-c", "echo started >> $HOME/lifecycle.log"],
   "initializeCommand": "touch {marker}",
+  "forwardPorts": [3000],
 }}
 "#,
         marker = host_marker.display()
@@ -66,7 +67,8 @@ fn lifecycle_env_and_refusals() -> Result<(), Failed> {
             stderr.contains(
                 "not honoured: containerEnv.PATH, containerEnv.STOLEN, initializeCommand",
             ) && stderr.contains("this workspace asks for node 22 (from .nvmrc)")
-                && stderr.contains("sandpen: postCreateCommand: /bin/sh -c echo created"),
+                && stderr.contains("sandpen: postCreateCommand: /bin/sh -c echo created")
+                && stderr.contains("forwards 3000: publish with `-p 3000`"),
             format!("what run says: {stderr}"),
         )?;
         check(!host_marker.exists(), "initializeCommand ran on the host")?;

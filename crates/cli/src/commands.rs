@@ -397,6 +397,14 @@ async fn start(dirs: &Dirs, name: &str) -> Result<()> {
     if decision.accel == sandpen_vm::Accel::Tcg && std::io::stderr().is_terminal() {
         eprintln!("sandpen: {}", decision.reason);
     }
+    if decision.accel == sandpen_vm::Accel::Tcg && config.cpus > 1 {
+        let version = sandpen_vm::which("qemu-system-x86_64")
+            .as_deref()
+            .and_then(sandpen_vm::QemuVersion::of);
+        if let Some(warning) = sandpen_vm::tcg_warning(decision.accel, version) {
+            eprintln!("sandpen: note: {warning}");
+        }
+    }
     let spinner = std::io::stderr().is_terminal().then(|| {
         let s = indicatif::ProgressBar::new_spinner();
         s.set_message(format!("starting {name}"));
@@ -440,6 +448,25 @@ async fn after_start(dirs: &Dirs, config: &SandboxConfig) -> Result<()> {
         eprintln!(
             "sandpen: {file}: not honoured: {} (`sandpen env plan` says why)",
             keys.join(", ")
+        );
+    }
+    // A workspace never opens a listener on the host by itself: a cloned
+    // repository's forwardPorts could squat a local service's port (a
+    // stopped database's 5432) and collect what host clients send it.
+    let unpublished: Vec<u16> = dc
+        .forward_ports
+        .iter()
+        .copied()
+        .filter(|p| !config.ports.iter().any(|m| m.guest_port == *p))
+        .collect();
+    if !unpublished.is_empty() {
+        let list: Vec<String> = unpublished.iter().map(u16::to_string).collect();
+        let flags: Vec<String> = unpublished.iter().map(|p| format!("-p {p}")).collect();
+        eprintln!(
+            "sandpen: {file} forwards {}: publish with `{}` (a workspace does not open \
+             ports on the host by itself)",
+            list.join(", "),
+            flags.join(" ")
         );
     }
     let env = devcontainer_env(&dc);
@@ -1196,9 +1223,14 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
         }
     };
     let tool = |name: &str| sandpen_vm::which(name).map(|p| p.display().to_string());
+    let qemu = sandpen_vm::which("qemu-system-x86_64");
+    let qemu_version = qemu.as_deref().and_then(sandpen_vm::QemuVersion::of);
     check(
         "qemu-system-x86_64",
-        tool("qemu-system-x86_64"),
+        qemu.as_ref().map(|p| match qemu_version {
+            Some(v) => format!("{} (QEMU {v})", p.display()),
+            None => p.display().to_string(),
+        }),
         "apt install qemu-system-x86",
     );
     check("qemu-img", tool("qemu-img"), "apt install qemu-utils");
@@ -1250,6 +1282,9 @@ fn doctor(dirs: &Dirs) -> Result<i32> {
     }
     let decision = sandpen_vm::choose_accel(sandpen_vm::AccelChoice::Auto)?;
     println!("accel {}: {}", decision.accel, decision.reason);
+    if let Some(warning) = sandpen_vm::tcg_warning(decision.accel, qemu_version) {
+        println!("note  {warning} (docs/architecture.md, \"TCG and kernel text patching\")");
+    }
     match sandpen_image::list(&dirs.images()) {
         Ok(images) if !images.is_empty() => println!(
             "ok    images: {}",

@@ -609,7 +609,10 @@ impl fmt::Display for Plan {
                 writeln!(f, "  postStartCommand (in the sandbox): {c}")?;
             }
             for p in &dc.forward_ports {
-                writeln!(f, "  forwardPorts: {p} (as -p 127.0.0.1:{p}:{p})")?;
+                writeln!(
+                    f,
+                    "  forwardPorts: {p} (publish with -p {p}: 127.0.0.1:{p} on the host)"
+                )?;
             }
             if let Some(u) = &dc.remote_user {
                 writeln!(f, "  remoteUser: {u}")?;

@@ -126,6 +126,12 @@ impl VmConfig {
         ));
         push("-M");
         push("microvm,x-option-roms=off,pit=off,pic=off,rtc=on,acpi=on,memory-backend=mem");
+        // qboot loads the kernel from fw_cfg itself. Named, because the
+        // default `bios-microvm.bin` is qboot in Debian's QEMU 7.2 but SeaBIOS
+        // in its QEMU 10, which without option ROMs finds no bootable disk
+        // (docs/architecture.md, "TCG and kernel text patching").
+        push("-bios");
+        push("qboot.rom");
         push("-object");
         push(&format!("memory-backend-memfd,id=mem,size={mem},share=on"));
         push("-m");
@@ -296,6 +302,8 @@ mod tests {
         assert!(line.contains("memory-backend-memfd,id=mem,size=1024M,share=on"));
         // A full host file system is an error in the guest, not a paused VM.
         assert!(line.contains(",werror=report,rerror=report"));
+        // The firmware that boots the kernel itself, whatever QEMU calls its default.
+        assert!(line.contains("-bios qboot.rom"));
     }
 
     #[test]

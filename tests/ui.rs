@@ -415,10 +415,32 @@ impl Cdp {
             "GET /json/list HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
         )
         .map_err(|e| e.to_string())?;
-        let mut raw = String::new();
-        s.read_to_string(&mut raw).map_err(|e| e.to_string())?;
-        let body = raw.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        let targets: Value = serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))?;
+        // DevTools' HTTP server keeps the connection open: read up to the
+        // body's Content-Length.
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 8192];
+        let body = loop {
+            let n = s.read(&mut buf).map_err(|e| format!("/json/list: {e}"))?;
+            raw.extend_from_slice(&buf[..n]);
+            let all = text(&raw);
+            if let Some((head, body)) = all.split_once("\r\n\r\n") {
+                let len = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("content-length")
+                            .then(|| v.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(usize::MAX);
+                if body.len() >= len || n == 0 {
+                    break body.to_string();
+                }
+            } else if n == 0 {
+                return Err(format!("/json/list: {all}").into());
+            }
+        };
+        let targets: Value = serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
         let page_ws = targets
             .as_array()
             .and_then(|a| a.iter().find(|t| t["type"] == "page"))

@@ -612,13 +612,7 @@ pub fn print_table<const N: usize>(rows: &[[String; N]]) {
 }
 
 async fn logs(dirs: &Dirs, name: &str, follow: bool, supervisor: bool) -> Result<i32> {
-    sandbox::load(dirs, name)?;
-    let paths = dirs.sandbox(name);
-    let path = if supervisor {
-        paths.supervisor_log()
-    } else {
-        paths.console_log()
-    };
+    let path = sandpen_api::logs::text_log_path(dirs, name, supervisor)?;
     let mut file = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => return Ok(0),

@@ -68,6 +68,9 @@ pub enum ApiError {
     Audit(#[from] sandpen_proxy::audit::AuditError),
     #[error("{0}")]
     Proto(#[from] sandpen_proto::ProtoError),
+    /// The packaged root image build (pkexec) did not succeed.
+    #[error("building image {image} with administrator rights failed: {reason}")]
+    RootBuild { image: String, reason: String },
     #[error("the operation's worker failed: {0}")]
     Worker(String),
 }

@@ -152,6 +152,103 @@ pub fn ensure_image(
     }
 }
 
+/// The packaged image build (`packaging/image-build`), the one command the
+/// polkit action `org.sandpen.image-build` lets a desktop user run as root
+/// through pkexec (docs/ui.md, "How an image build gets root").
+pub const ROOT_IMAGE_BUILD: &str = "/usr/lib/sandpen/image-build";
+
+/// Whether `image` is missing, this process cannot build it (not root), and
+/// the packaged root build can: the default image or one agent's, with
+/// pkexec and the helper installed.
+pub fn wants_root_build(dirs: &Dirs, image: &str) -> bool {
+    let missing = matches!(
+        sandpen_image::load(&dirs.images(), image),
+        Err(sandpen_image::ImageError::NotFound { .. })
+    );
+    let buildable = image == "default" || sandpen_agents::find(image).is_some();
+    missing
+        && buildable
+        && !nix::unistd::geteuid().is_root()
+        && Path::new(ROOT_IMAGE_BUILD).is_file()
+        && sandpen_vm::which("pkexec").is_some()
+}
+
+/// Builds `image` (the default one, or an agent's) through pkexec and the
+/// packaged helper, which asks for an administrator's password once (polkit
+/// keeps it for a few minutes); each line it prints goes to `say`.
+pub async fn build_image_as_root(image: &str, say: &(dyn Fn(&str) + Sync)) -> Result<(), ApiError> {
+    use tokio::io::AsyncBufReadExt;
+    let pkexec = sandpen_vm::which("pkexec").ok_or_else(|| ApiError::RootBuild {
+        image: image.to_string(),
+        reason: "pkexec is not installed".into(),
+    })?;
+    let mut cmd = tokio::process::Command::new(pkexec);
+    cmd.arg(ROOT_IMAGE_BUILD);
+    if image != "default" {
+        cmd.arg(image);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| ApiError::io("starting pkexec", e))?;
+    let mut out = child
+        .stdout
+        .take()
+        .map(|o| tokio::io::BufReader::new(o).lines());
+    let mut err = child
+        .stderr
+        .take()
+        .map(|e| tokio::io::BufReader::new(e).lines());
+    let mut last = String::new();
+    loop {
+        let line = tokio::select! {
+            l = async { out.as_mut()?.next_line().await.ok().flatten() }, if out.is_some() => {
+                if l.is_none() { out = None; }
+                l
+            }
+            l = async { err.as_mut()?.next_line().await.ok().flatten() }, if err.is_some() => {
+                if l.is_none() { err = None; }
+                l
+            }
+            else => break,
+        };
+        if let Some(l) = line {
+            let l = l.trim().to_string();
+            if !l.is_empty() {
+                say(&l);
+                last = l;
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| ApiError::io("waiting for pkexec", e))?;
+    match status.code() {
+        Some(0) => Ok(()),
+        // pkexec's own: the dialog was dismissed, or the password refused.
+        Some(126 | 127)
+            if last.is_empty() || last.contains("pkexec") || last.contains("Not authorized") =>
+        {
+            Err(ApiError::RootBuild {
+                image: image.to_string(),
+                reason: "the administrator password was not given".into(),
+            })
+        }
+        _ => Err(ApiError::RootBuild {
+            image: image.to_string(),
+            reason: if last.is_empty() {
+                format!("pkexec ended with {status}")
+            } else {
+                last
+            },
+        }),
+    }
+}
+
 /// Creates a sandbox: checks its shares, builds its image on first use (a
 /// blocking call: run it off the async threads), and writes it.
 pub fn create(

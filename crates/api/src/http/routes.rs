@@ -187,7 +187,14 @@ async fn create(State(app): State<Arc<App>>, Json(req): Json<CreateReq>) -> Res<
     let id = app
         .jobs
         .spawn("create", opts.name.clone(), move |lines| async move {
-            let made_dirs = dirs.clone();
+            if sandboxes::wants_root_build(&dirs, &opts.image) {
+            lines.say(&format!(
+                "building the {} image: this needs administrator rights once (a password dialog opens)",
+                opts.image
+            ));
+            sandboxes::build_image_as_root(&opts.image, &|l| lines.say(l)).await?;
+        }
+        let made_dirs = dirs.clone();
             let made_lines = lines.clone();
             let config = tokio::task::spawn_blocking(move || {
                 let _lock = sandpen_supervisor::sandbox::lock_creation(&made_dirs)?;

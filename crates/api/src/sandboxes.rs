@@ -377,3 +377,69 @@ pub async fn exec(
     }
     Ok(control::exec(&paths, req).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::sync::Mutex;
+
+    fn fake_pkexec(dir: &Path, body: &str) {
+        let path = dir.join("pkexec");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_root_build_runs_the_helper_says_its_lines_and_names_its_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::env::var_os("PATH");
+        std::env::set_var("PATH", dir.path());
+        let said = Mutex::new(Vec::<String>::new());
+        let say = |l: &str| said.lock().unwrap().push(l.to_string());
+
+        fake_pkexec(
+            dir.path(),
+            r#"echo "args: $*"; echo "debootstrap done" >&2"#,
+        );
+        build_image_as_root("claude", &say).await.unwrap();
+        build_image_as_root("default", &say).await.unwrap();
+        // stdout and stderr are read as they come: each line once, in no set order.
+        let mut lines = said.lock().unwrap().clone();
+        lines.sort();
+        assert_eq!(
+            lines,
+            [
+                "args: /usr/lib/sandpen/image-build",
+                "args: /usr/lib/sandpen/image-build claude",
+                "debootstrap done",
+                "debootstrap done"
+            ]
+        );
+
+        fake_pkexec(
+            dir.path(),
+            "echo 'Error executing command as another user: Not authorized' >&2; exit 127",
+        );
+        let e = build_image_as_root("default", &say).await.unwrap_err();
+        assert!(
+            e.to_string()
+                .ends_with("the administrator password was not given"),
+            "{e}"
+        );
+
+        fake_pkexec(
+            dir.path(),
+            "echo 'mkfs.ext4: No space left on device' >&2; exit 1",
+        );
+        let e = build_image_as_root("default", &say).await.unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "building image default with administrator rights failed: mkfs.ext4: No space left on device"
+        );
+        match old {
+            Some(p) => std::env::set_var("PATH", p),
+            None => std::env::remove_var("PATH"),
+        }
+    }
+}

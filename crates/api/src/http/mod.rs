@@ -12,9 +12,10 @@
 //!   `HttpOnly; SameSite=Strict` cookie that `POST /session` sets from it.
 //!   Without it: 401. The token is 32 random bytes, compared in constant time.
 //! - A `Host` other than the bound address is refused with 403 (DNS
-//!   rebinding), and so is an `Origin` other than the page's own, or a
-//!   `Sec-Fetch-Site: cross-site` (CSRF), on every request, the two open
-//!   ones included.
+//!   rebinding), and so is an `Origin` other than the page's own, on every
+//!   request, the two open ones included; and a `Sec-Fetch-Site:
+//!   cross-site` (CSRF) on every request but those two, which carry no data
+//!   and which the browser reaches from the local file `sandpen ui` opens.
 //! - No CORS headers, ever; every response carries a strict
 //!   Content-Security-Policy, `X-Frame-Options: DENY`, `no-store`.
 //! - Secrets go in (`POST /api/secrets`) and never come out: no handler
@@ -99,7 +100,9 @@ impl Guard {
     }
 
     /// Why a request is refused before its token is looked at, if it is.
-    fn foreign(&self, headers: &HeaderMap) -> Option<&'static str> {
+    /// `open` (the bootstrap page) may be a navigation from another site:
+    /// the page `sandpen ui` hands the browser is a local file.
+    fn foreign(&self, headers: &HeaderMap, open: bool) -> Option<&'static str> {
         let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
         if host != Some(self.host.as_str()) {
             return Some("the Host header is not this server's address");
@@ -109,7 +112,7 @@ impl Guard {
                 return Some("the request comes from another origin");
             }
         }
-        if let Some(site) = headers.get("sec-fetch-site") {
+        if let Some(site) = headers.get("sec-fetch-site").filter(|_| !open) {
             if site.as_bytes() == b"cross-site" {
                 return Some("the request comes from another site");
             }
@@ -181,7 +184,7 @@ impl IntoResponse for HttpError {
 /// The checks every request passes, and the headers every response gets.
 async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let open = req.method() == Method::GET && matches!(req.uri().path(), "/" | "/boot.js");
-    let refused = if let Some(why) = app.guard.foreign(req.headers()) {
+    let refused = if let Some(why) = app.guard.foreign(req.headers(), open) {
         Some(HttpError::new(StatusCode::FORBIDDEN, why))
     } else if !open && !app.guard.token_ok(req.headers()) {
         Some(HttpError::new(
@@ -281,24 +284,40 @@ mod tests {
     #[test]
     fn host_origin_and_token_are_checked() {
         let g = Guard::new("127.0.0.1:4000".parse().unwrap(), "t0k".into());
-        assert_eq!(g.foreign(&headers(&[("host", "127.0.0.1:4000")])), None);
-        assert!(g.foreign(&headers(&[("host", "evil.test:4000")])).is_some());
-        assert!(g.foreign(&headers(&[("host", "localhost:4000")])).is_some());
-        assert!(g.foreign(&headers(&[])).is_some());
+        assert_eq!(
+            g.foreign(&headers(&[("host", "127.0.0.1:4000")]), false),
+            None
+        );
         assert!(g
-            .foreign(&headers(&[
-                ("host", "127.0.0.1:4000"),
-                ("origin", "http://evil.test")
-            ]))
+            .foreign(&headers(&[("host", "evil.test:4000")]), false)
             .is_some());
         assert!(g
-            .foreign(&headers(&[("host", "127.0.0.1:4000"), ("origin", "null")]))
+            .foreign(&headers(&[("host", "localhost:4000")]), false)
+            .is_some());
+        assert!(g.foreign(&headers(&[]), false).is_some());
+        let cross = [("host", "127.0.0.1:4000"), ("sec-fetch-site", "cross-site")];
+        assert!(g.foreign(&headers(&cross), false).is_some());
+        assert_eq!(g.foreign(&headers(&cross), true), None);
+        assert!(g
+            .foreign(
+                &headers(&[("host", "127.0.0.1:4000"), ("origin", "http://evil.test")]),
+                false
+            )
+            .is_some());
+        assert!(g
+            .foreign(
+                &headers(&[("host", "127.0.0.1:4000"), ("origin", "null")]),
+                false
+            )
             .is_some());
         assert_eq!(
-            g.foreign(&headers(&[
-                ("host", "127.0.0.1:4000"),
-                ("origin", "http://127.0.0.1:4000")
-            ])),
+            g.foreign(
+                &headers(&[
+                    ("host", "127.0.0.1:4000"),
+                    ("origin", "http://127.0.0.1:4000")
+                ]),
+                false
+            ),
             None
         );
         assert!(g.token_ok(&headers(&[("x-sandpen-token", "t0k")])));

@@ -32,6 +32,10 @@ pub enum ApiError {
     UnknownAction(String),
     #[error("{0}")]
     BadTarget(String),
+    #[error("add host {host}: {reason}")]
+    BadAddHost { host: String, reason: String },
+    #[error("argv must be a JSON array of strings, not empty")]
+    BadArgv,
     #[error(
         "unknown service {service}: use one of {builtin}, or `sandpen secret set-custom` for your own API"
     )]
@@ -103,6 +107,8 @@ impl ApiError {
             | ApiError::UnknownMode(_)
             | ApiError::UnknownAction(_)
             | ApiError::BadTarget(_)
+            | ApiError::BadAddHost { .. }
+            | ApiError::BadArgv
             | ApiError::UnknownService { .. }
             | ApiError::EmptySecret
             | ApiError::Policy(_)

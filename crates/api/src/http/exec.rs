@@ -46,9 +46,7 @@ pub async fn upgrade(
         Some(json) => serde_json::from_str::<Vec<String>>(json)
             .ok()
             .filter(|a| !a.is_empty())
-            .ok_or_else(|| {
-                ApiError::BadTarget("argv must be a JSON array of strings, not empty".into())
-            })?,
+            .ok_or(ApiError::BadArgv)?,
         None => vec!["/bin/bash".into(), "-l".into()],
     };
     let size = WinSize {
@@ -116,15 +114,13 @@ async fn relay(socket: WebSocket, frames: FrameStream<UnixStream>) {
                 return;
             }
         }
-        let _ = input.send(&ExecInput::Signal(libc_sighup())).await;
+        let _ = input
+            .send(&ExecInput::Signal(nix::sys::signal::Signal::SIGHUP as i32))
+            .await;
         let _ = input.send(&ExecInput::StdinEof).await;
     };
     tokio::select! {
         _ = out => {}
         _ = inp => {}
     }
-}
-
-const fn libc_sighup() -> i32 {
-    1
 }

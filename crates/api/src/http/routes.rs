@@ -178,8 +178,10 @@ async fn create(State(app): State<Arc<App>>, Json(req): Json<CreateReq>) -> Res<
             sandpen_supervisor::sandbox::parse_memory_mib(m).map_err(ApiError::from)?;
     }
     for h in &req.add_hosts {
-        sandpen_policy::AddHost::parse(h)
-            .map_err(|e| ApiError::BadTarget(format!("add host {h}: {e}")))?;
+        sandpen_policy::AddHost::parse(h).map_err(|e| ApiError::BadAddHost {
+            host: h.clone(),
+            reason: e.to_string(),
+        })?;
     }
     opts.add_hosts = req.add_hosts;
     let dirs = app.dirs.clone();

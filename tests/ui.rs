@@ -659,7 +659,12 @@ fn browser_first_run_terminal_log_and_allow() -> Result<(), Failed> {
         "the terminal",
         "document.querySelector('#term-state').textContent === 'connected'",
         Duration::from_secs(300),
-    )?;
+    )
+    .map_err(|f| {
+        // The sandbox is removed at the end: its logs are the only evidence.
+        let m = f.message().unwrap_or_default().to_string();
+        Failed::from(format!("{m}\n{}", e.cli.log_tails()))
+    })?;
     let status = e.cli.status_of(NAME)?;
     check(status.0 == "running", format!("the sandbox: {status:?}"))?;
     let secrets = e.cli.ok(&["secret", "ls", "--json"])?;

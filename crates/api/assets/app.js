@@ -84,6 +84,12 @@ async function loadStart() {
         h("input", { type: "radio", name: "preset", value: p.name, checked: p.name === "balanced" }),
         " " + p.name, h("small", {}, p.words)));
     }
+    if (setup.has_policy) {
+      // A policy exists: start from its preset, so that Start does not change it unasked.
+      const p = await api("GET", "/api/policy");
+      const mine = $("input[name=preset][value='" + p.preset + "']");
+      if (mine) mine.checked = true;
+    }
     agent.addEventListener("change", () => {
       const a = setup.agents.find((x) => x.name === agent.value);
       if (a && a.services.length) service.value = a.services[0];

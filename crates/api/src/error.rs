@@ -62,7 +62,7 @@ pub enum ApiError {
     Image(#[from] sandpen_image::ImageError),
     #[error(transparent)]
     Vm(#[from] sandpen_vm::VmError),
-    #[error("reading the secret store: {0}")]
+    #[error(transparent)]
     Store(#[from] sandpen_credentials::StoreError),
     #[error(transparent)]
     Route(#[from] sandpen_credentials::RouteError),
@@ -70,7 +70,7 @@ pub enum ApiError {
     CustomRoutes(#[from] sandpen_credentials::CustomRoutesError),
     #[error(transparent)]
     Audit(#[from] sandpen_proxy::audit::AuditError),
-    #[error("{0}")]
+    #[error(transparent)]
     Proto(#[from] sandpen_proto::ProtoError),
     /// The packaged root image build (pkexec) did not succeed.
     #[error("building image {image} with administrator rights failed: {reason}")]

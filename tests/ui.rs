@@ -752,6 +752,29 @@ fn browser_first_run_terminal_log_and_allow() -> Result<(), Failed> {
         seen.lines().collect::<Vec<_>>() == ["/probe2"],
         format!("the probe server saw: {seen:?}"),
     )?;
+    // 5. A denied file operation shows in the page too: `.env` is deny-read
+    // by default (docs/files.md).
+    std::fs::write(e.cli.ws.join(".env"), "TOKEN=not-for-the-agent\n")
+        .map_err(|err| err.to_string())?;
+    cdp.type_line("cat .env; echo envcode=$?")?;
+    let t = cdp.wait_terminal(
+        "the denied read",
+        |t| {
+            t.lines()
+                .any(|l| l.trim().starts_with("envcode=") && l.trim().len() > 8)
+        },
+        Duration::from_secs(30),
+    )?;
+    check(
+        !t.contains("not-for-the-agent"),
+        format!("the guest read .env:\n{t}"),
+    )?;
+    cdp.wait_for(
+        "the denied read in the page",
+        "[...document.querySelectorAll('#act-files tbody tr')].some(r => r.cells[3].textContent.endsWith('/.env'))",
+        Duration::from_secs(5),
+    )?;
+    cdp.screenshot("activity")?;
     let rules = e.cli.ok(&["policy", "ls", NAME, "--json"])?;
     check(
         rules.contains(&format!("\"target\": \"{dest}\"")),

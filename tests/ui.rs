@@ -775,6 +775,26 @@ fn browser_first_run_terminal_log_and_allow() -> Result<(), Failed> {
         Duration::from_secs(5),
     )?;
     cdp.screenshot("activity")?;
+    // The allowed fetch set untrusted-input (docs/files.md#flow-labels); the
+    // page's reset clears it, as `sandpen flow reset` does.
+    let labels = e.cli.ok(&["flow", "show", NAME, "--json"])?;
+    check(
+        labels.contains("untrusted-input"),
+        format!("no label to reset: {labels}"),
+    )?;
+    cdp.eval(
+        "[...document.querySelectorAll('#act-flow button')].find(b => b.textContent === 'Reset flow labels').click()",
+    )?;
+    cdp.wait_for(
+        "the reset",
+        "document.querySelector('#act-flow').textContent.startsWith('No flow labels')",
+        Duration::from_secs(10),
+    )?;
+    let labels = e.cli.ok(&["flow", "show", NAME, "--json"])?;
+    check(
+        !labels.contains("untrusted-input"),
+        format!("the reset left: {labels}"),
+    )?;
     let rules = e.cli.ok(&["policy", "ls", NAME, "--json"])?;
     check(
         rules.contains(&format!("\"target\": \"{dest}\"")),

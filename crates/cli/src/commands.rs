@@ -3,15 +3,13 @@
 use std::io::{IsTerminal, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use sandpen_image::{BuildOutcome, ImageSpec};
-use sandpen_proto::ExecRequest;
 use sandpen_supervisor::control::{self, State};
-use sandpen_supervisor::sandbox::{self, CreateOptions, SandboxConfig, GUEST_USER};
-use sandpen_supervisor::{lifecycle, Dirs};
-use serde::Serialize;
+use sandpen_supervisor::sandbox::{self, CreateOptions, SandboxConfig};
+use sandpen_supervisor::Dirs;
 
 use crate::{attach, Command, CreateArgs, EnvCommand, ImageCommand, EXIT_SANDPEN_ERROR};
 
@@ -161,6 +159,7 @@ pub async fn dispatch(command: Command) -> Result<i32> {
         Command::Secret(cmd) => crate::secret_cmd::run(&dirs, cmd),
         Command::Doctor => doctor(&dirs),
         Command::Env(EnvCommand::Plan { path, json }) => env_plan(path, json),
+        Command::Ui(args) => crate::ui_cmd::run(dirs, args).await,
         Command::Supervise { .. } | Command::FsServe(_) | Command::Jail => {
             unreachable!("handled before the runtime starts")
         }
@@ -189,13 +188,7 @@ fn workspace_path(arg: Option<PathBuf>) -> Result<PathBuf> {
         Some(p) => p,
         None => std::env::current_dir().context("reading the current directory")?,
     };
-    let canonical = path
-        .canonicalize()
-        .with_context(|| format!("workspace {}", path.display()))?;
-    if !canonical.is_dir() {
-        bail!("workspace {} is not a directory", canonical.display());
-    }
-    Ok(canonical)
+    Ok(sandpen_api::sandboxes::workspace_path(&path)?)
 }
 
 fn create_options(ws: &Path, args: &CreateArgs, agent: &str) -> Result<CreateOptions> {
@@ -237,11 +230,9 @@ fn parse_mounts(list: &[String]) -> Result<Vec<sandbox::ExtraMount>> {
 
 /// `sandpen flow show|reset NAME`.
 fn flow(dirs: &Dirs, cmd: crate::FlowCommand) -> Result<i32> {
-    use sandpen_policy::LabelStore;
     match cmd {
         crate::FlowCommand::Show { name, json } => {
-            sandbox::load(dirs, &name)?;
-            let labels = LabelStore::in_dir(&dirs.sandbox(&name).dir).load()?;
+            let labels = sandpen_api::flow::show(dirs, &name)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&labels)?);
                 return Ok(0);
@@ -258,8 +249,7 @@ fn flow(dirs: &Dirs, cmd: crate::FlowCommand) -> Result<i32> {
             Ok(0)
         }
         crate::FlowCommand::Reset { name } => {
-            sandbox::load(dirs, &name)?;
-            let old = LabelStore::in_dir(&dirs.sandbox(&name).dir).reset()?;
+            let old = sandpen_api::flow::reset(dirs, &name)?;
             if old.is_empty() {
                 println!("{name}: no flow labels were set");
             } else {
@@ -305,14 +295,9 @@ async fn create_sandbox(
     agent: &str,
 ) -> Result<SandboxConfig> {
     let opts = create_options(ws, args, agent)?;
-    // Before anything slow (an image build) or anything made.
-    let own = sandpen_supervisor::own::own_folders(dirs);
-    sandpen_supervisor::own::check_share(ws, &own)?;
-    for m in &opts.mounts {
-        sandpen_supervisor::own::check_share(&m.path, &own)?;
-    }
-    let image = ensure_image(dirs, &opts.image)?;
-    let config = sandbox::create(dirs, &opts, &image.rootfs())?;
+    let progress = indicatif::MultiProgress::new();
+    let config =
+        sandpen_api::sandboxes::create(dirs, &opts, &progress, &|s| eprintln!("sandpen: {s}"))?;
     first_run_policy(dirs)?;
     Ok(config)
 }
@@ -364,33 +349,6 @@ fn first_run_policy(dirs: &Dirs) -> Result<()> {
     Ok(())
 }
 
-/// Loads an image, building on first use the default one and the image named
-/// after an agent (`claude`: the base, Node, Docker and Claude Code).
-fn ensure_image(dirs: &Dirs, name: &str) -> Result<sandpen_image::Image> {
-    match sandpen_image::load(&dirs.images(), name) {
-        Ok(image) => Ok(image),
-        Err(sandpen_image::ImageError::NotFound { .. }) if name == "default" => {
-            eprintln!("sandpen: building the default image (first use; a few minutes)");
-            let progress = indicatif::MultiProgress::new();
-            let outcome =
-                sandpen_image::build(&dirs.images(), &ImageSpec::default_for(name), &progress)?;
-            Ok(outcome.into_image())
-        }
-        Err(sandpen_image::ImageError::NotFound { .. }) if sandpen_agents::find(name).is_some() => {
-            agent_or_explain(name)?;
-            eprintln!(
-                "sandpen: building the {name} image (first use: Debian, Node, Docker and the agent; \
-                 several minutes, then cached)"
-            );
-            let progress = indicatif::MultiProgress::new();
-            let spec = ImageSpec::for_agents(name, &[name]);
-            let outcome = sandpen_image::build(&dirs.images(), &spec, &progress)?;
-            Ok(outcome.into_image())
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
 async fn start(dirs: &Dirs, name: &str) -> Result<()> {
     let config = sandbox::load(dirs, name)?;
     let decision = sandpen_vm::choose_accel(config.accel)?;
@@ -411,7 +369,7 @@ async fn start(dirs: &Dirs, name: &str) -> Result<()> {
         s.enable_steady_tick(Duration::from_millis(100));
         s
     });
-    let started = lifecycle::start(dirs, name).await;
+    let started = sandpen_api::sandboxes::start(dirs, name).await;
     if let Some(s) = spinner {
         s.finish_and_clear();
     }
@@ -545,49 +503,11 @@ fn lifecycle_argv(cmd: &sandpen_devenv::devcontainer::LifecycleCommand) -> Vec<S
 }
 
 async fn stop(dirs: &Dirs, name: &str, timeout: Duration) -> Result<()> {
-    sandbox::load(dirs, name)?;
-    let paths = dirs.sandbox(name);
-    // A sandbox that is booting, or busy shutting down after another stop, does
-    // not answer yet: give it the timeout before forcing it off, so that a
-    // second `stop` never kills a guest in the middle of flushing its disk.
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        match control::state(&paths).await {
-            State::Stopped | State::Failed(_) => return Ok(()),
-            State::Running(_) => return Ok(control::stop(&paths, timeout).await?),
-            State::Starting | State::Stopping | State::Unresponsive
-                if std::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            State::Starting | State::Stopping | State::Unresponsive => {
-                control::kill_supervisor(&paths);
-                return Ok(());
-            }
-        }
-    }
+    Ok(sandpen_api::sandboxes::stop(dirs, name, timeout).await?)
 }
 
 async fn rm(dirs: &Dirs, name: &str, force: bool) -> Result<()> {
-    sandbox::load(dirs, name)?;
-    let paths = dirs.sandbox(name);
-    if control::supervisor_alive(&paths) {
-        if !force {
-            bail!("sandbox {name} is running; stop it first, or use `sandpen rm -f {name}`");
-        }
-        if control::stop(&paths, Duration::from_secs(10))
-            .await
-            .is_err()
-        {
-            control::kill_supervisor(&paths);
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while control::supervisor_alive(&paths) && std::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
-    }
-    sandbox::remove(dirs, name)?;
-    Ok(())
+    Ok(sandpen_api::sandboxes::rm(dirs, name, force).await?)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -607,13 +527,14 @@ async fn exec(
             env.insert(0, ("TERM".into(), term));
         }
     }
-    let req = ExecRequest {
+    let req = sandpen_api::sandboxes::exec_request(
+        config,
         argv,
         env,
-        cwd: Some(workdir.unwrap_or_else(|| config.workspace.to_string_lossy().into_owned())),
-        user: Some(user.unwrap_or_else(|| GUEST_USER.into())),
-        tty: tty.then_some(size.unwrap_or(sandpen_proto::WinSize { rows: 24, cols: 80 })),
-    };
+        user,
+        workdir,
+        tty.then_some(size.unwrap_or(sandpen_proto::WinSize { rows: 24, cols: 80 })),
+    );
     let frames = control::exec(&dirs.sandbox(&config.name), req).await?;
     attach::attach(frames, tty, interactive || tty).await
 }
@@ -853,36 +774,6 @@ fn require_secret(dirs: &Dirs, agent: &sandpen_agents::Agent, sandbox: &str) -> 
     )
 }
 
-#[derive(Serialize)]
-struct LsRow {
-    name: String,
-    status: String,
-    workspace: PathBuf,
-    image: String,
-    agent: String,
-    cpus: u32,
-    memory_mib: u32,
-    uptime_secs: Option<u64>,
-    accel: Option<String>,
-    created_at: String,
-    /// Published ports (`-p`), as `sandpen ports` prints them.
-    ports: Vec<String>,
-    /// Why the last run failed (status `failed`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    reason: Option<String>,
-    /// A running sandbox's limits, usage, egress bytes and disk state
-    /// (`disk_full`), as `stats` shows them.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    resources: Option<sandpen_supervisor::resources::Stats>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn human_duration(secs: u64) -> String {
     match secs {
         s if s < 60 => format!("{s}s"),
@@ -893,40 +784,7 @@ fn human_duration(secs: u64) -> String {
 }
 
 async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
-    let mut rows = Vec::new();
-    for c in sandbox::list(dirs)? {
-        let state = control::state(&dirs.sandbox(&c.name)).await;
-        let (uptime, accel) = match &state {
-            State::Running(s) => (
-                Some(now_ms().saturating_sub(s.started_at_unix_ms) / 1000),
-                Some(s.accel.clone()),
-            ),
-            _ => (None, None),
-        };
-        let reason = match &state {
-            State::Failed(reason) => Some(reason.clone()),
-            _ => None,
-        };
-        let resources = match &state {
-            State::Running(_) => control::stats(&dirs.sandbox(&c.name)).await.ok(),
-            _ => None,
-        };
-        rows.push(LsRow {
-            reason,
-            resources,
-            status: state.label().to_string(),
-            name: c.name,
-            workspace: c.workspace,
-            image: c.image,
-            agent: c.agent,
-            cpus: c.cpus,
-            memory_mib: c.memory_mib,
-            uptime_secs: uptime,
-            accel,
-            created_at: c.created_at,
-            ports: c.ports.iter().map(|m| m.to_string()).collect(),
-        });
-    }
+    let rows = sandpen_api::sandboxes::list(dirs).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(0);
@@ -997,13 +855,7 @@ pub fn print_table<const N: usize>(rows: &[[String; N]]) {
 }
 
 async fn logs(dirs: &Dirs, name: &str, follow: bool, supervisor: bool) -> Result<i32> {
-    sandbox::load(dirs, name)?;
-    let paths = dirs.sandbox(name);
-    let path = if supervisor {
-        paths.supervisor_log()
-    } else {
-        paths.console_log()
-    };
+    let path = sandpen_api::logs::text_log_path(dirs, name, supervisor)?;
     let mut file = match std::fs::File::open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !follow => return Ok(0),
@@ -1156,16 +1008,7 @@ fn default_image_name(agents: &[String]) -> String {
 
 /// The agent called `name`, or an error that says why it cannot be used.
 fn agent_or_explain(name: &str) -> Result<&'static sandpen_agents::Agent> {
-    let agent = sandpen_agents::find(name).with_context(|| {
-        format!(
-            "unknown agent {name:?}: use one of {}",
-            sandpen_agents::run_names().join(", ")
-        )
-    })?;
-    if let Err(reason) = agent.npm_package() {
-        bail!("{} cannot run in sandpen: {reason}", agent.title);
-    }
-    Ok(agent)
+    Ok(sandpen_api::sandboxes::agent_or_explain(name)?)
 }
 
 /// `doctor`'s line on QEMU's jail: the launcher jails `true` with QEMU's

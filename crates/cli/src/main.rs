@@ -7,6 +7,7 @@ mod fs_serve;
 mod policy_cmd;
 mod secret_cmd;
 mod stats_cmd;
+mod ui_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -209,6 +210,11 @@ enum Command {
     Env(EnvCommand),
     /// Check this host: QEMU, KVM or TCG, file server, image tools
     Doctor,
+    /// The local web page: first run, sandboxes with a terminal, the live
+    /// network log, policy and secrets (prints and opens its address, stays
+    /// in the foreground)
+    #[command(alias = "serve")]
+    Ui(ui_cmd::UiArgs),
     /// Internal: the per-sandbox supervisor process
     #[command(hide = true)]
     Supervise { name: String },

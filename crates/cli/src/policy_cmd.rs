@@ -1,13 +1,10 @@
 //! `sandpen policy ...`: edit the policy files, check a destination exactly as
 //! the proxy would, and read the network log.
 
-use std::path::PathBuf;
-
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use sandpen_policy::file::PolicyFile;
-use sandpen_policy::{Action, Mode, Preset, Scope, Verdict};
-use sandpen_proxy::audit::{read_log, LogFilter};
+use sandpen_api::policy::Where;
+use sandpen_policy::{Action, Verdict};
 use sandpen_supervisor::{sandbox, Dirs};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -100,110 +97,49 @@ pub enum PolicyCommand {
     },
 }
 
-fn file_path(dirs: &Dirs, scope: &ScopeArgs) -> Result<(PathBuf, Scope)> {
-    match &scope.name {
-        Some(name) => {
-            sandbox::load(dirs, name)?;
-            Ok((dirs.sandbox(name).dir.join("policy.toml"), Scope::Sandbox))
-        }
-        None => {
-            std::fs::create_dir_all(&dirs.config)
-                .with_context(|| format!("creating {}", dirs.config.display()))?;
-            Ok((dirs.config.join("policy.toml"), Scope::Global))
-        }
-    }
-}
-
-fn edit(
-    dirs: &Dirs,
-    scope: &ScopeArgs,
-    f: impl FnOnce(&mut PolicyFile) -> Result<String>,
-) -> Result<i32> {
-    let (path, scope) = file_path(dirs, scope)?;
-    let mut file = PolicyFile::load(&path, scope)?;
-    let said = f(&mut file)?;
-    file.save()?;
-    println!("{said}");
-    Ok(0)
+fn place(scope: &ScopeArgs) -> Where {
+    Where::from_name(scope.name.clone())
 }
 
 fn policy_for(dirs: &Dirs, name: Option<&str>) -> Result<sandpen_policy::Policy> {
-    match name {
-        Some(name) => {
-            let config = sandbox::load(dirs, name)?;
-            Ok(sandpen_supervisor::egress::load_policy(
-                dirs,
-                &dirs.sandbox(name),
-                &config,
-            )?)
-        }
-        None => Ok(sandpen_policy::Policy::load(
-            Some(&dirs.config.join("policy.toml")),
-            None,
-        )?),
-    }
-}
-
-/// `host:port`, `[v6]:port` or a bare host (port 443).
-fn split_target(target: &str) -> Result<(String, u16)> {
-    if let Some(rest) = target.strip_prefix('[') {
-        let (host, port) = rest.split_once(']').context("unclosed [ in the target")?;
-        let port = match port.strip_prefix(':') {
-            Some(p) => p.parse().with_context(|| format!("bad port in {target}"))?,
-            None => 443,
-        };
-        return Ok((host.to_string(), port));
-    }
-    match target.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') => Ok((
-            host.to_string(),
-            port.parse()
-                .with_context(|| format!("bad port in {target}"))?,
-        )),
-        _ => Ok((target.to_string(), 443)),
-    }
+    Ok(sandpen_api::policy::policy_for(dirs, name)?)
 }
 
 pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
     match cmd {
         PolicyCommand::Init { preset, scope } => {
-            let Some(p) = Preset::parse(&preset) else {
-                bail!("unknown preset {preset:?}: use deny-all, balanced or allow-all");
-            };
-            edit(dirs, &scope, |f| {
-                f.init_preset(p)?;
-                Ok(format!("{}: preset {}", f.path().display(), p.as_str()))
-            })
+            let path = sandpen_api::policy::init_preset(dirs, &place(&scope), &preset)?;
+            println!("{}: preset {preset}", path.display());
+            Ok(0)
         }
-        PolicyCommand::Allow { target, scope, .. } => edit(dirs, &scope, |f| {
-            let rule = f.add_rule(Action::Allow, &target)?;
-            Ok(format!(
+        PolicyCommand::Allow { target, scope, .. } => {
+            let rule = sandpen_api::policy::add_rule(dirs, &place(&scope), Action::Allow, &target)?;
+            println!(
                 "added rule {} ({}: allow {})",
                 rule.id, rule.scope, rule.target
-            ))
-        }),
-        PolicyCommand::Deny { target, scope, .. } => edit(dirs, &scope, |f| {
-            let rule = f.add_rule(Action::Deny, &target)?;
-            Ok(format!(
+            );
+            Ok(0)
+        }
+        PolicyCommand::Deny { target, scope, .. } => {
+            let rule = sandpen_api::policy::add_rule(dirs, &place(&scope), Action::Deny, &target)?;
+            println!(
                 "added rule {} ({}: deny {})",
                 rule.id, rule.scope, rule.target
-            ))
-        }),
-        PolicyCommand::Rm { id, scope, .. } => edit(dirs, &scope, |f| {
-            let rule = f.remove_rule(id)?;
-            Ok(format!(
+            );
+            Ok(0)
+        }
+        PolicyCommand::Rm { id, scope, .. } => {
+            let rule = sandpen_api::policy::remove_rule(dirs, &place(&scope), id)?;
+            println!(
                 "removed rule {} ({}: {} {})",
                 rule.id, rule.scope, rule.action, rule.target
-            ))
-        }),
+            );
+            Ok(0)
+        }
         PolicyCommand::Mode { mode, scope } => {
-            let Some(m) = Mode::parse(&mode) else {
-                bail!("unknown mode {mode:?}: use enforce, learn or ask");
-            };
-            edit(dirs, &scope, |f| {
-                f.set_mode(m)?;
-                Ok(format!("{}: mode {}", f.path().display(), m.as_str()))
-            })
+            let path = sandpen_api::policy::set_mode(dirs, &place(&scope), &mode)?;
+            println!("{}: mode {mode}", path.display());
+            Ok(0)
         }
         PolicyCommand::Trust { name } => {
             let config = sandbox::load(dirs, &name)?;
@@ -237,26 +173,15 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             Ok(0)
         }
         PolicyCommand::Ls { name, json } => {
-            let policy = policy_for(dirs, name.as_deref())?;
             if json {
-                let rows: Vec<_> = policy
-                    .rules()
-                    .iter()
-                    .map(|r| {
-                        serde_json::json!({
-                            "id": r.id, "scope": r.scope.as_str(), "action": r.action.as_str(),
-                            "target": r.target.to_string(), "source": r.source.to_string(),
-                        })
-                    })
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({
-                        "mode": policy.mode().as_str(), "preset": policy.preset().as_str(), "rules": rows,
-                    }))?
-                );
+                let info = sandpen_api::policy::show(dirs, name.as_deref())?;
+                let out = serde_json::json!({
+                    "mode": info.mode, "preset": info.preset, "rules": info.rules,
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
                 return Ok(0);
             }
+            let policy = policy_for(dirs, name.as_deref())?;
             println!(
                 "mode {}, preset {}",
                 policy.mode().as_str(),
@@ -282,11 +207,9 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             Ok(0)
         }
         PolicyCommand::Check { target, name, .. } => {
-            let policy = policy_for(dirs, name.as_deref())?;
-            let (host, port) = split_target(&target)?;
-            let checked = sandpen_proxy::decide(&policy, &host, port).await;
-            println!("{host}:{port} {}", checked.decision);
-            Ok(match checked.decision.verdict {
+            let checked = sandpen_api::policy::check(dirs, name.as_deref(), &target).await?;
+            println!("{}:{} {}", checked.host, checked.port, checked.decision);
+            Ok(match checked.verdict {
                 Verdict::Deny => 1,
                 _ => 0,
             })
@@ -297,36 +220,17 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             limit,
             kind,
         } => {
-            let names: Vec<String> = match name {
-                Some(n) => {
-                    sandbox::load(dirs, &n)?;
-                    vec![n]
-                }
-                None => sandbox::list(dirs)?.into_iter().map(|c| c.name).collect(),
-            };
+            let names = sandpen_api::logs::names(dirs, name.as_deref())?;
             if kind != LogType::Network {
                 file_log(dirs, &names, json, limit)?;
                 if kind == LogType::File {
                     return Ok(0);
                 }
             }
-            let mut records = Vec::new();
-            for n in names {
-                let path = dirs.sandbox(&n).logs().join("net.jsonl");
-                records.extend(read_log(
-                    &path,
-                    &LogFilter {
-                        sandbox: None,
-                        limit: Some(limit),
-                    },
-                )?);
-            }
-            records.sort_by_key(|r| r.time);
-            let skip = records.len().saturating_sub(limit);
-            let records = &records[skip..];
+            let records = sandpen_api::logs::network(dirs, &names, limit)?;
             if json {
                 for r in records {
-                    println!("{}", serde_json::to_string(r)?);
+                    println!("{}", serde_json::to_string(&r)?);
                 }
                 return Ok(0);
             }
@@ -369,20 +273,10 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
 /// The file log (`logs/files.jsonl`) of these sandboxes: denied operations
 /// and label changes.
 fn file_log(dirs: &Dirs, names: &[String], json: bool, limit: usize) -> Result<()> {
-    let mut records = Vec::new();
-    for n in names {
-        let path = dirs.sandbox(n).logs().join("files.jsonl");
-        records.extend(
-            sandpen_fs::read_records(&path)
-                .with_context(|| format!("reading {}", path.display()))?,
-        );
-    }
-    records.sort_by(|a, b| a.time.cmp(&b.time));
-    let skip = records.len().saturating_sub(limit);
-    let records = &records[skip..];
+    let records = sandpen_api::logs::files(dirs, names, limit)?;
     if json {
         for r in records {
-            println!("{}", serde_json::to_string(r)?);
+            println!("{}", serde_json::to_string(&r)?);
         }
         return Ok(());
     }
@@ -439,13 +333,5 @@ mod tests {
     fn guest_text_cannot_drive_the_terminal() {
         assert_eq!(printable("a.test"), "a.test");
         assert!(!printable("x\u{1b}]52;c;aGk=\u{7}").contains('\u{1b}'));
-    }
-
-    #[test]
-    fn targets_split_into_host_and_port() {
-        assert_eq!(split_target("a.test:80").unwrap(), ("a.test".into(), 80));
-        assert_eq!(split_target("a.test").unwrap(), ("a.test".into(), 443));
-        assert_eq!(split_target("[::1]:22").unwrap(), ("::1".into(), 22));
-        assert!(split_target("a.test:http").is_err());
     }
 }

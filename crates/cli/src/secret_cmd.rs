@@ -6,9 +6,8 @@ use std::io::{IsTerminal, Read};
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
-use sandpen_credentials::{builtin_routes, Route, Scope, SecretValue};
-use sandpen_supervisor::credentials::{custom_routes, store, store_and_keyring_status};
-use sandpen_supervisor::{sandbox, Dirs};
+use sandpen_credentials::{Route, Scope, SecretValue};
+use sandpen_supervisor::Dirs;
 
 use crate::policy_cmd::ScopeArgs;
 
@@ -56,16 +55,10 @@ pub fn run(dirs: &Dirs, cmd: SecretCommand) -> Result<i32> {
     match cmd {
         SecretCommand::Set { service, scope } => {
             let scope = scope_of(dirs, &scope)?;
-            let hosts = hosts_of(dirs, &service)?;
-            if hosts.is_empty() {
-                let builtin: Vec<&str> = builtin_names();
-                bail!(
-                    "unknown service {service}: use one of {}, or `sandpen secret set-custom` for your own API",
-                    builtin.join(", ")
-                );
-            }
+            // Before the prompt: an unknown service is said at once.
+            sandpen_api::secrets::routed_hosts(dirs, &service)?;
             let value = read_value(&service)?;
-            save(dirs, &service, scope, value, &hosts)
+            report(sandpen_api::secrets::set(dirs, &service, scope, value)?)
         }
         SecretCommand::SetCustom {
             host,
@@ -76,11 +69,14 @@ pub fn run(dirs: &Dirs, cmd: SecretCommand) -> Result<i32> {
         } => {
             let scope = scope_of(dirs, &scope)?;
             let route = Route::custom(&service, &host, &header, &format)?;
-            let routes = custom_routes(dirs);
             // The value first: a cancelled prompt leaves nothing behind.
             let value = read_value(&service)?;
-            routes.put(route.clone())?;
-            save(dirs, &service, scope, value, &route.hosts)?;
+            report(sandpen_api::secrets::set_custom(
+                dirs,
+                route.clone(),
+                scope,
+                value,
+            )?)?;
             println!(
                 "placeholder: {}\nput it where the client in the sandbox reads its key; the proxy replaces it in the {} header",
                 route.sentinel, header
@@ -90,49 +86,15 @@ pub fn run(dirs: &Dirs, cmd: SecretCommand) -> Result<i32> {
         SecretCommand::Ls { json } => list(dirs, json),
         SecretCommand::Rm { service, scope } => {
             let scope = scope_of(dirs, &scope)?;
-            let store = store(dirs);
-            if !store.remove(&service, &scope)? {
-                bail!("no {service} secret in scope {scope}; see `sandpen secret ls`");
-            }
-            // A custom route without any secret left goes too.
-            let left = store.list()?.iter().any(|e| e.service == service);
-            if !left {
-                custom_routes(dirs).remove(&service)?;
-            }
+            sandpen_api::secrets::remove(dirs, &service, &scope)?;
             println!("removed the {service} secret ({scope})");
             Ok(0)
         }
     }
 }
 
-fn builtin_names() -> Vec<&'static str> {
-    let mut names: Vec<&str> = builtin_routes()
-        .iter()
-        .map(|r| r.service.as_str())
-        .collect();
-    names.dedup();
-    names
-}
-
 fn scope_of(dirs: &Dirs, scope: &ScopeArgs) -> Result<Scope> {
-    match &scope.name {
-        Some(name) => {
-            sandbox::load(dirs, name)?;
-            Ok(Scope::Sandbox(name.clone()))
-        }
-        None => Ok(Scope::Global),
-    }
-}
-
-/// The hosts a service's secret goes to (built-in and custom routes).
-fn hosts_of(dirs: &Dirs, service: &str) -> Result<Vec<String>> {
-    let table = custom_routes(dirs).table()?;
-    Ok(table
-        .routes()
-        .iter()
-        .filter(|r| r.service == service)
-        .flat_map(|r| r.hosts.iter().cloned())
-        .collect())
+    Ok(sandpen_api::secrets::scope_of(dirs, scope.name.as_deref())?)
 }
 
 /// The value, from a prompt without echo at a terminal, else all of stdin
@@ -162,58 +124,26 @@ fn read_value(service: &str) -> Result<SecretValue> {
     Ok(value)
 }
 
-fn save(
-    dirs: &Dirs,
-    service: &str,
-    scope: Scope,
-    value: SecretValue,
-    hosts: &[String],
-) -> Result<i32> {
-    let (store, no_keyring) = store_and_keyring_status(dirs);
-    let first = !store.path().exists();
-    store.set(service, scope.clone(), value)?;
-    if let (true, Some(why)) = (first, &no_keyring) {
+fn report(stored: sandpen_api::secrets::Stored) -> Result<i32> {
+    if let (Some(why), Some(path)) = (&stored.no_keyring, &stored.store_path) {
         eprintln!(
-            "sandpen: warning: no OS keyring answers ({why}); secrets are kept in {} (mode 0600)",
-            store.path().display()
+            "sandpen: warning: no OS keyring answers ({why}); secrets are kept in {path} (mode 0600)"
         );
     }
     println!(
-        "stored the {service} secret ({scope}) in the {}; it goes to {} only, in place of the sandbox's placeholder",
-        store.backend(),
-        hosts.join(", ")
+        "stored the {} secret ({}) in the {}; it goes to {} only, in place of the sandbox's placeholder",
+        stored.service,
+        stored.scope,
+        stored.backend,
+        stored.hosts.join(", ")
     );
     Ok(0)
 }
 
 fn list(dirs: &Dirs, json: bool) -> Result<i32> {
-    let entries = store(dirs).list()?;
-    let table = custom_routes(dirs).table()?;
-    let hosts = |service: &str| -> Vec<String> {
-        table
-            .routes()
-            .iter()
-            .filter(|r| r.service == service)
-            .flat_map(|r| r.hosts.iter().cloned())
-            .collect()
-    };
-    let when = |t: &time::OffsetDateTime| {
-        t.format(&time::format_description::well_known::Rfc3339)
-            .unwrap_or_default()
-    };
+    let entries = sandpen_api::secrets::list(dirs)?;
     if json {
-        let rows: Vec<serde_json::Value> = entries
-            .iter()
-            .map(|e| {
-                serde_json::json!({
-                    "service": e.service,
-                    "scope": e.scope.to_string(),
-                    "hosts": hosts(&e.service),
-                    "set_at": when(&e.set_at),
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        println!("{}", serde_json::to_string_pretty(&entries)?);
         return Ok(0);
     }
     let mut rows = vec![[
@@ -222,13 +152,8 @@ fn list(dirs: &Dirs, json: bool) -> Result<i32> {
         "HOSTS".to_string(),
         "SET-AT".to_string(),
     ]];
-    for e in &entries {
-        rows.push([
-            e.service.clone(),
-            e.scope.to_string(),
-            hosts(&e.service).join(","),
-            when(&e.set_at),
-        ]);
+    for e in entries {
+        rows.push([e.service, e.scope, e.hosts.join(","), e.set_at]);
     }
     crate::commands::print_table(&rows);
     Ok(0)

@@ -1,0 +1,147 @@
+//! The one error type of the shared operations: one variant per cause a
+//! user can act on, the crates' own errors as sources. Its Display is the
+//! one readable sentence both the CLI and the page show.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("no sandbox named {0:?}; `sandpen ls` lists the sandboxes")]
+    UnknownSandbox(String),
+    #[error("sandbox {0} is running; stop it first, or use `sandpen rm -f {0}`")]
+    Running(String),
+    #[error("sandbox {0} is not running; start it with `sandpen start {0}`")]
+    NotRunning(String),
+    #[error("workspace {}: {source}", path.display())]
+    Workspace {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("workspace {} is not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    #[error("unknown agent {name:?}: use one of {choices}")]
+    UnknownAgent { name: String, choices: String },
+    #[error("{title} cannot run in sandpen: {reason}")]
+    AgentCannotRun { title: String, reason: String },
+    #[error("unknown preset {0:?}: use deny-all, balanced or allow-all")]
+    UnknownPreset(String),
+    #[error("unknown mode {0:?}: use enforce, learn or ask")]
+    UnknownMode(String),
+    #[error("unknown action {0:?}: use allow or deny")]
+    UnknownAction(String),
+    #[error("{0}")]
+    BadTarget(String),
+    #[error("add host {host}: {reason}")]
+    BadAddHost { host: String, reason: String },
+    #[error("argv must be a JSON array of strings, not empty")]
+    BadArgv,
+    #[error(
+        "unknown service {service}: use one of {builtin}, or `sandpen secret set-custom` for your own API"
+    )]
+    UnknownService { service: String, builtin: String },
+    #[error("the secret is empty; nothing stored")]
+    EmptySecret,
+    #[error("no {service} secret in scope {scope}; see `sandpen secret ls`")]
+    NoSuchSecret { service: String, scope: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Supervisor(#[from] sandpen_supervisor::SupervisorError),
+    #[error(transparent)]
+    Policy(#[from] sandpen_policy::PolicyError),
+    #[error(transparent)]
+    Pattern(#[from] sandpen_policy::files::PatternError),
+    #[error(transparent)]
+    Flow(#[from] sandpen_policy::flow::FlowError),
+    #[error(transparent)]
+    Image(#[from] sandpen_image::ImageError),
+    #[error(transparent)]
+    Vm(#[from] sandpen_vm::VmError),
+    #[error(transparent)]
+    Store(#[from] sandpen_credentials::StoreError),
+    #[error(transparent)]
+    Route(#[from] sandpen_credentials::RouteError),
+    #[error(transparent)]
+    CustomRoutes(#[from] sandpen_credentials::CustomRoutesError),
+    #[error(transparent)]
+    Audit(#[from] sandpen_proxy::audit::AuditError),
+    #[error(transparent)]
+    Proto(#[from] sandpen_proto::ProtoError),
+    /// The packaged root image build (pkexec) did not succeed.
+    #[error("building image {image} with administrator rights failed: {reason}")]
+    RootBuild { image: String, reason: String },
+    #[error("the operation's worker failed: {0}")]
+    Worker(String),
+}
+
+impl ApiError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        ApiError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// The error's kind for an HTTP status: not found, conflict, bad input
+    /// or a failure of the host.
+    pub fn kind(&self) -> ErrorKind {
+        use sandpen_supervisor::SupervisorError as S;
+        match self {
+            ApiError::UnknownSandbox(_) | ApiError::Supervisor(S::UnknownSandbox(_)) => {
+                ErrorKind::NotFound
+            }
+            ApiError::NoSuchSecret { .. } => ErrorKind::NotFound,
+            ApiError::Running(_)
+            | ApiError::NotRunning(_)
+            | ApiError::Supervisor(S::NotRunning(_)) => ErrorKind::Conflict,
+            ApiError::Workspace { .. }
+            | ApiError::NotADirectory(_)
+            | ApiError::UnknownAgent { .. }
+            | ApiError::AgentCannotRun { .. }
+            | ApiError::UnknownPreset(_)
+            | ApiError::UnknownMode(_)
+            | ApiError::UnknownAction(_)
+            | ApiError::BadTarget(_)
+            | ApiError::BadAddHost { .. }
+            | ApiError::BadArgv
+            | ApiError::UnknownService { .. }
+            | ApiError::EmptySecret
+            | ApiError::Policy(_)
+            | ApiError::Pattern(_)
+            | ApiError::Route(_)
+            | ApiError::Supervisor(S::Invalid(_) | S::OwnFiles { .. }) => ErrorKind::BadInput,
+            _ => ErrorKind::Host,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    NotFound,
+    Conflict,
+    BadInput,
+    Host,
+}
+
+/// An error and its causes on one line, each said once (a cause whose text
+/// the line already ends with is not repeated).
+pub fn one_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(cause) = next {
+        let text = cause.to_string();
+        if !line.ends_with(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        next = cause.source();
+    }
+    line
+}

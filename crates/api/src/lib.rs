@@ -1,0 +1,28 @@
+//! The operations that `sandpen`'s commands and the local web page
+//! (`sandpen ui`, [`http`]) share, so that the two cannot drift: each takes
+//! typed input, does the work through the supervisor, policy, credential and
+//! proxy crates, and returns a typed value. Printing is the caller's.
+//!
+//! - [`sandboxes`]: list, create (with the image build on first use), start,
+//!   stop, rm, and the exec request a terminal sends.
+//! - [`policy`]: the rules in force, add, remove, check, preset, the file rules.
+//! - [`secrets`]: set (values go in), list (names only), remove.
+//! - [`flow`]: the flow labels, and their reset.
+//! - [`logs`]: the network and file logs, read whole or followed.
+//! - [`progress`]: the image build's progress lines, as the CLI draws them.
+//!
+//! Guarantees: no function here returns a secret's value, or any part of
+//! one (see docs/credentials.md); text that comes from the guest (hosts,
+//! paths in the logs) is returned as it is, and is escaped by whoever shows
+//! it (the CLI for a terminal, the page for HTML).
+
+pub mod error;
+pub mod flow;
+pub mod http;
+pub mod logs;
+pub mod policy;
+pub mod progress;
+pub mod sandboxes;
+pub mod secrets;
+
+pub use error::ApiError;

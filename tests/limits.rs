@@ -107,15 +107,20 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 /// The cgroup directories of a process's sandbox cgroup (v1: one per
-/// hierarchy; v2: one), from its `/proc/PID/cgroup`.
+/// hierarchy; v2: one), from its `/proc/PID/cgroup`: `sandpen/NAME-HASH`,
+/// HASH being 8 hex digits of the state folder's (resources::cgroup_name).
 fn sandbox_cgroup_dirs(cgroup: &str, name: &str) -> Vec<PathBuf> {
-    let leaf = format!("/sandpen/{name}");
+    let prefix = format!("/sandpen/{name}-");
     cgroup
         .lines()
         .filter_map(|l| {
             let mut p = l.splitn(3, ':');
             let (_, ctrl, path) = (p.next()?, p.next()?, p.next()?);
-            if !path.ends_with(&leaf) {
+            let (head, hash) = path.rsplit_once('-')?;
+            let ours = format!("{head}-").ends_with(&prefix)
+                && hash.len() == 8
+                && hash.chars().all(|c| c.is_ascii_hexdigit());
+            if !ours {
                 return None;
             }
             let base = if ctrl.is_empty() {

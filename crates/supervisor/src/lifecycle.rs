@@ -73,12 +73,14 @@ pub async fn start(dirs: &Dirs, name: &str) -> Result<Started, SupervisorError> 
     // user scope that bounds it (docs/architecture.md, "Resource limits");
     // otherwise the supervisor makes its cgroup itself, or says why not.
     let limits = crate::resources::limits(&config);
-    let mut cmd = sandpen_cgroup::systemd_scope_command(name, &limits, &exe, &["supervise", name])
-        .unwrap_or_else(|| {
-            let mut c = Command::new(&exe);
-            c.arg("supervise").arg(name);
-            c
-        });
+    let cgroup = crate::resources::cgroup_name(&config, &paths);
+    let mut cmd =
+        sandpen_cgroup::systemd_scope_command(&cgroup, &limits, &exe, &["supervise", name])
+            .unwrap_or_else(|| {
+                let mut c = Command::new(&exe);
+                c.arg("supervise").arg(name);
+                c
+            });
     // A long-lived process should not hold the user's current folder busy.
     cmd.current_dir("/")
         .stdin(Stdio::null())

@@ -44,6 +44,18 @@ pub fn limits(config: &SandboxConfig) -> Limits {
     Limits::for_sandbox(config.cpus, config.memory_mib)
 }
 
+/// The name of a sandbox's cgroup (and of its systemd scope): the sandbox's
+/// name and 8 hex digits of the SHA-256 of its state folder. Names are unique
+/// only within one state folder, and cgroups are host-wide: two state
+/// folders (two users as root, a test's private one) with a sandbox of the
+/// same name must never share a cgroup, or empty each other's as stale.
+pub fn cgroup_name(config: &SandboxConfig, paths: &SandboxPaths) -> String {
+    use sha2::Digest;
+    use std::os::unix::ffi::OsStrExt;
+    let digest = sha2::Sha256::digest(paths.dir.as_os_str().as_bytes());
+    format!("{}-{}", config.name, hex::encode(&digest[..4]))
+}
+
 /// Makes the sandbox's cgroup and moves this process into it. Returns why
 /// limits are not applied, if they are not (said once by `run`/`start`).
 /// The caller holds the supervisor lock.
@@ -51,13 +63,13 @@ pub fn enter_cgroup(config: &SandboxConfig, paths: &SandboxPaths) -> Option<Stri
     if let Ok(mut dir) = DIR.lock() {
         *dir = Some(paths.dir.clone());
     }
-    let made = Cgroup::create(&config.name, &limits(config)).and_then(|cg| {
-        match cg.enter(std::process::id()) {
-            Ok(()) => Ok(cg),
-            Err(e) => {
-                let _ = cg.remove();
-                Err(e)
-            }
+    let made = Cgroup::create(&cgroup_name(config, paths), &limits(config)).and_then(|cg| match cg
+        .enter(std::process::id())
+    {
+        Ok(()) => Ok(cg),
+        Err(e) => {
+            let _ = cg.remove();
+            Err(e)
         }
     });
     let note = match made {

@@ -8,7 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use sandpen_policy::file::PolicyFile;
 use sandpen_policy::{Action, Mode, Preset, Scope, Verdict};
 use sandpen_proxy::audit::{read_log, LogFilter};
-use sandpen_supervisor::{sandbox, Dirs};
+use sandpen_supervisor::{control, sandbox, Dirs};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Kind {
@@ -48,10 +48,16 @@ pub enum PolicyCommand {
         #[command(flatten)]
         scope: ScopeArgs,
     },
-    /// Deny a destination (deny wins over allow)
+    /// Deny a destination (`deny network TARGET`; deny wins over allow), or
+    /// refuse a connection waiting in ask mode (`deny ID [--always]`)
     Deny {
-        kind: Kind,
-        target: String,
+        /// `network`, or a pending ID (ID or SANDBOX/ID, see `policy pending`)
+        what: String,
+        /// With `network`: HOST[:PORT] or CIDR[:PORT]
+        target: Option<String>,
+        /// With an ID: also add a deny rule for its HOST:PORT (sandbox scope)
+        #[arg(long)]
+        always: bool,
         #[command(flatten)]
         scope: ScopeArgs,
     },
@@ -93,10 +99,32 @@ pub enum PolicyCommand {
     /// Forget an earlier `policy trust`
     Untrust { name: String },
     /// enforce (default), learn (allow, log what enforce would deny) or ask
+    /// (hold what no rule decides until you answer: `policy pending`)
     Mode {
         mode: String,
         #[command(flatten)]
         scope: ScopeArgs,
+    },
+    /// Ask mode: the connections and requests waiting for your answer
+    Pending {
+        /// Only this sandbox's
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask mode: let a waiting connection through (ID or SANDBOX/ID, see `policy pending`)
+    Approve {
+        id: String,
+        /// This connection only
+        #[arg(long, conflicts_with = "always", required_unless_present = "always")]
+        once: bool,
+        /// Add an allow rule for its HOST:PORT (sandbox scope; -g global) and
+        /// let every connection waiting for it through
+        #[arg(long)]
+        always: bool,
+        /// With --always: the rule goes in the global file
+        #[arg(short = 'g', long = "global", requires = "always")]
+        global: bool,
     },
 }
 
@@ -164,8 +192,206 @@ fn split_target(target: &str) -> Result<(String, u16)> {
     }
 }
 
+/// The running sandboxes (all, or `name`), each with its held connections.
+async fn pending_of(
+    dirs: &Dirs,
+    name: Option<&str>,
+) -> Result<Vec<(String, Vec<sandpen_proxy::PendingInfo>)>> {
+    let names: Vec<String> = match name {
+        Some(n) => {
+            sandbox::load(dirs, n)?;
+            vec![n.to_string()]
+        }
+        None => sandbox::list(dirs)?.into_iter().map(|c| c.name).collect(),
+    };
+    let mut out = Vec::new();
+    for n in names {
+        let paths = dirs.sandbox(&n);
+        if !control::supervisor_alive(&paths) || !paths.control_socket().exists() {
+            continue;
+        }
+        match control::pending(&paths).await {
+            Ok(list) => out.push((n, list)),
+            Err(e) if name.is_some() => return Err(e.into()),
+            Err(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// `ID` or `SANDBOX/ID`: the one held entry it names.
+async fn find_pending(dirs: &Dirs, id: &str) -> Result<sandpen_proxy::PendingInfo> {
+    let (name, num) = match id.rsplit_once('/') {
+        Some((n, i)) => (Some(n), i),
+        None => (None, id),
+    };
+    let num: u64 = num
+        .parse()
+        .with_context(|| format!("{id:?} is not a pending id (ID or SANDBOX/ID, see `sandpen policy pending`)"))?;
+    let found: Vec<_> = pending_of(dirs, name)
+        .await?
+        .into_iter()
+        .flat_map(|(_, list)| list)
+        .filter(|p| p.id == num)
+        .collect();
+    match found.as_slice() {
+        [] => bail!("no pending request {id} (answered already, timed out, or its connection closed; see `sandpen policy pending`)"),
+        [one] => Ok(one.clone()),
+        many => bail!(
+            "pending id {num} is in several sandboxes ({}); say SANDBOX/{num}",
+            many.iter().map(|p| p.sandbox.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// How long ago, in words: `12s`, `3m04s`.
+fn ago(since: time::OffsetDateTime) -> String {
+    let secs = (time::OffsetDateTime::now_utc() - since)
+        .whole_seconds()
+        .max(0);
+    if secs < 60 {
+        format!("{secs}s")
+    } else {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    }
+}
+
+/// Add `action HOST:PORT` for a held entry to the sandbox's file (or the
+/// global one) and tell the running sandboxes to decide their held
+/// connections again.
+async fn rule_for_pending(
+    dirs: &Dirs,
+    p: &sandpen_proxy::PendingInfo,
+    action: Action,
+    global: bool,
+) -> Result<String> {
+    let scope = ScopeArgs {
+        global,
+        name: (!global).then(|| p.sandbox.clone()),
+    };
+    let (path, scope_kind) = file_path(dirs, &scope)?;
+    let mut file = PolicyFile::load(&path, scope_kind)?;
+    let target = destination(&p.host, p.port);
+    let rule = file.add_rule(action, &target)?;
+    file.save()?;
+    let said = format!("rule {} ({}: {} {})", rule.id, rule.scope, rule.action, rule.target);
+    // Every running sandbox reads a global rule; the entry's own sandbox first.
+    let mut names = vec![p.sandbox.clone()];
+    if global {
+        for c in sandbox::list(dirs)? {
+            if c.name != p.sandbox {
+                names.push(c.name);
+            }
+        }
+    }
+    for n in names {
+        let paths = dirs.sandbox(&n);
+        if control::supervisor_alive(&paths) {
+            let _ = control::recheck(&paths).await;
+        }
+    }
+    Ok(said)
+}
+
+/// `host:port` as a rule target (IPv6 in brackets).
+fn destination(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
     match cmd {
+        PolicyCommand::Pending { name, json } => {
+            let all = pending_of(dirs, name.as_deref()).await?;
+            let entries: Vec<_> = all.into_iter().flat_map(|(_, l)| l).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+                return Ok(0);
+            }
+            if entries.is_empty() {
+                println!("nothing is waiting");
+                return Ok(0);
+            }
+            let mut rows = vec![[
+                "ID".to_string(),
+                "SANDBOX".into(),
+                "DESTINATION".into(),
+                "PROCESS".into(),
+                "FIRST LINE / SNI".into(),
+                "FIRST-SEEN".into(),
+                "WAITING".into(),
+                "AGENT'S REASON (untrusted)".into(),
+            ]];
+            for p in &entries {
+                let time = p
+                    .first_seen
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                let dash = |o: &Option<String>| o.as_deref().map_or("-".to_string(), printable);
+                rows.push([
+                    p.id.to_string(),
+                    printable(&p.sandbox),
+                    printable(&destination(&p.host, p.port)),
+                    dash(&p.process),
+                    dash(&p.first),
+                    time,
+                    format!("{} of {}s", ago(p.first_seen), p.timeout_secs),
+                    p.reason
+                        .as_deref()
+                        .map_or("-".to_string(), |r| format!("\"{}\"", printable(r))),
+                ]);
+            }
+            crate::commands::print_table(&rows);
+            Ok(0)
+        }
+        PolicyCommand::Approve {
+            id,
+            once: _,
+            always,
+            global,
+        } => {
+            let p = find_pending(dirs, &id).await?;
+            let dest = destination(&p.host, p.port);
+            if always {
+                let said = rule_for_pending(dirs, &p, Action::Allow, global).await?;
+                println!("{}: {dest}: added {said}; every connection waiting for it goes on", p.sandbox);
+            } else {
+                control::answer(&dirs.sandbox(&p.sandbox), p.id, sandpen_proxy::Answer::Once)
+                    .await?;
+                println!("{}: {dest}: approved once (this connection only)", p.sandbox);
+            }
+            Ok(0)
+        }
+        PolicyCommand::Deny {
+            what,
+            target: None,
+            always,
+            scope,
+        } if what != "network" => {
+            if scope.name.is_some() || scope.global {
+                bail!("`policy deny ID` takes no sandbox or -g: the ID names its sandbox (SANDBOX/ID)");
+            }
+            let id = what;
+            let p = find_pending(dirs, &id).await?;
+            let dest = destination(&p.host, p.port);
+            if always {
+                let said = rule_for_pending(dirs, &p, Action::Deny, false).await?;
+                println!("{}: {dest}: added {said}", p.sandbox);
+            }
+            // A deny rule releases it through the recheck; the answer is for
+            // the case where it did not (it is gone then, which is fine).
+            match control::answer(&dirs.sandbox(&p.sandbox), p.id, sandpen_proxy::Answer::Deny)
+                .await
+            {
+                Ok(_) => println!("{}: {dest}: refused", p.sandbox),
+                Err(_) if always => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(0)
+        }
         PolicyCommand::Init { preset, scope } => {
             let Some(p) = Preset::parse(&preset) else {
                 bail!("unknown preset {preset:?}: use deny-all, balanced or allow-all");
@@ -182,13 +408,29 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
                 rule.id, rule.scope, rule.target
             ))
         }),
-        PolicyCommand::Deny { target, scope, .. } => edit(dirs, &scope, |f| {
+        PolicyCommand::Deny {
+            what,
+            target,
+            always,
+            scope,
+        } => {
+            if what != "network" {
+                bail!("usage: `policy deny network TARGET [-g|NAME]` or `policy deny ID [--always]`");
+            }
+            if always {
+                bail!("--always goes with a pending ID: `policy deny ID --always`");
+            }
+            let Some(target) = target else {
+                bail!("usage: `policy deny network TARGET [-g|NAME]`");
+            };
+            edit(dirs, &scope, |f| {
             let rule = f.add_rule(Action::Deny, &target)?;
             Ok(format!(
                 "added rule {} ({}: deny {})",
                 rule.id, rule.scope, rule.target
             ))
-        }),
+        })
+        }
         PolicyCommand::Rm { id, scope, .. } => edit(dirs, &scope, |f| {
             let rule = f.remove_rule(id)?;
             Ok(format!(

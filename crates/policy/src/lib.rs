@@ -797,9 +797,15 @@ impl Policy {
         } else if let Some(r) = allowing {
             Decision::new(Verdict::Allow, Some(r.to_ref()), reason::ALLOWED_BY_RULE)
         } else {
-            let mut d = Decision::deny(reason::NO_MATCHING_RULE);
-            d.ask = self.mode == Mode::Ask && self.askable(&host, port);
-            d
+            match blocked_literal(&host) {
+                // No rule could open it: say why, not that no rule matched.
+                Some(why) => Decision::deny(why),
+                None => {
+                    let mut d = Decision::deny(reason::NO_MATCHING_RULE);
+                    d.ask = self.mode == Mode::Ask && self.askable(&host, port);
+                    d
+                }
+            }
         };
         // Raw bytes: an address rule or a literal address carries any
         // protocol; a name rule only with ` raw` (docs/egress.md).
@@ -882,10 +888,8 @@ impl Policy {
     /// when the sandbox carries `secret-read` and the host is no trusted
     /// sink of the user's (the flow narrowing would deny it anyway).
     fn askable(&self, host: &Host, port: u16) -> bool {
-        if let Host::Ip(ip) = host {
-            if is_blocked(*ip) || is_host_address(*ip) {
-                return false;
-            }
+        if blocked_literal(host).is_some() {
+            return false;
         }
         if self.labels.get(Label::SecretRead).is_some() {
             return self
@@ -893,6 +897,21 @@ impl Policy {
                 .any(|t| t.matches_host(host, port));
         }
         true
+    }
+}
+
+/// `blocked-address: IP` for a literal address in a blocked range or of
+/// the host's own, which only an allow rule with a range target opens.
+fn blocked_literal(host: &Host) -> Option<String> {
+    let Host::Ip(ip) = host else {
+        return None;
+    };
+    if is_blocked(*ip) {
+        Some(format!("{}: {ip}", reason::BLOCKED_ADDRESS))
+    } else if is_host_address(*ip) {
+        Some(format!("{}: {ip} (the host's own)", reason::BLOCKED_ADDRESS))
+    } else {
+        None
     }
 }
 

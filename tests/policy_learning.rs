@@ -199,7 +199,10 @@ fn setup() -> Result<(), Failed> {
     ok(&["policy", "mode", "ask", NAME])?;
     set_ask_timeout(90)?;
     let ws = &env().cli.ws;
-    std::fs::write(ws.join(".sandpen.toml"), "[flow]\nsecret = [\"secrets/**\"]\n")?;
+    std::fs::write(
+        ws.join(".sandpen.toml"),
+        "[flow]\nsecret = [\"secrets/**\"]\n",
+    )?;
     std::fs::create_dir_all(ws.join("secrets"))?;
     std::fs::write(ws.join("secrets/token"), "tok\n")?;
     ok(&["start", NAME])?;
@@ -242,7 +245,10 @@ fn approve_once_lets_one_connection_through() -> Result<(), Failed> {
         "curl -sS -m 80 --noproxy '*' http://once.test:{port}/second"
     ));
     let held = pending_for("once.test", Duration::from_secs(30))?;
-    check(held.len() == 1, format!("the second curl waits too: {held:?}"))?;
+    check(
+        held.len() == 1,
+        format!("the second curl waits too: {held:?}"),
+    )?;
     let id = held[0]["id"].as_u64().ok_or("an id")?.to_string();
     ok(&["policy", "deny", &id])?;
     let (code, out) = finish(again);
@@ -263,9 +269,8 @@ fn approve_always_adds_a_rule() -> Result<(), Failed> {
     ready()?;
     let port = env().port;
     // Through the guest's HTTP proxy port this time.
-    let curl = format!(
-        "curl -sS -m 80 --noproxy '' -x http://127.0.0.1:3128 http://always.test:{port}/a"
-    );
+    let curl =
+        format!("curl -sS -m 80 --noproxy '' -x http://127.0.0.1:3128 http://always.test:{port}/a");
     let waiting = guest_spawn(&curl);
     let held = pending_for("always.test", Duration::from_secs(30))?;
     check(held.len() == 1, format!("one held entry: {held:?}"))?;
@@ -280,25 +285,84 @@ fn approve_always_adds_a_rule() -> Result<(), Failed> {
     let said = ok(&["policy", "approve", &id, "--always"])?;
     check(said.contains("allow always.test"), said)?;
     let (code, out) = finish(waiting);
-    check(code == 0 && out.contains("hello /a"), format!("{code} {out}"))?;
+    check(
+        code == 0 && out.contains("hello /a"),
+        format!("{code} {out}"),
+    )?;
     let started = Instant::now();
     let (code, out) = guest(&format!(
         "curl -sS -m 20 --noproxy '*' http://always.test:{port}/b"
     ));
     check(
         code == 0 && out.contains("hello /b") && started.elapsed() < Duration::from_secs(15),
-        format!("the next curl passes at once: {code} {out} in {:?}", started.elapsed()),
+        format!(
+            "the next curl passes at once: {code} {out} in {:?}",
+            started.elapsed()
+        ),
     )?;
     let ls = ok(&["policy", "ls", NAME, "--json"])?;
     let v: serde_json::Value = serde_json::from_str(&ls).map_err(|e| e.to_string())?;
     let rule = v["rules"]
         .as_array()
-        .and_then(|a| a.iter().find(|r| r["target"] == format!("always.test:{port}")))
+        .and_then(|a| {
+            a.iter()
+                .find(|r| r["target"] == format!("always.test:{port}"))
+        })
         .cloned();
     check(
-        rule.as_ref()
-            .is_some_and(|r| r["scope"] == "sandbox" && r["action"] == "allow"),
-        format!("the rule is listed: {ls}"),
+        rule.as_ref().is_some_and(|r| {
+            r["scope"] == "sandbox"
+                && r["action"] == "allow"
+                && r["added_by"] == "approval"
+                && r["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("GET http://always.test")
+        }),
+        format!("the rule is listed with its provenance: {ls}"),
+    )
+}
+
+/// `policy undo` of the approval takes the rule away again: `policy check`
+/// says so, and the next curl waits for an answer again.
+fn undo_restores_the_previous_verdict() -> Result<(), Failed> {
+    ready()?;
+    let port = env().port;
+    let dest = format!("always.test:{port}");
+    if !ok(&["policy", "ls", NAME])?.contains(&dest) {
+        approve_always_adds_a_rule()?;
+    }
+    let history = ok(&["policy", "history", NAME, "--json"])?;
+    let change = history
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|c| c["who"] == "approval" && c["edit"]["target"] == dest.as_str())
+        .ok_or(format!("no approval of {dest} in the history: {history}"))?;
+    let n = change["n"].as_u64().ok_or("a change number")?.to_string();
+    let said = ok(&["policy", "check", "network", &dest, NAME])?;
+    check(said.contains("allowed"), said)?;
+    ok(&["policy", "undo", &n, NAME])?;
+    let out = sandpen(&["policy", "check", "network", &dest, NAME]);
+    check(
+        text(&out.stdout).contains("denied: no-matching-rule"),
+        format!("after undo: {}", text(&out.stdout)),
+    )?;
+    let history = ok(&["policy", "history", NAME])?;
+    check(
+        history.contains(&format!("(undoes {n})")),
+        format!("the undo is in the history: {history}"),
+    )?;
+    let waiting = guest_spawn(&format!(
+        "curl -sS -m 80 --noproxy '*' http://always.test:{port}/after-undo"
+    ));
+    let held = pending_for("always.test", Duration::from_secs(30))?;
+    check(held.len() == 1, format!("the curl waits again: {held:?}"))?;
+    let id = held[0]["id"].as_u64().ok_or("an id")?.to_string();
+    ok(&["policy", "deny", &id])?;
+    let (_, out) = finish(waiting);
+    check(
+        !requests_seen().contains("/after-undo"),
+        format!("it went through: {out}"),
     )
 }
 
@@ -328,7 +392,10 @@ fn a_timeout_denies_with_ask_timeout() -> Result<(), Failed> {
         let r = last_record("late.test", port)?;
         check(
             r["decision"] == "deny"
-                && r["reason"].as_str().unwrap_or("").starts_with("ask-timeout"),
+                && r["reason"]
+                    .as_str()
+                    .unwrap_or("")
+                    .starts_with("ask-timeout"),
             r.to_string(),
         )?;
         let log = std::fs::read_to_string(
@@ -410,7 +477,10 @@ fn the_403_body_names_the_rule_and_the_request_line() -> Result<(), Failed> {
     let expected = format!(
         "sandpen: `GET http://denied.test:{port}/body HTTP/1.1` was refused: denied.test:{port} is not allowed for this sandbox (denied-by-rule, rule 1 (sandbox: deny denied.test))."
     );
-    check(out.contains(&expected), format!("{out}\nexpected: {expected}"))?;
+    check(
+        out.contains(&expected),
+        format!("{out}\nexpected: {expected}"),
+    )?;
     check(
         out.contains(&format!("sandpen-request network denied.test:{port}")),
         out.clone(),
@@ -420,7 +490,8 @@ fn the_403_body_names_the_rule_and_the_request_line() -> Result<(), Failed> {
         "curl -sS -m 20 --noproxy '*' http://denied.test:{port}/direct"
     ));
     check(
-        out.contains("`GET /direct` was refused") && out.contains("rule 1 (sandbox: deny denied.test)"),
+        out.contains("`GET /direct` was refused")
+            && out.contains("rule 1 (sandbox: deny denied.test)"),
         out,
     )?;
     // CONNECT.
@@ -446,6 +517,10 @@ fn main() {
             approve_once_lets_one_connection_through,
         ),
         ("approve_always_adds_a_rule", approve_always_adds_a_rule),
+        (
+            "undo_restores_the_previous_verdict",
+            undo_restores_the_previous_verdict,
+        ),
         (
             "a_timeout_denies_with_ask_timeout",
             a_timeout_denies_with_ask_timeout,

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use sandpen_policy::file::PolicyFile;
+use sandpen_policy::history::{Edit, History, Who};
 use sandpen_policy::{Action, Mode, Preset, Scope, Verdict};
 use sandpen_proxy::audit::{read_log, LogFilter};
 use sandpen_supervisor::{control, sandbox, Dirs};
@@ -31,6 +32,9 @@ pub struct ScopeArgs {
     pub global: bool,
     /// A sandbox's own policy
     pub name: Option<String>,
+    /// Why (kept in `policy history`)
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,6 +109,15 @@ pub enum PolicyCommand {
         #[command(flatten)]
         scope: ScopeArgs,
     },
+    /// Every change to a policy: who (cli, approval, suggestion, web), when, why
+    History {
+        /// A sandbox's history (default: the global file's)
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo change N of `policy history [NAME]` (the undo is a change of its own)
+    Undo { n: u64, name: Option<String> },
     /// Ask mode: the connections and requests waiting for your answer
     Pending {
         /// Only this sandbox's
@@ -142,17 +155,89 @@ fn file_path(dirs: &Dirs, scope: &ScopeArgs) -> Result<(PathBuf, Scope)> {
     }
 }
 
+/// Edit one policy file and record the change in the history (the
+/// sandbox's, or the global one's): `f` says what to print and what changed
+/// (`None`: nothing did).
 fn edit(
     dirs: &Dirs,
     scope: &ScopeArgs,
-    f: impl FnOnce(&mut PolicyFile) -> Result<String>,
+    f: impl FnOnce(&mut PolicyFile) -> Result<(String, Option<Edit>)>,
 ) -> Result<i32> {
-    let (path, scope) = file_path(dirs, scope)?;
-    let mut file = PolicyFile::load(&path, scope)?;
-    let said = f(&mut file)?;
+    let (path, kind) = file_path(dirs, scope)?;
+    let mut file = PolicyFile::load(&path, kind)?;
+    let (said, change) = f(&mut file)?;
     file.save()?;
+    if let Some(change) = change {
+        let reason = scope.reason.as_deref().unwrap_or_default();
+        history_for(dirs, scope.name.as_deref()).append(
+            &now_rfc3339(),
+            Who::Cli,
+            &file,
+            change,
+            reason,
+            None,
+        )?;
+    }
     println!("{said}");
     Ok(0)
+}
+
+/// A sandbox's policy history, or the global file's (`NAME` absent).
+fn history_for(dirs: &Dirs, name: Option<&str>) -> History {
+    match name {
+        Some(n) => History::in_dir(&dirs.sandbox(n).dir),
+        None => History::in_dir(&dirs.state),
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The change that added `rule` to its file as it is now: the latest
+/// `add-rule` of its id, action and target in that file.
+fn provenance<'a>(
+    changes: &'a [sandpen_policy::history::Change],
+    rule: &sandpen_policy::Rule,
+) -> Option<&'a sandpen_policy::history::Change> {
+    let sandpen_policy::RuleSource::File { path, .. } = &rule.source else {
+        return None;
+    };
+    changes
+        .iter()
+        .filter(|c| &c.file == path)
+        .filter(|c| {
+            matches!(&c.edit, Edit::AddRule { id, action, target }
+                if *id == rule.id && *action == rule.action && *target == rule.target.to_string())
+        })
+        .max_by(|a, b| a.time.cmp(&b.time))
+}
+
+/// `add_rule`, and the history entry if the rule is new.
+fn add_recorded(
+    f: &mut PolicyFile,
+    action: Action,
+    target: &str,
+) -> Result<(String, Option<Edit>)> {
+    let before = f.rules().len();
+    let rule = f.add_rule(action, target)?;
+    let said = format!(
+        "rule {} ({}: {} {})",
+        rule.id, rule.scope, rule.action, rule.target
+    );
+    if f.rules().len() == before {
+        return Ok((format!("already there: {said}"), None));
+    }
+    Ok((
+        format!("added {said}"),
+        Some(Edit::AddRule {
+            id: rule.id,
+            action: rule.action,
+            target: rule.target.to_string(),
+        }),
+    ))
 }
 
 fn policy_for(dirs: &Dirs, name: Option<&str>) -> Result<sandpen_policy::Policy> {
@@ -225,9 +310,9 @@ async fn find_pending(dirs: &Dirs, id: &str) -> Result<sandpen_proxy::PendingInf
         Some((n, i)) => (Some(n), i),
         None => (None, id),
     };
-    let num: u64 = num
-        .parse()
-        .with_context(|| format!("{id:?} is not a pending id (ID or SANDBOX/ID, see `sandpen policy pending`)"))?;
+    let num: u64 = num.parse().with_context(|| {
+        format!("{id:?} is not a pending id (ID or SANDBOX/ID, see `sandpen policy pending`)")
+    })?;
     let found: Vec<_> = pending_of(dirs, name)
         .await?
         .into_iter()
@@ -268,13 +353,31 @@ async fn rule_for_pending(
     let scope = ScopeArgs {
         global,
         name: (!global).then(|| p.sandbox.clone()),
+        reason: None,
     };
     let (path, scope_kind) = file_path(dirs, &scope)?;
     let mut file = PolicyFile::load(&path, scope_kind)?;
     let target = destination(&p.host, p.port);
-    let rule = file.add_rule(action, &target)?;
+    let (said, change) = add_recorded(&mut file, action, &target)?;
     file.save()?;
-    let said = format!("rule {} ({}: {} {})", rule.id, rule.scope, rule.action, rule.target);
+    if let Some(change) = change {
+        // Kept in the sandbox's history whichever file the rule went to.
+        let mut why = format!("pending {}", p.id);
+        if let Some(f) = &p.first {
+            why.push_str(&format!(": {f}"));
+        }
+        if let Some(r) = &p.reason {
+            why.push_str(&format!("; the agent's reason (untrusted): {r}"));
+        }
+        History::in_dir(&dirs.sandbox(&p.sandbox).dir).append(
+            &now_rfc3339(),
+            Who::Approval,
+            &file,
+            change,
+            &why,
+            None,
+        )?;
+    }
     // Every running sandbox reads a global rule; the entry's own sandbox first.
     let mut names = vec![p.sandbox.clone()];
     if global {
@@ -304,6 +407,66 @@ fn destination(host: &str, port: u16) -> String {
 
 pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
     match cmd {
+        PolicyCommand::History { name, json } => {
+            if let Some(n) = &name {
+                sandbox::load(dirs, n)?;
+            }
+            let all = history_for(dirs, name.as_deref()).read()?;
+            if json {
+                for c in &all {
+                    println!("{}", serde_json::to_string(c)?);
+                }
+                return Ok(0);
+            }
+            let mut rows = vec![[
+                "N".to_string(),
+                "TIME".into(),
+                "WHO".into(),
+                "SCOPE".into(),
+                "CHANGE".into(),
+                "REASON".into(),
+            ]];
+            for c in &all {
+                let mut change = c.edit.to_string();
+                if let Some(u) = c.undoes {
+                    change.push_str(&format!(" (undoes {u})"));
+                }
+                rows.push([
+                    c.n.to_string(),
+                    c.time.clone(),
+                    c.who.to_string(),
+                    c.scope.to_string(),
+                    change,
+                    if c.reason.is_empty() {
+                        "-".into()
+                    } else {
+                        printable(&c.reason)
+                    },
+                ]);
+            }
+            crate::commands::print_table(&rows);
+            Ok(0)
+        }
+        PolicyCommand::Undo { n, name } => {
+            if let Some(n) = &name {
+                sandbox::load(dirs, n)?;
+            }
+            let change = history_for(dirs, name.as_deref()).undo(n, &now_rfc3339(), Who::Cli)?;
+            println!("change {}: {} (undoes {n})", change.n, change.edit);
+            // Running sandboxes read the file at their next decision; held
+            // connections are decided again now.
+            let names: Vec<String> = match name {
+                Some(n) => vec![n],
+                None => sandbox::list(dirs)?.into_iter().map(|c| c.name).collect(),
+            };
+            for n in names {
+                let paths = dirs.sandbox(&n);
+                if control::supervisor_alive(&paths) {
+                    let _ = control::recheck(&paths).await;
+                }
+            }
+            Ok(0)
+        }
         PolicyCommand::Pending { name, json } => {
             let all = pending_of(dirs, name.as_deref()).await?;
             let entries: Vec<_> = all.into_iter().flat_map(|(_, l)| l).collect();
@@ -357,11 +520,17 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             let dest = destination(&p.host, p.port);
             if always {
                 let said = rule_for_pending(dirs, &p, Action::Allow, global).await?;
-                println!("{}: {dest}: added {said}; every connection waiting for it goes on", p.sandbox);
+                println!(
+                    "{}: {dest}: {said}; every connection waiting for it goes on",
+                    p.sandbox
+                );
             } else {
                 control::answer(&dirs.sandbox(&p.sandbox), p.id, sandpen_proxy::Answer::Once)
                     .await?;
-                println!("{}: {dest}: approved once (this connection only)", p.sandbox);
+                println!(
+                    "{}: {dest}: approved once (this connection only)",
+                    p.sandbox
+                );
             }
             Ok(0)
         }
@@ -379,7 +548,7 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             let dest = destination(&p.host, p.port);
             if always {
                 let said = rule_for_pending(dirs, &p, Action::Deny, false).await?;
-                println!("{}: {dest}: added {said}", p.sandbox);
+                println!("{}: {dest}: {said}", p.sandbox);
             }
             // A deny rule releases it through the recheck; the answer is for
             // the case where it did not (it is gone then, which is fine).
@@ -397,17 +566,18 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
                 bail!("unknown preset {preset:?}: use deny-all, balanced or allow-all");
             };
             edit(dirs, &scope, |f| {
+                let from = f.preset();
                 f.init_preset(p)?;
-                Ok(format!("{}: preset {}", f.path().display(), p.as_str()))
+                let said = format!("{}: preset {}", f.path().display(), p.as_str());
+                Ok((
+                    said,
+                    (from != Some(p)).then_some(Edit::SetPreset { from, to: p }),
+                ))
             })
         }
-        PolicyCommand::Allow { target, scope, .. } => edit(dirs, &scope, |f| {
-            let rule = f.add_rule(Action::Allow, &target)?;
-            Ok(format!(
-                "added rule {} ({}: allow {})",
-                rule.id, rule.scope, rule.target
-            ))
-        }),
+        PolicyCommand::Allow { target, scope, .. } => {
+            edit(dirs, &scope, |f| add_recorded(f, Action::Allow, &target))
+        }
         PolicyCommand::Deny {
             what,
             target,
@@ -415,7 +585,9 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             scope,
         } => {
             if what != "network" {
-                bail!("usage: `policy deny network TARGET [-g|NAME]` or `policy deny ID [--always]`");
+                bail!(
+                    "usage: `policy deny network TARGET [-g|NAME]` or `policy deny ID [--always]`"
+                );
             }
             if always {
                 bail!("--always goes with a pending ID: `policy deny ID --always`");
@@ -423,28 +595,33 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             let Some(target) = target else {
                 bail!("usage: `policy deny network TARGET [-g|NAME]`");
             };
-            edit(dirs, &scope, |f| {
-            let rule = f.add_rule(Action::Deny, &target)?;
-            Ok(format!(
-                "added rule {} ({}: deny {})",
-                rule.id, rule.scope, rule.target
-            ))
-        })
+            edit(dirs, &scope, |f| add_recorded(f, Action::Deny, &target))
         }
         PolicyCommand::Rm { id, scope, .. } => edit(dirs, &scope, |f| {
             let rule = f.remove_rule(id)?;
-            Ok(format!(
+            let said = format!(
                 "removed rule {} ({}: {} {})",
                 rule.id, rule.scope, rule.action, rule.target
-            ))
+            );
+            let change = Edit::RemoveRule {
+                id: rule.id,
+                action: rule.action,
+                target: rule.target.to_string(),
+            };
+            Ok((said, Some(change)))
         }),
         PolicyCommand::Mode { mode, scope } => {
             let Some(m) = Mode::parse(&mode) else {
                 bail!("unknown mode {mode:?}: use enforce, learn or ask");
             };
             edit(dirs, &scope, |f| {
+                let from = f.mode();
                 f.set_mode(m)?;
-                Ok(format!("{}: mode {}", f.path().display(), m.as_str()))
+                let said = format!("{}: mode {}", f.path().display(), m.as_str());
+                Ok((
+                    said,
+                    (from != Some(m)).then_some(Edit::SetMode { from, to: m }),
+                ))
             })
         }
         PolicyCommand::Trust { name } => {
@@ -480,14 +657,25 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
         }
         PolicyCommand::Ls { name, json } => {
             let policy = policy_for(dirs, name.as_deref())?;
+            // Who added each rule: the sandbox's history (approvals of global
+            // rules are kept there too) and the global file's.
+            let mut changes = history_for(dirs, None).read()?;
+            if let Some(n) = &name {
+                changes.extend(history_for(dirs, Some(n)).read()?);
+            }
             if json {
                 let rows: Vec<_> = policy
                     .rules()
                     .iter()
                     .map(|r| {
+                        let by = provenance(&changes, r);
                         serde_json::json!({
                             "id": r.id, "scope": r.scope.as_str(), "action": r.action.as_str(),
                             "target": r.target.to_string(), "source": r.source.to_string(),
+                            "added_by": by.map(|c| c.who.as_str()),
+                            "added_at": by.map(|c| c.time.as_str()),
+                            "reason": by.map(|c| c.reason.as_str()),
+                            "change": by.map(|c| c.n),
                         })
                     })
                     .collect();
@@ -510,14 +698,23 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
                 "ACTION".into(),
                 "TARGET".into(),
                 "FROM".into(),
+                "ADDED BY".into(),
             ]];
             for r in policy.rules() {
+                let by = provenance(&changes, r).map_or("-".to_string(), |c| {
+                    let mut s = format!("{} at {} (change {})", c.who, c.time, c.n);
+                    if !c.reason.is_empty() {
+                        s.push_str(&format!(": {}", printable(&c.reason)));
+                    }
+                    s
+                });
                 rows.push([
                     r.id.to_string(),
                     r.scope.as_str().into(),
                     r.action.as_str().into(),
                     r.target.to_string(),
                     r.source.to_string(),
+                    by,
                 ]);
             }
             crate::commands::print_table(&rows);

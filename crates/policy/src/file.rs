@@ -748,6 +748,20 @@ impl PolicyFile {
         self.edit(|doc| set_value(doc, "mode", mode.as_str()))
     }
 
+    /// Remove `mode` (in memory): the global file's, or the default, applies.
+    pub fn unset_mode(&mut self) -> Result<(), PolicyError> {
+        self.edit(|doc| {
+            doc.remove("mode");
+        })
+    }
+
+    /// Remove `preset` (in memory): the global file's, or `deny-all`, applies.
+    pub fn unset_preset(&mut self) -> Result<(), PolicyError> {
+        self.edit(|doc| {
+            doc.remove("preset");
+        })
+    }
+
     /// Set `preset` (in memory; call [`save`](Self::save)). Rules are kept.
     pub fn init_preset(&mut self, preset: Preset) -> Result<(), PolicyError> {
         self.edit(|doc| set_value(doc, "preset", preset.as_str()))

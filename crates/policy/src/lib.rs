@@ -40,6 +40,7 @@ mod blocked;
 pub mod file;
 pub mod files;
 pub mod flow;
+pub mod history;
 pub mod hostaddrs;
 mod preset;
 mod target;
@@ -909,7 +910,10 @@ fn blocked_literal(host: &Host) -> Option<String> {
     if is_blocked(*ip) {
         Some(format!("{}: {ip}", reason::BLOCKED_ADDRESS))
     } else if is_host_address(*ip) {
-        Some(format!("{}: {ip} (the host's own)", reason::BLOCKED_ADDRESS))
+        Some(format!(
+            "{}: {ip} (the host's own)",
+            reason::BLOCKED_ADDRESS
+        ))
     } else {
         None
     }

@@ -909,15 +909,22 @@ fn ask_mode_marks_only_what_no_rule_decides() {
     assert!(p.check("203.0.113.7", 80, None).ask);
     // Enforce and learn never mark anything.
     assert!(!policy(G, "").check("new.test", 443, None).ask);
-    assert!(!policy(G, "mode = \"learn\"").check("new.test", 443, None).ask);
+    assert!(
+        !policy(G, "mode = \"learn\"")
+            .check("new.test", 443, None)
+            .ask
+    );
     // The default timeout.
     assert_eq!(policy(G, "").ask_timeout(), DEFAULT_ASK_TIMEOUT);
 }
 
 #[test]
 fn ask_mode_never_asks_past_a_flow_narrowing() {
-    let p = policy(G, "mode = \"ask\"\n[flow]\ntrusted_sinks = [\"sink.test\"]\n")
-        .with_labels(secret_read());
+    let p = policy(
+        G,
+        "mode = \"ask\"\n[flow]\ntrusted_sinks = [\"sink.test\"]\n",
+    )
+    .with_labels(secret_read());
     assert!(!p.check("new.test", 443, None).ask);
     // A trusted sink of the user's could still be allowed: askable.
     assert!(p.check("sink.test", 443, None).ask);

@@ -27,9 +27,7 @@ fn destination(host: &str, port: u16) -> String {
 /// What to do about a refusal with this reason code.
 pub fn advice(host: &str, port: u16, reason_code: &str) -> String {
     let dest = destination(host, port);
-    let ask = format!(
-        "To ask the user: sandpen-request network {dest} \"<why you need it>\""
-    );
+    let ask = format!("To ask the user: sandpen-request network {dest} \"<why you need it>\"");
     match reason_code {
         reason::NO_MATCHING_RULE | reason::ASK_TIMEOUT | reason::ASK_DENIED => ask,
         reason::DENIED_BY_RULE | reason::DENIED_ADDRESS => format!(
@@ -66,7 +64,9 @@ pub fn explain(rec: &ConnectionReport, request: Option<&str>) -> String {
         }
     }
     let fact = match request {
-        Some(r) => format!("sandpen: `{r}` was refused: {dest} is not allowed for this sandbox ({why})."),
+        Some(r) => {
+            format!("sandpen: `{r}` was refused: {dest} is not allowed for this sandbox ({why}).")
+        }
         None => format!("sandpen: {dest} is not allowed for this sandbox ({why})."),
     };
     format!("{fact}\n{}\n", advice(&rec.host, rec.port, code_of))
@@ -101,7 +101,10 @@ mod tests {
             "sandpen: `GET http://denied.test/x HTTP/1.1` was refused: denied.test:80 is not \
              allowed for this sandbox (denied-by-rule, rule 2 (global: deny denied.test))."
         );
-        assert!(lines[1].contains("sandpen-request network denied.test:80"), "{body}");
+        assert!(
+            lines[1].contains("sandpen-request network denied.test:80"),
+            "{body}"
+        );
     }
 
     #[test]
@@ -113,7 +116,10 @@ mod tests {
              To ask the user: sandpen-request network denied.test:80 \"<why you need it>\"\n"
         );
         let body = explain(&rec("ask-timeout: no answer within 5 s", None), None);
-        assert!(body.contains("(ask-timeout: no answer within 5 s)"), "{body}");
+        assert!(
+            body.contains("(ask-timeout: no answer within 5 s)"),
+            "{body}"
+        );
         assert!(body.contains("sandpen-request network"), "{body}");
     }
 

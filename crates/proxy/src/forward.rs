@@ -434,8 +434,8 @@ impl Session {
         let once = lock(&self.once)
             .as_ref()
             .is_some_and(|(h, p)| *h == host && *p == port);
-        let live = LiveCheck::new(&self.proxy, &host, port, &addrs, by, cut.clone())
-            .approved_once(once);
+        let live =
+            LiveCheck::new(&self.proxy, &host, port, &addrs, by, cut.clone()).approved_once(once);
         let body = Counted {
             inner: body,
             count: up.clone(),

@@ -748,7 +748,11 @@ impl Conn<'_> {
                 // A client that speaks plain HTTP gets the deny page (an
                 // agent can read it); any other is closed without a byte.
                 if first.is_empty() {
-                    first = self.peek_first(client, port).await.map(|f| f.0).unwrap_or_default();
+                    first = self
+                        .peek_first(client, port)
+                        .await
+                        .map(|f| f.0)
+                        .unwrap_or_default();
                 }
                 if http::classify(&first) != FirstBytes::Http {
                     return Err(Stop::Deny(None, r));

@@ -46,7 +46,9 @@ pub enum ControlReply {
     ExecStarted,
     Stopping,
     Error(String),
-    Pong { guest_uptime_ms: u64 },
+    Pong {
+        guest_uptime_ms: u64,
+    },
     Stats(crate::resources::Stats),
     Pending(Vec<sandpen_proxy::PendingInfo>),
     Answered(sandpen_proxy::PendingInfo),

@@ -504,6 +504,92 @@ fn the_403_body_names_the_rule_and_the_request_line() -> Result<(), Failed> {
     )
 }
 
+/// `sandpen-request` from the guest shows on the host with its reason,
+/// marked untrusted, and waits; as root in the guest, nothing sent to PID
+/// 1's request socket or the channel's ports answers it; the user's answer
+/// on the host does.
+fn a_request_from_the_guest_waits_for_the_user() -> Result<(), Failed> {
+    ready()?;
+    let reason = "install requests for the failing test";
+    let waiting = guest_spawn(&format!(
+        "sandpen-request network pypi.example:443 \"{reason}\"; echo exit=$?"
+    ));
+    let held = pending_for("pypi.example", Duration::from_secs(30))?;
+    check(held.len() == 1, format!("one held request: {held:?}"))?;
+    check(
+        held[0]["reason"] == reason && held[0]["port"] == 443,
+        held[0].to_string(),
+    )?;
+    let table = ok(&["policy", "pending", NAME])?;
+    check(
+        table.contains("(untrusted)") && table.contains(&format!("\"{reason}\"")),
+        format!("the reason is shown as untrusted text: {table}"),
+    )?;
+    let id = held[0]["id"].as_u64().ok_or("an id")?;
+    // The guest, as root, tries to answer it itself: forged frames on the
+    // request socket (an `Approved` outcome, garbage, an HTTP request),
+    // more requests for the same host, and the channel's ports.
+    let attack = r#"
+        for bytes in '\x00\x00\x00\x03\x00\x01\x00' '\x00\x00\x00\x03\x00\x01\x01' 'approve 1\n' '\xff\xff\xff\xff'; do
+          perl -MIO::Socket::UNIX -e '$s = IO::Socket::UNIX->new(Peer => "/run/sandpen/request.sock") or die "connect: $!"; print $s eval(qq("$ARGV[0]")); sleep 1' "$bytes"
+        done
+        curl -s -m 3 --unix-socket /run/sandpen/request.sock http://x/approve/1 || true
+        timeout 3 sandpen-request --why pypi.example
+        for p in /dev/vport*; do (printf 'approve\n' > "$p") 2>&1 | head -1; done
+        echo attacked
+    "#;
+    let (_, out) = guest(attack);
+    check(
+        out.contains("attacked")
+            && !out.contains("not found")
+            && !out.contains("connect:")
+            && out.contains("no refused connection to pypi.example"),
+        format!("the attack ran as written: {out}"),
+    )?;
+    let still = pending_for("pypi.example", Duration::from_millis(1))?;
+    check(
+        still.iter().any(|p| p["id"] == id),
+        format!("after the guest's attempts the request still waits: {still:?}\n{out}"),
+    )?;
+    let said = ok(&["policy", "approve", &id.to_string(), "--always"])?;
+    check(said.contains("allow pypi.example:443"), said)?;
+    let (_, out) = finish(waiting);
+    check(
+        out.contains("waiting for the user… approved (always, sandbox scope)")
+            && out.contains("exit=0"),
+        format!("the guest's side: {out}"),
+    )?;
+    // A refused one says so, and exits 1.
+    let refused = guest_spawn("sandpen-request network other.example:443 'more'; echo exit=$?");
+    let held = pending_for("other.example", Duration::from_secs(30))?;
+    let id = held
+        .first()
+        .and_then(|p| p["id"].as_u64())
+        .ok_or("a held request")?;
+    ok(&["policy", "deny", &id.to_string()])?;
+    let (_, out) = finish(refused);
+    check(
+        out.contains("denied (ask-denied") && out.contains("exit=1"),
+        format!("the guest's side: {out}"),
+    )
+}
+
+/// `sandpen-request --why HOST` explains the last refusal of HOST, for TLS
+/// through the transparent path, which carries no deny page.
+fn why_explains_the_last_denial() -> Result<(), Failed> {
+    ready()?;
+    let port = env().port;
+    let _ = guest(&format!(
+        "curl -sS -m 20 --noproxy '*' https://denied.test:{port}/tls"
+    ));
+    let (code, out) = guest("sandpen-request --why denied.test");
+    check(
+        code == 0
+            && out.contains(&format!("denied.test:{port} is not allowed for this sandbox (denied-by-rule, rule 1 (sandbox: deny denied.test))")),
+        format!("{code} {out}"),
+    )
+}
+
 type TestFn = fn() -> Result<(), Failed>;
 
 fn main() {
@@ -512,6 +598,11 @@ fn main() {
         ..Arguments::from_args()
     };
     let tests: Vec<(&str, TestFn)> = vec![
+        (
+            "a_request_from_the_guest_waits_for_the_user",
+            a_request_from_the_guest_waits_for_the_user,
+        ),
+        ("why_explains_the_last_denial", why_explains_the_last_denial),
         (
             "approve_once_lets_one_connection_through",
             approve_once_lets_one_connection_through,

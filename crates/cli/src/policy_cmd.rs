@@ -396,6 +396,14 @@ async fn rule_for_pending(
     Ok(said)
 }
 
+/// What a held entry is for: `host:port`, or `file read PATH`.
+fn shown_destination(p: &sandpen_proxy::PendingInfo) -> String {
+    match &p.file {
+        Some(access) => format!("file {access} {}", p.host),
+        None => destination(&p.host, p.port),
+    }
+}
+
 /// `host:port` as a rule target (IPv6 in brackets).
 fn destination(host: &str, port: u16) -> String {
     if host.contains(':') {
@@ -497,7 +505,7 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
                 rows.push([
                     p.id.to_string(),
                     printable(&p.sandbox),
-                    printable(&destination(&p.host, p.port)),
+                    printable(&shown_destination(p)),
                     dash(&p.process),
                     dash(&p.first),
                     time,
@@ -517,7 +525,22 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             global,
         } => {
             let p = find_pending(dirs, &id).await?;
-            let dest = destination(&p.host, p.port);
+            let dest = shown_destination(&p);
+            if p.file.is_some() {
+                if always {
+                    bail!(
+                        "{dest}: file rule exceptions are not written by sandpen yet; \
+                         edit [files] of the sandbox's policy.toml, then `policy approve {id} --once` to tell the agent"
+                    );
+                }
+                control::answer(&dirs.sandbox(&p.sandbox), p.id, sandpen_proxy::Answer::Once)
+                    .await?;
+                println!(
+                    "{}: {dest}: the agent is told it was approved; no file rule was changed (edit [files] yourself)",
+                    p.sandbox
+                );
+                return Ok(0);
+            }
             if always {
                 let said = rule_for_pending(dirs, &p, Action::Allow, global).await?;
                 println!(
@@ -545,7 +568,10 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             }
             let id = what;
             let p = find_pending(dirs, &id).await?;
-            let dest = destination(&p.host, p.port);
+            let dest = shown_destination(&p);
+            if always && p.file.is_some() {
+                bail!("{dest}: --always makes a network rule; refuse a file request without it");
+            }
             if always {
                 let said = rule_for_pending(dirs, &p, Action::Deny, false).await?;
                 println!("{}: {dest}: {said}", p.sandbox);

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use sandpen_guest::dns::{answer, FakeDns};
 use sandpen_proto::frame::{read_one, FrameStream};
 use sandpen_proto::mux::MuxHandle;
-use sandpen_proto::{EgressAccepted, EgressMode, EgressOpen, EGRESS_ACCEPTED_MAX};
+use sandpen_proto::{EgressAccepted, EgressMode, EgressOpen, GuestOpen, EGRESS_ACCEPTED_MAX};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -113,7 +113,11 @@ async fn relay(mux: MuxHandle, mut conn: TcpStream, mode: EgressMode, host: Stri
         }
     };
     let mut frames = FrameStream::new(stream);
-    if frames.send(&EgressOpen { mode, host, port }).await.is_err() {
+    if frames
+        .send(&GuestOpen::Connect(EgressOpen { mode, host, port }))
+        .await
+        .is_err()
+    {
         return;
     }
     let stream = frames.into_inner();

@@ -147,9 +147,60 @@ impl ExitStatus {
 /// Largest chunk of stdin/stdout/stderr put into one frame.
 pub const IO_CHUNK: usize = 32 * 1024;
 
-/// The first frame of every guest-opened stream: one outbound connection that
-/// the guest wants the host to make. The host answers with one
-/// [`EgressAccepted`] frame; raw bytes follow in both directions.
+/// The first frame of every guest-opened stream (protocol 5): a connection
+/// or a request to the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestOpen {
+    /// One outbound connection; see [`EgressOpen`].
+    Connect(EgressOpen),
+    /// `sandpen-request`: the agent asks the user for something. The host
+    /// answers with one [`EgressAccepted`] frame at once and one
+    /// [`RequestOutcome`] frame when the user (or the timeout) has decided.
+    /// Nothing the guest sends answers a request.
+    Request(GuestRequest),
+}
+
+/// What an agent asks the user for, with its reason (untrusted text, shown
+/// as such on the host).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestRequest {
+    /// Reach `host:port`.
+    Network {
+        host: String,
+        port: u16,
+        reason: String,
+    },
+    /// An exception to a file rule (read a denied file such as `.env.example`,
+    /// or write a read-only one).
+    File {
+        path: String,
+        write: bool,
+        reason: String,
+    },
+    /// Why was the last connection to `host` refused? (`sandpen-request --why`)
+    Why { host: String },
+}
+
+/// The host's answer to a [`GuestRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestOutcome {
+    /// The user approved it: with a rule (`always`; `global` scope or the
+    /// sandbox's), or once.
+    Approved { always: bool, global: bool },
+    /// Refused, with the reason (`ask-timeout`, `ask-denied`, a rule).
+    Denied { reason: String },
+    /// Already decided, no question asked (`allowed by rule 3 (...)`, or a
+    /// denial no user answer can change).
+    Decided { allowed: bool, text: String },
+    /// The answer to [`GuestRequest::Why`].
+    Why { text: String },
+    /// The request itself was malformed.
+    Invalid { why: String },
+}
+
+/// The first frame of a guest-opened connection stream: one outbound
+/// connection that the guest wants the host to make. The host answers with
+/// one [`EgressAccepted`] frame; raw bytes follow in both directions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressOpen {
     pub mode: EgressMode,

@@ -49,6 +49,10 @@ pub struct PendingInfo {
     /// The reason an agent gave with `sandpen-request` (untrusted text).
     #[serde(default)]
     pub reason: Option<String>,
+    /// A file rule exception an agent asked for: `read` or `write`; `host`
+    /// is then the path and `port` 0.
+    #[serde(default)]
+    pub file: Option<String>,
     /// RFC 3339, UTC.
     #[serde(with = "time::serde::rfc3339")]
     pub first_seen: time::OffsetDateTime,
@@ -113,6 +117,7 @@ pub struct Asking {
     pub process: Option<String>,
     pub first: Option<String>,
     pub reason: Option<String>,
+    pub file: Option<String>,
 }
 
 /// Removes the entry when the wait ends, however it ends (the connection's
@@ -160,6 +165,7 @@ impl AskQueue {
             process: asking.process.as_deref().map(clip),
             first: asking.first.as_deref().map(clip),
             reason: asking.reason.as_deref().map(clip),
+            file: asking.file.as_deref().map(clip),
             first_seen: time::OffsetDateTime::now_utc(),
             timeout_secs: timeout.as_secs(),
         };
@@ -200,9 +206,27 @@ impl AskQueue {
     /// a destination that a rule now decides (or that the policy no longer
     /// holds, e.g. the mode changed). Returns how many.
     pub fn recheck(&self, policy: &sandpen_policy::Policy) -> usize {
+        // Requests from the guest wait in any mode: "undecided" is what ask
+        // mode would hold.
+        // Held connections follow the mode (leaving ask mode releases them).
+        let asking;
+        let for_requests = if policy.mode() == sandpen_policy::Mode::Ask {
+            policy
+        } else {
+            asking = policy.clone().with_mode(sandpen_policy::Mode::Ask);
+            &asking
+        };
         let mut n = 0;
         for e in self.lock().iter_mut() {
-            if !policy.check(&e.info.host, e.info.port, None).ask {
+            if e.info.file.is_some() {
+                continue;
+            }
+            let by = if e.info.reason.is_some() {
+                for_requests
+            } else {
+                policy
+            };
+            if !by.check(&e.info.host, e.info.port, None).ask {
                 if let Some(tx) = e.tx.take() {
                     let _ = tx.send(Answer::Recheck);
                     n += 1;

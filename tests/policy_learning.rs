@@ -590,6 +590,83 @@ fn why_explains_the_last_denial() -> Result<(), Failed> {
     )
 }
 
+/// `policy suggest` over a learn-mode log (the fixture the unit tests use:
+/// an `npm ci`, a `pip install`, a `git clone` and an agent's side trips):
+/// the clean suggestions applied with `--apply` become rules whose
+/// provenance is the suggestion; the flagged ones are listed with why.
+fn suggest_applies_rules_from_a_learn_log() -> Result<(), Failed> {
+    ready()?;
+    let other = "learned";
+    ok(&["create", "--name", other, "--cpus", "1", "--memory", "512M"])?;
+    let result = (|| {
+        let logs = env()
+            .cli
+            .state
+            .path()
+            .join("sandpen/sandboxes")
+            .join(other)
+            .join("logs");
+        std::fs::create_dir_all(&logs)?;
+        std::fs::copy(
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/testdata/learn-npm-pip-git.jsonl"
+            ),
+            logs.join("net.jsonl"),
+        )?;
+        let out = ok(&["policy", "suggest", other, "--json"])?;
+        let all: Vec<serde_json::Value> =
+            serde_json::from_str(&out).map_err(|e| format!("{e}: {out}"))?;
+        let clean: Vec<String> = all
+            .iter()
+            .filter(|s| s["flags"].as_array().is_some_and(|f| f.is_empty()))
+            .map(|s| s["n"].to_string())
+            .collect();
+        let flagged: Vec<&serde_json::Value> = all
+            .iter()
+            .filter(|s| s["flags"].as_array().is_some_and(|f| !f.is_empty()))
+            .collect();
+        check(
+            clean.len() == 6 && flagged.len() == 2,
+            format!("6 clean and 2 flagged suggestions: {out}"),
+        )?;
+        let table = ok(&["policy", "suggest", other])?;
+        check(
+            table.contains("! pastebin.com is a paste or drop site"),
+            table,
+        )?;
+        ok(&["policy", "suggest", other, "--apply", &clean.join(",")])?;
+        let ls = ok(&["policy", "ls", other, "--json"])?;
+        let v: serde_json::Value = serde_json::from_str(&ls).map_err(|e| e.to_string())?;
+        let rules = v["rules"].as_array().cloned().unwrap_or_default();
+        for t in [
+            "registry.npmjs.org:443",
+            "pypi.org:443",
+            "files.pythonhosted.org:443",
+            "github.com:443",
+        ] {
+            check(
+                rules
+                    .iter()
+                    .any(|r| r["target"] == t && r["added_by"] == "suggestion"),
+                format!("{t} added by the suggestion: {ls}"),
+            )?;
+        }
+        check(
+            !ls.contains("pastebin") && !ls.contains("evil.example"),
+            format!("flagged ones were not applied: {ls}"),
+        )?;
+        let out = ok(&["policy", "suggest", other, "--json"])?;
+        let left: Vec<serde_json::Value> = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+        check(
+            left.len() == 2,
+            format!("only the flagged ones are left: {out}"),
+        )
+    })();
+    let _ = sandpen(&["rm", "-f", other]);
+    result
+}
+
 type TestFn = fn() -> Result<(), Failed>;
 
 fn main() {
@@ -603,6 +680,10 @@ fn main() {
             a_request_from_the_guest_waits_for_the_user,
         ),
         ("why_explains_the_last_denial", why_explains_the_last_denial),
+        (
+            "suggest_applies_rules_from_a_learn_log",
+            suggest_applies_rules_from_a_learn_log,
+        ),
         (
             "approve_once_lets_one_connection_through",
             approve_once_lets_one_connection_through,

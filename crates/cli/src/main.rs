@@ -6,6 +6,7 @@ mod fs_serve;
 mod policy_cmd;
 mod secret_cmd;
 mod stats_cmd;
+mod suggest;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

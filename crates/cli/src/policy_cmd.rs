@@ -109,6 +109,22 @@ pub enum PolicyCommand {
         #[command(flatten)]
         scope: ScopeArgs,
     },
+    /// Rules proposed from the sandbox's learn-mode records, ask history and
+    /// denials: additions grouped by site, promotions to global, removals
+    Suggest {
+        name: String,
+        /// Apply these suggestions: `1,3` or `1-3`
+        #[arg(long, value_name = "N,...")]
+        apply: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Propose a rule for the global file when this many sandboxes have it
+        #[arg(long, default_value_t = 3)]
+        promote_k: usize,
+        /// Propose removing an allow rule no connection used for this many days
+        #[arg(long, default_value_t = 30)]
+        unused_days: i64,
+    },
     /// Every change to a policy: who (cli, approval, suggestion, web), when, why
     History {
         /// A sandbox's history (default: the global file's)
@@ -415,6 +431,13 @@ fn destination(host: &str, port: u16) -> String {
 
 pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
     match cmd {
+        PolicyCommand::Suggest {
+            name,
+            apply,
+            json,
+            promote_k,
+            unused_days,
+        } => suggest_cmd(dirs, &name, apply.as_deref(), json, promote_k, unused_days).await,
         PolicyCommand::History { name, json } => {
             if let Some(n) = &name {
                 sandbox::load(dirs, n)?;
@@ -829,6 +852,169 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             Ok(0)
         }
     }
+}
+
+async fn suggest_cmd(
+    dirs: &Dirs,
+    name: &str,
+    apply: Option<&str>,
+    json: bool,
+    promote_k: usize,
+    unused_days: i64,
+) -> Result<i32> {
+    use crate::suggest::{parse_selection, suggest, Input, Proposal};
+    sandbox::load(dirs, name)?;
+    let paths = dirs.sandbox(name);
+    let records = read_log(
+        &paths.logs().join("net.jsonl"),
+        &LogFilter {
+            sandbox: None,
+            limit: None,
+        },
+    )?;
+    let policy = policy_for(dirs, Some(name))?;
+    let mut sandbox_rules = Vec::new();
+    for c in sandbox::list(dirs)? {
+        let file = PolicyFile::load(
+            &dirs.sandbox(&c.name).dir.join("policy.toml"),
+            Scope::Sandbox,
+        )?;
+        sandbox_rules.push((c.name, file.rules().to_vec()));
+    }
+    let history = History::in_dir(&paths.dir);
+    let changes = history.read()?;
+    let all = suggest(&Input {
+        records: &records,
+        policy: &policy,
+        sandbox_rules: &sandbox_rules,
+        sandbox: name,
+        history: &changes,
+        now: time::OffsetDateTime::now_utc(),
+        promote_k,
+        unused_days,
+    });
+    let Some(selection) = apply else {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&all)?);
+            return Ok(0);
+        }
+        if all.is_empty() {
+            println!("{name}: nothing to suggest");
+            return Ok(0);
+        }
+        let time = |t: Option<time::OffsetDateTime>| {
+            t.and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| "-".into())
+        };
+        let mut rows = vec![[
+            "N".to_string(),
+            "PROPOSAL".into(),
+            "SITE".into(),
+            "SEEN".into(),
+            "FIRST".into(),
+            "LAST".into(),
+            "UP".into(),
+            "PROCESSES".into(),
+            "FLAGS".into(),
+        ]];
+        for s in &all {
+            rows.push([
+                s.n.to_string(),
+                printable(&s.proposal.to_string()),
+                s.domain.as_deref().map_or("-".into(), printable),
+                if s.count == 0 {
+                    "-".into()
+                } else {
+                    format!("{} ({})", s.count, s.sources.join(", "))
+                },
+                time(s.first_seen),
+                time(s.last_seen),
+                s.bytes_up.to_string(),
+                if s.processes.is_empty() {
+                    "-".into()
+                } else {
+                    printable(&s.processes.join(", "))
+                },
+                if s.flags.is_empty() {
+                    "-".into()
+                } else {
+                    format!("! {}", printable(&s.flags.join("; ")))
+                },
+            ]);
+        }
+        crate::commands::print_table(&rows);
+        println!("apply with `sandpen policy suggest {name} --apply N[,N...]` (look at flagged ones first)");
+        return Ok(0);
+    };
+    let chosen = parse_selection(selection, all.len()).map_err(anyhow::Error::msg)?;
+    for n in chosen {
+        let Some(s) = all.iter().find(|s| s.n == n) else {
+            continue;
+        };
+        let why = format!(
+            "suggestion {n}: {} connection(s) ({}){}",
+            s.count,
+            s.sources.join(", "),
+            if s.flags.is_empty() {
+                String::new()
+            } else {
+                format!("; flagged: {}", s.flags.join("; "))
+            }
+        );
+        let (global, edit_fn): (
+            bool,
+            Box<dyn Fn(&mut PolicyFile) -> Result<(String, Option<Edit>)>>,
+        ) = match &s.proposal {
+            Proposal::Add { target } => {
+                let t = target.clone();
+                (false, Box::new(move |f| add_recorded(f, Action::Allow, &t)))
+            }
+            Proposal::Promote { target, .. } => {
+                let t = target.clone();
+                (true, Box::new(move |f| add_recorded(f, Action::Allow, &t)))
+            }
+            Proposal::Remove { id, .. } => {
+                let id = *id;
+                (
+                    false,
+                    Box::new(move |f| {
+                        let r = f.remove_rule(id)?;
+                        Ok((
+                            format!(
+                                "removed rule {} ({}: {} {})",
+                                r.id, r.scope, r.action, r.target
+                            ),
+                            Some(Edit::RemoveRule {
+                                id: r.id,
+                                action: r.action,
+                                target: r.target.to_string(),
+                            }),
+                        ))
+                    }),
+                )
+            }
+        };
+        let scope = ScopeArgs {
+            global,
+            name: (!global).then(|| name.to_string()),
+            reason: None,
+        };
+        let (path, kind) = file_path(dirs, &scope)?;
+        let mut file = PolicyFile::load(&path, kind)?;
+        let (said, change) = edit_fn(&mut file)?;
+        file.save()?;
+        if let Some(change) = change {
+            history.append(&now_rfc3339(), Who::Suggestion, &file, change, &why, None)?;
+        }
+        println!("{n}: {said}");
+    }
+    if control::supervisor_alive(&paths) {
+        let _ = control::recheck(&paths).await;
+    }
+    Ok(0)
 }
 
 /// The file log (`logs/files.jsonl`) of these sandboxes: denied operations

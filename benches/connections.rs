@@ -125,7 +125,10 @@ fn main() {
     let held_mode = std::env::var_os("SANDPEN_BENCH_HELD").is_some();
     if held_mode {
         ctx.ok(&["policy", "mode", "ask", NAME]);
-        let file = ctx.state.path().join(format!("sandpen/sandboxes/{NAME}/policy.toml"));
+        let file = ctx
+            .state
+            .path()
+            .join(format!("sandpen/sandboxes/{NAME}/policy.toml"));
         let text = std::fs::read_to_string(&file).expect("the sandbox's policy");
         std::fs::write(&file, format!("ask_timeout = 900\n{text}")).expect("ask_timeout");
     } else {

@@ -77,15 +77,30 @@ fn ok(args: &[&str]) -> Result<String, Failed> {
     env().cli.ok(args)
 }
 
+/// A `sandpen exec` in the background; killed and reaped if the test
+/// returns before [`finish`] took it.
+struct Background(Option<Child>);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `sh` in the guest as root, in the background.
-fn guest_spawn(sh: &str) -> Child {
-    env()
-        .cli
-        .command(&["exec", "-u", "root", NAME, "--", "sh", "-c", sh])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sandpen exec")
+fn guest_spawn(sh: &str) -> Background {
+    Background(Some(
+        env()
+            .cli
+            .command(&["exec", "-u", "root", NAME, "--", "sh", "-c", sh])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sandpen exec"),
+    ))
 }
 
 /// `sh` in the guest as root: (exit code, stdout + stderr).
@@ -97,7 +112,10 @@ fn guest(sh: &str) -> (i32, String) {
     )
 }
 
-fn finish(child: Child) -> (i32, String) {
+fn finish(mut bg: Background) -> (i32, String) {
+    let Some(child) = bg.0.take() else {
+        return (-1, String::new());
+    };
     let out = child.wait_with_output().expect("waiting for sandpen exec");
     (
         out.status.code().unwrap_or(-1),

@@ -964,39 +964,7 @@ async fn suggest_cmd(
                 format!("; flagged: {}", s.flags.join("; "))
             }
         );
-        let (global, edit_fn): (
-            bool,
-            Box<dyn Fn(&mut PolicyFile) -> Result<(String, Option<Edit>)>>,
-        ) = match &s.proposal {
-            Proposal::Add { target } => {
-                let t = target.clone();
-                (false, Box::new(move |f| add_recorded(f, Action::Allow, &t)))
-            }
-            Proposal::Promote { target, .. } => {
-                let t = target.clone();
-                (true, Box::new(move |f| add_recorded(f, Action::Allow, &t)))
-            }
-            Proposal::Remove { id, .. } => {
-                let id = *id;
-                (
-                    false,
-                    Box::new(move |f| {
-                        let r = f.remove_rule(id)?;
-                        Ok((
-                            format!(
-                                "removed rule {} ({}: {} {})",
-                                r.id, r.scope, r.action, r.target
-                            ),
-                            Some(Edit::RemoveRule {
-                                id: r.id,
-                                action: r.action,
-                                target: r.target.to_string(),
-                            }),
-                        ))
-                    }),
-                )
-            }
-        };
+        let global = matches!(s.proposal, Proposal::Promote { .. });
         let scope = ScopeArgs {
             global,
             name: (!global).then(|| name.to_string()),
@@ -1004,7 +972,24 @@ async fn suggest_cmd(
         };
         let (path, kind) = file_path(dirs, &scope)?;
         let mut file = PolicyFile::load(&path, kind)?;
-        let (said, change) = edit_fn(&mut file)?;
+        let (said, change) = match &s.proposal {
+            Proposal::Add { target } | Proposal::Promote { target, .. } => {
+                add_recorded(&mut file, Action::Allow, target)?
+            }
+            Proposal::Remove { id, .. } => {
+                let r = file.remove_rule(*id)?;
+                let said = format!(
+                    "removed rule {} ({}: {} {})",
+                    r.id, r.scope, r.action, r.target
+                );
+                let change = Edit::RemoveRule {
+                    id: r.id,
+                    action: r.action,
+                    target: r.target.to_string(),
+                };
+                (said, Some(change))
+            }
+        };
         file.save()?;
         if let Some(change) = change {
             history.append(&now_rfc3339(), Who::Suggestion, &file, change, &why, None)?;

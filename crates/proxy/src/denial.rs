@@ -58,7 +58,7 @@ pub fn explain(rec: &ConnectionReport, request: Option<&str>) -> String {
     let mut code_of = code(&rec.reason);
     // `policy-changed: no-matching-rule` advises as its cause does.
     if code_of == "policy-changed" {
-        let cause = rec.reason.splitn(2, ':').nth(1).map(code).unwrap_or("");
+        let cause = rec.reason.split_once(':').map_or("", |(_, c)| code(c));
         if !cause.is_empty() {
             code_of = cause;
         }

@@ -685,6 +685,49 @@ fn suggest_applies_rules_from_a_learn_log() -> Result<(), Failed> {
     result
 }
 
+/// An attached `run` prints a line on its terminal for a connection that
+/// starts to wait.
+fn an_attached_run_says_what_waits() -> Result<(), Failed> {
+    ready()?;
+    let port = env().port;
+    let run = Background(Some(
+        env()
+            .cli
+            .command(&[
+                "run",
+                "--",
+                "curl",
+                "-sS",
+                "-m",
+                "80",
+                "--noproxy",
+                "*",
+                &format!("http://once.test:{port}/from-run"),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sandpen run"),
+    ));
+    let held = pending_for("once.test", Duration::from_secs(30))?;
+    let id = held
+        .first()
+        .and_then(|p| p["id"].as_u64())
+        .ok_or("a held connection")?;
+    // The line is written when the entry appears; give it a moment.
+    std::thread::sleep(Duration::from_secs(1));
+    ok(&["policy", "approve", &id.to_string(), "--once"])?;
+    let (code, out) = finish(run);
+    check(
+        code == 0
+            && out.contains("hello /from-run")
+            && out.contains(&format!(
+                "sandpen: {NAME}: once.test:{port} is waiting for your answer (GET /from-run HTTP/1.1): `sandpen policy approve {id} --once|--always`"
+            )),
+        format!("{code} {out}"),
+    )
+}
+
 type TestFn = fn() -> Result<(), Failed>;
 
 fn main() {
@@ -707,6 +750,10 @@ fn main() {
             approve_once_lets_one_connection_through,
         ),
         ("approve_always_adds_a_rule", approve_always_adds_a_rule),
+        (
+            "an_attached_run_says_what_waits",
+            an_attached_run_says_what_waits,
+        ),
         (
             "undo_restores_the_previous_verdict",
             undo_restores_the_previous_verdict,

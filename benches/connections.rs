@@ -70,7 +70,14 @@ impl Ctx {
                 .expect("a pid"),
             _ => {
                 let out = Command::new("pgrep")
-                    .args(["-f", &format!("qemu-system.*{}/qmp.sock", run.display())])
+                    // Its sockets are descriptors (the jail): found by its disk.
+                    .args([
+                        "-f",
+                        &format!(
+                            "qemu-system.*{}/disk.qcow2",
+                            run.parent().unwrap_or(&run).display()
+                        ),
+                    ])
                     .output()
                     .expect("pgrep");
                 String::from_utf8_lossy(&out.stdout)

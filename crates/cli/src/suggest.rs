@@ -594,6 +594,64 @@ mod tests {
         assert!(npm.count >= 3 && npm.first_seen < npm.last_seen, "{npm:?}");
     }
 
+    /// A log recorded through the real proxy in learn mode (test-agents
+    /// image): `npm install` and `npm ci` of two packages, `pip install six`
+    /// in a venv, and a `git clone` of a GitHub repository, which fails
+    /// here (GitHub does not resolve on the development machine: a
+    /// `resolve-failed` denial, never proposed).
+    #[test]
+    fn a_recorded_learn_log_gives_rules_that_pass_npm_and_pip() {
+        let records: Vec<ConnectionReport> =
+            include_str!("../testdata/recorded-learn-npm-pip.jsonl")
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("a recorded record"))
+                .collect();
+        let s = suggest(&Input {
+            records: &records,
+            policy: &learn(),
+            sandbox_rules: &[],
+            sandbox: "rec",
+            history: &[],
+            now: now(),
+            promote_k: 3,
+            unused_days: 30,
+        });
+        let targets: BTreeSet<String> = s.iter().map(|s| s.proposal.to_string()).collect();
+        assert_eq!(
+            targets,
+            [
+                "allow files.pythonhosted.org:443",
+                "allow pypi.org:443",
+                "allow registry.npmjs.org:443"
+            ]
+            .into_iter()
+            .map(String::from)
+            .collect::<BTreeSet<_>>()
+        );
+        assert!(s.iter().all(|s| s.flags.is_empty()), "{s:#?}");
+        let mut file = sandpen_policy::PolicyFile::empty(
+            std::path::Path::new("/x/policy.toml"),
+            Scope::Sandbox,
+        );
+        for c in &s {
+            if let Proposal::Add { target } = &c.proposal {
+                file.add_rule(Action::Allow, target).unwrap();
+            }
+        }
+        let enforce = Policy::from_files(None, Some(&file));
+        // Every connection the commands made passes in enforce mode.
+        for r in records.iter().filter(|r| r.decision == Verdict::WouldDeny) {
+            assert_eq!(
+                enforce.check(&r.host, r.port, None).verdict,
+                Verdict::Allow,
+                "{r:?}"
+            );
+        }
+        for (h, p) in EXTRA_HOSTS {
+            assert_eq!(enforce.check(h, *p, None).verdict, Verdict::Deny, "{h}:{p}");
+        }
+    }
+
     #[test]
     fn two_names_under_one_domain_become_one_wildcard() {
         let line = |host: &str| {

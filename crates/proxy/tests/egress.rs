@@ -925,13 +925,17 @@ async fn a_name_resolving_to_loopback_needs_explicit_permission() {
 async fn a_literal_ip_without_a_rule_is_denied() {
     let srv = echo_server().await;
     let h = harness(Mode::Enforce);
-    for host in ["127.0.0.1", "203.0.113.7"] {
+    // A blocked literal address says so (no rule could open it).
+    for (host, reason) in [
+        ("127.0.0.1", "blocked-address: 127.0.0.1"),
+        ("203.0.113.7", "no-matching-rule"),
+    ] {
         let (mut guest, rep) = h.open(EgressMode::Transparent, host, srv.port());
         let _ = guest.write_all(b"hi").await;
         assert_eq!(read_all(&mut guest).await, "");
         let rep = rep.await.unwrap();
         assert_eq!(rep.decision, Verdict::Deny, "{host}");
-        assert_eq!(rep.reason, "no-matching-rule");
+        assert_eq!(rep.reason, reason);
         h.assert_check_agrees(&rep).await;
     }
     assert_eq!(srv.accepted(), 0);

@@ -241,6 +241,11 @@ fn approve_once_lets_one_connection_through() -> Result<(), Failed> {
         entry["port"] == port && entry["first"] == "GET /first HTTP/1.1",
         format!("the entry names the destination and request line: {entry}"),
     )?;
+    let process = entry["process"].as_str().unwrap_or("");
+    check(
+        process.starts_with("pid ") && process.contains("curl") && process.contains("/first"),
+        format!("the entry names the guest process: {entry}"),
+    )?;
     check(
         !requests_seen().contains("/first"),
         "nothing reached the server while it waited",

@@ -156,6 +156,15 @@ async fn handle_stream(stream: MuxStream, state: Arc<GuestState>) -> Result<()> 
             frames.close().await?;
         }
         Request::Exec(req) => crate::exec::run(frames, req, state).await?,
+        Request::Process { src_port } => {
+            let process =
+                tokio::task::spawn_blocking(move || crate::sys::process_of_port(src_port))
+                    .await
+                    .ok()
+                    .flatten();
+            frames.send(&sandpen_proto::ProcessInfo { process }).await?;
+            frames.close().await?;
+        }
         Request::Usage => {
             frames.send(&sys::usage()).await?;
             frames.close().await?;

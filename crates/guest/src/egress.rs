@@ -103,6 +103,7 @@ fn original_destination(conn: &TcpStream) -> Option<SocketAddrV4> {
 }
 
 async fn relay(mux: MuxHandle, mut conn: TcpStream, mode: EgressMode, host: String, port: u16) {
+    let src_port = conn.peer_addr().map_or(0, |a| a.port());
     let stream = match mux.open().await {
         Ok(s) => s,
         Err(e) => {
@@ -114,7 +115,12 @@ async fn relay(mux: MuxHandle, mut conn: TcpStream, mode: EgressMode, host: Stri
     };
     let mut frames = FrameStream::new(stream);
     if frames
-        .send(&GuestOpen::Connect(EgressOpen { mode, host, port }))
+        .send(&GuestOpen::Connect(EgressOpen {
+            mode,
+            host,
+            port,
+            src_port,
+        }))
         .await
         .is_err()
     {

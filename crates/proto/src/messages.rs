@@ -19,6 +19,17 @@ pub enum Request {
     /// The guest's root file system and task count. Answered with
     /// [`GuestUsage`] (the host shows `disk full` from it).
     Usage,
+    /// Which guest process has the TCP socket with this local port (the
+    /// client of an egress connection)? Answered with [`ProcessInfo`]. Shown
+    /// to the user in ask mode; a hostile guest may lie, so it decides nothing.
+    Process { src_port: u16 },
+}
+
+/// The answer to [`Request::Process`]: `pid 1234 curl -sS https://...`, or
+/// nothing when PID 1 cannot tell (a container's socket, a closed one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub process: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,6 +219,9 @@ pub struct EgressOpen {
     /// the guest connected to an address it did not get from the stub.
     pub host: String,
     pub port: u16,
+    /// The client's source port in the guest (0 if unknown): what the host
+    /// names in [`Request::Process`] to ask PID 1 which process opened it.
+    pub src_port: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -92,6 +92,8 @@ struct Session {
     /// Ask mode: the `host:port` the user approved once for this
     /// connection.
     once: Mutex<Option<(String, u16)>>,
+    /// The client's source port in the guest.
+    src_port: u16,
 }
 
 /// A decision kept for the next request to the same `host:port`.
@@ -139,6 +141,7 @@ pub(crate) async fn serve<S>(
     template: &ConnectionReport,
     act: &Activity,
     bound: Option<Bound>,
+    src_port: u16,
 ) -> Served
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -169,6 +172,7 @@ where
         decided: Mutex::new(decided),
         requests: AtomicU64::new(0),
         once: Mutex::new(once),
+        src_port,
     });
     let service = {
         let session = session.clone();
@@ -339,7 +343,9 @@ impl Session {
                 truncate(&req.uri().to_string()),
                 req.version()
             );
-            let asked = crate::ask_user(&self.proxy, &host, port, Some(said), checked).await;
+            let process = self.proxy.process_of(self.src_port).await;
+            let asked =
+                crate::ask_user(&self.proxy, &host, port, Some(said), process, checked).await;
             if asked.once {
                 *lock(&self.once) = Some((host.clone(), port));
             }

@@ -179,6 +179,15 @@ async fn resolve(policy: &Policy, host: &str, port: u16) -> Result<Vec<IpAddr>, 
     Ok(ips)
 }
 
+/// Ask mode: which guest process opened the connection whose client has
+/// this source port (asked of PID 1 only when a connection is held; the
+/// answer is shown, never trusted).
+pub type ProcessLookup = Arc<
+    dyn Fn(u16) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Brings the proxy's policy up to date, e.g. by re-reading the policy files
 /// and flow labels when they changed and calling [`Proxy::set_policy`]. Called
 /// before every decision, and before each chunk a live connection sends up.
@@ -197,6 +206,7 @@ struct Inner {
     started: Instant,
     /// Ask mode: connections waiting for the user.
     ask: AskQueue,
+    process_lookup: RwLock<Option<ProcessLookup>>,
 }
 
 /// One sandbox's egress proxy. Cheap to clone; clones share everything.
@@ -425,6 +435,7 @@ impl Proxy {
                 last_limit_warning: AtomicU64::new(0),
                 started: Instant::now(),
                 ask: AskQueue::new(sandbox),
+                process_lookup: RwLock::new(None),
             }),
         }
     }
@@ -460,6 +471,29 @@ impl Proxy {
         }
         // A rule that now decides a held destination releases it.
         self.inner.ask.recheck(&policy);
+    }
+
+    /// Install the hook that names a held connection's guest process.
+    pub fn set_process_lookup(&self, lookup: Option<ProcessLookup>) {
+        match self.inner.process_lookup.write() {
+            Ok(mut l) => *l = lookup,
+            Err(poisoned) => *poisoned.into_inner() = lookup,
+        }
+    }
+
+    /// The guest process behind `src_port`, if the hook can tell within 2 s.
+    pub(crate) async fn process_of(&self, src_port: u16) -> Option<String> {
+        if src_port == 0 {
+            return None;
+        }
+        let hook = match self.inner.process_lookup.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }?;
+        tokio::time::timeout(Duration::from_secs(2), hook(src_port))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Ask mode's queue of held connections (see [`ask`]).
@@ -534,6 +568,7 @@ impl Proxy {
                     cut: Arc::default(),
                     logged: false,
                     once: false,
+                    src_port: open.src_port,
                 };
                 conn.run(stream, open).await;
                 logged = conn.logged;
@@ -598,6 +633,7 @@ pub async fn serve_http_proxy(proxy: Proxy, listener: TcpListener) -> io::Result
                 mode: EgressMode::HttpProxy,
                 host: String::new(),
                 port: 0,
+                src_port: 0,
             };
             p.handle(sock, open).await;
         });
@@ -620,6 +656,8 @@ struct Conn<'a> {
     logged: bool,
     /// The user approved it once in ask mode.
     once: bool,
+    /// The client's source port in the guest (see [`Proxy::process_of`]).
+    src_port: u16,
 }
 
 /// The plain-HTTP deny page; `body` is its text.
@@ -718,7 +756,8 @@ impl Conn<'_> {
     ) -> Result<Vec<IpAddr>, Stop> {
         let mut checked = decide(&self.policy, host, port).await;
         if checked.decision.ask {
-            let asked = ask_user(self.proxy, host, port, first, checked).await;
+            let process = self.proxy.process_of(self.src_port).await;
+            let asked = ask_user(self.proxy, host, port, first, process, checked).await;
             (checked, self.policy, self.once) = (asked.checked, asked.policy, asked.once);
         }
         self.rec.set_decision(&checked.decision);
@@ -888,6 +927,7 @@ impl Conn<'_> {
             self.rec,
             self.act,
             bound,
+            self.src_port,
         )
         .await;
         if let Some(latest) = served.latest {
@@ -1284,6 +1324,7 @@ pub(crate) async fn ask_user(
     host: &str,
     port: u16,
     first: Option<String>,
+    process: Option<String>,
     mut checked: Checked,
 ) -> Asked {
     use sandpen_policy::reason::{ASK_DENIED, ASK_TIMEOUT};
@@ -1299,6 +1340,7 @@ pub(crate) async fn ask_user(
             host: host.to_string(),
             port,
             first: first.clone(),
+            process: process.clone(),
             ..Default::default()
         };
         let timeout = policy.ask_timeout();

@@ -304,6 +304,7 @@ impl Harness {
             mode,
             host: host.to_string(),
             port,
+            src_port: 0,
         };
         let p = self.proxy.clone();
         (
@@ -1329,6 +1330,7 @@ async fn survives_ten_thousand_streams_that_never_write() {
             mode: EgressMode::Transparent,
             host: "allowed.test".into(),
             port: 443,
+            src_port: 0,
         };
         reports.push(tokio::spawn(async move { p.handle(host_end, open).await }));
         guests.push(guest);

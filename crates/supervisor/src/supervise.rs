@@ -365,6 +365,12 @@ async fn boot(
     let (handle, _, driver) = mux::session(control, Channel::Control, Side::Host);
     let (_, egress_inbound, egress_driver) = mux::session(egress, Channel::Egress, Side::Host);
     let control_proxy = proxy.clone();
+    // Ask mode names a held connection's process: asked of PID 1 on demand.
+    let lookup_mux = handle.clone();
+    proxy.set_process_lookup(Some(Arc::new(move |src_port| {
+        let mux = lookup_mux.clone();
+        Box::pin(async move { guest_process(&mux, src_port).await })
+    })));
     let proxy_task = tokio::spawn(crate::egress::serve(
         egress_inbound,
         proxy,
@@ -821,6 +827,20 @@ async fn ping_guest(mux: &MuxHandle) -> Result<sandpen_proto::Pong, SupervisorEr
     tokio::time::timeout(Duration::from_secs(10), ping)
         .await
         .map_err(|_| SupervisorError::Boot("no answer within 10 s".into()))?
+}
+
+/// The guest process whose socket has local port `src_port` (PID 1's
+/// answer, shown in `policy pending`, never trusted).
+async fn guest_process(mux: &MuxHandle, src_port: u16) -> Option<String> {
+    let stream = mux.open().await.ok()?;
+    let mut frames = FrameStream::new(stream);
+    frames.send(&Request::Process { src_port }).await.ok()?;
+    let info = frames
+        .expect::<sandpen_proto::ProcessInfo>("the process")
+        .await
+        .ok()?;
+    info.process
+        .map(|p| p.chars().filter(|c| !c.is_control()).take(200).collect())
 }
 
 /// The guest's root file system and task count; a guest too busy to answer

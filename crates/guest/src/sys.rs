@@ -146,18 +146,6 @@ pub fn uptime_ms() -> u64 {
         .unwrap_or(0)
 }
 
-#[cfg(test)]
-mod usage_tests {
-    #[test]
-    fn task_count_from_loadavg() {
-        assert_eq!(
-            super::loadavg_tasks("0.00 0.01 0.05 1/123 4567\n"),
-            Some(123)
-        );
-        assert_eq!(super::loadavg_tasks("garbage"), None);
-    }
-}
-
 /// The process that holds the TCP socket whose local port is `port`
 /// (`pid 1234 curl -sS https://...`, its command line clipped to 200
 /// bytes), found through `/proc/net/tcp{,6}` and every process's `fd`
@@ -219,4 +207,16 @@ pub fn process_of_port(port: u16) -> Option<String> {
         }
     }
     None
+}
+
+#[cfg(test)]
+mod usage_tests {
+    #[test]
+    fn task_count_from_loadavg() {
+        assert_eq!(
+            super::loadavg_tasks("0.00 0.01 0.05 1/123 4567\n"),
+            Some(123)
+        );
+        assert_eq!(super::loadavg_tasks("garbage"), None);
+    }
 }

@@ -131,7 +131,8 @@ impl Refusal {
 }
 
 /// Serve plain HTTP on `client` (whose first bytes, already read, are in
-/// `first`) until the guest closes, a request is refused, or the connection
+/// `first`; `bound` for a transparent connection, and the client's source
+/// port in the guest) until the guest closes, a request is refused, or the connection
 /// idles out.
 pub(crate) async fn serve<S>(
     proxy: &Proxy,
@@ -140,8 +141,7 @@ pub(crate) async fn serve<S>(
     first: Vec<u8>,
     template: &ConnectionReport,
     act: &Activity,
-    bound: Option<Bound>,
-    src_port: u16,
+    (bound, src_port): (Option<Bound>, u16),
 ) -> Served
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,

@@ -926,8 +926,7 @@ impl Conn<'_> {
             first,
             self.rec,
             self.act,
-            bound,
-            self.src_port,
+            (bound, self.src_port),
         )
         .await;
         if let Some(latest) = served.latest {

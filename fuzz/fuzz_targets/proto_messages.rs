@@ -1,7 +1,7 @@
 //! The frames the host reads from the guest (`crates/proto`): one
 //! length-delimited postcard frame (`read_one`, as the supervisor reads each
-//! egress stream's `EgressOpen`) and the message types of the control
-//! channel. No panic, no allocation beyond the frame limit.
+//! guest-opened stream's `GuestOpen`; `EgressOpen` inside it) and the message
+//! types of the control channel. No panic, no allocation beyond the frame limit.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

@@ -8,6 +8,11 @@
 //! channel and the proxy cost; QEMU's is printed beside it (it also grows with
 //! the guest memory the connections touch).
 //!
+//! With `SANDPEN_BENCH_HELD=1` the sandbox is in ask mode and the name has
+//! no rule: the same connections are *held* for an answer instead
+//! (docs/policy.md, "Ask mode"), counted with `policy pending`; the figure
+//! per held connection compares with the one per idle tunnel.
+//!
 //! `cargo bench -p sandpen --bench connections`. Needs the default image
 //! (scripts/test builds it), found through `$SANDPEN_TEST_DATA_HOME`.
 
@@ -65,7 +70,14 @@ impl Ctx {
                 .expect("a pid"),
             _ => {
                 let out = Command::new("pgrep")
-                    .args(["-f", &format!("qemu-system.*{}/qmp.sock", run.display())])
+                    // Its sockets are descriptors (the jail): found by its disk.
+                    .args([
+                        "-f",
+                        &format!(
+                            "qemu-system.*{}/disk.qcow2",
+                            run.parent().unwrap_or(&run).display()
+                        ),
+                    ])
                     .output()
                     .expect("pgrep");
                 String::from_utf8_lossy(&out.stdout)
@@ -117,8 +129,23 @@ fn main() {
     });
     ctx.ok(&["policy", "init", "deny-all"]);
     ctx.ok(&["create", "--add-host", "h.test:127.0.0.1"]);
-    ctx.ok(&["policy", "allow", "network", "h.test raw", NAME]);
+    let held_mode = std::env::var_os("SANDPEN_BENCH_HELD").is_some();
+    if held_mode {
+        ctx.ok(&["policy", "mode", "ask", NAME]);
+        let file = ctx
+            .state
+            .path()
+            .join(format!("sandpen/sandboxes/{NAME}/policy.toml"));
+        let text = std::fs::read_to_string(&file).expect("the sandbox's policy");
+        std::fs::write(&file, format!("ask_timeout = 900\n{text}")).expect("ask_timeout");
+    } else {
+        ctx.ok(&["policy", "allow", "network", "h.test raw", NAME]);
+    }
     ctx.ok(&["start", NAME]);
+    let pending = || -> usize {
+        let out = ctx.ok(&["policy", "pending", NAME, "--json"]);
+        out.matches("\"id\"").count()
+    };
     // Settle, then the idle figures.
     std::thread::sleep(Duration::from_secs(5));
     let sup = ctx.pid("supervisor");
@@ -144,18 +171,31 @@ fn main() {
     let mut last = 0;
     while t.elapsed() < Duration::from_secs(150) {
         std::thread::sleep(Duration::from_secs(3));
-        let now = accepted.load(Ordering::Relaxed);
+        let now = if held_mode {
+            pending()
+        } else {
+            accepted.load(Ordering::Relaxed)
+        };
         if now >= 512 && now == last {
             break;
         }
         last = now;
     }
-    let held = accepted.load(Ordering::Relaxed);
+    let held = if held_mode {
+        pending()
+    } else {
+        accepted.load(Ordering::Relaxed)
+    };
     let (sup_busy, qemu_busy) = (rss_kib(sup), rss_kib(qemu));
     let _ = flood.kill();
     let _ = flood.wait();
     let _ = ctx.run(&["rm", "-f", NAME]);
-    println!("connections opened in the guest: {CONNECTIONS}; held open on the host: {held}");
+    let what = if held_mode {
+        "held for an answer (ask mode)"
+    } else {
+        "held open on the host (idle tunnels)"
+    };
+    println!("connections opened in the guest: {CONNECTIONS}; {what}: {held}");
     println!(
         "supervisor RSS: idle {:.1} MiB, with the connections {:.1} MiB ({:.2}x; {:.1} KiB per held connection)",
         sup_idle as f64 / 1024.0,

@@ -681,7 +681,56 @@ async fn run(
     // The agent's own variables come last and win.
     let mut env = workspace_env(&config);
     env.extend(agent_vars);
-    exec(dirs, &config, argv, env, None, None, tty, true).await
+    let watcher = tokio::spawn(announce_asks(dirs.sandbox(&config.name)));
+    let status = exec(dirs, &config, argv, env, None, None, tty, true).await;
+    watcher.abort();
+    status
+}
+
+/// Ask mode, while `run` is attached: a line on the terminal (and a desktop
+/// notification where `notify-send` exists) for each connection that starts
+/// to wait for an answer.
+async fn announce_asks(paths: sandpen_supervisor::SandboxPaths) {
+    let Ok(mut frames) = control::watch_pending(&paths).await else {
+        return;
+    };
+    let notify = sandpen_vm::which("notify-send");
+    while let Ok(Some(reply)) = frames.recv::<control::ControlReply>().await {
+        let control::ControlReply::NewPending(p) = reply else {
+            continue;
+        };
+        let clean = |s: &str| -> String {
+            s.chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect()
+        };
+        let what = match (&p.reason, &p.first) {
+            (Some(r), _) => format!("the agent asks: \"{}\" (untrusted)", clean(r)),
+            (None, Some(f)) => clean(f),
+            (None, None) => "no request seen".into(),
+        };
+        let dest = clean(&format!("{}:{}", p.host, p.port));
+        let line = format!(
+            "sandpen: {}: {dest} is waiting for your answer ({what}): \
+             `sandpen policy approve {} --once|--always` or `sandpen policy deny {}` (denied in {} s)",
+            p.sandbox, p.id, p.id, p.timeout_secs
+        );
+        // The terminal may be in raw mode: carriage returns.
+        eprint!("\r\n{line}\r\n");
+        if let Some(bin) = &notify {
+            let _ = tokio::process::Command::new(bin)
+                .arg("--app-name=sandpen")
+                .arg(format!("sandpen: {} wants {dest}", p.sandbox))
+                .arg(format!(
+                    "{what}\nsandpen policy approve {} --once|--always",
+                    p.id
+                ))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn();
+        }
+    }
 }
 
 /// Before anything is created or booted: a secret for the agent, and an

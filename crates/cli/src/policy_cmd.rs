@@ -1,11 +1,15 @@
 //! `sandpen policy ...`: edit the policy files, check a destination exactly as
 //! the proxy would, and read the network log.
 
-use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use sandpen_api::policy::Where;
-use sandpen_policy::{Action, Verdict};
-use sandpen_supervisor::{sandbox, Dirs};
+use sandpen_policy::file::PolicyFile;
+use sandpen_policy::history::{Edit, History, Who};
+use sandpen_policy::{Action, Mode, Preset, Scope, Verdict};
+use sandpen_proxy::audit::{read_log, LogFilter};
+use sandpen_supervisor::{control, sandbox, Dirs};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum Kind {
@@ -28,6 +32,9 @@ pub struct ScopeArgs {
     pub global: bool,
     /// A sandbox's own policy
     pub name: Option<String>,
+    /// Why (kept in `policy history`)
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -45,10 +52,16 @@ pub enum PolicyCommand {
         #[command(flatten)]
         scope: ScopeArgs,
     },
-    /// Deny a destination (deny wins over allow)
+    /// Deny a destination (`deny network TARGET`; deny wins over allow), or
+    /// refuse a connection waiting in ask mode (`deny ID [--always]`)
     Deny {
-        kind: Kind,
-        target: String,
+        /// `network`, or a pending ID (ID or SANDBOX/ID, see `policy pending`)
+        what: String,
+        /// With `network`: HOST[:PORT] or CIDR[:PORT]
+        target: Option<String>,
+        /// With an ID: also add a deny rule for its HOST:PORT (sandbox scope)
+        #[arg(long)]
+        always: bool,
         #[command(flatten)]
         scope: ScopeArgs,
     },
@@ -90,56 +103,575 @@ pub enum PolicyCommand {
     /// Forget an earlier `policy trust`
     Untrust { name: String },
     /// enforce (default), learn (allow, log what enforce would deny) or ask
+    /// (hold what no rule decides until you answer: `policy pending`)
     Mode {
         mode: String,
         #[command(flatten)]
         scope: ScopeArgs,
     },
+    /// Rules proposed from the sandbox's learn-mode records, ask history and
+    /// denials: additions grouped by site, promotions to global, removals
+    Suggest {
+        name: String,
+        /// Apply these suggestions: `1,3` or `1-3`
+        #[arg(long, value_name = "N,...")]
+        apply: Option<String>,
+        #[arg(long)]
+        json: bool,
+        /// Propose a rule for the global file when this many sandboxes have it
+        #[arg(long, default_value_t = 3)]
+        promote_k: usize,
+        /// Propose removing an allow rule no connection used for this many days
+        #[arg(long, default_value_t = 30)]
+        unused_days: i64,
+    },
+    /// Every change to a policy: who (cli, approval, suggestion, web), when, why
+    History {
+        /// A sandbox's history (default: the global file's)
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Undo change N of `policy history [NAME]` (the undo is a change of its own)
+    Undo { n: u64, name: Option<String> },
+    /// Ask mode: the connections and requests waiting for your answer
+    Pending {
+        /// Only this sandbox's
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask mode: let a waiting connection through (ID or SANDBOX/ID, see `policy pending`)
+    Approve {
+        id: String,
+        /// This connection only
+        #[arg(long, conflicts_with = "always", required_unless_present = "always")]
+        once: bool,
+        /// Add an allow rule for its HOST:PORT (sandbox scope; -g global) and
+        /// let every connection waiting for it through
+        #[arg(long)]
+        always: bool,
+        /// With --always: the rule goes in the global file
+        #[arg(short = 'g', long = "global", requires = "always")]
+        global: bool,
+    },
 }
 
-fn place(scope: &ScopeArgs) -> Where {
-    Where::from_name(scope.name.clone())
+fn file_path(dirs: &Dirs, scope: &ScopeArgs) -> Result<(PathBuf, Scope)> {
+    match &scope.name {
+        Some(name) => {
+            sandbox::load(dirs, name)?;
+            Ok((dirs.sandbox(name).dir.join("policy.toml"), Scope::Sandbox))
+        }
+        None => {
+            std::fs::create_dir_all(&dirs.config)
+                .with_context(|| format!("creating {}", dirs.config.display()))?;
+            Ok((dirs.config.join("policy.toml"), Scope::Global))
+        }
+    }
+}
+
+/// Edit one policy file and record the change in the history (the
+/// sandbox's, or the global one's): `f` says what to print and what changed
+/// (`None`: nothing did).
+fn edit(
+    dirs: &Dirs,
+    scope: &ScopeArgs,
+    f: impl FnOnce(&mut PolicyFile) -> Result<(String, Option<Edit>)>,
+) -> Result<i32> {
+    let (path, kind) = file_path(dirs, scope)?;
+    let mut file = PolicyFile::load(&path, kind)?;
+    let (said, change) = f(&mut file)?;
+    file.save()?;
+    if let Some(change) = change {
+        let reason = scope.reason.as_deref().unwrap_or_default();
+        history_for(dirs, scope.name.as_deref()).append(
+            &now_rfc3339(),
+            Who::Cli,
+            &file,
+            change,
+            reason,
+            None,
+        )?;
+    }
+    println!("{said}");
+    Ok(0)
+}
+
+/// A sandbox's policy history, or the global file's (`NAME` absent).
+fn history_for(dirs: &Dirs, name: Option<&str>) -> History {
+    match name {
+        Some(n) => History::in_dir(&dirs.sandbox(n).dir),
+        None => History::in_dir(&dirs.state),
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+/// The change that added `rule` to its file as it is now: the latest
+/// `add-rule` of its id, action and target in that file.
+fn provenance<'a>(
+    changes: &'a [sandpen_policy::history::Change],
+    rule: &sandpen_policy::Rule,
+) -> Option<&'a sandpen_policy::history::Change> {
+    let sandpen_policy::RuleSource::File { path, .. } = &rule.source else {
+        return None;
+    };
+    changes
+        .iter()
+        .filter(|c| &c.file == path)
+        .filter(|c| {
+            matches!(&c.edit, Edit::AddRule { id, action, target }
+                if *id == rule.id && *action == rule.action && *target == rule.target.to_string())
+        })
+        .max_by(|a, b| a.time.cmp(&b.time))
+}
+
+/// `add_rule`, and the history entry if the rule is new.
+fn add_recorded(
+    f: &mut PolicyFile,
+    action: Action,
+    target: &str,
+) -> Result<(String, Option<Edit>)> {
+    let before = f.rules().len();
+    let rule = f.add_rule(action, target)?;
+    let said = format!(
+        "rule {} ({}: {} {})",
+        rule.id, rule.scope, rule.action, rule.target
+    );
+    if f.rules().len() == before {
+        return Ok((format!("already there: {said}"), None));
+    }
+    Ok((
+        format!("added {said}"),
+        Some(Edit::AddRule {
+            id: rule.id,
+            action: rule.action,
+            target: rule.target.to_string(),
+        }),
+    ))
 }
 
 fn policy_for(dirs: &Dirs, name: Option<&str>) -> Result<sandpen_policy::Policy> {
-    Ok(sandpen_api::policy::policy_for(dirs, name)?)
+    match name {
+        Some(name) => {
+            let config = sandbox::load(dirs, name)?;
+            Ok(sandpen_supervisor::egress::load_policy(
+                dirs,
+                &dirs.sandbox(name),
+                &config,
+            )?)
+        }
+        None => Ok(sandpen_policy::Policy::load(
+            Some(&dirs.config.join("policy.toml")),
+            None,
+        )?),
+    }
+}
+
+/// `host:port`, `[v6]:port` or a bare host (port 443).
+fn split_target(target: &str) -> Result<(String, u16)> {
+    if let Some(rest) = target.strip_prefix('[') {
+        let (host, port) = rest.split_once(']').context("unclosed [ in the target")?;
+        let port = match port.strip_prefix(':') {
+            Some(p) => p.parse().with_context(|| format!("bad port in {target}"))?,
+            None => 443,
+        };
+        return Ok((host.to_string(), port));
+    }
+    match target.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => Ok((
+            host.to_string(),
+            port.parse()
+                .with_context(|| format!("bad port in {target}"))?,
+        )),
+        _ => Ok((target.to_string(), 443)),
+    }
+}
+
+/// The running sandboxes (all, or `name`), each with its held connections.
+async fn pending_of(
+    dirs: &Dirs,
+    name: Option<&str>,
+) -> Result<Vec<(String, Vec<sandpen_proxy::PendingInfo>)>> {
+    let names: Vec<String> = match name {
+        Some(n) => {
+            sandbox::load(dirs, n)?;
+            vec![n.to_string()]
+        }
+        None => sandbox::list(dirs)?.into_iter().map(|c| c.name).collect(),
+    };
+    let mut out = Vec::new();
+    for n in names {
+        let paths = dirs.sandbox(&n);
+        if !control::supervisor_alive(&paths) || !paths.control_socket().exists() {
+            continue;
+        }
+        match control::pending(&paths).await {
+            Ok(list) => out.push((n, list)),
+            Err(e) if name.is_some() => return Err(e.into()),
+            Err(_) => {}
+        }
+    }
+    Ok(out)
+}
+
+/// `ID` or `SANDBOX/ID`: the one held entry it names.
+async fn find_pending(dirs: &Dirs, id: &str) -> Result<sandpen_proxy::PendingInfo> {
+    let (name, num) = match id.rsplit_once('/') {
+        Some((n, i)) => (Some(n), i),
+        None => (None, id),
+    };
+    let num: u64 = num.parse().with_context(|| {
+        format!("{id:?} is not a pending id (ID or SANDBOX/ID, see `sandpen policy pending`)")
+    })?;
+    let found: Vec<_> = pending_of(dirs, name)
+        .await?
+        .into_iter()
+        .flat_map(|(_, list)| list)
+        .filter(|p| p.id == num)
+        .collect();
+    match found.as_slice() {
+        [] => bail!("no pending request {id} (answered already, timed out, or its connection closed; see `sandpen policy pending`)"),
+        [one] => Ok(one.clone()),
+        many => bail!(
+            "pending id {num} is in several sandboxes ({}); say SANDBOX/{num}",
+            many.iter().map(|p| p.sandbox.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    }
+}
+
+/// How long ago, in words: `12s`, `3m04s`.
+fn ago(since: time::OffsetDateTime) -> String {
+    let secs = (time::OffsetDateTime::now_utc() - since)
+        .whole_seconds()
+        .max(0);
+    if secs < 60 {
+        format!("{secs}s")
+    } else {
+        format!("{}m{:02}s", secs / 60, secs % 60)
+    }
+}
+
+/// Add `action HOST:PORT` for a held entry to the sandbox's file (or the
+/// global one) and tell the running sandboxes to decide their held
+/// connections again.
+async fn rule_for_pending(
+    dirs: &Dirs,
+    p: &sandpen_proxy::PendingInfo,
+    action: Action,
+    global: bool,
+) -> Result<String> {
+    let scope = ScopeArgs {
+        global,
+        name: (!global).then(|| p.sandbox.clone()),
+        reason: None,
+    };
+    let (path, scope_kind) = file_path(dirs, &scope)?;
+    let mut file = PolicyFile::load(&path, scope_kind)?;
+    let target = destination(&p.host, p.port);
+    let (said, change) = add_recorded(&mut file, action, &target)?;
+    file.save()?;
+    if let Some(change) = change {
+        // Kept in the sandbox's history whichever file the rule went to.
+        let mut why = format!("pending {}", p.id);
+        if let Some(f) = &p.first {
+            why.push_str(&format!(": {f}"));
+        }
+        if let Some(r) = &p.reason {
+            why.push_str(&format!("; the agent's reason (untrusted): {r}"));
+        }
+        History::in_dir(&dirs.sandbox(&p.sandbox).dir).append(
+            &now_rfc3339(),
+            Who::Approval,
+            &file,
+            change,
+            &why,
+            None,
+        )?;
+    }
+    // Every running sandbox reads a global rule; the entry's own sandbox first.
+    let mut names = vec![p.sandbox.clone()];
+    if global {
+        for c in sandbox::list(dirs)? {
+            if c.name != p.sandbox {
+                names.push(c.name);
+            }
+        }
+    }
+    for n in names {
+        let paths = dirs.sandbox(&n);
+        if control::supervisor_alive(&paths) {
+            let _ = control::recheck(&paths).await;
+        }
+    }
+    Ok(said)
+}
+
+/// What a held entry is for: `host:port`, or `file read PATH`.
+fn shown_destination(p: &sandpen_proxy::PendingInfo) -> String {
+    match &p.file {
+        Some(access) => format!("file {access} {}", p.host),
+        None => destination(&p.host, p.port),
+    }
+}
+
+/// `host:port` as a rule target (IPv6 in brackets).
+fn destination(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
 }
 
 pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
     match cmd {
-        PolicyCommand::Init { preset, scope } => {
-            let path = sandpen_api::policy::init_preset(dirs, &place(&scope), &preset)?;
-            println!("{}: preset {preset}", path.display());
+        PolicyCommand::Suggest {
+            name,
+            apply,
+            json,
+            promote_k,
+            unused_days,
+        } => suggest_cmd(dirs, &name, apply.as_deref(), json, promote_k, unused_days).await,
+        PolicyCommand::History { name, json } => {
+            if let Some(n) = &name {
+                sandbox::load(dirs, n)?;
+            }
+            let all = history_for(dirs, name.as_deref()).read()?;
+            if json {
+                for c in &all {
+                    println!("{}", serde_json::to_string(c)?);
+                }
+                return Ok(0);
+            }
+            let mut rows = vec![[
+                "N".to_string(),
+                "TIME".into(),
+                "WHO".into(),
+                "SCOPE".into(),
+                "CHANGE".into(),
+                "REASON".into(),
+            ]];
+            for c in &all {
+                let mut change = c.edit.to_string();
+                if let Some(u) = c.undoes {
+                    change.push_str(&format!(" (undoes {u})"));
+                }
+                rows.push([
+                    c.n.to_string(),
+                    c.time.clone(),
+                    c.who.to_string(),
+                    c.scope.to_string(),
+                    change,
+                    if c.reason.is_empty() {
+                        "-".into()
+                    } else {
+                        printable(&c.reason)
+                    },
+                ]);
+            }
+            crate::commands::print_table(&rows);
             Ok(0)
+        }
+        PolicyCommand::Undo { n, name } => {
+            if let Some(n) = &name {
+                sandbox::load(dirs, n)?;
+            }
+            let change = history_for(dirs, name.as_deref()).undo(n, &now_rfc3339(), Who::Cli)?;
+            println!("change {}: {} (undoes {n})", change.n, change.edit);
+            // Running sandboxes read the file at their next decision; held
+            // connections are decided again now.
+            let names: Vec<String> = match name {
+                Some(n) => vec![n],
+                None => sandbox::list(dirs)?.into_iter().map(|c| c.name).collect(),
+            };
+            for n in names {
+                let paths = dirs.sandbox(&n);
+                if control::supervisor_alive(&paths) {
+                    let _ = control::recheck(&paths).await;
+                }
+            }
+            Ok(0)
+        }
+        PolicyCommand::Pending { name, json } => {
+            let all = pending_of(dirs, name.as_deref()).await?;
+            let entries: Vec<_> = all.into_iter().flat_map(|(_, l)| l).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+                return Ok(0);
+            }
+            if entries.is_empty() {
+                println!("nothing is waiting");
+                return Ok(0);
+            }
+            let mut rows = vec![[
+                "ID".to_string(),
+                "SANDBOX".into(),
+                "DESTINATION".into(),
+                "PROCESS".into(),
+                "FIRST LINE / SNI".into(),
+                "FIRST-SEEN".into(),
+                "WAITING".into(),
+                "AGENT'S REASON (untrusted)".into(),
+            ]];
+            for p in &entries {
+                let time = p
+                    .first_seen
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or_default();
+                let dash = |o: &Option<String>| o.as_deref().map_or("-".to_string(), printable);
+                rows.push([
+                    p.id.to_string(),
+                    printable(&p.sandbox),
+                    printable(&shown_destination(p)),
+                    dash(&p.process),
+                    dash(&p.first),
+                    time,
+                    format!("{} of {}s", ago(p.first_seen), p.timeout_secs),
+                    p.reason
+                        .as_deref()
+                        .map_or("-".to_string(), |r| format!("\"{}\"", printable(r))),
+                ]);
+            }
+            crate::commands::print_table(&rows);
+            Ok(0)
+        }
+        PolicyCommand::Approve {
+            id,
+            once: _,
+            always,
+            global,
+        } => {
+            let p = find_pending(dirs, &id).await?;
+            let dest = shown_destination(&p);
+            if p.file.is_some() {
+                if always {
+                    bail!(
+                        "{dest}: file rule exceptions are not written by sandpen yet; \
+                         edit [files] of the sandbox's policy.toml, then `policy approve {id} --once` to tell the agent"
+                    );
+                }
+                control::answer(&dirs.sandbox(&p.sandbox), p.id, sandpen_proxy::Answer::Once)
+                    .await?;
+                println!(
+                    "{}: {dest}: the agent is told it was approved; no file rule was changed (edit [files] yourself)",
+                    p.sandbox
+                );
+                return Ok(0);
+            }
+            if always {
+                let said = rule_for_pending(dirs, &p, Action::Allow, global).await?;
+                println!(
+                    "{}: {dest}: {said}; every connection waiting for it goes on",
+                    p.sandbox
+                );
+            } else {
+                control::answer(&dirs.sandbox(&p.sandbox), p.id, sandpen_proxy::Answer::Once)
+                    .await?;
+                println!(
+                    "{}: {dest}: approved once (this connection only)",
+                    p.sandbox
+                );
+            }
+            Ok(0)
+        }
+        PolicyCommand::Deny {
+            what,
+            target: None,
+            always,
+            scope,
+        } if what != "network" => {
+            if scope.name.is_some() || scope.global {
+                bail!("`policy deny ID` takes no sandbox or -g: the ID names its sandbox (SANDBOX/ID)");
+            }
+            let id = what;
+            let p = find_pending(dirs, &id).await?;
+            let dest = shown_destination(&p);
+            if always && p.file.is_some() {
+                bail!("{dest}: --always makes a network rule; refuse a file request without it");
+            }
+            if always {
+                let said = rule_for_pending(dirs, &p, Action::Deny, false).await?;
+                println!("{}: {dest}: {said}", p.sandbox);
+            }
+            // A deny rule releases it through the recheck; the answer is for
+            // the case where it did not (it is gone then, which is fine).
+            match control::answer(&dirs.sandbox(&p.sandbox), p.id, sandpen_proxy::Answer::Deny)
+                .await
+            {
+                Ok(_) => println!("{}: {dest}: refused", p.sandbox),
+                Err(_) if always => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(0)
+        }
+        PolicyCommand::Init { preset, scope } => {
+            let Some(p) = Preset::parse(&preset) else {
+                bail!("unknown preset {preset:?}: use deny-all, balanced or allow-all");
+            };
+            edit(dirs, &scope, |f| {
+                let from = f.preset();
+                f.init_preset(p)?;
+                let said = format!("{}: preset {}", f.path().display(), p.as_str());
+                Ok((
+                    said,
+                    (from != Some(p)).then_some(Edit::SetPreset { from, to: p }),
+                ))
+            })
         }
         PolicyCommand::Allow { target, scope, .. } => {
-            let rule = sandpen_api::policy::add_rule(dirs, &place(&scope), Action::Allow, &target)?;
-            println!(
-                "added rule {} ({}: allow {})",
-                rule.id, rule.scope, rule.target
-            );
-            Ok(0)
+            edit(dirs, &scope, |f| add_recorded(f, Action::Allow, &target))
         }
-        PolicyCommand::Deny { target, scope, .. } => {
-            let rule = sandpen_api::policy::add_rule(dirs, &place(&scope), Action::Deny, &target)?;
-            println!(
-                "added rule {} ({}: deny {})",
-                rule.id, rule.scope, rule.target
-            );
-            Ok(0)
+        PolicyCommand::Deny {
+            what,
+            target,
+            always,
+            scope,
+        } => {
+            if what != "network" {
+                bail!(
+                    "usage: `policy deny network TARGET [-g|NAME]` or `policy deny ID [--always]`"
+                );
+            }
+            if always {
+                bail!("--always goes with a pending ID: `policy deny ID --always`");
+            }
+            let Some(target) = target else {
+                bail!("usage: `policy deny network TARGET [-g|NAME]`");
+            };
+            edit(dirs, &scope, |f| add_recorded(f, Action::Deny, &target))
         }
-        PolicyCommand::Rm { id, scope, .. } => {
-            let rule = sandpen_api::policy::remove_rule(dirs, &place(&scope), id)?;
-            println!(
+        PolicyCommand::Rm { id, scope, .. } => edit(dirs, &scope, |f| {
+            let rule = f.remove_rule(id)?;
+            let said = format!(
                 "removed rule {} ({}: {} {})",
                 rule.id, rule.scope, rule.action, rule.target
             );
-            Ok(0)
-        }
+            let change = Edit::RemoveRule {
+                id: rule.id,
+                action: rule.action,
+                target: rule.target.to_string(),
+            };
+            Ok((said, Some(change)))
+        }),
         PolicyCommand::Mode { mode, scope } => {
-            let path = sandpen_api::policy::set_mode(dirs, &place(&scope), &mode)?;
-            println!("{}: mode {mode}", path.display());
-            Ok(0)
+            let Some(m) = Mode::parse(&mode) else {
+                bail!("unknown mode {mode:?}: use enforce, learn or ask");
+            };
+            edit(dirs, &scope, |f| {
+                let from = f.mode();
+                f.set_mode(m)?;
+                let said = format!("{}: mode {}", f.path().display(), m.as_str());
+                Ok((
+                    said,
+                    (from != Some(m)).then_some(Edit::SetMode { from, to: m }),
+                ))
+            })
         }
         PolicyCommand::Trust { name } => {
             let config = sandbox::load(dirs, &name)?;
@@ -173,15 +705,37 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             Ok(0)
         }
         PolicyCommand::Ls { name, json } => {
+            let policy = policy_for(dirs, name.as_deref())?;
+            // Who added each rule: the sandbox's history (approvals of global
+            // rules are kept there too) and the global file's.
+            let mut changes = history_for(dirs, None).read()?;
+            if let Some(n) = &name {
+                changes.extend(history_for(dirs, Some(n)).read()?);
+            }
             if json {
-                let info = sandpen_api::policy::show(dirs, name.as_deref())?;
-                let out = serde_json::json!({
-                    "mode": info.mode, "preset": info.preset, "rules": info.rules,
-                });
-                println!("{}", serde_json::to_string_pretty(&out)?);
+                let rows: Vec<_> = policy
+                    .rules()
+                    .iter()
+                    .map(|r| {
+                        let by = provenance(&changes, r);
+                        serde_json::json!({
+                            "id": r.id, "scope": r.scope.as_str(), "action": r.action.as_str(),
+                            "target": r.target.to_string(), "source": r.source.to_string(),
+                            "added_by": by.map(|c| c.who.as_str()),
+                            "added_at": by.map(|c| c.time.as_str()),
+                            "reason": by.map(|c| c.reason.as_str()),
+                            "change": by.map(|c| c.n),
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "mode": policy.mode().as_str(), "preset": policy.preset().as_str(), "rules": rows,
+                    }))?
+                );
                 return Ok(0);
             }
-            let policy = policy_for(dirs, name.as_deref())?;
             println!(
                 "mode {}, preset {}",
                 policy.mode().as_str(),
@@ -193,23 +747,34 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
                 "ACTION".into(),
                 "TARGET".into(),
                 "FROM".into(),
+                "ADDED BY".into(),
             ]];
             for r in policy.rules() {
+                let by = provenance(&changes, r).map_or("-".to_string(), |c| {
+                    let mut s = format!("{} at {} (change {})", c.who, c.time, c.n);
+                    if !c.reason.is_empty() {
+                        s.push_str(&format!(": {}", printable(&c.reason)));
+                    }
+                    s
+                });
                 rows.push([
                     r.id.to_string(),
                     r.scope.as_str().into(),
                     r.action.as_str().into(),
                     r.target.to_string(),
                     r.source.to_string(),
+                    by,
                 ]);
             }
             crate::commands::print_table(&rows);
             Ok(0)
         }
         PolicyCommand::Check { target, name, .. } => {
-            let checked = sandpen_api::policy::check(dirs, name.as_deref(), &target).await?;
-            println!("{}:{} {}", checked.host, checked.port, checked.decision);
-            Ok(match checked.verdict {
+            let policy = policy_for(dirs, name.as_deref())?;
+            let (host, port) = split_target(&target)?;
+            let checked = sandpen_proxy::decide(&policy, &host, port).await;
+            println!("{host}:{port} {}", checked.decision);
+            Ok(match checked.decision.verdict {
                 Verdict::Deny => 1,
                 _ => 0,
             })
@@ -220,17 +785,36 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             limit,
             kind,
         } => {
-            let names = sandpen_api::logs::names(dirs, name.as_deref())?;
+            let names: Vec<String> = match name {
+                Some(n) => {
+                    sandbox::load(dirs, &n)?;
+                    vec![n]
+                }
+                None => sandbox::list(dirs)?.into_iter().map(|c| c.name).collect(),
+            };
             if kind != LogType::Network {
                 file_log(dirs, &names, json, limit)?;
                 if kind == LogType::File {
                     return Ok(0);
                 }
             }
-            let records = sandpen_api::logs::network(dirs, &names, limit)?;
+            let mut records = Vec::new();
+            for n in names {
+                let path = dirs.sandbox(&n).logs().join("net.jsonl");
+                records.extend(read_log(
+                    &path,
+                    &LogFilter {
+                        sandbox: None,
+                        limit: Some(limit),
+                    },
+                )?);
+            }
+            records.sort_by_key(|r| r.time);
+            let skip = records.len().saturating_sub(limit);
+            let records = &records[skip..];
             if json {
                 for r in records {
-                    println!("{}", serde_json::to_string(&r)?);
+                    println!("{}", serde_json::to_string(r)?);
                 }
                 return Ok(0);
             }
@@ -270,13 +854,171 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
     }
 }
 
+async fn suggest_cmd(
+    dirs: &Dirs,
+    name: &str,
+    apply: Option<&str>,
+    json: bool,
+    promote_k: usize,
+    unused_days: i64,
+) -> Result<i32> {
+    use crate::suggest::{parse_selection, suggest, Input, Proposal};
+    sandbox::load(dirs, name)?;
+    let paths = dirs.sandbox(name);
+    let records = read_log(
+        &paths.logs().join("net.jsonl"),
+        &LogFilter {
+            sandbox: None,
+            limit: None,
+        },
+    )?;
+    let policy = policy_for(dirs, Some(name))?;
+    let mut sandbox_rules = Vec::new();
+    for c in sandbox::list(dirs)? {
+        let file = PolicyFile::load(
+            &dirs.sandbox(&c.name).dir.join("policy.toml"),
+            Scope::Sandbox,
+        )?;
+        sandbox_rules.push((c.name, file.rules().to_vec()));
+    }
+    let history = History::in_dir(&paths.dir);
+    let changes = history.read()?;
+    let all = suggest(&Input {
+        records: &records,
+        policy: &policy,
+        sandbox_rules: &sandbox_rules,
+        sandbox: name,
+        history: &changes,
+        now: time::OffsetDateTime::now_utc(),
+        promote_k,
+        unused_days,
+    });
+    let Some(selection) = apply else {
+        if json {
+            println!("{}", serde_json::to_string_pretty(&all)?);
+            return Ok(0);
+        }
+        if all.is_empty() {
+            println!("{name}: nothing to suggest");
+            return Ok(0);
+        }
+        let time = |t: Option<time::OffsetDateTime>| {
+            t.and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| "-".into())
+        };
+        let mut rows = vec![[
+            "N".to_string(),
+            "PROPOSAL".into(),
+            "SITE".into(),
+            "SEEN".into(),
+            "FIRST".into(),
+            "LAST".into(),
+            "UP".into(),
+            "PROCESSES".into(),
+            "FLAGS".into(),
+        ]];
+        for s in &all {
+            rows.push([
+                s.n.to_string(),
+                printable(&s.proposal.to_string()),
+                s.domain.as_deref().map_or("-".into(), printable),
+                if s.count == 0 {
+                    "-".into()
+                } else {
+                    format!("{} ({})", s.count, s.sources.join(", "))
+                },
+                time(s.first_seen),
+                time(s.last_seen),
+                s.bytes_up.to_string(),
+                if s.processes.is_empty() {
+                    "-".into()
+                } else {
+                    printable(&s.processes.join(", "))
+                },
+                if s.flags.is_empty() {
+                    "-".into()
+                } else {
+                    format!("! {}", printable(&s.flags.join("; ")))
+                },
+            ]);
+        }
+        crate::commands::print_table(&rows);
+        println!("apply with `sandpen policy suggest {name} --apply N[,N...]` (look at flagged ones first)");
+        return Ok(0);
+    };
+    let chosen = parse_selection(selection, all.len()).map_err(anyhow::Error::msg)?;
+    for n in chosen {
+        let Some(s) = all.iter().find(|s| s.n == n) else {
+            continue;
+        };
+        let why = format!(
+            "suggestion {n}: {} connection(s) ({}){}",
+            s.count,
+            s.sources.join(", "),
+            if s.flags.is_empty() {
+                String::new()
+            } else {
+                format!("; flagged: {}", s.flags.join("; "))
+            }
+        );
+        let global = matches!(s.proposal, Proposal::Promote { .. });
+        let scope = ScopeArgs {
+            global,
+            name: (!global).then(|| name.to_string()),
+            reason: None,
+        };
+        let (path, kind) = file_path(dirs, &scope)?;
+        let mut file = PolicyFile::load(&path, kind)?;
+        let (said, change) = match &s.proposal {
+            Proposal::Add { target } | Proposal::Promote { target, .. } => {
+                add_recorded(&mut file, Action::Allow, target)?
+            }
+            Proposal::Remove { id, .. } => {
+                let r = file.remove_rule(*id)?;
+                let said = format!(
+                    "removed rule {} ({}: {} {})",
+                    r.id, r.scope, r.action, r.target
+                );
+                let change = Edit::RemoveRule {
+                    id: r.id,
+                    action: r.action,
+                    target: r.target.to_string(),
+                };
+                (said, Some(change))
+            }
+        };
+        file.save()?;
+        if let Some(change) = change {
+            history.append(&now_rfc3339(), Who::Suggestion, &file, change, &why, None)?;
+        }
+        println!("{n}: {said}");
+    }
+    if control::supervisor_alive(&paths) {
+        let _ = control::recheck(&paths).await;
+    }
+    Ok(0)
+}
+
 /// The file log (`logs/files.jsonl`) of these sandboxes: denied operations
 /// and label changes.
 fn file_log(dirs: &Dirs, names: &[String], json: bool, limit: usize) -> Result<()> {
-    let records = sandpen_api::logs::files(dirs, names, limit)?;
+    let mut records = Vec::new();
+    for n in names {
+        let path = dirs.sandbox(n).logs().join("files.jsonl");
+        records.extend(
+            sandpen_fs::read_records(&path)
+                .with_context(|| format!("reading {}", path.display()))?,
+        );
+    }
+    records.sort_by(|a, b| a.time.cmp(&b.time));
+    let skip = records.len().saturating_sub(limit);
+    let records = &records[skip..];
     if json {
         for r in records {
-            println!("{}", serde_json::to_string(&r)?);
+            println!("{}", serde_json::to_string(r)?);
         }
         return Ok(());
     }
@@ -333,5 +1075,13 @@ mod tests {
     fn guest_text_cannot_drive_the_terminal() {
         assert_eq!(printable("a.test"), "a.test");
         assert!(!printable("x\u{1b}]52;c;aGk=\u{7}").contains('\u{1b}'));
+    }
+
+    #[test]
+    fn targets_split_into_host_and_port() {
+        assert_eq!(split_target("a.test:80").unwrap(), ("a.test".into(), 80));
+        assert_eq!(split_target("a.test").unwrap(), ("a.test".into(), 443));
+        assert_eq!(split_target("[::1]:22").unwrap(), ("::1".into(), 22));
+        assert!(split_target("a.test:http").is_err());
     }
 }

@@ -120,15 +120,22 @@ async fn handle_stream(stream: MuxStream, state: Arc<GuestState>) -> Result<()> 
         Request::Setup(setup) => {
             let reaper = state.reaper.clone();
             let applied = setup.clone();
-            let mut result = tokio::task::spawn_blocking(move || setup::apply(&applied, &reaper))
-                .await
-                .map_err(|e| anyhow::anyhow!("setup panicked: {e}"))
-                .and_then(|r| r);
+            let mut result = tokio::task::spawn_blocking(move || {
+                setup::apply(&applied, &reaper)?;
+                crate::request::install();
+                Ok(())
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("setup panicked: {e}"))
+            .and_then(|r| r);
             let prepared = state.egress.lock().ok().and_then(|mut e| e.take());
             if let (Ok(()), Some(prepared)) = (&result, prepared) {
                 result = crate::egress::start(state.mux.clone(), prepared)
                     .await
                     .context("starting the egress plumbing");
+                if let Err(e) = crate::request::start(state.mux.clone()) {
+                    log!("sandpen-request's socket: {e:#}");
+                }
             }
             let reply = match result {
                 Ok(()) => {
@@ -149,6 +156,15 @@ async fn handle_stream(stream: MuxStream, state: Arc<GuestState>) -> Result<()> 
             frames.close().await?;
         }
         Request::Exec(req) => crate::exec::run(frames, req, state).await?,
+        Request::Process { src_port } => {
+            let process =
+                tokio::task::spawn_blocking(move || crate::sys::process_of_port(src_port))
+                    .await
+                    .ok()
+                    .flatten();
+            frames.send(&sandpen_proto::ProcessInfo { process }).await?;
+            frames.close().await?;
+        }
         Request::Usage => {
             frames.send(&sys::usage()).await?;
             frames.close().await?;

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use sandpen_guest::dns::{answer, FakeDns};
 use sandpen_proto::frame::{read_one, FrameStream};
 use sandpen_proto::mux::MuxHandle;
-use sandpen_proto::{EgressAccepted, EgressMode, EgressOpen, EGRESS_ACCEPTED_MAX};
+use sandpen_proto::{EgressAccepted, EgressMode, EgressOpen, GuestOpen, EGRESS_ACCEPTED_MAX};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -103,6 +103,7 @@ fn original_destination(conn: &TcpStream) -> Option<SocketAddrV4> {
 }
 
 async fn relay(mux: MuxHandle, mut conn: TcpStream, mode: EgressMode, host: String, port: u16) {
+    let src_port = conn.peer_addr().map_or(0, |a| a.port());
     let stream = match mux.open().await {
         Ok(s) => s,
         Err(e) => {
@@ -113,7 +114,16 @@ async fn relay(mux: MuxHandle, mut conn: TcpStream, mode: EgressMode, host: Stri
         }
     };
     let mut frames = FrameStream::new(stream);
-    if frames.send(&EgressOpen { mode, host, port }).await.is_err() {
+    if frames
+        .send(&GuestOpen::Connect(EgressOpen {
+            mode,
+            host,
+            port,
+            src_port,
+        }))
+        .await
+        .is_err()
+    {
         return;
     }
     let stream = frames.into_inner();

@@ -14,6 +14,7 @@ mod exec;
 mod netconf;
 mod nftables;
 mod reaper;
+mod request;
 mod setup;
 mod sys;
 mod users;
@@ -29,6 +30,17 @@ macro_rules! log {
 }
 
 fn main() {
+    // `sandpen-request` (the same binary, installed under that name), or
+    // `sandpen-guest request ...`: an agent's request to the user.
+    let mut args = std::env::args();
+    let argv0 = args.next().unwrap_or_default();
+    let rest: Vec<String> = args.collect();
+    if std::path::Path::new(&argv0).file_name() == Some(std::ffi::OsStr::new("sandpen-request")) {
+        std::process::exit(request::main(rest));
+    }
+    if rest.first().map(String::as_str) == Some("request") {
+        std::process::exit(request::main(rest[1..].to_vec()));
+    }
     if std::process::id() != 1 {
         eprintln!(
             "sandpen-guest is the init process of a sandpen VM; it is not meant to be run by hand"

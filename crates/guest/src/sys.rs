@@ -146,6 +146,69 @@ pub fn uptime_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// The process that holds the TCP socket whose local port is `port`
+/// (`pid 1234 curl -sS https://...`, its command line clipped to 200
+/// bytes), found through `/proc/net/tcp{,6}` and every process's `fd`
+/// folder. `None` when no socket or no process matches (a container's
+/// socket is in another network namespace). Plumbing for the host's
+/// `policy pending`: a hostile guest may make it say anything.
+pub fn process_of_port(port: u16) -> Option<String> {
+    if port == 0 {
+        return None;
+    }
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|table| {
+            let text = std::fs::read_to_string(table).ok()?;
+            text.lines().skip(1).find_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let local_port = f.get(1)?.rsplit(':').next()?;
+                let inode = f.get(9)?;
+                (u16::from_str_radix(local_port, 16).ok()? == port && *inode != "0")
+                    .then(|| inode.to_string())
+            })
+        })?;
+    let wanted = format!("socket:[{inode}]");
+    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = proc_dir.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+            continue;
+        };
+        let holds = fds.flatten().any(|fd| {
+            std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str())
+        });
+        if holds {
+            let cmdline = std::fs::read(proc_dir.path().join("cmdline")).unwrap_or_default();
+            let mut cmd: String = String::from_utf8_lossy(&cmdline)
+                .split('\0')
+                .filter(|a| !a.is_empty())
+                .collect::<Vec<_>>()
+                .join(" ");
+            if cmd.is_empty() {
+                cmd = std::fs::read_to_string(proc_dir.path().join("comm"))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+            }
+            if cmd.len() > 200 {
+                let mut end = 200;
+                while !cmd.is_char_boundary(end) {
+                    end -= 1;
+                }
+                cmd.truncate(end);
+            }
+            return Some(format!("pid {pid} {cmd}"));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod usage_tests {
     #[test]

@@ -5,6 +5,7 @@
 //! # has the same format. Every key is optional.
 //! mode = "enforce"          # enforce | learn | ask
 //! preset = "balanced"       # deny-all | balanced | allow-all
+//! ask_timeout = 120         # ask mode: seconds a connection waits for an answer
 //!
 //! [[network]]
 //! id = 1                    # stable; `sandpen policy` writes it
@@ -88,6 +89,7 @@ pub struct PolicyFile {
     text: String,
     mode: Option<Mode>,
     preset: Option<Preset>,
+    ask_timeout: Option<u64>,
     rules: Vec<Rule>,
     files: FilesSection,
     flow: FlowSection,
@@ -449,6 +451,7 @@ impl PolicyFile {
             text: NEW_FILE_HEADER.to_string(),
             mode: None,
             preset: None,
+            ask_timeout: None,
             rules: Vec::new(),
             files: FilesSection::default(),
             flow: FlowSection::default(),
@@ -462,6 +465,7 @@ impl PolicyFile {
             Document::parse(text.as_str()).map_err(|e| ck.err(e.span(), e.message().trim()))?;
         let mut mode = None;
         let mut preset = None;
+        let mut ask_timeout = None;
         let mut entries: Vec<Entry> = Vec::new();
         let mut files = FilesSection::default();
         let mut flow = FlowSection::default();
@@ -488,6 +492,20 @@ impl PolicyFile {
                         )
                     })?);
                 }
+                "ask_timeout" => {
+                    let n = item
+                        .as_integer()
+                        .filter(|n| (1..=MAX_ASK_TIMEOUT as i64).contains(n))
+                        .ok_or_else(|| {
+                            ck.err(
+                                item.span(),
+                                format!(
+                                    "`ask_timeout` must be a number of seconds from 1 to {MAX_ASK_TIMEOUT}"
+                                ),
+                            )
+                        })?;
+                    ask_timeout = Some(n as u64);
+                }
                 "network" => {
                     let Some(tables) = item.as_array_of_tables() else {
                         return Err(
@@ -504,7 +522,7 @@ impl PolicyFile {
                     return Err(ck.err(
                         key_span,
                         format!(
-                            "unknown key `{other}` (expected mode, preset, [[network]], [files] or [flow])"
+                            "unknown key `{other}` (expected mode, preset, ask_timeout, [[network]], [files] or [flow])"
                         ),
                     ))
                 }
@@ -519,6 +537,7 @@ impl PolicyFile {
             text,
             mode,
             preset,
+            ask_timeout,
             rules,
             files,
             flow,
@@ -598,6 +617,11 @@ impl PolicyFile {
 
     pub fn preset(&self) -> Option<Preset> {
         self.preset
+    }
+
+    /// `ask_timeout`: how long, in seconds, ask mode holds a connection.
+    pub fn ask_timeout(&self) -> Option<u64> {
+        self.ask_timeout
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -724,6 +748,20 @@ impl PolicyFile {
         self.edit(|doc| set_value(doc, "mode", mode.as_str()))
     }
 
+    /// Remove `mode` (in memory): the global file's, or the default, applies.
+    pub fn unset_mode(&mut self) -> Result<(), PolicyError> {
+        self.edit(|doc| {
+            doc.remove("mode");
+        })
+    }
+
+    /// Remove `preset` (in memory): the global file's, or `deny-all`, applies.
+    pub fn unset_preset(&mut self) -> Result<(), PolicyError> {
+        self.edit(|doc| {
+            doc.remove("preset");
+        })
+    }
+
     /// Set `preset` (in memory; call [`save`](Self::save)). Rules are kept.
     pub fn init_preset(&mut self, preset: Preset) -> Result<(), PolicyError> {
         self.edit(|doc| set_value(doc, "preset", preset.as_str()))
@@ -745,6 +783,9 @@ impl PolicyFile {
 }
 
 /// Set a top-level string, keeping its decor (comments) if it exists.
+/// The longest `ask_timeout` a file may set: one day.
+pub const MAX_ASK_TIMEOUT: u64 = 86_400;
+
 fn set_value(doc: &mut DocumentMut, key: &str, v: &str) {
     match doc.get_mut(key).and_then(|i| i.as_value_mut()) {
         Some(old) => {

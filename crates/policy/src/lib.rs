@@ -29,7 +29,10 @@
 //! `enforce` applies the policy. `learn` turns policy denials into
 //! `would-deny` verdicts that let the connection through; it never waives the
 //! safety checks (`blocked-address`, `invalid-host`, and the proxy's
-//! `sni-mismatch` / `host-mismatch`). `ask` is evaluated as `enforce` for now.
+//! `sni-mismatch` / `host-mismatch`). `ask` evaluates as `enforce`, but a
+//! denial that only says no rule decided ([`Decision::ask`]) may be held by
+//! the proxy for the user's answer. Deny rules, blocked ranges (of a literal
+//! address) and flow narrowing are never askable: they stay denials.
 //!
 //! The file format is documented on [`file`] and in docs/policy.md.
 
@@ -37,6 +40,7 @@ mod blocked;
 pub mod file;
 pub mod files;
 pub mod flow;
+pub mod history;
 pub mod hostaddrs;
 mod preset;
 mod target;
@@ -90,6 +94,9 @@ pub enum Scope {
     Preset,
     /// A workspace's `.sandpen.toml` (allow rules only once trusted).
     Workspace,
+    /// One connection the user approved in ask mode (`approve --once`):
+    /// never in a file.
+    Once,
 }
 
 impl Scope {
@@ -99,6 +106,7 @@ impl Scope {
             Scope::Sandbox => "sandbox",
             Scope::Preset => "preset",
             Scope::Workspace => "workspace",
+            Scope::Once => "once",
         }
     }
 }
@@ -117,9 +125,9 @@ pub enum Mode {
     Enforce,
     /// Allow everything the safety checks allow; report what enforce would deny.
     Learn,
-    /// Hold unknown destinations until the user answers.
-    // TODO(ask mode, a later issue: DESIGN.md "Egress", mode `ask`): hold the
-    // connection and ask the CLI / web page; until then it is evaluated as enforce.
+    /// Evaluated as enforce, but a connection that no rule decides is
+    /// marked [`Decision::ask`]: the proxy holds it until the user answers
+    /// (docs/policy.md, "Ask mode").
     Ask,
 }
 
@@ -155,6 +163,8 @@ pub enum RuleSource {
     File { path: PathBuf, line: usize },
     /// A built-in preset.
     Preset(Preset),
+    /// `policy approve --once`: one connection, in memory.
+    Once,
 }
 
 impl fmt::Display for RuleSource {
@@ -162,6 +172,7 @@ impl fmt::Display for RuleSource {
         match self {
             RuleSource::File { path, line } => write!(f, "{}:{line}", path.display()),
             RuleSource::Preset(p) => write!(f, "preset {p}"),
+            RuleSource::Once => f.write_str("approved once"),
         }
     }
 }
@@ -268,7 +279,17 @@ pub mod reason {
     /// `flow: secret-read at T from PATH`: the sandbox read a secret and the
     /// host is not a trusted sink.
     pub const FLOW: &str = "flow";
+    /// Ask mode: nobody answered within the ask timeout.
+    pub const ASK_TIMEOUT: &str = "ask-timeout";
+    /// Ask mode: the user refused this connection (`policy deny ID`).
+    pub const ASK_DENIED: &str = "ask-denied";
+    /// Ask mode: the user let this connection alone through
+    /// (`policy approve ID --once`).
+    pub const APPROVED_ONCE: &str = "approved-once";
 }
+
+/// How long ask mode holds a connection when no file sets `ask_timeout`.
+pub const DEFAULT_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// A verdict, the rule that gave it (if one did) and a reason code.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -290,6 +311,12 @@ pub struct Decision {
     /// sinks without this condition.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub sink_if_intercepted: bool,
+    /// Ask mode: a denial only because no rule decides the destination
+    /// (`no-matching-rule`), which the user may still allow: the proxy may
+    /// hold the connection and ask. Never set on a deny rule, a blocked
+    /// literal address or a flow narrowing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ask: bool,
 }
 
 impl Decision {
@@ -300,6 +327,7 @@ impl Decision {
             reason: reason.into(),
             raw: false,
             sink_if_intercepted: false,
+            ask: false,
         }
     }
 
@@ -377,6 +405,8 @@ pub struct Policy {
     /// What the workspace file asked for and did not get.
     held: Option<HeldBack>,
     reserve: Reserve,
+    /// Ask mode: how long a connection is held for an answer.
+    ask_timeout: std::time::Duration,
 }
 
 /// Why a workspace file's widening parts were not applied.
@@ -464,6 +494,11 @@ impl Policy {
             .flatten()
             .find_map(|f| f.files().reserve)
             .unwrap_or_default();
+        let ask_timeout = [sandbox, global]
+            .into_iter()
+            .flatten()
+            .find_map(PolicyFile::ask_timeout)
+            .map_or(DEFAULT_ASK_TIMEOUT, std::time::Duration::from_secs);
         Policy {
             mode,
             preset,
@@ -474,6 +509,7 @@ impl Policy {
             home_secrets: false,
             held: None,
             reserve,
+            ask_timeout,
         }
     }
 
@@ -641,6 +677,7 @@ impl Policy {
             home_secrets: false,
             held: None,
             reserve: Reserve::default(),
+            ask_timeout: DEFAULT_ASK_TIMEOUT,
         }
     }
 
@@ -671,6 +708,37 @@ impl Policy {
 
     pub fn mode(&self) -> Mode {
         self.mode
+    }
+
+    /// Ask mode: how long a connection is held for the user's answer (the
+    /// sandbox file's `ask_timeout`, else the global file's, else 120 s).
+    pub fn ask_timeout(&self) -> std::time::Duration {
+        self.ask_timeout
+    }
+
+    pub fn with_ask_timeout(mut self, t: std::time::Duration) -> Policy {
+        self.ask_timeout = t;
+        self
+    }
+
+    /// This policy plus an allow rule for exactly `host:port` in scope
+    /// [`Scope::Once`]: the decision for one connection the user approved
+    /// in ask mode. Deny rules, blocked ranges and flow narrowing still
+    /// apply to it. `None` when `host` is not a valid name or address.
+    pub fn with_once(&self, host: &str, port: u16) -> Option<Policy> {
+        let target = Target::parse(&format!("{}:{port}", bracket(host))).ok()?;
+        let mut p = self.clone();
+        p.rules.insert(
+            0,
+            Rule {
+                id: 0,
+                scope: Scope::Once,
+                action: Action::Allow,
+                target,
+                source: RuleSource::Once,
+            },
+        );
+        Some(p)
     }
 
     pub fn preset(&self) -> Preset {
@@ -730,7 +798,15 @@ impl Policy {
         } else if let Some(r) = allowing {
             Decision::new(Verdict::Allow, Some(r.to_ref()), reason::ALLOWED_BY_RULE)
         } else {
-            Decision::deny(reason::NO_MATCHING_RULE)
+            match blocked_literal(&host) {
+                // No rule could open it: say why, not that no rule matched.
+                Some(why) => Decision::deny(why),
+                None => {
+                    let mut d = Decision::deny(reason::NO_MATCHING_RULE);
+                    d.ask = self.mode == Mode::Ask && self.askable(&host, port);
+                    d
+                }
+            }
         };
         // Raw bytes: an address rule or a literal address carries any
         // protocol; a name rule only with ` raw` (docs/egress.md).
@@ -806,6 +882,49 @@ impl Policy {
             }
         }
         soften(decision)
+    }
+
+    /// Could a user's allow rule for `host:port` let it through? Not when it
+    /// is a blocked literal address (safety checks are never waived), nor
+    /// when the sandbox carries `secret-read` and the host is no trusted
+    /// sink of the user's (the flow narrowing would deny it anyway).
+    fn askable(&self, host: &Host, port: u16) -> bool {
+        if blocked_literal(host).is_some() {
+            return false;
+        }
+        if self.labels.get(Label::SecretRead).is_some() {
+            return self
+                .users_trusted_sinks()
+                .any(|t| t.matches_host(host, port));
+        }
+        true
+    }
+}
+
+/// `blocked-address: IP` for a literal address in a blocked range or of
+/// the host's own, which only an allow rule with a range target opens.
+fn blocked_literal(host: &Host) -> Option<String> {
+    let Host::Ip(ip) = host else {
+        return None;
+    };
+    if is_blocked(*ip) {
+        Some(format!("{}: {ip}", reason::BLOCKED_ADDRESS))
+    } else if is_host_address(*ip) {
+        Some(format!(
+            "{}: {ip} (the host's own)",
+            reason::BLOCKED_ADDRESS
+        ))
+    } else {
+        None
+    }
+}
+
+/// A host as it goes before `:PORT` in a target: IPv6 in brackets.
+fn bracket(host: &str) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_string()
     }
 }
 

@@ -884,3 +884,75 @@ fn the_reserve_comes_from_the_users_files_only() {
     assert_eq!(line, 2);
     assert!(msg.contains("invalid reserve"), "{msg}");
 }
+
+// ---- ask mode ----
+
+#[test]
+fn ask_mode_marks_only_what_no_rule_decides() {
+    let p = policy(G, "mode = \"ask\"\nask_timeout = 7\n");
+    assert_eq!(p.mode(), Mode::Ask);
+    assert_eq!(p.ask_timeout(), std::time::Duration::from_secs(7));
+    // Nothing decides it: denied (as enforce), but askable.
+    let d = p.check("new.test", 443, None);
+    assert_eq!(d.verdict, Verdict::Deny);
+    assert_eq!(d.reason, reason::NO_MATCHING_RULE);
+    assert!(d.ask);
+    // A deny rule stays a denial.
+    let d = p.check("bad.example.org", 443, None);
+    assert_eq!(d.reason, reason::DENIED_BY_RULE);
+    assert!(!d.ask);
+    // An allowed name is not asked about.
+    assert!(!p.check("pkgs.example.org", 443, None).ask);
+    // A blocked literal address is never asked about; a public one is.
+    assert!(!p.check("169.254.169.254", 80, None).ask);
+    assert!(!p.check("127.0.0.1", 80, None).ask);
+    assert!(p.check("203.0.113.7", 80, None).ask);
+    // Enforce and learn never mark anything.
+    assert!(!policy(G, "").check("new.test", 443, None).ask);
+    assert!(
+        !policy(G, "mode = \"learn\"")
+            .check("new.test", 443, None)
+            .ask
+    );
+    // The default timeout.
+    assert_eq!(policy(G, "").ask_timeout(), DEFAULT_ASK_TIMEOUT);
+}
+
+#[test]
+fn ask_mode_never_asks_past_a_flow_narrowing() {
+    let p = policy(
+        G,
+        "mode = \"ask\"\n[flow]\ntrusted_sinks = [\"sink.test\"]\n",
+    )
+    .with_labels(secret_read());
+    assert!(!p.check("new.test", 443, None).ask);
+    // A trusted sink of the user's could still be allowed: askable.
+    assert!(p.check("sink.test", 443, None).ask);
+}
+
+#[test]
+fn an_approval_once_allows_that_destination_only() {
+    let p = policy(G, "mode = \"ask\"");
+    let once = p.with_once("new.test", 443).expect("a valid host");
+    let d = once.check("new.test", 443, None);
+    assert_eq!(d.verdict, Verdict::Allow);
+    assert_eq!(d.rule.as_ref().map(|r| r.scope), Some(Scope::Once));
+    assert_eq!(once.check("new.test", 80, None).verdict, Verdict::Deny);
+    assert_eq!(once.check("other.test", 443, None).verdict, Verdict::Deny);
+    // Deny rules still win over it.
+    let once = p.with_once("bad.example.org", 443).expect("a valid host");
+    assert_eq!(
+        once.check("bad.example.org", 443, None).reason,
+        reason::DENIED_BY_RULE
+    );
+    assert!(p.with_once("::1", 22).is_some());
+}
+
+#[test]
+fn ask_timeout_is_checked() {
+    let (line, _, msg) = invalid("ask_timeout = 0\n");
+    assert_eq!(line, 1);
+    assert!(msg.contains("ask_timeout"), "{msg}");
+    let (_, _, msg) = invalid("ask_timeout = \"2m\"\n");
+    assert!(msg.contains("ask_timeout"), "{msg}");
+}

@@ -5,7 +5,9 @@
 //! guest's outbound connections (streams only the guest opens). They never
 //! share fate: whatever the guest does to the egress port (thousands of
 //! connections, garbage, forged stream ids) ends at most the egress session,
-//! and exec, ping and stop keep working. On each port, after a line-based
+//! and exec, ping and stop keep working. A guest-opened stream starts with
+//! one [`GuestOpen`] frame: a connection, or an agent's request to the user
+//! (`sandpen-request`), which only the host's user can answer. On each port, after a line-based
 //! handshake that checks protocol versions ([`handshake`]), both sides run a
 //! yamux session ([`mux`]) whose stream limits are set so that the opening
 //! side runs out first ([`mux::Channel`]). Every stream the host opens starts with one [`Request`] frame;
@@ -25,7 +27,7 @@ pub use messages::*;
 
 /// Version of everything in this crate that crosses the boundary. Bump it on any
 /// change to the handshake, the framing or a message type.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Name of the control port (`-device virtserialport,name=...`).
 pub const PORT_NAME: &str = "sandpen";

@@ -37,6 +37,10 @@ pub enum Request {
     /// `owner` (uid, gid). Answered with one [`CopyEvent`]: `Done` or
     /// `Failed`.
     CopyIn { path: String, owner: (u32, u32) },
+    /// Which guest process has the TCP socket with this local port (the
+    /// client of an egress connection)? Answered with [`ProcessInfo`]. Shown
+    /// to the user in ask mode; a hostile guest may lie, so it decides nothing.
+    Process { src_port: u16 },
 }
 
 /// The guest's answer to [`Request::Forward`].
@@ -66,6 +70,13 @@ pub enum CopyChunk {
     Data(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The end of the tar stream.
     End,
+}
+
+/// The answer to [`Request::Process`]: `pid 1234 curl -sS https://...`, or
+/// nothing when PID 1 cannot tell (a container's socket, a closed one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub process: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -194,9 +205,60 @@ impl ExitStatus {
 /// Largest chunk of stdin/stdout/stderr put into one frame.
 pub const IO_CHUNK: usize = 32 * 1024;
 
-/// The first frame of every guest-opened stream: one outbound connection that
-/// the guest wants the host to make. The host answers with one
-/// [`EgressAccepted`] frame; raw bytes follow in both directions.
+/// The first frame of every guest-opened stream (protocol 5): a connection
+/// or a request to the user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestOpen {
+    /// One outbound connection; see [`EgressOpen`].
+    Connect(EgressOpen),
+    /// `sandpen-request`: the agent asks the user for something. The host
+    /// answers with one [`EgressAccepted`] frame at once and one
+    /// [`RequestOutcome`] frame when the user (or the timeout) has decided.
+    /// Nothing the guest sends answers a request.
+    Request(GuestRequest),
+}
+
+/// What an agent asks the user for, with its reason (untrusted text, shown
+/// as such on the host).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestRequest {
+    /// Reach `host:port`.
+    Network {
+        host: String,
+        port: u16,
+        reason: String,
+    },
+    /// An exception to a file rule (read a denied file such as `.env.example`,
+    /// or write a read-only one).
+    File {
+        path: String,
+        write: bool,
+        reason: String,
+    },
+    /// Why was the last connection to `host` refused? (`sandpen-request --why`)
+    Why { host: String },
+}
+
+/// The host's answer to a [`GuestRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RequestOutcome {
+    /// The user approved it: with a rule (`always`; `global` scope or the
+    /// sandbox's), or once.
+    Approved { always: bool, global: bool },
+    /// Refused, with the reason (`ask-timeout`, `ask-denied`, a rule).
+    Denied { reason: String },
+    /// Already decided, no question asked (`allowed by rule 3 (...)`, or a
+    /// denial no user answer can change).
+    Decided { allowed: bool, text: String },
+    /// The answer to [`GuestRequest::Why`].
+    Why { text: String },
+    /// The request itself was malformed.
+    Invalid { why: String },
+}
+
+/// The first frame of a guest-opened connection stream: one outbound
+/// connection that the guest wants the host to make. The host answers with
+/// one [`EgressAccepted`] frame; raw bytes follow in both directions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EgressOpen {
     pub mode: EgressMode,
@@ -204,6 +266,9 @@ pub struct EgressOpen {
     /// the guest connected to an address it did not get from the stub.
     pub host: String,
     pub port: u16,
+    /// The client's source port in the guest (0 if unknown): what the host
+    /// names in [`Request::Process`] to ask PID 1 which process opened it.
+    pub src_port: u16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -63,6 +63,8 @@ pub(crate) struct Bound {
     pub host: String,
     pub port: u16,
     pub checked: Checked,
+    /// The user approved the connection once (ask mode).
+    pub once: bool,
 }
 
 /// How the served connection ended.
@@ -87,6 +89,11 @@ struct Session {
     /// The previous request's decision and the policy that made it.
     decided: Mutex<Option<Decided>>,
     requests: AtomicU64,
+    /// Ask mode: the `host:port` the user approved once for this
+    /// connection.
+    once: Mutex<Option<(String, u16)>>,
+    /// The client's source port in the guest.
+    src_port: u16,
 }
 
 /// A decision kept for the next request to the same `host:port`.
@@ -124,7 +131,8 @@ impl Refusal {
 }
 
 /// Serve plain HTTP on `client` (whose first bytes, already read, are in
-/// `first`) until the guest closes, a request is refused, or the connection
+/// `first`; `bound` for a transparent connection, and the client's source
+/// port in the guest) until the guest closes, a request is refused, or the connection
 /// idles out.
 pub(crate) async fn serve<S>(
     proxy: &Proxy,
@@ -133,7 +141,7 @@ pub(crate) async fn serve<S>(
     first: Vec<u8>,
     template: &ConnectionReport,
     act: &Activity,
-    bound: Option<Bound>,
+    (bound, src_port): (Option<Bound>, u16),
 ) -> Served
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -150,6 +158,10 @@ where
         checked: b.checked.clone(),
         by: policy.clone(),
     });
+    let once = bound
+        .as_ref()
+        .filter(|b| b.once)
+        .map(|b| (b.host.clone(), b.port));
     let outbox = Outbox::new(proxy.clone());
     let session = Arc::new(Session {
         proxy: proxy.clone(),
@@ -159,6 +171,8 @@ where
         upstream: Mutex::new(None),
         decided: Mutex::new(decided),
         requests: AtomicU64::new(0),
+        once: Mutex::new(once),
+        src_port,
     });
     let service = {
         let session = session.clone();
@@ -223,6 +237,12 @@ impl Session {
             req.uri().path_and_query().map_or("/", |p| p.as_str()),
         ));
         let up_head = head_len_request(&req);
+        let line = format!(
+            "{} {} {:?}",
+            req.method(),
+            truncate(&req.uri().to_string()),
+            req.version()
+        );
         match self.check(&req, &mut rec).await {
             Ok(allowed) => self.send(req, rec, allowed, started, up_head).await,
             Err(r) => {
@@ -235,8 +255,16 @@ impl Session {
                 rec.status = Some(r.status.as_u16());
                 rec.bytes_up = up_head;
                 rec.duration_ms = millis(started);
+                let body = (r.status == StatusCode::FORBIDDEN)
+                    .then(|| crate::denial::explain(&rec, Some(&line)));
                 self.log.write(&rec);
-                closing_reply(r.status, &r.reason)
+                let mut resp = closing_reply(r.status, &r.reason);
+                if let Some(body) = body {
+                    *resp.body_mut() = http_body_util::Full::new(Bytes::from(body))
+                        .map_err(|never| match never {})
+                        .boxed();
+                }
+                resp
             }
         }
     }
@@ -307,7 +335,28 @@ impl Session {
         let origin: Uri = origin
             .parse()
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {e}")))?;
-        let (mut checked, by) = self.decide(&host, port).await;
+        let (mut checked, mut by) = self.decide(&host, port).await;
+        if checked.decision.ask {
+            let said = format!(
+                "{} {} {:?}",
+                req.method(),
+                truncate(&req.uri().to_string()),
+                req.version()
+            );
+            let process = self.proxy.process_of(self.src_port).await;
+            let asked =
+                crate::ask_user(&self.proxy, &host, port, Some(said), process, checked).await;
+            if asked.once {
+                *lock(&self.once) = Some((host.clone(), port));
+            }
+            (checked, by) = (asked.checked, asked.policy);
+            *lock(&self.decided) = Some(Decided {
+                host: host.clone(),
+                port,
+                checked: checked.clone(),
+                by: by.clone(),
+            });
+        }
         let by_policy = checked.decision.permits();
         // Plain HTTP is never intercepted.
         checked.decision = narrow(&by, checked.decision, &host, false, false);
@@ -343,7 +392,13 @@ impl Session {
         if let Some(c) = cached {
             return (c, policy);
         }
-        let checked = decide(&policy, host, port).await;
+        let once = lock(&self.once)
+            .as_ref()
+            .is_some_and(|(h, p)| h == host && *p == port);
+        let checked = match policy.with_once(host, port).filter(|_| once) {
+            Some(p) => decide(&p, host, port).await,
+            None => decide(&policy, host, port).await,
+        };
         *lock(&self.decided) = Some(Decided {
             host: host.to_string(),
             port,
@@ -382,7 +437,11 @@ impl Session {
         let up = Arc::new(AtomicU64::new(up_head));
         // The body is checked chunk by chunk against policy changes.
         let cut = Arc::new(Mutex::new(None));
-        let live = LiveCheck::new(&self.proxy, &host, port, &addrs, by, cut.clone());
+        let once = lock(&self.once)
+            .as_ref()
+            .is_some_and(|(h, p)| *h == host && *p == port);
+        let live =
+            LiveCheck::new(&self.proxy, &host, port, &addrs, by, cut.clone()).approved_once(once);
         let body = Counted {
             inner: body,
             count: up.clone(),

@@ -32,7 +32,9 @@
 //! [`ProxyConfig::server_first_after`], the proxy connects and relays raw
 //! bytes; the client's first bytes are still told apart and checked.
 
+pub mod ask;
 pub mod audit;
+pub mod denial;
 mod exchange;
 mod forward;
 pub mod http;
@@ -56,6 +58,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
+pub use ask::{Answer, AskError, AskQueue, Asking, PendingInfo};
 pub use audit::{read_log, AuditError, AuditLog, ConnectionReport, LogFilter};
 use http::{FirstBytes, HeadError, RequestHead};
 use mitm::Mitm;
@@ -176,6 +179,15 @@ async fn resolve(policy: &Policy, host: &str, port: u16) -> Result<Vec<IpAddr>, 
     Ok(ips)
 }
 
+/// Ask mode: which guest process opened the connection whose client has
+/// this source port (asked of PID 1 only when a connection is held; the
+/// answer is shown, never trusted).
+pub type ProcessLookup = Arc<
+    dyn Fn(u16) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Brings the proxy's policy up to date, e.g. by re-reading the policy files
 /// and flow labels when they changed and calling [`Proxy::set_policy`]. Called
 /// before every decision, and before each chunk a live connection sends up.
@@ -192,6 +204,9 @@ struct Inner {
     pool: upstream::Pool,
     last_limit_warning: AtomicU64,
     started: Instant,
+    /// Ask mode: connections waiting for the user.
+    ask: AskQueue,
+    process_lookup: RwLock<Option<ProcessLookup>>,
 }
 
 /// One sandbox's egress proxy. Cheap to clone; clones share everything.
@@ -235,6 +250,9 @@ pub(crate) struct LiveCheck {
     intercepted: bool,
     /// The connection carries bytes that are neither HTTP nor TLS.
     raw: bool,
+    /// The user approved this connection once (ask mode): it is decided
+    /// again with that approval (`Policy::with_once`).
+    once: bool,
 }
 
 impl LiveCheck {
@@ -255,7 +273,15 @@ impl LiveCheck {
             cut,
             intercepted: false,
             raw: false,
+            once: false,
         }
+    }
+
+    /// The user approved this connection once: policy changes decide it
+    /// with that approval.
+    pub(crate) fn approved_once(mut self, once: bool) -> Self {
+        self.once = once;
+        self
     }
 
     /// The connection is intercepted: a trusted sink named only by the
@@ -288,11 +314,16 @@ impl LiveCheck {
         if Arc::ptr_eq(&now, &self.decided_with) {
             return Ok(());
         }
-        let mut d = now.check(&self.host, self.port, None);
+        let effective = match self.once {
+            true => now.with_once(&self.host, self.port).map(Arc::new),
+            false => None,
+        };
+        let by = effective.as_deref().unwrap_or(&now);
+        let mut d = by.check(&self.host, self.port, None);
         if d.permits() {
-            d = now.check(&self.host, self.port, Some(&self.addrs));
+            d = by.check(&self.host, self.port, Some(&self.addrs));
         }
-        let d = narrow(&now, d, &self.host, self.intercepted, self.raw);
+        let d = narrow(by, d, &self.host, self.intercepted, self.raw);
         self.decided_with = now;
         if d.verdict == Verdict::WouldDeny {
             // Learn mode lets it go on; the connection's record notes it.
@@ -389,6 +420,7 @@ fn relay_stop(e: io::Error) -> Stop {
 
 impl Proxy {
     pub fn new(config: ProxyConfig, policy: Policy, audit: AuditLog) -> Proxy {
+        let sandbox = config.sandbox.clone();
         let limiter = Arc::new(Semaphore::new(config.max_connections.max(1)));
         let pool = upstream::Pool::new(config.pool_max_idle, config.pool_idle_timeout);
         Proxy {
@@ -402,6 +434,8 @@ impl Proxy {
                 pool,
                 last_limit_warning: AtomicU64::new(0),
                 started: Instant::now(),
+                ask: AskQueue::new(sandbox),
+                process_lookup: RwLock::new(None),
             }),
         }
     }
@@ -415,7 +449,7 @@ impl Proxy {
     }
 
     /// The policy in force after running the refresh hook.
-    pub(crate) fn current_policy(&self) -> Arc<Policy> {
+    pub fn current_policy(&self) -> Arc<Policy> {
         let hook = match self.inner.refresh.read() {
             Ok(r) => r.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -432,9 +466,39 @@ impl Proxy {
     pub fn set_policy(&self, policy: Policy) {
         let policy = Arc::new(policy);
         match self.inner.policy.write() {
-            Ok(mut p) => *p = policy,
-            Err(poisoned) => *poisoned.into_inner() = policy,
+            Ok(mut p) => *p = policy.clone(),
+            Err(poisoned) => *poisoned.into_inner() = policy.clone(),
         }
+        // A rule that now decides a held destination releases it.
+        self.inner.ask.recheck(&policy);
+    }
+
+    /// Install the hook that names a held connection's guest process.
+    pub fn set_process_lookup(&self, lookup: Option<ProcessLookup>) {
+        match self.inner.process_lookup.write() {
+            Ok(mut l) => *l = lookup,
+            Err(poisoned) => *poisoned.into_inner() = lookup,
+        }
+    }
+
+    /// The guest process behind `src_port`, if the hook can tell within 2 s.
+    pub(crate) async fn process_of(&self, src_port: u16) -> Option<String> {
+        if src_port == 0 {
+            return None;
+        }
+        let hook = match self.inner.process_lookup.read() {
+            Ok(l) => l.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }?;
+        tokio::time::timeout(Duration::from_secs(2), hook(src_port))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Ask mode's queue of held connections (see [`ask`]).
+    pub fn ask(&self) -> &AskQueue {
+        &self.inner.ask
     }
 
     /// The policy in force.
@@ -503,6 +567,8 @@ impl Proxy {
                     decision: None,
                     cut: Arc::default(),
                     logged: false,
+                    once: false,
+                    src_port: open.src_port,
                 };
                 conn.run(stream, open).await;
                 logged = conn.logged;
@@ -567,6 +633,7 @@ pub async fn serve_http_proxy(proxy: Proxy, listener: TcpListener) -> io::Result
                 mode: EgressMode::HttpProxy,
                 host: String::new(),
                 port: 0,
+                src_port: 0,
             };
             p.handle(sock, open).await;
         });
@@ -587,10 +654,14 @@ struct Conn<'a> {
     /// Its requests wrote their own records (plain HTTP): the connection
     /// writes none.
     logged: bool,
+    /// The user approved it once in ask mode.
+    once: bool,
+    /// The client's source port in the guest (see [`Proxy::process_of`]).
+    src_port: u16,
 }
 
-/// The plain-HTTP deny page.
-fn http_error(status: u16, reason: &str, detail: &str) -> Vec<u8> {
+/// The plain-HTTP deny page; `body` is its text.
+fn http_error(status: u16, reason: &str, body: &str) -> Vec<u8> {
     let text = match status {
         400 => "Bad Request",
         403 => "Forbidden",
@@ -599,7 +670,6 @@ fn http_error(status: u16, reason: &str, detail: &str) -> Vec<u8> {
         502 => "Bad Gateway",
         _ => "Error",
     };
-    let body = format!("sandpen: {detail}\n");
     let code = reason.split(':').next().unwrap_or_default();
     format!(
         "HTTP/1.1 {status} {text}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\nX-Sandpen-Reason: {code}\r\n\r\n{body}",
@@ -635,8 +705,23 @@ impl Conn<'_> {
                     self.rec.reason = reason.clone();
                 }
                 if let Some(status) = status {
-                    let detail = format!("{}:{} {reason}", self.rec.host, self.rec.port);
-                    let page = http_error(status, &reason, &detail);
+                    let body = if status == 403 {
+                        let mut r = self.rec.clone();
+                        if r.reason != reason {
+                            r.deny(reason.clone());
+                        }
+                        let line = match (r.method.as_deref(), r.path.as_deref()) {
+                            (Some(m), _) if m.eq_ignore_ascii_case("CONNECT") => {
+                                Some(format!("{m} {}:{}", r.host, r.port))
+                            }
+                            (Some(m), Some(p)) => Some(format!("{m} {p}")),
+                            _ => None,
+                        };
+                        denial::explain(&r, line.as_deref())
+                    } else {
+                        format!("sandpen: {}:{} {reason}\n", self.rec.host, self.rec.port)
+                    };
+                    let page = http_error(status, &reason, &body);
                     let deadline = Instant::now() + Duration::from_secs(1);
                     let _ = timeout_at(deadline, client.write_all(&page)).await;
                     let _ = timeout_at(deadline, client.shutdown()).await;
@@ -663,8 +748,18 @@ impl Conn<'_> {
 
     /// Decide `host:port` and record the decision; the checked addresses if
     /// the connection may proceed.
-    async fn decide(&mut self, host: &str, port: u16) -> Result<Vec<IpAddr>, Stop> {
-        let checked = decide(&self.policy, host, port).await;
+    async fn decide(
+        &mut self,
+        host: &str,
+        port: u16,
+        first: Option<String>,
+    ) -> Result<Vec<IpAddr>, Stop> {
+        let mut checked = decide(&self.policy, host, port).await;
+        if checked.decision.ask {
+            let process = self.proxy.process_of(self.src_port).await;
+            let asked = ask_user(self.proxy, host, port, first, process, checked).await;
+            (checked, self.policy, self.once) = (asked.checked, asked.policy, asked.once);
+        }
         self.rec.set_decision(&checked.decision);
         self.decision = Some(checked.decision.clone());
         if checked.decision.permits() {
@@ -679,13 +774,91 @@ impl Conn<'_> {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let addrs = self.decide(host, port).await.map_err(|e| match e {
-            // The client has not spoken HTTP to us: no deny page.
-            Stop::Deny(_, r) => Stop::Deny(None, r),
-            other => other,
-        })?;
-        self.inspect_and_relay(client, Vec::new(), host, port, &addrs)
+        // Ask mode: what the client says first (its SNI or request line)
+        // is shown to the user, so it is read before the connection waits.
+        let mut first = Vec::new();
+        let mut said = None;
+        if self.policy.check(host, port, None).ask {
+            (first, said) = self.peek_first(client, port).await?;
+        }
+        let addrs = match self.decide(host, port, said).await {
+            Ok(a) => a,
+            Err(Stop::Deny(_, r)) => {
+                // A client that speaks plain HTTP gets the deny page (an
+                // agent can read it); any other is closed without a byte.
+                if first.is_empty() {
+                    first = self
+                        .peek_first(client, port)
+                        .await
+                        .map(|f| f.0)
+                        .unwrap_or_default();
+                }
+                if http::classify(&first) != FirstBytes::Http {
+                    return Err(Stop::Deny(None, r));
+                }
+                let line = String::from_utf8_lossy(&first);
+                let mut words = line.split_whitespace();
+                if let (Some(m), Some(t)) = (words.next(), words.next()) {
+                    self.rec.method = Some(truncate(m));
+                    self.rec.path = Some(truncate(t));
+                }
+                self.rec.proto = Some("http".into());
+                return Err(Stop::Deny(Some(403), r));
+            }
+            Err(other) => return Err(other),
+        };
+        self.inspect_and_relay(client, first, host, port, &addrs)
             .await
+    }
+
+    /// The client's first bytes (within the handshake timeout on ports 80
+    /// and 443, the server-first wait elsewhere; none if it stays silent)
+    /// and what they say, for the user: `TLS SNI NAME` or the request line.
+    async fn peek_first<S>(
+        &mut self,
+        client: &mut S,
+        port: u16,
+    ) -> Result<(Vec<u8>, Option<String>), Stop>
+    where
+        S: AsyncRead + Unpin,
+    {
+        let deadline = Instant::now() + self.cfg().handshake_timeout;
+        let wait = if is_web_port(port) {
+            deadline
+        } else {
+            Instant::now() + self.cfg().server_first_after
+        };
+        let mut first = Vec::with_capacity(2048);
+        match timeout_at(wait, client.read_buf(&mut first)).await {
+            Ok(Ok(0)) => return Err(Stop::End("client-closed".into())),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(Stop::End(format!("client-error: {e}"))),
+            Err(_) => return Ok((first, None)),
+        }
+        if first.first() == Some(&0x16) {
+            loop {
+                match tls::parse_client_hello(&first) {
+                    Hello::Complete(Some(sni)) => {
+                        return Ok((first, Some(format!("TLS SNI {}", truncate(&sni)))))
+                    }
+                    Hello::Complete(None) => return Ok((first, Some("TLS, no SNI".into()))),
+                    Hello::Malformed(_) => return Ok((first, None)),
+                    Hello::Incomplete => {
+                        if read_more(client, &mut first, tls::MAX_HELLO, deadline)
+                            .await
+                            .is_err()
+                        {
+                            return Ok((first, None));
+                        }
+                    }
+                }
+            }
+        }
+        let line = first
+            .split(|b| *b == b'\n')
+            .find(|l| !l.iter().all(|b| b.is_ascii_whitespace()))
+            .map(|l| String::from_utf8_lossy(l).trim().to_string());
+        Ok((first, line))
     }
 
     async fn http_proxy<S>(&mut self, client: &mut S) -> Result<(), Stop>
@@ -714,7 +887,8 @@ impl Conn<'_> {
             // The policy in force now: the CONNECT may come long after the
             // stream opened (after a `secret-read`).
             self.policy = self.proxy.current_policy();
-            let addrs = self.decide(&host, port).await?;
+            let said = format!("CONNECT {}", truncate(&head.target));
+            let addrs = self.decide(&host, port, Some(said)).await?;
             write_all_by(
                 client,
                 b"HTTP/1.1 200 Connection established\r\n\r\n",
@@ -752,7 +926,7 @@ impl Conn<'_> {
             first,
             self.rec,
             self.act,
-            bound,
+            (bound, self.src_port),
         )
         .await;
         if let Some(latest) = served.latest {
@@ -829,6 +1003,7 @@ impl Conn<'_> {
                             .unwrap_or_else(|| Decision::deny("internal: no decision")),
                         addrs: addrs.to_vec(),
                     },
+                    once: self.once,
                 };
                 return self.plain_http(client, first, Some(bound)).await;
             }
@@ -921,6 +1096,7 @@ impl Conn<'_> {
             self.policy.clone(),
             self.cut.clone(),
         )
+        .approved_once(self.once)
     }
 
     async fn connect(&mut self, addrs: &[IpAddr]) -> Result<TcpStream, Stop> {
@@ -1126,6 +1302,86 @@ where
                 .map_err(handshake_stop)?,
             kind => return Ok(kind),
         }
+    }
+}
+
+/// What ask mode made of a held connection.
+pub(crate) struct Asked {
+    pub checked: Checked,
+    /// The policy in force after the wait (without the once approval).
+    pub policy: Arc<Policy>,
+    /// The user approved this connection alone: decide it, now and on a
+    /// policy change, with `Policy::with_once`.
+    pub once: bool,
+}
+
+/// Ask mode: hold a connection that no rule decides until the user answers
+/// (see [`ask`]), and decide it by the answer. `checked` is the askable
+/// denial.
+pub(crate) async fn ask_user(
+    proxy: &Proxy,
+    host: &str,
+    port: u16,
+    first: Option<String>,
+    process: Option<String>,
+    mut checked: Checked,
+) -> Asked {
+    use sandpen_policy::reason::{ASK_DENIED, ASK_TIMEOUT};
+    let mut policy = proxy.current_policy();
+    let mut once = false;
+    // A recheck that still finds nothing deciding (the rule was removed
+    // again) waits again, a bounded number of times.
+    for _ in 0..4 {
+        if !checked.decision.ask {
+            break;
+        }
+        let asking = Asking {
+            host: host.to_string(),
+            port,
+            first: first.clone(),
+            process: process.clone(),
+            ..Default::default()
+        };
+        let timeout = policy.ask_timeout();
+        checked = match proxy.ask().hold(asking, timeout).await {
+            Answer::Once => match policy.with_once(host, port) {
+                Some(p) => {
+                    once = true;
+                    decide(&p, host, port).await
+                }
+                None => deny_checked(format!("{ASK_DENIED}: not a valid destination")),
+            },
+            Answer::Recheck => {
+                policy = proxy.current_policy();
+                decide(&policy, host, port).await
+            }
+            Answer::Deny => deny_checked(format!("{ASK_DENIED}: the user refused it")),
+            Answer::Timeout => {
+                tracing::info!(
+                    sandbox = %proxy.config().sandbox, host = %truncate(host), port,
+                    "{ASK_TIMEOUT}: no answer within {} s; denied", timeout.as_secs()
+                );
+                deny_checked(format!(
+                    "{ASK_TIMEOUT}: no answer within {} s",
+                    timeout.as_secs()
+                ))
+            }
+        };
+    }
+    if checked.decision.ask {
+        checked.decision.ask = false;
+    }
+    Asked {
+        checked,
+        policy,
+        once,
+    }
+}
+
+fn deny_checked(reason: String) -> Checked {
+    Checked {
+        decision: Decision::deny(reason),
+        addrs: Vec::new(),
     }
 }
 

@@ -304,6 +304,7 @@ impl Harness {
             mode,
             host: host.to_string(),
             port,
+            src_port: 0,
         };
         let p = self.proxy.clone();
         (
@@ -925,13 +926,17 @@ async fn a_name_resolving_to_loopback_needs_explicit_permission() {
 async fn a_literal_ip_without_a_rule_is_denied() {
     let srv = echo_server().await;
     let h = harness(Mode::Enforce);
-    for host in ["127.0.0.1", "203.0.113.7"] {
+    // A blocked literal address says so (no rule could open it).
+    for (host, reason) in [
+        ("127.0.0.1", "blocked-address: 127.0.0.1"),
+        ("203.0.113.7", "no-matching-rule"),
+    ] {
         let (mut guest, rep) = h.open(EgressMode::Transparent, host, srv.port());
         let _ = guest.write_all(b"hi").await;
         assert_eq!(read_all(&mut guest).await, "");
         let rep = rep.await.unwrap();
         assert_eq!(rep.decision, Verdict::Deny, "{host}");
-        assert_eq!(rep.reason, "no-matching-rule");
+        assert_eq!(rep.reason, reason);
         h.assert_check_agrees(&rep).await;
     }
     assert_eq!(srv.accepted(), 0);
@@ -1325,6 +1330,7 @@ async fn survives_ten_thousand_streams_that_never_write() {
             mode: EgressMode::Transparent,
             host: "allowed.test".into(),
             port: 443,
+            src_port: 0,
         };
         reports.push(tokio::spawn(async move { p.handle(host_end, open).await }));
         guests.push(guest);
@@ -1959,4 +1965,115 @@ async fn a_workspace_sink_is_no_sink_without_interception() {
     assert!(resp.ends_with("hello /fine"), "{resp}");
     drop(guest);
     assert_eq!(rep.await.unwrap().decision, Verdict::Allow);
+}
+
+// ---------------------------------------------------------------- ask mode
+
+/// Wait until the ask queue holds `n` entries.
+async fn held(h: &Harness, n: usize) -> Vec<sandpen_proxy::PendingInfo> {
+    for _ in 0..500 {
+        let list = h.proxy.ask().list();
+        if list.len() == n {
+            return list;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the queue never held {n}: {:?}", h.proxy.ask().list());
+}
+
+async fn read_page(mut s: DuplexStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A CONNECT to a destination no rule decides waits (nothing answered, no
+/// upstream), listed with its request line; the user's refusal answers it
+/// with a 403 an agent can act on.
+#[tokio::test]
+async fn ask_mode_holds_a_connect_until_the_user_answers() {
+    let h = harness(Mode::Ask);
+    let (mut guest, report) = h.open(EgressMode::HttpProxy, "", 0);
+    guest
+        .write_all(b"CONNECT undecided.test:443 HTTP/1.1\r\nHost: undecided.test:443\r\n\r\n")
+        .await
+        .unwrap();
+    let list = held(&h, 1).await;
+    assert_eq!(list[0].host, "undecided.test");
+    assert_eq!(list[0].first.as_deref(), Some("CONNECT undecided.test:443"));
+    let mut byte = [0u8; 1];
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), guest.read(&mut byte))
+            .await
+            .is_err(),
+        "a held connection gets no answer"
+    );
+    h.proxy
+        .ask()
+        .answer(list[0].id, sandpen_proxy::Answer::Deny)
+        .unwrap();
+    let page = read_page(guest).await;
+    assert!(page.starts_with("HTTP/1.1 403"), "{page}");
+    assert!(page.contains("X-Sandpen-Reason: ask-denied"), "{page}");
+    assert!(
+        page.contains("sandpen: `CONNECT undecided.test:443` was refused: undecided.test:443 is not allowed for this sandbox (ask-denied: the user refused it).")
+            && page.contains("sandpen-request network undecided.test:443"),
+        "{page}"
+    );
+    let rep = report.await.unwrap();
+    assert_eq!(rep.decision, Verdict::Deny);
+    assert!(rep.reason.starts_with("ask-denied"), "{rep:?}");
+    assert!(h.proxy.ask().list().is_empty());
+}
+
+/// Nobody answers: `ask-timeout`, for a plain-HTTP request through the
+/// proxy port.
+#[tokio::test]
+async fn ask_mode_times_out_with_ask_timeout() {
+    let h = harness_with(
+        policy_from(POLICY, Mode::Ask).with_ask_timeout(Duration::from_millis(200)),
+        |_| {},
+    );
+    let (mut guest, report) = h.open(EgressMode::HttpProxy, "", 0);
+    guest
+        .write_all(b"GET http://undecided.test/x HTTP/1.1\r\nHost: undecided.test\r\n\r\n")
+        .await
+        .unwrap();
+    let list = held(&h, 1).await;
+    assert_eq!(
+        list[0].first.as_deref(),
+        Some("GET http://undecided.test/x HTTP/1.1")
+    );
+    let page = read_page(guest).await;
+    assert!(page.starts_with("HTTP/1.1 403"), "{page}");
+    assert!(
+        page.contains("(ask-timeout: no answer within 0 s)"),
+        "{page}"
+    );
+    let rep = report.await.unwrap();
+    assert!(rep.reason.starts_with("ask-timeout"), "{rep:?}");
+}
+
+/// A deny rule and a blocked literal address are refused at once in ask
+/// mode: never held.
+#[tokio::test]
+async fn ask_mode_never_holds_a_denial() {
+    let h = harness(Mode::Ask);
+    for (target, reason) in [
+        ("denied.test:443", "denied-by-rule"),
+        ("10.1.2.3:443", "blocked-address"),
+        ("169.254.169.254:80", "blocked-address"),
+    ] {
+        let (mut guest, report) = h.open(EgressMode::HttpProxy, "", 0);
+        guest
+            .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let rep = tokio::time::timeout(Duration::from_secs(3), report)
+            .await
+            .expect("refused at once")
+            .unwrap();
+        assert!(rep.reason.starts_with(reason), "{target}: {rep:?}");
+        assert!(h.proxy.ask().list().is_empty());
+    }
 }

@@ -354,6 +354,7 @@ impl Harness {
             mode: EgressMode::Transparent,
             host: host.into(),
             port,
+            src_port: 0,
         };
         let report = tokio::spawn(async move { p.handle(host_end, open).await });
         let mut cfg = rustls::ClientConfig::builder_with_provider(provider())

@@ -36,6 +36,19 @@ pub enum ControlRequest {
     CopyIn {
         path: String,
     },
+    /// Ask mode: the connections waiting for an answer.
+    Pending,
+    /// Ask mode: answer one of them.
+    Answer {
+        id: u64,
+        answer: sandpen_proxy::Answer,
+    },
+    /// Ask mode: the policy files changed (`approve --always`): re-read
+    /// them and release what a rule now decides.
+    Recheck,
+    /// Ask mode: a [`ControlReply::NewPending`] frame for each connection
+    /// that starts to wait, until the CLI hangs up (an attached `run`).
+    WatchPending,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,8 +57,16 @@ pub enum ControlReply {
     ExecStarted,
     Stopping,
     Error(String),
-    Pong { guest_uptime_ms: u64 },
+    Pong {
+        guest_uptime_ms: u64,
+    },
     Stats(crate::resources::Stats),
+    Pending(Vec<sandpen_proxy::PendingInfo>),
+    Answered(sandpen_proxy::PendingInfo),
+    /// How many held connections a rule now decides.
+    Rechecked(usize),
+    Watching,
+    NewPending(sandpen_proxy::PendingInfo),
 }
 
 /// A running sandbox, as its supervisor reports it.
@@ -198,6 +219,46 @@ pub async fn ping(paths: &SandboxPaths) -> Result<u64, SupervisorError> {
 pub async fn stats(paths: &SandboxPaths) -> Result<crate::resources::Stats, SupervisorError> {
     match request(paths, &ControlRequest::Stats).await? {
         (_, ControlReply::Stats(s)) => Ok(s),
+        (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Ask mode: the sandbox's held connections.
+pub async fn pending(
+    paths: &SandboxPaths,
+) -> Result<Vec<sandpen_proxy::PendingInfo>, SupervisorError> {
+    match request(paths, &ControlRequest::Pending).await? {
+        (_, ControlReply::Pending(list)) => Ok(list),
+        (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Ask mode: answer held connection `id`.
+pub async fn answer(
+    paths: &SandboxPaths,
+    id: u64,
+    answer: sandpen_proxy::Answer,
+) -> Result<sandpen_proxy::PendingInfo, SupervisorError> {
+    match request(paths, &ControlRequest::Answer { id, answer }).await? {
+        (_, ControlReply::Answered(info)) => Ok(info),
+        (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Ask mode: after a policy edit, release what a rule now decides.
+pub async fn recheck(paths: &SandboxPaths) -> Result<usize, SupervisorError> {
+    match request(paths, &ControlRequest::Recheck).await? {
+        (_, ControlReply::Rechecked(n)) => Ok(n),
+        (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
+    }
+}
+
+/// Ask mode: a stream of the connections that start to wait.
+pub async fn watch_pending(
+    paths: &SandboxPaths,
+) -> Result<FrameStream<UnixStream>, SupervisorError> {
+    match request(paths, &ControlRequest::WatchPending).await? {
+        (frames, ControlReply::Watching) => Ok(frames),
         (_, other) => Err(SupervisorError::Boot(format!("unexpected reply {other:?}"))),
     }
 }

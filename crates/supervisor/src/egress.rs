@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 use sandpen_policy::{AddHost, Label, LabelStore, Policy, WorkspaceFile};
 use sandpen_proto::frame::{read_one, write_one};
 use sandpen_proto::mux::MuxStream;
-use sandpen_proto::{EgressAccepted, EgressOpen};
+use sandpen_proto::{EgressAccepted, GuestOpen, GuestRequest, RequestOutcome};
 use sandpen_proxy::{AuditLog, Proxy, ProxyConfig};
 use tokio::sync::mpsc;
 
@@ -18,11 +18,15 @@ use crate::SupervisorError;
 
 /// How long a guest stream may take to name its destination.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest `EgressOpen` frame accepted (a host name is at most 253 bytes).
-const MAX_HEADER: usize = 1024;
+/// Largest `GuestOpen` frame accepted: a host name is at most 253 bytes; a
+/// request's reason and path are clipped to a few hundred when shown.
+const MAX_HEADER: usize = 8 * 1024;
 /// Guest streams that have not named their destination yet; beyond this new
 /// ones are dropped at once (the proxy's own cap applies after the header).
 const MAX_PENDING_HEADERS: usize = 256;
+/// `sandpen-request`s waiting for the user at once; beyond this one is
+/// refused at once.
+const MAX_GUEST_REQUESTS: usize = 16;
 
 /// The two policy files of a sandbox: the user's global one and its own.
 pub fn policy_files(dirs: &Dirs, paths: &SandboxPaths) -> (PathBuf, PathBuf) {
@@ -161,9 +165,11 @@ pub async fn serve(
     proxy.set_refresh(Some(Arc::new(move |p: &Proxy| refresh_watch.refresh(p))));
     let proxy = Arc::new(proxy);
     let pending = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HEADERS));
+    let requests = Arc::new(tokio::sync::Semaphore::new(MAX_GUEST_REQUESTS));
     while let Some(mut stream) = inbound.recv().await {
         let proxy = proxy.clone();
         let watch = watch.clone();
+        let requests = requests.clone();
         let Ok(permit) = pending.clone().try_acquire_owned() else {
             tracing::debug!(
                 "{MAX_PENDING_HEADERS} guest streams are waiting to name their destination; dropping one"
@@ -173,9 +179,23 @@ pub async fn serve(
         tokio::spawn(async move {
             // What the guest sends is hostile: bounded, checked, and only logged at
             // debug level (the guest must not be able to fill the host's disk).
-            let header = read_one::<EgressOpen, _>(&mut stream, MAX_HEADER);
+            let header = read_one::<GuestOpen, _>(&mut stream, MAX_HEADER);
             let open = match tokio::time::timeout(HEADER_TIMEOUT, header).await {
-                Ok(Ok(open)) if plausible_host(&open.host) => open,
+                Ok(Ok(GuestOpen::Connect(open))) if plausible_host(&open.host) => open,
+                Ok(Ok(GuestOpen::Request(req))) => {
+                    drop(permit);
+                    if write_one(&mut stream, &EgressAccepted).await.is_err() {
+                        return;
+                    }
+                    let outcome = match requests.try_acquire() {
+                        Ok(_held) => guest_request(&proxy, &watch.paths, req).await,
+                        Err(_) => RequestOutcome::Invalid {
+                            why: format!("{MAX_GUEST_REQUESTS} requests are waiting already"),
+                        },
+                    };
+                    let _ = write_one(&mut stream, &outcome).await;
+                    return;
+                }
                 Ok(Ok(_)) => {
                     tracing::debug!("a guest stream named an impossible host");
                     return;
@@ -198,6 +218,153 @@ pub async fn serve(
             let report = proxy.handle(crate::resources::Counted(stream), open).await;
             note_untrusted_input(&proxy, &watch.paths, &watch.config.name, &report);
         });
+    }
+}
+
+/// An agent's request (`sandpen-request`, docs/policy.md): decided at once
+/// when the policy already decides it (or no answer could change it),
+/// otherwise held in the ask queue, with its reason, until the user answers
+/// on the host. Nothing from the guest answers it.
+async fn guest_request(proxy: &Proxy, paths: &SandboxPaths, req: GuestRequest) -> RequestOutcome {
+    use sandpen_policy::Mode;
+    use sandpen_proxy::{Answer, Asking};
+    let invalid = |why: String| RequestOutcome::Invalid { why };
+    match req {
+        GuestRequest::Why { host } => {
+            if !plausible_host(&host) {
+                return invalid("not a host name".into());
+            }
+            RequestOutcome::Why {
+                text: last_denial(paths, &host),
+            }
+        }
+        GuestRequest::Network { host, port, reason } => {
+            if !plausible_host(&host) || sandpen_policy::Host::parse(&host).is_err() || port == 0 {
+                return invalid(format!("`{host}:{port}` is not a destination"));
+            }
+            let policy = proxy.current_policy();
+            let d = policy.check(&host, port, None);
+            if d.permits() {
+                return RequestOutcome::Decided {
+                    allowed: true,
+                    text: format!("{host}:{port} is {d}"),
+                };
+            }
+            // Undecided in any mode is what ask mode would hold.
+            let askable = (*policy)
+                .clone()
+                .with_mode(Mode::Ask)
+                .check(&host, port, None)
+                .ask;
+            if !askable {
+                return RequestOutcome::Decided {
+                    allowed: false,
+                    text: format!("{host}:{port} is {d}; that is not for a request to change"),
+                };
+            }
+            tracing::info!(host = %host, port, "sandpen-request from the guest: waiting for the user");
+            let asking = Asking {
+                host: host.clone(),
+                port,
+                reason: Some(reason),
+                ..Default::default()
+            };
+            match proxy.ask().hold(asking, policy.ask_timeout()).await {
+                Answer::Once => RequestOutcome::Approved {
+                    always: false,
+                    global: false,
+                },
+                Answer::Recheck => {
+                    let now = proxy.current_policy();
+                    let d = now.check(&host, port, None);
+                    match &d.rule {
+                        Some(r) if d.permits() => RequestOutcome::Approved {
+                            always: true,
+                            global: r.scope == sandpen_policy::Scope::Global,
+                        },
+                        _ => RequestOutcome::Denied { reason: d.reason },
+                    }
+                }
+                Answer::Deny => RequestOutcome::Denied {
+                    reason: format!(
+                        "{}: the user refused it",
+                        sandpen_policy::reason::ASK_DENIED
+                    ),
+                },
+                Answer::Timeout => RequestOutcome::Denied {
+                    reason: format!(
+                        "{}: no answer within {} s",
+                        sandpen_policy::reason::ASK_TIMEOUT,
+                        policy.ask_timeout().as_secs()
+                    ),
+                },
+            }
+        }
+        GuestRequest::File {
+            path,
+            write,
+            reason,
+        } => {
+            if path.len() > 4096 || !path.starts_with('/') {
+                return invalid("the path must be absolute".into());
+            }
+            let policy = proxy.current_policy();
+            let asking = Asking {
+                host: path,
+                port: 0,
+                reason: Some(reason),
+                file: Some(if write { "write" } else { "read" }.into()),
+                ..Default::default()
+            };
+            match proxy.ask().hold(asking, policy.ask_timeout()).await {
+                Answer::Once | Answer::Recheck => RequestOutcome::Approved {
+                    always: false,
+                    global: false,
+                },
+                Answer::Deny => RequestOutcome::Denied {
+                    reason: format!(
+                        "{}: the user refused it",
+                        sandpen_policy::reason::ASK_DENIED
+                    ),
+                },
+                Answer::Timeout => RequestOutcome::Denied {
+                    reason: format!(
+                        "{}: no answer within {} s",
+                        sandpen_policy::reason::ASK_TIMEOUT,
+                        policy.ask_timeout().as_secs()
+                    ),
+                },
+            }
+        }
+    }
+}
+
+/// `sandpen-request --why HOST`: the denial text of the newest refused
+/// connection to `host` (any port) in the network log.
+fn last_denial(paths: &SandboxPaths, host: &str) -> String {
+    let filter = sandpen_proxy::LogFilter {
+        sandbox: None,
+        limit: Some(2000),
+    };
+    let records =
+        sandpen_proxy::read_log(&paths.logs().join("net.jsonl"), &filter).unwrap_or_default();
+    let wanted = sandpen_policy::normalize_name(host).unwrap_or_else(|_| host.to_string());
+    let last = records.iter().rev().find(|r| {
+        r.decision == sandpen_policy::Verdict::Deny
+            && sandpen_policy::normalize_name(&r.host).is_ok_and(|h| h == wanted)
+    });
+    match last {
+        Some(r) => {
+            let line = match (&r.method, &r.path) {
+                (Some(m), Some(p)) => Some(format!("{m} {p}")),
+                _ => r.sni.as_ref().map(|s| format!("TLS SNI {s}")),
+            };
+            sandpen_proxy::denial::explain(r, line.as_deref())
+        }
+        None => format!(
+            "sandpen: no refused connection to {host} is in this sandbox's log.
+"
+        ),
     }
 }
 

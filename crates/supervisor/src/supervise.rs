@@ -193,6 +193,8 @@ struct Vm {
     channel_closed: tokio::sync::oneshot::Receiver<String>,
     /// The egress proxy's accept loop: it ends only if it panics.
     proxy_task: tokio::task::JoinHandle<()>,
+    /// The egress proxy (its ask queue answers `policy pending/approve`).
+    proxy: sandpen_proxy::Proxy,
     qemu: Child,
     shares: Vec<RunningShare>,
     mux: MuxHandle,
@@ -392,6 +394,13 @@ async fn boot(
     // can end its egress session, and exec, ping and stop still work.
     let (handle, _, driver) = mux::session(control, Channel::Control, Side::Host);
     let (_, egress_inbound, egress_driver) = mux::session(egress, Channel::Egress, Side::Host);
+    let control_proxy = proxy.clone();
+    // Ask mode names a held connection's process: asked of PID 1 on demand.
+    let lookup_mux = handle.clone();
+    proxy.set_process_lookup(Some(Arc::new(move |src_port| {
+        let mux = lookup_mux.clone();
+        Box::pin(async move { guest_process(&mux, src_port).await })
+    })));
     let proxy_task = tokio::spawn(crate::egress::serve(
         egress_inbound,
         proxy,
@@ -472,6 +481,7 @@ async fn boot(
         config: config.clone(),
         channel_closed,
         proxy_task,
+        proxy: control_proxy,
         qemu,
         shares,
         mux: handle,
@@ -646,11 +656,12 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
     // Control connections are served by their own task, so that status keeps
     // being answered ("stopping") while the guest shuts down.
     let accept_task = vm.listener.take().map(|listener| {
-        let (mux, stop_tx, status, stopping) = (
+        let (mux, stop_tx, status, stopping, proxy) = (
             vm.mux.clone(),
             stop_tx.clone(),
             status.clone(),
             stopping.clone(),
+            vm.proxy.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -659,15 +670,16 @@ async fn serve(mut vm: Vm, paths: &SandboxPaths) -> Result<(), SupervisorError> 
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let (mux, stop_tx, status, stopping) = (
+                let (mux, stop_tx, status, stopping, proxy) = (
                     mux.clone(),
                     stop_tx.clone(),
                     status.clone(),
                     stopping.clone(),
+                    proxy.clone(),
                 );
                 tokio::spawn(async move {
                     if let Err(e) =
-                        handle_control(conn, mux, stop_tx, status, stopping, owner).await
+                        handle_control(conn, mux, stop_tx, status, stopping, owner, proxy).await
                     {
                         tracing::debug!("control connection: {e}");
                     }
@@ -858,6 +870,20 @@ async fn ping_guest(mux: &MuxHandle) -> Result<sandpen_proto::Pong, SupervisorEr
         .map_err(|_| SupervisorError::Boot("no answer within 10 s".into()))?
 }
 
+/// The guest process whose socket has local port `src_port` (PID 1's
+/// answer, shown in `policy pending`, never trusted).
+async fn guest_process(mux: &MuxHandle, src_port: u16) -> Option<String> {
+    let stream = mux.open().await.ok()?;
+    let mut frames = FrameStream::new(stream);
+    frames.send(&Request::Process { src_port }).await.ok()?;
+    let info = frames
+        .expect::<sandpen_proto::ProcessInfo>("the process")
+        .await
+        .ok()?;
+    info.process
+        .map(|p| p.chars().filter(|c| !c.is_control()).take(200).collect())
+}
+
 /// The guest's root file system and task count; a guest too busy to answer
 /// within 2 s gets its last answer shown.
 async fn guest_usage(mux: &MuxHandle) -> Result<sandpen_proto::GuestUsage, SupervisorError> {
@@ -881,6 +907,7 @@ async fn handle_control(
     status: Arc<RuntimeStatus>,
     stopping: Arc<AtomicBool>,
     owner: (u32, u32),
+    proxy: sandpen_proxy::Proxy,
 ) -> Result<(), SupervisorError> {
     let mut frames = FrameStream::new(conn);
     let Some(request) = frames.recv::<ControlRequest>().await? else {
@@ -905,6 +932,41 @@ async fn handle_control(
             let guest = guest_usage(&mux).await.ok();
             let stats = crate::resources::stats(guest);
             frames.send(&ControlReply::Stats(stats)).await?;
+        }
+        ControlRequest::Pending => {
+            let list = proxy.ask().list();
+            frames.send(&ControlReply::Pending(list)).await?;
+        }
+        ControlRequest::Answer { id, answer } => {
+            let reply = match proxy.ask().answer(id, answer) {
+                Ok(info) => {
+                    tracing::info!(
+                        id, host = %info.host, port = info.port, ?answer,
+                        "ask: answered from the CLI"
+                    );
+                    ControlReply::Answered(info)
+                }
+                Err(e) => ControlReply::Error(e.to_string()),
+            };
+            frames.send(&reply).await?;
+        }
+        ControlRequest::Recheck => {
+            // Re-reads the policy files if they changed, and releases what
+            // a rule now decides.
+            let policy = proxy.current_policy();
+            let n = proxy.ask().recheck(&policy);
+            frames.send(&ControlReply::Rechecked(n)).await?;
+        }
+        ControlRequest::WatchPending => {
+            let mut news = proxy.ask().subscribe();
+            frames.send(&ControlReply::Watching).await?;
+            loop {
+                match news.recv().await {
+                    Ok(info) => frames.send(&ControlReply::NewPending(info)).await?,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                }
+            }
         }
         ControlRequest::Stop => {
             frames.send(&ControlReply::Stopping).await?;

@@ -257,20 +257,7 @@ fn add_recorded(
 }
 
 fn policy_for(dirs: &Dirs, name: Option<&str>) -> Result<sandpen_policy::Policy> {
-    match name {
-        Some(name) => {
-            let config = sandbox::load(dirs, name)?;
-            Ok(sandpen_supervisor::egress::load_policy(
-                dirs,
-                &dirs.sandbox(name),
-                &config,
-            )?)
-        }
-        None => Ok(sandpen_policy::Policy::load(
-            Some(&dirs.config.join("policy.toml")),
-            None,
-        )?),
-    }
+    Ok(sandpen_api::policy::policy_for(dirs, name)?)
 }
 
 /// `host:port`, `[v6]:port` or a bare host (port 443).

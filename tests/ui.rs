@@ -938,7 +938,8 @@ fn the_guest_cannot_reach_the_page() -> Result<(), Failed> {
         "Opening sandpen",
         "boot.js",
         "sandpen ui",
-        "X-Sandpen",
+        // The page's own header; the proxy's refusals carry X-Sandpen-Reason.
+        "X-Sandpen-Token",
         "no valid token",
     ] {
         check(
@@ -976,6 +977,102 @@ fn no_response_carries_a_secret() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Ask mode from the page: what an agent asks with `sandpen-request` is
+/// listed by `GET /api/decisions` with the agent's reason, and "always" from
+/// the page adds the rule, tells the agent, and is recorded as the page's.
+fn decisions_answer_what_the_agent_asks() -> Result<(), Failed> {
+    let e = env();
+    let host = "ui-decision.example";
+    let mut asker = e
+        .cli
+        .command(&[
+            "exec",
+            NAME,
+            "--",
+            "sandpen-request",
+            "network",
+            &format!("{host}:443"),
+            "the ui test needs it",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("sandpen exec: {e}"))?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let entry = loop {
+        let r = authed("GET", "/api/decisions", None);
+        check(
+            r.status == 200,
+            format!("GET /api/decisions: {} {}", r.status, r.body),
+        )?;
+        let json: serde_json::Value = serde_json::from_str(r.body.trim()).unwrap_or_default();
+        let found = json["pending"]
+            .as_array()
+            .and_then(|a| a.iter().find(|p| p["host"] == host).cloned());
+        if let Some(p) = found {
+            break p;
+        }
+        if Instant::now() > deadline {
+            let _ = asker.kill();
+            return Err(format!("the request never showed in /api/decisions: {}", r.body).into());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    check(
+        entry["reason"] == "the ui test needs it"
+            && entry["sandbox"] == NAME
+            && entry["port"] == 443,
+        format!("the pending entry: {entry}"),
+    )?;
+    let id = entry["id"].as_u64().ok_or("no id")?;
+    // A decision that does not exist, and an entry that does not: refused.
+    let bad = authed(
+        "POST",
+        &format!("/api/decisions/{NAME}/{id}"),
+        Some(r#"{"decision":"maybe"}"#),
+    );
+    check(
+        (400..500).contains(&bad.status),
+        format!("a bad decision: {} {}", bad.status, bad.body),
+    )?;
+    let gone = authed(
+        "POST",
+        &format!("/api/decisions/{NAME}/999999"),
+        Some(r#"{"decision":"once"}"#),
+    );
+    check(
+        gone.status == 404,
+        format!("an unknown entry: {} {}", gone.status, gone.body),
+    )?;
+    let r = authed(
+        "POST",
+        &format!("/api/decisions/{NAME}/{id}"),
+        Some(r#"{"decision":"always"}"#),
+    );
+    check(
+        r.status == 200 && r.body.contains("added rule"),
+        format!("always: {} {}", r.status, r.body),
+    )?;
+    let out = asker.wait_with_output().map_err(|e| e.to_string())?;
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    check(
+        out.status.success() && said.contains("approved"),
+        format!("the agent was told: {:?} {said}", out.status),
+    )?;
+    let rules = authed("GET", &format!("/api/policy?sandbox={NAME}"), None);
+    check(
+        rules.body.contains(&format!("{host}:443")),
+        format!("the rule is not in the sandbox's policy: {}", rules.body),
+    )?;
+    let history = e.cli.ok(&["policy", "history", NAME])?;
+    check(
+        history
+            .lines()
+            .any(|l| l.contains("web") && l.contains(host)),
+        format!("the history does not name the page: {history}"),
+    )
+}
+
 fn main() {
     let args = Arguments {
         test_threads: Some(1),
@@ -995,6 +1092,10 @@ fn main() {
         (
             "browser_first_run_terminal_log_and_allow",
             browser_first_run_terminal_log_and_allow,
+        ),
+        (
+            "decisions_answer_what_the_agent_asks",
+            decisions_answer_what_the_agent_asks,
         ),
         (
             "the_guest_cannot_reach_the_page",

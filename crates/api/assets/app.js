@@ -313,13 +313,41 @@ async function loadFlow(name) {
     } }, "Reset flow labels"));
 }
 
-// ---- decisions: not available until ask mode exists ----
+// ---- decisions: ask mode (docs/policy.md, "Ask mode") ----
+// Hosts, request lines and processes come from the guest, and the reason
+// from the agent: all set as text, the reason marked as the agent's.
+let decTimer = null;
 async function loadDecisions() {
-  try {
-    await api("GET", "/api/decisions");
-  } catch (e) {
-    $("#dec-text").dataset.server = e.message;
+  clearTimeout(decTimer);
+  const d = await api("GET", "/api/decisions");
+  const box = $("#dec-list");
+  if (!d.pending.length) {
+    box.replaceChildren(h("p", { class: "hint" }, "Nothing is waiting. In ask mode, a connection that no rule decides waits here for your answer."));
+  } else {
+    box.replaceChildren(h("table", { id: "dec-table" },
+      h("thead", {}, h("tr", {}, ...["Sandbox", "Destination", "Request", "Process", "The agent says (not verified)", "Waiting", ""].map((t) => h("th", {}, t)))),
+      h("tbody", {}, ...d.pending.map((p) => h("tr", { "data-id": p.sandbox + "/" + p.id },
+        h("td", {}, p.sandbox),
+        h("td", { class: "mono" }, p.file ? "file " + p.file + " " + p.host : (p.host.includes(":") ? "[" + p.host + "]" : p.host) + ":" + p.port),
+        h("td", { class: "mono" }, p.first || "-"),
+        h("td", { class: "mono" }, p.process || "-"),
+        h("td", { class: "agent" }, p.reason ? "\u201c" + p.reason + "\u201d" : "-"),
+        h("td", {}, "since " + time(p.first_seen) + ", up to " + p.timeout_secs + " s"),
+        h("td", {},
+          decideButton(p, "once", "Allow once"),
+          p.file ? null : decideButton(p, "always", "Allow always"),
+          decideButton(p, "deny", "Deny")))))));
   }
+  if (!$("#view-decisions").hidden) decTimer = setTimeout(() => loadDecisions().catch(() => {}), 2000);
+}
+
+function decideButton(p, decision, label) {
+  return h("button", { "data-decision": decision, onclick: async () => {
+    try {
+      await api("POST", "/api/decisions/" + encodeURIComponent(p.sandbox) + "/" + p.id, { decision });
+      await loadDecisions();
+    } catch (e) { showError(e.message); }
+  } }, label);
 }
 
 // ---- settings ----

@@ -40,6 +40,14 @@ pub enum ApiError {
         "unknown service {service}: use one of {builtin}, or `sandpen secret set-custom` for your own API"
     )]
     UnknownService { service: String, builtin: String },
+    #[error("nothing is waiting as {sandbox}/{id}; it was answered or timed out (`sandpen policy pending`)")]
+    NoSuchPending { sandbox: String, id: u64 },
+    #[error(
+        "{0}: file rule exceptions are not written by sandpen yet; edit [files] of the sandbox's policy.toml, then approve it once"
+    )]
+    FileException(String),
+    #[error(transparent)]
+    History(#[from] sandpen_policy::history::HistoryError),
     #[error("the secret is empty; nothing stored")]
     EmptySecret,
     #[error("no {service} secret in scope {scope}; see `sandpen secret ls`")]
@@ -95,7 +103,8 @@ impl ApiError {
             ApiError::UnknownSandbox(_) | ApiError::Supervisor(S::UnknownSandbox(_)) => {
                 ErrorKind::NotFound
             }
-            ApiError::NoSuchSecret { .. } => ErrorKind::NotFound,
+            ApiError::NoSuchSecret { .. } | ApiError::NoSuchPending { .. } => ErrorKind::NotFound,
+            ApiError::FileException(_) => ErrorKind::Conflict,
             ApiError::Running(_)
             | ApiError::NotRunning(_)
             | ApiError::Supervisor(S::NotRunning(_)) => ErrorKind::Conflict,

@@ -6,6 +6,7 @@
 //! - [`sandboxes`]: list, create (with the image build on first use), start,
 //!   stop, rm, and the exec request a terminal sends.
 //! - [`policy`]: the rules in force, add, remove, check, preset, the file rules.
+//! - [`decisions`]: ask mode: what waits, and the user's answers.
 //! - [`secrets`]: set (values go in), list (names only), remove.
 //! - [`flow`]: the flow labels, and their reset.
 //! - [`logs`]: the network and file logs, read whole or followed.
@@ -16,6 +17,7 @@
 //! paths in the logs) is returned as it is, and is escaped by whoever shows
 //! it (the CLI for a terminal, the page for HTML).
 
+pub mod decisions;
 pub mod error;
 pub mod flow;
 pub mod http;

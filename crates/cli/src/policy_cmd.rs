@@ -353,66 +353,14 @@ async fn rule_for_pending(
     action: Action,
     global: bool,
 ) -> Result<String> {
-    let scope = ScopeArgs {
-        global,
-        name: (!global).then(|| p.sandbox.clone()),
-        reason: None,
-    };
-    let (path, scope_kind) = file_path(dirs, &scope)?;
-    let mut file = PolicyFile::load(&path, scope_kind)?;
-    let target = destination(&p.host, p.port);
-    let (said, change) = add_recorded(&mut file, action, &target)?;
-    file.save()?;
-    if let Some(change) = change {
-        // Kept in the sandbox's history whichever file the rule went to.
-        let mut why = format!("pending {}", p.id);
-        if let Some(f) = &p.first {
-            why.push_str(&format!(": {f}"));
-        }
-        if let Some(r) = &p.reason {
-            why.push_str(&format!("; the agent's reason (untrusted): {r}"));
-        }
-        History::in_dir(&dirs.sandbox(&p.sandbox).dir).append(
-            &now_rfc3339(),
-            Who::Approval,
-            &file,
-            change,
-            &why,
-            None,
-        )?;
-    }
-    // Every running sandbox reads a global rule; the entry's own sandbox first.
-    let mut names = vec![p.sandbox.clone()];
-    if global {
-        for c in sandbox::list(dirs)? {
-            if c.name != p.sandbox {
-                names.push(c.name);
-            }
-        }
-    }
-    for n in names {
-        let paths = dirs.sandbox(&n);
-        if control::supervisor_alive(&paths) {
-            let _ = control::recheck(&paths).await;
-        }
-    }
-    Ok(said)
+    Ok(sandpen_api::decisions::rule_for_pending(dirs, p, action, global, Who::Approval).await?)
 }
 
 /// What a held entry is for: `host:port`, or `file read PATH`.
 fn shown_destination(p: &sandpen_proxy::PendingInfo) -> String {
     match &p.file {
         Some(access) => format!("file {access} {}", p.host),
-        None => destination(&p.host, p.port),
-    }
-}
-
-/// `host:port` as a rule target (IPv6 in brackets).
-fn destination(host: &str, port: u16) -> String {
-    if host.contains(':') {
-        format!("[{host}]:{port}")
-    } else {
-        format!("{host}:{port}")
+        None => sandpen_api::decisions::destination(&p.host, p.port),
     }
 }
 

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::{asset, assets, events, exec, App, HttpError};
 use crate::policy::Where;
-use crate::{flow, logs, policy, sandboxes, secrets, ApiError};
+use crate::{decisions, flow, logs, policy, sandboxes, secrets, ApiError};
 
 type Res<T> = Result<T, HttpError>;
 
@@ -60,6 +60,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/logs/network", get(network_log))
         .route("/api/logs/files", get(file_log))
         .route("/api/decisions", get(decisions))
+        .route("/api/decisions/{name}/{id}", post(decide))
         .with_state(app)
 }
 
@@ -107,7 +108,7 @@ async fn setup(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
             {"name": "allow-all", "words": "Any public address on the internet; never this computer or your local network."},
         ],
         "has_policy": policy::has_global(&app.dirs),
-        "decisions": false,
+        "decisions": true,
     }))
 }
 
@@ -442,11 +443,36 @@ async fn file_log(
     )?))
 }
 
-/// Ask mode's pending requests and suggestions: not in this version (the
-/// page shows the section as not available yet).
-async fn decisions() -> HttpError {
-    HttpError::new(
-        StatusCode::NOT_IMPLEMENTED,
-        "decisions (ask mode: pending requests and suggestions) are not available in this version",
+/// Ask mode: what waits in every running sandbox (docs/policy.md, "Ask
+/// mode"). Hosts, first lines and the agent's reasons come from the guest:
+/// the page shows them as text, the reason marked as the agent's.
+async fn decisions(
+    State(app): State<Arc<App>>,
+    Query(q): Query<SandboxQuery>,
+) -> Res<Json<serde_json::Value>> {
+    let pending = decisions::pending(&app.dirs, q.sandbox.as_deref()).await?;
+    Ok(Json(serde_json::json!({ "pending": pending })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecideReq {
+    decision: decisions::Decision,
+}
+
+/// The user's answer to one pending entry: `once`, `always` or `deny`.
+async fn decide(
+    State(app): State<Arc<App>>,
+    Path((name, id)): Path<(String, u64)>,
+    Json(req): Json<DecideReq>,
+) -> Res<Json<serde_json::Value>> {
+    let said = decisions::decide(
+        &app.dirs,
+        &name,
+        id,
+        req.decision,
+        sandpen_policy::history::Who::Web,
     )
+    .await?;
+    Ok(Json(serde_json::json!({ "done": said })))
 }

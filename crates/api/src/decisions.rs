@@ -1,0 +1,187 @@
+//! Ask mode's decisions (docs/policy.md, "Ask mode"): what waits for the
+//! user in every running sandbox, and the user's answers. `sandpen policy
+//! pending|approve|deny` and the page's Decisions section call these.
+//!
+//! Guarantees: an answer comes only from the host (the CLI or the page, each
+//! behind its own checks), never from the guest; an `always` answer is a rule
+//! in the policy file plus a line in the sandbox's history naming who made
+//! it and the pending entry it answered (the agent's reason quoted as
+//! untrusted); a file-rule exception is answered but never written, since
+//! sandpen does not edit `[files]` yet.
+
+use sandpen_policy::file::PolicyFile;
+use sandpen_policy::history::{Edit, History, Who};
+use sandpen_policy::Action;
+use sandpen_proxy::{Answer, PendingInfo};
+use sandpen_supervisor::{control, sandbox, Dirs};
+use serde::Deserialize;
+
+use crate::policy::{file_path, Where};
+use crate::ApiError;
+
+/// What waits in sandbox `name`'s supervisor, or in every running one.
+pub async fn pending(dirs: &Dirs, name: Option<&str>) -> Result<Vec<PendingInfo>, ApiError> {
+    let names: Vec<String> = match name {
+        Some(n) => {
+            sandbox::load(dirs, n)?;
+            vec![n.to_string()]
+        }
+        None => sandbox::list(dirs)?.into_iter().map(|c| c.name).collect(),
+    };
+    let mut all = Vec::new();
+    for n in names {
+        let paths = dirs.sandbox(&n);
+        if !control::supervisor_alive(&paths) {
+            continue;
+        }
+        // A sandbox that stops meanwhile has nothing waiting.
+        if let Ok(list) = control::pending(&paths).await {
+            all.extend(list);
+        }
+    }
+    Ok(all)
+}
+
+/// `host:port` as a rule target (IPv6 in brackets).
+pub fn destination(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Adds a rule for pending entry `p` (`action`, in the sandbox's file or with
+/// `global` the global one), records it in the sandbox's history as made by
+/// `who`, and asks every running sandbox that reads the file to re-check what
+/// waits. Returns what was done, in words.
+pub async fn rule_for_pending(
+    dirs: &Dirs,
+    p: &PendingInfo,
+    action: Action,
+    global: bool,
+    who: Who,
+) -> Result<String, ApiError> {
+    let place = if global {
+        Where::Global
+    } else {
+        Where::Sandbox(p.sandbox.clone())
+    };
+    let (path, scope) = file_path(dirs, &place)?;
+    let mut file = PolicyFile::load(&path, scope)?;
+    let target = destination(&p.host, p.port);
+    let before = file.rules().len();
+    let rule = file.add_rule(action, &target)?;
+    let said = format!(
+        "rule {} ({}: {} {})",
+        rule.id, rule.scope, rule.action, rule.target
+    );
+    let added = file.rules().len() != before;
+    let edit = Edit::AddRule {
+        id: rule.id,
+        action: rule.action,
+        target: rule.target.to_string(),
+    };
+    file.save()?;
+    let said = if added {
+        // Kept in the sandbox's history whichever file the rule went to.
+        let mut why = format!("pending {}", p.id);
+        if let Some(f) = &p.first {
+            why.push_str(&format!(": {f}"));
+        }
+        if let Some(r) = &p.reason {
+            why.push_str(&format!("; the agent's reason (untrusted): {r}"));
+        }
+        History::in_dir(&dirs.sandbox(&p.sandbox).dir).append(
+            &now_rfc3339(),
+            who,
+            &file,
+            edit,
+            &why,
+            None,
+        )?;
+        format!("added {said}")
+    } else {
+        format!("already there: {said}")
+    };
+    // Every running sandbox reads a global rule; the entry's own sandbox first.
+    let mut names = vec![p.sandbox.clone()];
+    if global {
+        names.extend(
+            sandbox::list(dirs)?
+                .into_iter()
+                .map(|c| c.name)
+                .filter(|n| *n != p.sandbox),
+        );
+    }
+    for n in names {
+        let paths = dirs.sandbox(&n);
+        if control::supervisor_alive(&paths) {
+            let _ = control::recheck(&paths).await;
+        }
+    }
+    Ok(said)
+}
+
+/// The page's answer to one pending entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Decision {
+    /// This connection (or request) alone.
+    Once,
+    /// An allow rule in the sandbox's file; everything waiting for it goes on.
+    Always,
+    /// Refused, this once.
+    Deny,
+}
+
+/// Answers pending entry `id` of sandbox `name` as `who`; what was done, in
+/// words.
+pub async fn decide(
+    dirs: &Dirs,
+    name: &str,
+    id: u64,
+    decision: Decision,
+    who: Who,
+) -> Result<String, ApiError> {
+    sandbox::load(dirs, name)?;
+    let paths = dirs.sandbox(name);
+    if !control::supervisor_alive(&paths) {
+        return Err(ApiError::NotRunning(name.to_string()));
+    }
+    let p = control::pending(&paths)
+        .await?
+        .into_iter()
+        .find(|p| p.id == id)
+        .ok_or(ApiError::NoSuchPending {
+            sandbox: name.to_string(),
+            id,
+        })?;
+    let shown = match &p.file {
+        Some(access) => format!("file {access} {}", p.host),
+        None => destination(&p.host, p.port),
+    };
+    match decision {
+        Decision::Always if p.file.is_some() => Err(ApiError::FileException(shown)),
+        Decision::Always => {
+            let said = rule_for_pending(dirs, &p, Action::Allow, false, who).await?;
+            Ok(format!(
+                "{shown}: {said}; every connection waiting for it goes on"
+            ))
+        }
+        Decision::Once => {
+            control::answer(&paths, p.id, Answer::Once).await?;
+            Ok(format!("{shown}: approved once"))
+        }
+        Decision::Deny => {
+            control::answer(&paths, p.id, Answer::Deny).await?;
+            Ok(format!("{shown}: refused"))
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}

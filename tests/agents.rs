@@ -679,11 +679,18 @@ fn nested_container_egress_goes_through_the_policy() -> Result<(), Failed> {
         "-sS",
         "-m",
         "30",
+        "-w",
+        "\ncode=%{http_code}",
         &format!("http://denied.test:{port}/must-not-arrive"),
     ]);
+    // Refused with the proxy's 403 page, which says why (docs/egress.md).
+    let body = text(&out.stdout);
     check(
-        !out.status.success(),
-        format!("the denied request succeeded: {}", text(&out.stdout)),
+        body.contains("code=403") && body.contains("denied-by-rule") && !body.contains("hello"),
+        format!(
+            "the denied request was not refused: {:?} {body}",
+            out.status
+        ),
     )?;
     let seen = std::fs::read_to_string(env().root.path().join("requests.log")).unwrap_or_default();
     check(

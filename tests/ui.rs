@@ -1070,6 +1070,14 @@ fn decisions_answer_what_the_agent_asks() -> Result<(), Failed> {
             .lines()
             .any(|l| l.contains("web") && l.contains(host)),
         format!("the history does not name the page: {history}"),
+    )?;
+    // The browser test's "allow this" is in the history as the page's too.
+    let probe = format!("{}:{}", e.host_ip, e.probe_port);
+    check(
+        history
+            .lines()
+            .any(|l| l.contains("web") && l.contains("add rule") && l.contains(&probe)),
+        format!("\"allow this\" ({probe}) is not in the history as the page's: {history}"),
     )
 }
 

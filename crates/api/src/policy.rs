@@ -5,6 +5,7 @@
 use std::path::PathBuf;
 
 use sandpen_policy::file::PolicyFile;
+use sandpen_policy::history::{Edit, History, Who};
 use sandpen_policy::{Action, Mode, Policy, Preset, Rule, Scope, Verdict};
 use sandpen_supervisor::{sandbox, Dirs};
 use serde::Serialize;
@@ -129,38 +130,94 @@ pub fn parse_action(s: &str) -> Result<Action, ApiError> {
     }
 }
 
-/// Adds a network rule (an identical one already there is returned).
+/// Where a change to `place`'s file is recorded: the sandbox's history, or
+/// the global file's (in the state folder), as `sandpen policy history` reads.
+fn history_of(dirs: &Dirs, place: &Where) -> History {
+    match place {
+        Where::Sandbox(name) => History::in_dir(&dirs.sandbox(name).dir),
+        Where::Global => History::in_dir(&dirs.state),
+    }
+}
+
+/// [`edit`], and the change `f` reports (if any) appended to the history as
+/// made by `who`, with no reason.
+fn edit_recorded<T>(
+    dirs: &Dirs,
+    place: &Where,
+    who: Who,
+    f: impl FnOnce(&mut PolicyFile) -> Result<(T, Option<Edit>), ApiError>,
+) -> Result<T, ApiError> {
+    let (path, scope) = file_path(dirs, place)?;
+    let mut file = PolicyFile::load(&path, scope)?;
+    let (out, change) = f(&mut file)?;
+    file.save()?;
+    if let Some(change) = change {
+        let now = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        history_of(dirs, place).append(&now, who, &file, change, "", None)?;
+    }
+    Ok(out)
+}
+
+/// Adds a network rule (an identical one already there is returned), and
+/// records a new one in the history as made by `who`.
 pub fn add_rule(
     dirs: &Dirs,
     place: &Where,
     action: Action,
     target: &str,
+    who: Who,
 ) -> Result<RuleInfo, ApiError> {
-    edit(dirs, place, |f| {
-        Ok(RuleInfo::from(&f.add_rule(action, target)?))
+    edit_recorded(dirs, place, who, |f| {
+        let before = f.rules().len();
+        let rule = f.add_rule(action, target)?;
+        let change = (f.rules().len() != before).then(|| Edit::AddRule {
+            id: rule.id,
+            action: rule.action,
+            target: rule.target.to_string(),
+        });
+        Ok((RuleInfo::from(&rule), change))
     })
 }
 
-/// Removes a network rule by id.
-pub fn remove_rule(dirs: &Dirs, place: &Where, id: u32) -> Result<RuleInfo, ApiError> {
-    edit(dirs, place, |f| Ok(RuleInfo::from(&f.remove_rule(id)?)))
+/// Removes a network rule by id, recorded as made by `who`.
+pub fn remove_rule(dirs: &Dirs, place: &Where, id: u32, who: Who) -> Result<RuleInfo, ApiError> {
+    edit_recorded(dirs, place, who, |f| {
+        let rule = f.remove_rule(id)?;
+        let change = Edit::RemoveRule {
+            id: rule.id,
+            action: rule.action,
+            target: rule.target.to_string(),
+        };
+        Ok((RuleInfo::from(&rule), Some(change)))
+    })
 }
 
 /// Starts a file from a preset; returns the file's path.
-pub fn init_preset(dirs: &Dirs, place: &Where, preset: &str) -> Result<PathBuf, ApiError> {
+pub fn init_preset(
+    dirs: &Dirs,
+    place: &Where,
+    preset: &str,
+    who: Who,
+) -> Result<PathBuf, ApiError> {
     let p = Preset::parse(preset).ok_or_else(|| ApiError::UnknownPreset(preset.to_string()))?;
-    edit(dirs, place, |f| {
+    edit_recorded(dirs, place, who, |f| {
+        let from = f.preset();
         f.init_preset(p)?;
-        Ok(f.path().to_path_buf())
+        let change = (from != Some(p)).then_some(Edit::SetPreset { from, to: p });
+        Ok((f.path().to_path_buf(), change))
     })
 }
 
 /// Sets a file's mode; returns the file's path.
-pub fn set_mode(dirs: &Dirs, place: &Where, mode: &str) -> Result<PathBuf, ApiError> {
+pub fn set_mode(dirs: &Dirs, place: &Where, mode: &str, who: Who) -> Result<PathBuf, ApiError> {
     let m = Mode::parse(mode).ok_or_else(|| ApiError::UnknownMode(mode.to_string()))?;
-    edit(dirs, place, |f| {
+    edit_recorded(dirs, place, who, |f| {
+        let from = f.mode();
         f.set_mode(m)?;
-        Ok(f.path().to_path_buf())
+        let change = (from != Some(m)).then_some(Edit::SetMode { from, to: m });
+        Ok((f.path().to_path_buf(), change))
     })
 }
 

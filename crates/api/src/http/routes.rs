@@ -16,6 +16,7 @@ use serde::Deserialize;
 use super::{asset, assets, events, exec, App, HttpError};
 use crate::policy::Where;
 use crate::{decisions, flow, logs, policy, sandboxes, secrets, ApiError};
+use sandpen_policy::history::Who;
 
 type Res<T> = Result<T, HttpError>;
 
@@ -326,6 +327,7 @@ async fn rule_add(
         &place,
         action,
         &req.target,
+        Who::Web,
     )?))
 }
 
@@ -335,7 +337,7 @@ async fn rule_rm(
     Query(q): Query<SandboxQuery>,
 ) -> Res<Json<policy::RuleInfo>> {
     let place = Where::from_name(q.sandbox);
-    Ok(Json(policy::remove_rule(&app.dirs, &place, id)?))
+    Ok(Json(policy::remove_rule(&app.dirs, &place, id, Who::Web)?))
 }
 
 #[derive(Deserialize)]
@@ -366,7 +368,7 @@ async fn preset(
     Json(req): Json<PresetReq>,
 ) -> Res<Json<serde_json::Value>> {
     let place = Where::from_name(req.sandbox);
-    let path = policy::init_preset(&app.dirs, &place, &req.preset)?;
+    let path = policy::init_preset(&app.dirs, &place, &req.preset, Who::Web)?;
     Ok(Json(
         serde_json::json!({ "preset": req.preset, "file": path }),
     ))
@@ -466,13 +468,6 @@ async fn decide(
     Path((name, id)): Path<(String, u64)>,
     Json(req): Json<DecideReq>,
 ) -> Res<Json<serde_json::Value>> {
-    let said = decisions::decide(
-        &app.dirs,
-        &name,
-        id,
-        req.decision,
-        sandpen_policy::history::Who::Web,
-    )
-    .await?;
+    let said = decisions::decide(&app.dirs, &name, id, req.decision, Who::Web).await?;
     Ok(Json(serde_json::json!({ "done": said })))
 }

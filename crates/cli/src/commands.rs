@@ -453,9 +453,9 @@ fn devcontainer_env(dc: &sandpen_devenv::devcontainer::DevContainer) -> Vec<(Str
 
 /// The workspace's devcontainer variables, for a command in the sandbox.
 fn workspace_env(config: &SandboxConfig) -> Vec<(String, String)> {
-    sandpen_devenv::detect(&config.workspace)
+    sandpen_devenv::devcontainer(&config.workspace)
         .ok()
-        .and_then(|plan| plan.devcontainer)
+        .flatten()
         .map(|(_, dc)| devcontainer_env(&dc))
         .unwrap_or_default()
 }

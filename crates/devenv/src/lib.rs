@@ -400,6 +400,25 @@ pub fn detect(root: &Path) -> Result<Plan, DetectError> {
     Ok(plan)
 }
 
+/// Only the workspace's devcontainer.json, as [`detect`] finds it, without
+/// reading the version files: what every command started in the sandbox
+/// needs (its variables). `None` when there is none, or it does not parse
+/// (`sandpen env plan` says why).
+pub fn devcontainer(root: &Path) -> Result<Option<(String, DevContainer)>, DetectError> {
+    let ws = Workspace::open(root).map_err(|source| DetectError::Workspace {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    for file in DEVCONTAINER_FILES {
+        if let Ok(text) = ws.read(file) {
+            return Ok(devcontainer::parse(&text)
+                .ok()
+                .map(|(dc, _)| (file.to_string(), dc)));
+        }
+    }
+    Ok(None)
+}
+
 fn read_or_warn(ws: &Workspace, file: &str, plan: &mut Plan) -> Option<String> {
     match ws.read(file) {
         Ok(text) => Some(text),

@@ -163,12 +163,8 @@ pub fn tool_versions(text: &str) -> Parsed {
 /// `{ version = "22", … }`.
 pub fn mise_toml(text: &str) -> Parsed {
     let mut out = Parsed::default();
-    let doc = match text.parse::<toml_edit::DocumentMut>() {
-        Ok(d) => d,
-        Err(e) => {
-            out.skipped.push(Skipped::Syntax(one_line(&e.to_string())));
-            return out;
-        }
+    let Some(doc) = parse_toml(text, &mut out) else {
+        return out;
     };
     let Some(tools) = doc.get("tools").and_then(|t| t.as_table_like()) else {
         return out;
@@ -220,12 +216,8 @@ pub fn rust_toolchain(text: &str) -> Parsed {
         }
         return out;
     }
-    let doc = match text.parse::<toml_edit::DocumentMut>() {
-        Ok(d) => d,
-        Err(e) => {
-            out.skipped.push(Skipped::Syntax(one_line(&e.to_string())));
-            return out;
-        }
+    let Some(doc) = parse_toml(text, &mut out) else {
+        return out;
     };
     let Some(table) = doc.get("toolchain").and_then(|t| t.as_table_like()) else {
         out.skipped
@@ -354,12 +346,8 @@ pub fn package_json(text: &str) -> Parsed {
 /// `tool.poetry.dependencies.python`.
 pub fn pyproject(text: &str) -> Parsed {
     let mut out = Parsed::default();
-    let doc = match text.parse::<toml_edit::DocumentMut>() {
-        Ok(d) => d,
-        Err(e) => {
-            out.skipped.push(Skipped::Syntax(one_line(&e.to_string())));
-            return out;
-        }
+    let Some(doc) = parse_toml(text, &mut out) else {
+        return out;
     };
     let pep621 = doc
         .get("project")
@@ -409,6 +397,13 @@ pub fn sdkmanrc(text: &str) -> Parsed {
         }
     }
     out
+}
+
+/// The TOML document, or `None` with its syntax error (on one line) in `out`.
+fn parse_toml(text: &str, out: &mut Parsed) -> Option<toml_edit::DocumentMut> {
+    text.parse::<toml_edit::DocumentMut>()
+        .map_err(|e| out.skipped.push(Skipped::Syntax(one_line(&e.to_string()))))
+        .ok()
 }
 
 fn one_line(text: &str) -> String {

@@ -51,6 +51,11 @@ fn the_issue_s_workspace() {
     );
     let (_, dc) = plan.devcontainer.as_ref().unwrap();
     assert_eq!(dc.forward_ports, [3000]);
+    // The devcontainer alone (what every exec reads) is the same one.
+    assert_eq!(
+        devcontainer(ws.path()).unwrap().as_ref(),
+        plan.devcontainer.as_ref()
+    );
     assert!(plan.warnings.is_empty(), "{:?}", plan.warnings);
     assert!(plan.conflicts().is_empty());
     let text = plan.to_string();

@@ -285,19 +285,7 @@ async fn guest_request(proxy: &Proxy, paths: &SandboxPaths, req: GuestRequest) -
                         _ => RequestOutcome::Denied { reason: d.reason },
                     }
                 }
-                Answer::Deny => RequestOutcome::Denied {
-                    reason: format!(
-                        "{}: the user refused it",
-                        sandpen_policy::reason::ASK_DENIED
-                    ),
-                },
-                Answer::Timeout => RequestOutcome::Denied {
-                    reason: format!(
-                        "{}: no answer within {} s",
-                        sandpen_policy::reason::ASK_TIMEOUT,
-                        policy.ask_timeout().as_secs()
-                    ),
-                },
+                refused @ (Answer::Deny | Answer::Timeout) => refusal(refused, &policy),
             }
         }
         GuestRequest::File {
@@ -321,22 +309,26 @@ async fn guest_request(proxy: &Proxy, paths: &SandboxPaths, req: GuestRequest) -
                     always: false,
                     global: false,
                 },
-                Answer::Deny => RequestOutcome::Denied {
-                    reason: format!(
-                        "{}: the user refused it",
-                        sandpen_policy::reason::ASK_DENIED
-                    ),
-                },
-                Answer::Timeout => RequestOutcome::Denied {
-                    reason: format!(
-                        "{}: no answer within {} s",
-                        sandpen_policy::reason::ASK_TIMEOUT,
-                        policy.ask_timeout().as_secs()
-                    ),
-                },
+                refused @ (Answer::Deny | Answer::Timeout) => refusal(refused, &policy),
             }
         }
     }
+}
+
+/// What a guest request that the user refused, or left unanswered, is told.
+fn refusal(answer: sandpen_proxy::Answer, policy: &sandpen_policy::Policy) -> RequestOutcome {
+    let reason = match answer {
+        sandpen_proxy::Answer::Timeout => format!(
+            "{}: no answer within {} s",
+            sandpen_policy::reason::ASK_TIMEOUT,
+            policy.ask_timeout().as_secs()
+        ),
+        _ => format!(
+            "{}: the user refused it",
+            sandpen_policy::reason::ASK_DENIED
+        ),
+    };
+    RequestOutcome::Denied { reason }
 }
 
 /// `sandpen-request --why HOST`: the denial text of the newest refused

@@ -1,40 +1,42 @@
 //! The initramfs: `/init` is the guest binary, plus the boot modules. It is an
-//! uncompressed newc cpio (fastest to unpack under emulation), rewritten only when
-//! the guest binary or the module list changes.
+//! uncompressed newc cpio (fastest to unpack under emulation).
+//!
+//! Guarantee: the initramfs a start boots holds exactly the guest binary that
+//! start asked for. Each one is content-addressed, `initrd-KEY.img` with KEY a
+//! hash of the layout, the guest binary and the module list, and written once
+//! (tmp + rename), so two sandpen builds sharing one image folder (two versions
+//! on one machine, two worktrees) never boot each other's guest. Only the
+//! [`KEEP`] most recently used ones are kept per folder.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
-use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::cpio::NewcWriter;
 use crate::error::{ImageError, IoContext};
 use crate::fsutil;
 use crate::modules::{self, LOAD_ORDER_FILE};
-use crate::store::{Image, INITRD_RECORD_FILE};
+use crate::store::Image;
 
-/// Version of the initramfs layout; a change forces a rewrite.
-const INITRD_LAYOUT: u32 = 1;
+/// Version of the initramfs layout; a change gives every initramfs a new name.
+const INITRD_LAYOUT: u32 = 2;
 
-/// `initrd.json`: what `initrd.img` was made from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InitrdRecord {
-    pub layout: u32,
-    /// sha256 of the guest binary that is `/init`.
-    pub guest_sha256: String,
-    /// Module file names under `/sandpen/modules`, in load order.
-    pub modules: Vec<String>,
-    /// Size of `initrd.img` when it was written.
-    pub size: u64,
-}
+/// How many initramfs files a folder keeps: the newest by last use.
+const KEEP: usize = 4;
+
+/// What an image folder held before initramfs files were content-addressed;
+/// removed when a new one is written.
+const LEGACY_FILES: [&str; 2] = ["initrd.img", "initrd.json"];
 
 impl Image {
-    /// (Re)writes `initrd.img` when the guest binary's sha256 differs from the one
-    /// recorded in `initrd.json` (atomic: tmp + rename); returns its path. Cheap when
-    /// current: one hash of the guest binary.
+    /// Returns the initramfs for `guest_binary`, writing it if no start has yet:
+    /// `initrd-KEY.img` in the image folder, or, when this user cannot write
+    /// there (an image built by root), in `$XDG_CACHE_HOME/sandpen/initrd/`.
+    /// Cheap when it exists: one hash of the guest binary.
     pub fn ensure_initrd(&self, guest_binary: &Path) -> Result<PathBuf, ImageError> {
-        let initrd = self.initrd();
         let guest_sha256 = fsutil::sha256_file(guest_binary, |_| {}).map_err(|e| match e {
             ImageError::Io { context, source } => ImageError::Io {
                 context: format!(
@@ -49,78 +51,99 @@ impl Image {
             .iter()
             .filter_map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .collect();
+        let key = initrd_key(&guest_sha256, &module_names);
 
-        let record_path = self.dir.join(INITRD_RECORD_FILE);
-        if let Some(record) = read_record(&record_path) {
-            let current = record.layout == INITRD_LAYOUT
-                && record.guest_sha256 == guest_sha256
-                && record.modules == module_names
-                && fs::metadata(&initrd).is_ok_and(|m| m.len() == record.size);
-            if current {
-                return Ok(initrd);
-            }
-        }
-
-        check_static(guest_binary)?;
-        if !dir_writable(&self.dir) {
+        let (dir, name, shared) = if dir_writable(&self.dir) {
+            (self.dir.clone(), format!("initrd-{key}.img"), true)
+        } else {
             // A shared image (built by root, say) that this user cannot update:
-            // keep a private initramfs for this guest binary instead.
-            return self.user_initrd(guest_binary, &guest_sha256, &module_paths);
-        }
-        let size = write_initrd(&initrd, guest_binary, &module_paths)
-            .map_err(|e| hint_permission(e, &self.dir))?;
-        let record = InitrdRecord {
-            layout: INITRD_LAYOUT,
-            guest_sha256,
-            modules: module_names,
-            size,
+            // keep a private initramfs for it instead.
+            let image_key: String = self.manifest.key.chars().take(16).collect();
+            (
+                user_cache_dir(),
+                format!("{}-{image_key}-{key}.img", self.name),
+                false,
+            )
         };
-        let mut bytes =
-            serde_json::to_vec_pretty(&record).map_err(|source| ImageError::Manifest {
-                path: record_path.clone(),
-                source,
-            })?;
-        bytes.push(b'\n');
-        fsutil::atomic_write(&record_path, &bytes).map_err(|e| hint_permission(e, &self.dir))?;
-        Ok(initrd)
+        let path = dir.join(&name);
+        if path.is_file() {
+            mark_used(&path);
+            return Ok(path);
+        }
+        check_static(guest_binary)?;
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        write_initrd(&path, guest_binary, &module_paths).map_err(|e| hint_permission(e, &dir))?;
+        if shared {
+            for legacy in LEGACY_FILES {
+                let _ = fs::remove_file(self.dir.join(legacy));
+            }
+            prune(&dir, "initrd-", &name);
+        } else {
+            prune(&dir, &format!("{}-", self.name), &name);
+        }
+        Ok(path)
     }
 }
 
-impl Image {
-    /// `$XDG_CACHE_HOME/sandpen/initrd/NAME-KEY-GUEST.img`: content-addressed by
-    /// the image key and the guest binary's hash, so it never needs a record.
-    fn user_initrd(
-        &self,
-        guest_binary: &Path,
-        guest_sha256: &str,
-        modules: &[PathBuf],
-    ) -> Result<PathBuf, ImageError> {
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .filter(|v| Path::new(v).is_absolute())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(std::env::temp_dir)
-            .join("sandpen/initrd");
-        let key: String = self.manifest.key.chars().take(16).collect();
-        let guest: String = guest_sha256.chars().take(16).collect();
-        let path = cache.join(format!("{}-{key}-{guest}.img", self.name));
-        if path.is_file() {
-            return Ok(path);
-        }
-        fs::create_dir_all(&cache).ctx(|| format!("creating {}", cache.display()))?;
-        write_initrd(&path, guest_binary, modules)?;
-        Ok(path)
+/// The first 16 hex digits of sha256(layout, guest binary hash, module names).
+fn initrd_key(guest_sha256: &str, module_names: &[String]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(INITRD_LAYOUT.to_le_bytes());
+    hasher.update(guest_sha256.as_bytes());
+    for name in module_names {
+        hasher.update([0]);
+        hasher.update(name.as_bytes());
+    }
+    hasher
+        .finalize()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `$XDG_CACHE_HOME/sandpen/initrd` (or `~/.cache/…`).
+fn user_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| Path::new(v).is_absolute())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("sandpen/initrd")
+}
+
+/// Records a use as the file's modification time, which [`prune`] orders by.
+/// Best effort: a file this user cannot touch is simply pruned sooner.
+fn mark_used(path: &Path) {
+    if let Ok(file) = File::options().append(true).open(path) {
+        let _ = file.set_modified(SystemTime::now());
+    }
+}
+
+/// Removes all but the [`KEEP`] most recently used `PREFIX*.img` files in `dir`,
+/// never `keep`. A start that already handed its file to QEMU is unaffected (QEMU
+/// reads the initramfs once, at launch), and one whose file went writes it again.
+fn prune(dir: &Path, prefix: &str, keep: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut found: Vec<(SystemTime, PathBuf)> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(prefix) && name.ends_with(".img") && name != keep
+        })
+        .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+        .collect();
+    found.sort_by_key(|entry| std::cmp::Reverse(entry.0));
+    for (_, path) in found.into_iter().skip(KEEP - 1) {
+        let _ = fs::remove_file(path);
     }
 }
 
 /// Whether this process may create files in `dir`.
 fn dir_writable(dir: &Path) -> bool {
     nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK).is_ok()
-}
-
-fn read_record(path: &Path) -> Option<InitrdRecord> {
-    let bytes = fs::read(path).ok()?;
-    serde_json::from_slice(&bytes).ok()
 }
 
 /// Writes the cpio to a temporary file and renames it over `initrd`. Returns its size.
@@ -261,7 +284,7 @@ fn hint_permission(err: ImageError, dir: &Path) -> ImageError {
 mod tests {
     use super::*;
     use crate::manifest::tests::sample;
-    use crate::store::{INITRD_FILE, MODULES_DIR};
+    use crate::store::MODULES_DIR;
     use std::process::{Command, Stdio};
 
     /// A static x86-64 ELF: header plus one PT_LOAD program header.
@@ -315,31 +338,50 @@ mod tests {
 
     #[test]
     fn writes_and_reuses_initrd() {
+        use std::os::unix::fs::MetadataExt;
         let tmp = tempfile::tempdir().unwrap();
         let image = image_with_modules(tmp.path());
         let guest = tmp.path().join("sandpen-guest");
         fs::write(&guest, static_elf(b"v1")).unwrap();
+        fs::write(image.dir.join("initrd.img"), b"from an older sandpen").unwrap();
 
-        let path = image.ensure_initrd(&guest).unwrap();
-        assert_eq!(path, image.dir.join(INITRD_FILE));
-        let record: InitrdRecord =
-            serde_json::from_slice(&fs::read(image.dir.join(INITRD_RECORD_FILE)).unwrap()).unwrap();
-        assert_eq!(record.modules, ["virtio_mmio.ko.xz", "virtio_blk.ko.xz"]);
-        assert_eq!(record.size, fs::metadata(&path).unwrap().len());
+        let v1 = image.ensure_initrd(&guest).unwrap();
+        assert_eq!(v1.parent(), Some(image.dir.as_path()));
+        let name = v1.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("initrd-") && name.ends_with(".img"),
+            "{name}"
+        );
+        assert!(!image.dir.join("initrd.img").exists(), "legacy file kept");
 
-        // Unchanged guest: the file is not rewritten (same inode).
-        use std::os::unix::fs::MetadataExt;
-        let ino = fs::metadata(&path).unwrap().ino();
-        image.ensure_initrd(&guest).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().ino(), ino);
+        // Unchanged guest: the same file, not rewritten (same inode).
+        let ino = fs::metadata(&v1).unwrap().ino();
+        assert_eq!(image.ensure_initrd(&guest).unwrap(), v1);
+        assert_eq!(fs::metadata(&v1).unwrap().ino(), ino);
 
-        // A new guest binary: rewritten.
-        fs::write(&guest, static_elf(b"version two")).unwrap();
-        image.ensure_initrd(&guest).unwrap();
-        assert_ne!(fs::metadata(&path).unwrap().ino(), ino);
-        let record2: InitrdRecord =
-            serde_json::from_slice(&fs::read(image.dir.join(INITRD_RECORD_FILE)).unwrap()).unwrap();
-        assert_ne!(record.guest_sha256, record2.guest_sha256);
+        // Another guest binary (a second sandpen build sharing the folder): its own
+        // file, and the first one is left as it was for the build that uses it.
+        let guest2 = tmp.path().join("sandpen-guest-2");
+        fs::write(&guest2, static_elf(b"version two")).unwrap();
+        let v2 = image.ensure_initrd(&guest2).unwrap();
+        assert_ne!(v1, v2);
+        assert_eq!(fs::metadata(&v1).unwrap().ino(), ino);
+        assert!(cpio_listing_contains(&v2, "version two"));
+        assert_eq!(image.ensure_initrd(&guest).unwrap(), v1);
+
+        // Many builds: only the most recently used few are kept, and the one just
+        // used is among them.
+        for i in 0..6 {
+            let g = tmp.path().join(format!("guest-{i}"));
+            fs::write(&g, static_elf(format!("build {i}").as_bytes())).unwrap();
+            image.ensure_initrd(&g).unwrap();
+        }
+        let kept: Vec<_> = fs::read_dir(&image.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("initrd-"))
+            .collect();
+        assert_eq!(kept.len(), KEEP, "{kept:?}");
 
         // No temporary files left behind.
         let leftovers: Vec<_> = fs::read_dir(&image.dir)
@@ -348,6 +390,11 @@ mod tests {
             .filter(|n| n.contains(".tmp-"))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    fn cpio_listing_contains(path: &Path, needle: &str) -> bool {
+        let bytes = fs::read(path).unwrap();
+        bytes.windows(needle.len()).any(|w| w == needle.as_bytes())
     }
 
     #[test]
@@ -440,7 +487,12 @@ mod tests {
         .unwrap();
         let err = image.ensure_initrd(&guest).unwrap_err().to_string();
         assert!(err.contains("ELF"), "{err}");
-        assert!(!image.initrd().exists());
+        let written: Vec<_> = fs::read_dir(&image.dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with("initrd"))
+            .collect();
+        assert!(written.is_empty(), "{written:?}");
     }
 
     #[test]

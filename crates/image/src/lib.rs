@@ -12,8 +12,7 @@
 //! modules/*.ko.xz        boot modules, still compressed
 //! modules/load-order     their file names, dependencies first
 //! build.log              output of debootstrap, chroot commands and mkfs
-//! initrd.img             newc cpio, written by Image::ensure_initrd
-//! initrd.json            what initrd.img was made from
+//! initrd-KEY.img         newc cpio, one per guest binary (Image::ensure_initrd)
 //! save.log               a saved image's (`sandpen save`) commands and output
 //! ```
 
@@ -32,15 +31,12 @@ mod tree;
 
 pub use build::{build, BUILD_LOG_FILE};
 pub use error::ImageError;
-pub use initrd::{check_static, InitrdRecord};
+pub use initrd::check_static;
 pub use manifest::{FileEntry, Manifest, Sizes, StepTiming, MANIFEST_FILE, MANIFEST_FORMAT};
 pub use modules::{BOOT_MODULES, LOAD_ORDER_FILE};
 pub use save::{lineage, save, SaveSpec, GUEST_CA_BUNDLE, GUEST_EXTRA_CA};
 pub use spec::{ImageSpec, BASE_PACKAGES, DEFAULT_SUITE, FALLBACK_MIRROR, RECIPE_VERSION};
-pub use store::{
-    list, load, remove, Image, INITRD_FILE, INITRD_RECORD_FILE, MODULES_DIR, ROOTFS_FILE,
-    VMLINUX_FILE, VMLINUZ_FILE,
-};
+pub use store::{list, load, remove, Image, MODULES_DIR, ROOTFS_FILE, VMLINUX_FILE, VMLINUZ_FILE};
 pub use tree::TREES_DIR;
 
 /// What [`build`] did.

@@ -14,10 +14,6 @@ pub const VMLINUZ_FILE: &str = "vmlinuz";
 pub const VMLINUX_FILE: &str = "vmlinux";
 /// The raw ext4 root filesystem.
 pub const ROOTFS_FILE: &str = "rootfs.img";
-/// The initramfs, written on demand by [`Image::ensure_initrd`].
-pub const INITRD_FILE: &str = "initrd.img";
-/// What the current initramfs was made from.
-pub const INITRD_RECORD_FILE: &str = "initrd.json";
 /// Boot modules (`.ko.xz`) and their `load-order`.
 pub const MODULES_DIR: &str = "modules";
 
@@ -44,11 +40,6 @@ impl Image {
     /// The raw ext4 root filesystem (the backing file of each sandbox's overlay).
     pub fn rootfs(&self) -> PathBuf {
         self.dir.join(ROOTFS_FILE)
-    }
-
-    /// Where the initramfs is; it exists after [`Image::ensure_initrd`].
-    pub fn initrd(&self) -> PathBuf {
-        self.dir.join(INITRD_FILE)
     }
 
     /// The directory holding the boot modules and `load-order`.

@@ -152,6 +152,15 @@ fn publish_reaches_a_server_in_the_guest() -> Result<(), Failed> {
         shown == format!("8000/tcp -> 127.0.0.1:{}\n", e.port),
         format!("ports: {shown:?}"),
     )?;
+    let ls = ok(&["ls"])?;
+    check(
+        ls.lines().next().is_some_and(|h| h.contains("PORTS"))
+            && ls.lines().any(|l| {
+                l.starts_with(&format!("{WEB} "))
+                    && l.contains(&format!("8000/tcp -> 127.0.0.1:{}", e.port))
+            }),
+        format!("ls does not show the published port: {ls}"),
+    )?;
     // Before anything listens in the guest, the connection is closed.
     let before = curl(e.port, "/hello.txt");
     check(
@@ -543,6 +552,40 @@ fn stop_closes_the_port() -> Result<(), Failed> {
     }
 }
 
+/// Docker copies to and from a stopped container; sandpen starts the sandbox
+/// for the copy (only its guest reads its disk) and stops it again.
+fn cp_with_a_stopped_sandbox() -> Result<(), Failed> {
+    let host = env().host.path();
+    let file = host.join("while-stopped.txt");
+    std::fs::write(&file, "written while stopped\n")?;
+    let stopped = |what: &str| -> Result<(), Failed> {
+        let (state, _) = env().cli.status_of(WEB)?;
+        check(state == "stopped", format!("{WEB} is {state} after {what}"))
+    };
+    stopped("the stop")?;
+    let out = sandpen(&["cp", file.to_str().unwrap(), &format!("{WEB}:/var/tmp")]);
+    env().cli.expect_ok(&out, "cp into a stopped sandbox")?;
+    check(
+        text(&out.stderr).contains("starting it for the copy"),
+        format!(
+            "cp did not say it starts the sandbox: {}",
+            text(&out.stderr)
+        ),
+    )?;
+    stopped("the copy in")?;
+    let back = host.join("came-back.txt");
+    ok(&[
+        "cp",
+        &format!("{WEB}:/var/tmp/while-stopped.txt"),
+        back.to_str().unwrap(),
+    ])?;
+    check(
+        std::fs::read_to_string(&back)? == "written while stopped\n",
+        "the file did not survive a stop on the sandbox's disk",
+    )?;
+    stopped("the copy out")
+}
+
 // ---- templates ----
 
 fn ca_pem(name: &str) -> Result<String, Failed> {
@@ -701,6 +744,7 @@ fn main() {
             cp_refuses_deny_read_and_read_only,
         ),
         ("stop_closes_the_port", stop_closes_the_port),
+        ("cp_with_a_stopped_sandbox", cp_with_a_stopped_sandbox),
         ("save_then_run_image", save_then_run_image),
     ];
     let trials = tests

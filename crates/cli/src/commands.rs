@@ -849,6 +849,7 @@ async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
         "CPU TIME".into(),
         "MEM USE".into(),
         "PIDS".into(),
+        "PORTS".into(),
     ]];
     for r in rows {
         let [cpu, mem, pids] = match &r.resources {
@@ -878,6 +879,11 @@ async fn ls(dirs: &Dirs, json: bool) -> Result<i32> {
             cpu,
             mem,
             pids,
+            if r.ports.is_empty() {
+                "-".into()
+            } else {
+                r.ports.join(", ")
+            },
         ]);
     }
     print_table(&out);

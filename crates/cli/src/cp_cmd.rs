@@ -1,5 +1,9 @@
-//! `sandpen cp`: files and folders between a running sandbox and the host,
-//! with Docker's syntax (`NAME:PATH host` or `host NAME:PATH`).
+//! `sandpen cp`: files and folders between a sandbox and the host, with
+//! Docker's syntax (`NAME:PATH host` or `host NAME:PATH`).
+//!
+//! A stopped sandbox is started for the copy and stopped again after it
+//! (its devcontainer start commands do not run), since only the guest can
+//! read its own disk.
 //!
 //! The guest's PID 1 reads or writes the guest side (a tar stream over the
 //! channel). What the file rules say is decided on the host, twice
@@ -18,7 +22,10 @@
 //! What comes from the guest is hostile: it is unpacked with every path
 //! component opened without following symlinks (`O_NOFOLLOW`) beneath the
 //! destination, only files, folders and symlinks, no set-id bits, so an
-//! archive cannot write outside the destination.
+//! archive cannot write outside the destination. And it is bounded: a copy
+//! out never takes more than the sandbox could hold (its disk plus its
+//! memory), nor the host file system's reserve (1 GiB or 5 %, as the file
+//! server keeps), so a guest that sends without end cannot fill the host.
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -41,8 +48,24 @@ pub enum CpError {
     NoSandboxSide,
     #[error("copying between two sandboxes is not supported; copy through the host")]
     TwoSandboxes,
-    #[error("sandbox {0} is not running; start it with `sandpen start {0}`")]
-    NotRunning(String),
+    #[error("sandbox {0} is starting or stopping; try again when `sandpen ls` shows it running or stopped")]
+    Busy(String),
+    #[error("starting {name} for the copy: {source}")]
+    Start {
+        name: String,
+        #[source]
+        source: sandpen_api::ApiError,
+    },
+    #[error(
+        "the sandbox sent more than it can hold ({} MiB: its disk and its memory); the copy was stopped",
+        cap >> 20
+    )]
+    TooLarge { cap: u64 },
+    #[error(
+        "{}: the host file system is down to its reserve; the copy was stopped to keep it free",
+        path.display()
+    )]
+    HostDiskFull { path: PathBuf },
     #[error("{path}: the guest path leaves / with `..`")]
     AboveRoot { path: String },
     #[error("cannot copy {path} out of the sandbox: it is hidden by {rule}")]
@@ -219,19 +242,93 @@ pub async fn run(dirs: &Dirs, src: &str, dest: &str) -> anyhow::Result<i32> {
     };
     let config = sandbox::load(dirs, &name)?;
     let paths = dirs.sandbox(&name);
-    if !matches!(control::state(&paths).await, State::Running(_)) {
-        return Err(CpError::NotRunning(name).into());
-    }
     let guest = guest_path(&config.workspace, &guest)?;
     let shares = Shares::load(dirs, &config)?;
+    let started_for_copy = match control::state(&paths).await {
+        State::Running(_) => false,
+        State::Stopped | State::Failed(_) => {
+            eprintln!(
+                "sandpen: {name} is stopped; starting it for the copy (it stops again after)"
+            );
+            let started = sandpen_api::sandboxes::start(dirs, &name)
+                .await
+                .map_err(|source| CpError::Start {
+                    name: name.clone(),
+                    source,
+                })?;
+            for note in started.notes {
+                eprintln!("sandpen: note: {note}");
+            }
+            true
+        }
+        State::Starting | State::Stopping | State::Unresponsive => {
+            return Err(CpError::Busy(name).into())
+        }
+    };
+    let cap = budget_cap(&config);
     let stdio = host == Path::new("-");
-    match (out, stdio) {
-        (true, false) => copy_out(&paths, &shares, &guest, Some(&host)).await?,
-        (true, true) => copy_out(&paths, &shares, &guest, None).await?,
-        (false, false) => copy_in(&paths, &shares, &host, &guest).await?,
-        (false, true) => copy_in_stdin(&paths, shares, &guest).await?,
+    let copied = match (out, stdio) {
+        (true, false) => copy_out(&paths, &shares, &guest, Some(&host), cap).await,
+        (true, true) => copy_out(&paths, &shares, &guest, None, cap).await,
+        (false, false) => copy_in(&paths, &shares, &host, &guest).await,
+        (false, true) => copy_in_stdin(&paths, shares, &guest).await,
+    };
+    if started_for_copy {
+        let stopped = sandpen_api::sandboxes::stop(dirs, &name, STOP_AFTER_COPY).await;
+        if let Err(e) = stopped {
+            // The copy's own outcome matters more; say this one and go on.
+            eprintln!("sandpen: stopping {name} after the copy: {e}");
+        }
     }
+    copied?;
     Ok(0)
+}
+
+/// How long a sandbox started for a copy gets to shut down (as `sandpen stop`).
+const STOP_AFTER_COPY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The most a copy out may bring: what the sandbox could hold, its disk and
+/// its memory (a guest claiming more is sending without end).
+fn budget_cap(config: &SandboxConfig) -> u64 {
+    (u64::from(config.disk_gib) << 30) + (u64::from(config.memory_mib) << 20)
+}
+
+/// What a copy out may still take from the host.
+struct Budget {
+    cap: u64,
+    left: u64,
+    /// The destination's file system and its reserve (`None`: stdout).
+    reserve: Option<sandpen_fs::reserve::DiskReserve>,
+}
+
+impl Budget {
+    fn new(cap: u64, dest: Option<&Path>) -> Result<Budget, CpError> {
+        let reserve = dest
+            .map(|dir| {
+                sandpen_fs::reserve::DiskReserve::open(dir, sandpen_policy::Reserve::Default)
+                    .map_err(host_err(dir))
+            })
+            .transpose()?;
+        Ok(Budget {
+            cap,
+            left: cap,
+            reserve,
+        })
+    }
+
+    /// Takes `bytes` for what is written at `shown`.
+    fn take(&mut self, bytes: u64, shown: &Path) -> Result<(), CpError> {
+        self.left = self
+            .left
+            .checked_sub(bytes)
+            .ok_or(CpError::TooLarge { cap: self.cap })?;
+        if let Some(reserve) = &self.reserve {
+            reserve.admit(bytes).map_err(|_| CpError::HostDiskFull {
+                path: shown.to_path_buf(),
+            })?;
+        }
+        Ok(())
+    }
 }
 
 /// Copies `guest` out: unpacked at `host`, or as a tar stream on stdout
@@ -241,6 +338,7 @@ async fn copy_out(
     shares: &Shares,
     guest: &Path,
     host: Option<&Path>,
+    cap: u64,
 ) -> Result<(), CpError> {
     if let Some(rule) = shares.hidden(guest) {
         return Err(CpError::Hidden {
@@ -249,9 +347,10 @@ async fn copy_out(
         });
     }
     let Some(host) = host else {
-        return copy_out_stdout(paths, guest).await;
+        return copy_out_stdout(paths, guest, cap).await;
     };
     let target = Target::for_host(host, guest)?;
+    let budget = Budget::new(cap, Some(&target.base_path))?;
     let mut frames = control::copy(
         paths,
         ControlRequest::CopyOut {
@@ -268,6 +367,7 @@ async fn copy_out(
                 buf: Vec::new(),
                 pos: 0,
             },
+            budget,
         )
     });
     let mut result = Ok(());
@@ -304,6 +404,7 @@ async fn copy_out(
 async fn copy_out_stdout(
     paths: &sandpen_supervisor::SandboxPaths,
     guest: &Path,
+    cap: u64,
 ) -> Result<(), CpError> {
     use tokio::io::AsyncWriteExt;
     let mut frames = control::copy(
@@ -314,13 +415,17 @@ async fn copy_out_stdout(
     )
     .await?;
     let mut stdout = tokio::io::stdout();
+    let mut budget = Budget::new(cap, None)?;
     let stdout_err = |e| CpError::Host {
         path: "stdout".into(),
         source: e,
     };
     loop {
         match frames.recv::<CopyEvent>().await? {
-            Some(CopyEvent::Data(bytes)) => stdout.write_all(&bytes).await.map_err(stdout_err)?,
+            Some(CopyEvent::Data(bytes)) => {
+                budget.take(bytes.len() as u64, Path::new("stdout"))?;
+                stdout.write_all(&bytes).await.map_err(stdout_err)?
+            }
             Some(CopyEvent::Done) => return stdout.flush().await.map_err(stdout_err),
             Some(CopyEvent::Failed(why)) => return Err(CpError::Guest(why)),
             None => return Err(CpError::Guest("the sandbox ended the copy early".into())),
@@ -451,8 +556,8 @@ fn remove_file_in(dir: &OwnedFd, name: &std::ffi::OsStr, shown: &Path) -> Result
     }
 }
 
-/// Unpacks a hostile archive beneath `target`.
-fn unpack(target: Target, input: Chunks) -> Result<(), CpError> {
+/// Unpacks a hostile archive beneath `target`, within `budget`.
+fn unpack(target: Target, input: Chunks, mut budget: Budget) -> Result<(), CpError> {
     let mut archive = tar::Archive::new(input);
     let entries = archive
         .entries()
@@ -490,6 +595,7 @@ fn unpack(target: Target, input: Chunks) -> Result<(), CpError> {
             dir = Some(open_dir_in(parent, c, &shown)?);
         }
         shown.push(last);
+        budget.take(sandpen_fs::reserve::ENTRY_BYTES, &shown)?;
         let dir = dir.as_ref().unwrap_or(&target.base);
         let header = entry.header();
         // No set-id or sticky bits from the guest.
@@ -515,7 +621,15 @@ fn unpack(target: Target, input: Chunks) -> Result<(), CpError> {
                 .map_err(nix_err(&shown))?;
                 // SAFETY: `openat` returned a new descriptor that nothing else owns.
                 let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-                std::io::copy(&mut entry, &mut file).map_err(host_err(&shown))?;
+                let mut chunk = vec![0u8; IO_CHUNK];
+                loop {
+                    let n = entry.read(&mut chunk).map_err(host_err(&shown))?;
+                    if n == 0 {
+                        break;
+                    }
+                    budget.take(n as u64, &shown)?;
+                    file.write_all(&chunk[..n]).map_err(host_err(&shown))?;
+                }
                 nix::sys::stat::fchmod(file.as_raw_fd(), Mode::from_bits_truncate(mode))
                     .map_err(nix_err(&shown))?;
                 if let Ok(mtime) = entry.header().mtime() {
@@ -854,7 +968,16 @@ mod tests {
     }
 
     fn unpack_bytes(host: &Path, bytes: Vec<u8>) -> Result<(), CpError> {
+        unpack_within(host, bytes, 1 << 30)
+    }
+
+    fn unpack_within(host: &Path, bytes: Vec<u8>, cap: u64) -> Result<(), CpError> {
         let target = Target::for_host(host, Path::new("/guest/x"))?;
+        let budget = Budget {
+            cap,
+            left: cap,
+            reserve: None,
+        };
         let (tx, rx) = mpsc::channel(1);
         let feeder = std::thread::spawn(move || {
             let _ = tx.blocking_send(bytes);
@@ -866,6 +989,7 @@ mod tests {
                 buf: Vec::new(),
                 pos: 0,
             },
+            budget,
         );
         feeder.join().unwrap();
         r
@@ -921,5 +1045,49 @@ mod tests {
             std::fs::metadata(&got).unwrap().permissions().mode() & 0o7777,
             0o755
         );
+    }
+
+    #[test]
+    fn a_copy_out_stops_at_what_the_sandbox_could_hold() {
+        let root = tempfile::tempdir().unwrap();
+        let dest = root.path().join("dest");
+        std::fs::create_dir(&dest).unwrap();
+        let body = vec![7u8; 200_000];
+        let bytes = archive(|b| file(b, "x/big", &body));
+        // Two entries (4 KiB each) and the body: 10 KiB short of it is refused,
+        // and what was written stays below the cap.
+        let cap = 2 * sandpen_fs::reserve::ENTRY_BYTES + body.len() as u64 - 10_000;
+        let err = unpack_within(&dest, bytes.clone(), cap).unwrap_err();
+        assert!(matches!(err, CpError::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("more than it can hold"), "{err}");
+        let written = std::fs::metadata(dest.join("x/big")).unwrap().len();
+        assert!(
+            written <= cap,
+            "{written} bytes written past a cap of {cap}"
+        );
+        // Exactly enough: it all lands.
+        let dest2 = root.path().join("dest2");
+        std::fs::create_dir(&dest2).unwrap();
+        unpack_within(&dest2, bytes, cap + 10_000).unwrap();
+        assert_eq!(std::fs::read(dest2.join("x/big")).unwrap(), body);
+    }
+
+    #[test]
+    fn the_host_reserve_stops_a_copy_out() {
+        let root = tempfile::tempdir().unwrap();
+        // A reserve of 100 % can never be met: the first entry is refused.
+        let mut budget = Budget {
+            cap: 1 << 30,
+            left: 1 << 30,
+            reserve: Some(
+                sandpen_fs::reserve::DiskReserve::open(
+                    root.path(),
+                    sandpen_policy::Reserve::Percent(100),
+                )
+                .unwrap(),
+            ),
+        };
+        let err = budget.take(1, root.path()).unwrap_err();
+        assert!(matches!(err, CpError::HostDiskFull { .. }), "{err}");
     }
 }

@@ -54,7 +54,7 @@ pub enum CpError {
     Start {
         name: String,
         #[source]
-        source: sandpen_api::ApiError,
+        source: Box<sandpen_api::ApiError>,
     },
     #[error(
         "the sandbox sent more than it can hold ({} MiB: its disk and its memory); the copy was stopped",
@@ -254,7 +254,7 @@ pub async fn run(dirs: &Dirs, src: &str, dest: &str) -> anyhow::Result<i32> {
                 .await
                 .map_err(|source| CpError::Start {
                     name: name.clone(),
-                    source,
+                    source: Box::new(source),
                 })?;
             for note in started.notes {
                 eprintln!("sandpen: note: {note}");

@@ -553,6 +553,107 @@ fn stats_count_egress_bytes() -> Result<(), Failed> {
 
 type TestFn = fn() -> Result<(), Failed>;
 
+/// The cgroup crate's unit-test binary (`cargo test -p sandpen-cgroup --lib
+/// --no-run`): its real-cgroup test, run inside a guest.
+fn cgroup_unit_tests() -> Result<PathBuf, Failed> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = Command::new(cargo)
+        .args([
+            "test",
+            "-p",
+            "sandpen-cgroup",
+            "--lib",
+            "--no-run",
+            "--message-format=json",
+        ])
+        .current_dir(&root)
+        .stderr(Stdio::inherit())
+        .output()?;
+    check(out.status.success(), "building the cgroup crate's tests")?;
+    text(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["reason"] == "compiler-artifact" && v["target"]["name"] == "sandpen_cgroup")
+        .find_map(|v| v["executable"].as_str().map(PathBuf::from))
+        .ok_or_else(|| "cargo named no test executable for sandpen-cgroup".into())
+}
+
+/// This host mounts cgroup v1, but a guest runs cgroup v2: the v2 paths, as
+/// root and as a normal user in a subtree delegated to them (no systemd in
+/// the guest), run for real there, with the cgroup crate's own real-cgroup
+/// test: limits written, a child moved in, usage read, a stale cgroup
+/// emptied, everything removed.
+fn cgroup_v2_paths_run_in_a_guest() -> Result<(), Failed> {
+    let tests = cgroup_unit_tests()?;
+    let ws = env().cli.ws.clone();
+    std::fs::copy(&tests, ws.join("cgroup-unit-tests"))?;
+    let run = |expect: &str| {
+        format!(
+            "SANDPEN_CGROUP_EXPECT={expect} /tmp/cgroup-unit-tests --exact \
+             tests::a_real_cgroup_bounds_a_child_and_goes_away --nocapture --test-threads=1 2>&1"
+        )
+    };
+    // What an administrator or a container runtime does to delegate a
+    // subtree: the user owns the folders and their cgroup.procs,
+    // cgroup.threads and cgroup.subtree_control, with the controllers
+    // enabled above and in it; the user's shell is in a leaf below.
+    std::fs::write(
+        ws.join("delegate.sh"),
+        format!(
+            "set -e\n\
+             C=/sys/fs/cgroup; D=$C/delegated-to-agent\n\
+             mkdir -p $D/shell\n\
+             echo '+cpu +memory +pids' > $C/cgroup.subtree_control\n\
+             for d in $D $D/shell; do\n\
+               chown agent $d $d/cgroup.procs $d/cgroup.threads $d/cgroup.subtree_control\n\
+             done\n\
+             echo '+cpu +memory +pids' > $D/cgroup.subtree_control\n\
+             echo $$ > $D/shell/cgroup.procs\n\
+             setpriv --reuid=agent --regid=agent --init-groups env {}\n\
+             echo \"left: $(find $D/sandpen -mindepth 1 -maxdepth 1 -type d | wc -l)\"\n",
+            run("Delegated")
+        ),
+    )?;
+    start("cg2", &[])?;
+    root_sh(
+        "cg2",
+        &format!(
+            "set -e; grep -q cgroup2 /proc/mounts; cp {}/cgroup-unit-tests /tmp/; \
+             chmod 755 /tmp/cgroup-unit-tests",
+            ws.display()
+        ),
+    )?;
+    let as_root = root_sh("cg2", &run("V2"))?;
+    eprintln!("  as root:\n{as_root}");
+    check(
+        as_root.contains("backend: cgroup v2\n") && as_root.contains("1 passed"),
+        format!("the v2 root path: {as_root}"),
+    )?;
+    let as_user = root_sh("cg2", &format!("sh {}/delegate.sh 2>&1", ws.display()))?;
+    eprintln!("  as a delegated user:\n{as_user}");
+    check(
+        as_user.contains("backend: cgroup v2 (a subtree delegated to this user)")
+            && as_user.contains("1 passed")
+            && as_user.contains("left: 0"),
+        format!("the delegated path: {as_user}"),
+    )?;
+    // Without a delegation, a normal user gets the reason.
+    let refused = ok(&[
+        "exec",
+        "cg2",
+        "--",
+        "sh",
+        "-c",
+        "/tmp/cgroup-unit-tests --exact tests::a_real_cgroup_bounds_a_child_and_goes_away \
+         --nocapture 2>&1",
+    ])?;
+    check(
+        refused.contains("skipping") && refused.contains("NoDelegation"),
+        format!("an undelegated user: {refused}"),
+    )
+}
+
 fn main() {
     let args = Arguments {
         test_threads: Some(1),
@@ -572,13 +673,17 @@ fn main() {
             a_full_host_file_system_is_an_error_not_a_pause,
         ),
         ("stats_count_egress_bytes", stats_count_egress_bytes),
+        (
+            "cgroup_v2_paths_run_in_a_guest",
+            cgroup_v2_paths_run_in_a_guest,
+        ),
     ];
     let trials = tests
         .into_iter()
         .map(|(name, f)| Trial::test(name, f))
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
-    for name in ["bomb", "calm", "full", "net"] {
+    for name in ["bomb", "calm", "full", "net", "cg2"] {
         let _ = sandpen(&["rm", "-f", name]);
     }
     conclusion.exit();

@@ -11,6 +11,11 @@
 //!   `systemd-run --user --scope` around the supervisor
 //!   ([`systemd_scope_command`]); systemd sets the limits and removes the
 //!   scope when its last process exits. The supervisor then only reads it.
+//! - **cgroup v2, as a normal user without a systemd user manager**: a
+//!   subtree the user owns (delegated to them, as a container runtime or an
+//!   administrator delegates one): `DELEGATED/sandpen/NAME`, where DELEGATED
+//!   is the highest ancestor of the caller's own cgroup that the user owns
+//!   and may enable `cpu`, `memory` and `pids` in.
 //! - **cgroup v1 (hybrid hosts), as root**: `sandpen/NAME` under the
 //!   supervisor's own cgroup in each of the `cpu`, `cpuacct`, `memory`,
 //!   `pids` and `blkio` hierarchies, so a limit around the caller (a
@@ -52,7 +57,8 @@ pub enum CgroupError {
     #[error("no cgroup file system is mounted")]
     NoCgroupFs,
     #[error(
-        "cgroup v2 needs root or a systemd user session (systemd-run --user) to make a cgroup; none here"
+        "cgroup v2 needs root, a systemd user session (systemd-run --user) or a cgroup subtree \
+         delegated to this user to make a cgroup; none here"
     )]
     NoDelegation,
     #[error("cgroup v1 (this host's hierarchy) needs root to make a cgroup")]
@@ -83,6 +89,8 @@ pub enum Backend {
     V1,
     /// A systemd user scope (cgroup v2) that systemd made and bounds.
     SystemdScope,
+    /// cgroup v2 under a subtree delegated to this (normal) user.
+    Delegated,
 }
 
 impl std::fmt::Display for Backend {
@@ -91,6 +99,7 @@ impl std::fmt::Display for Backend {
             Backend::V2 => "cgroup v2",
             Backend::V1 => "cgroup v1",
             Backend::SystemdScope => "cgroup v2 (systemd user scope)",
+            Backend::Delegated => "cgroup v2 (a subtree delegated to this user)",
         })
     }
 }
@@ -195,6 +204,43 @@ impl Host {
         ))
     }
 
+    /// A subtree of the v2 hierarchy delegated to this user: the highest
+    /// ancestor of this process's cgroup (itself included, the mount's root
+    /// never) that the user owns and may write `cgroup.procs` and
+    /// `cgroup.subtree_control` of, and in which `cpu`, `memory` and `pids`
+    /// are enabled for children or can be (it holds no process). Moving a
+    /// process between two cgroups below it needs write access to their
+    /// common ancestor's `cgroup.procs`, which it grants.
+    fn delegated(&self) -> Option<PathBuf> {
+        let (mount, mine) = self.v2()?;
+        let uid = nix::unistd::geteuid().as_raw();
+        let owned = |dir: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            let writable =
+                |f: &str| nix::unistd::access(&dir.join(f), nix::unistd::AccessFlags::W_OK).is_ok();
+            std::fs::metadata(dir).is_ok_and(|m| m.uid() == uid)
+                && writable("cgroup.procs")
+                && writable("cgroup.subtree_control")
+        };
+        let mut top = None;
+        let mut dir = mine.as_path();
+        while dir != mount.mount_point && dir.starts_with(&mount.mount_point) && owned(dir) {
+            top = Some(dir.to_path_buf());
+            dir = dir.parent()?;
+        }
+        let top = top?;
+        let listed = |file: &str| {
+            let words = read(&top.join(file)).unwrap_or_default();
+            ["cpu", "memory", "pids"]
+                .iter()
+                .all(|c| words.split_whitespace().any(|w| w == *c))
+        };
+        let enabled = listed("cgroup.subtree_control");
+        let can_enable = listed("cgroup.controllers")
+            && read(&top.join("cgroup.procs")).is_some_and(|p| p.trim().is_empty());
+        (enabled || can_enable).then_some(top)
+    }
+
     fn backend(&self, name: &str) -> Result<Backend, CgroupError> {
         // Only a scope that `systemd_scope_command` made for this sandbox
         // counts (an inherited or hand-set variable does not).
@@ -213,9 +259,17 @@ impl Host {
         if v2_ok {
             return if is_root() {
                 Ok(Backend::V2)
+            } else if user_manager().is_none() && self.delegated().is_some() {
+                // With a user manager, its scope is the way (systemd owns the
+                // structure of the user's subtree).
+                Ok(Backend::Delegated)
             } else {
                 Err(CgroupError::NoDelegation)
             };
+        }
+        if !is_root() && user_manager().is_none() && self.delegated().is_some() {
+            // A delegated subtree shows its own controllers, not the root's.
+            return Ok(Backend::Delegated);
         }
         let v1_any = self.mounts.iter().any(|m| !m.v2);
         if v1_any {
@@ -343,14 +397,43 @@ impl Cgroup {
                     absent: vec![],
                 })
             }
-            Backend::V2 => Self::create_v2(&host, name, limits),
+            Backend::V2 => {
+                let (mount, origin) = host.v2().ok_or(CgroupError::NoCgroupFs)?;
+                let available = host.v2_controllers();
+                Self::create_v2(
+                    Backend::V2,
+                    &mount.mount_point,
+                    origin,
+                    &available,
+                    name,
+                    limits,
+                )
+            }
+            Backend::Delegated => {
+                let (_, origin) = host.v2().ok_or(CgroupError::NoCgroupFs)?;
+                let base = host.delegated().ok_or(CgroupError::NoDelegation)?;
+                let available: Vec<String> = read(&base.join("cgroup.controllers"))
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .map(String::from)
+                    .collect();
+                Self::create_v2(Backend::Delegated, &base, origin, &available, name, limits)
+            }
             Backend::V1 => Self::create_v1(&host, name, limits),
         }
     }
 
-    fn create_v2(host: &Host, name: &str, limits: &Limits) -> Result<Cgroup, CgroupError> {
-        let (mount, origin) = host.v2().ok_or(CgroupError::NoCgroupFs)?;
-        let available = host.v2_controllers();
+    /// `BASE/sandpen/NAME`, with `available`'s `cpu memory pids io` enabled
+    /// down to it. BASE is the v2 mount's root (as root) or the subtree
+    /// delegated to this user.
+    fn create_v2(
+        backend: Backend,
+        base: &Path,
+        origin: PathBuf,
+        available: &[String],
+        name: &str,
+        limits: &Limits,
+    ) -> Result<Cgroup, CgroupError> {
         let wanted: Vec<&str> = ["cpu", "memory", "pids", "io"]
             .into_iter()
             .filter(|c| available.iter().any(|a| a == c))
@@ -360,15 +443,15 @@ impl Cgroup {
             .map(|c| format!("+{c}"))
             .collect::<Vec<_>>()
             .join(" ");
-        let parent = mount.mount_point.join(SUBDIR);
+        let parent = base.join(SUBDIR);
         mkdir(&parent)?;
-        write(&mount.mount_point.join("cgroup.subtree_control"), &enable)?;
+        write(&base.join("cgroup.subtree_control"), &enable)?;
         write(&parent.join("cgroup.subtree_control"), &enable)?;
         let path = parent.join(name);
         clear_stale(&path)?;
         mkdir(&path)?;
         let cg = Cgroup {
-            backend: Backend::V2,
+            backend,
             dirs: vec![Dir {
                 controllers: vec![],
                 path: path.clone(),
@@ -532,7 +615,7 @@ impl Cgroup {
         let file =
             |controller: &str, name: &str| self.dir(controller).and_then(|d| read(&d.join(name)));
         match self.backend {
-            Backend::V2 | Backend::SystemdScope => {
+            Backend::V2 | Backend::SystemdScope | Backend::Delegated => {
                 let io = file("io", "io.stat").map(|s| parse::io_stat(&s));
                 let current = file("memory", "memory.current").and_then(|s| parse::single(&s));
                 let inactive = file("memory", "memory.stat")
@@ -670,13 +753,21 @@ mod tests {
     /// process, checks the limits landed and the usage reads, removes it.
     #[test]
     fn a_real_cgroup_bounds_a_child_and_goes_away() {
+        // Set where a backend must be had (tests/limits.rs runs this test
+        // inside a guest, on cgroup v2, as root and as a delegated user).
+        let expected = std::env::var("SANDPEN_CGROUP_EXPECT").ok();
         let backend = match probe() {
-            Ok(b @ (Backend::V1 | Backend::V2)) => b,
+            Ok(b @ (Backend::V1 | Backend::V2 | Backend::Delegated)) => b,
             other => {
+                assert!(expected.is_none(), "expected {expected:?}, got {other:?}");
                 eprintln!("no cgroup to make here ({other:?}); skipping");
                 return;
             }
         };
+        if let Some(expected) = expected {
+            assert_eq!(format!("{backend:?}"), expected);
+        }
+        eprintln!("backend: {backend}");
         let name = format!("unit-test-{}", std::process::id());
         let limits = Limits::for_sandbox(1, 256);
         let cg = Cgroup::create(&name, &limits).expect("the cgroup");

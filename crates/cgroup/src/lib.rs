@@ -749,6 +749,59 @@ mod tests {
         );
     }
 
+    /// Needs a systemd user manager (tests/limits.rs runs one in a guest and
+    /// sets `SANDPEN_CGROUP_EXPECT=SystemdScope`): the test runs itself again
+    /// through [`systemd_scope_command`], as the supervisor is run, and the
+    /// copy inside the scope checks that it finds the scope and its limits.
+    #[test]
+    fn a_systemd_user_scope_bounds_what_it_wraps() {
+        const INSIDE: &str = "SANDPEN_CGROUP_INSIDE_SCOPE";
+        let name = "scope-test";
+        let limits = Limits::for_sandbox(1, 256);
+        if std::env::var_os(INSIDE).is_some() {
+            let cg = Cgroup::create(name, &limits).expect("the scope");
+            assert_eq!(cg.backend(), Backend::SystemdScope);
+            let dir = cg.dir("cpu").expect("its folder").to_path_buf();
+            let file = |f: &str| read(&dir.join(f)).unwrap_or_default();
+            assert!(
+                file("cpu.max").starts_with("100000 "),
+                "{}",
+                file("cpu.max")
+            );
+            assert_eq!(file("memory.max").trim(), limits.memory_max.to_string());
+            assert_eq!(file("pids.max").trim(), limits.pids_max.to_string());
+            assert!(cg.usage().pids.is_some_and(|n| n >= 1));
+            cg.remove().expect("left to systemd");
+            eprintln!("inside {}", dir.display());
+            return;
+        }
+        if std::env::var("SANDPEN_CGROUP_EXPECT").as_deref() != Ok("SystemdScope") {
+            eprintln!("no systemd user manager asked for; skipping");
+            return;
+        }
+        let me = std::env::current_exe().expect("this test binary");
+        let mut cmd = systemd_scope_command(
+            name,
+            &limits,
+            &me,
+            &[
+                "--exact",
+                "tests::a_systemd_user_scope_bounds_what_it_wraps",
+                "--nocapture",
+            ],
+        )
+        .expect("a normal user with a user manager gets a scope");
+        let out = cmd.env(INSIDE, "1").output().expect("systemd-run");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains("inside /sys/fs/cgroup/") && text.contains(".scope"),
+            "{text}"
+        );
+        eprintln!("{text}");
+    }
+
     /// Needs root on a host with cgroups: makes a real cgroup for a child
     /// process, checks the limits landed and the usage reads, removes it.
     #[test]

@@ -305,19 +305,6 @@ fn run_claude_without_a_secret_says_how_to_set_one() -> Result<(), Failed> {
     )
 }
 
-fn kiro_says_exactly_why_it_cannot_run() -> Result<(), Failed> {
-    let out = sandpen(&["run", "kiro"]);
-    let err = text(&out.stderr);
-    check(
-        out.status.code() == Some(125),
-        format!("exit {:?}", out.status.code()),
-    )?;
-    check(
-        err.contains("Kiro CLI cannot run in sandpen") && err.contains("not published on npm"),
-        format!("unclear reason: {err}"),
-    )
-}
-
 fn an_image_without_the_agent_is_refused_before_anything_starts() -> Result<(), Failed> {
     let e = env();
     let other = tempfile::tempdir()?;
@@ -739,10 +726,6 @@ fn main() {
         (
             "run_claude_without_a_secret_says_how_to_set_one",
             run_claude_without_a_secret_says_how_to_set_one,
-        ),
-        (
-            "kiro_says_exactly_why_it_cannot_run",
-            kiro_says_exactly_why_it_cannot_run,
         ),
         (
             "an_image_without_the_agent_is_refused_before_anything_starts",

@@ -646,23 +646,21 @@ fn cgroup_v2_paths_run_in_a_guest() -> Result<(), Failed> {
     // where the manager may move processes without asking PID 1.
     std::fs::write(
         ws.join("user-manager.sh"),
-        format!(
-            "set -e\n\
-             C=/sys/fs/cgroup; D=$C/user-1000.slice\n\
-             mkdir -p /run/systemd/system /run/user/1000 $D/session\n\
-             chown agent:agent /run/user/1000; chmod 700 /run/user/1000\n\
-             echo '+cpu +memory +pids' > $C/cgroup.subtree_control\n\
-             chown -R agent $D\n\
-             sh -c \"echo \\$\\$ > $D/cgroup.procs; exec setpriv --reuid=agent --regid=agent \
-               --init-groups env XDG_RUNTIME_DIR=/run/user/1000 HOME=/home/agent \
-               /usr/lib/systemd/systemd --user\" > /tmp/user-manager.log 2>&1 &\n\
-             for i in $(seq 100); do [ -S /run/user/1000/systemd/private ] && break; sleep 0.3; done\n\
-             echo $$ > $D/session/cgroup.procs\n\
-             setpriv --reuid=agent --regid=agent --init-groups env XDG_RUNTIME_DIR=/run/user/1000 \
-               SANDPEN_CGROUP_EXPECT=SystemdScope /tmp/cgroup-unit-tests --exact \
-               tests::a_systemd_user_scope_bounds_what_it_wraps --nocapture --test-threads=1 2>&1 \
-               || {{ tail -20 /tmp/user-manager.log; exit 1; }}\n"
-        ),
+        "set -e\n\
+         C=/sys/fs/cgroup; D=$C/user-1000.slice\n\
+         mkdir -p /run/systemd/system /run/user/1000 $D/session\n\
+         chown agent:agent /run/user/1000; chmod 700 /run/user/1000\n\
+         echo '+cpu +memory +pids' > $C/cgroup.subtree_control\n\
+         chown -R agent $D\n\
+         sh -c \"echo \\$\\$ > $D/cgroup.procs; exec setpriv --reuid=agent --regid=agent \
+           --init-groups env XDG_RUNTIME_DIR=/run/user/1000 HOME=/home/agent \
+           /usr/lib/systemd/systemd --user\" > /tmp/user-manager.log 2>&1 &\n\
+         for i in $(seq 100); do [ -S /run/user/1000/systemd/private ] && break; sleep 0.3; done\n\
+         echo $$ > $D/session/cgroup.procs\n\
+         setpriv --reuid=agent --regid=agent --init-groups env XDG_RUNTIME_DIR=/run/user/1000 \
+           SANDPEN_CGROUP_EXPECT=SystemdScope /tmp/cgroup-unit-tests --exact \
+           tests::a_systemd_user_scope_bounds_what_it_wraps --nocapture --test-threads=1 2>&1 \
+           || { tail -20 /tmp/user-manager.log; exit 1; }\n",
     )?;
     let scoped = root_sh("cg2", &format!("sh {}/user-manager.sh 2>&1", ws.display()))?;
     eprintln!("  through a systemd user scope:\n{scoped}");

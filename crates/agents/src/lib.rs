@@ -4,7 +4,8 @@
 //! without a login or onboarding prompt.
 //!
 //! Everything here is data. The image crate installs [`Install::Npm`]
-//! packages; the CLI launches with [`Agent::launch_argv`].
+//! packages and [`Install::Release`] archives; the CLI launches with
+//! [`Agent::launch_argv`].
 
 /// Debian packages every agent image carries on top of the base image: Node for
 /// the npm-installed agents, a private Docker engine, and the tools agents reach
@@ -34,8 +35,41 @@ pub enum Install {
         package: &'static str,
         trim: &'static [&'static str],
     },
+    /// A vendor's own release archive, pinned by version and verified at
+    /// download time against the sha256 the vendor publishes for it.
+    Release(Release),
     /// Not installable from the registries sandpen can reach, with the reason.
     Unavailable { reason: &'static str },
+}
+
+/// A release a vendor publishes outside the package registries: the version
+/// is pinned here; the archive's sha256 is the one the vendor's own manifest
+/// for that version lists, fetched from the same host at download time and
+/// recorded in the image's manifest (docs/agents.md, "Kiro").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Release {
+    /// The vendor's release host (HTTPS only).
+    pub host: &'static str,
+    pub version: &'static str,
+    /// The path of the vendor's manifest for `version` on `host`.
+    pub manifest_path: &'static str,
+    /// The path of the archive (a `.tar.gz`) on `host`.
+    pub archive_path: &'static str,
+    /// How the manifest lists the archive: its `os`, `architecture` and
+    /// `fileType` (the glibc build, not `-musl`).
+    pub listing: (&'static str, &'static str, &'static str),
+    /// Programs inside the archive, linked into `/usr/local/bin` by name.
+    pub programs: &'static [&'static str],
+}
+
+impl Release {
+    pub fn manifest_url(&self) -> String {
+        format!("https://{}{}", self.host, self.manifest_path)
+    }
+
+    pub fn archive_url(&self) -> String {
+        format!("https://{}{}", self.host, self.archive_path)
+    }
 }
 
 /// How a settings file in the agent's home is written before each launch.
@@ -69,6 +103,12 @@ pub struct Agent {
     pub binary: &'static str,
     /// Arguments that turn its permission prompts off (the VM is the boundary).
     pub unattended_args: &'static [&'static str],
+    /// What runs when the user gives no arguments (`sandpen run NAME`), for an
+    /// agent whose unattended switch belongs to a subcommand.
+    pub default_args: &'static [&'static str],
+    /// How it signs in when it takes no key the proxy can swap (`services`
+    /// is empty): its own login, run in the sandbox.
+    pub login: Option<&'static str>,
     /// Credential services (see `sandpen-credentials`) it can use; a launch
     /// needs a secret for at least one.
     pub services: &'static [&'static str],
@@ -123,6 +163,8 @@ pub const AGENTS: &[Agent] = &[
         },
         binary: "claude",
         unattended_args: &["--dangerously-skip-permissions"],
+        default_args: &[],
+        login: None,
         services: &["anthropic"],
         env: &[
             ("DISABLE_AUTOUPDATER", "1"),
@@ -150,6 +192,8 @@ pub const AGENTS: &[Agent] = &[
         },
         binary: "codex",
         unattended_args: &["--dangerously-bypass-approvals-and-sandbox"],
+        default_args: &[],
+        login: None,
         services: &["openai"],
         env: &[],
         config: &[ConfigFile {
@@ -167,6 +211,8 @@ pub const AGENTS: &[Agent] = &[
         },
         binary: "gemini",
         unattended_args: &["--yolo"],
+        default_args: &[],
+        login: None,
         services: &["google"],
         env: &[],
         config: &[ConfigFile {
@@ -189,6 +235,8 @@ pub const AGENTS: &[Agent] = &[
         binary: "opencode",
         // Its permissions come from the config file below.
         unattended_args: &[],
+        default_args: &[],
+        login: None,
         services: &["anthropic", "openai", "google"],
         env: &[],
         config: &[ConfigFile {
@@ -200,19 +248,36 @@ pub const AGENTS: &[Agent] = &[
     Agent {
         name: "kiro",
         title: "Kiro CLI",
-        install: Install::Unavailable {
-            reason: "the Kiro CLI is not published on npm (registry.npmjs.org answers 404 for \
-                     kiro-cli and @kirodotdev/cli) nor as a Debian package; it is distributed only \
-                     through the install script at cli.kiro.dev, which is not a package registry \
-                     sandpen builds images from",
-        },
+        install: Install::Release(KIRO_RELEASE),
         binary: "kiro-cli",
         unattended_args: &[],
+        // `--trust-all-tools` is an option of `chat`, so it is the default
+        // command rather than a prefix of every command (`run kiro -- login`).
+        default_args: &["chat", "--trust-all-tools"],
+        // KIRO_API_KEY exists for headless use, but where the CLI sends it is
+        // not documented, so the proxy cannot swap it in; the device flow
+        // signs in from inside the sandbox (docs/agents.md, "Kiro").
+        login: Some("kiro-cli login --use-device-flow"),
         services: &[],
         env: &[],
         config: &[],
     },
 ];
+
+/// The Kiro CLI's Linux release (glibc, x86-64): the vendor's archive and
+/// its manifest, which lists each file's sha256.
+pub const KIRO_RELEASE: Release = Release {
+    host: "desktop-release.q.us-east-1.amazonaws.com",
+    version: "2.13.0",
+    manifest_path: "/2.13.0/manifest.json",
+    archive_path: "/2.13.0/kirocli-x86_64-linux.tar.gz",
+    listing: ("linux", "x86_64", "tarGz"),
+    programs: &[
+        "kirocli/bin/kiro-cli",
+        "kirocli/bin/kiro-cli-chat",
+        "kirocli/bin/kiro-cli-term",
+    ],
+};
 
 /// The agent called `name`, if sandpen knows it.
 pub fn find(name: &str) -> Option<&'static Agent> {
@@ -227,10 +292,18 @@ pub fn run_names() -> Vec<&'static str> {
 }
 
 impl Agent {
-    /// The npm package, or why there is none.
-    pub fn npm_package(&self) -> Result<&'static str, &'static str> {
+    /// The npm package, if it comes from npm.
+    pub fn npm_package(&self) -> Option<&'static str> {
         match self.install {
-            Install::Npm { package, .. } => Ok(package),
+            Install::Npm { package, .. } => Some(package),
+            Install::Release(_) | Install::Unavailable { .. } => None,
+        }
+    }
+
+    /// Whether an image can carry it, or why not.
+    pub fn installable(&self) -> Result<(), &'static str> {
+        match self.install {
+            Install::Npm { .. } | Install::Release(_) => Ok(()),
             Install::Unavailable { reason } => Err(reason),
         }
     }
@@ -275,6 +348,9 @@ impl Agent {
             self.binary.to_string(),
         ];
         argv.extend(self.unattended_args.iter().map(|s| s.to_string()));
+        if user_args.is_empty() {
+            argv.extend(self.default_args.iter().map(|s| s.to_string()));
+        }
         argv.extend(user_args.iter().cloned());
         argv
     }
@@ -328,13 +404,31 @@ mod tests {
     }
 
     #[test]
-    fn every_installable_agent_needs_a_credential_service() {
+    fn every_installable_agent_needs_a_credential_service_or_a_login() {
         for a in AGENTS {
-            if a.npm_package().is_ok() {
-                assert!(!a.services.is_empty(), "{}", a.name);
+            if a.installable().is_ok() {
+                assert!(
+                    !a.services.is_empty() || a.login.is_some(),
+                    "{} has neither a key the proxy swaps nor a login",
+                    a.name
+                );
             }
         }
-        assert!(find("kiro").unwrap().npm_package().is_err());
+        let kiro = find("kiro").unwrap();
+        assert!(kiro.installable().is_ok() && kiro.npm_package().is_none());
+    }
+
+    #[test]
+    fn default_args_only_without_user_args() {
+        let kiro = find("kiro").unwrap();
+        let bare = kiro.launch_argv("/w", &[]);
+        assert_eq!(bare[4..], ["kiro-cli", "chat", "--trust-all-tools"]);
+        let version = kiro.launch_argv("/w", &["--version".into()]);
+        assert_eq!(version[4..], ["kiro-cli", "--version"]);
+        assert_eq!(
+            KIRO_RELEASE.archive_url(),
+            "https://desktop-release.q.us-east-1.amazonaws.com/2.13.0/kirocli-x86_64-linux.tar.gz"
+        );
     }
 
     #[test]

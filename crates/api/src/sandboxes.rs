@@ -115,7 +115,7 @@ pub fn agent_or_explain(name: &str) -> Result<&'static sandpen_agents::Agent, Ap
         name: name.to_string(),
         choices: sandpen_agents::run_names().join(", "),
     })?;
-    if let Err(reason) = agent.npm_package() {
+    if let Err(reason) = agent.installable() {
         return Err(ApiError::AgentCannotRun {
             title: agent.title.to_string(),
             reason: reason.to_string(),

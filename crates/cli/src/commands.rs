@@ -792,6 +792,22 @@ fn agent_env(agent: &sandpen_agents::Agent) -> Vec<(String, String)> {
 /// nothing to swap in, and the agent would start into a login screen or fail
 /// on its first request.
 fn require_secret(dirs: &Dirs, agent: &sandpen_agents::Agent, sandbox: &str) -> Result<()> {
+    if agent.services.is_empty() {
+        // It signs in by itself: no key the proxy swaps in (docs/agents.md).
+        if let Some(login) = agent.login {
+            eprintln!(
+                "sandpen: {} signs in by itself; if it asks, run `sandpen run {} -- {}` \
+                 (the sign-in stays in this sandbox)",
+                agent.title,
+                agent.name,
+                login
+                    .strip_prefix(agent.binary)
+                    .unwrap_or(login)
+                    .trim_start()
+            );
+        }
+        return Ok(());
+    }
     // The index only: no secret value is read (nor a keyring unlocked) to check.
     let store = sandpen_supervisor::credentials::store(dirs);
     let entries = store
@@ -946,6 +962,8 @@ async fn image(dirs: &Dirs, cmd: ImageCommand) -> Result<i32> {
             suite,
             mirror,
             packages,
+            add_hosts,
+            upstream_cas,
         } => {
             for agent in &agents {
                 agent_or_explain(agent)?;
@@ -960,6 +978,8 @@ async fn image(dirs: &Dirs, cmd: ImageCommand) -> Result<i32> {
                 spec.mirror = m;
             }
             spec.packages.extend(packages);
+            spec.add_hosts = add_hosts;
+            spec.upstream_cas = upstream_cas;
             let progress = indicatif::MultiProgress::new();
             match sandpen_image::build(&dirs.images(), &spec, &progress)? {
                 BuildOutcome::UpToDate(image) => {

@@ -257,8 +257,8 @@ enum ImageCommand {
         /// Image name (default: "default", or the agents' names joined by '-')
         #[arg(long)]
         name: Option<String>,
-        /// Add an agent: claude, codex, gemini, opencode (repeatable). Agent
-        /// images carry Node, Docker and build tools too.
+        /// Add an agent: claude, codex, gemini, opencode, kiro (repeatable).
+        /// Agent images carry Node, Docker and build tools too.
         #[arg(long = "agent", value_name = "AGENT")]
         agents: Vec<String>,
         /// Debian suite
@@ -270,6 +270,13 @@ enum ImageCommand {
         /// Extra Debian packages
         #[arg(long = "package", value_name = "PKG")]
         packages: Vec<String>,
+        /// Fetch a vendor release (kiro) for NAME from IP instead: a mirror
+        /// standing in for the vendor (its certificate must be valid for NAME)
+        #[arg(long = "add-host", value_name = "NAME:IP")]
+        add_hosts: Vec<String>,
+        /// Also trust this CA (PEM) for those downloads (not in the image)
+        #[arg(long = "upstream-ca", value_name = "FILE")]
+        upstream_cas: Vec<PathBuf>,
     },
     /// List images
     Ls {

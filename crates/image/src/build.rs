@@ -145,6 +145,7 @@ impl Builder<'_> {
         let mut agent_versions = BTreeMap::new();
         if self.spec.has_agents() {
             agent_versions = self.install_agents(&mut timings)?;
+            agent_versions.extend(self.install_releases(&mut timings)?);
         }
 
         let step = Step::start(self.progress, "configure rootfs");
@@ -391,7 +392,10 @@ impl Builder<'_> {
     ) -> Result<BTreeMap<String, String>, ImageError> {
         let root = self.root();
         let agents = self.spec.agents();
-        let packages: Vec<&str> = agents.iter().filter_map(|a| a.npm_package().ok()).collect();
+        let packages: Vec<&str> = agents.iter().filter_map(|a| a.npm_package()).collect();
+        if packages.is_empty() {
+            return Ok(BTreeMap::new());
+        }
         let step = Step::start(self.progress, "npm agents");
         {
             let _dns = HostDns::install(&root)?;
@@ -443,6 +447,134 @@ impl Builder<'_> {
             listed.join(", "),
             trimmed >> 20
         )));
+        Ok(versions)
+    }
+
+    /// The agents that come as a vendor's release archive
+    /// ([`sandpen_agents::Install::Release`]): the chroot's curl fetches the
+    /// vendor's manifest for the pinned version and the archive (HTTPS only,
+    /// `--add-host` as `--resolve`, `--upstream-ca` added to the system's
+    /// CAs for these downloads alone); the archive's sha256 must be the one
+    /// that manifest lists before `tar` sees a byte (crate::release); its
+    /// programs are linked into /usr/local/bin. Returns name → version.
+    fn install_releases(
+        &self,
+        timings: &mut Vec<StepTiming>,
+    ) -> Result<BTreeMap<String, String>, ImageError> {
+        let mut versions = BTreeMap::new();
+        for agent in self.spec.agents() {
+            let sandpen_agents::Install::Release(release) = agent.install else {
+                continue;
+            };
+            let root = self.root();
+            let step = Step::start(
+                self.progress,
+                &format!("{} {}", agent.name, release.version),
+            );
+            let work_rel = format!("tmp/sandpen-release-{}", agent.name);
+            let work = root.join(&work_rel);
+            if fs::symlink_metadata(&work).is_ok() {
+                fsutil::remove_tree(&work)?;
+            }
+            fs::create_dir_all(&work).ctx(|| format!("creating {}", work.display()))?;
+            let mut curl: Vec<String> = ["curl", "-fsS", "--proto", "=https", "--tlsv1.2"]
+                .map(String::from)
+                .to_vec();
+            curl.extend(["--retry".into(), "2".into()]);
+            for pair in &self.spec.add_hosts {
+                if let Some((host, ip)) = pair.split_once(':') {
+                    let ip = if ip.contains(':') {
+                        format!("[{ip}]")
+                    } else {
+                        ip.to_string()
+                    };
+                    curl.extend(["--resolve".into(), format!("{host}:443:{ip}")]);
+                }
+            }
+            if !self.spec.upstream_cas.is_empty() {
+                let mut bundle = fs::read(root.join("etc/ssl/certs/ca-certificates.crt"))
+                    .ctx(|| "reading the rootfs's CA bundle".to_string())?;
+                for ca in &self.spec.upstream_cas {
+                    bundle.push(b'\n');
+                    bundle.extend(fs::read(ca).ctx(|| format!("reading {}", ca.display()))?);
+                }
+                let path = work.join("ca.pem");
+                fs::write(&path, bundle).ctx(|| format!("writing {}", path.display()))?;
+                curl.extend(["--cacert".into(), format!("/{work_rel}/ca.pem")]);
+            }
+            let fetch = |url: &str, out: &str| -> Result<(), ImageError> {
+                let _dns = HostDns::install(&root)?;
+                let mut argv: Vec<&str> = curl.iter().map(String::as_str).collect();
+                let out = format!("/{work_rel}/{out}");
+                argv.extend(["-o", &out, url]);
+                let cmd = self.chroot_networked(&root, &argv);
+                self.run_logged(cmd, "curl", Some(&step))
+                    .map_err(|e| ImageError::ReleaseDownload {
+                        url: url.to_string(),
+                        host: release.host.to_string(),
+                        detail: e.to_string().lines().last().unwrap_or("").to_string(),
+                    })
+            };
+            let manifest_url = release.manifest_url();
+            let archive_url = release.archive_url();
+            fetch(&manifest_url, "manifest.json")?;
+            let text = fs::read(work.join("manifest.json"))
+                .ctx(|| format!("reading the manifest from {manifest_url}"))?;
+            let expected = crate::release::listed_sha256(&release, &String::from_utf8_lossy(&text))
+                .map_err(|source| ImageError::ReleaseManifest {
+                    url: manifest_url.clone(),
+                    source,
+                })?;
+            fetch(&archive_url, "archive.tar.gz")?;
+            let got = fsutil::sha256_file(&work.join("archive.tar.gz"), |_| {})?;
+            if got != expected {
+                let _ = fsutil::remove_tree(&work);
+                return Err(ImageError::ReleaseChecksum {
+                    url: archive_url,
+                    expected,
+                    got,
+                });
+            }
+            let dest_rel = format!("opt/{}-{}", agent.name, release.version);
+            let dest = root.join(&dest_rel);
+            if fs::symlink_metadata(&dest).is_ok() {
+                fsutil::remove_tree(&dest)?;
+            }
+            fs::create_dir_all(&dest).ctx(|| format!("creating {}", dest.display()))?;
+            self.chroot_logged_in(
+                &root,
+                &[
+                    "tar",
+                    "-xzf",
+                    &format!("/{work_rel}/archive.tar.gz"),
+                    "-C",
+                    &format!("/{dest_rel}"),
+                    "--no-same-owner",
+                ],
+                Some(&step),
+            )?;
+            for program in release.programs {
+                let inside = dest.join(program);
+                let is_file = fs::symlink_metadata(&inside).is_ok_and(|m| m.file_type().is_file());
+                let name = Path::new(program).file_name().unwrap_or_default();
+                if !is_file {
+                    return Err(ImageError::io(
+                        format!(
+                            "{archive_url} has no program {program}; the vendor changed the \
+                             archive's layout"
+                        ),
+                        std::io::Error::from(std::io::ErrorKind::NotFound),
+                    ));
+                }
+                let link = root.join("usr/local/bin").join(name);
+                let _ = fs::remove_file(&link);
+                std::os::unix::fs::symlink(Path::new("/").join(&dest_rel).join(program), &link)
+                    .ctx(|| format!("linking {}", link.display()))?;
+            }
+            fsutil::remove_tree(&work)?;
+            timings.push(step.done(&format!("sha256 {} as the vendor lists", &got[..16])));
+            versions.insert(agent.name.to_string(), release.version.to_string());
+        }
         Ok(versions)
     }
 

@@ -79,6 +79,33 @@ pub enum ImageError {
         dir.display()
     )]
     StillMounted { dir: PathBuf, mounts: String },
+
+    #[error(
+        "downloading {url} failed; the build needs HTTPS to {host} (allow it where this host's \
+         network is filtered, or name a mirror with --add-host {host}:IP and --upstream-ca): {detail}"
+    )]
+    ReleaseDownload {
+        url: String,
+        host: String,
+        detail: String,
+    },
+
+    #[error("the vendor's manifest {url} gives no archive to trust: {source}")]
+    ReleaseManifest {
+        url: String,
+        #[source]
+        source: crate::release::ManifestError,
+    },
+
+    #[error(
+        "{url} is not what its vendor published: sha256 {got}, the manifest lists {expected}; \
+         nothing was installed"
+    )]
+    ReleaseChecksum {
+        url: String,
+        expected: String,
+        got: String,
+    },
 }
 
 /// What to look at when a build command fails.

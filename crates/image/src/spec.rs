@@ -66,6 +66,15 @@ pub struct ImageSpec {
     /// agent's npm package.
     #[serde(default)]
     pub agents: Vec<String>,
+    /// `HOST:IP`: where the downloads of vendor releases ([`Install::Release`])
+    /// connect for HOST, as `run --add-host` does for a sandbox's egress: a
+    /// mirror standing in for the vendor. TLS still checks HOST's name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add_hosts: Vec<String>,
+    /// CA certificates (PEM) trusted for those downloads as well as the
+    /// system's, as `run --upstream-ca`; never installed in the image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream_cas: Vec<PathBuf>,
 }
 
 impl ImageSpec {
@@ -79,6 +88,8 @@ impl ImageSpec {
             packages: Vec::new(),
             extra_ca_certs: find_ca_certs(Path::new(HOST_CA_DIR)),
             agents: Vec::new(),
+            add_hosts: Vec::new(),
+            upstream_cas: Vec::new(),
         }
     }
 
@@ -108,12 +119,18 @@ impl ImageSpec {
             // Absent for images without agents, so their keys stay what they were.
             #[serde(skip_serializing_if = "Vec::is_empty")]
             agents: Vec<AgentKey<'a>>,
+            /// Where releases were fetched from, when not the vendor: a mirror
+            /// can send other bytes (absent otherwise, keys unchanged).
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            release_sources: Vec<String>,
         }
         #[derive(Serialize)]
         struct AgentKey<'a> {
             name: &'a str,
             npm: &'a str,
             trim: &'a [&'a str],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            release: Option<String>,
         }
         let ca_certs = self.ca_cert_digests();
         let input = KeyInput {
@@ -133,13 +150,32 @@ impl ImageSpec {
                         name: agent.name,
                         npm: package,
                         trim,
+                        release: None,
+                    },
+                    Install::Release(release) => AgentKey {
+                        name: agent.name,
+                        npm: "",
+                        trim: &[],
+                        release: Some(release.archive_url()),
                     },
                     Install::Unavailable { .. } => AgentKey {
                         name: agent.name,
                         npm: "",
                         trim: &[],
+                        release: None,
                     },
                 })
+                .collect(),
+            release_sources: self
+                .add_hosts
+                .iter()
+                .cloned()
+                .chain(self.upstream_cas.iter().map(|p| {
+                    let digest = fs::read(p)
+                        .map(|b| hex::encode(Sha256::digest(&b)))
+                        .unwrap_or_else(|e| format!("unreadable: {:?}", e.kind()));
+                    format!("ca {digest}")
+                }))
                 .collect(),
         };
         // Serializing plain strings and numbers cannot fail.
@@ -207,6 +243,24 @@ impl ImageSpec {
                 });
             if !ok {
                 return Err(invalid("package", package, "not a Debian package name"));
+            }
+        }
+        for pair in &self.add_hosts {
+            let ok = pair.split_once(':').is_some_and(|(host, ip)| {
+                host.as_bytes()
+                    .first()
+                    .is_some_and(u8::is_ascii_alphanumeric)
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-'))
+                    && ip.parse::<std::net::IpAddr>().is_ok()
+            });
+            if !ok {
+                return Err(invalid(
+                    "add-host",
+                    pair,
+                    "use HOST:IP, such as mirror.example:10.0.0.5",
+                ));
             }
         }
         for name in &self.agents {
@@ -360,6 +414,29 @@ mod tests {
             packages: vec!["nodejs".into(), "npm".into()],
             extra_ca_certs: Vec::new(),
             agents: Vec::new(),
+            add_hosts: Vec::new(),
+            upstream_cas: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_release_mirror_changes_the_key_and_must_be_host_ip() {
+        let mut kiro = spec();
+        kiro.agents = vec!["kiro".into()];
+        let mut mirrored = kiro.clone();
+        mirrored.add_hosts = vec!["desktop-release.q.us-east-1.amazonaws.com:127.0.0.9".into()];
+        assert_ne!(kiro.key(), mirrored.key());
+        assert_ne!(spec().key(), kiro.key());
+        mirrored.validate().unwrap();
+        for bad in [
+            "host",
+            "host:not-an-ip",
+            "-o:1.2.3.4",
+            "a b:1.2.3.4",
+            ":1.2.3.4",
+        ] {
+            mirrored.add_hosts = vec![bad.into()];
+            assert!(mirrored.validate().is_err(), "{bad}");
         }
     }
 
@@ -491,8 +568,7 @@ mod tests {
         s.agents = vec!["nope".into()];
         assert!(s.validate().unwrap_err().to_string().contains("nope"));
         s.agents = vec!["kiro".into()];
-        let err = s.validate().unwrap_err().to_string();
-        assert!(err.contains("kiro") && err.contains("npm"), "{err}");
+        assert!(s.validate().is_ok(), "kiro comes as its vendor's release");
     }
 
     #[test]

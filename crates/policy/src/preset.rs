@@ -13,7 +13,7 @@ pub enum Preset {
     /// No rules: everything is denied unless a file allows it.
     #[default]
     DenyAll,
-    /// The agents' model APIs, package registries and git hosts, on 443
+    /// The agents' model APIs and sign-ins, package registries and git hosts, on 443
     /// (and Debian's mirrors on 80, which apt uses).
     Balanced,
     /// `allow **`: everything except the blocked address ranges.
@@ -45,6 +45,13 @@ const BALANCED: &[&str] = &[
     "*.githubusercontent.com:443",
     "gitlab.com:443",
     "*.gitlab.com:443",
+    // The Kiro CLI: its model API, its sign-in (AWS Builder ID / IAM
+    // Identity Center tokens, social logins) and its release manifest, in
+    // us-east-1, where Kiro's service runs.
+    "q.us-east-1.amazonaws.com:443",
+    "oidc.us-east-1.amazonaws.com:443",
+    "*.auth.desktop.kiro.dev:443",
+    "desktop-release.q.us-east-1.amazonaws.com:443",
 ];
 
 impl Preset {

@@ -95,7 +95,7 @@ async fn setup(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
                 let a = sandpen_agents::find(name)?;
                 Some(serde_json::json!({
                     "name": a.name, "title": a.title, "services": a.services,
-                    "unavailable": a.npm_package().err().map(|e| e.to_string()),
+                    "unavailable": a.installable().err().map(|e| e.to_string()),
                 }))
             }
         })

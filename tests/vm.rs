@@ -553,6 +553,19 @@ fn qemu_is_jailed() -> Result<(), Failed> {
             format!("QEMU shares the supervisor's {ns} namespace"),
         )?;
     }
+    // Its parent, the jail launcher (outside QEMU's PID namespace), is
+    // confined too once QEMU runs: no_new_privs and its own seccomp filter.
+    let launcher = field("PPid:");
+    let parent = std::fs::read_to_string(format!("/proc/{launcher}/status"))?;
+    let cmdline = std::fs::read(format!("/proc/{launcher}/cmdline"))?;
+    check(
+        String::from_utf8_lossy(&cmdline).contains("__jail"),
+        format!("QEMU's parent {launcher} is not the launcher"),
+    )?;
+    check(
+        parent.contains("NoNewPrivs:\t1") && parent.contains("Seccomp:\t2"),
+        format!("the launcher is not confined: {parent}"),
+    )?;
     let dev = std::fs::read_to_string(format!("/proc/{qemu}/net/dev"))?;
     let interfaces: Vec<&str> = dev
         .lines()

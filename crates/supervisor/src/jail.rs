@@ -447,6 +447,7 @@ fn launch(report: &mut std::fs::File) -> Result<Never, JailError> {
             // The launcher's copy must close, or the supervisor would wait
             // for its end of file as long as the launcher lives.
             *report = std::fs::File::open("/dev/null").map_err(io_err("opening /dev/null"))?;
+            confine_parent();
             reap(child, parent_sock)
         }
     }
@@ -583,6 +584,49 @@ fn exec(spec: &JailSpec) -> Result<Never, JailError> {
     Err(io_err(format!("executing {}", spec.program.display()))(
         err.into(),
     ))
+}
+
+/// The launcher's own half, once the program is forked: from here on it only
+/// polls, receives the exec listener, answers it, passes signals on to its
+/// child and waits for it. So it gets no_new_privs, a Landlock domain that
+/// allows no file and no TCP access at all, and a seccomp deny list (no
+/// exec, no new sockets, nothing of [`sandpen_confine::common_denied_syscalls`]).
+/// Signals are not scoped: the program sits in a Landlock domain of its own,
+/// which a scoped launcher could no longer signal. Best effort: a layer this
+/// kernel lacks leaves the others, and the program's own jail, in place
+/// (docs/architecture.md, "QEMU's jail").
+fn confine_parent() {
+    let _ = sandpen_confine::set_no_new_privs();
+    let landlocked = (|| -> Result<(), sandpen_confine::landlock::RulesetError> {
+        use sandpen_confine::landlock::Ruleset;
+        Ruleset::default()
+            .set_compatibility(CompatLevel::BestEffort)
+            .handle_access(AccessFs::from_all(TARGET_ABI))?
+            .handle_access(AccessNet::from_all(TARGET_ABI))?
+            .scope(Scope::AbstractUnixSocket)?
+            .create()?
+            .restrict_self()?;
+        Ok(())
+    })();
+    let mut denied = vec![
+        libc::SYS_execve,
+        libc::SYS_execveat,
+        libc::SYS_socket,
+        libc::SYS_socketpair,
+        libc::SYS_connect,
+        libc::SYS_bind,
+        libc::SYS_listen,
+    ];
+    denied.extend(sandpen_confine::common_denied_syscalls());
+    let filtered = sandpen_confine::deny_list_program(std::env::consts::ARCH, &denied, &[])
+        .and_then(|program| sandpen_confine::install(&program));
+    if landlocked.is_err() || filtered.is_err() {
+        eprintln!(
+            "sandpen: the jail launcher is confined only in part (landlock: {:?}, seccomp: {:?})",
+            landlocked.err().map(|e| e.to_string()),
+            filtered.err()
+        );
+    }
 }
 
 /// What the jailed program may not call (besides the exec gate).

@@ -809,7 +809,7 @@ fn require_secret(dirs: &Dirs, agent: &sandpen_agents::Agent, sandbox: &str) -> 
         return Ok(());
     }
     // The index only: no secret value is read (nor a keyring unlocked) to check.
-    let store = sandpen_supervisor::credentials::store(dirs);
+    let store = sandpen_supervisor::credentials::reading_store(dirs);
     let entries = store
         .list()
         .with_context(|| format!("reading the secret store {}", store.path().display()))?;

@@ -12,6 +12,36 @@ use sandpen_credentials::{FileStore, Keyring, Scope, SecretValue};
 
 const INNER: &str = "SANDPEN_KEYRING_TEST_INNER";
 const SECRET: &str = "sk-keyring-e2e-5b1f0c9a7d";
+/// Set (to the store's path) for the fresh process of `unprobed_reader`.
+const UNPROBED: &str = "SANDPEN_KEYRING_TEST_UNPROBED";
+
+/// This process's threads' names.
+fn threads() -> Vec<String> {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn unprobed_reader() {
+    let Some(path) = std::env::var_os(UNPROBED) else {
+        return; // only as the fresh process the keyring test starts
+    };
+    let store = FileStore::new(&path).with_keyring(Keyring::unprobed());
+    let before = threads();
+    assert_eq!(store.list().unwrap().len(), 2);
+    assert_eq!(threads(), before, "listing the index started threads");
+    let found = store.get("anthropic", None).unwrap().unwrap();
+    assert_eq!(found.value.expose(), SECRET);
+    let after = threads();
+    eprintln!("threads before a value was read: {before:?}; after: {after:?}");
+    assert!(
+        after.len() > before.len(),
+        "the read did not reach the D-Bus client (no thread of its own): {after:?}"
+    );
+}
 
 #[test]
 fn values_live_in_the_os_keyring_and_the_file_is_only_an_index() {
@@ -96,6 +126,24 @@ fn inner() {
     // The value is really in the Secret Service, under sandpen's account.
     let item = keyring::Entry::new("sandpen", "anthropic@global").unwrap();
     assert_eq!(item.get_password().unwrap(), SECRET);
+
+    // A store whose keyring is not probed (the supervisor's) opens no
+    // session-bus connection, and so starts none of the D-Bus client's
+    // threads, until a value is read: checked in a fresh process.
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "unprobed_reader",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(UNPROBED, &path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("1 passed"), "{text}");
 
     // Removing deletes the keyring item too.
     assert!(store.remove("anthropic", &Scope::Global).unwrap());

@@ -37,6 +37,20 @@ pub fn store_and_keyring_status(dirs: &Dirs) -> (FileStore, Option<String>) {
     }
 }
 
+/// The store as the supervisor reads it: like [`store`], but the keyring is
+/// not probed, so nothing talks to the session bus until a guest request
+/// needs a value held there. The supervisor confines itself right after the
+/// boot; on kernels before Landlock ABI 8 only the threads started after
+/// that are in its Landlock domain, and the D-Bus client starts two
+/// (docs/architecture.md, "The supervisor's confinement").
+pub fn reading_store(dirs: &Dirs) -> FileStore {
+    let file = FileStore::new(dirs.config.join("secrets"));
+    if std::env::var("SANDPEN_SECRET_STORE").as_deref() == Ok("file") {
+        return file;
+    }
+    file.with_keyring(Keyring::unprobed())
+}
+
 /// The user's custom routes: `$XDG_CONFIG_HOME/sandpen/credential-routes.json`.
 pub fn custom_routes(dirs: &Dirs) -> CustomRoutes {
     CustomRoutes::new(dirs.config.join("credential-routes.json"))
@@ -163,7 +177,7 @@ pub fn mitm(dirs: &Dirs, ca: SandboxCa, config: &SandboxConfig) -> Result<Mitm, 
         .map_err(|e| SupervisorError::Invalid(format!("--upstream-ca: {e}")))?;
     let source = StoreSource {
         sandbox: config.name.clone(),
-        store: store(dirs),
+        store: reading_store(dirs),
         routes: custom_routes(dirs),
         cache: Mutex::new(Cache::default()),
     };
@@ -191,7 +205,7 @@ pub fn guest_env(dirs: &Dirs, name: &str) -> Vec<(String, String)> {
         RouteTable::new()
     });
     // The index only: no value is read (nor a keyring asked) for this.
-    let set: Vec<(String, Scope)> = match store(dirs).list() {
+    let set: Vec<(String, Scope)> = match reading_store(dirs).list() {
         Ok(entries) => entries.into_iter().map(|e| (e.service, e.scope)).collect(),
         Err(e) => {
             tracing::warn!("secret store: {e}");
@@ -333,7 +347,7 @@ pub fn weak_sinks_of(
         tracing::warn!("custom credential routes not used: {e}");
         RouteTable::new()
     });
-    let secrets: Vec<(String, Scope)> = match store(dirs).list() {
+    let secrets: Vec<(String, Scope)> = match reading_store(dirs).list() {
         Ok(entries) => entries.into_iter().map(|e| (e.service, e.scope)).collect(),
         Err(e) => {
             tracing::warn!("secret store: {e}");

@@ -9,6 +9,12 @@
 //! fixed busy loop in this process. It prints each figure and the ratios
 //! busy/idle, and limits/no limits.
 //!
+//! `SANDPEN_BENCH_STRESS=host` adds to the busy loops a write-and-read loop
+//! through the workspace share, so that A's host threads (the file server,
+//! QEMU's I/O) want CPU beside its one vCPU: the case where the quota binds
+//! on a 2-core host. A's CPU is then also read from /proc (its supervisor
+//! and every process below it), which works in both modes.
+//!
 //! `cargo bench -p sandpen --bench limits`. Needs the default image (scripts/test
 //! builds it), found through `$SANDPEN_TEST_DATA_HOME`, and root for the
 //! cgroups (otherwise both modes run without limits, and it says so).
@@ -101,7 +107,67 @@ fn cpu_of_a(ctx: &Ctx) -> String {
         .unwrap_or_else(|| "- (no cgroup)".into())
 }
 
+/// Whether the stress also works the host through the share.
+fn host_stress() -> bool {
+    std::env::var("SANDPEN_BENCH_STRESS").is_ok_and(|v| v == "host")
+}
+
+/// CPU seconds so far of sandbox `name`'s supervisor and every process
+/// below it (QEMU's launcher and QEMU, the file servers), from /proc.
+fn tree_cpu_secs(ctx: &Ctx, name: &str) -> f64 {
+    let pidfile = ctx
+        .state
+        .path()
+        .join(format!("sandpen/sandboxes/{name}/run/supervisor.pid"));
+    let Some(root) = std::fs::read_to_string(pidfile)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return 0.0;
+    };
+    // (pid, ppid, utime + stime in ticks) of every process.
+    let procs: Vec<(u32, u32, u64)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let rest = &stat[stat.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ppid = f.get(1)?.parse().ok()?;
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some((pid, ppid, ticks))
+        })
+        .collect();
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(procs.iter().filter(|p| p.1 == parent).map(|p| p.0));
+        i += 1;
+    }
+    let ticks: u64 = procs
+        .iter()
+        .filter(|p| tree.contains(&p.0))
+        .map(|p| p.2)
+        .sum();
+    // SAFETY: sysconf takes an integer and returns one.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks as f64 / hz
+}
+
+/// A's host CPU over the next 4 s, in % of one CPU (from /proc).
+fn host_cpu_of_a(ctx: &Ctx) -> f64 {
+    let t = Instant::now();
+    let before = tree_cpu_secs(ctx, "a");
+    std::thread::sleep(Duration::from_secs(4));
+    (tree_cpu_secs(ctx, "a") - before) / t.elapsed().as_secs_f64() * 100.0
+}
+
 struct Figures {
+    /// A's host CPU under stress, % of one CPU (its whole process tree).
+    a_cpu: f64,
     exec_idle: f64,
     exec_busy: f64,
     rate_idle: f64,
@@ -129,14 +195,36 @@ fn measure(ctx: &Ctx, limits: bool) -> Figures {
         ],
         true,
     );
+    if host_stress() {
+        let ws = ctx.ws.display().to_string();
+        ctx.ok(
+            &[
+                "exec",
+                "-u",
+                "root",
+                "a",
+                "--",
+                "sh",
+                "-c",
+                &format!(
+                    "(while :; do dd if=/dev/zero of={ws}/.bench-io bs=1M count=32 conv=fsync; \
+                     cat {ws}/.bench-io; done) >/dev/null 2>&1 & echo"
+                ),
+            ],
+            true,
+        );
+    }
     std::thread::sleep(Duration::from_secs(3));
     eprintln!("  A under stress: {}", cpu_of_a(ctx));
+    let a_cpu = host_cpu_of_a(ctx);
+    eprintln!("  A's process tree: {a_cpu:.0}% of a CPU");
     let exec_busy = exec_p50(ctx);
     let rate_busy = host_rate();
     eprintln!("  A under stress: {}", cpu_of_a(ctx));
     ctx.ok(&["stop", "-t", "10", "a"], true);
     ctx.ok(&["stop", "b"], true);
     Figures {
+        a_cpu,
         exec_idle,
         exec_busy,
         rate_idle,
@@ -191,15 +279,28 @@ fn main() {
     }
     ctx.ok(&["rm", "-f", "a", "b"], true);
 
-    println!("guest CPU stress in A (--cpus 1, 2 busy loops as root); {EXECS} execs, {SPIN_SECS} s of host spin per figure; {rounds} rounds, modes alternated");
+    let what = if host_stress() {
+        "2 busy loops and a write/read loop through the share, as root"
+    } else {
+        "2 busy loops as root"
+    };
+    println!("guest stress in A (--cpus 1, {what}); {EXECS} execs, {SPIN_SECS} s of host spin per figure; {rounds} rounds, modes alternated");
     println!(
-        "{:<10} {:>14} {:>14} {:>8} {:>16} {:>16} {:>8}",
-        "mode", "exec B idle", "exec B busy", "ratio", "host it/s idle", "host it/s busy", "ratio"
+        "{:<10} {:>8} {:>14} {:>14} {:>8} {:>16} {:>16} {:>8}",
+        "mode",
+        "A cpu",
+        "exec B idle",
+        "exec B busy",
+        "ratio",
+        "host it/s idle",
+        "host it/s busy",
+        "ratio"
     );
     let row = |label: &str, f: &Figures| {
         println!(
-            "{:<10} {:>11.0} ms {:>11.0} ms {:>7.2}x {:>16.3e} {:>16.3e} {:>7.2}x",
+            "{:<10} {:>7.0}% {:>11.0} ms {:>11.0} ms {:>7.2}x {:>16.3e} {:>16.3e} {:>7.2}x",
             label,
+            f.a_cpu,
             f.exec_idle,
             f.exec_busy,
             f.exec_busy / f.exec_idle,
@@ -223,6 +324,11 @@ fn main() {
             median(fs.iter().map(|f| f.rate_busy / f.rate_idle).collect()),
         )
     };
+    println!(
+        "median A cpu under stress: limits {:.0}%, no limits {:.0}%",
+        median(on.iter().map(|f| f.a_cpu).collect()),
+        median(off.iter().map(|f| f.a_cpu).collect())
+    );
     let (on_exec, on_rate) = ratios(&on);
     let (off_exec, off_rate) = ratios(&off);
     println!(

@@ -7,6 +7,7 @@
 //!   stop, rm, and the exec request a terminal sends.
 //! - [`policy`]: the rules in force, add, remove, check, preset, the file rules.
 //! - [`decisions`]: ask mode: what waits, and the user's answers.
+//! - [`suggest`]: rules proposed from what a sandbox did, and applying them.
 //! - [`secrets`]: set (values go in), list (names only), remove.
 //! - [`flow`]: the flow labels, and their reset.
 //! - [`logs`]: the network and file logs, read whole or followed.
@@ -26,5 +27,6 @@ pub mod policy;
 pub mod progress;
 pub mod sandboxes;
 pub mod secrets;
+pub mod suggest;
 
 pub use error::ApiError;

@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::{asset, assets, events, exec, App, HttpError};
 use crate::policy::Where;
-use crate::{decisions, flow, logs, policy, sandboxes, secrets, ApiError};
+use crate::{decisions, flow, logs, policy, sandboxes, secrets, suggest, ApiError};
 use sandpen_policy::history::Who;
 
 type Res<T> = Result<T, HttpError>;
@@ -50,6 +50,11 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/sandboxes/{name}/logs", get(events::text_log))
         .route("/api/sandboxes/{name}/flow", get(flow_show))
         .route("/api/sandboxes/{name}/flow/reset", post(flow_reset))
+        .route("/api/sandboxes/{name}/suggestions", get(suggestions))
+        .route(
+            "/api/sandboxes/{name}/suggestions/apply",
+            post(suggestions_apply),
+        )
         .route("/api/jobs/{id}", get(job))
         .route("/api/policy", get(policy_show))
         .route("/api/policy/rules", post(rule_add))
@@ -470,4 +475,86 @@ async fn decide(
 ) -> Res<Json<serde_json::Value>> {
     let said = decisions::decide(&app.dirs, &name, id, req.decision, Who::Web).await?;
     Ok(Json(serde_json::json!({ "done": said })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuggestQuery {
+    promote_k: Option<usize>,
+    unused_days: Option<i64>,
+}
+
+impl SuggestQuery {
+    fn thresholds(&self) -> suggest::Thresholds {
+        let d = suggest::Thresholds::default();
+        suggest::Thresholds {
+            promote_k: self.promote_k.unwrap_or(d.promote_k),
+            unused_days: self.unused_days.unwrap_or(d.unused_days),
+        }
+    }
+}
+
+/// `policy suggest NAME --json`: rules proposed from what the sandbox did,
+/// flagged ones (exfiltration look-alikes) last. Hosts, domains and
+/// processes come from the guest.
+async fn suggestions(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    Query(q): Query<SuggestQuery>,
+) -> Res<Json<Vec<suggest::Suggestion>>> {
+    Ok(Json(suggest::for_sandbox(
+        &app.dirs,
+        &name,
+        q.thresholds(),
+    )?))
+}
+
+/// `1,3` as the CLI's `--apply` takes it, or `[1, 3]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Selection {
+    Text(String),
+    Numbers(Vec<usize>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyReq {
+    selection: Selection,
+    /// The proposals the page showed for those numbers, in order: nothing
+    /// is applied (409) if the list changed since.
+    shown: Option<Vec<suggest::Proposal>>,
+    promote_k: Option<usize>,
+    unused_days: Option<i64>,
+}
+
+/// `policy suggest NAME --apply N,...`, recorded as the page's (`who: web`).
+async fn suggestions_apply(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    Json(req): Json<ApplyReq>,
+) -> Res<Json<serde_json::Value>> {
+    let selection = match req.selection {
+        Selection::Text(s) => s,
+        Selection::Numbers(n) => n
+            .iter()
+            .map(usize::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    };
+    let t = SuggestQuery {
+        promote_k: req.promote_k,
+        unused_days: req.unused_days,
+    }
+    .thresholds();
+    let applied = suggest::apply(
+        &app.dirs,
+        &name,
+        &selection,
+        req.shown.as_deref(),
+        t,
+        Who::Web,
+    )
+    .await?;
+    Ok(Json(serde_json::json!({ "applied": applied })))
 }

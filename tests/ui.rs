@@ -1,9 +1,11 @@
 //! The local web page (`sandpen ui`), end to end: the API's fences (token,
 //! Host, Origin) attacked over raw HTTP; headless Chromium from Debian's
 //! packages, driven over the DevTools protocol (CDP), running the first run
-//! (a folder, the shell agent, a fake key, the balanced preset), a command
+//! (a folder, the shell agent, a fake key, the balanced preset; the start
+//! runs the workspace's devcontainer lifecycle commands), a command
 //! in the browser terminal, a denied curl that shows in the live log and an
-//! "allow this" that lets the next one through; then the guest, as root,
+//! "allow this" that lets the next one through; ask-mode decisions and
+//! suggestions applied from the page; then the guest, as root,
 //! trying to reach the page by every address form; and every response
 //! body of the run searched for the secret. Screenshots go to docs/ui/.
 
@@ -22,6 +24,13 @@ use common::{check, text, Cli};
 const NAME: &str = "uitest";
 /// The fake key the first run stores. It must never come back.
 const KEY: &str = "sk-ant-uitest-7f3c1e9a2b5d4c6e8f0a1b2c3d4e5f60";
+/// The workspace's devcontainer.json: the page's start runs its lifecycle
+/// commands inside, their output in the job's lines.
+const DEVCONTAINER: &str = r#"{
+  "postCreateCommand": "echo page-post-create-output; echo created >> $HOME/ui-lifecycle.log",
+  "postStartCommand": ["sh", "-c", "echo started >> $HOME/ui-lifecycle.log"],
+}
+"#;
 /// A second secret, set through the API directly.
 const KEY2: &str = "ghp_uitestSECOND0123456789abcdefABCDEF";
 
@@ -86,6 +95,10 @@ fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let (root, ws) = common::workspace("sandpen-ui-", NAME);
+        // What the page's start must run, as `sandpen start` does.
+        std::fs::create_dir(ws.join(".devcontainer")).expect("mkdir .devcontainer");
+        std::fs::write(ws.join(".devcontainer/devcontainer.json"), DEVCONTAINER)
+            .expect("devcontainer.json");
         let cli = Cli::new(ws);
         let mut ui = cli
             .command(&["ui", "--no-open"])
@@ -667,6 +680,16 @@ fn browser_first_run_terminal_log_and_allow() -> Result<(), Failed> {
     })?;
     let status = e.cli.status_of(NAME)?;
     check(status.0 == "running", format!("the sandbox: {status:?}"))?;
+    // The page's start ran the workspace's lifecycle commands, as `sandpen
+    // start` does, their lines and output in the job's lines.
+    let lines = cdp.eval("document.querySelector('#fr-lines').textContent")?;
+    let lines = lines.as_str().unwrap_or_default();
+    check(
+        lines.contains("postCreateCommand: /bin/sh -c echo page-post-create-output")
+            && lines.lines().any(|l| l == "page-post-create-output")
+            && lines.contains("postStartCommand: sh -c echo started"),
+        format!("the start job's lines: {lines}"),
+    )?;
     let secrets = e.cli.ok(&["secret", "ls", "--json"])?;
     check(
         secrets.contains("anthropic"),
@@ -682,6 +705,13 @@ fn browser_first_run_terminal_log_and_allow() -> Result<(), Failed> {
     cdp.wait_terminal(
         "the command's output",
         |t| t.lines().any(|l| l.trim() == "ui-42"),
+        Duration::from_secs(30),
+    )?;
+    // Inside the sandbox: postCreateCommand, then postStartCommand.
+    cdp.type_line("echo lc=$(tr '\\n' , < ~/ui-lifecycle.log)")?;
+    cdp.wait_terminal(
+        "the lifecycle commands' trace",
+        |t| t.lines().any(|l| l.trim() == "lc=created,started,"),
         Duration::from_secs(30),
     )?;
     cdp.eval("loadSandboxes()")?;

@@ -88,6 +88,8 @@ pub enum ApiError {
     /// The packaged root image build (pkexec) did not succeed.
     #[error("building image {image} with administrator rights failed: {reason}")]
     RootBuild { image: String, reason: String },
+    #[error("the sandbox closed the session before the command exited (did it stop?)")]
+    ExecClosed,
     #[error("the operation's worker failed: {0}")]
     Worker(String),
 }

@@ -5,6 +5,8 @@
 //!
 //! - [`sandboxes`]: list, create (with the image build on first use), start,
 //!   stop, rm, and the exec request a terminal sends.
+//! - [`devcontainer`]: the steps after a start (postCreateCommand,
+//!   postStartCommand, notes), for the CLI's start and the page's.
 //! - [`policy`]: the rules in force, add, remove, check, preset, the file rules.
 //! - [`decisions`]: ask mode: what waits, and the user's answers.
 //! - [`suggest`]: rules proposed from what a sandbox did, and applying them.
@@ -19,6 +21,7 @@
 //! it (the CLI for a terminal, the page for HTML).
 
 pub mod decisions;
+pub mod devcontainer;
 pub mod error;
 pub mod flow;
 pub mod http;

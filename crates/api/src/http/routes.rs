@@ -214,16 +214,33 @@ async fn create(State(app): State<Arc<App>>, Json(req): Json<CreateReq>) -> Res<
             .map_err(|e| ApiError::Worker(e.to_string()))??;
             lines.say(&format!("created sandbox {}", config.name));
             if start {
-                lines.say(&format!("starting {} (booting the VM)", config.name));
-                let started = sandboxes::start(&dirs, &config.name).await?;
-                for note in started.notes {
-                    lines.say(&format!("note: {note}"));
-                }
-                lines.say(&format!("{} is running", config.name));
+                start_and_after(&dirs, &config.name, &lines).await?;
             }
             Ok(serde_json::json!({ "name": config.name }))
         });
     Ok(job_started(id))
+}
+
+/// Boots a sandbox and runs what its workspace asks of a start
+/// ([`crate::devcontainer::after_start`], as `sandpen start` does), every
+/// note and the lifecycle commands' output in the job's lines.
+async fn start_and_after(
+    dirs: &sandpen_supervisor::Dirs,
+    name: &str,
+    lines: &crate::progress::Lines,
+) -> Result<(), ApiError> {
+    lines.say(&format!("starting {name} (booting the VM)"));
+    let started = sandboxes::start(dirs, name).await?;
+    for note in started.notes {
+        lines.say(&format!("note: {note}"));
+    }
+    lines.say(&format!("{name} is running"));
+    let config = sandpen_supervisor::sandbox::load(dirs, name)?;
+    let say = |l: &str| lines.say(l);
+    let out = crate::devcontainer::LineOutput::new(&say);
+    let done = crate::devcontainer::after_start(dirs, &config, &out).await;
+    out.finish();
+    done
 }
 
 async fn start(State(app): State<Arc<App>>, Path(name): Path<String>) -> Res<Response> {
@@ -233,12 +250,7 @@ async fn start(State(app): State<Arc<App>>, Path(name): Path<String>) -> Res<Res
     let id = app
         .jobs
         .spawn("start", Some(name), move |lines| async move {
-            lines.say(&format!("starting {n} (booting the VM)"));
-            let started = sandboxes::start(&dirs, &n).await?;
-            for note in started.notes {
-                lines.say(&format!("note: {note}"));
-            }
-            lines.say(&format!("{n} is running"));
+            start_and_after(&dirs, &n, &lines).await?;
             Ok(serde_json::json!({ "name": n }))
         });
     Ok(job_started(id))

@@ -1127,9 +1127,8 @@ fn suggestions_in_the_page_apply_what_is_ticked() -> Result<(), Failed> {
     let curl = |path: &str, tag: &str| {
         format!("curl -s -m 15 -o /dev/null -w '{tag}=%{{http_code}}\n' {path}")
     };
-    let guest = |cmd: &str| -> Result<String, Failed> {
-        e.cli.ok(&["exec", NAME, "--", "sh", "-c", cmd])
-    };
+    let guest =
+        |cmd: &str| -> Result<String, Failed> { e.cli.ok(&["exec", NAME, "--", "sh", "-c", cmd]) };
     let out = guest(&curl("http://pypi.org/sandpen-learn", "learn"))?;
     let code = probe_code(&out, "learn").unwrap_or_default();
     check(
@@ -1210,12 +1209,17 @@ fn suggestions_in_the_page_apply_what_is_ticked() -> Result<(), Failed> {
     )?;
     cdp.screenshot("decisions")?;
     // The API refuses a selection out of range, and a list that changed.
-    let bad = authed("POST", &sb("suggestions/apply"), Some(r#"{"selection":"99"}"#));
+    let bad = authed(
+        "POST",
+        &sb("suggestions/apply"),
+        Some(r#"{"selection":"99"}"#),
+    );
     check(
         bad.status == 400 && bad.body.contains("numbered 1 to"),
         format!("selection 99: {} {}", bad.status, bad.body),
     )?;
-    let stale = json!({ "selection": [1], "shown": [{ "kind": "add", "target": "stale.example:443" }] });
+    let stale =
+        json!({ "selection": [1], "shown": [{ "kind": "add", "target": "stale.example:443" }] });
     let r = authed("POST", &sb("suggestions/apply"), Some(&stale.to_string()));
     check(
         r.status == 409 && r.body.contains("changed since"),
@@ -1242,9 +1246,7 @@ fn suggestions_in_the_page_apply_what_is_ticked() -> Result<(), Failed> {
     let json_history = e.cli.ok(&["policy", "history", NAME, "--json"])?;
     check(
         json_history.lines().any(|l| {
-            l.contains("\"who\":\"web\"")
-                && l.contains("pypi.org:80")
-                && l.contains("suggestion ")
+            l.contains("\"who\":\"web\"") && l.contains("pypi.org:80") && l.contains("suggestion ")
         }),
         format!("the history's reason: {json_history}"),
     )?;
@@ -1266,7 +1268,9 @@ fn suggestions_in_the_page_apply_what_is_ticked() -> Result<(), Failed> {
     let other = probe_code(&out, "other").unwrap_or_default();
     check(
         kept == code && other != code,
-        format!("in enforce mode: pypi.org:80 {kept} (learn mode: {code}), static.crates.io:80 {other}"),
+        format!(
+            "in enforce mode: pypi.org:80 {kept} (learn mode: {code}), static.crates.io:80 {other}"
+        ),
     )
 }
 

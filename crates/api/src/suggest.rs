@@ -512,11 +512,7 @@ impl Default for Thresholds {
 
 /// The suggestions for sandbox `name`: its network log, the policy in
 /// force, every sandbox's own rules and its history, read now.
-pub fn for_sandbox(
-    dirs: &Dirs,
-    name: &str,
-    t: Thresholds,
-) -> Result<Vec<Suggestion>, ApiError> {
+pub fn for_sandbox(dirs: &Dirs, name: &str, t: Thresholds) -> Result<Vec<Suggestion>, ApiError> {
     sandbox::load(dirs, name)?;
     let paths = dirs.sandbox(name);
     let records = read_log(

@@ -7,9 +7,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
+use axum::handler::Handler;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use serde::Deserialize;
 
@@ -20,54 +21,124 @@ use sandpen_policy::history::Who;
 
 type Res<T> = Result<T, HttpError>;
 
-pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route(
-            "/",
-            get(|| async { asset("text/html; charset=utf-8", assets::BOOT_HTML) }),
-        )
-        .route(
-            "/boot.js",
-            get(|| async { asset("text/javascript", assets::BOOT_JS) }),
-        )
-        .route("/session", post(session))
-        .route(
-            "/app",
-            get(|| async { asset("text/html; charset=utf-8", assets::INDEX_HTML) }),
-        )
-        .route("/static/{file}", get(static_file))
-        .route("/api/setup", get(setup))
-        .route("/api/folder", post(folder))
-        .route("/api/sandboxes", get(list).post(create))
-        .route("/api/sandboxes/{name}", get(one).delete(rm))
-        .route("/api/sandboxes/{name}/start", post(start))
-        .route("/api/sandboxes/{name}/stop", post(stop))
-        .route("/api/sandboxes/{name}/exec", get(exec::upgrade))
-        .route(
+/// An HTTP method the server answers on a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verb {
+    Get,
+    Post,
+    Delete,
+}
+
+impl Verb {
+    /// As OpenAPI writes it (`get`, `post`, `delete`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::Post => "post",
+            Verb::Delete => "delete",
+        }
+    }
+
+    fn filter(self) -> MethodFilter {
+        match self {
+            Verb::Get => MethodFilter::GET,
+            Verb::Post => MethodFilter::POST,
+            Verb::Delete => MethodFilter::DELETE,
+        }
+    }
+}
+
+/// One route: a method on a path (axum's `{param}` syntax, which is
+/// OpenAPI's), and its handler.
+struct Route {
+    verb: Verb,
+    path: &'static str,
+    handler: MethodRouter<Arc<App>>,
+}
+
+fn route<H, T>(verb: Verb, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, Arc<App>>,
+    T: 'static,
+{
+    Route {
+        verb,
+        path,
+        handler: on(verb.filter(), handler),
+    }
+}
+
+/// Every route the server answers, in one place: [`router`] is built from
+/// it, and docs/openapi.json is checked against it ([`served`]).
+fn table() -> Vec<Route> {
+    use Verb::{Delete, Get, Post};
+    vec![
+        route(Get, "/", boot_page),
+        route(Get, "/boot.js", boot_js),
+        route(Post, "/session", session),
+        route(Get, "/app", app_page),
+        route(Get, "/static/{file}", static_file),
+        route(Get, "/api/setup", setup),
+        route(Post, "/api/folder", folder),
+        route(Get, "/api/sandboxes", list),
+        route(Post, "/api/sandboxes", create),
+        route(Get, "/api/sandboxes/{name}", one),
+        route(Delete, "/api/sandboxes/{name}", rm),
+        route(Post, "/api/sandboxes/{name}/start", start),
+        route(Post, "/api/sandboxes/{name}/stop", stop),
+        route(Get, "/api/sandboxes/{name}/exec", exec::upgrade),
+        route(
+            Get,
             "/api/sandboxes/{name}/events",
-            get(events::network_and_files),
-        )
-        .route("/api/sandboxes/{name}/logs", get(events::text_log))
-        .route("/api/sandboxes/{name}/flow", get(flow_show))
-        .route("/api/sandboxes/{name}/flow/reset", post(flow_reset))
-        .route("/api/sandboxes/{name}/suggestions", get(suggestions))
-        .route(
+            events::network_and_files,
+        ),
+        route(Get, "/api/sandboxes/{name}/logs", events::text_log),
+        route(Get, "/api/sandboxes/{name}/flow", flow_show),
+        route(Post, "/api/sandboxes/{name}/flow/reset", flow_reset),
+        route(Get, "/api/sandboxes/{name}/suggestions", suggestions),
+        route(
+            Post,
             "/api/sandboxes/{name}/suggestions/apply",
-            post(suggestions_apply),
-        )
-        .route("/api/jobs/{id}", get(job))
-        .route("/api/policy", get(policy_show))
-        .route("/api/policy/rules", post(rule_add))
-        .route("/api/policy/rules/{id}", delete(rule_rm))
-        .route("/api/policy/check", post(check))
-        .route("/api/policy/preset", post(preset))
-        .route("/api/secrets", get(secret_list).post(secret_set))
-        .route("/api/secrets/{service}", delete(secret_rm))
-        .route("/api/logs/network", get(network_log))
-        .route("/api/logs/files", get(file_log))
-        .route("/api/decisions", get(decisions))
-        .route("/api/decisions/{name}/{id}", post(decide))
+            suggestions_apply,
+        ),
+        route(Get, "/api/jobs/{id}", job),
+        route(Get, "/api/policy", policy_show),
+        route(Post, "/api/policy/rules", rule_add),
+        route(Delete, "/api/policy/rules/{id}", rule_rm),
+        route(Post, "/api/policy/check", check),
+        route(Post, "/api/policy/preset", preset),
+        route(Get, "/api/secrets", secret_list),
+        route(Post, "/api/secrets", secret_set),
+        route(Delete, "/api/secrets/{service}", secret_rm),
+        route(Get, "/api/logs/network", network_log),
+        route(Get, "/api/logs/files", file_log),
+        route(Get, "/api/decisions", decisions),
+        route(Post, "/api/decisions/{name}/{id}", decide),
+    ]
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    table()
+        .into_iter()
+        .fold(Router::new(), |r, rt| r.route(rt.path, rt.handler))
         .with_state(app)
+}
+
+/// Every method and path the server answers (GET also answers HEAD).
+pub fn served() -> Vec<(Verb, &'static str)> {
+    table().into_iter().map(|r| (r.verb, r.path)).collect()
+}
+
+async fn boot_page() -> Response {
+    asset("text/html; charset=utf-8", assets::BOOT_HTML)
+}
+
+async fn boot_js() -> Response {
+    asset("text/javascript", assets::BOOT_JS)
+}
+
+async fn app_page() -> Response {
+    asset("text/html; charset=utf-8", assets::INDEX_HTML)
 }
 
 /// `POST /session` with the token header: the same token as an HttpOnly,
@@ -548,11 +619,7 @@ async fn suggestions_apply(
 ) -> Res<Json<serde_json::Value>> {
     let selection = match req.selection {
         Selection::Text(s) => s,
-        Selection::Numbers(n) => n
-            .iter()
-            .map(usize::to_string)
-            .collect::<Vec<_>>()
-            .join(","),
+        Selection::Numbers(n) => n.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
     };
     let t = SuggestQuery {
         promote_k: req.promote_k,

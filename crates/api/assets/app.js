@@ -280,6 +280,16 @@ function follow(name) {
   events.onerror = () => { $("#act-live").textContent = "reconnecting…"; };
 }
 
+// The guest process a network record names, when the log carries one (a
+// name, or {pid, name|comm|exe}); from the guest: shown as text.
+function processText(p) {
+  if (!p) return "-";
+  if (typeof p === "string") return p;
+  const n = p.name || p.comm || p.exe;
+  if (!n) return "-";
+  return p.pid != null ? n + " (" + p.pid + ")" : n;
+}
+
 function addNet(name, r) {
   const denied = r.decision === "deny";
   const dest = r.host + ":" + r.port;
@@ -295,6 +305,7 @@ function addNet(name, r) {
     h("td", { class: denied ? "deny" : "allow" }, r.decision),
     h("td", { class: "mono" }, dest),
     h("td", { class: "mono" }, r.method ? r.method + " " + (r.path || "") : "-"),
+    h("td", { class: "mono" }, processText(r.process)),
     h("td", {}, r.rule || "-"),
     h("td", {}, bytes(r.bytes_up) + " / " + bytes(r.bytes_down)),
     h("td", {}, r.reason),

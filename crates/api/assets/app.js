@@ -329,8 +329,8 @@ async function loadFlow(name) {
 // from the agent: all set as text, the reason marked as the agent's.
 let decTimer = null;
 async function loadDecisions() {
-  await loadSuggestions();
-  await loadPending();
+  // Each part shows what it can: a failing one does not hide the other.
+  await Promise.all([loadSuggestions().catch((e) => showError(e.message)), loadPending()]);
 }
 
 async function loadPending() {

@@ -633,7 +633,7 @@ fn suggest_applies_rules_from_a_learn_log() -> Result<(), Failed> {
         std::fs::copy(
             concat!(
                 env!("CARGO_MANIFEST_DIR"),
-                "/testdata/learn-npm-pip-git.jsonl"
+                "/../api/testdata/learn-npm-pip-git.jsonl"
             ),
             logs.join("net.jsonl"),
         )?;

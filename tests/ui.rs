@@ -1,9 +1,11 @@
 //! The local web page (`sandpen ui`), end to end: the API's fences (token,
 //! Host, Origin) attacked over raw HTTP; headless Chromium from Debian's
 //! packages, driven over the DevTools protocol (CDP), running the first run
-//! (a folder, the shell agent, a fake key, the balanced preset), a command
+//! (a folder, the shell agent, a fake key, the balanced preset; the start
+//! runs the workspace's devcontainer lifecycle commands), a command
 //! in the browser terminal, a denied curl that shows in the live log and an
-//! "allow this" that lets the next one through; then the guest, as root,
+//! "allow this" that lets the next one through; ask-mode decisions and
+//! suggestions applied from the page; then the guest, as root,
 //! trying to reach the page by every address form; and every response
 //! body of the run searched for the secret. Screenshots go to docs/ui/.
 
@@ -22,6 +24,13 @@ use common::{check, text, Cli};
 const NAME: &str = "uitest";
 /// The fake key the first run stores. It must never come back.
 const KEY: &str = "sk-ant-uitest-7f3c1e9a2b5d4c6e8f0a1b2c3d4e5f60";
+/// The workspace's devcontainer.json: the page's start runs its lifecycle
+/// commands inside, their output in the job's lines.
+const DEVCONTAINER: &str = r#"{
+  "postCreateCommand": "echo page-post-create-output; echo created >> $HOME/ui-lifecycle.log",
+  "postStartCommand": ["sh", "-c", "echo started >> $HOME/ui-lifecycle.log"],
+}
+"#;
 /// A second secret, set through the API directly.
 const KEY2: &str = "ghp_uitestSECOND0123456789abcdefABCDEF";
 
@@ -86,6 +95,10 @@ fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let (root, ws) = common::workspace("sandpen-ui-", NAME);
+        // What the page's start must run, as `sandpen start` does.
+        std::fs::create_dir(ws.join(".devcontainer")).expect("mkdir .devcontainer");
+        std::fs::write(ws.join(".devcontainer/devcontainer.json"), DEVCONTAINER)
+            .expect("devcontainer.json");
         let cli = Cli::new(ws);
         let mut ui = cli
             .command(&["ui", "--no-open"])
@@ -667,6 +680,16 @@ fn browser_first_run_terminal_log_and_allow() -> Result<(), Failed> {
     })?;
     let status = e.cli.status_of(NAME)?;
     check(status.0 == "running", format!("the sandbox: {status:?}"))?;
+    // The page's start ran the workspace's lifecycle commands, as `sandpen
+    // start` does, their lines and output in the job's lines.
+    let lines = cdp.eval("document.querySelector('#fr-lines').textContent")?;
+    let lines = lines.as_str().unwrap_or_default();
+    check(
+        lines.contains("postCreateCommand: /bin/sh -c echo page-post-create-output")
+            && lines.lines().any(|l| l == "page-post-create-output")
+            && lines.contains("postStartCommand: sh -c echo started"),
+        format!("the start job's lines: {lines}"),
+    )?;
     let secrets = e.cli.ok(&["secret", "ls", "--json"])?;
     check(
         secrets.contains("anthropic"),
@@ -682,6 +705,13 @@ fn browser_first_run_terminal_log_and_allow() -> Result<(), Failed> {
     cdp.wait_terminal(
         "the command's output",
         |t| t.lines().any(|l| l.trim() == "ui-42"),
+        Duration::from_secs(30),
+    )?;
+    // Inside the sandbox: postCreateCommand, then postStartCommand.
+    cdp.type_line("echo lc=$(tr '\\n' , < ~/ui-lifecycle.log)")?;
+    cdp.wait_terminal(
+        "the lifecycle commands' trace",
+        |t| t.lines().any(|l| l.trim() == "lc=created,started,"),
         Duration::from_secs(30),
     )?;
     cdp.eval("loadSandboxes()")?;
@@ -1081,6 +1111,169 @@ fn decisions_answer_what_the_agent_asks() -> Result<(), Failed> {
     )
 }
 
+/// Suggestions in the page (docs/ui.md, "Decisions"): in learn mode a
+/// connection no rule allows goes through as `would-deny`; the page lists it
+/// as a suggestion, ticked, beside a flagged one (a paste site) that is
+/// marked and not ticked; Apply adds the ticked rule only, recorded in the
+/// sandbox's history as the page's, and in enforce mode the destination
+/// then passes. The destination is `pypi.org:80`: it resolves and answers
+/// from the test machine (balanced allows pypi.org on 443 only). No paste
+/// site resolves here, so the flagged record is appended to the log in the
+/// proxy's format, as the unit fixtures are.
+fn suggestions_in_the_page_apply_what_is_ticked() -> Result<(), Failed> {
+    let e = env();
+    let sb = |p: &str| format!("/api/sandboxes/{NAME}/{p}");
+    e.cli.ok(&["policy", "mode", "learn", NAME])?;
+    let curl = |path: &str, tag: &str| {
+        format!("curl -s -m 15 -o /dev/null -w '{tag}=%{{http_code}}\n' {path}")
+    };
+    let guest =
+        |cmd: &str| -> Result<String, Failed> { e.cli.ok(&["exec", NAME, "--", "sh", "-c", cmd]) };
+    let out = guest(&curl("http://pypi.org/sandpen-learn", "learn"))?;
+    let code = probe_code(&out, "learn").unwrap_or_default();
+    check(
+        !code.is_empty() && code != "000",
+        format!("learn mode did not let pypi.org:80 through: {out}"),
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = authed("GET", &sb("suggestions"), None);
+        check(
+            r.status == 200,
+            format!("GET suggestions: {} {}", r.status, r.body),
+        )?;
+        if r.body.contains("pypi.org:80") {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no suggestion for pypi.org:80: {}", r.body).into());
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let log = e
+        .cli
+        .state
+        .path()
+        .join("sandpen/sandboxes")
+        .join(NAME)
+        .join("logs/net.jsonl");
+    let paste = json!({
+        "time": "2026-12-04T10:05:00Z", "sandbox": NAME, "mode": "transparent",
+        "decision": "would-deny", "reason": "no-matching-rule", "host": "pastebin.com",
+        "port": 443, "bytes_up": 5000, "bytes_down": 2000, "duration_ms": 350,
+    });
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .map_err(|err| format!("{}: {err}", log.display()))?;
+        writeln!(f, "{paste}").map_err(|err| err.to_string())?;
+    }
+    // The page.
+    let mut cdp = Cdp::launch()?;
+    let url = format!("http://127.0.0.1:{}/#{}", e.port, e.token);
+    cdp.call("Page.navigate", json!({ "url": url }))?;
+    cdp.wait_for(
+        "the page",
+        "typeof go === 'function' && !!document.querySelector('nav button.active')",
+        Duration::from_secs(20),
+    )?;
+    cdp.eval("go('decisions')")?;
+    let row = |target: &str| {
+        format!(
+            "[...document.querySelectorAll('#sug-table tbody tr')].find(r => r.cells[1].textContent === {})",
+            json!(format!("allow {target}"))
+        )
+    };
+    let pypi = row("pypi.org:80");
+    let pastebin = row("pastebin.com:443");
+    cdp.wait_for(
+        "both suggestions in the page",
+        &format!("!!{pypi} && !!{pastebin}"),
+        Duration::from_secs(10),
+    )?;
+    let state = cdp.eval(&format!(
+        "(() => {{ const a = {pypi}, b = {pastebin}; return {{            clean_ticked: a.querySelector('input').checked, clean_flagged: a.classList.contains('flagged'),            flagged_ticked: b.querySelector('input').checked, flagged_class: b.classList.contains('flagged'),            flags: b.cells[8].textContent, clean_flags: a.cells[8].textContent,            seen: a.cells[3].textContent }}; }})()"
+    ))?;
+    check(
+        state["clean_ticked"] == true
+            && state["clean_flagged"] == false
+            && state["clean_flags"] == "-"
+            && state["flagged_ticked"] == false
+            && state["flagged_class"] == true
+            && state["flags"]
+                .as_str()
+                .is_some_and(|f| f.starts_with('\u{26a0}') && f.contains("paste or drop site"))
+            && state["seen"].as_str().is_some_and(|s| s.contains("learn")),
+        format!("the suggestions as shown: {state}"),
+    )?;
+    cdp.screenshot("decisions")?;
+    // The API refuses a selection out of range, and a list that changed.
+    let bad = authed(
+        "POST",
+        &sb("suggestions/apply"),
+        Some(r#"{"selection":"99"}"#),
+    );
+    check(
+        bad.status == 400 && bad.body.contains("numbered 1 to"),
+        format!("selection 99: {} {}", bad.status, bad.body),
+    )?;
+    let stale =
+        json!({ "selection": [1], "shown": [{ "kind": "add", "target": "stale.example:443" }] });
+    let r = authed("POST", &sb("suggestions/apply"), Some(&stale.to_string()));
+    check(
+        r.status == 409 && r.body.contains("changed since"),
+        format!("a stale list: {} {}", r.status, r.body),
+    )?;
+    cdp.eval("document.querySelector('#sug-apply').click()")?;
+    cdp.wait_for(
+        "the applied rule",
+        "document.querySelector('#sug-out').textContent.includes('added rule')",
+        Duration::from_secs(10),
+    )?;
+    let rules = e.cli.ok(&["policy", "ls", NAME, "--json"])?;
+    check(
+        rules.contains("\"target\": \"pypi.org:80\"") && !rules.contains("pastebin.com"),
+        format!("the rules after Apply: {rules}"),
+    )?;
+    let history = e.cli.ok(&["policy", "history", NAME])?;
+    check(
+        history
+            .lines()
+            .any(|l| l.contains("web") && l.contains("add rule") && l.contains("pypi.org:80")),
+        format!("the history does not name the page: {history}"),
+    )?;
+    let json_history = e.cli.ok(&["policy", "history", NAME, "--json"])?;
+    check(
+        json_history.lines().any(|l| {
+            l.contains("\"who\":\"web\"") && l.contains("pypi.org:80") && l.contains("suggestion ")
+        }),
+        format!("the history's reason: {json_history}"),
+    )?;
+    // Gone from the list once applied; the flagged one stays.
+    cdp.wait_for(
+        "the list after Apply",
+        &format!("!{pypi} && !!{pastebin}"),
+        Duration::from_secs(10),
+    )?;
+    cdp.record_bodies();
+    // Enforce again: the applied rule lets it through, its neighbour not.
+    e.cli.ok(&["policy", "mode", "enforce", NAME])?;
+    let out = guest(&format!(
+        "{}; {}",
+        curl("http://pypi.org/sandpen-enforce", "kept"),
+        curl("http://static.crates.io/sandpen-enforce", "other")
+    ))?;
+    let kept = probe_code(&out, "kept").unwrap_or_default();
+    let other = probe_code(&out, "other").unwrap_or_default();
+    check(
+        kept == code && other != code,
+        format!(
+            "in enforce mode: pypi.org:80 {kept} (learn mode: {code}), static.crates.io:80 {other}"
+        ),
+    )
+}
+
 fn main() {
     let args = Arguments {
         test_threads: Some(1),
@@ -1104,6 +1297,10 @@ fn main() {
         (
             "decisions_answer_what_the_agent_asks",
             decisions_answer_what_the_agent_asks,
+        ),
+        (
+            "suggestions_in_the_page_apply_what_is_ticked",
+            suggestions_in_the_page_apply_what_is_ticked,
         ),
         (
             "the_guest_cannot_reach_the_page",

@@ -280,6 +280,16 @@ function follow(name) {
   events.onerror = () => { $("#act-live").textContent = "reconnecting…"; };
 }
 
+// The guest process a network record names, when the log carries one (a
+// name, or {pid, name|comm|exe}); from the guest: shown as text.
+function processText(p) {
+  if (!p) return "-";
+  if (typeof p === "string") return p;
+  const n = p.name || p.comm || p.exe;
+  if (!n) return "-";
+  return p.pid != null ? n + " (" + p.pid + ")" : n;
+}
+
 function addNet(name, r) {
   const denied = r.decision === "deny";
   const dest = r.host + ":" + r.port;
@@ -295,6 +305,7 @@ function addNet(name, r) {
     h("td", { class: denied ? "deny" : "allow" }, r.decision),
     h("td", { class: "mono" }, dest),
     h("td", { class: "mono" }, r.method ? r.method + " " + (r.path || "") : "-"),
+    h("td", { class: "mono" }, processText(r.process)),
     h("td", {}, r.rule || "-"),
     h("td", {}, bytes(r.bytes_up) + " / " + bytes(r.bytes_down)),
     h("td", {}, r.reason),
@@ -318,6 +329,11 @@ async function loadFlow(name) {
 // from the agent: all set as text, the reason marked as the agent's.
 let decTimer = null;
 async function loadDecisions() {
+  // Each part shows what it can: a failing one does not hide the other.
+  await Promise.all([loadSuggestions().catch((e) => showError(e.message)), loadPending()]);
+}
+
+async function loadPending() {
   clearTimeout(decTimer);
   const d = await api("GET", "/api/decisions");
   const box = $("#dec-list");
@@ -338,16 +354,81 @@ async function loadDecisions() {
           p.file ? null : decideButton(p, "always", "Allow always"),
           decideButton(p, "deny", "Deny")))))));
   }
-  if (!$("#view-decisions").hidden) decTimer = setTimeout(() => loadDecisions().catch(() => {}), 2000);
+  if (!$("#view-decisions").hidden) decTimer = setTimeout(() => loadPending().catch(() => {}), 2000);
 }
 
 function decideButton(p, decision, label) {
   return h("button", { "data-decision": decision, onclick: async () => {
     try {
       await api("POST", "/api/decisions/" + encodeURIComponent(p.sandbox) + "/" + p.id, { decision });
-      await loadDecisions();
+      await loadPending();
     } catch (e) { showError(e.message); }
   } }, label);
+}
+
+// ---- suggestions (`sandpen policy suggest`; docs/policy.md, "Suggestions") ----
+// Loaded when the page opens and after Apply, not on a timer: the boxes the
+// user ticked stay ticked. Hosts, domains and processes come from the guest.
+let sugSandbox = null, sugShown = [];
+function proposalWords(p) {
+  switch (p.kind) {
+    case "add": return "allow " + p.target;
+    case "promote": return "allow " + p.target + " for all sandboxes (" + p.sandboxes.length + " have it: " + p.sandboxes.join(", ") + ")";
+    case "remove": return "remove rule " + p.id + " (allow " + p.target + ", unused)";
+    default: return JSON.stringify(p);
+  }
+}
+async function loadSuggestions() {
+  const list = await api("GET", "/api/sandboxes");
+  const sel = $("#sug-sandbox");
+  sel.replaceChildren(...list.map((s) => h("option", { value: s.name }, s.name)));
+  const box = $("#sug-list");
+  $("#sug-apply").hidden = true;
+  if (!list.length) { sugShown = []; box.replaceChildren(h("p", { class: "hint" }, "No sandbox yet.")); return; }
+  if (!sugSandbox || !list.some((s) => s.name === sugSandbox)) sugSandbox = (list.find((s) => s.name === actSandbox) || list[0]).name;
+  sel.value = sugSandbox;
+  sugShown = await api("GET", "/api/sandboxes/" + encodeURIComponent(sugSandbox) + "/suggestions");
+  if (!sugShown.length) {
+    box.replaceChildren(h("p", { class: "hint" }, "Nothing to suggest for " + sugSandbox + ". Learn mode (" ,
+      h("span", { class: "mono" }, "sandpen policy mode learn " + sugSandbox), ") records what a stricter policy would deny."));
+    return;
+  }
+  const when = (t) => t ? time(t) : "-";
+  box.replaceChildren(h("table", { id: "sug-table" },
+    h("thead", {}, h("tr", {}, ...["", "Proposal", "Site", "Seen", "First", "Last", "Sent", "Processes", "Flags"].map((t) => h("th", {}, t)))),
+    h("tbody", {}, ...sugShown.map((s) => {
+      const flagged = s.flags.length > 0;
+      return h("tr", { "data-n": s.n, class: flagged ? "flagged" : "" },
+        h("td", {}, h("input", { type: "checkbox", "data-n": s.n, checked: !flagged, "aria-label": "apply suggestion " + s.n })),
+        h("td", { class: "mono" }, proposalWords(s.proposal)),
+        h("td", { class: "mono" }, s.domain || "-"),
+        h("td", {}, s.count ? s.count + " (" + s.sources.join(", ") + ")" : "-"),
+        h("td", {}, when(s.first_seen)),
+        h("td", {}, when(s.last_seen)),
+        h("td", {}, s.count ? bytes(s.bytes_up) : "-"),
+        h("td", { class: "mono" }, s.processes.length ? s.processes.join(", ") : "-"),
+        h("td", { class: "flags" }, flagged ? "\u26a0 " + s.flags.join("; ") : "-"));
+    }))));
+  $("#sug-apply").hidden = false;
+}
+
+async function applySuggestions() {
+  const out = $("#sug-out");
+  const ticked = [...document.querySelectorAll("#sug-table input[type=checkbox]:checked")].map((c) => Number(c.dataset.n));
+  if (!ticked.length) { out.className = "status bad"; out.textContent = "Nothing is ticked."; return; }
+  const shown = ticked.map((n) => sugShown.find((s) => s.n === n).proposal);
+  $("#sug-apply").disabled = true;
+  try {
+    const r = await api("POST", "/api/sandboxes/" + encodeURIComponent(sugSandbox) + "/suggestions/apply", { selection: ticked, shown });
+    out.className = "status ok";
+    out.textContent = r.applied.map((a) => a.n + ": " + a.done).join("; ");
+    await loadSuggestions();
+  } catch (e) {
+    out.className = "status bad"; out.textContent = "";
+    showError(e.message);
+  } finally {
+    $("#sug-apply").disabled = false;
+  }
 }
 
 // ---- settings ----
@@ -388,6 +469,9 @@ document.addEventListener("DOMContentLoaded", () => {
   $("#first-run").addEventListener("submit", firstRun);
   $("#fr-folder").addEventListener("change", () => checkFolder().catch(() => {}));
   $("#term-close").addEventListener("click", closeTerminal);
+  $("#sug-sandbox").addEventListener("change", (ev) => { sugSandbox = ev.target.value; $("#sug-out").textContent = ""; loadSuggestions().catch((e) => showError(e.message)); });
+  $("#sug-refresh").addEventListener("click", () => loadSuggestions().catch((e) => showError(e.message)));
+  $("#sug-apply").addEventListener("click", () => applySuggestions());
   $("#act-sandbox").addEventListener("change", (ev) => { actSandbox = ev.target.value; follow(actSandbox); });
   $("#set-scope").addEventListener("change", (ev) => { setScope = ev.target.value; loadSettings().catch((e) => showError(e.message)); });
   $("#set-add").addEventListener("submit", async (ev) => {

@@ -46,6 +46,11 @@ pub enum ApiError {
         "{0}: file rule exceptions are not written by sandpen yet; edit [files] of the sandbox's policy.toml, then approve it once"
     )]
     FileException(String),
+    /// A suggestion selection (`1,3`, `2-4`) that does not fit the list.
+    #[error("{0}")]
+    Selection(String),
+    #[error("the suggestions of {0} changed since they were shown (new records came in); look at them again")]
+    SuggestionsChanged(String),
     #[error(transparent)]
     History(#[from] sandpen_policy::history::HistoryError),
     #[error("the secret is empty; nothing stored")]
@@ -83,6 +88,8 @@ pub enum ApiError {
     /// The packaged root image build (pkexec) did not succeed.
     #[error("building image {image} with administrator rights failed: {reason}")]
     RootBuild { image: String, reason: String },
+    #[error("the sandbox closed the session before the command exited (did it stop?)")]
+    ExecClosed,
     #[error("the operation's worker failed: {0}")]
     Worker(String),
 }
@@ -104,7 +111,7 @@ impl ApiError {
                 ErrorKind::NotFound
             }
             ApiError::NoSuchSecret { .. } | ApiError::NoSuchPending { .. } => ErrorKind::NotFound,
-            ApiError::FileException(_) => ErrorKind::Conflict,
+            ApiError::FileException(_) | ApiError::SuggestionsChanged(_) => ErrorKind::Conflict,
             ApiError::Running(_)
             | ApiError::NotRunning(_)
             | ApiError::Supervisor(S::NotRunning(_)) => ErrorKind::Conflict,
@@ -118,6 +125,7 @@ impl ApiError {
             | ApiError::BadTarget(_)
             | ApiError::BadAddHost { .. }
             | ApiError::BadArgv
+            | ApiError::Selection(_)
             | ApiError::UnknownService { .. }
             | ApiError::EmptySecret
             | ApiError::Policy(_)

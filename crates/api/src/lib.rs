@@ -5,8 +5,11 @@
 //!
 //! - [`sandboxes`]: list, create (with the image build on first use), start,
 //!   stop, rm, and the exec request a terminal sends.
+//! - [`devcontainer`]: the steps after a start (postCreateCommand,
+//!   postStartCommand, notes), for the CLI's start and the page's.
 //! - [`policy`]: the rules in force, add, remove, check, preset, the file rules.
 //! - [`decisions`]: ask mode: what waits, and the user's answers.
+//! - [`suggest`]: rules proposed from what a sandbox did, and applying them.
 //! - [`secrets`]: set (values go in), list (names only), remove.
 //! - [`flow`]: the flow labels, and their reset.
 //! - [`logs`]: the network and file logs, read whole or followed.
@@ -18,6 +21,7 @@
 //! it (the CLI for a terminal, the page for HTML).
 
 pub mod decisions;
+pub mod devcontainer;
 pub mod error;
 pub mod flow;
 pub mod http;
@@ -26,5 +30,6 @@ pub mod policy;
 pub mod progress;
 pub mod sandboxes;
 pub mod secrets;
+pub mod suggest;
 
 pub use error::ApiError;

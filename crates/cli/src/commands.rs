@@ -377,129 +377,34 @@ async fn start(dirs: &Dirs, name: &str) -> Result<()> {
     for note in started.notes {
         eprintln!("sandpen: note: {note}");
     }
-    after_start(dirs, &config).await
+    Ok(sandpen_api::devcontainer::after_start(dirs, &config, &TerminalOutput).await?)
 }
 
-/// What the workspace's devcontainer.json and version files ask of a start
-/// (docs/dev-env.md): a line for toolchains sandpen does not provision yet,
-/// `postCreateCommand` once per sandbox (until it succeeds) and
-/// `postStartCommand` at every start, each inside the sandbox.
-async fn after_start(dirs: &Dirs, config: &SandboxConfig) -> Result<()> {
-    let plan = match sandpen_devenv::detect(&config.workspace) {
-        Ok(plan) => plan,
-        Err(e) => {
-            eprintln!("sandpen: note: {e}");
-            return Ok(());
-        }
-    };
-    if let Some(tools) = plan.summary() {
-        eprintln!(
-            "sandpen: note: this workspace asks for {tools}; sandpen does not provision \
-             toolchains yet, so the image's own are used (`sandpen env plan`)"
-        );
-    }
-    let Some((file, dc)) = plan.devcontainer else {
-        return Ok(());
-    };
-    if !dc.not_honoured.is_empty() {
-        let keys: Vec<&str> = dc.not_honoured.iter().map(|(k, _)| k.as_str()).collect();
-        eprintln!(
-            "sandpen: {file}: not honoured: {} (`sandpen env plan` says why)",
-            keys.join(", ")
-        );
-    }
-    // A workspace never opens a listener on the host by itself: a cloned
-    // repository's forwardPorts could squat a local service's port (a
-    // stopped database's 5432) and collect what host clients send it.
-    let unpublished: Vec<u16> = dc
-        .forward_ports
-        .iter()
-        .copied()
-        .filter(|p| !config.ports.iter().any(|m| m.guest_port == *p))
-        .collect();
-    if !unpublished.is_empty() {
-        let list: Vec<String> = unpublished.iter().map(u16::to_string).collect();
-        let flags: Vec<String> = unpublished.iter().map(|p| format!("-p {p}")).collect();
-        eprintln!(
-            "sandpen: {file} forwards {}: publish with `{}` (a workspace does not open \
-             ports on the host by itself)",
-            list.join(", "),
-            flags.join(" ")
-        );
-    }
-    let env = devcontainer_env(&dc);
-    let created_marker = dirs.sandbox(&config.name).dir.join("devcontainer-created");
-    if let Some(cmd) = dc.post_create.as_ref().filter(|_| !created_marker.exists()) {
-        if lifecycle(dirs, config, "postCreateCommand", cmd, &env).await? {
-            sandpen_fsutil::write_atomic(&created_marker, b"", sandpen_fsutil::MODE_STATE)
-                .with_context(|| format!("writing {}", created_marker.display()))?;
-        }
-    }
-    if let Some(cmd) = &dc.post_start {
-        lifecycle(dirs, config, "postStartCommand", cmd, &env).await?;
-    }
-    Ok(())
-}
+/// The steps after a start (docs/dev-env.md): on this terminal, sandpen's
+/// lines on stderr and the lifecycle commands' output on stdout and stderr.
+struct TerminalOutput;
 
-/// `containerEnv` then `remoteEnv` (the later wins, as in the spec); the
-/// names sandpen sets itself were refused when the file was read.
-fn devcontainer_env(dc: &sandpen_devenv::devcontainer::DevContainer) -> Vec<(String, String)> {
-    dc.container_env
-        .iter()
-        .chain(dc.remote_env.iter())
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+impl sandpen_api::devcontainer::StartOutput for TerminalOutput {
+    fn line(&self, line: &str) {
+        eprintln!("sandpen: {line}");
+    }
+
+    fn output(&self, stderr: bool, bytes: &[u8]) {
+        if stderr {
+            let mut e = std::io::stderr();
+            let _ = e.write_all(bytes);
+            let _ = e.flush();
+        } else {
+            let mut o = std::io::stdout();
+            let _ = o.write_all(bytes);
+            let _ = o.flush();
+        }
+    }
 }
 
 /// The workspace's devcontainer variables, for a command in the sandbox.
 fn workspace_env(config: &SandboxConfig) -> Vec<(String, String)> {
-    sandpen_devenv::devcontainer(&config.workspace)
-        .ok()
-        .flatten()
-        .map(|(_, dc)| devcontainer_env(&dc))
-        .unwrap_or_default()
-}
-
-/// Runs one lifecycle command in the sandbox, its output on this terminal.
-/// Named commands (the object form) run one after the other. True when every
-/// command exited 0.
-async fn lifecycle(
-    dirs: &Dirs,
-    config: &SandboxConfig,
-    what: &str,
-    cmd: &sandpen_devenv::devcontainer::LifecycleCommand,
-    env: &[(String, String)],
-) -> Result<bool> {
-    use sandpen_devenv::devcontainer::LifecycleCommand;
-    let argvs: Vec<(String, Vec<String>)> = match cmd {
-        LifecycleCommand::Shell(_) | LifecycleCommand::Exec(_) => {
-            vec![(what.to_string(), lifecycle_argv(cmd))]
-        }
-        LifecycleCommand::Parallel(named) => named
-            .iter()
-            .map(|(name, c)| (format!("{what} {name}"), lifecycle_argv(c)))
-            .collect(),
-    };
-    let mut all_ok = true;
-    for (label, argv) in argvs {
-        eprintln!("sandpen: {label}: {}", argv.join(" "));
-        let code = exec(dirs, config, argv, env.to_vec(), None, None, false, false).await?;
-        if code != 0 {
-            eprintln!("sandpen: {label} exited with {code}");
-            all_ok = false;
-        }
-    }
-    Ok(all_ok)
-}
-
-fn lifecycle_argv(cmd: &sandpen_devenv::devcontainer::LifecycleCommand) -> Vec<String> {
-    use sandpen_devenv::devcontainer::LifecycleCommand;
-    match cmd {
-        LifecycleCommand::Shell(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],
-        LifecycleCommand::Exec(argv) => argv.clone(),
-        // Nested objects are refused when the file is read.
-        LifecycleCommand::Parallel(_) => vec!["true".into()],
-    }
+    sandpen_api::devcontainer::workspace_env(config)
 }
 
 async fn stop(dirs: &Dirs, name: &str, timeout: Duration) -> Result<()> {

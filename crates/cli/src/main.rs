@@ -7,7 +7,6 @@ mod fs_serve;
 mod policy_cmd;
 mod secret_cmd;
 mod stats_cmd;
-mod suggest;
 mod ui_cmd;
 
 use std::path::PathBuf;

@@ -797,143 +797,73 @@ async fn suggest_cmd(
     promote_k: usize,
     unused_days: i64,
 ) -> Result<i32> {
-    use crate::suggest::{parse_selection, suggest, Input, Proposal};
-    sandbox::load(dirs, name)?;
-    let paths = dirs.sandbox(name);
-    let records = read_log(
-        &paths.logs().join("net.jsonl"),
-        &LogFilter {
-            sandbox: None,
-            limit: None,
-        },
-    )?;
-    let policy = policy_for(dirs, Some(name))?;
-    let mut sandbox_rules = Vec::new();
-    for c in sandbox::list(dirs)? {
-        let file = PolicyFile::load(
-            &dirs.sandbox(&c.name).dir.join("policy.toml"),
-            Scope::Sandbox,
-        )?;
-        sandbox_rules.push((c.name, file.rules().to_vec()));
-    }
-    let history = History::in_dir(&paths.dir);
-    let changes = history.read()?;
-    let all = suggest(&Input {
-        records: &records,
-        policy: &policy,
-        sandbox_rules: &sandbox_rules,
-        sandbox: name,
-        history: &changes,
-        now: time::OffsetDateTime::now_utc(),
+    use sandpen_api::suggest;
+    let t = suggest::Thresholds {
         promote_k,
         unused_days,
-    });
-    let Some(selection) = apply else {
-        if json {
-            println!("{}", serde_json::to_string_pretty(&all)?);
-            return Ok(0);
-        }
-        if all.is_empty() {
-            println!("{name}: nothing to suggest");
-            return Ok(0);
-        }
-        let time = |t: Option<time::OffsetDateTime>| {
-            t.and_then(|t| {
-                t.format(&time::format_description::well_known::Rfc3339)
-                    .ok()
-            })
-            .unwrap_or_else(|| "-".into())
-        };
-        let mut rows = vec![[
-            "N".to_string(),
-            "PROPOSAL".into(),
-            "SITE".into(),
-            "SEEN".into(),
-            "FIRST".into(),
-            "LAST".into(),
-            "UP".into(),
-            "PROCESSES".into(),
-            "FLAGS".into(),
-        ]];
-        for s in &all {
-            rows.push([
-                s.n.to_string(),
-                printable(&s.proposal.to_string()),
-                s.domain.as_deref().map_or("-".into(), printable),
-                if s.count == 0 {
-                    "-".into()
-                } else {
-                    format!("{} ({})", s.count, s.sources.join(", "))
-                },
-                time(s.first_seen),
-                time(s.last_seen),
-                s.bytes_up.to_string(),
-                if s.processes.is_empty() {
-                    "-".into()
-                } else {
-                    printable(&s.processes.join(", "))
-                },
-                if s.flags.is_empty() {
-                    "-".into()
-                } else {
-                    format!("! {}", printable(&s.flags.join("; ")))
-                },
-            ]);
-        }
-        crate::commands::print_table(&rows);
-        println!("apply with `sandpen policy suggest {name} --apply N[,N...]` (look at flagged ones first)");
-        return Ok(0);
     };
-    let chosen = parse_selection(selection, all.len()).map_err(anyhow::Error::msg)?;
-    for n in chosen {
-        let Some(s) = all.iter().find(|s| s.n == n) else {
-            continue;
-        };
-        let why = format!(
-            "suggestion {n}: {} connection(s) ({}){}",
-            s.count,
-            s.sources.join(", "),
-            if s.flags.is_empty() {
-                String::new()
-            } else {
-                format!("; flagged: {}", s.flags.join("; "))
-            }
-        );
-        let global = matches!(s.proposal, Proposal::Promote { .. });
-        let scope = ScopeArgs {
-            global,
-            name: (!global).then(|| name.to_string()),
-            reason: None,
-        };
-        let (path, kind) = file_path(dirs, &scope)?;
-        let mut file = PolicyFile::load(&path, kind)?;
-        let (said, change) = match &s.proposal {
-            Proposal::Add { target } | Proposal::Promote { target, .. } => {
-                add_recorded(&mut file, Action::Allow, target)?
-            }
-            Proposal::Remove { id, .. } => {
-                let r = file.remove_rule(*id)?;
-                let said = format!(
-                    "removed rule {} ({}: {} {})",
-                    r.id, r.scope, r.action, r.target
-                );
-                let change = Edit::RemoveRule {
-                    id: r.id,
-                    action: r.action,
-                    target: r.target.to_string(),
-                };
-                (said, Some(change))
-            }
-        };
-        file.save()?;
-        if let Some(change) = change {
-            history.append(&now_rfc3339(), Who::Suggestion, &file, change, &why, None)?;
+    if let Some(selection) = apply {
+        for a in suggest::apply(dirs, name, selection, None, t, Who::Suggestion).await? {
+            println!("{}: {}", a.n, a.done);
         }
-        println!("{n}: {said}");
+        return Ok(0);
     }
-    if control::supervisor_alive(&paths) {
-        let _ = control::recheck(&paths).await;
+    let all = suggest::for_sandbox(dirs, name, t)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(0);
     }
+    if all.is_empty() {
+        println!("{name}: nothing to suggest");
+        return Ok(0);
+    }
+    let time = |t: Option<time::OffsetDateTime>| {
+        t.and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "-".into())
+    };
+    let mut rows = vec![[
+        "N".to_string(),
+        "PROPOSAL".into(),
+        "SITE".into(),
+        "SEEN".into(),
+        "FIRST".into(),
+        "LAST".into(),
+        "UP".into(),
+        "PROCESSES".into(),
+        "FLAGS".into(),
+    ]];
+    for s in &all {
+        rows.push([
+            s.n.to_string(),
+            printable(&s.proposal.to_string()),
+            s.domain.as_deref().map_or("-".into(), printable),
+            if s.count == 0 {
+                "-".into()
+            } else {
+                format!("{} ({})", s.count, s.sources.join(", "))
+            },
+            time(s.first_seen),
+            time(s.last_seen),
+            s.bytes_up.to_string(),
+            if s.processes.is_empty() {
+                "-".into()
+            } else {
+                printable(&s.processes.join(", "))
+            },
+            if s.flags.is_empty() {
+                "-".into()
+            } else {
+                format!("! {}", printable(&s.flags.join("; ")))
+            },
+        ]);
+    }
+    crate::commands::print_table(&rows);
+    println!(
+        "apply with `sandpen policy suggest {name} --apply N[,N...]` (look at flagged ones first)"
+    );
     Ok(0)
 }
 

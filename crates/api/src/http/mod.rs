@@ -27,6 +27,8 @@ mod exec;
 mod jobs;
 mod routes;
 
+pub use routes::{served, Verb};
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -272,6 +274,114 @@ fn asset(content_type: &'static str, body: &'static [u8]) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// docs/openapi.json, the API's description for other clients.
+    const OPENAPI: &str = include_str!("../../../../docs/openapi.json");
+
+    /// The file and the server list the same methods on the same paths,
+    /// and the file names this version.
+    #[test]
+    fn openapi_lists_exactly_the_routes_served() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
+        let methods = ["get", "put", "post", "delete", "patch", "head", "options"];
+        let documented: std::collections::BTreeSet<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, item)| {
+                item.as_object()
+                    .unwrap()
+                    .keys()
+                    .filter(|k| methods.contains(&k.as_str()))
+                    .map(move |m| (m.clone(), path.clone()))
+            })
+            .collect();
+        let served: std::collections::BTreeSet<(String, String)> = served()
+            .into_iter()
+            .map(|(v, p)| (v.as_str().to_string(), p.to_string()))
+            .collect();
+        let missing: Vec<_> = served.difference(&documented).collect();
+        let extra: Vec<_> = documented.difference(&served).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "served, not in docs/openapi.json: {missing:?}; in the file, not served: {extra:?}"
+        );
+        assert!(served.len() > 30, "{served:?}");
+    }
+
+    /// One request, as a client sends it; the status and the body.
+    async fn request(port: u16, token: &str, method: &str, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let body = if method == "POST" { "{}" } else { "" };
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{TOKEN_HEADER}: {token}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut raw = Vec::new();
+        tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut raw))
+            .await
+            .expect("an answer within 10 s")
+            .unwrap();
+        let raw = String::from_utf8_lossy(&raw).into_owned();
+        let status = raw
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = raw
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// Every route of the list reaches a handler of the running server:
+    /// axum's own answers for a path or method it does not route (404 with
+    /// no body, 405) never come back. Nothing exists in the state folder,
+    /// so no request changes anything.
+    #[tokio::test]
+    async fn every_listed_route_is_served() {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = Dirs {
+            state: root.path().join("state"),
+            data: root.path().join("data"),
+            config: root.path().join("config"),
+        };
+        let server = Server::bind(dirs, "127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        let url = server.url();
+        let rest = url.strip_prefix("http://127.0.0.1:").unwrap();
+        let (port, token) = rest.split_once("/#").unwrap();
+        let (port, token): (u16, String) = (port.parse().unwrap(), token.to_string());
+        tokio::spawn(server.serve());
+        let unrouted =
+            |status: u16, body: &str| status == 405 || (status == 404 && body.is_empty());
+        // The control: what the router does not have.
+        for (method, path) in [("GET", "/api/nosuch"), ("DELETE", "/api/setup")] {
+            let (status, body) = request(port, &token, method, path).await;
+            assert!(unrouted(status, &body), "{method} {path}: {status} {body}");
+        }
+        for (verb, path) in served() {
+            let path = path
+                .replace("{name}", "nosuch")
+                .replace("{id}", "1")
+                .replace("{file}", "app.js")
+                .replace("{service}", "github");
+            let method = verb.as_str().to_ascii_uppercase();
+            let (status, body) = request(port, &token, &method, &path).await;
+            assert!(
+                !unrouted(status, &body) && status != 0,
+                "{method} {path} is not served: {status} {body:?}"
+            );
+        }
+    }
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

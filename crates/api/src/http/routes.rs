@@ -7,62 +7,138 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
+use axum::handler::Handler;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::{Json, Router};
 use serde::Deserialize;
 
 use super::{asset, assets, events, exec, App, HttpError};
 use crate::policy::Where;
-use crate::{decisions, flow, logs, policy, sandboxes, secrets, ApiError};
+use crate::{decisions, flow, logs, policy, sandboxes, secrets, suggest, ApiError};
 use sandpen_policy::history::Who;
 
 type Res<T> = Result<T, HttpError>;
 
-pub fn router(app: Arc<App>) -> Router {
-    Router::new()
-        .route(
-            "/",
-            get(|| async { asset("text/html; charset=utf-8", assets::BOOT_HTML) }),
-        )
-        .route(
-            "/boot.js",
-            get(|| async { asset("text/javascript", assets::BOOT_JS) }),
-        )
-        .route("/session", post(session))
-        .route(
-            "/app",
-            get(|| async { asset("text/html; charset=utf-8", assets::INDEX_HTML) }),
-        )
-        .route("/static/{file}", get(static_file))
-        .route("/api/setup", get(setup))
-        .route("/api/folder", post(folder))
-        .route("/api/sandboxes", get(list).post(create))
-        .route("/api/sandboxes/{name}", get(one).delete(rm))
-        .route("/api/sandboxes/{name}/start", post(start))
-        .route("/api/sandboxes/{name}/stop", post(stop))
-        .route("/api/sandboxes/{name}/exec", get(exec::upgrade))
-        .route(
+/// An HTTP method the server answers on a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Verb {
+    Get,
+    Post,
+    Delete,
+}
+
+impl Verb {
+    /// As OpenAPI writes it (`get`, `post`, `delete`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::Post => "post",
+            Verb::Delete => "delete",
+        }
+    }
+
+    fn filter(self) -> MethodFilter {
+        match self {
+            Verb::Get => MethodFilter::GET,
+            Verb::Post => MethodFilter::POST,
+            Verb::Delete => MethodFilter::DELETE,
+        }
+    }
+}
+
+/// One route: a method on a path (axum's `{param}` syntax, which is
+/// OpenAPI's), and its handler.
+struct Route {
+    verb: Verb,
+    path: &'static str,
+    handler: MethodRouter<Arc<App>>,
+}
+
+fn route<H, T>(verb: Verb, path: &'static str, handler: H) -> Route
+where
+    H: Handler<T, Arc<App>>,
+    T: 'static,
+{
+    Route {
+        verb,
+        path,
+        handler: on(verb.filter(), handler),
+    }
+}
+
+/// Every route the server answers, in one place: [`router`] is built from
+/// it, and docs/openapi.json is checked against it ([`served`]).
+fn table() -> Vec<Route> {
+    use Verb::{Delete, Get, Post};
+    vec![
+        route(Get, "/", boot_page),
+        route(Get, "/boot.js", boot_js),
+        route(Post, "/session", session),
+        route(Get, "/app", app_page),
+        route(Get, "/static/{file}", static_file),
+        route(Get, "/api/setup", setup),
+        route(Post, "/api/folder", folder),
+        route(Get, "/api/sandboxes", list),
+        route(Post, "/api/sandboxes", create),
+        route(Get, "/api/sandboxes/{name}", one),
+        route(Delete, "/api/sandboxes/{name}", rm),
+        route(Post, "/api/sandboxes/{name}/start", start),
+        route(Post, "/api/sandboxes/{name}/stop", stop),
+        route(Get, "/api/sandboxes/{name}/exec", exec::upgrade),
+        route(
+            Get,
             "/api/sandboxes/{name}/events",
-            get(events::network_and_files),
-        )
-        .route("/api/sandboxes/{name}/logs", get(events::text_log))
-        .route("/api/sandboxes/{name}/flow", get(flow_show))
-        .route("/api/sandboxes/{name}/flow/reset", post(flow_reset))
-        .route("/api/jobs/{id}", get(job))
-        .route("/api/policy", get(policy_show))
-        .route("/api/policy/rules", post(rule_add))
-        .route("/api/policy/rules/{id}", delete(rule_rm))
-        .route("/api/policy/check", post(check))
-        .route("/api/policy/preset", post(preset))
-        .route("/api/secrets", get(secret_list).post(secret_set))
-        .route("/api/secrets/{service}", delete(secret_rm))
-        .route("/api/logs/network", get(network_log))
-        .route("/api/logs/files", get(file_log))
-        .route("/api/decisions", get(decisions))
-        .route("/api/decisions/{name}/{id}", post(decide))
+            events::network_and_files,
+        ),
+        route(Get, "/api/sandboxes/{name}/logs", events::text_log),
+        route(Get, "/api/sandboxes/{name}/flow", flow_show),
+        route(Post, "/api/sandboxes/{name}/flow/reset", flow_reset),
+        route(Get, "/api/sandboxes/{name}/suggestions", suggestions),
+        route(
+            Post,
+            "/api/sandboxes/{name}/suggestions/apply",
+            suggestions_apply,
+        ),
+        route(Get, "/api/jobs/{id}", job),
+        route(Get, "/api/policy", policy_show),
+        route(Post, "/api/policy/rules", rule_add),
+        route(Delete, "/api/policy/rules/{id}", rule_rm),
+        route(Post, "/api/policy/check", check),
+        route(Post, "/api/policy/preset", preset),
+        route(Get, "/api/secrets", secret_list),
+        route(Post, "/api/secrets", secret_set),
+        route(Delete, "/api/secrets/{service}", secret_rm),
+        route(Get, "/api/logs/network", network_log),
+        route(Get, "/api/logs/files", file_log),
+        route(Get, "/api/decisions", decisions),
+        route(Post, "/api/decisions/{name}/{id}", decide),
+    ]
+}
+
+pub fn router(app: Arc<App>) -> Router {
+    table()
+        .into_iter()
+        .fold(Router::new(), |r, rt| r.route(rt.path, rt.handler))
         .with_state(app)
+}
+
+/// Every method and path the server answers (GET also answers HEAD).
+pub fn served() -> Vec<(Verb, &'static str)> {
+    table().into_iter().map(|r| (r.verb, r.path)).collect()
+}
+
+async fn boot_page() -> Response {
+    asset("text/html; charset=utf-8", assets::BOOT_HTML)
+}
+
+async fn boot_js() -> Response {
+    asset("text/javascript", assets::BOOT_JS)
+}
+
+async fn app_page() -> Response {
+    asset("text/html; charset=utf-8", assets::INDEX_HTML)
 }
 
 /// `POST /session` with the token header: the same token as an HttpOnly,
@@ -209,16 +285,33 @@ async fn create(State(app): State<Arc<App>>, Json(req): Json<CreateReq>) -> Res<
             .map_err(|e| ApiError::Worker(e.to_string()))??;
             lines.say(&format!("created sandbox {}", config.name));
             if start {
-                lines.say(&format!("starting {} (booting the VM)", config.name));
-                let started = sandboxes::start(&dirs, &config.name).await?;
-                for note in started.notes {
-                    lines.say(&format!("note: {note}"));
-                }
-                lines.say(&format!("{} is running", config.name));
+                start_and_after(&dirs, &config.name, &lines).await?;
             }
             Ok(serde_json::json!({ "name": config.name }))
         });
     Ok(job_started(id))
+}
+
+/// Boots a sandbox and runs what its workspace asks of a start
+/// ([`crate::devcontainer::after_start`], as `sandpen start` does), every
+/// note and the lifecycle commands' output in the job's lines.
+async fn start_and_after(
+    dirs: &sandpen_supervisor::Dirs,
+    name: &str,
+    lines: &crate::progress::Lines,
+) -> Result<(), ApiError> {
+    lines.say(&format!("starting {name} (booting the VM)"));
+    let started = sandboxes::start(dirs, name).await?;
+    for note in started.notes {
+        lines.say(&format!("note: {note}"));
+    }
+    lines.say(&format!("{name} is running"));
+    let config = sandpen_supervisor::sandbox::load(dirs, name)?;
+    let say = |l: &str| lines.say(l);
+    let out = crate::devcontainer::LineOutput::new(&say);
+    let done = crate::devcontainer::after_start(dirs, &config, &out).await;
+    out.finish();
+    done
 }
 
 async fn start(State(app): State<Arc<App>>, Path(name): Path<String>) -> Res<Response> {
@@ -228,12 +321,7 @@ async fn start(State(app): State<Arc<App>>, Path(name): Path<String>) -> Res<Res
     let id = app
         .jobs
         .spawn("start", Some(name), move |lines| async move {
-            lines.say(&format!("starting {n} (booting the VM)"));
-            let started = sandboxes::start(&dirs, &n).await?;
-            for note in started.notes {
-                lines.say(&format!("note: {note}"));
-            }
-            lines.say(&format!("{n} is running"));
+            start_and_after(&dirs, &n, &lines).await?;
             Ok(serde_json::json!({ "name": n }))
         });
     Ok(job_started(id))
@@ -470,4 +558,82 @@ async fn decide(
 ) -> Res<Json<serde_json::Value>> {
     let said = decisions::decide(&app.dirs, &name, id, req.decision, Who::Web).await?;
     Ok(Json(serde_json::json!({ "done": said })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuggestQuery {
+    promote_k: Option<usize>,
+    unused_days: Option<i64>,
+}
+
+impl SuggestQuery {
+    fn thresholds(&self) -> suggest::Thresholds {
+        let d = suggest::Thresholds::default();
+        suggest::Thresholds {
+            promote_k: self.promote_k.unwrap_or(d.promote_k),
+            unused_days: self.unused_days.unwrap_or(d.unused_days),
+        }
+    }
+}
+
+/// `policy suggest NAME --json`: rules proposed from what the sandbox did,
+/// flagged ones (exfiltration look-alikes) last. Hosts, domains and
+/// processes come from the guest.
+async fn suggestions(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    Query(q): Query<SuggestQuery>,
+) -> Res<Json<Vec<suggest::Suggestion>>> {
+    Ok(Json(suggest::for_sandbox(
+        &app.dirs,
+        &name,
+        q.thresholds(),
+    )?))
+}
+
+/// `1,3` as the CLI's `--apply` takes it, or `[1, 3]`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Selection {
+    Text(String),
+    Numbers(Vec<usize>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApplyReq {
+    selection: Selection,
+    /// The proposals the page showed for those numbers, in order: nothing
+    /// is applied (409) if the list changed since.
+    shown: Option<Vec<suggest::Proposal>>,
+    promote_k: Option<usize>,
+    unused_days: Option<i64>,
+}
+
+/// `policy suggest NAME --apply N,...`, recorded as the page's (`who: web`).
+async fn suggestions_apply(
+    State(app): State<Arc<App>>,
+    Path(name): Path<String>,
+    Json(req): Json<ApplyReq>,
+) -> Res<Json<serde_json::Value>> {
+    let selection = match req.selection {
+        Selection::Text(s) => s,
+        Selection::Numbers(n) => n.iter().map(usize::to_string).collect::<Vec<_>>().join(","),
+    };
+    let t = SuggestQuery {
+        promote_k: req.promote_k,
+        unused_days: req.unused_days,
+    }
+    .thresholds();
+    let applied = suggest::apply(
+        &app.dirs,
+        &name,
+        &selection,
+        req.shown.as_deref(),
+        t,
+        Who::Web,
+    )
+    .await?;
+    Ok(Json(serde_json::json!({ "applied": applied })))
 }

@@ -1,4 +1,7 @@
-//! `sandpen policy suggest`: rules proposed from what a sandbox did.
+//! Suggestions: rules proposed from what a sandbox did. `sandpen policy
+//! suggest` and the page's Decisions section (`GET
+//! /api/sandboxes/{name}/suggestions`, `POST …/suggestions/apply`) call
+//! [`for_sandbox`] and [`apply`], so both list and apply the same thing.
 //!
 //! Read from the sandbox's network log: learn mode's `would-deny` records,
 //! connections ask mode refused for want of an answer (`no-matching-rule`,
@@ -17,14 +20,28 @@
 //!   can become one global rule.
 //! - **Removals**: an allow rule of the sandbox's file that no connection
 //!   used for N days (and that is older than that).
+//!
+//! Guarantees of [`apply`]: only the numbers chosen are applied, each to
+//! its file (promotions to the global one), each recorded in the sandbox's
+//! history as made by the caller (`suggestion` from the CLI, `web` from the
+//! page) with the counts and flags as the reason; when the caller passes
+//! the proposals it showed and the list has changed since, nothing is
+//! applied. Hosts, domains and processes come from the guest: the caller
+//! escapes them (docs/policy.md, "Suggestions").
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use sandpen_policy::history::{Change, Edit};
+use sandpen_policy::file::PolicyFile;
+use sandpen_policy::history::{Change, Edit, History, Who};
 use sandpen_policy::{Action, Policy, Rule, RuleSource, Scope, Verdict};
+use sandpen_proxy::audit::{read_log, LogFilter};
 use sandpen_proxy::ConnectionReport;
+use sandpen_supervisor::{control, sandbox, Dirs};
 use serde::Serialize;
 use time::OffsetDateTime;
+
+use crate::policy::{file_path, Where};
+use crate::ApiError;
 
 /// A single connection that sent at least this much right after its
 /// domain was first seen is flagged.
@@ -61,7 +78,7 @@ const PASTE_SITES: &[&str] = &[
 ];
 
 /// What a suggestion does.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum Proposal {
     /// Add `allow TARGET` to the sandbox's file.
@@ -206,6 +223,33 @@ struct Group {
     bytes_up: u64,
     sources: BTreeSet<&'static str>,
     flags: BTreeSet<String>,
+    processes: BTreeSet<String>,
+}
+
+/// The guest process a record names, when the network log carries one (a
+/// `process` field: a name, or an object with `name`/`comm`/`exe` and
+/// `pid`). Read through the record's JSON form so that this works before
+/// and after `ConnectionReport` has a typed field for it.
+pub fn process_of(r: &ConnectionReport) -> Option<String> {
+    process_in(&serde_json::to_value(r).ok()?)
+}
+
+/// The `process` of a network record in its JSON form.
+fn process_in(record: &serde_json::Value) -> Option<String> {
+    match record.get("process")? {
+        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+        serde_json::Value::Object(o) => {
+            let name = ["name", "comm", "exe"]
+                .iter()
+                .find_map(|k| o.get(*k).and_then(|v| v.as_str()))
+                .filter(|s| !s.is_empty())?;
+            Some(match o.get("pid").and_then(|p| p.as_u64()) {
+                Some(pid) => format!("{name} ({pid})"),
+                None => name.to_string(),
+            })
+        }
+        _ => None,
+    }
 }
 
 /// The suggestions, numbered from 1: additions (flagged ones last), then
@@ -252,6 +296,9 @@ pub fn suggest(input: &Input<'_>) -> Vec<Suggestion> {
         g.last = Some(g.last.map_or(r.time, |t| t.max(r.time)));
         g.bytes_up += r.bytes_up;
         g.sources.insert(source);
+        if let Some(p) = process_of(r) {
+            g.processes.insert(p);
+        }
         if let Some(label) = high_entropy_label(&host, &domain) {
             g.flags.insert(format!(
                 "high-entropy subdomain `{label}` (data in the name?)"
@@ -292,7 +339,7 @@ pub fn suggest(input: &Input<'_>) -> Vec<Suggestion> {
                 count: g.count,
                 first_seen: g.first,
                 last_seen: g.last,
-                processes: Vec::new(),
+                processes: g.processes.iter().cloned().collect(),
                 bytes_up: g.bytes_up,
                 flags: g.flags.iter().cloned().collect(),
                 sources: g.sources.iter().map(|s| s.to_string()).collect(),
@@ -443,6 +490,168 @@ pub fn parse_selection(s: &str, max: usize) -> Result<Vec<usize>, String> {
         return Err("no suggestion chosen".into());
     }
     Ok(out.into_iter().collect())
+}
+
+/// `--promote-k` and `--unused-days`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    /// Propose a global rule when this many sandboxes have it.
+    pub promote_k: usize,
+    /// Propose removing an allow rule no connection used for this many days.
+    pub unused_days: i64,
+}
+
+impl Default for Thresholds {
+    fn default() -> Thresholds {
+        Thresholds {
+            promote_k: 3,
+            unused_days: 30,
+        }
+    }
+}
+
+/// The suggestions for sandbox `name`: its network log, the policy in
+/// force, every sandbox's own rules and its history, read now.
+pub fn for_sandbox(dirs: &Dirs, name: &str, t: Thresholds) -> Result<Vec<Suggestion>, ApiError> {
+    sandbox::load(dirs, name)?;
+    let paths = dirs.sandbox(name);
+    let records = read_log(
+        &paths.logs().join("net.jsonl"),
+        &LogFilter {
+            sandbox: None,
+            limit: None,
+        },
+    )?;
+    let policy = crate::policy::policy_for(dirs, Some(name))?;
+    let mut sandbox_rules = Vec::new();
+    for c in sandbox::list(dirs)? {
+        let file = PolicyFile::load(
+            &dirs.sandbox(&c.name).dir.join("policy.toml"),
+            Scope::Sandbox,
+        )?;
+        sandbox_rules.push((c.name, file.rules().to_vec()));
+    }
+    let changes = History::in_dir(&paths.dir).read()?;
+    Ok(suggest(&Input {
+        records: &records,
+        policy: &policy,
+        sandbox_rules: &sandbox_rules,
+        sandbox: name,
+        history: &changes,
+        now: OffsetDateTime::now_utc(),
+        promote_k: t.promote_k,
+        unused_days: t.unused_days,
+    }))
+}
+
+/// One applied suggestion: its number and what was done, in words.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub n: usize,
+    pub done: String,
+}
+
+/// The reason a suggestion's change is recorded with.
+fn why(s: &Suggestion) -> String {
+    format!(
+        "suggestion {}: {} connection(s) ({}){}",
+        s.n,
+        s.count,
+        s.sources.join(", "),
+        if s.flags.is_empty() {
+            String::new()
+        } else {
+            format!("; flagged: {}", s.flags.join("; "))
+        }
+    )
+}
+
+/// Applies suggestions `selection` (`1,3`, `2-4`) of sandbox `name`, as
+/// listed now by [`for_sandbox`]: each written to its file, recorded in the
+/// sandbox's history as made by `who`, and the running sandbox told to
+/// decide what it holds again. With `shown` (the proposals, in the order of
+/// the selection, as the caller showed them), nothing is applied if they
+/// are no longer what those numbers propose.
+pub async fn apply(
+    dirs: &Dirs,
+    name: &str,
+    selection: &str,
+    shown: Option<&[Proposal]>,
+    t: Thresholds,
+    who: Who,
+) -> Result<Vec<Applied>, ApiError> {
+    let all = for_sandbox(dirs, name, t)?;
+    let chosen = parse_selection(selection, all.len()).map_err(ApiError::Selection)?;
+    let chosen: Vec<&Suggestion> = chosen
+        .iter()
+        .filter_map(|n| all.iter().find(|s| s.n == *n))
+        .collect();
+    if let Some(shown) = shown {
+        let now: Vec<&Proposal> = chosen.iter().map(|s| &s.proposal).collect();
+        if !now.iter().copied().eq(shown.iter()) {
+            return Err(ApiError::SuggestionsChanged(name.to_string()));
+        }
+    }
+    let paths = dirs.sandbox(name);
+    let history = History::in_dir(&paths.dir);
+    let mut out = Vec::new();
+    for s in chosen {
+        let place = match s.proposal {
+            Proposal::Promote { .. } => Where::Global,
+            _ => Where::Sandbox(name.to_string()),
+        };
+        let (path, kind) = file_path(dirs, &place)?;
+        let mut file = PolicyFile::load(&path, kind)?;
+        let (done, change) = match &s.proposal {
+            Proposal::Add { target } | Proposal::Promote { target, .. } => {
+                let before = file.rules().len();
+                let rule = file.add_rule(Action::Allow, target)?;
+                let said = format!(
+                    "rule {} ({}: {} {})",
+                    rule.id, rule.scope, rule.action, rule.target
+                );
+                if file.rules().len() == before {
+                    (format!("already there: {said}"), None)
+                } else {
+                    (
+                        format!("added {said}"),
+                        Some(Edit::AddRule {
+                            id: rule.id,
+                            action: rule.action,
+                            target: rule.target.to_string(),
+                        }),
+                    )
+                }
+            }
+            Proposal::Remove { id, .. } => {
+                let r = file.remove_rule(*id)?;
+                (
+                    format!(
+                        "removed rule {} ({}: {} {})",
+                        r.id, r.scope, r.action, r.target
+                    ),
+                    Some(Edit::RemoveRule {
+                        id: r.id,
+                        action: r.action,
+                        target: r.target.to_string(),
+                    }),
+                )
+            }
+        };
+        file.save()?;
+        if let Some(change) = change {
+            let now = OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default();
+            history.append(&now, who, &file, change, &why(s), None)?;
+        }
+        out.push(Applied { n: s.n, done });
+    }
+    if control::supervisor_alive(&paths) {
+        // A sandbox that stops meanwhile holds nothing.
+        let _ = control::recheck(&paths).await;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -727,6 +936,119 @@ mod tests {
         assert!(s
             .iter()
             .any(|s| matches!(&s.proposal, Proposal::Remove { id: 2, .. })));
+    }
+
+    /// A sandbox `app` in a temporary state folder, its network log the
+    /// fixture's.
+    fn sandbox_with_log() -> (tempfile::TempDir, Dirs) {
+        let root = tempfile::tempdir().unwrap();
+        let dirs = Dirs {
+            state: root.path().join("state"),
+            data: root.path().join("data"),
+            config: root.path().join("config"),
+        };
+        let ws = root.path().join("ws");
+        std::fs::create_dir_all(&ws).unwrap();
+        let paths = dirs.sandbox("app");
+        std::fs::create_dir_all(paths.logs()).unwrap();
+        let config = serde_json::json!({
+            "name": "app", "workspace": ws, "image": "default", "agent": "shell",
+            "cpus": 1, "memory_mib": 512, "disk_gib": 4, "accel": "auto",
+            "host_uid": 0, "host_gid": 0, "guest_uid": 1000, "guest_gid": 1000,
+            "created_at": "2026-12-04T09:00:00Z",
+        });
+        std::fs::write(paths.config(), config.to_string()).unwrap();
+        std::fs::write(paths.logs().join("net.jsonl"), FIXTURE).unwrap();
+        (root, dirs)
+    }
+
+    /// What `policy suggest --apply` and the page's Apply share: only the
+    /// chosen numbers are written, each recorded as made by the caller with
+    /// the suggestion as the reason; a list that changed since it was shown
+    /// writes nothing.
+    #[tokio::test]
+    async fn apply_writes_what_was_chosen_and_records_who() {
+        let (_root, dirs) = sandbox_with_log();
+        let t = Thresholds::default();
+        let all = for_sandbox(&dirs, "app", t).unwrap();
+        let clean = all.iter().find(|s| s.flags.is_empty()).unwrap();
+        let flagged = all.iter().find(|s| !s.flags.is_empty()).unwrap();
+        let Proposal::Add { target } = &clean.proposal else {
+            panic!("{clean:?}")
+        };
+        let policy_file = dirs.sandbox("app").dir.join("policy.toml");
+
+        let stale = [Proposal::Add {
+            target: "stale.example:443".into(),
+        }];
+        let e = apply(
+            &dirs,
+            "app",
+            &clean.n.to_string(),
+            Some(&stale),
+            t,
+            Who::Web,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, ApiError::SuggestionsChanged(_)), "{e}");
+        assert!(!policy_file.exists());
+        let e = apply(&dirs, "app", "999", None, t, Who::Web)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("numbered 1 to"), "{e}");
+
+        let done = apply(
+            &dirs,
+            "app",
+            &clean.n.to_string(),
+            Some(std::slice::from_ref(&clean.proposal)),
+            t,
+            Who::Web,
+        )
+        .await
+        .unwrap();
+        assert_eq!(done.len(), 1);
+        assert!(done[0].done.starts_with("added rule 1"), "{done:?}");
+        let text = std::fs::read_to_string(&policy_file).unwrap();
+        assert!(text.contains(target.as_str()), "{text}");
+        assert!(!text.contains("pastebin"), "{text}");
+        let history = History::in_dir(&dirs.sandbox("app").dir).read().unwrap();
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0].who, Who::Web);
+        assert!(
+            history[0]
+                .reason
+                .starts_with(&format!("suggestion {}: ", clean.n)),
+            "{:?}",
+            history[0]
+        );
+        // Applied: no longer proposed; the flagged one still is.
+        let after = for_sandbox(&dirs, "app", t).unwrap();
+        assert!(!after.iter().any(|s| s.proposal == clean.proposal));
+        assert!(after.iter().any(|s| s.proposal == flagged.proposal));
+    }
+
+    #[test]
+    fn a_process_in_the_record_is_shown() {
+        let r = records().remove(0);
+        assert_eq!(process_of(&r), None);
+        let with = |p: serde_json::Value| {
+            let mut v = serde_json::to_value(&r).unwrap();
+            v["process"] = p;
+            process_in(&v)
+        };
+        assert_eq!(
+            with(serde_json::json!({"pid": 42, "name": "npm"})).as_deref(),
+            Some("npm (42)")
+        );
+        assert_eq!(
+            with(serde_json::json!({"comm": "pip"})).as_deref(),
+            Some("pip")
+        );
+        assert_eq!(with(serde_json::json!("git")).as_deref(), Some("git"));
+        assert_eq!(with(serde_json::json!({"pid": 7})), None);
+        assert_eq!(with(serde_json::json!("")), None);
     }
 
     #[test]

@@ -381,7 +381,7 @@ async fn start(dirs: &Dirs, name: &str) -> Result<()> {
 }
 
 /// What the workspace's devcontainer.json and version files ask of a start
-/// (docs/dev-env.md): a line for toolchains sandpen does not provision yet,
+/// (docs/dev-env.md): its toolchains provisioned (`provision`),
 /// `postCreateCommand` once per sandbox (until it succeeds) and
 /// `postStartCommand` at every start, each inside the sandbox.
 async fn after_start(dirs: &Dirs, config: &SandboxConfig) -> Result<()> {
@@ -392,11 +392,8 @@ async fn after_start(dirs: &Dirs, config: &SandboxConfig) -> Result<()> {
             return Ok(());
         }
     };
-    if let Some(tools) = plan.summary() {
-        eprintln!(
-            "sandpen: note: this workspace asks for {tools}; sandpen does not provision \
-             toolchains yet, so the image's own are used (`sandpen env plan`)"
-        );
+    if !plan.tools.is_empty() {
+        crate::provision::provision(dirs, config, &plan).await;
     }
     let Some((file, dc)) = plan.devcontainer else {
         return Ok(());

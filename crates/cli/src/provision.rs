@@ -1,0 +1,220 @@
+//! Toolchain provisioning at a start (docs/dev-env.md, "Provisioning").
+//!
+//! The workspace's plan (`sandpen_devenv::detect`) is handed to the image's
+//! mise as `TOOL@VERSION` arguments, never as files: only versions that
+//! passed the devenv grammar reach the guest, as argv (no shell sees them).
+//! mise runs as root in the guest, with the version host off, its installs
+//! under `/opt/mise` (readable by the sandbox user), their `bin/` linked into
+//! `/usr/local/bin`, so every `exec` finds them with no shell profile. Its
+//! downloads leave through the sandbox's proxy like any other connection:
+//! the policy decides, and the host's toolchain cache answers what another
+//! sandbox already fetched. A failed install never stops the start; it is
+//! named, and a refused download names the host and the rule to add.
+
+use anyhow::Result;
+use sandpen_devenv::{Choice, Plan, Tool, Version};
+use sandpen_proto::messages::{ExecEvent, ExecInput};
+use sandpen_supervisor::sandbox::SandboxConfig;
+use sandpen_supervisor::{control, Dirs};
+
+/// The guest's side: for each `TOOL@VERSION` argument, skip what is
+/// installed, install the rest in one `mise install` (its progress on
+/// stderr), link each install's `bin/` into `/usr/local/bin` (never over a
+/// file that is not such a link), and print `SPEC DIR` per tool on stdout.
+const GUEST_SCRIPT: &str = r#"set -u
+command -v mise >/dev/null 2>&1 || { echo "sandpen: this image has no mise (built before sandpen provisioned toolchains): rebuild it with sandpen image build" >&2; exit 90; }
+missing=""
+for spec in "$@"; do
+  mise where "$spec" >/dev/null 2>&1 || missing="$missing $spec"
+done
+if [ -n "$missing" ]; then
+  # $missing is split on purpose: each word is one checked TOOL@VERSION.
+  mise install $missing || exit $?
+fi
+for spec in "$@"; do
+  dir=$(mise where "$spec") || exit 91
+  for bin in "$dir"/bin/*; do
+    [ -e "$bin" ] || continue
+    link=/usr/local/bin/${bin##*/}
+    if [ -e "$link" ] && [ ! -L "$link" ]; then continue; fi
+    case "$(readlink "$link" 2>/dev/null)" in ""|/opt/mise/*) ln -sfn "$bin" "$link" ;; esac
+  done
+  echo "$spec $dir"
+done
+"#;
+
+/// mise's settings in the guest: the version host off (versions are listed
+/// by the vendor itself, through the policy), no prompts, plain output.
+const MISE_ENV: &[(&str, &str)] = &[
+    ("MISE_DATA_DIR", "/opt/mise"),
+    ("MISE_CACHE_DIR", "/var/cache/mise"),
+    ("MISE_STATE_DIR", "/var/lib/mise"),
+    ("MISE_CONFIG_DIR", "/etc/mise"),
+    ("MISE_USE_VERSIONS_HOST", "false"),
+    ("MISE_YES", "1"),
+    ("MISE_COLOR", "0"),
+    ("MISE_PARANOID", "0"),
+    ("HOME", "/root"),
+];
+
+/// What a choice becomes on mise's command line, or why it is not
+/// provisioned.
+pub fn mise_spec(choice: &Choice) -> Result<String, String> {
+    let tool = choice.tool;
+    let version = match &choice.chosen.version {
+        Version::Pinned(v) => v.clone(),
+        Version::Channel(c) => c.clone(),
+        Version::Range(r) => {
+            return Err(format!(
+                "{tool} {r} ({}): a range is not provisioned yet; pin a version in a version file",
+                choice.chosen.origin()
+            ))
+        }
+    };
+    if matches!(tool, Tool::Pnpm | Tool::Yarn) {
+        return Err(format!(
+            "{tool} {version} ({}): not provisioned; corepack (with node) installs it on first use",
+            choice.chosen.origin()
+        ));
+    }
+    Ok(format!("{}@{version}", tool.name()))
+}
+
+/// Provisions the plan's toolchains in the running sandbox; prints what it
+/// did. Never fails the start: an error is a line.
+pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan) {
+    let mut specs = Vec::new();
+    let mut origins = Vec::new();
+    for choice in &plan.tools {
+        match mise_spec(choice) {
+            Ok(spec) => {
+                specs.push(spec);
+                origins.push(choice.chosen.file.clone());
+            }
+            Err(why) => eprintln!("sandpen: toolchains: {why}"),
+        }
+    }
+    if specs.is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let since = time::OffsetDateTime::now_utc();
+    eprintln!("sandpen: toolchains: provisioning {}", specs.join(" "));
+    match run(dirs, config, &specs).await {
+        Ok((0, stdout)) => {
+            let installed: Vec<String> = stdout
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .map(|(spec, dir)| {
+                    let tool = spec.split('@').next().unwrap_or(spec);
+                    let version = dir.rsplit('/').next().unwrap_or(dir);
+                    format!("{tool} {version}")
+                })
+                .collect();
+            origins.dedup();
+            eprintln!(
+                "sandpen: toolchains: {} (from {}) in {:.1} s",
+                installed.join(", "),
+                origins.join(", "),
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Ok((code, _)) => {
+            eprintln!("sandpen: toolchains: mise exited with {code}; the image's own toolchains are used");
+            for line in refused_downloads(dirs, &config.name, since) {
+                eprintln!("{line}");
+            }
+        }
+        Err(e) => eprintln!("sandpen: toolchains: {}", crate::commands::one_line(&e)),
+    }
+}
+
+/// Runs the guest script as root; its stderr (mise's progress) goes to this
+/// terminal, its stdout is returned.
+async fn run(dirs: &Dirs, config: &SandboxConfig, specs: &[String]) -> Result<(i32, String)> {
+    let mut argv = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        GUEST_SCRIPT.into(),
+        "sandpen-provision".into(),
+    ];
+    argv.extend(specs.iter().cloned());
+    let env = MISE_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let req = sandpen_api::sandboxes::exec_request(
+        config,
+        argv,
+        env,
+        Some("root".into()),
+        Some("/".into()),
+        None,
+    );
+    let frames = control::exec(&dirs.sandbox(&config.name), req).await?;
+    let (mut events, mut input) = frames.split();
+    input.send(&ExecInput::StdinEof).await?;
+    let mut stdout = Vec::new();
+    loop {
+        match events.recv::<ExecEvent>().await? {
+            Some(ExecEvent::Started { .. }) => {}
+            Some(ExecEvent::Stdout(d)) => stdout.extend_from_slice(&d),
+            Some(ExecEvent::Stderr(d)) => {
+                use std::io::Write;
+                let mut err = std::io::stderr();
+                let _ = err.write_all(&d);
+                let _ = err.flush();
+            }
+            Some(ExecEvent::Failed { code, message }) => {
+                anyhow::bail!("{message} (exit {code})")
+            }
+            Some(ExecEvent::Exit(status)) => {
+                return Ok((
+                    status.shell_code(),
+                    String::from_utf8_lossy(&stdout).into_owned(),
+                ))
+            }
+            None => anyhow::bail!("the sandbox closed the session before mise exited"),
+        }
+    }
+}
+
+/// The sandbox's network refusals since `since`, each as the proxy's own
+/// denial line and one sentence naming the rule that would allow it.
+pub fn refused_downloads(dirs: &Dirs, name: &str, since: time::OffsetDateTime) -> Vec<String> {
+    let records = sandpen_proxy::read_log(
+        &dirs.sandbox(name).logs().join("net.jsonl"),
+        &sandpen_proxy::LogFilter {
+            sandbox: None,
+            limit: Some(2000),
+        },
+    )
+    .unwrap_or_default();
+    let mut seen = Vec::new();
+    let mut lines = Vec::new();
+    for rec in records
+        .iter()
+        .filter(|r| r.time >= since && r.decision == sandpen_policy::Verdict::Deny)
+    {
+        let dest = (rec.host.clone(), rec.port);
+        if seen.contains(&dest) {
+            continue;
+        }
+        seen.push(dest);
+        let fact = sandpen_proxy::denial::explain(rec, None);
+        if let Some(first) = fact.lines().next() {
+            lines.push(first.to_string());
+        }
+        let allow = if rec.port == 443 {
+            rec.host.clone()
+        } else {
+            format!("{}:{}", rec.host, rec.port)
+        };
+        lines.push(format!(
+            "sandpen: toolchains: the download from {} was refused by this sandbox's network policy; \
+             allow it with `sandpen policy allow network {allow}` (the balanced preset allows it) and start again",
+            rec.host
+        ));
+    }
+    lines
+}

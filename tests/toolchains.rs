@@ -178,11 +178,23 @@ fn run_node(name: &str) -> Result<(String, String, f64), Failed> {
     let host = format!("nodejs.org:{MIRROR_IP}");
     let started = Instant::now();
     let out = e.cli.run(&[
-        "run", "--name", name, "--add-host", &host, "--upstream-ca", &ca, "--", "node", "-v",
+        "run",
+        "--name",
+        name,
+        "--add-host",
+        &host,
+        "--upstream-ca",
+        &ca,
+        "--",
+        "node",
+        "-v",
     ]);
     let seconds = started.elapsed().as_secs_f64();
     let stderr = text(&out.stderr);
-    for line in stderr.lines().filter(|l| l.contains("toolchains") || l.contains("node@")) {
+    for line in stderr
+        .lines()
+        .filter(|l| l.contains("toolchains") || l.contains("node@"))
+    {
         eprintln!("  {name}: {line}");
     }
     Ok((text(&out.stdout), stderr, seconds))
@@ -245,7 +257,10 @@ fn first_sandbox_provisions_node_22_from_the_vendor() -> Result<(), Failed> {
     eprintln!("first sandbox (from the mirror): {seconds:.1} s");
     check(
         stdout.trim() == format!("v{NODE}"),
-        format!("node -v: {stdout:?}\nstderr: {stderr}\n{}", env().cli.log_tails()),
+        format!(
+            "node -v: {stdout:?}\nstderr: {stderr}\n{}",
+            env().cli.log_tails()
+        ),
     )?;
     check(
         stderr.contains(&format!("sandpen: toolchains: node {NODE} (from .nvmrc)")),
@@ -262,7 +277,10 @@ fn first_sandbox_provisions_node_22_from_the_vendor() -> Result<(), Failed> {
             && r["cache"] == "fill"
             && r["status"] == 200
     });
-    check(filled, format!("no cache fill in the network log: {recs:?}"))?;
+    check(
+        filled,
+        format!("no cache fill in the network log: {recs:?}"),
+    )?;
     let blobs = cache_blobs()?;
     let served = fixture_hashes();
     check(
@@ -289,7 +307,9 @@ fn second_sandbox_gets_it_from_the_cache() -> Result<(), Failed> {
     let recs = node_records(SECOND);
     let hit = recs.iter().any(|r| {
         r["path"].as_str() == Some(&format!("/dist/v{NODE}/node-v{NODE}-linux-x64.tar.gz"))
-            && r["cache"].as_str().is_some_and(|c| c.starts_with("hit sha256 "))
+            && r["cache"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("hit sha256 "))
     });
     check(hit, format!("no cache hit in the network log: {recs:?}"))
 }
@@ -318,7 +338,10 @@ fn a_guest_as_root_cannot_poison_the_cache() -> Result<(), Failed> {
         fake = "0".repeat(64),
     );
     let out = ok(&["exec", "-u", "root", FIRST, "--", "sh", "-c", &sh])?;
-    check(!out.contains("SHARED"), format!("the cache is mounted in the guest: {out}"))?;
+    check(
+        !out.contains("SHARED"),
+        format!("the cache is mounted in the guest: {out}"),
+    )?;
     let after = cache_blobs()?;
     check(
         after == before,

@@ -22,7 +22,12 @@ pub struct Mirror {
 
 impl Mirror {
     /// Serves `root` on `addr` with `cert`/`key` (PEM files).
-    pub fn start(root: &Path, addr: SocketAddr, cert: &Path, key: &Path) -> std::io::Result<Mirror> {
+    pub fn start(
+        root: &Path,
+        addr: SocketAddr,
+        cert: &Path,
+        key: &Path,
+    ) -> std::io::Result<Mirror> {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
             .map_err(std::io::Error::other)?
             .collect::<Result<_, _>>()

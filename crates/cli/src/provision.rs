@@ -120,7 +120,9 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan) {
             );
         }
         Ok((code, _)) => {
-            eprintln!("sandpen: toolchains: mise exited with {code}; the image's own toolchains are used");
+            eprintln!(
+                "sandpen: toolchains: mise exited with {code}; the image's own toolchains are used"
+            );
             for line in refused_downloads(dirs, &config.name, since) {
                 eprintln!("{line}");
             }

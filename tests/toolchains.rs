@@ -314,6 +314,36 @@ fn second_sandbox_gets_it_from_the_cache() -> Result<(), Failed> {
     check(hit, format!("no cache hit in the network log: {recs:?}"))
 }
 
+/// A restart finds the install on the sandbox's disk: no request leaves.
+fn a_restart_fetches_nothing() -> Result<(), Failed> {
+    let e = env();
+    ok(&["stop", FIRST])?;
+    let before = e.mirror.requests();
+    let started = Instant::now();
+    let out = e.cli.run(&["start", FIRST]);
+    let seconds = started.elapsed().as_secs_f64();
+    let stderr = text(&out.stderr);
+    eprintln!("restart of the first sandbox: {seconds:.1} s");
+    for line in stderr.lines().filter(|l| l.contains("toolchains")) {
+        eprintln!("  {FIRST}: {line}");
+    }
+    check(
+        out.status.success()
+            && stderr.contains(&format!("sandpen: toolchains: node {NODE} (from .nvmrc)")),
+        format!("start: {:?}: {stderr}", out.status),
+    )?;
+    let after = e.mirror.requests();
+    check(
+        after.len() == before.len(),
+        format!("requests at a restart: {:?}", &after[before.len()..]),
+    )?;
+    let v = ok(&["exec", FIRST, "--", "node", "-v"])?;
+    check(
+        v.trim() == format!("v{NODE}"),
+        format!("node -v as agent: {v}"),
+    )
+}
+
 /// A guest as root, with the sandbox's own network and disk, tries to put
 /// bytes of its own into the cache: through a share (there is none), and
 /// through the proxy (partial, uploaded and unknown bodies). The host's
@@ -389,6 +419,7 @@ fn main() {
             "second_sandbox_gets_it_from_the_cache",
             second_sandbox_gets_it_from_the_cache,
         ),
+        ("a_restart_fetches_nothing", a_restart_fetches_nothing),
         (
             "a_guest_as_root_cannot_poison_the_cache",
             a_guest_as_root_cannot_poison_the_cache,

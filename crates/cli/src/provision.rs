@@ -220,3 +220,44 @@ pub fn refused_downloads(dirs: &Dirs, name: &str, since: time::OffsetDateTime) -
     }
     lines
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandpen_devenv::{Rank, Request};
+
+    fn choice(tool: Tool, version: Version) -> Choice {
+        Choice {
+            tool,
+            chosen: Request {
+                tool,
+                version,
+                file: ".nvmrc".into(),
+                key: String::new(),
+                rank: Rank::VersionFile,
+            },
+            others: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn versions_and_channels_become_mise_arguments_ranges_are_named() {
+        let spec = |t, v| mise_spec(&choice(t, v));
+        assert_eq!(
+            spec(Tool::Node, Version::pinned("22").unwrap()).unwrap(),
+            "node@22"
+        );
+        assert_eq!(
+            spec(Tool::Node, Version::channel("lts/iron").unwrap()).unwrap(),
+            "node@lts/iron"
+        );
+        assert_eq!(
+            spec(Tool::Rust, Version::channel("stable").unwrap()).unwrap(),
+            "rust@stable"
+        );
+        let range = spec(Tool::Node, Version::range(">=20 <23").unwrap()).unwrap_err();
+        assert!(range.contains("a range is not provisioned yet"), "{range}");
+        let pnpm = spec(Tool::Pnpm, Version::pinned("9.1.0").unwrap()).unwrap_err();
+        assert!(pnpm.contains("not provisioned"), "{pnpm}");
+    }
+}

@@ -3,7 +3,7 @@
 //! and the host's toolchain cache, with the real proxy.
 //!
 //! nodejs.org is not reachable here, so a fixture mirror (tests/common/
-//! mirror.rs) stands in for it: `--add-host nodejs.org:127.0.0.9` and
+//! mirror.rs) stands in for it: `--add-host nodejs.org:127.0.0.X` and
 //! `--upstream-ca` make it the vendor on exactly the path a user's machine
 //! takes (guest mise, the guest's transparent redirect, the proxy's policy,
 //! interception with the sandbox CA, TLS to the "vendor" verified by the
@@ -30,8 +30,6 @@ const NODE: &str = "22.23.5";
 const NODE_INTEGRITY: &str = "sha512-3jhC+wcoWxKZxcRqF2sUSl0c9HEXFnur/nuIPx6O6CWKV0jOUWQm7Htw5SuXqqlMCEhi0cJqybFPEb5hhcBiMw==";
 const NPM: &str = "10.9.4";
 const NPM_INTEGRITY: &str = "sha512-OnUG836FwboQIbqtefDNlyR0gTHzIfwRfE3DuiNewBvnMnWEpB0VEXwBlFVgqpNzIgYo/MHh3d2Hel/pszapAA==";
-/// The mirror's address; nodejs.org is pointed at it with `--add-host`.
-const MIRROR_IP: &str = "127.0.0.9";
 
 const FIRST: &str = "tc-first";
 const SECOND: &str = "tc-second";
@@ -52,14 +50,20 @@ fn env() -> &'static Env {
         std::fs::write(ws.join(".nvmrc"), "22\n").unwrap();
         common::make_pki(root.path(), "nodejs", &["nodejs.org"]);
         let fixture = node_fixture().expect("the nodejs.org fixture");
-        let addr: SocketAddr = format!("{MIRROR_IP}:443").parse().unwrap();
-        let mirror = common::mirror::Mirror::start(
-            &fixture,
-            addr,
-            &root.path().join("nodejs.pem"),
-            &root.path().join("nodejs.key"),
-        )
-        .expect("the mirror on 127.0.0.9:443 (the tests run as root)");
+        // Port 443 as on nodejs.org, on a loopback address no other test
+        // binary holds (they run side by side on a shared machine).
+        let mirror = (40..90u8)
+            .find_map(|last| {
+                let addr: SocketAddr = format!("127.0.0.{last}:443").parse().unwrap();
+                common::mirror::Mirror::start(
+                    &fixture,
+                    addr,
+                    &root.path().join("nodejs.pem"),
+                    &root.path().join("nodejs.key"),
+                )
+                .ok()
+            })
+            .expect("the mirror on a free 127.0.0.x:443 (the tests run as root)");
         Env {
             cli: Cli::new(ws),
             ca: root.path().join("nodejs-ca.pem"),
@@ -175,7 +179,7 @@ fn ok(args: &[&str]) -> Result<String, Failed> {
 fn run_node(name: &str) -> Result<(String, String, f64), Failed> {
     let e = env();
     let ca = e.ca.to_string_lossy().into_owned();
-    let host = format!("nodejs.org:{MIRROR_IP}");
+    let host = format!("nodejs.org:{}", e.mirror.addr.ip());
     let started = Instant::now();
     let out = e.cli.run(&[
         "run",

@@ -318,6 +318,49 @@ fn second_sandbox_gets_it_from_the_cache() -> Result<(), Failed> {
     check(hit, format!("no cache hit in the network log: {recs:?}"))
 }
 
+/// A workspace whose only statement is a range (`engines.node`) gets the
+/// newest release the vendor lists that the range allows.
+fn a_range_alone_gets_the_newest_release_it_allows() -> Result<(), Failed> {
+    let e = env();
+    let (_root, ws) = common::workspace("sandpen-toolchains-range-", "ranged");
+    std::fs::write(
+        ws.join("package.json"),
+        r#"{"name": "ranged", "engines": {"node": ">=20 <23"}}"#,
+    )?;
+    let cli = Cli::new(ws);
+    let result = (|| {
+        cli.ok(&["policy", "init", "balanced", "-g"])?;
+        let ca = e.ca.to_string_lossy().into_owned();
+        let host = format!("nodejs.org:{}", e.mirror.addr.ip());
+        let out = cli.run(&[
+            "run",
+            "--add-host",
+            &host,
+            "--upstream-ca",
+            &ca,
+            "--",
+            "node",
+            "-v",
+        ]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        for line in stderr.lines().filter(|l| l.contains("toolchains")) {
+            eprintln!("  ranged: {line}");
+        }
+        check(
+            stdout.trim() == format!("v{NODE}"),
+            format!("node -v: {stdout:?}\nstderr: {stderr}"),
+        )?;
+        check(
+            stderr.contains(&format!(
+                "node >=20 <23 (package.json engines.node) is node@{NODE}, the newest release it allows"
+            )),
+            format!("the range's resolution is not said: {stderr}"),
+        )
+    })();
+    let _ = cli.run(&["rm", "-f", "ranged"]);
+    result
+}
+
 /// A restart finds the install on the sandbox's disk: no request leaves.
 fn a_restart_fetches_nothing() -> Result<(), Failed> {
     let e = env();
@@ -424,6 +467,10 @@ fn main() {
             second_sandbox_gets_it_from_the_cache,
         ),
         ("a_restart_fetches_nothing", a_restart_fetches_nothing),
+        (
+            "a_range_alone_gets_the_newest_release_it_allows",
+            a_range_alone_gets_the_newest_release_it_allows,
+        ),
         (
             "a_guest_as_root_cannot_poison_the_cache",
             a_guest_as_root_cannot_poison_the_cache,

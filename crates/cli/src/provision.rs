@@ -57,36 +57,84 @@ const MISE_ENV: &[(&str, &str)] = &[
     ("HOME", "/root"),
 ];
 
-/// What a choice becomes on mise's command line, or why it is not
-/// provisioned.
-pub fn mise_spec(choice: &Choice) -> Result<String, String> {
+/// What a choice becomes on mise's command line, `Ok(None)` for a range
+/// still to be resolved against the vendor's list ([`resolve_range`]), or
+/// why it is not provisioned.
+pub fn mise_spec(choice: &Choice) -> Result<Option<String>, String> {
     let tool = choice.tool;
+    if matches!(tool, Tool::Pnpm | Tool::Yarn) {
+        return Err(format!(
+            "{tool} {} ({}): not provisioned; corepack (with node) installs it on first use",
+            choice.chosen.version,
+            choice.chosen.origin()
+        ));
+    }
     let version = match &choice.chosen.version {
         Version::Pinned(v) => v.clone(),
         Version::Channel(c) => c.clone(),
+        Version::Range(_) if matches!(tool, Tool::Node | Tool::Python) => return Ok(None),
         Version::Range(r) => {
             return Err(format!(
-                "{tool} {r} ({}): a range is not provisioned yet; pin a version in a version file",
+                "{tool} {r} ({}): a range of {tool} is not provisioned yet; pin a version in a version file",
                 choice.chosen.origin()
             ))
         }
     };
-    if matches!(tool, Tool::Pnpm | Tool::Yarn) {
-        return Err(format!(
-            "{tool} {version} ({}): not provisioned; corepack (with node) installs it on first use",
-            choice.chosen.origin()
-        ));
+    Ok(Some(format!("{}@{version}", tool.name())))
+}
+
+/// The newest release of `choice`'s tool its range allows, from the
+/// vendor's list as the guest's mise fetches it (through the policy).
+async fn resolve_range(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    choice: &Choice,
+) -> Result<String, String> {
+    let tool = choice.tool;
+    let range = choice.chosen.version.text();
+    let argv = vec!["mise".into(), "ls-remote".into(), tool.name().into()];
+    let listed = match guest(dirs, config, argv).await {
+        Ok((0, out)) => out,
+        Ok((code, _)) => {
+            return Err(format!(
+                "{tool} {range} ({}): listing the releases failed (mise exited with {code})",
+                choice.chosen.origin()
+            ))
+        }
+        Err(e) => return Err(crate::commands::one_line(&e)),
+    };
+    let released: Vec<&str> = listed.lines().collect();
+    match sandpen_devenv::newest_in_range(tool, range, &released) {
+        Some(v) => Ok(format!("{}@{v}", tool.name())),
+        None => Err(format!(
+            "{tool} {range} ({}): no release of the {} listed satisfies it",
+            choice.chosen.origin(),
+            released.len()
+        )),
     }
-    Ok(format!("{}@{version}", tool.name()))
 }
 
 /// Provisions the plan's toolchains in the running sandbox; prints what it
 /// did. Never fails the start: an error is a line.
 pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan) {
+    let started = std::time::Instant::now();
+    let since = time::OffsetDateTime::now_utc();
     let mut specs = Vec::new();
     let mut origins = Vec::new();
     for choice in &plan.tools {
-        match mise_spec(choice) {
+        let spec = match mise_spec(choice) {
+            Ok(Some(spec)) => Ok(spec),
+            Ok(None) => resolve_range(dirs, config, choice).await.inspect(|spec| {
+                eprintln!(
+                    "sandpen: toolchains: {} {} ({}) is {spec}, the newest release it allows",
+                    choice.tool,
+                    choice.chosen.version,
+                    choice.chosen.origin()
+                )
+            }),
+            Err(why) => Err(why),
+        };
+        match spec {
             Ok(spec) => {
                 specs.push(spec);
                 origins.push(choice.chosen.file.clone());
@@ -95,10 +143,11 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan) {
         }
     }
     if specs.is_empty() {
+        for line in refused_downloads(dirs, &config.name, since) {
+            eprintln!("{line}");
+        }
         return;
     }
-    let started = std::time::Instant::now();
-    let since = time::OffsetDateTime::now_utc();
     eprintln!("sandpen: toolchains: provisioning {}", specs.join(" "));
     match run(dirs, config, &specs).await {
         Ok((0, stdout)) => {
@@ -131,8 +180,7 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan) {
     }
 }
 
-/// Runs the guest script as root; its stderr (mise's progress) goes to this
-/// terminal, its stdout is returned.
+/// Runs the guest script as root (see [`guest`]).
 async fn run(dirs: &Dirs, config: &SandboxConfig, specs: &[String]) -> Result<(i32, String)> {
     let mut argv = vec![
         "/bin/sh".to_string(),
@@ -141,6 +189,12 @@ async fn run(dirs: &Dirs, config: &SandboxConfig, specs: &[String]) -> Result<(i
         "sandpen-provision".into(),
     ];
     argv.extend(specs.iter().cloned());
+    guest(dirs, config, argv).await
+}
+
+/// Runs `argv` in the guest as root with mise's settings; its stderr
+/// (mise's progress) goes to this terminal, its stdout is returned.
+async fn guest(dirs: &Dirs, config: &SandboxConfig, argv: Vec<String>) -> Result<(i32, String)> {
     let env = MISE_ENV
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -241,22 +295,32 @@ mod tests {
     }
 
     #[test]
-    fn versions_and_channels_become_mise_arguments_ranges_are_named() {
+    fn versions_and_channels_become_mise_arguments_ranges_are_resolved_or_named() {
         let spec = |t, v| mise_spec(&choice(t, v));
+        let some = |s: &str| Ok(Some(s.to_string()));
         assert_eq!(
-            spec(Tool::Node, Version::pinned("22").unwrap()).unwrap(),
-            "node@22"
+            spec(Tool::Node, Version::pinned("22").unwrap()),
+            some("node@22")
         );
         assert_eq!(
-            spec(Tool::Node, Version::channel("lts/iron").unwrap()).unwrap(),
-            "node@lts/iron"
+            spec(Tool::Node, Version::channel("lts/iron").unwrap()),
+            some("node@lts/iron")
         );
         assert_eq!(
-            spec(Tool::Rust, Version::channel("stable").unwrap()).unwrap(),
-            "rust@stable"
+            spec(Tool::Rust, Version::channel("stable").unwrap()),
+            some("rust@stable")
         );
-        let range = spec(Tool::Node, Version::range(">=20 <23").unwrap()).unwrap_err();
-        assert!(range.contains("a range is not provisioned yet"), "{range}");
+        // Node and python ranges are resolved against the vendor's list.
+        assert_eq!(
+            spec(Tool::Node, Version::range(">=20 <23").unwrap()),
+            Ok(None)
+        );
+        assert_eq!(
+            spec(Tool::Python, Version::range(">=3.11").unwrap()),
+            Ok(None)
+        );
+        let go = spec(Tool::Go, Version::range(">=1.22").unwrap()).unwrap_err();
+        assert!(go.contains("a range of go is not provisioned yet"), "{go}");
         let pnpm = spec(Tool::Pnpm, Version::pinned("9.1.0").unwrap()).unwrap_err();
         assert!(pnpm.contains("not provisioned"), "{pnpm}");
     }

@@ -207,7 +207,7 @@ impl Mitm {
             None => None,
         };
         let cache = match (&self.cache, toolcache::artifact_host(host)) {
-            (Some(cache), Some(artifacts)) if port == 443 => Some((cache.clone(), artifacts)),
+            (Some(cache), Some(artifacts)) => Some((cache.clone(), artifacts)),
             _ => None,
         };
         if credential.is_none() && cache.is_none() {
@@ -673,8 +673,13 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
     // The toolchain cache (docs/dev-env.md): a whole GET of a versioned
     // artifact is answered from it when it holds the URL, verified.
     let cached = s.cache.as_ref().and_then(|(cache, artifacts)| {
-        toolcache::cacheable_request(artifacts, req.method(), &path, req.headers())
-            .then(|| (cache.clone(), format!("https://{}{}", s.host, path)))
+        toolcache::cacheable_request(artifacts, req.method(), &path, req.headers()).then(|| {
+            let url = match s.port {
+                443 => format!("https://{}{path}", s.host),
+                port => format!("https://{}:{port}{path}", s.host),
+            };
+            (cache.clone(), url)
+        })
     });
     if let Some((cache, url)) = &cached {
         let lookup = {

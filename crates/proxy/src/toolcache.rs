@@ -17,7 +17,7 @@
 //!   byte is sent; a blob whose bytes no longer match its name (disk error,
 //!   a local process) is removed and the request goes upstream.
 //! - **Keyed by URL and by upstream trust**: the key is the sha256 of the
-//!   URL and of the sandbox's upstream identity (its `--add-host` overrides
+//!   URL (with its port when not 443) and of the sandbox's upstream identity (its `--add-host` overrides
 //!   and `--upstream-ca` files, empty for a sandbox with neither), so a
 //!   sandbox pointed at a mirror of its own never fills the cache of a
 //!   sandbox that talks to the vendor.

@@ -319,7 +319,7 @@ fn first_run_policy(dirs: &Dirs) -> Result<()> {
     }
     eprint!(
         "No network policy yet. What may sandboxes reach?\n  \
-         1) balanced: the agents' model APIs, package registries, GitHub and GitLab (recommended)\n  \
+         1) balanced: the agents' model APIs, package registries, GitHub and GitLab, toolchain vendors (recommended)\n  \
          2) deny-all: nothing until you allow it\n  \
          3) allow-all: everything but local and private addresses\n\
          Choose [1]: "

@@ -1176,3 +1176,71 @@ async fn partial_uploaded_and_moving_bodies_are_never_kept() {
     );
     assert_eq!(h.upstream_count(art), 4);
 }
+
+#[tokio::test]
+async fn after_secret_read_a_toolchain_host_is_no_sink_for_being_intercepted() {
+    let cache = tempfile::tempdir().unwrap();
+    let h = toolchain_harness(cache.path(), "").await;
+    // The cache's interception carries no credential: it never makes its
+    // host a trusted sink. Here the workspace's (trusted) .sandpen.toml names
+    // nodejs.org, which counts only through credential interception.
+    let ws = sandpen_policy::WorkspaceFile::parse(
+        "[flow]\ntrusted_sinks = [\"nodejs.org\"]\n",
+        std::path::Path::new("/w/.sandpen.toml"),
+    )
+    .unwrap();
+    h.proxy.set_policy(
+        Policy::from_files(
+            Some(
+                &PolicyFile::parse(
+                    "[[network]]\nid = 1\naction = \"allow\"\ntarget = \"**\"\n".into(),
+                    std::path::Path::new("/t/policy.toml"),
+                    sandpen_policy::Scope::Global,
+                )
+                .unwrap(),
+            ),
+            None,
+        )
+        .with_mode(Mode::Enforce)
+        .with_add_hosts(std::iter::once(
+            AddHost::parse("nodejs.org:127.0.0.1").unwrap(),
+        ))
+        .with_trusted_sinks(vec![
+            sandpen_policy::Target::parse("api.anthropic.com").unwrap()
+        ])
+        .with_labels(FlowLabels {
+            labels: vec![LabelSet {
+                label: Label::SecretRead,
+                at: "2026-12-04T12:00:00Z".into(),
+                by: "/w/secrets/token".into(),
+            }],
+        })
+        .with_workspace(Some(ws.clone()), Some(&ws.sha256)),
+    );
+    let (guest, host_end) = tokio::io::duplex(64 * 1024);
+    let p = h.proxy.clone();
+    let open = EgressOpen {
+        mode: EgressMode::Transparent,
+        host: "nodejs.org".into(),
+        port: h.good.addr.port(),
+        src_port: 0,
+    };
+    let report = tokio::spawn(async move { p.handle(host_end, open).await });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(h.sandbox_roots())
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            pki_types::ServerName::try_from("nodejs.org".to_string()).unwrap(),
+            guest,
+        )
+        .await;
+    assert!(handshake.is_err(), "the connection was intercepted");
+    let rep = report.await.unwrap();
+    assert_eq!(rep.decision, sandpen_policy::Verdict::Deny, "{rep:?}");
+    assert!(rep.reason.starts_with("flow"), "{rep:?}");
+    assert!(h.good.seen.lock().unwrap().is_empty());
+}

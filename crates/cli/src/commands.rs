@@ -179,6 +179,17 @@ fn env_plan(path: Option<PathBuf>, json: bool) -> Result<i32> {
         for conflict in plan.conflicts() {
             println!("conflict: {conflict}");
         }
+        // What a start hands to the image's mise (docs/dev-env.md).
+        for choice in &plan.tools {
+            match crate::provision::mise_spec(choice) {
+                Ok(Some(spec)) => println!("provision: mise install {spec}"),
+                Ok(None) => println!(
+                    "provision: mise install {}@(the newest release {} allows, at the start)",
+                    choice.tool, choice.chosen.version
+                ),
+                Err(why) => println!("provision: {why}"),
+            }
+        }
     }
     Ok(0)
 }

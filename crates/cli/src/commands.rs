@@ -181,7 +181,7 @@ fn env_plan(path: Option<PathBuf>, json: bool) -> Result<i32> {
         }
         // What a start hands to the image's mise (docs/dev-env.md).
         for choice in &plan.tools {
-            match crate::provision::mise_spec(choice) {
+            match sandpen_api::provision::mise_spec(choice) {
                 Ok(Some(spec)) => println!("provision: mise install {spec}"),
                 Ok(None) => println!(
                     "provision: mise install {}@(the newest release {} allows, at the start)",
@@ -404,7 +404,7 @@ async fn after_start(dirs: &Dirs, config: &SandboxConfig) -> Result<()> {
         }
     };
     if !plan.tools.is_empty() {
-        crate::provision::provision(dirs, config, &plan).await;
+        sandpen_api::provision::provision(dirs, config, &plan, &|line| eprintln!("{line}")).await;
     }
     let Some((file, dc)) = plan.devcontainer else {
         return Ok(());

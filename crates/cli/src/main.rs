@@ -5,7 +5,6 @@ mod commands;
 mod cp_cmd;
 mod fs_serve;
 mod policy_cmd;
-mod provision;
 mod secret_cmd;
 mod stats_cmd;
 mod suggest;

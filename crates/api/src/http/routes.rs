@@ -214,6 +214,7 @@ async fn create(State(app): State<Arc<App>>, Json(req): Json<CreateReq>) -> Res<
                 for note in started.notes {
                     lines.say(&format!("note: {note}"));
                 }
+                crate::provision::at_start(&dirs, &config, &|l| lines.say(l)).await;
                 lines.say(&format!("{} is running", config.name));
             }
             Ok(serde_json::json!({ "name": config.name }))
@@ -233,6 +234,8 @@ async fn start(State(app): State<Arc<App>>, Path(name): Path<String>) -> Res<Res
             for note in started.notes {
                 lines.say(&format!("note: {note}"));
             }
+            let config = sandpen_supervisor::sandbox::load(&dirs, &n)?;
+            crate::provision::at_start(&dirs, &config, &|l| lines.say(l)).await;
             lines.say(&format!("{n} is running"));
             Ok(serde_json::json!({ "name": n }))
         });

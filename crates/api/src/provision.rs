@@ -1,4 +1,6 @@
-//! Toolchain provisioning at a start (docs/dev-env.md, "Provisioning").
+//! Toolchain provisioning at a start (docs/dev-env.md, "Provisioning"),
+//! for `sandpen run`/`start` and the page's start alike: every line (mise's
+//! progress included) goes to the caller's `say`.
 //!
 //! The workspace's plan (`sandpen_devenv::detect`) is handed to the image's
 //! mise as `TOOL@VERSION` arguments, never as files: only versions that
@@ -11,11 +13,15 @@
 //! sandbox already fetched. A failed install never stops the start; it is
 //! named, and a refused download names the host and the rule to add.
 
-use anyhow::Result;
 use sandpen_devenv::{Choice, Plan, Tool, Version};
 use sandpen_proto::messages::{ExecEvent, ExecInput};
 use sandpen_supervisor::sandbox::SandboxConfig;
 use sandpen_supervisor::{control, Dirs};
+
+use crate::ApiError;
+
+/// Where the lines go: the CLI's stderr, a page job's lines.
+pub type Say<'a> = &'a (dyn Fn(&str) + Sync);
 
 /// The guest's side: for each `TOOL@VERSION` argument, skip what is
 /// installed, install the rest in one `mise install` (its progress on
@@ -89,11 +95,12 @@ async fn resolve_range(
     dirs: &Dirs,
     config: &SandboxConfig,
     choice: &Choice,
+    say: Say<'_>,
 ) -> Result<String, String> {
     let tool = choice.tool;
     let range = choice.chosen.version.text();
     let argv = vec!["mise".into(), "ls-remote".into(), tool.name().into()];
-    let listed = match guest(dirs, config, argv).await {
+    let listed = match guest(dirs, config, argv, say).await {
         Ok((0, out)) => out,
         Ok((code, _)) => {
             return Err(format!(
@@ -101,7 +108,7 @@ async fn resolve_range(
                 choice.chosen.origin()
             ))
         }
-        Err(e) => return Err(crate::commands::one_line(&e)),
+        Err(e) => return Err(e.to_string()),
     };
     let released: Vec<&str> = listed.lines().collect();
     match sandpen_devenv::newest_in_range(tool, range, &released) {
@@ -116,7 +123,7 @@ async fn resolve_range(
 
 /// Provisions the plan's toolchains in the running sandbox; prints what it
 /// did. Never fails the start: an error is a line.
-pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan) {
+pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan, say: Say<'_>) {
     let started = std::time::Instant::now();
     let since = time::OffsetDateTime::now_utc();
     let mut specs = Vec::new();
@@ -124,14 +131,16 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan) {
     for choice in &plan.tools {
         let spec = match mise_spec(choice) {
             Ok(Some(spec)) => Ok(spec),
-            Ok(None) => resolve_range(dirs, config, choice).await.inspect(|spec| {
-                eprintln!(
-                    "sandpen: toolchains: {} {} ({}) is {spec}, the newest release it allows",
-                    choice.tool,
-                    choice.chosen.version,
-                    choice.chosen.origin()
-                )
-            }),
+            Ok(None) => resolve_range(dirs, config, choice, say)
+                .await
+                .inspect(|spec| {
+                    say(&format!(
+                        "sandpen: toolchains: {} {} ({}) is {spec}, the newest release it allows",
+                        choice.tool,
+                        choice.chosen.version,
+                        choice.chosen.origin()
+                    ))
+                }),
             Err(why) => Err(why),
         };
         match spec {
@@ -139,17 +148,20 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan) {
                 specs.push(spec);
                 origins.push(choice.chosen.file.clone());
             }
-            Err(why) => eprintln!("sandpen: toolchains: {why}"),
+            Err(why) => say(&format!("sandpen: toolchains: {why}")),
         }
     }
     if specs.is_empty() {
         for line in refused_downloads(dirs, &config.name, since) {
-            eprintln!("{line}");
+            say(&line);
         }
         return;
     }
-    eprintln!("sandpen: toolchains: provisioning {}", specs.join(" "));
-    match run(dirs, config, &specs).await {
+    say(&format!(
+        "sandpen: toolchains: provisioning {}",
+        specs.join(" ")
+    ));
+    match run(dirs, config, &specs, say).await {
         Ok((0, stdout)) => {
             let installed: Vec<String> = stdout
                 .lines()
@@ -161,27 +173,45 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan) {
                 })
                 .collect();
             origins.dedup();
-            eprintln!(
+            say(&format!(
                 "sandpen: toolchains: {} (from {}) in {:.1} s",
                 installed.join(", "),
                 origins.join(", "),
                 started.elapsed().as_secs_f64()
-            );
+            ));
         }
         Ok((code, _)) => {
-            eprintln!(
+            say(&format!(
                 "sandpen: toolchains: mise exited with {code}; the image's own toolchains are used"
-            );
+            ));
             for line in refused_downloads(dirs, &config.name, since) {
-                eprintln!("{line}");
+                say(&line);
             }
         }
-        Err(e) => eprintln!("sandpen: toolchains: {}", crate::commands::one_line(&e)),
+        Err(e) => say(&format!(
+            "sandpen: toolchains: {}",
+            crate::error::one_line(&e)
+        )),
+    }
+}
+
+/// What the page's start does after the boot: the workspace's plan read
+/// (a bad file is a line) and provisioned.
+pub async fn at_start(dirs: &Dirs, config: &SandboxConfig, say: Say<'_>) {
+    match sandpen_devenv::detect(&config.workspace) {
+        Ok(plan) if !plan.tools.is_empty() => provision(dirs, config, &plan, say).await,
+        Ok(_) => {}
+        Err(e) => say(&format!("note: {e}")),
     }
 }
 
 /// Runs the guest script as root (see [`guest`]).
-async fn run(dirs: &Dirs, config: &SandboxConfig, specs: &[String]) -> Result<(i32, String)> {
+async fn run(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    specs: &[String],
+    say: Say<'_>,
+) -> Result<(i32, String), ApiError> {
     let mut argv = vec![
         "/bin/sh".to_string(),
         "-c".into(),
@@ -189,17 +219,22 @@ async fn run(dirs: &Dirs, config: &SandboxConfig, specs: &[String]) -> Result<(i
         "sandpen-provision".into(),
     ];
     argv.extend(specs.iter().cloned());
-    guest(dirs, config, argv).await
+    guest(dirs, config, argv, say).await
 }
 
 /// Runs `argv` in the guest as root with mise's settings; its stderr
-/// (mise's progress) goes to this terminal, its stdout is returned.
-async fn guest(dirs: &Dirs, config: &SandboxConfig, argv: Vec<String>) -> Result<(i32, String)> {
+/// (mise's progress) goes to `say` line by line, its stdout is returned.
+async fn guest(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    argv: Vec<String>,
+    say: Say<'_>,
+) -> Result<(i32, String), ApiError> {
     let env = MISE_ENV
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-    let req = sandpen_api::sandboxes::exec_request(
+    let req = crate::sandboxes::exec_request(
         config,
         argv,
         env,
@@ -211,26 +246,46 @@ async fn guest(dirs: &Dirs, config: &SandboxConfig, argv: Vec<String>) -> Result
     let (mut events, mut input) = frames.split();
     input.send(&ExecInput::StdinEof).await?;
     let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    // Each complete line (mise ends its progress lines with \n or \r).
+    let flush = |buf: &mut Vec<u8>, all: bool| {
+        while let Some(i) = buf.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if !line.trim().is_empty() {
+                say(&line);
+            }
+        }
+        if all && !buf.is_empty() {
+            say(&String::from_utf8_lossy(buf));
+            buf.clear();
+        }
+    };
     loop {
         match events.recv::<ExecEvent>().await? {
             Some(ExecEvent::Started { .. }) => {}
             Some(ExecEvent::Stdout(d)) => stdout.extend_from_slice(&d),
             Some(ExecEvent::Stderr(d)) => {
-                use std::io::Write;
-                let mut err = std::io::stderr();
-                let _ = err.write_all(&d);
-                let _ = err.flush();
+                stderr.extend_from_slice(&d);
+                flush(&mut stderr, false);
             }
             Some(ExecEvent::Failed { code, message }) => {
-                anyhow::bail!("{message} (exit {code})")
+                flush(&mut stderr, true);
+                return Err(ApiError::GuestCommand(format!("{message} (exit {code})")));
             }
             Some(ExecEvent::Exit(status)) => {
+                flush(&mut stderr, true);
                 return Ok((
                     status.shell_code(),
                     String::from_utf8_lossy(&stdout).into_owned(),
-                ))
+                ));
             }
-            None => anyhow::bail!("the sandbox closed the session before mise exited"),
+            None => {
+                flush(&mut stderr, true);
+                return Err(ApiError::GuestCommand(
+                    "the sandbox closed the session before mise exited".into(),
+                ));
+            }
         }
     }
 }

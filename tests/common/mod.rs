@@ -5,6 +5,9 @@ use std::process::{Command, Output};
 
 use libtest_mimic::Failed;
 
+#[allow(dead_code)] // only the toolchain and Kiro tests stand in for a vendor
+pub mod mirror;
+
 /// Where the test image lives: `$SANDPEN_TEST_DATA_HOME` (scripts/test and CI
 /// set it), else `~/.cache/sandpen-test`.
 pub fn data_home() -> PathBuf {

@@ -4,7 +4,8 @@
 //! without a login or onboarding prompt.
 //!
 //! Everything here is data. The image crate installs [`Install::Npm`]
-//! packages and [`Install::Release`] archives; the CLI launches with
+//! packages, [`Install::Release`] archives and the pinned tool manager
+//! [`MISE`]; the CLI launches with
 //! [`Agent::launch_argv`].
 
 /// Debian packages every agent image carries on top of the base image: Node for
@@ -277,6 +278,32 @@ pub const KIRO_RELEASE: Release = Release {
         "kirocli/bin/kiro-cli-chat",
         "kirocli/bin/kiro-cli-term",
     ],
+};
+
+/// A file taken from one pinned npm tarball: the registry's URL, the
+/// tarball's `dist.integrity` (sha512, checked on the bytes before anything
+/// is unpacked), and the path of the file inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NpmPin {
+    pub package: &'static str,
+    pub version: &'static str,
+    /// `sha512-BASE64`, as `npm view PACKAGE@VERSION dist.integrity` prints it.
+    pub integrity: &'static str,
+    pub tarball: &'static str,
+    /// Inside the tarball (npm packs everything under `package/`).
+    pub file: &'static str,
+}
+
+/// The tool manager every image carries at `/usr/local/bin/mise`, which
+/// provisions the workspace's toolchains (docs/dev-env.md, "Provisioning").
+/// mise's own npm package: one static-enough binary (glibc), 150 MB
+/// unstripped (stripping breaks it).
+pub const MISE: NpmPin = NpmPin {
+    package: "@jdxcode/mise-linux-x64",
+    version: "2026.9.15",
+    integrity: "sha512-ButPFGyztN0Rk/HOHvHuf+W80CkvQRAjbDWHvhGJc3PnL3e2KhCYZIOyjx8wPkhr9VJa/7sJZXpxtt5JLjsfaQ==",
+    tarball: "https://registry.npmjs.org/@jdxcode/mise-linux-x64/-/mise-linux-x64-2026.9.15.tgz",
+    file: "package/bin/mise",
 };
 
 /// The agent called `name`, if sandpen knows it.

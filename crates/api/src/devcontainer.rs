@@ -92,8 +92,8 @@ impl StartOutput for LineOutput<'_> {
     }
 }
 
-/// The steps after a start: a line for toolchains sandpen does not
-/// provision yet, the keys of devcontainer.json not honoured, the
+/// The steps after a start: the workspace's toolchains provisioned
+/// ([`crate::provision`]), the keys of devcontainer.json not honoured, the
 /// `forwardPorts` not published, then `postCreateCommand` (once per sandbox,
 /// until it succeeds) and `postStartCommand`, each run inside the sandbox.
 /// A lifecycle command that fails is said, not an error: the sandbox runs.
@@ -109,11 +109,11 @@ pub async fn after_start(
             return Ok(());
         }
     };
-    if let Some(tools) = plan.summary() {
-        out.line(&format!(
-            "note: this workspace asks for {tools}; sandpen does not provision \
-             toolchains yet, so the image's own are used (`sandpen env plan`)"
-        ));
+    if !plan.tools.is_empty() {
+        // Its lines are whole and carry their own prefix (mise's progress,
+        // `sandpen: toolchains: …`): passed on as output.
+        let say = |l: &str| out.output(true, format!("{l}\n").as_bytes());
+        crate::provision::provision(dirs, config, &plan, &say).await;
     }
     let Some((file, dc)) = plan.devcontainer else {
         return Ok(());

@@ -92,6 +92,9 @@ pub enum ApiError {
     ExecClosed,
     #[error("the operation's worker failed: {0}")]
     Worker(String),
+    /// A command in the guest did not run to its end (docs/dev-env.md).
+    #[error("{0}")]
+    GuestCommand(String),
 }
 
 impl ApiError {

@@ -14,6 +14,7 @@
 //! - [`flow`]: the flow labels, and their reset.
 //! - [`logs`]: the network and file logs, read whole or followed.
 //! - [`progress`]: the image build's progress lines, as the CLI draws them.
+//! - [`provision`]: the workspace's toolchains, provisioned at a start.
 //!
 //! Guarantees: no function here returns a secret's value, or any part of
 //! one (see docs/credentials.md); text that comes from the guest (hosts,
@@ -28,6 +29,7 @@ pub mod http;
 pub mod logs;
 pub mod policy;
 pub mod progress;
+pub mod provision;
 pub mod sandboxes;
 pub mod secrets;
 pub mod suggest;

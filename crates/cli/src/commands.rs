@@ -179,6 +179,17 @@ fn env_plan(path: Option<PathBuf>, json: bool) -> Result<i32> {
         for conflict in plan.conflicts() {
             println!("conflict: {conflict}");
         }
+        // What a start hands to the image's mise (docs/dev-env.md).
+        for choice in &plan.tools {
+            match sandpen_api::provision::mise_spec(choice) {
+                Ok(Some(spec)) => println!("provision: mise install {spec}"),
+                Ok(None) => println!(
+                    "provision: mise install {}@(the newest release {} allows, at the start)",
+                    choice.tool, choice.chosen.version
+                ),
+                Err(why) => println!("provision: {why}"),
+            }
+        }
     }
     Ok(0)
 }
@@ -319,7 +330,7 @@ fn first_run_policy(dirs: &Dirs) -> Result<()> {
     }
     eprint!(
         "No network policy yet. What may sandboxes reach?\n  \
-         1) balanced: the agents' model APIs, package registries, GitHub and GitLab (recommended)\n  \
+         1) balanced: the agents' model APIs, package registries, GitHub and GitLab, toolchain vendors (recommended)\n  \
          2) deny-all: nothing until you allow it\n  \
          3) allow-all: everything but local and private addresses\n\
          Choose [1]: "

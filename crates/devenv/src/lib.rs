@@ -493,6 +493,29 @@ pub fn agreement(tool: Tool, winner: &Version, other: &Version) -> Agreement {
     }
 }
 
+/// The newest release in `released` (any order; what the vendor lists, as
+/// `mise ls-remote` prints it) that `range` allows, for the tools whose
+/// ranges are checked (node and its package managers: npm semver; python:
+/// PEP 440). Pre-releases (anything but digits and dots) are never chosen.
+pub fn newest_in_range(tool: Tool, range: &str, released: &[&str]) -> Option<String> {
+    let range = Version::range(range)?;
+    let mut candidates: Vec<(Vec<u64>, &str)> = released
+        .iter()
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit() || b == b'.'))
+        .filter_map(|v| numbers(v).map(|n| (n, v)))
+        .collect();
+    candidates.sort();
+    candidates
+        .into_iter()
+        .rev()
+        .map(|(_, v)| v)
+        .find(|v| {
+            agreement(tool, &Version::Pinned((*v).to_string()), &range) == Agreement::Satisfied
+        })
+        .map(str::to_string)
+}
+
 /// `22` is a prefix of `22.11.0` at a component boundary; `2` is not.
 fn is_prefix(short: &str, long: &str) -> bool {
     long.strip_prefix(short)

@@ -257,3 +257,32 @@ fn the_version_grammar() {
     assert!(Version::channel("lts/iron").is_some());
     assert!(Version::channel("/etc").is_none());
 }
+
+#[test]
+fn a_range_resolves_to_the_newest_release_it_allows() {
+    use crate::{newest_in_range, Tool};
+    let node = [
+        "18.20.4",
+        "20.18.0",
+        "22.11.0",
+        "22.23.5",
+        "23.1.0",
+        "24.0.0-rc.1",
+    ];
+    assert_eq!(
+        newest_in_range(Tool::Node, ">=20 <23", &node).as_deref(),
+        Some("22.23.5")
+    );
+    assert_eq!(
+        newest_in_range(Tool::Node, "^20.10", &node).as_deref(),
+        Some("20.18.0")
+    );
+    assert_eq!(newest_in_range(Tool::Node, ">=25", &node), None);
+    let python = ["3.11.9", "3.12.7", "3.13.0", "3.14.0a1"];
+    assert_eq!(
+        newest_in_range(Tool::Python, ">=3.11,<3.13", &python).as_deref(),
+        Some("3.12.7")
+    );
+    // Ranges of tools whose ranges are not checked are not resolved.
+    assert_eq!(newest_in_range(Tool::Go, ">=1.22", &["1.22.0"]), None);
+}

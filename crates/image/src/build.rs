@@ -142,6 +142,8 @@ impl Builder<'_> {
         let (mount, how) = self.mount_root(&tree)?;
         timings.push(step.done(how));
 
+        let mise = self.install_mise(&mut timings)?;
+
         let mut agent_versions = BTreeMap::new();
         if self.spec.has_agents() {
             agent_versions = self.install_agents(&mut timings)?;
@@ -254,6 +256,7 @@ impl Builder<'_> {
             packages,
             package_versions,
             agents: agent_versions,
+            mise: Some(mise),
             files,
             sizes,
             build_seconds: started.elapsed().as_secs_f64(),
@@ -382,6 +385,76 @@ impl Builder<'_> {
                 Ok((None, "a copy of the cached tree"))
             }
         }
+    }
+
+    /// `/usr/local/bin/mise`, from the npm tarball pinned in
+    /// [`sandpen_agents::MISE`]: fetched by the chroot's curl (the host's proxy
+    /// settings pass through), its sha512 checked here against the pinned
+    /// integrity before `tar` sees a byte, then unpacked. Returns the version.
+    fn install_mise(&self, timings: &mut Vec<StepTiming>) -> Result<String, ImageError> {
+        use base64::Engine as _;
+        use sha2::{Digest as _, Sha512};
+        let pin = sandpen_agents::MISE;
+        let root = self.root();
+        let step = Step::start(self.progress, "mise");
+        let work = root.join("tmp/sandpen-mise");
+        if fs::symlink_metadata(&work).is_ok() {
+            fsutil::remove_tree(&work)?;
+        }
+        fs::create_dir_all(&work).ctx(|| format!("creating {}", work.display()))?;
+        {
+            let _dns = HostDns::install(&root)?;
+            let cmd = self.chroot_networked(
+                &root,
+                &[
+                    "curl",
+                    "-fsSL",
+                    "--retry",
+                    "3",
+                    "-o",
+                    "/tmp/sandpen-mise/mise.tgz",
+                    pin.tarball,
+                ],
+            );
+            self.run_logged(cmd, "curl", Some(&step))?;
+        }
+        let tarball = work.join("mise.tgz");
+        let bytes = fs::read(&tarball).ctx(|| format!("reading {}", tarball.display()))?;
+        let got = format!(
+            "sha512-{}",
+            base64::engine::general_purpose::STANDARD.encode(Sha512::digest(&bytes))
+        );
+        if got != pin.integrity {
+            let _ = fsutil::remove_tree(&work);
+            return Err(ImageError::Integrity {
+                package: pin.package.into(),
+                version: pin.version.into(),
+                url: pin.tarball.into(),
+                expected: pin.integrity.into(),
+                got,
+            });
+        }
+        drop(bytes);
+        self.chroot_logged_in(
+            &root,
+            &[
+                "tar",
+                "-xzf",
+                "/tmp/sandpen-mise/mise.tgz",
+                "-C",
+                "/tmp/sandpen-mise",
+                "--no-same-owner",
+                pin.file,
+            ],
+            Some(&step),
+        )?;
+        let bin = root.join("usr/local/bin/mise");
+        fs::rename(work.join(pin.file), &bin).ctx(|| format!("installing {}", bin.display()))?;
+        fs::set_permissions(&bin, fs::Permissions::from_mode(0o755))
+            .ctx(|| format!("chmod {}", bin.display()))?;
+        fsutil::remove_tree(&work)?;
+        timings.push(step.done(&format!("{} {}", pin.package, pin.version)));
+        Ok(pin.version.to_string())
     }
 
     /// `npm install -g` of the agents' packages, the trimming of what they

@@ -52,6 +52,19 @@ pub enum ImageError {
         tail: String,
     },
 
+    #[error(
+        "{package}@{version} from {url} does not match its pinned integrity \
+         (expected {expected}, got {got}): the download was altered or the pin is wrong; \
+         nothing was installed"
+    )]
+    Integrity {
+        package: String,
+        version: String,
+        url: String,
+        expected: String,
+        got: String,
+    },
+
     #[error("an image named {name:?} exists already: pick another name, or remove it with `sandpen image rm {name}`")]
     Exists { name: String },
 

@@ -50,6 +50,10 @@ pub struct Manifest {
     /// without agents.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub agents: BTreeMap<String, String>,
+    /// The version of mise at `/usr/local/bin/mise` (docs/dev-env.md,
+    /// "Provisioning"); none in an image built before sandpen provisioned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mise: Option<String>,
     /// Hashes and sizes of the image's files (paths relative to the image directory).
     pub files: Vec<FileEntry>,
     pub sizes: Sizes,
@@ -151,6 +155,7 @@ pub(crate) mod tests {
             packages: vec!["curl".into()],
             package_versions: BTreeMap::from([("curl".into(), "8.14.1-2".into())]),
             agents: BTreeMap::new(),
+            mise: None,
             files: vec![FileEntry {
                 name: "vmlinux".into(),
                 size: 3,

@@ -116,6 +116,8 @@ impl ImageSpec {
             packages: Vec<&'a str>,
             boot_modules: &'a [&'a str],
             ca_certs: Vec<(String, String)>,
+            /// The tool manager every image carries (docs/dev-env.md).
+            mise: (&'a str, &'a str),
             // Absent for images without agents, so their keys stay what they were.
             #[serde(skip_serializing_if = "Vec::is_empty")]
             agents: Vec<AgentKey<'a>>,
@@ -142,6 +144,7 @@ impl ImageSpec {
             packages: self.extra_packages(),
             boot_modules: BOOT_MODULES,
             ca_certs,
+            mise: (sandpen_agents::MISE.version, sandpen_agents::MISE.integrity),
             agents: self
                 .agents()
                 .iter()

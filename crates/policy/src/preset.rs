@@ -13,8 +13,8 @@ pub enum Preset {
     /// No rules: everything is denied unless a file allows it.
     #[default]
     DenyAll,
-    /// The agents' model APIs and sign-ins, package registries and git hosts, on 443
-    /// (and Debian's mirrors on 80, which apt uses).
+    /// The agents' model APIs and sign-ins, package registries, git hosts and
+    /// toolchain vendors, on 443 (and Debian's mirrors on 80, which apt uses).
     Balanced,
     /// `allow **`: everything except the blocked address ranges.
     AllowAll,
@@ -45,6 +45,14 @@ const BALANCED: &[&str] = &[
     "*.githubusercontent.com:443",
     "gitlab.com:443",
     "*.gitlab.com:443",
+    // Toolchain vendors, for the workspace's toolchains (docs/dev-env.md,
+    // "Provisioning"): node, rust (rustup and its dist server), go (go.dev
+    // lists, dl.google.com serves). Python's prebuilt builds come from GitHub
+    // releases, above.
+    "nodejs.org:443",
+    "static.rust-lang.org:443",
+    "go.dev:443",
+    "dl.google.com:443",
     // The Kiro CLI: its model API, its sign-in (AWS Builder ID / IAM
     // Identity Center tokens, social logins) and its release manifest, in
     // us-east-1, where Kiro's service runs.

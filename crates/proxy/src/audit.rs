@@ -53,6 +53,10 @@ pub struct ConnectionReport {
     /// `SERVICE (SCOPE)` when a credential was swapped in (never the value).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential: Option<String>,
+    /// The toolchain cache's part (docs/dev-env.md): `hit sha256 HEX` when
+    /// the body came from it, `fill` when the vendor's body is being kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<String>,
     /// Guest to upstream.
     pub bytes_up: u64,
     /// Upstream to guest.
@@ -80,6 +84,7 @@ impl ConnectionReport {
             path: None,
             status: None,
             credential: None,
+            cache: None,
             bytes_up: 0,
             bytes_down: 0,
             duration_ms: 0,

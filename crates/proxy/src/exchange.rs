@@ -275,8 +275,8 @@ impl RequestLog {
 
 /// A response body that writes its request's audit record when it ends
 /// (or the guest drops it), with the bytes that went each way.
-pub(crate) struct Audited {
-    pub(crate) inner: Incoming,
+pub(crate) struct Audited<B = Incoming> {
+    pub(crate) inner: B,
     /// Bytes down so far (the head's, then the body's data).
     pub(crate) down: u64,
     pub(crate) up: Arc<AtomicU64>,
@@ -287,7 +287,10 @@ pub(crate) struct Audited {
     pub(crate) _permit: Option<OwnedSemaphorePermit>,
 }
 
-impl Body for Audited {
+impl<B> Body for Audited<B>
+where
+    B: Body<Data = Bytes, Error = hyper::Error> + Unpin,
+{
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -313,7 +316,7 @@ impl Body for Audited {
     }
 }
 
-impl Drop for Audited {
+impl<B> Drop for Audited<B> {
     fn drop(&mut self) {
         if let Some(mut rec) = self.rec.take() {
             rec.bytes_up = self.up.load(Ordering::Relaxed);

@@ -42,6 +42,7 @@ pub mod mitm;
 mod relay;
 mod splice;
 pub mod tls;
+pub mod toolcache;
 mod upstream;
 
 use std::any::Any;
@@ -1051,11 +1052,15 @@ impl Conn<'_> {
             match plan {
                 Err(e) => return Err(Stop::Deny(None, format!("credential-store: {e}"))),
                 Ok(Some(plan)) => {
-                    self.carries(host, true, false)?;
+                    // A toolchain download intercepted for the cache is no
+                    // credential sink: it is decided as a tunnel would be.
+                    let sink = plan.label().is_some();
+                    self.carries(host, sink, false)?;
                     self.rec.proto = Some("tls-mitm".into());
-                    self.rec.credential = Some(plan.label());
+                    self.rec.credential = plan.label();
                     let rec = self.rec.clone();
-                    let live = self.live_check(addrs).intercepted();
+                    let live = self.live_check(addrs);
+                    let live = if sink { live.intercepted() } else { live };
                     return mitm::intercept(self.proxy, plan, client, first, &rec, self.act, live)
                         .await
                         .map_err(Stop::End);

@@ -61,6 +61,7 @@ use crate::exchange::{
     RequestLog,
 };
 use crate::relay::Activity;
+use crate::toolcache::{self, ArtifactHost, FileBody, Teed, ToolCache};
 use crate::{http as h1, truncate, LiveCheck, Proxy, POLICY_CHANGED};
 use sandpen_policy::Label;
 
@@ -97,6 +98,9 @@ pub struct Mitm {
     /// Intercepted requests in flight in this sandbox, across connections.
     inflight: Arc<Semaphore>,
     clients: Arc<UpstreamClients>,
+    /// The host's toolchain cache, when the sandbox uses one
+    /// (docs/dev-env.md): its artifact hosts are intercepted too.
+    cache: Option<Arc<ToolCache>>,
 }
 
 /// The upstream clients of one sandbox's intercepted connections, one per
@@ -179,19 +183,39 @@ impl Mitm {
             source,
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT_REQUESTS)),
             clients: Arc::default(),
+            cache: None,
         }
+    }
+
+    /// Intercepts the toolchain hosts of [`crate::toolcache::ARTIFACT_HOSTS`]
+    /// too (those without a credential route), answering their versioned
+    /// downloads from `cache` and filling it with what the vendor sends.
+    pub fn with_cache(mut self, cache: ToolCache) -> Mitm {
+        self.cache = Some(Arc::new(cache));
+        self
     }
 
     /// The route and secret for `host:port`, when it is to be intercepted:
     /// a route's host on another port than the route's is a plain tunnel,
     /// and gets no secret.
     pub(crate) fn plan(&self, host: &str, port: u16) -> Result<Option<Plan>, String> {
-        let Some(route) = self.source.route_for(host).filter(|r| r.serves(host, port)) else {
-            return Ok(None);
+        let credential = match self.source.route_for(host).filter(|r| r.serves(host, port)) {
+            Some(route) => self
+                .source
+                .secret(&route.service)?
+                .map(|found| (route, found)),
+            None => None,
         };
-        Ok(self.source.secret(&route.service)?.map(|found| Plan {
-            route,
-            found,
+        let cache = match (&self.cache, toolcache::artifact_host(host)) {
+            (Some(cache), Some(artifacts)) => Some((cache.clone(), artifacts)),
+            _ => None,
+        };
+        if credential.is_none() && cache.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Plan {
+            credential,
+            cache,
             ca: self.ca.clone(),
             upstream: self.upstream.clone(),
             inflight: self.inflight.clone(),
@@ -202,8 +226,10 @@ impl Mitm {
 
 /// What an intercepted connection uses.
 pub(crate) struct Plan {
-    route: Route,
-    found: Found,
+    /// The credential route and its secret; none for a toolchain host
+    /// intercepted only for the cache.
+    credential: Option<(Route, Found)>,
+    cache: Option<(Arc<ToolCache>, &'static ArtifactHost)>,
     ca: Arc<SandboxCa>,
     upstream: tokio_rustls::TlsConnector,
     inflight: Arc<Semaphore>,
@@ -212,8 +238,10 @@ pub(crate) struct Plan {
 
 impl Plan {
     /// `anthropic (global)`: the audit's credential field.
-    pub(crate) fn label(&self) -> String {
-        format!("{} ({})", self.route.service, self.found.scope)
+    pub(crate) fn label(&self) -> Option<String> {
+        self.credential
+            .as_ref()
+            .map(|(route, found)| format!("{} ({})", route.service, found.scope))
     }
 }
 
@@ -411,9 +439,9 @@ type UpstreamClient = Client<UpstreamConnector, Counted<Incoming>>;
 struct Session {
     host: String,
     port: u16,
-    route: Route,
-    secret: SecretValue,
-    credential: String,
+    /// The route, its secret and the audit label; none on a toolchain host.
+    credential: Option<(Route, SecretValue, String)>,
+    cache: Option<(Arc<ToolCache>, &'static ArtifactHost)>,
     client: UpstreamClient,
     /// Sandbox, mode, decision and rule of the connection: each request's
     /// record starts from it.
@@ -490,15 +518,18 @@ where
             .pool_timer(TokioTimer::new())
             .build(connector)
     });
-    let credential = plan.label();
+    let label = plan.label();
     let mut template = rec.clone();
-    template.credential = Some(credential.clone());
+    template.credential = label.clone();
+    let credential = plan
+        .credential
+        .zip(label)
+        .map(|((route, found), label)| (route, found.value, label));
     let session = Arc::new(Session {
         host,
         port: rec.port,
-        route: plan.route,
-        secret: plan.found.value,
         credential,
+        cache: plan.cache,
         client,
         template,
         proxy: proxy.clone(),
@@ -610,17 +641,17 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
         return own_reply(StatusCode::FORBIDDEN, &reason);
     }
     let secret_read = s.proxy.policy().labels().get(Label::SecretRead).is_some();
-    if secret_read {
+    if let (true, Some((route, _, _))) = (secret_read, &s.credential) {
         let list: Vec<(String, Vec<u8>)> = req
             .headers()
             .iter()
             .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
             .collect();
-        if let Some(what) = foreign_credential(&s.route, &list, req.uri().query()) {
+        if let Some(what) = foreign_credential(route, &list, req.uri().query()) {
             let reason = format!(
                 "{}: {FOREIGN_CREDENTIAL}: {what} is not the sentinel of {} after secret-read",
                 sandpen_policy::reason::FLOW,
-                s.route.service
+                route.service
             );
             return refuse(rec, StatusCode::FORBIDDEN, reason);
         }
@@ -639,6 +670,50 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
         return refuse(rec, StatusCode::SERVICE_UNAVAILABLE, reason);
     };
 
+    // The toolchain cache (docs/dev-env.md): a whole GET of a versioned
+    // artifact is answered from it when it holds the URL, verified.
+    let cached = s.cache.as_ref().and_then(|(cache, artifacts)| {
+        toolcache::cacheable_request(artifacts, req.method(), &path, req.headers()).then(|| {
+            let url = match s.port {
+                443 => format!("https://{}{path}", s.host),
+                port => format!("https://{}:{port}{path}", s.host),
+            };
+            (cache.clone(), url)
+        })
+    });
+    if let Some((cache, url)) = &cached {
+        let lookup = {
+            let (cache, url) = (cache.clone(), url.clone());
+            tokio::task::spawn_blocking(move || cache.lookup(&url)).await
+        };
+        if let Ok(Some(hit)) = lookup {
+            rec.status = Some(StatusCode::OK.as_u16());
+            rec.cache = Some(format!("hit sha256 {}", hit.sha256));
+            let body = Audited {
+                inner: FileBody {
+                    file: hit.file,
+                    left: hit.size,
+                },
+                down: 0,
+                up: Arc::new(AtomicU64::new(0)),
+                rec: Some(rec),
+                started,
+                log: RequestLog::new(s.outbox.clone()),
+                _permit: Some(permit),
+            };
+            let mut out = Response::new(body.boxed());
+            let h = out.headers_mut();
+            h.insert(header::CONTENT_LENGTH, HeaderValue::from(hit.size));
+            if let Some(ct) = hit
+                .content_type
+                .and_then(|c| HeaderValue::from_str(&c).ok())
+            {
+                h.insert(header::CONTENT_TYPE, ct);
+            }
+            return out;
+        }
+    }
+
     let (mut parts, body) = req.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(header::HOST);
@@ -652,17 +727,19 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
         .iter()
         .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
         .collect();
-    match apply(&s.route, &mut list, s.secret.expose()) {
-        Ok(Applied::Unchanged) => {
-            rec.credential = Some(format!("{} (guest's own value)", s.route.service));
-        }
-        Ok(_) => rec.credential = Some(s.credential.clone()),
-        Err(e) => {
-            return refuse(
-                rec,
-                StatusCode::BAD_GATEWAY,
-                format!("credential-error: {e}"),
-            );
+    if let Some((route, secret, label)) = &s.credential {
+        match apply(route, &mut list, secret.expose()) {
+            Ok(Applied::Unchanged) => {
+                rec.credential = Some(format!("{} (guest's own value)", route.service));
+            }
+            Ok(_) => rec.credential = Some(label.clone()),
+            Err(e) => {
+                return refuse(
+                    rec,
+                    StatusCode::BAD_GATEWAY,
+                    format!("credential-error: {e}"),
+                );
+            }
         }
     }
     if cookies_dropped {
@@ -672,11 +749,12 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
     }
     let mut headers = HeaderMap::with_capacity(list.len());
     for (name, value) in list {
-        let secret_header = s
-            .route
-            .headers
-            .iter()
-            .any(|r| r.name.eq_ignore_ascii_case(&name));
+        let secret_header = s.credential.as_ref().is_some_and(|(route, _, _)| {
+            route
+                .headers
+                .iter()
+                .any(|r| r.name.eq_ignore_ascii_case(&name))
+        });
         let (Ok(name), Ok(mut value)) = (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_bytes(&value),
@@ -685,6 +763,10 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
         };
         value.set_sensitive(secret_header);
         headers.append(name, value);
+    }
+    if cached.is_some() {
+        // What is kept must be the body itself, not one encoding of it.
+        headers.remove(header::ACCEPT_ENCODING);
     }
     parts.headers = headers;
     parts.uri = uri;
@@ -721,8 +803,33 @@ async fn forward(s: &Session, req: Request<Incoming>) -> Response<ReplyBody> {
                 .map(|a| a.0.to_string());
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
+            let fill = cached.and_then(|(cache, url)| {
+                let whole = parts.status == StatusCode::OK
+                    && !parts.headers.contains_key(header::CONTENT_ENCODING);
+                let length = parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                let content_type = parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let length = length.filter(|_| whole)?;
+                match cache.filling(&url, length, content_type) {
+                    Ok(fill) => Some(fill),
+                    Err(e) => {
+                        tracing::warn!("toolchain cache: {url} not stored: {e}");
+                        None
+                    }
+                }
+            });
+            if fill.is_some() {
+                rec.cache = Some("fill".into());
+            }
             let body = Audited {
-                inner: body,
+                inner: Teed { inner: body, fill },
                 down: 0,
                 up,
                 rec: Some(rec),

@@ -991,3 +991,256 @@ async fn a_routes_key_is_not_sent_to_another_port_of_its_host() {
     assert_eq!(rep.proto.as_deref(), Some("tls"), "{rep:?}");
     assert_eq!(rep.credential, None, "{rep:?}");
 }
+
+/// No credential routes: only the toolchain cache intercepts.
+struct NoRoutes;
+
+impl CredentialSource for NoRoutes {
+    fn route_for(&self, _host: &str) -> Option<Route> {
+        None
+    }
+    fn secret(&self, _service: &str) -> Result<Option<Found>, String> {
+        Ok(None)
+    }
+}
+
+/// nodejs.org played by a mock upstream (`good`), its CA trusted upstream,
+/// with the toolchain cache in `cache` for upstream identity `identity`.
+async fn toolchain_harness(cache: &std::path::Path, identity: &str) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let vendor = pki(dir.path(), "vendor-ca.pem", &["nodejs.org"]);
+    let good = upstream(&vendor).await;
+    let bad = upstream(&vendor).await;
+    let spare = upstream(&vendor).await;
+    let f = PolicyFile::parse(
+        "[[network]]\nid = 1\naction = \"allow\"\ntarget = \"**\"\n".into(),
+        std::path::Path::new("/t/policy.toml"),
+        sandpen_policy::Scope::Global,
+    )
+    .unwrap();
+    let policy = Policy::from_files(Some(&f), None)
+        .with_mode(Mode::Enforce)
+        .with_add_hosts(std::iter::once(
+            AddHost::parse("nodejs.org:127.0.0.1").unwrap(),
+        ));
+    let log = dir.path().join("net.jsonl");
+    let proxy = Proxy::new(
+        ProxyConfig::new("box"),
+        policy,
+        AuditLog::open(&log).unwrap(),
+    );
+    let ca = Arc::new(SandboxCa::create(dir.path().join("ca")).unwrap());
+    let tls = upstream_tls(std::slice::from_ref(&vendor.ca_pem_path)).unwrap();
+    let cache = sandpen_proxy::toolcache::ToolCache::open(cache, identity).unwrap();
+    proxy.set_mitm(Some(
+        Mitm::new(ca.clone(), tls, Arc::new(NoRoutes)).with_cache(cache),
+    ));
+    Harness {
+        proxy,
+        ca,
+        log,
+        good,
+        bad,
+        spare,
+        other_ca: vendor.ca_pem_path,
+        _dir: dir,
+    }
+}
+
+impl Harness {
+    /// One request on a new guest connection to nodejs.org through the
+    /// sandbox CA: (status, body, the request's audit record).
+    async fn toolchain_get(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        proto: Proto,
+    ) -> (u16, String, ConnectionReport) {
+        let port = self.good.addr.port();
+        let h2 = matches!(proto, Proto::H2);
+        let (mut s, _) = self
+            .connect("nodejs.org", port, self.sandbox_roots(), proto)
+            .await;
+        let mut req = request(&format!("nodejs.org:{port}"), path, headers, h2);
+        *req.method_mut() = method.parse().unwrap();
+        let resp = s.send(req).await;
+        let status = resp.status().as_u16();
+        let body = body_text(resp).await;
+        drop(s);
+        // The record is written when the response body ends.
+        let rec = loop {
+            let found =
+                self.records().into_iter().rev().find(|r| {
+                    r.path.as_deref() == Some(path) && r.method.as_deref() == Some(method)
+                });
+            if let Some(r) = found {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        (status, body, rec)
+    }
+
+    fn upstream_count(&self, path: &str) -> usize {
+        self.good
+            .seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.path == path)
+            .count()
+    }
+}
+
+#[tokio::test]
+async fn a_toolchain_download_is_kept_once_and_answered_from_the_cache() {
+    let cache = tempfile::tempdir().unwrap();
+    let h = toolchain_harness(cache.path(), "").await;
+    let art = "/dist/v22.1.0/node-v22.1.0-linux-x64.tar.gz";
+
+    let (status, body, rec) = h.toolchain_get("GET", art, &[], Proto::H1).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    assert_eq!(rec.cache.as_deref(), Some("fill"), "{rec:?}");
+    assert_eq!(rec.proto.as_deref(), Some("http/1.1"), "{rec:?}");
+    assert_eq!(rec.credential, None, "{rec:?}");
+    // An HTTP/2 request, asking for gzip, is answered from the cache too.
+    let (_, _, _) = h
+        .toolchain_get("GET", art, &[("accept-encoding", "gzip")], Proto::H2)
+        .await;
+    assert_eq!(h.upstream_count(art), 1, "the second GET went upstream");
+    let (status, body, rec) = h.toolchain_get("GET", art, &[], Proto::H1).await;
+    assert_eq!((status, body.as_str()), (200, "ok"));
+    let ok_sha = "2689367b205c16ce32ed4200942b8b8b1e262dfc70d9bc9fbc77c49699a4f1df";
+    assert_eq!(
+        rec.cache.as_deref(),
+        Some(format!("hit sha256 {ok_sha}").as_str()),
+        "{rec:?}"
+    );
+    assert_eq!(rec.bytes_down, 2, "{rec:?}");
+    assert_eq!(h.upstream_count(art), 1);
+    assert_eq!(
+        std::fs::read(cache.path().join("blobs").join(ok_sha)).unwrap(),
+        b"ok"
+    );
+
+    // Another upstream identity (a sandbox with a mirror of its own) misses.
+    let other = toolchain_harness(cache.path(), "add-host nodejs.org=10.9.9.9").await;
+    let (_, _, rec) = other.toolchain_get("GET", art, &[], Proto::H1).await;
+    assert_eq!(rec.cache.as_deref(), Some("fill"), "{rec:?}");
+    assert_eq!(other.upstream_count(art), 1);
+}
+
+#[tokio::test]
+async fn partial_uploaded_and_moving_bodies_are_never_kept() {
+    let cache = tempfile::tempdir().unwrap();
+    let h = toolchain_harness(cache.path(), "").await;
+    let art = "/dist/v22.1.0/SHASUMS256.txt";
+    let index = "/dist/index.json";
+
+    // A Range request passes through, uncached.
+    let (status, _, rec) = h
+        .toolchain_get("GET", art, &[("range", "bytes=0-0")], Proto::H1)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(rec.cache, None, "{rec:?}");
+    // A guest's POST or PUT to an artifact URL is the guest's own business.
+    for method in ["POST", "PUT"] {
+        let (_, _, rec) = h.toolchain_get(method, art, &[], Proto::H1).await;
+        assert_eq!(rec.cache, None, "{method}: {rec:?}");
+    }
+    // The index moves: always asked of the vendor.
+    for _ in 0..2 {
+        let (_, _, rec) = h.toolchain_get("GET", index, &[], Proto::H1).await;
+        assert_eq!(rec.cache, None, "{rec:?}");
+    }
+    assert_eq!(h.upstream_count(index), 2);
+    assert_eq!(h.upstream_count(art), 3);
+    assert_eq!(
+        std::fs::read_dir(cache.path().join("blobs"))
+            .unwrap()
+            .count(),
+        0,
+        "something was kept"
+    );
+    // Then a whole GET is kept, and served. What is kept is the body
+    // itself: the guest's Accept-Encoding does not reach the vendor.
+    h.toolchain_get("GET", art, &[("accept-encoding", "gzip")], Proto::H1)
+        .await;
+    let last = h.good.seen.lock().unwrap().last().cloned().unwrap();
+    assert!(last.header("accept-encoding").is_empty(), "{last:?}");
+    let (_, _, rec) = h.toolchain_get("GET", art, &[], Proto::H1).await;
+    assert!(
+        rec.cache.as_deref().is_some_and(|c| c.starts_with("hit ")),
+        "{rec:?}"
+    );
+    assert_eq!(h.upstream_count(art), 4);
+}
+
+#[tokio::test]
+async fn after_secret_read_a_toolchain_host_is_no_sink_for_being_intercepted() {
+    let cache = tempfile::tempdir().unwrap();
+    let h = toolchain_harness(cache.path(), "").await;
+    // The cache's interception carries no credential: it never makes its
+    // host a trusted sink. Here the workspace's (trusted) .sandpen.toml names
+    // nodejs.org, which counts only through credential interception.
+    let ws = sandpen_policy::WorkspaceFile::parse(
+        "[flow]\ntrusted_sinks = [\"nodejs.org\"]\n",
+        std::path::Path::new("/w/.sandpen.toml"),
+    )
+    .unwrap();
+    h.proxy.set_policy(
+        Policy::from_files(
+            Some(
+                &PolicyFile::parse(
+                    "[[network]]\nid = 1\naction = \"allow\"\ntarget = \"**\"\n".into(),
+                    std::path::Path::new("/t/policy.toml"),
+                    sandpen_policy::Scope::Global,
+                )
+                .unwrap(),
+            ),
+            None,
+        )
+        .with_mode(Mode::Enforce)
+        .with_add_hosts(std::iter::once(
+            AddHost::parse("nodejs.org:127.0.0.1").unwrap(),
+        ))
+        .with_trusted_sinks(vec![
+            sandpen_policy::Target::parse("api.anthropic.com").unwrap()
+        ])
+        .with_labels(FlowLabels {
+            labels: vec![LabelSet {
+                label: Label::SecretRead,
+                at: "2026-12-04T12:00:00Z".into(),
+                by: "/w/secrets/token".into(),
+            }],
+        })
+        .with_workspace(Some(ws.clone()), Some(&ws.sha256)),
+    );
+    let (guest, host_end) = tokio::io::duplex(64 * 1024);
+    let p = h.proxy.clone();
+    let open = EgressOpen {
+        mode: EgressMode::Transparent,
+        host: "nodejs.org".into(),
+        port: h.good.addr.port(),
+        src_port: 0,
+    };
+    let report = tokio::spawn(async move { p.handle(host_end, open).await });
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(h.sandbox_roots())
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let handshake = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(
+            pki_types::ServerName::try_from("nodejs.org".to_string()).unwrap(),
+            guest,
+        )
+        .await;
+    assert!(handshake.is_err(), "the connection was intercepted");
+    let rep = report.await.unwrap();
+    assert_eq!(rep.decision, sandpen_policy::Verdict::Deny, "{rep:?}");
+    assert!(rep.reason.starts_with("flow"), "{rep:?}");
+    assert!(h.good.seen.lock().unwrap().is_empty());
+}

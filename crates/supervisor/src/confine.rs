@@ -12,9 +12,9 @@
 //!   keyrings, mounts, namespaces, modules, `kexec`, and no x32 calls.
 //! - **Landlock** (the calling thread and every thread it starts; all
 //!   threads at once from ABI 8): read and write beneath the sandbox's own
-//!   folder (its logs, labels, sockets, policy) and sandpen's config folder
-//!   (the policy and the secret store's index), not other sandboxes'
-//!   folders; read beneath its data folder (images), the
+//!   folder (its logs, labels, sockets, policy), sandpen's config folder
+//!   (the policy and the secret store's index) and the toolchain cache
+//!   (which only proxies write), not other sandboxes' folders; read beneath its data folder (images), the
 //!   workspace and `--mount` folders (the policy file `.sandpen.toml`),
 //!   `--upstream-ca` files, the system's libraries, name service and TLS
 //!   files, `/proc`, the cgroup tree; nothing else. No execution anywhere.
@@ -153,6 +153,8 @@ fn landlock(
     wanted.push((dirs.config.clone(), write));
     wanted.push((dirs.data.clone(), read));
     wanted.push((paths.dir.clone(), write));
+    // The toolchain cache, filled by this proxy (docs/dev-env.md).
+    wanted.push((dirs.toolchains(), write));
     wanted.push((config.workspace.clone(), read));
     wanted.extend(config.mounts.iter().map(|m| (m.path.clone(), read)));
     wanted.extend(config.upstream_cas.iter().map(|p| (p.clone(), read)));

@@ -138,8 +138,29 @@ pub fn start_proxy(
         .map_err(|e| SupervisorError::Invalid(format!("opening the network log: {e}")))?;
     let proxy = Proxy::new(ProxyConfig::new(config.name.clone()), policy, audit);
     let ca = crate::credentials::ensure_ca(paths)?;
-    proxy.set_mitm(Some(crate::credentials::mitm(dirs, ca, config)?));
+    let mut mitm = crate::credentials::mitm(dirs, ca, config)?;
+    match toolchain_cache(dirs, config) {
+        Ok(cache) => mitm = mitm.with_cache(cache),
+        // Downloads still work, through the tunnel, uncached.
+        Err(e) => tracing::warn!("the toolchain cache is off: {e}"),
+    }
+    proxy.set_mitm(Some(mitm));
     Ok(proxy)
+}
+
+/// The host's toolchain cache, as this sandbox's proxy uses it: keyed also
+/// by the sandbox's upstream identity (`--add-host`, `--upstream-ca`), so a
+/// sandbox pointed at a mirror of its own never fills another's.
+fn toolchain_cache(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+) -> std::io::Result<sandpen_proxy::toolcache::ToolCache> {
+    let mut cas = Vec::new();
+    for path in &config.upstream_cas {
+        cas.push(std::fs::read(path)?);
+    }
+    let identity = sandpen_proxy::toolcache::upstream_identity(&config.add_hosts, &cas);
+    sandpen_proxy::toolcache::ToolCache::open(&dirs.toolchains(), &identity)
 }
 
 /// Serves guest-opened streams until the channel closes.

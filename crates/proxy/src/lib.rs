@@ -58,7 +58,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
-pub use ask::{Answer, AskError, AskQueue, Asking, PendingInfo};
+pub use ask::{Answer, AskError, AskQueue, Asking, PendingInfo, ONCE_WINDOW};
 pub use audit::{read_log, AuditError, AuditLog, ConnectionReport, LogFilter};
 use http::{FirstBytes, HeadError, RequestHead};
 use mitm::Mitm;
@@ -755,7 +755,9 @@ impl Conn<'_> {
         first: Option<String>,
     ) -> Result<Vec<IpAddr>, Stop> {
         let mut checked = decide(&self.policy, host, port).await;
-        if checked.decision.ask {
+        if let Some(asked) = granted(self.proxy, &self.policy, host, port, &checked).await {
+            (checked, self.policy, self.once) = (asked.checked, asked.policy, asked.once);
+        } else if checked.decision.ask {
             let process = self.proxy.process_of(self.src_port).await;
             let asked = ask_user(self.proxy, host, port, first, process, checked).await;
             (checked, self.policy, self.once) = (asked.checked, asked.policy, asked.once);
@@ -1376,6 +1378,39 @@ pub(crate) async fn ask_user(
         policy,
         once,
     }
+}
+
+/// A connection no rule decides (in any mode) that uses up a one-time
+/// allowance for exactly its `host:port` (`approve --once` on an agent's
+/// request, [`AskQueue::grant_once`]): decided as if approved once, with
+/// `Policy::with_once`, so deny rules, blocked addresses and the flow
+/// narrowing still apply. `None`, at the cost of one atomic load, when no
+/// allowance waits.
+pub(crate) async fn granted(
+    proxy: &Proxy,
+    policy: &Arc<Policy>,
+    host: &str,
+    port: u16,
+    checked: &Checked,
+) -> Option<Asked> {
+    if checked.decision.permits() || !proxy.ask().has_grants() {
+        return None;
+    }
+    let undecided = checked.decision.ask
+        || (**policy)
+            .clone()
+            .with_mode(sandpen_policy::Mode::Ask)
+            .check(host, port, None)
+            .ask;
+    if !undecided || !proxy.ask().take_grant(host, port) {
+        return None;
+    }
+    let once = policy.with_once(host, port)?;
+    Some(Asked {
+        checked: decide(&once, host, port).await,
+        policy: policy.clone(),
+        once: true,
+    })
 }
 
 fn deny_checked(reason: String) -> Checked {

@@ -270,10 +270,14 @@ async fn guest_request(proxy: &Proxy, paths: &SandboxPaths, req: GuestRequest) -
                 ..Default::default()
             };
             match proxy.ask().hold(asking, policy.ask_timeout()).await {
-                Answer::Once => RequestOutcome::Approved {
-                    always: false,
-                    global: false,
-                },
+                Answer::Once => {
+                    let window = sandpen_proxy::ONCE_WINDOW;
+                    proxy.ask().grant_once(&host, port, window);
+                    RequestOutcome::Decided {
+                        allowed: true,
+                        text: once_text(&host, port, window),
+                    }
+                }
                 Answer::Recheck => {
                     let now = proxy.current_policy();
                     let d = now.check(&host, port, None);
@@ -313,6 +317,14 @@ async fn guest_request(proxy: &Proxy, paths: &SandboxPaths, req: GuestRequest) -
             }
         }
     }
+}
+
+/// What an agent is told when the user approved its network request once.
+fn once_text(host: &str, port: u16, window: Duration) -> String {
+    format!(
+        "approved (once): the next connection to {host}:{port} within {} s is allowed, once; after that, ask again.",
+        window.as_secs()
+    )
 }
 
 /// What a guest request that the user refused, or left unanswered, is told.

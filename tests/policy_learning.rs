@@ -651,6 +651,146 @@ fn approve_once_on_a_request_allows_one_connection() -> Result<(), Failed> {
     )
 }
 
+/// `sandpen-request file read PATH`: as root in the guest, no sequence of
+/// channel messages writes the exception; `--once` is refused on the host
+/// with the reason; `approve --always` writes `[files] allow_read` in the
+/// sandbox's file, recorded with who and why, and from the next start the
+/// guest reads that file and still not `.env`; `undo` hides it again.
+fn a_file_exception_is_written_only_by_the_user() -> Result<(), Failed> {
+    ready()?;
+    let ws = env().cli.ws.clone();
+    std::fs::write(ws.join(".env.example"), "API_URL=\n")?;
+    std::fs::write(ws.join(".env"), "API_KEY=hunter2\n")?;
+    let example = format!("{}/.env.example", ws.display());
+    let cat = format!("cat {example}; cat {}/.env", ws.display());
+    let (_, out) = guest(&cat);
+    check(
+        !out.contains("API_URL") && !out.contains("hunter2"),
+        format!("both hidden at first: {out}"),
+    )?;
+    let asking = guest_spawn(&format!(
+        "sandpen-request file read {example} 'the variable names'; echo exit=$?"
+    ));
+    let held = pending_for(&example, Duration::from_secs(30))?;
+    let id = held
+        .first()
+        .and_then(|p| p["id"].as_u64())
+        .ok_or(format!("a held file request: {held:?}"))?;
+    check(held[0]["file"] == "read", held[0].to_string())?;
+    // The guest, as root, tries to get the exception written by itself:
+    // forged answer frames and garbage on the request socket, more file
+    // requests, writes to the channel's ports, and `allow_read` in the
+    // workspace's own file.
+    let attack = format!(
+        r#"
+        for bytes in '\x00\x00\x00\x03\x00\x01\x00' '\x00\x00\x00\x03\x00\x01\x01' 'approve {id} --always\n' '\xff\xff\xff\xff'; do
+          perl -MIO::Socket::UNIX -e '$s = IO::Socket::UNIX->new(Peer => "/run/sandpen/request.sock") or die "connect: $!"; print $s eval(qq("$ARGV[0]")); sleep 1' "$bytes"
+        done
+        for i in 1 2 3; do timeout 2 sandpen-request file read {example} 'again'; done
+        timeout 2 sandpen-request file read {ws}/.env 'and this'
+        for p in /dev/vport*; do (printf 'approve {id} --always\n' > "$p") 2>&1 | head -1; done
+        printf '[files]\nallow_read = [".env.example", ".env"]\n' >> {ws}/.sandpen.toml 2>&1
+        echo attacked
+    "#,
+        ws = ws.display()
+    );
+    let (_, out) = guest(&attack);
+    check(
+        out.contains("attacked") && !out.contains("connect:"),
+        format!("the attack ran as written: {out}"),
+    )?;
+    let policy = std::fs::read_to_string(sandbox_file()).unwrap_or_default();
+    let history = ok(&["policy", "history", NAME, "--json"])?;
+    check(
+        !policy.contains("allow_read") && !history.contains("read-exception"),
+        format!("the guest wrote an exception: {policy}\n{history}"),
+    )?;
+    check(
+        !std::fs::read_to_string(ws.join(".sandpen.toml"))?.contains("allow_read"),
+        "the workspace file took the guest's write",
+    )?;
+    let still = pending_for(&example, Duration::from_millis(1))?;
+    check(
+        still.iter().any(|p| p["id"] == id),
+        format!("after the guest's attempts the request still waits: {still:?}"),
+    )?;
+    let once = sandpen(&["policy", "approve", &id.to_string(), "--once"]);
+    check(
+        !once.status.success()
+            && text(&once.stderr).contains("a one-time file exception is not offered"),
+        format!("--once: {}", text(&once.stderr)),
+    )?;
+    let said = ok(&["policy", "approve", &id.to_string(), "--always"])?;
+    check(
+        said.contains("added the file exception allow_read .env.example")
+            && said.contains("next start"),
+        said,
+    )?;
+    let (_, out) = finish(asking);
+    check(
+        out.contains("approved (always, sandbox scope)")
+            && out.contains("next start")
+            && out.contains("exit=0"),
+        format!("the guest's side: {out}"),
+    )?;
+    let history = ok(&["policy", "history", NAME, "--json"])?;
+    let change = history
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|c| c["edit"]["op"] == "add-read-exception")
+        .ok_or(format!("no exception in the history: {history}"))?;
+    check(
+        change["who"] == "approval"
+            && change["edit"]["path"] == ".env.example"
+            && change["scope"] == "sandbox"
+            && change["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("the agent's reason (untrusted): the variable names"),
+        change.to_string(),
+    )?;
+    // From the next start.
+    ok(&["stop", NAME])?;
+    ok(&["start", NAME])?;
+    let (_, out) = guest(&cat);
+    check(
+        out.contains("API_URL") && !out.contains("hunter2"),
+        format!("after the restart: {out}"),
+    )?;
+    let n = change["n"].as_u64().ok_or("a change number")?.to_string();
+    ok(&["policy", "undo", &n, NAME])?;
+    ok(&["stop", NAME])?;
+    ok(&["start", NAME])?;
+    let (_, out) = guest(&cat);
+    check(
+        !out.contains("API_URL") && !out.contains("hunter2"),
+        format!("after the undo and a restart: {out}"),
+    )?;
+    // A write exception is not written.
+    let writing = guest_spawn(&format!(
+        "sandpen-request file write {}/.git/config 'fix the remote'; echo exit=$?",
+        ws.display()
+    ));
+    let held = pending_for(
+        &format!("{}/.git/config", ws.display()),
+        Duration::from_secs(30),
+    )?;
+    let id = held
+        .first()
+        .and_then(|p| p["id"].as_u64())
+        .ok_or("a held write request")?
+        .to_string();
+    let refused = sandpen(&["policy", "approve", &id, "--always"]);
+    check(
+        !refused.status.success()
+            && text(&refused.stderr).contains("sandpen writes no exception to the read-only rules"),
+        text(&refused.stderr),
+    )?;
+    ok(&["policy", "deny", &id])?;
+    let (_, out) = finish(writing);
+    check(out.contains("denied (ask-denied"), out)
+}
+
 /// `sandpen-request --why HOST` explains the last refusal of HOST, for TLS
 /// through the transparent path, which carries no deny page.
 fn why_explains_the_last_denial() -> Result<(), Failed> {
@@ -800,6 +940,10 @@ fn main() {
             a_request_from_the_guest_waits_for_the_user,
         ),
         ("why_explains_the_last_denial", why_explains_the_last_denial),
+        (
+            "a_file_exception_is_written_only_by_the_user",
+            a_file_exception_is_written_only_by_the_user,
+        ),
         (
             "approve_once_on_a_request_allows_one_connection",
             approve_once_on_a_request_allows_one_connection,

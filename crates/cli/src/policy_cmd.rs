@@ -447,18 +447,21 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             let p = find_pending(dirs, &id).await?;
             let dest = shown_destination(&p);
             if p.file.is_some() {
-                if always {
-                    bail!(
-                        "{dest}: file rule exceptions are not written by sandpen yet; \
-                         edit [files] of the sandbox's policy.toml, then `policy approve {id} --once` to tell the agent"
-                    );
+                if !always {
+                    return Err(sandpen_api::ApiError::FileException {
+                        what: dest,
+                        why: sandpen_api::error::FileRefusal::Once,
+                    }
+                    .into());
                 }
-                control::answer(&dirs.sandbox(&p.sandbox), p.id, sandpen_proxy::Answer::Once)
-                    .await?;
-                println!(
-                    "{}: {dest}: the agent is told it was approved; no file rule was changed (edit [files] yourself)",
-                    p.sandbox
-                );
+                let said = sandpen_api::decisions::file_exception_for_pending(
+                    dirs,
+                    &p,
+                    global,
+                    Who::Approval,
+                )
+                .await?;
+                println!("{}: {dest}: {said}", p.sandbox);
                 return Ok(0);
             }
             if always {

@@ -301,6 +301,7 @@ async fn guest_request(proxy: &Proxy, paths: &SandboxPaths, req: GuestRequest) -
                 return invalid("the path must be absolute".into());
             }
             let policy = proxy.current_policy();
+            let shown = path.clone();
             let asking = Asking {
                 host: path,
                 port: 0,
@@ -309,9 +310,19 @@ async fn guest_request(proxy: &Proxy, paths: &SandboxPaths, req: GuestRequest) -
                 ..Default::default()
             };
             match proxy.ask().hold(asking, policy.ask_timeout()).await {
-                Answer::Once | Answer::Recheck => RequestOutcome::Approved {
-                    always: false,
-                    global: false,
+                // The host sends this only after it wrote the exception
+                // (sandpen_api::decisions::file_exception_for_pending).
+                Answer::Recheck => RequestOutcome::Decided {
+                    allowed: true,
+                    text: format!(
+                        "approved (always, sandbox scope): the user allowed reading {shown}; \
+                         it applies from this sandbox's next start, so it stays hidden until the user restarts the sandbox."
+                    ),
+                },
+                // Not offered for files (docs/policy.md): nothing changed.
+                Answer::Once => RequestOutcome::Decided {
+                    allowed: false,
+                    text: format!("the user answered, but no file rule changed for {shown}."),
                 },
                 refused @ (Answer::Deny | Answer::Timeout) => refusal(refused, &policy),
             }

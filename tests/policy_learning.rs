@@ -807,6 +807,46 @@ fn why_explains_the_last_denial() -> Result<(), Failed> {
     )
 }
 
+/// On the transparent TLS path, which carries no deny page, the guest's DNS
+/// stub explains the last refusal too: `dig TXT HOST` and `nslookup
+/// -type=txt HOST` answer with the two lines `sandpen-request --why HOST`
+/// prints.
+fn dns_txt_explains_the_last_denial() -> Result<(), Failed> {
+    ready()?;
+    let port = env().port;
+    let _ = guest(&format!(
+        "curl -sS -m 20 --noproxy '*' https://denied.test:{port}/tls"
+    ));
+    let (_, why) = guest("sandpen-request --why denied.test");
+    let fact = format!(
+        "denied.test:{port} is not allowed for this sandbox (denied-by-rule, rule 1 (sandbox: deny denied.test))"
+    );
+    check(why.contains(&fact), format!("--why: {why}"))?;
+    let lines: Vec<&str> = why.lines().filter(|l| !l.trim().is_empty()).collect();
+    check(lines.len() == 2, format!("two lines: {why}"))?;
+    let (code, out) = guest("dig +short +time=5 +tries=1 TXT denied.test");
+    // dig quotes each record's text; the quotes inside are escaped.
+    let unquoted: Vec<String> = out
+        .lines()
+        .map(|l| {
+            let l = l.trim();
+            let l = l.strip_prefix('"').unwrap_or(l);
+            l.strip_suffix('"').unwrap_or(l).replace("\\\"", "\"")
+        })
+        .collect();
+    check(
+        code == 0 && unquoted == lines,
+        format!("dig TXT: {code} {out}\nexpected: {lines:?}"),
+    )?;
+    let (_, out) = guest("dig +short +time=5 +tries=1 TXT _sandpen-why.denied.test");
+    check(out.contains(&fact), format!("_sandpen-why: {out}"))?;
+    let (_, out) = guest("nslookup -type=txt denied.test");
+    check(
+        out.contains(&fact) && out.contains("on purpose"),
+        format!("nslookup: {out}"),
+    )
+}
+
 /// `policy suggest` over a learn-mode log (the fixture the unit tests use:
 /// an `npm ci`, a `pip install`, a `git clone` and an agent's side trips):
 /// the clean suggestions applied with `--apply` become rules whose
@@ -940,6 +980,10 @@ fn main() {
             a_request_from_the_guest_waits_for_the_user,
         ),
         ("why_explains_the_last_denial", why_explains_the_last_denial),
+        (
+            "dns_txt_explains_the_last_denial",
+            dns_txt_explains_the_last_denial,
+        ),
         (
             "a_file_exception_is_written_only_by_the_user",
             a_file_exception_is_written_only_by_the_user,

@@ -847,6 +847,53 @@ fn dns_txt_explains_the_last_denial() -> Result<(), Failed> {
     )
 }
 
+/// Every network log record names the guest process that opened the
+/// connection, a refused one (written at once) and an allowed one alike,
+/// when PID 1 finds it: a client still connected while PID 1 looks.
+fn the_network_log_names_the_guest_process() -> Result<(), Failed> {
+    ready()?;
+    let port = env().port;
+    // A client that keeps its socket a second after its request.
+    let hold = |host: &str, path: &str| {
+        format!(
+            "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(\"{host}:{port}\") or die \"connect: $!\"; print $s \"GET {path} HTTP/1.1\\r\\nHost: {host}:{port}\\r\\n\\r\\n\"; sleep 1; sysread($s, $b, 12); print \"$b\\n\"'"
+        )
+    };
+    let mut seen = Vec::new();
+    for (host, path, cmd, name) in [
+        (
+            "denied.test",
+            "/refused",
+            hold("denied.test", "/refused"),
+            "perl",
+        ),
+        (
+            "narrowed.test",
+            "/allowed",
+            hold("narrowed.test", "/allowed"),
+            "perl",
+        ),
+        (
+            "narrowed.test",
+            "/curl",
+            format!("curl -sS -m 20 --noproxy '*' http://narrowed.test:{port}/curl"),
+            "curl",
+        ),
+    ] {
+        let (code, out) = guest(&cmd);
+        let r = last_record(host, port).map_err(|e| format!("{e:?}\n{cmd}: {code} {out}"))?;
+        seen.push(format!("{path}: {} ({code} {out})", r));
+        let process = &r["process"];
+        check(
+            r["path"] == path
+                && process["name"] == name
+                && process["pid"].as_u64().is_some_and(|p| p > 1),
+            format!("the record names {name}:\n{}", seen.join("\n")),
+        )?;
+    }
+    Ok(())
+}
+
 /// `policy suggest` over a learn-mode log (the fixture the unit tests use:
 /// an `npm ci`, a `pip install`, a `git clone` and an agent's side trips):
 /// the clean suggestions applied with `--apply` become rules whose
@@ -980,6 +1027,10 @@ fn main() {
             a_request_from_the_guest_waits_for_the_user,
         ),
         ("why_explains_the_last_denial", why_explains_the_last_denial),
+        (
+            "the_network_log_names_the_guest_process",
+            the_network_log_names_the_guest_process,
+        ),
         (
             "dns_txt_explains_the_last_denial",
             dns_txt_explains_the_last_denial,

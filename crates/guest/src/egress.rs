@@ -132,6 +132,17 @@ pub async fn start(mux: MuxHandle, prepared: tokio::task::JoinHandle<Result<()>>
     Ok(())
 }
 
+/// Whether `ip` is in Docker's address pools (a container's connection).
+fn from_container(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            (o[0] == 172 && (16..32).contains(&o[1])) || (o[0] == 192 && o[1] == 168)
+        }
+        std::net::IpAddr::V6(_) => false,
+    }
+}
+
 /// The address a redirected connection was meant for (`SO_ORIGINAL_DST`).
 fn original_destination(conn: &TcpStream) -> Option<SocketAddrV4> {
     let addr = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::OriginalDst).ok()?;
@@ -140,7 +151,14 @@ fn original_destination(conn: &TcpStream) -> Option<SocketAddrV4> {
 }
 
 async fn relay(mux: MuxHandle, mut conn: TcpStream, mode: EgressMode, host: String, port: u16) {
-    let src_port = conn.peer_addr().map_or(0, |a| a.port());
+    let peer = conn.peer_addr().ok();
+    let src_port = peer.map_or(0, |a| a.port());
+    // The client's process, looked up now while its socket is open (the
+    // host asks for it for the log). A container's client is in another
+    // network namespace, where its port names nothing of ours.
+    if peer.is_some_and(|a| !from_container(a.ip())) {
+        crate::sys::start_process_lookup(src_port);
+    }
     let stream = match mux.open().await {
         Ok(s) => s,
         Err(e) => {

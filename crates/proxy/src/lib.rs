@@ -59,7 +59,7 @@ use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
 pub use ask::{Answer, AskError, AskQueue, Asking, PendingInfo, ONCE_WINDOW};
-pub use audit::{read_log, AuditError, AuditLog, ConnectionReport, LogFilter};
+pub use audit::{read_log, AuditError, AuditLog, ConnectionReport, GuestProcess, LogFilter};
 use http::{FirstBytes, HeadError, RequestHead};
 use mitm::Mitm;
 use relay::{Activity, Dir, Tracked};
@@ -481,8 +481,11 @@ impl Proxy {
         }
     }
 
-    /// The guest process behind `src_port`, if the hook can tell within 2 s.
-    pub(crate) async fn process_of(&self, src_port: u16) -> Option<String> {
+    /// Starts looking up the guest process behind `src_port` (the hook, at
+    /// most 2 s), alongside the connection: nothing waits for it but the
+    /// records' writing ([`Proxy::write_record`]) and ask mode's entry.
+    /// `None`, at no cost, without a hook or a port.
+    fn start_lookup(&self, src_port: u16) -> Option<audit::ProcessSlot> {
         if src_port == 0 {
             return None;
         }
@@ -490,10 +493,21 @@ impl Proxy {
             Ok(l) => l.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }?;
-        tokio::time::timeout(Duration::from_secs(2), hook(src_port))
-            .await
-            .ok()
-            .flatten()
+        let (tx, slot) = audit::ProcessSlot::new();
+        tokio::spawn(async move {
+            let found = tokio::time::timeout(Duration::from_secs(2), hook(src_port))
+                .await
+                .ok()
+                .flatten();
+            let _ = tx.send(Some(found));
+        });
+        Some(slot)
+    }
+
+    /// The guest process of the connection whose record is `rec`, once its
+    /// lookup is done (ask mode names it).
+    pub(crate) async fn process_of(&self, rec: &ConnectionReport) -> Option<String> {
+        rec.lookup.as_ref()?.wait().await
     }
 
     /// Ask mode's queue of held connections (see [`ask`]).
@@ -526,8 +540,30 @@ impl Proxy {
         }
     }
 
-    /// Append one record to the audit log; a failure is a warning.
+    /// Append one record to the audit log; a failure is a warning. A record
+    /// whose guest process is still being looked up is written when the
+    /// lookup ends (at most 2 s later; docs/egress.md, "Audit log"), by a
+    /// task of its own: the connection never waits for it.
     pub(crate) fn write_record(&self, rec: &ConnectionReport) {
+        let Some(slot) = rec.lookup.as_ref().filter(|_| rec.process.is_none()) else {
+            return self.append_record(rec);
+        };
+        if let Some(found) = slot.ready() {
+            let mut rec = rec.clone();
+            rec.process = found.as_deref().and_then(GuestProcess::parse);
+            return self.append_record(&rec);
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return self.append_record(rec);
+        };
+        let (proxy, slot, mut rec) = (self.clone(), slot.clone(), rec.clone());
+        rt.spawn(async move {
+            rec.process = slot.wait().await.as_deref().and_then(GuestProcess::parse);
+            proxy.append_record(&rec);
+        });
+    }
+
+    fn append_record(&self, rec: &ConnectionReport) {
         if let Err(e) = self.inner.audit.write(rec) {
             tracing::warn!(sandbox = %rec.sandbox, error = %e, "egress audit record not written");
         }
@@ -555,6 +591,7 @@ impl Proxy {
             EgressMode::HttpProxy => "http-proxy",
         };
         let mut rec = ConnectionReport::new(&cfg.sandbox, mode, &open.host, open.port);
+        rec.lookup = self.start_lookup(open.src_port);
         let mut logged = false;
         match self.inner.limiter.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -568,7 +605,6 @@ impl Proxy {
                     cut: Arc::default(),
                     logged: false,
                     once: false,
-                    src_port: open.src_port,
                 };
                 conn.run(stream, open).await;
                 logged = conn.logged;
@@ -617,7 +653,7 @@ impl Proxy {
 /// [`Proxy::handle`] in `http-proxy` mode. Runs until the task is dropped.
 pub async fn serve_http_proxy(proxy: Proxy, listener: TcpListener) -> io::Result<()> {
     loop {
-        let (sock, _) = match listener.accept().await {
+        let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 // Out of descriptors and similar: back off instead of spinning.
@@ -633,7 +669,8 @@ pub async fn serve_http_proxy(proxy: Proxy, listener: TcpListener) -> io::Result
                 mode: EgressMode::HttpProxy,
                 host: String::new(),
                 port: 0,
-                src_port: 0,
+                // Named to the process lookup hook, if one is installed.
+                src_port: peer.port(),
             };
             p.handle(sock, open).await;
         });
@@ -656,8 +693,6 @@ struct Conn<'a> {
     logged: bool,
     /// The user approved it once in ask mode.
     once: bool,
-    /// The client's source port in the guest (see [`Proxy::process_of`]).
-    src_port: u16,
 }
 
 /// The plain-HTTP deny page; `body` is its text.
@@ -758,7 +793,7 @@ impl Conn<'_> {
         if let Some(asked) = granted(self.proxy, &self.policy, host, port, &checked).await {
             (checked, self.policy, self.once) = (asked.checked, asked.policy, asked.once);
         } else if checked.decision.ask {
-            let process = self.proxy.process_of(self.src_port).await;
+            let process = self.proxy.process_of(self.rec).await;
             let asked = ask_user(self.proxy, host, port, first, process, checked).await;
             (checked, self.policy, self.once) = (asked.checked, asked.policy, asked.once);
         }
@@ -928,7 +963,7 @@ impl Conn<'_> {
             first,
             self.rec,
             self.act,
-            (bound, self.src_port),
+            bound,
         )
         .await;
         if let Some(latest) = served.latest {

@@ -158,9 +158,7 @@ impl WhyQuery {
     /// character boundary) until the reply fits in 512 bytes; `SERVFAIL`
     /// when `text` is `None` (the host did not answer).
     pub fn reply(&self, text: Option<&str>) -> Option<Vec<u8>> {
-        let Some(q) = self.request.queries.first() else {
-            return None;
-        };
+        let q = self.request.queries.first()?;
         let Some(text) = text else {
             let mut reply = response_to(&self.request);
             reply.metadata.response_code = ResponseCode::ServFail;

@@ -196,7 +196,10 @@ pub fn start_process_lookup(port: u16) {
 }
 
 /// The process behind `port`: the answer of the lookup started when its
-/// connection was accepted, or, without one, a lookup now.
+/// connection was accepted; `None` without one (a container's connection,
+/// whose port names nothing in this network namespace, or one older than
+/// [`LOOKUP_KEEP`]): a lookup now could name an unrelated process that
+/// happens to hold the same local port.
 pub async fn process_for_port(port: u16) -> Option<String> {
     let started = lookups()
         .as_ref()
@@ -211,10 +214,7 @@ pub async fn process_for_port(port: u16) -> Option<String> {
             };
             found
         }
-        None => tokio::task::spawn_blocking(move || process_of_port(port))
-            .await
-            .ok()
-            .flatten(),
+        None => None,
     }
 }
 

@@ -195,8 +195,9 @@ fn ready() -> Result<(), Failed> {
 }
 
 /// Names the tests use, all mapped to the host's loopback server.
-const HOSTS: [&str; 6] = [
+const HOSTS: [&str; 7] = [
     "once.test",
+    "granted.test",
     "always.test",
     "late.test",
     "denied.test",
@@ -597,6 +598,199 @@ fn a_request_from_the_guest_waits_for_the_user() -> Result<(), Failed> {
     )
 }
 
+/// `approve --once` on an agent's `sandpen-request network HOST:PORT` is a
+/// one-time allowance: the next connection to exactly that destination
+/// goes through at once (ask mode would hold it), and the one after waits
+/// again.
+fn approve_once_on_a_request_allows_one_connection() -> Result<(), Failed> {
+    ready()?;
+    let port = env().port;
+    let dest = format!("granted.test:{port}");
+    let asking = guest_spawn(&format!(
+        "sandpen-request network {dest} 'fetch one file'; echo exit=$?"
+    ));
+    let held = pending_for("granted.test", Duration::from_secs(30))?;
+    let id = held
+        .first()
+        .and_then(|p| p["id"].as_u64())
+        .ok_or(format!("a held request: {held:?}"))?;
+    let said = ok(&["policy", "approve", &id.to_string(), "--once"])?;
+    check(said.contains("within 60 s"), said)?;
+    let (_, out) = finish(asking);
+    check(
+        out.contains(&format!(
+            "approved (once): the next connection to {dest} within 60 s is allowed, once"
+        )) && out.contains("exit=0"),
+        format!("the guest's side: {out}"),
+    )?;
+    // Not held: 20 s is far less than the 90 s the sandbox would wait.
+    let (code, out) = guest(&format!(
+        "curl -sS -m 20 --noproxy '*' http://{dest}/granted"
+    ));
+    check(
+        code == 0 && out.contains("hello /granted"),
+        format!("the allowed connection: {code} {out}"),
+    )?;
+    let r = last_record("granted.test", port)?;
+    check(
+        r["decision"] == "allow" && r["rule_scope"] == "once",
+        format!("the record names the one-time approval: {r}"),
+    )?;
+    let again = guest_spawn(&format!("curl -sS -m 80 --noproxy '*' http://{dest}/again"));
+    let held = pending_for("granted.test", Duration::from_secs(30))?;
+    check(
+        held.len() == 1,
+        format!("the second curl waits again: {held:?}"),
+    )?;
+    let id = held[0]["id"].as_u64().ok_or("an id")?.to_string();
+    ok(&["policy", "deny", &id])?;
+    let (_, out) = finish(again);
+    check(
+        !requests_seen().contains("/again"),
+        format!("the second went through: {out}"),
+    )
+}
+
+/// `sandpen-request file read PATH`: as root in the guest, no sequence of
+/// channel messages writes the exception; `--once` is refused on the host
+/// with the reason; `approve --always` writes `[files] allow_read` in the
+/// sandbox's file, recorded with who and why, and from the next start the
+/// guest reads that file and still not `.env`; `undo` hides it again.
+fn a_file_exception_is_written_only_by_the_user() -> Result<(), Failed> {
+    ready()?;
+    let ws = env().cli.ws.clone();
+    std::fs::write(ws.join(".env.example"), "API_URL=\n")?;
+    std::fs::write(ws.join(".env"), "API_KEY=hunter2\n")?;
+    let example = format!("{}/.env.example", ws.display());
+    let cat = format!("cat {example}; cat {}/.env", ws.display());
+    let (_, out) = guest(&cat);
+    check(
+        !out.contains("API_URL") && !out.contains("hunter2"),
+        format!("both hidden at first: {out}"),
+    )?;
+    let asking = guest_spawn(&format!(
+        "sandpen-request file read {example} 'the variable names'; echo exit=$?"
+    ));
+    let held = pending_for(&example, Duration::from_secs(30))?;
+    let id = held
+        .first()
+        .and_then(|p| p["id"].as_u64())
+        .ok_or(format!("a held file request: {held:?}"))?;
+    check(held[0]["file"] == "read", held[0].to_string())?;
+    // The guest, as root, tries to get the exception written by itself:
+    // forged answer frames and garbage on the request socket, more file
+    // requests, writes to the channel's ports, and `allow_read` in the
+    // workspace's own file.
+    let attack = format!(
+        r#"
+        for bytes in '\x00\x00\x00\x03\x00\x01\x00' '\x00\x00\x00\x03\x00\x01\x01' 'approve {id} --always\n' '\xff\xff\xff\xff'; do
+          perl -MIO::Socket::UNIX -e '$s = IO::Socket::UNIX->new(Peer => "/run/sandpen/request.sock") or die "connect: $!"; print $s eval(qq("$ARGV[0]")); sleep 1' "$bytes"
+        done
+        for i in 1 2 3; do timeout 2 sandpen-request file read {example} 'again'; done
+        timeout 2 sandpen-request file read {ws}/.env 'and this'
+        for p in /dev/vport*; do (printf 'approve {id} --always\n' > "$p") 2>&1 | head -1; done
+        printf '[files]\nallow_read = [".env.example", ".env"]\n' >> {ws}/.sandpen.toml 2>&1
+        echo attacked
+    "#,
+        ws = ws.display()
+    );
+    let (_, out) = guest(&attack);
+    check(
+        out.contains("attacked") && !out.contains("connect:"),
+        format!("the attack ran as written: {out}"),
+    )?;
+    let policy = std::fs::read_to_string(sandbox_file()).unwrap_or_default();
+    let history = ok(&["policy", "history", NAME, "--json"])?;
+    check(
+        !policy.contains("allow_read") && !history.contains("read-exception"),
+        format!("the guest wrote an exception: {policy}\n{history}"),
+    )?;
+    check(
+        !std::fs::read_to_string(ws.join(".sandpen.toml"))?.contains("allow_read"),
+        "the workspace file took the guest's write",
+    )?;
+    let still = pending_for(&example, Duration::from_millis(1))?;
+    check(
+        still.iter().any(|p| p["id"] == id),
+        format!("after the guest's attempts the request still waits: {still:?}"),
+    )?;
+    let once = sandpen(&["policy", "approve", &id.to_string(), "--once"]);
+    check(
+        !once.status.success()
+            && text(&once.stderr).contains("a one-time file exception is not offered"),
+        format!("--once: {}", text(&once.stderr)),
+    )?;
+    let said = ok(&["policy", "approve", &id.to_string(), "--always"])?;
+    check(
+        said.contains("added the file exception allow_read .env.example")
+            && said.contains("next start"),
+        said,
+    )?;
+    let (_, out) = finish(asking);
+    check(
+        out.contains("approved (always, sandbox scope)")
+            && out.contains("next start")
+            && out.contains("exit=0"),
+        format!("the guest's side: {out}"),
+    )?;
+    let history = ok(&["policy", "history", NAME, "--json"])?;
+    let change = history
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|c| c["edit"]["op"] == "add-read-exception")
+        .ok_or(format!("no exception in the history: {history}"))?;
+    check(
+        change["who"] == "approval"
+            && change["edit"]["path"] == ".env.example"
+            && change["scope"] == "sandbox"
+            && change["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("the agent's reason (untrusted): the variable names"),
+        change.to_string(),
+    )?;
+    // From the next start.
+    ok(&["stop", NAME])?;
+    ok(&["start", NAME])?;
+    let (_, out) = guest(&cat);
+    check(
+        out.contains("API_URL") && !out.contains("hunter2"),
+        format!("after the restart: {out}"),
+    )?;
+    let n = change["n"].as_u64().ok_or("a change number")?.to_string();
+    ok(&["policy", "undo", &n, NAME])?;
+    ok(&["stop", NAME])?;
+    ok(&["start", NAME])?;
+    let (_, out) = guest(&cat);
+    check(
+        !out.contains("API_URL") && !out.contains("hunter2"),
+        format!("after the undo and a restart: {out}"),
+    )?;
+    // A write exception is not written.
+    let writing = guest_spawn(&format!(
+        "sandpen-request file write {}/.git/config 'fix the remote'; echo exit=$?",
+        ws.display()
+    ));
+    let held = pending_for(
+        &format!("{}/.git/config", ws.display()),
+        Duration::from_secs(30),
+    )?;
+    let id = held
+        .first()
+        .and_then(|p| p["id"].as_u64())
+        .ok_or("a held write request")?
+        .to_string();
+    let refused = sandpen(&["policy", "approve", &id, "--always"]);
+    check(
+        !refused.status.success()
+            && text(&refused.stderr).contains("sandpen writes no exception to the read-only rules"),
+        text(&refused.stderr),
+    )?;
+    ok(&["policy", "deny", &id])?;
+    let (_, out) = finish(writing);
+    check(out.contains("denied (ask-denied"), out)
+}
+
 /// `sandpen-request --why HOST` explains the last refusal of HOST, for TLS
 /// through the transparent path, which carries no deny page.
 fn why_explains_the_last_denial() -> Result<(), Failed> {
@@ -611,6 +805,93 @@ fn why_explains_the_last_denial() -> Result<(), Failed> {
             && out.contains(&format!("denied.test:{port} is not allowed for this sandbox (denied-by-rule, rule 1 (sandbox: deny denied.test))")),
         format!("{code} {out}"),
     )
+}
+
+/// On the transparent TLS path, which carries no deny page, the guest's DNS
+/// stub explains the last refusal too: `dig TXT HOST` and `nslookup
+/// -type=txt HOST` answer with the two lines `sandpen-request --why HOST`
+/// prints.
+fn dns_txt_explains_the_last_denial() -> Result<(), Failed> {
+    ready()?;
+    let port = env().port;
+    let _ = guest(&format!(
+        "curl -sS -m 20 --noproxy '*' https://denied.test:{port}/tls"
+    ));
+    let (_, why) = guest("sandpen-request --why denied.test");
+    let fact = format!(
+        "denied.test:{port} is not allowed for this sandbox (denied-by-rule, rule 1 (sandbox: deny denied.test))"
+    );
+    check(why.contains(&fact), format!("--why: {why}"))?;
+    let lines: Vec<&str> = why.lines().filter(|l| !l.trim().is_empty()).collect();
+    check(lines.len() == 2, format!("two lines: {why}"))?;
+    let (code, out) = guest("dig +short +time=5 +tries=1 TXT denied.test");
+    // dig quotes each record's text; the quotes inside are escaped.
+    let unquoted: Vec<String> = out
+        .lines()
+        .map(|l| {
+            let l = l.trim();
+            let l = l.strip_prefix('"').unwrap_or(l);
+            l.strip_suffix('"').unwrap_or(l).replace("\\\"", "\"")
+        })
+        .collect();
+    check(
+        code == 0 && unquoted == lines,
+        format!("dig TXT: {code} {out}\nexpected: {lines:?}"),
+    )?;
+    let (_, out) = guest("dig +short +time=5 +tries=1 TXT _sandpen-why.denied.test");
+    check(out.contains(&fact), format!("_sandpen-why: {out}"))?;
+    let (_, out) = guest("nslookup -type=txt denied.test");
+    check(
+        out.contains(&fact) && out.contains("on purpose"),
+        format!("nslookup: {out}"),
+    )
+}
+
+/// Every network log record names the guest process that opened the
+/// connection, a refused one (written at once) and an allowed one alike,
+/// when PID 1 finds it: a client still connected while PID 1 looks.
+fn the_network_log_names_the_guest_process() -> Result<(), Failed> {
+    ready()?;
+    let port = env().port;
+    // A client that keeps its socket a second after its request.
+    let hold = |host: &str, path: &str| {
+        format!(
+            "perl -MIO::Socket::INET -e '$s = IO::Socket::INET->new(\"{host}:{port}\") or die \"connect: $!\"; print $s \"GET {path} HTTP/1.1\\r\\nHost: {host}:{port}\\r\\n\\r\\n\"; sleep 1; sysread($s, $b, 12); print \"$b\\n\"'"
+        )
+    };
+    let mut seen = Vec::new();
+    for (host, path, cmd, name) in [
+        (
+            "denied.test",
+            "/refused",
+            hold("denied.test", "/refused"),
+            "perl",
+        ),
+        (
+            "narrowed.test",
+            "/allowed",
+            hold("narrowed.test", "/allowed"),
+            "perl",
+        ),
+        (
+            "narrowed.test",
+            "/curl",
+            format!("curl -sS -m 20 --noproxy '*' http://narrowed.test:{port}/curl"),
+            "curl",
+        ),
+    ] {
+        let (code, out) = guest(&cmd);
+        let r = last_record(host, port).map_err(|e| format!("{e:?}\n{cmd}: {code} {out}"))?;
+        seen.push(format!("{path}: {} ({code} {out})", r));
+        let process = &r["process"];
+        check(
+            r["path"] == path
+                && process["name"] == name
+                && process["pid"].as_u64().is_some_and(|p| p > 1),
+            format!("the record names {name}:\n{}", seen.join("\n")),
+        )?;
+    }
+    Ok(())
 }
 
 /// `policy suggest` over a learn-mode log (the fixture the unit tests use:
@@ -746,6 +1027,22 @@ fn main() {
             a_request_from_the_guest_waits_for_the_user,
         ),
         ("why_explains_the_last_denial", why_explains_the_last_denial),
+        (
+            "the_network_log_names_the_guest_process",
+            the_network_log_names_the_guest_process,
+        ),
+        (
+            "dns_txt_explains_the_last_denial",
+            dns_txt_explains_the_last_denial,
+        ),
+        (
+            "a_file_exception_is_written_only_by_the_user",
+            a_file_exception_is_written_only_by_the_user,
+        ),
+        (
+            "approve_once_on_a_request_allows_one_connection",
+            approve_once_on_a_request_allows_one_connection,
+        ),
         (
             "suggest_applies_rules_from_a_learn_log",
             suggest_applies_rules_from_a_learn_log,

@@ -6,8 +6,9 @@
 //! behind its own checks), never from the guest; an `always` answer is a rule
 //! in the policy file plus a line in the sandbox's history naming who made
 //! it and the pending entry it answered (the agent's reason quoted as
-//! untrusted); a file-rule exception is answered but never written, since
-//! sandpen does not edit `[files]` yet.
+//! untrusted); an `always` answer to a file request is an exception in the
+//! sandbox's `[files] allow_read` (read requests only; it applies from the
+//! sandbox's next start) plus the same history line.
 
 use sandpen_policy::file::PolicyFile;
 use sandpen_policy::history::{Edit, History, Who};
@@ -123,6 +124,88 @@ pub async fn rule_for_pending(
     Ok(said)
 }
 
+/// Writes the exception an agent's `sandpen-request file read PATH` (pending
+/// entry `p`) asks for: PATH, relative to the share that holds it, in
+/// `[files] allow_read` of the sandbox's own file; records it in the
+/// sandbox's history as made by `who`, and tells the waiting agent that it
+/// applies from the sandbox's next start (the file server takes its rules
+/// at start). Refused, with the reason, for a write, for `global`, for a
+/// path outside the shares, one no deny-read rule hides, or one below a
+/// hidden folder.
+pub async fn file_exception_for_pending(
+    dirs: &Dirs,
+    p: &PendingInfo,
+    global: bool,
+    who: Who,
+) -> Result<String, ApiError> {
+    use crate::error::FileRefusal;
+    let shown = match &p.file {
+        Some(access) => format!("file {access} {}", p.host),
+        None => destination(&p.host, p.port),
+    };
+    let refuse = |why| ApiError::FileException {
+        what: shown.clone(),
+        why,
+    };
+    if global {
+        return Err(refuse(FileRefusal::Global));
+    }
+    if p.file.as_deref() != Some("read") {
+        return Err(refuse(FileRefusal::Write));
+    }
+    let config = sandbox::load(dirs, &p.sandbox)?;
+    let asked = std::path::Path::new(&p.host);
+    // The guest mounts each share at its host path (docs/architecture.md).
+    let rel = std::iter::once(config.workspace.as_path())
+        .chain(config.mounts.iter().map(|m| m.path.as_path()))
+        .filter_map(|root| asked.strip_prefix(root).ok())
+        .min_by_key(|rel| rel.components().count())
+        .filter(|rel| !rel.as_os_str().is_empty())
+        .ok_or_else(|| refuse(FileRefusal::OutsideShares))?;
+    let rel_text = rel.to_string_lossy().into_owned();
+    sandpen_policy::files::exception_path(&rel_text)
+        .map_err(|e| refuse(FileRefusal::BadPath(e.to_string())))?;
+    let rules = crate::policy::policy_for(dirs, Some(&p.sandbox))?.file_rules()?;
+    if let Some(r) = rules.hidden_above(rel) {
+        return Err(refuse(FileRefusal::HiddenAbove(r.to_string())));
+    }
+    if rules.hidden(rel).is_none() {
+        return Err(refuse(FileRefusal::NotHidden));
+    }
+    let (path, scope) = file_path(dirs, &Where::Sandbox(p.sandbox.clone()))?;
+    let mut file = PolicyFile::load(&path, scope)?;
+    let added = file.add_read_exception(&rel_text)?;
+    file.save()?;
+    let said = if added {
+        let mut why = format!("pending {}: file read {}", p.id, p.host);
+        if let Some(r) = &p.reason {
+            why.push_str(&format!("; the agent's reason (untrusted): {r}"));
+        }
+        History::in_dir(&dirs.sandbox(&p.sandbox).dir).append(
+            &now_rfc3339(),
+            who,
+            &file,
+            Edit::AddReadException {
+                path: rel_text.clone(),
+            },
+            &why,
+            None,
+        )?;
+        format!("added the file exception allow_read {rel_text} (sandbox scope)")
+    } else {
+        format!("already there: the file exception allow_read {rel_text}")
+    };
+    // The agent is told; the entry is gone afterwards (or was already).
+    let paths = dirs.sandbox(&p.sandbox);
+    if control::supervisor_alive(&paths) {
+        let _ = control::answer(&paths, p.id, Answer::Recheck).await;
+    }
+    Ok(format!(
+        "{said}; it applies from the sandbox's next start (`sandpen stop {0}; sandpen start {0}`)",
+        p.sandbox
+    ))
+}
+
 /// The page's answer to one pending entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -162,7 +245,14 @@ pub async fn decide(
         None => destination(&p.host, p.port),
     };
     match decision {
-        Decision::Always if p.file.is_some() => Err(ApiError::FileException(shown)),
+        Decision::Always if p.file.is_some() => {
+            let said = file_exception_for_pending(dirs, &p, false, who).await?;
+            Ok(format!("{shown}: {said}"))
+        }
+        Decision::Once if p.file.is_some() => Err(ApiError::FileException {
+            what: shown,
+            why: crate::error::FileRefusal::Once,
+        }),
         Decision::Always => {
             let said = rule_for_pending(dirs, &p, Action::Allow, false, who).await?;
             Ok(format!(
@@ -171,12 +261,28 @@ pub async fn decide(
         }
         Decision::Once => {
             control::answer(&paths, p.id, Answer::Once).await?;
-            Ok(format!("{shown}: approved once"))
+            Ok(format!("{shown}: {}", once_said(&p)))
         }
         Decision::Deny => {
             control::answer(&paths, p.id, Answer::Deny).await?;
             Ok(format!("{shown}: refused"))
         }
+    }
+}
+
+/// What `approve --once` did to a network entry, in words: a held
+/// connection goes on alone; an agent's request becomes a one-time
+/// allowance for its next connection (docs/policy.md, "Requests from
+/// inside").
+pub fn once_said(p: &PendingInfo) -> String {
+    if p.reason.is_some() {
+        format!(
+            "approved once: the next connection to {} within {} s is allowed, once",
+            destination(&p.host, p.port),
+            sandpen_proxy::ONCE_WINDOW.as_secs()
+        )
+    } else {
+        "approved once (this connection only)".into()
     }
 }
 

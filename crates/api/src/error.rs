@@ -42,10 +42,8 @@ pub enum ApiError {
     UnknownService { service: String, builtin: String },
     #[error("nothing is waiting as {sandbox}/{id}; it was answered or timed out (`sandpen policy pending`)")]
     NoSuchPending { sandbox: String, id: u64 },
-    #[error(
-        "{0}: file rule exceptions are not written by sandpen yet; edit [files] of the sandbox's policy.toml, then approve it once"
-    )]
-    FileException(String),
+    #[error("{what}: {why}")]
+    FileException { what: String, why: FileRefusal },
     /// A suggestion selection (`1,3`, `2-4`) that does not fit the list.
     #[error("{0}")]
     Selection(String),
@@ -97,6 +95,40 @@ pub enum ApiError {
     GuestCommand(String),
 }
 
+/// Why an answer to an agent's file request (`sandpen-request file read|write
+/// PATH`) writes no exception (docs/policy.md, "Requests from inside").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileRefusal {
+    #[error(
+        "a one-time file exception is not offered: the file server takes its rules when the sandbox \
+         starts, so there is no single read to let through; `--always` writes an exception that applies \
+         from the sandbox's next start, `deny` refuses"
+    )]
+    Once,
+    #[error(
+        "a file exception names a path in this sandbox's shares, so it goes in the sandbox's own \
+         policy file only; approve it without -g"
+    )]
+    Global,
+    #[error(
+        "sandpen writes no exception to the read-only rules (they keep what the host's git runs or \
+         reads out of the guest's reach); change [files] read_only of the sandbox's policy.toml \
+         yourself if you mean it, and deny the request"
+    )]
+    Write,
+    #[error("it is not inside the sandbox's workspace or one of its mounts; deny the request")]
+    OutsideShares,
+    #[error("no deny-read rule hides it, so there is nothing to except; deny the request")]
+    NotHidden,
+    #[error(
+        "a folder above it is hidden by {0}; an exception for one path below a hidden folder is not \
+         offered; deny the request"
+    )]
+    HiddenAbove(String),
+    #[error("{0}; deny the request")]
+    BadPath(String),
+}
+
 impl ApiError {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         ApiError::Io {
@@ -114,7 +146,7 @@ impl ApiError {
                 ErrorKind::NotFound
             }
             ApiError::NoSuchSecret { .. } | ApiError::NoSuchPending { .. } => ErrorKind::NotFound,
-            ApiError::FileException(_) | ApiError::SuggestionsChanged(_) => ErrorKind::Conflict,
+            ApiError::FileException { .. } | ApiError::SuggestionsChanged(_) => ErrorKind::Conflict,
             ApiError::Running(_)
             | ApiError::NotRunning(_)
             | ApiError::Supervisor(S::NotRunning(_)) => ErrorKind::Conflict,

@@ -140,11 +140,12 @@ fn history_of(dirs: &Dirs, place: &Where) -> History {
 }
 
 /// [`edit`], and the change `f` reports (if any) appended to the history as
-/// made by `who`, with no reason.
+/// made by `who`, with `reason` (empty: none given).
 fn edit_recorded<T>(
     dirs: &Dirs,
     place: &Where,
     who: Who,
+    reason: &str,
     f: impl FnOnce(&mut PolicyFile) -> Result<(T, Option<Edit>), ApiError>,
 ) -> Result<T, ApiError> {
     let (path, scope) = file_path(dirs, place)?;
@@ -155,35 +156,67 @@ fn edit_recorded<T>(
         let now = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
-        history_of(dirs, place).append(&now, who, &file, change, "", None)?;
+        history_of(dirs, place).append(&now, who, &file, change, reason, None)?;
     }
     Ok(out)
 }
 
+impl RuleInfo {
+    /// `rule 3 (sandbox: allow pypi.org:443)`, as the CLI says it.
+    pub fn said(&self) -> String {
+        format!(
+            "rule {} ({}: {} {})",
+            self.id, self.scope, self.action, self.target
+        )
+    }
+}
+
+/// What [`add_rule`] did: the rule, and whether it is new (an identical one
+/// already there is returned with `added: false`, and nothing is recorded).
+#[derive(Debug, Clone)]
+pub struct AddedRule {
+    pub rule: RuleInfo,
+    pub added: bool,
+}
+
 /// Adds a network rule (an identical one already there is returned), and
-/// records a new one in the history as made by `who`.
+/// records a new one in the history as made by `who`, with `reason`.
 pub fn add_rule(
     dirs: &Dirs,
     place: &Where,
     action: Action,
     target: &str,
     who: Who,
-) -> Result<RuleInfo, ApiError> {
-    edit_recorded(dirs, place, who, |f| {
+    reason: &str,
+) -> Result<AddedRule, ApiError> {
+    edit_recorded(dirs, place, who, reason, |f| {
         let before = f.rules().len();
         let rule = f.add_rule(action, target)?;
-        let change = (f.rules().len() != before).then(|| Edit::AddRule {
+        let added = f.rules().len() != before;
+        let change = added.then(|| Edit::AddRule {
             id: rule.id,
             action: rule.action,
             target: rule.target.to_string(),
         });
-        Ok((RuleInfo::from(&rule), change))
+        Ok((
+            AddedRule {
+                rule: RuleInfo::from(&rule),
+                added,
+            },
+            change,
+        ))
     })
 }
 
-/// Removes a network rule by id, recorded as made by `who`.
-pub fn remove_rule(dirs: &Dirs, place: &Where, id: u32, who: Who) -> Result<RuleInfo, ApiError> {
-    edit_recorded(dirs, place, who, |f| {
+/// Removes a network rule by id, recorded as made by `who`, with `reason`.
+pub fn remove_rule(
+    dirs: &Dirs,
+    place: &Where,
+    id: u32,
+    who: Who,
+    reason: &str,
+) -> Result<RuleInfo, ApiError> {
+    edit_recorded(dirs, place, who, reason, |f| {
         let rule = f.remove_rule(id)?;
         let change = Edit::RemoveRule {
             id: rule.id,
@@ -200,9 +233,10 @@ pub fn init_preset(
     place: &Where,
     preset: &str,
     who: Who,
+    reason: &str,
 ) -> Result<PathBuf, ApiError> {
     let p = Preset::parse(preset).ok_or_else(|| ApiError::UnknownPreset(preset.to_string()))?;
-    edit_recorded(dirs, place, who, |f| {
+    edit_recorded(dirs, place, who, reason, |f| {
         let from = f.preset();
         f.init_preset(p)?;
         let change = (from != Some(p)).then_some(Edit::SetPreset { from, to: p });
@@ -211,9 +245,15 @@ pub fn init_preset(
 }
 
 /// Sets a file's mode; returns the file's path.
-pub fn set_mode(dirs: &Dirs, place: &Where, mode: &str, who: Who) -> Result<PathBuf, ApiError> {
+pub fn set_mode(
+    dirs: &Dirs,
+    place: &Where,
+    mode: &str,
+    who: Who,
+    reason: &str,
+) -> Result<PathBuf, ApiError> {
     let m = Mode::parse(mode).ok_or_else(|| ApiError::UnknownMode(mode.to_string()))?;
-    edit_recorded(dirs, place, who, |f| {
+    edit_recorded(dirs, place, who, reason, |f| {
         let from = f.mode();
         f.set_mode(m)?;
         let change = (from != Some(m)).then_some(Edit::SetMode { from, to: m });

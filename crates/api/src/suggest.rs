@@ -231,25 +231,10 @@ struct Group {
 /// `pid`). Read through the record's JSON form so that this works before
 /// and after `ConnectionReport` has a typed field for it.
 pub fn process_of(r: &ConnectionReport) -> Option<String> {
-    process_in(&serde_json::to_value(r).ok()?)
-}
-
-/// The `process` of a network record in its JSON form.
-fn process_in(record: &serde_json::Value) -> Option<String> {
-    match record.get("process")? {
-        serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-        serde_json::Value::Object(o) => {
-            let name = ["name", "comm", "exe"]
-                .iter()
-                .find_map(|k| o.get(*k).and_then(|v| v.as_str()))
-                .filter(|s| !s.is_empty())?;
-            Some(match o.get("pid").and_then(|p| p.as_u64()) {
-                Some(pid) => format!("{name} ({pid})"),
-                None => name.to_string(),
-            })
-        }
-        _ => None,
-    }
+    r.process
+        .as_ref()
+        .filter(|p| !p.name.is_empty())
+        .map(|p| format!("{} ({})", p.name, p.pid))
 }
 
 /// The suggestions, numbered from 1: additions (flagged ones last), then
@@ -1036,19 +1021,15 @@ mod tests {
         let with = |p: serde_json::Value| {
             let mut v = serde_json::to_value(&r).unwrap();
             v["process"] = p;
-            process_in(&v)
+            serde_json::from_value::<ConnectionReport>(v)
+                .ok()
+                .and_then(|r| process_of(&r))
         };
         assert_eq!(
             with(serde_json::json!({"pid": 42, "name": "npm"})).as_deref(),
             Some("npm (42)")
         );
-        assert_eq!(
-            with(serde_json::json!({"comm": "pip"})).as_deref(),
-            Some("pip")
-        );
-        assert_eq!(with(serde_json::json!("git")).as_deref(), Some("git"));
-        assert_eq!(with(serde_json::json!({"pid": 7})), None);
-        assert_eq!(with(serde_json::json!("")), None);
+        assert_eq!(with(serde_json::json!({"pid": 7, "name": ""})), None);
     }
 
     #[test]

@@ -1,13 +1,11 @@
 //! `sandpen policy ...`: edit the policy files, check a destination exactly as
 //! the proxy would, and read the network log.
 
-use std::path::PathBuf;
-
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
-use sandpen_policy::file::PolicyFile;
+use sandpen_api::policy::Where;
 use sandpen_policy::history::{Edit, History, Who};
-use sandpen_policy::{Action, Mode, Preset, Scope, Verdict};
+use sandpen_policy::{Action, Verdict};
 use sandpen_proxy::audit::{read_log, LogFilter};
 use sandpen_supervisor::{control, sandbox, Dirs};
 
@@ -157,44 +155,32 @@ pub enum PolicyCommand {
     },
 }
 
-fn file_path(dirs: &Dirs, scope: &ScopeArgs) -> Result<(PathBuf, Scope)> {
-    match &scope.name {
-        Some(name) => {
-            sandbox::load(dirs, name)?;
-            Ok((dirs.sandbox(name).dir.join("policy.toml"), Scope::Sandbox))
-        }
-        None => {
-            std::fs::create_dir_all(&dirs.config)
-                .with_context(|| format!("creating {}", dirs.config.display()))?;
-            Ok((dirs.config.join("policy.toml"), Scope::Global))
-        }
+impl ScopeArgs {
+    fn place(&self) -> Where {
+        Where::from_name(self.name.clone())
+    }
+
+    fn reason(&self) -> &str {
+        self.reason.as_deref().unwrap_or_default()
     }
 }
 
-/// Edit one policy file and record the change in the history (the
-/// sandbox's, or the global one's): `f` says what to print and what changed
-/// (`None`: nothing did).
-fn edit(
-    dirs: &Dirs,
-    scope: &ScopeArgs,
-    f: impl FnOnce(&mut PolicyFile) -> Result<(String, Option<Edit>)>,
-) -> Result<i32> {
-    let (path, kind) = file_path(dirs, scope)?;
-    let mut file = PolicyFile::load(&path, kind)?;
-    let (said, change) = f(&mut file)?;
-    file.save()?;
-    if let Some(change) = change {
-        let reason = scope.reason.as_deref().unwrap_or_default();
-        history_for(dirs, scope.name.as_deref()).append(
-            &now_rfc3339(),
-            Who::Cli,
-            &file,
-            change,
-            reason,
-            None,
-        )?;
+/// `add_rule` through sandpen-api (recorded in the history as the CLI's,
+/// with `--reason`), and what to print.
+fn add_rule(dirs: &Dirs, scope: &ScopeArgs, action: Action, target: &str) -> Result<i32> {
+    let r = sandpen_api::policy::add_rule(
+        dirs,
+        &scope.place(),
+        action,
+        target,
+        Who::Cli,
+        scope.reason(),
+    )?;
+    if r.added {
+        println!("added {}", r.rule.said());
+    } else {
+        println!("already there: {}", r.rule.said());
     }
-    println!("{said}");
     Ok(0)
 }
 
@@ -229,31 +215,6 @@ fn provenance<'a>(
                 if *id == rule.id && *action == rule.action && *target == rule.target.to_string())
         })
         .max_by(|a, b| a.time.cmp(&b.time))
-}
-
-/// `add_rule`, and the history entry if the rule is new.
-fn add_recorded(
-    f: &mut PolicyFile,
-    action: Action,
-    target: &str,
-) -> Result<(String, Option<Edit>)> {
-    let before = f.rules().len();
-    let rule = f.add_rule(action, target)?;
-    let said = format!(
-        "rule {} ({}: {} {})",
-        rule.id, rule.scope, rule.action, rule.target
-    );
-    if f.rules().len() == before {
-        return Ok((format!("already there: {said}"), None));
-    }
-    Ok((
-        format!("added {said}"),
-        Some(Edit::AddRule {
-            id: rule.id,
-            action: rule.action,
-            target: rule.target.to_string(),
-        }),
-    ))
 }
 
 fn policy_for(dirs: &Dirs, name: Option<&str>) -> Result<sandpen_policy::Policy> {
@@ -485,18 +446,21 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             let p = find_pending(dirs, &id).await?;
             let dest = shown_destination(&p);
             if p.file.is_some() {
-                if always {
-                    bail!(
-                        "{dest}: file rule exceptions are not written by sandpen yet; \
-                         edit [files] of the sandbox's policy.toml, then `policy approve {id} --once` to tell the agent"
-                    );
+                if !always {
+                    return Err(sandpen_api::ApiError::FileException {
+                        what: dest,
+                        why: sandpen_api::error::FileRefusal::Once,
+                    }
+                    .into());
                 }
-                control::answer(&dirs.sandbox(&p.sandbox), p.id, sandpen_proxy::Answer::Once)
-                    .await?;
-                println!(
-                    "{}: {dest}: the agent is told it was approved; no file rule was changed (edit [files] yourself)",
-                    p.sandbox
-                );
+                let said = sandpen_api::decisions::file_exception_for_pending(
+                    dirs,
+                    &p,
+                    global,
+                    Who::Approval,
+                )
+                .await?;
+                println!("{}: {dest}: {said}", p.sandbox);
                 return Ok(0);
             }
             if always {
@@ -509,8 +473,9 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
                 control::answer(&dirs.sandbox(&p.sandbox), p.id, sandpen_proxy::Answer::Once)
                     .await?;
                 println!(
-                    "{}: {dest}: approved once (this connection only)",
-                    p.sandbox
+                    "{}: {dest}: {}",
+                    p.sandbox,
+                    sandpen_api::decisions::once_said(&p)
                 );
             }
             Ok(0)
@@ -546,21 +511,18 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             Ok(0)
         }
         PolicyCommand::Init { preset, scope } => {
-            let Some(p) = Preset::parse(&preset) else {
-                bail!("unknown preset {preset:?}: use deny-all, balanced or allow-all");
-            };
-            edit(dirs, &scope, |f| {
-                let from = f.preset();
-                f.init_preset(p)?;
-                let said = format!("{}: preset {}", f.path().display(), p.as_str());
-                Ok((
-                    said,
-                    (from != Some(p)).then_some(Edit::SetPreset { from, to: p }),
-                ))
-            })
+            let path = sandpen_api::policy::init_preset(
+                dirs,
+                &scope.place(),
+                &preset,
+                Who::Cli,
+                scope.reason(),
+            )?;
+            println!("{}: preset {preset}", path.display());
+            Ok(0)
         }
         PolicyCommand::Allow { target, scope, .. } => {
-            edit(dirs, &scope, |f| add_recorded(f, Action::Allow, &target))
+            add_rule(dirs, &scope, Action::Allow, &target)
         }
         PolicyCommand::Deny {
             what,
@@ -579,34 +541,29 @@ pub async fn run(dirs: &Dirs, cmd: PolicyCommand) -> Result<i32> {
             let Some(target) = target else {
                 bail!("usage: `policy deny network TARGET [-g|NAME]`");
             };
-            edit(dirs, &scope, |f| add_recorded(f, Action::Deny, &target))
+            add_rule(dirs, &scope, Action::Deny, &target)
         }
-        PolicyCommand::Rm { id, scope, .. } => edit(dirs, &scope, |f| {
-            let rule = f.remove_rule(id)?;
-            let said = format!(
-                "removed rule {} ({}: {} {})",
-                rule.id, rule.scope, rule.action, rule.target
-            );
-            let change = Edit::RemoveRule {
-                id: rule.id,
-                action: rule.action,
-                target: rule.target.to_string(),
-            };
-            Ok((said, Some(change)))
-        }),
+        PolicyCommand::Rm { id, scope, .. } => {
+            let rule = sandpen_api::policy::remove_rule(
+                dirs,
+                &scope.place(),
+                id,
+                Who::Cli,
+                scope.reason(),
+            )?;
+            println!("removed {}", rule.said());
+            Ok(0)
+        }
         PolicyCommand::Mode { mode, scope } => {
-            let Some(m) = Mode::parse(&mode) else {
-                bail!("unknown mode {mode:?}: use enforce, learn or ask");
-            };
-            edit(dirs, &scope, |f| {
-                let from = f.mode();
-                f.set_mode(m)?;
-                let said = format!("{}: mode {}", f.path().display(), m.as_str());
-                Ok((
-                    said,
-                    (from != Some(m)).then_some(Edit::SetMode { from, to: m }),
-                ))
-            })
+            let path = sandpen_api::policy::set_mode(
+                dirs,
+                &scope.place(),
+                &mode,
+                Who::Cli,
+                scope.reason(),
+            )?;
+            println!("{}: mode {mode}", path.display());
+            Ok(0)
         }
         PolicyCommand::Trust { name } => {
             let config = sandbox::load(dirs, &name)?;
@@ -948,5 +905,105 @@ mod tests {
         assert_eq!(split_target("a.test").unwrap(), ("a.test".into(), 443));
         assert_eq!(split_target("[::1]:22").unwrap(), ("::1".into(), 22));
         assert!(split_target("a.test:http").is_err());
+    }
+
+    /// The CLI's edits go through sandpen-api: each is in the history as the
+    /// CLI's with its `--reason`, recorded exactly as the page's edit of the
+    /// same kind is (the same `Change` but for who and the reason).
+    #[tokio::test]
+    async fn cli_edits_are_recorded_through_the_api_with_their_reason() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs = Dirs {
+            state: tmp.path().join("state"),
+            data: tmp.path().join("data"),
+            config: tmp.path().join("config"),
+        };
+        let scope = |reason: &str| ScopeArgs {
+            global: true,
+            name: None,
+            reason: Some(reason.into()),
+        };
+        let cmds = [
+            PolicyCommand::Init {
+                preset: "balanced".into(),
+                scope: scope("start narrow"),
+            },
+            PolicyCommand::Mode {
+                mode: "ask".into(),
+                scope: scope("ask me"),
+            },
+            PolicyCommand::Allow {
+                kind: Kind::Network,
+                target: "a.test:443".into(),
+                scope: scope("the tests"),
+            },
+            PolicyCommand::Deny {
+                what: "network".into(),
+                target: Some("b.test".into()),
+                always: false,
+                scope: scope("no"),
+            },
+            PolicyCommand::Rm {
+                kind: Kind::Network,
+                id: 1,
+                scope: scope("done with it"),
+            },
+        ];
+        for cmd in cmds {
+            assert_eq!(run(&dirs, cmd).await.unwrap(), 0);
+        }
+        // The same rule again changes nothing and records nothing.
+        run(
+            &dirs,
+            PolicyCommand::Deny {
+                what: "network".into(),
+                target: Some("b.test".into()),
+                always: false,
+                scope: scope("again"),
+            },
+        )
+        .await
+        .unwrap();
+        let all = history_for(&dirs, None).read().unwrap();
+        let got: Vec<(String, Who, &str)> = all
+            .iter()
+            .map(|c| (c.edit.to_string(), c.who, c.reason.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "preset (unset) -> balanced".to_string(),
+                    Who::Cli,
+                    "start narrow"
+                ),
+                ("mode (unset) -> ask".into(), Who::Cli, "ask me"),
+                ("add rule 1: allow a.test:443".into(), Who::Cli, "the tests"),
+                ("add rule 2: deny b.test".into(), Who::Cli, "no"),
+                (
+                    "remove rule 1: allow a.test:443".into(),
+                    Who::Cli,
+                    "done with it"
+                ),
+            ]
+        );
+        // The page's edit through the same function: the same record.
+        let web = sandpen_api::policy::add_rule(
+            &dirs,
+            &Where::Global,
+            Action::Allow,
+            "c.test:443",
+            Who::Web,
+            "",
+        )
+        .unwrap();
+        assert!(web.added);
+        let all = history_for(&dirs, None).read().unwrap();
+        let (cli, page) = (&all[4], &all[5]);
+        assert_eq!(
+            (cli.file.clone(), cli.scope),
+            (page.file.clone(), page.scope)
+        );
+        assert_eq!((page.who, page.reason.as_str()), (Who::Web, ""));
     }
 }

@@ -212,6 +212,9 @@ pub fn serve(cfg: ServeConfig) -> Result<(), FsError> {
 
 /// The `kind` that carries the git guard in `--rules`.
 const GIT_GUARD: &str = "git_guard";
+/// The `kind` that carries an exception to the deny-read rules
+/// (`[files] allow_read`, one exact path) in `--rules`.
+const ALLOW_READ: &str = "allow_read";
 
 /// One rule as carried to the server process (`--rules`).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -238,6 +241,14 @@ pub fn rules_to_json(rules: &FileRules) -> String {
             ignore_case: r.ignore_case,
         })
         .collect();
+    for e in rules.read_exceptions() {
+        specs.push(RuleSpec {
+            kind: ALLOW_READ.into(),
+            pattern: e.path.to_string_lossy().into_owned(),
+            source: e.source.to_string(),
+            ignore_case: false,
+        });
+    }
     if rules.git_guard() {
         specs.push(RuleSpec {
             kind: GIT_GUARD.into(),
@@ -258,6 +269,12 @@ pub fn rules_from_json(json: &str) -> Result<FileRules, FsError> {
     for s in specs {
         if s.kind == GIT_GUARD {
             rules = rules.with_git_guard(true);
+            continue;
+        }
+        if s.kind == ALLOW_READ {
+            let path = sandpen_policy::files::exception_path(&s.pattern)
+                .map_err(|e| FsError::Backend(format!("--rules: {e}")))?;
+            rules.push_read_exception(path, FileRuleSource::Text(s.source));
             continue;
         }
         let kind = FileRuleKind::parse(&s.kind)

@@ -39,6 +39,20 @@ fn fixture_reserving(
     files: &[&str],
     reserve: Option<sandpen_policy::Reserve>,
 ) -> Fixture {
+    fixture_full(extra, files, reserve, &[])
+}
+
+/// [`fixture_with`] and exceptions to the deny-read rules.
+fn fixture_excepting(extra: &[(FileRuleKind, &str)], files: &[&str], allow: &[&str]) -> Fixture {
+    fixture_full(extra, files, None, allow)
+}
+
+fn fixture_full(
+    extra: &[(FileRuleKind, &str)],
+    files: &[&str],
+    reserve: Option<sandpen_policy::Reserve>,
+    allow: &[&str],
+) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("ws");
     let state = dir.path().join("state");
@@ -64,6 +78,9 @@ fn fixture_reserving(
     let mut rules = compile(&[], false).unwrap();
     for (kind, pattern) in extra {
         rules.push(PathRule::new(*kind, pattern, FileRuleSource::Text("test".into())).unwrap());
+    }
+    for p in allow {
+        rules.push_read_exception(p.into(), FileRuleSource::Text("test".into()));
     }
     let events = Events::new(
         "t",
@@ -878,4 +895,75 @@ fn below_the_reserve_nothing_grows_and_everything_may_shrink() {
     );
     let src = g.path("src").unwrap().inode;
     g.fs.create(&ctx(), src, &c("new"), args).unwrap();
+}
+
+/// `[files] allow_read` (an approved `sandpen-request file read PATH`):
+/// the one path it names is served though a deny-read rule matches it;
+/// nothing else is, and the guest cannot move a hidden file onto it.
+#[test]
+fn a_read_exception_reveals_its_one_path_and_nothing_else() {
+    let files = [
+        ".env.example",
+        "other/.env.example",
+        "vault/key",
+        "deep/vault/key",
+    ];
+    let plain = fixture_with(&[(FileRuleKind::DenyRead, "vault")], &files);
+    assert_eq!(
+        code(plain.lookup(ROOT_ID, ".env.example")),
+        libc::ENOENT,
+        "hidden without the exception"
+    );
+    drop(plain);
+    let f = fixture_excepting(
+        &[(FileRuleKind::DenyRead, "vault")],
+        &files,
+        &[
+            ".env.example",
+            "sub/.env.example",
+            "vault",
+            "deep/vault/key",
+        ],
+    );
+    let e = f.path(".env.example").unwrap();
+    let (h, _, _) =
+        f.fs.open(&ctx(), e.inode, libc::O_RDONLY as u32, 0)
+            .unwrap();
+    assert!(h.is_some());
+    let names = f.names(ROOT_ID);
+    assert!(names.contains(&".env.example".to_string()), "{names:?}");
+    assert!(!names.contains(&".env".to_string()), "{names:?}");
+    assert_eq!(code(f.lookup(ROOT_ID, ".env")), libc::ENOENT);
+    assert_eq!(code(f.path("other/.env.example")), libc::ENOENT);
+    // A folder excepted: itself visible, what is in it still decided by
+    // the rules (`vault/key` is below a `vault`).
+    f.path("vault").unwrap();
+    assert_eq!(code(f.path("vault/key")), libc::ENOENT);
+    // Below a folder a rule hides, the exception does not reach.
+    assert_eq!(code(f.path("deep/vault/key")), libc::ENOENT);
+    // Moving a folder that holds a hidden `.env.example` to where the
+    // exception points would reveal it: refused, like any move out from
+    // under a deny-read rule.
+    assert_eq!(
+        code(f.fs.rename(&ctx(), ROOT_ID, &c("other"), ROOT_ID, &c("sub"), 0)),
+        libc::EXDEV
+    );
+    assert!(f.root.join("other/.env.example").exists());
+    assert_eq!(code(f.path("sub/.env.example")), libc::ENOENT);
+    // The same folder to a name no exception covers is fine.
+    assert_eq!(
+        code(f.fs.rename(&ctx(), ROOT_ID, &c("other"), ROOT_ID, &c("o2"), 0)),
+        0
+    );
+    assert_eq!(code(f.path("o2/.env.example")), libc::ENOENT);
+    // The rules travel to the server process with the exceptions.
+    let mut rules = compile(&[], false).unwrap();
+    rules.push_read_exception(".env.example".into(), FileRuleSource::Text("t".into()));
+    let back = crate::rules_from_json(&crate::rules_to_json(&rules)).unwrap();
+    assert_eq!(back.read_exceptions().len(), 1);
+    assert!(back.hidden(Path::new(".env.example")).is_none());
+    assert!(back.hidden(Path::new(".env.local")).is_some());
+    assert!(
+        crate::rules_from_json(r#"[{"kind":"allow_read","pattern":"../x","source":"t"}]"#).is_err()
+    );
 }

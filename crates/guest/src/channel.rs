@@ -157,11 +157,7 @@ async fn handle_stream(stream: MuxStream, state: Arc<GuestState>) -> Result<()> 
         }
         Request::Exec(req) => crate::exec::run(frames, req, state).await?,
         Request::Process { src_port } => {
-            let process =
-                tokio::task::spawn_blocking(move || crate::sys::process_of_port(src_port))
-                    .await
-                    .ok()
-                    .flatten();
+            let process = crate::sys::process_for_port(src_port).await;
             frames.send(&sandpen_proto::ProcessInfo { process }).await?;
             frames.close().await?;
         }

@@ -9,15 +9,22 @@
 //!   back to that name (lower case, without the trailing dot);
 //! - a name keeps its address for the life of the table, and no two names
 //!   share one; past [`MAX_NAMES`] names new names get `SERVFAIL`;
-//! - `AAAA` gets an empty answer, every other type `REFUSED`, and nothing
-//!   is forwarded anywhere: a query cannot carry data out.
+//! - `AAAA` gets an empty answer; `TXT` for a name (or for
+//!   `_sandpen-why.NAME`) is handed to the caller as a [`WhyQuery`]: the
+//!   stub asks the host why the last connection to NAME was refused (the
+//!   text `sandpen-request --why NAME` prints, from the same place, the
+//!   host's network log) and [`WhyQuery::reply`] makes the answer, `TXT`
+//!   records for the question's name only, one per line of the text, in at
+//!   most 512 bytes; every other type gets `REFUSED`. Nothing is forwarded
+//!   beyond the host's own log, which the guest can read this way anyway:
+//!   a query cannot carry data out.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
 use hickory_proto::op::{Message, MessageType, ResponseCode};
-use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::rdata::{A, TXT};
 use hickory_proto::rr::{RData, Record, RecordType};
 
 /// Synthetic addresses: 198.18.0.0/15 (reserved for benchmarking, never
@@ -65,21 +72,57 @@ impl FakeDns {
     }
 }
 
-/// Answers one DNS query: A gets a synthetic address, AAAA an empty answer,
-/// everything else REFUSED (no TXT, no NULL: nothing to tunnel data through).
-pub fn answer(query: &[u8], table: &Mutex<FakeDns>) -> Option<Vec<u8>> {
+/// What the stub does with one datagram.
+#[derive(Debug)]
+pub enum Handled {
+    /// Send this reply.
+    Reply(Vec<u8>),
+    /// A `TXT` question: ask the host why [`WhyQuery::host`] was refused,
+    /// then send [`WhyQuery::reply`].
+    Why(WhyQuery),
+}
+
+/// A `TXT` question for `NAME` or `_sandpen-why.NAME`, waiting for the
+/// host's explanation of the last refusal of `NAME`.
+#[derive(Debug)]
+pub struct WhyQuery {
+    /// The name asked about: lower case, no trailing dot, without the
+    /// `_sandpen-why.` label.
+    pub host: String,
+    request: Message,
+}
+
+/// The label that may precede the name in a `TXT` question.
+pub const WHY_LABEL: &str = "_sandpen-why.";
+/// The largest reply the stub sends: a client without EDNS takes no more.
+const MAX_REPLY: usize = 512;
+/// The longest string in a `TXT` record.
+const MAX_TXT_STRING: usize = 255;
+/// The most lines of the host's text a reply carries (the text is two).
+const MAX_LINES: usize = 4;
+
+fn response_to(request: &Message) -> Message {
+    let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
+    reply.metadata.recursion_desired = request.metadata.recursion_desired;
+    reply.metadata.recursion_available = true;
+    if let Some(q) = request.queries.first() {
+        reply.add_query(q.clone());
+    }
+    reply
+}
+
+/// Handles one DNS query: `A` gets a synthetic address, `AAAA` an empty
+/// answer, `TXT` becomes a [`WhyQuery`], everything else `REFUSED`.
+pub fn handle(query: &[u8], table: &Mutex<FakeDns>) -> Option<Handled> {
     let request = Message::from_vec(query).ok()?;
     if request.metadata.message_type != MessageType::Query {
         return None;
     }
-    let mut reply = Message::response(request.metadata.id, request.metadata.op_code);
-    reply.metadata.recursion_desired = request.metadata.recursion_desired;
-    reply.metadata.recursion_available = true;
+    let mut reply = response_to(&request);
     let Some(q) = request.queries.first().cloned() else {
         reply.metadata.response_code = ResponseCode::FormErr;
-        return reply.to_vec().ok();
+        return reply.to_vec().ok().map(Handled::Reply);
     };
-    reply.add_query(q.clone());
     match q.query_type() {
         RecordType::A => {
             let name = q.name().to_ascii();
@@ -92,9 +135,89 @@ pub fn answer(query: &[u8], table: &Mutex<FakeDns>) -> Option<Vec<u8>> {
             }
         }
         RecordType::AAAA => {}
+        RecordType::TXT => {
+            let name = q
+                .name()
+                .to_ascii()
+                .trim_end_matches('.')
+                .to_ascii_lowercase();
+            let host = name.strip_prefix(WHY_LABEL).unwrap_or(&name).to_string();
+            if !host.is_empty() && host.bytes().all(|b| b.is_ascii_graphic()) {
+                return Some(Handled::Why(WhyQuery { host, request }));
+            }
+            reply.metadata.response_code = ResponseCode::Refused;
+        }
         _ => reply.metadata.response_code = ResponseCode::Refused,
     }
-    reply.to_vec().ok()
+    reply.to_vec().ok().map(Handled::Reply)
+}
+
+impl WhyQuery {
+    /// The reply carrying `text` (the host's explanation): one `TXT` record
+    /// per non-empty line, for the question's name, lines cut (at a
+    /// character boundary) until the reply fits in 512 bytes; `SERVFAIL`
+    /// when `text` is `None` (the host did not answer).
+    pub fn reply(&self, text: Option<&str>) -> Option<Vec<u8>> {
+        let q = self.request.queries.first()?;
+        let Some(text) = text else {
+            let mut reply = response_to(&self.request);
+            reply.metadata.response_code = ResponseCode::ServFail;
+            return reply.to_vec().ok();
+        };
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .take(MAX_LINES)
+            .collect();
+        let mut max = MAX_REPLY;
+        loop {
+            let mut reply = response_to(&self.request);
+            for line in &lines {
+                let line = clip(line, max);
+                let strings = chunks(line, MAX_TXT_STRING);
+                reply.add_answer(Record::from_rdata(
+                    q.name().clone(),
+                    0,
+                    RData::TXT(TXT::new(strings)),
+                ));
+            }
+            let bytes = reply.to_vec().ok()?;
+            if bytes.len() <= MAX_REPLY || max == 0 {
+                return Some(bytes);
+            }
+            max = max.saturating_sub(16);
+        }
+    }
+}
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// `s` in pieces of at most `max` bytes, each at a character boundary.
+fn chunks(mut s: &str, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    while !s.is_empty() {
+        let piece = clip(s, max);
+        let piece = if piece.is_empty() {
+            // A character longer than `max` (impossible for max >= 4).
+            &s[..s.chars().next().map_or(s.len(), char::len_utf8)]
+        } else {
+            piece
+        };
+        out.push(piece.to_string());
+        s = &s[piece.len()..];
+    }
+    if out.is_empty() {
+        // A TXT record holds at least one string.
+        out.push(String::new());
+    }
+    out
 }
 
 #[cfg(test)]
@@ -103,6 +226,13 @@ mod tests {
     use hickory_proto::op::Query;
     use hickory_proto::rr::Name;
     use std::str::FromStr;
+
+    fn answer(query: &[u8], table: &Mutex<FakeDns>) -> Option<Vec<u8>> {
+        match handle(query, table)? {
+            Handled::Reply(r) => Some(r),
+            Handled::Why(w) => panic!("a why question: {w:?}"),
+        }
+    }
 
     fn query(name: &str, t: RecordType) -> Vec<u8> {
         let mut m = Message::query();
@@ -141,7 +271,6 @@ mod tests {
     fn no_tunnel_record_types() {
         let table = Mutex::new(FakeDns::default());
         for t in [
-            RecordType::TXT,
             RecordType::NULL,
             RecordType::MX,
             RecordType::CNAME,
@@ -157,5 +286,54 @@ mod tests {
         assert_eq!(r.metadata.response_code, ResponseCode::NoError);
         assert!(r.answers.is_empty());
         assert!(answer(b"\x00\x01garbage", &table).is_none());
+    }
+
+    /// `dig TXT NAME` (or `_sandpen-why.NAME`) asks why NAME was refused;
+    /// the reply is the host's text as TXT records for the question's name,
+    /// within 512 bytes however long the text.
+    #[test]
+    fn txt_asks_why_and_carries_the_text() {
+        let table = Mutex::new(FakeDns::default());
+        for name in ["PyPI.org.", "_sandpen-why.pypi.org."] {
+            let Some(Handled::Why(w)) = handle(&query(name, RecordType::TXT), &table) else {
+                panic!("{name}: not a why question");
+            };
+            assert_eq!(w.host, "pypi.org");
+            let text = "sandpen: pypi.org:443 is not allowed (no-matching-rule).\nTo ask the user: sandpen-request network pypi.org:443 \"<why>\"\n";
+            let r = Message::from_vec(&w.reply(Some(text)).unwrap()).unwrap();
+            assert_eq!(r.metadata.id, 4242);
+            let got: Vec<String> = r
+                .answers
+                .iter()
+                .map(|a| {
+                    assert_eq!(a.name, *r.queries[0].name());
+                    match &a.data {
+                        RData::TXT(t) => t
+                            .txt_data
+                            .iter()
+                            .map(|s| String::from_utf8_lossy(s).into_owned())
+                            .collect::<String>(),
+                        other => panic!("{other:?}"),
+                    }
+                })
+                .collect();
+            assert_eq!(got, text.lines().map(str::to_string).collect::<Vec<_>>());
+            let long = format!("{}\n{}", "é".repeat(700), "x".repeat(900));
+            let bytes = w.reply(Some(&long)).unwrap();
+            assert!(bytes.len() <= 512, "{}", bytes.len());
+            let r = Message::from_vec(&bytes).unwrap();
+            assert_eq!(r.answers.len(), 2);
+            let many = "x\n".repeat(500);
+            let bytes = w.reply(Some(&many)).unwrap();
+            assert!(bytes.len() <= 512, "{}", bytes.len());
+            let r = Message::from_vec(&w.reply(None).unwrap()).unwrap();
+            assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+            assert!(r.answers.is_empty());
+        }
+        assert!(table
+            .lock()
+            .unwrap()
+            .name_of(Ipv4Addr::new(198, 18, 0, 1))
+            .is_none());
     }
 }

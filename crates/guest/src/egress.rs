@@ -7,10 +7,13 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
-use sandpen_guest::dns::{answer, FakeDns};
+use sandpen_guest::dns::{handle, FakeDns, Handled};
 use sandpen_proto::frame::{read_one, FrameStream};
 use sandpen_proto::mux::MuxHandle;
-use sandpen_proto::{EgressAccepted, EgressMode, EgressOpen, GuestOpen, EGRESS_ACCEPTED_MAX};
+use sandpen_proto::{
+    EgressAccepted, EgressMode, EgressOpen, GuestOpen, GuestRequest, RequestOutcome,
+    EGRESS_ACCEPTED_MAX,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
@@ -22,6 +25,10 @@ pub const DNS_STUB: &str = "127.0.0.53:53";
 pub const BRIDGE_DNS_PORT: u16 = 15053;
 pub const TRANSPARENT_PORT: u16 = 15001;
 pub const HTTP_PROXY_PORT: u16 = 3128;
+/// `TXT` questions waiting for the host at once; more get no reply.
+const MAX_WHY_AT_ONCE: usize = 8;
+/// How long a `TXT` question waits for the host (clients retry after 5 s).
+const WHY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(4);
 
 /// Installs the route and the nftables redirect. Slow-ish (the kernel loads the
 /// nf_tables modules), so it runs at boot in parallel with the handshake.
@@ -41,16 +48,46 @@ pub async fn start(mux: MuxHandle, prepared: tokio::task::JoinHandle<Result<()>>
     let bridge_dns = UdpSocket::bind(("0.0.0.0", BRIDGE_DNS_PORT))
         .await
         .context("binding the DNS stub for containers")?;
+    // `TXT` questions wait for the host (docs/egress.md, "The guest
+    // side"); at most this many at once, the others get no reply.
+    let whys = Arc::new(tokio::sync::Semaphore::new(MAX_WHY_AT_ONCE));
     for socket in [dns, bridge_dns] {
-        let t = table.clone();
+        let (t, m, whys) = (table.clone(), mux.clone(), whys.clone());
+        let socket = Arc::new(socket);
         tokio::spawn(async move {
             let mut buf = vec![0u8; 1500];
             loop {
                 let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
                     continue;
                 };
-                if let Some(reply) = answer(&buf[..n], &t) {
-                    let _ = socket.send_to(&reply, peer).await;
+                match handle(&buf[..n], &t) {
+                    Some(Handled::Reply(reply)) => {
+                        let _ = socket.send_to(&reply, peer).await;
+                    }
+                    Some(Handled::Why(why)) => {
+                        let Ok(permit) = whys.clone().try_acquire_owned() else {
+                            continue;
+                        };
+                        let (m, socket) = (m.clone(), socket.clone());
+                        tokio::spawn(async move {
+                            let _permit = permit;
+                            let req = GuestRequest::Why {
+                                host: why.host.clone(),
+                            };
+                            let asked = crate::request::ask_host(&m, req);
+                            let text = match tokio::time::timeout(WHY_TIMEOUT, asked).await {
+                                Ok(Ok(RequestOutcome::Why { text })) => Some(text),
+                                Ok(Ok(RequestOutcome::Invalid { why })) => {
+                                    Some(format!("sandpen: {why}\n"))
+                                }
+                                _ => None,
+                            };
+                            if let Some(reply) = why.reply(text.as_deref()) {
+                                let _ = socket.send_to(&reply, peer).await;
+                            }
+                        });
+                    }
+                    None => {}
                 }
             }
         });
@@ -95,6 +132,17 @@ pub async fn start(mux: MuxHandle, prepared: tokio::task::JoinHandle<Result<()>>
     Ok(())
 }
 
+/// Whether `ip` is in Docker's address pools (a container's connection).
+fn from_container(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            (o[0] == 172 && (16..32).contains(&o[1])) || (o[0] == 192 && o[1] == 168)
+        }
+        std::net::IpAddr::V6(_) => false,
+    }
+}
+
 /// The address a redirected connection was meant for (`SO_ORIGINAL_DST`).
 fn original_destination(conn: &TcpStream) -> Option<SocketAddrV4> {
     let addr = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::OriginalDst).ok()?;
@@ -103,7 +151,14 @@ fn original_destination(conn: &TcpStream) -> Option<SocketAddrV4> {
 }
 
 async fn relay(mux: MuxHandle, mut conn: TcpStream, mode: EgressMode, host: String, port: u16) {
-    let src_port = conn.peer_addr().map_or(0, |a| a.port());
+    let peer = conn.peer_addr().ok();
+    let src_port = peer.map_or(0, |a| a.port());
+    // The client's process, looked up now while its socket is open (the
+    // host asks for it for the log). A container's client is in another
+    // network namespace, where its port names nothing of ours.
+    if peer.is_some_and(|a| !from_container(a.ip())) {
+        crate::sys::start_process_lookup(src_port);
+    }
     let stream = match mux.open().await {
         Ok(s) => s,
         Err(e) => {

@@ -91,14 +91,19 @@ async fn relay(mux: MuxHandle, mut client: UnixStream) -> Result<()> {
         tokio::time::timeout(Duration::from_secs(10), read_one(&mut client, MAX_REQUEST))
             .await
             .context("the client sent nothing")??;
+    let outcome = ask_host(&mux, req).await?;
+    let mut client = FrameStream::new(client);
+    client.send(&outcome).await?;
+    Ok(())
+}
+
+/// One request to the host, on a stream of its own: its outcome.
+pub async fn ask_host(mux: &MuxHandle, req: GuestRequest) -> Result<RequestOutcome> {
     let stream = mux.open().await?;
     let mut host = FrameStream::new(stream);
     host.send(&GuestOpen::Request(req)).await?;
     let _: EgressAccepted = host.expect("the host's acknowledgement").await?;
-    let outcome: RequestOutcome = host.expect("the host's answer").await?;
-    let mut client = FrameStream::new(client);
-    client.send(&outcome).await?;
-    Ok(())
+    Ok(host.expect("the host's answer").await?)
 }
 
 /// Parse the command's arguments (without the program name).

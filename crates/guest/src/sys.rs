@@ -147,6 +147,77 @@ pub fn uptime_ms() -> u64 {
 }
 
 /// The process that holds the TCP socket whose local port is `port`
+/// Lookups of the process behind an egress client's source port, started
+/// when the guest's listeners accept its connection ([`start_process_lookup`])
+/// so that the process is found while its socket is still open, and
+/// answered to the host's `Request::Process` ([`process_for_port`]).
+/// Kept [`LOOKUP_KEEP`]; plumbing, like everything PID 1 says about
+/// processes (docs/egress.md, "Audit log").
+type Lookup = tokio::sync::watch::Receiver<Option<Option<String>>>;
+static LOOKUPS: std::sync::Mutex<Option<std::collections::HashMap<u16, (Instant, Lookup)>>> =
+    std::sync::Mutex::new(None);
+/// How long a lookup's answer is kept for the host to ask.
+const LOOKUP_KEEP: Duration = Duration::from_secs(10);
+/// Lookups scanning `/proc` at once; the others queue.
+static SCANS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+
+fn lookups(
+) -> std::sync::MutexGuard<'static, Option<std::collections::HashMap<u16, (Instant, Lookup)>>> {
+    match LOOKUPS.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// Start finding the process whose socket has local port `port` (a new
+/// egress connection's client), replacing an older lookup for the port.
+pub fn start_process_lookup(port: u16) {
+    if port == 0 {
+        return;
+    }
+    let (tx, rx) = tokio::sync::watch::channel(None);
+    {
+        let mut map = lookups();
+        let map = map.get_or_insert_with(Default::default);
+        let now = Instant::now();
+        map.retain(|_, (at, _)| now.duration_since(*at) < LOOKUP_KEEP);
+        map.insert(port, (now, rx));
+    }
+    tokio::spawn(async move {
+        let Ok(_scan) = SCANS.acquire().await else {
+            return;
+        };
+        let found = tokio::task::spawn_blocking(move || process_of_port(port))
+            .await
+            .ok()
+            .flatten();
+        let _ = tx.send(Some(found));
+    });
+}
+
+/// The process behind `port`: the answer of the lookup started when its
+/// connection was accepted; `None` without one (a container's connection,
+/// whose port names nothing in this network namespace, or one older than
+/// [`LOOKUP_KEEP`]): a lookup now could name an unrelated process that
+/// happens to hold the same local port.
+pub async fn process_for_port(port: u16) -> Option<String> {
+    let started = lookups()
+        .as_ref()
+        .and_then(|m| m.get(&port))
+        .filter(|(at, _)| at.elapsed() < LOOKUP_KEEP)
+        .map(|(_, rx)| rx.clone());
+    match started {
+        Some(mut rx) => {
+            let found = match rx.wait_for(Option::is_some).await {
+                Ok(v) => v.clone().flatten(),
+                Err(_) => None,
+            };
+            found
+        }
+        None => None,
+    }
+}
+
 /// (`pid 1234 curl -sS https://...`, its command line clipped to 200
 /// bytes), found through `/proc/net/tcp{,6}` and every process's `fd`
 /// folder. `None` when no socket or no process matches (a container's
@@ -169,29 +240,32 @@ pub fn process_of_port(port: u16) -> Option<String> {
             })
         })?;
     let wanted = format!("socket:[{inode}]");
-    for proc_dir in std::fs::read_dir("/proc").ok()?.flatten() {
-        let name = proc_dir.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else {
+    // Newest first: the client of a connection that just opened is most
+    // often a process that just started (curl, pip), and it must be found
+    // before it exits.
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|d| d.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable_by(|a, b| b.cmp(a));
+    for pid in pids {
+        let proc_dir = std::path::PathBuf::from(format!("/proc/{pid}"));
+        let Ok(fds) = std::fs::read_dir(proc_dir.join("fd")) else {
             continue;
         };
         let holds = fds.flatten().any(|fd| {
             std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == wanted.as_str())
         });
         if holds {
-            let cmdline = std::fs::read(proc_dir.path().join("cmdline")).unwrap_or_default();
+            let cmdline = std::fs::read(proc_dir.join("cmdline")).unwrap_or_default();
             let mut cmd: String = String::from_utf8_lossy(&cmdline)
                 .split('\0')
                 .filter(|a| !a.is_empty())
                 .collect::<Vec<_>>()
                 .join(" ");
             if cmd.is_empty() {
-                cmd = std::fs::read_to_string(proc_dir.path().join("comm"))
+                cmd = std::fs::read_to_string(proc_dir.join("comm"))
                     .unwrap_or_default()
                     .trim()
                     .to_string();

@@ -60,6 +60,8 @@ pub enum PolicyError {
     NoSuchRule { path: PathBuf, id: u32 },
     #[error(transparent)]
     Target(#[from] TargetError),
+    #[error(transparent)]
+    ExceptionPath(#[from] crate::files::ExceptionPathError),
 }
 
 /// The global policy file: `$XDG_CONFIG_HOME/sandpen/policy.toml`, or
@@ -198,6 +200,30 @@ impl Checker<'_> {
             match key {
                 "deny_read" => files.deny_read = self.patterns(v, key, FileRuleKind::DenyRead)?,
                 "read_only" => files.read_only = self.patterns(v, key, FileRuleKind::ReadOnly)?,
+                "allow_read" if allow_defaults => {
+                    for (path, at) in self.strings(v, key)? {
+                        let (line, column) = line_col(self.text, at);
+                        crate::files::exception_path(&path).map_err(|e| {
+                            PolicyError::Invalid {
+                                path: self.path.to_path_buf(),
+                                line,
+                                column,
+                                message: e.to_string(),
+                            }
+                        })?;
+                        files.allow_read.push(PatternEntry {
+                            pattern: path,
+                            line,
+                        });
+                    }
+                }
+                "allow_read" => {
+                    return Err(self.err(
+                        span,
+                        "a workspace file cannot make exceptions to the file rules; \
+                         only your own policy can (`sandpen policy approve ID --always` on a file request)",
+                    ))
+                }
                 "defaults" if allow_defaults => {
                     files.defaults =
                         Some(v.as_bool().ok_or_else(|| {
@@ -228,7 +254,7 @@ impl Checker<'_> {
                         format!(
                             "unknown key `{other}` in [files] (expected deny_read, read_only{})",
                             if allow_defaults {
-                                ", defaults, reserve"
+                                ", allow_read, defaults, reserve"
                             } else {
                                 ""
                             }
@@ -741,6 +767,54 @@ impl PolicyFile {
             }
         })?;
         Ok(removed)
+    }
+
+    /// Add `path` to `[files] allow_read` (in memory; call
+    /// [`save`](Self::save)): an exception to the deny-read rules for that
+    /// one path (see [`crate::files::ReadException`]). `false` when it is
+    /// there already.
+    pub fn add_read_exception(&mut self, path: &str) -> Result<bool, PolicyError> {
+        crate::files::exception_path(path)?;
+        if self.files.allow_read.iter().any(|e| e.pattern == path) {
+            return Ok(false);
+        }
+        let path = path.to_string();
+        self.edit(|doc| {
+            let files = doc.entry("files").or_insert(Item::Table(Table::new()));
+            if let Some(t) = files.as_table_like_mut() {
+                let list = t
+                    .entry("allow_read")
+                    .or_insert(value(toml_edit::Array::new()));
+                if let Some(a) = list.as_array_mut() {
+                    a.push(path);
+                }
+            }
+        })?;
+        Ok(true)
+    }
+
+    /// Remove `path` from `[files] allow_read` (in memory); `false` when it
+    /// was not there.
+    pub fn remove_read_exception(&mut self, path: &str) -> Result<bool, PolicyError> {
+        if !self.files.allow_read.iter().any(|e| e.pattern == path) {
+            return Ok(false);
+        }
+        self.edit(|doc| {
+            let Some(t) = doc.get_mut("files").and_then(|i| i.as_table_like_mut()) else {
+                return;
+            };
+            let now_empty = match t.get_mut("allow_read").and_then(|i| i.as_array_mut()) {
+                Some(a) => {
+                    a.retain(|v| v.as_str() != Some(path));
+                    a.is_empty()
+                }
+                None => false,
+            };
+            if now_empty {
+                t.remove("allow_read");
+            }
+        })?;
+        Ok(true)
     }
 
     /// Set `mode` (in memory; call [`save`](Self::save)).

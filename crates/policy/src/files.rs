@@ -377,12 +377,70 @@ impl fmt::Display for PathRule {
     }
 }
 
+/// An exception to the deny-read rules (`[files] allow_read`, written by
+/// `sandpen policy approve ID --always` on an agent's `sandpen-request
+/// file read PATH`): exactly one path, relative to the share's root, that
+/// no deny-read rule hides. It reaches that path alone: not what is below
+/// it (a folder's entries are decided by their own names), and not through
+/// a folder above it that a rule hides. It lifts nothing else: a
+/// `flow.secret` rule still labels a read of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadException {
+    pub path: PathBuf,
+    pub source: FileRuleSource,
+}
+
+impl fmt::Display for ReadException {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "allow_read {} ({})", self.path.display(), self.source)
+    }
+}
+
+/// Why an `allow_read` entry is not one exact relative path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid allow_read path `{path}`: {why}")]
+pub struct ExceptionPathError {
+    pub path: String,
+    pub why: &'static str,
+}
+
+/// An `allow_read` entry: one exact path relative to the share's root
+/// (`.env.example`, `config/.env.example`), no glob, no `.` or `..`, no
+/// empty component, not absolute.
+pub fn exception_path(s: &str) -> Result<PathBuf, ExceptionPathError> {
+    let bad = |why| ExceptionPathError {
+        path: s.to_string(),
+        why,
+    };
+    if s.is_empty() {
+        return Err(bad("empty"));
+    }
+    if s.starts_with('/') {
+        return Err(bad("it must be relative to the share's root"));
+    }
+    if s.contains(['*', '?', '[', ']', '{', '}', '\\', '\0']) {
+        return Err(bad(
+            "an exception names one path; glob characters are not allowed",
+        ));
+    }
+    for c in s.split('/') {
+        match c {
+            "" => return Err(bad("empty component (`//` or a trailing `/`)")),
+            "." | ".." => return Err(bad("`.` and `..` are not allowed")),
+            _ => {}
+        }
+    }
+    Ok(PathBuf::from(s))
+}
+
 /// The file rules of one share, compiled.
 #[derive(Debug, Clone, Default)]
 pub struct FileRules {
     deny_read: Vec<PathRule>,
     read_only: Vec<PathRule>,
     secret: Vec<PathRule>,
+    /// `allow_read`: exact paths the deny-read rules do not hide.
+    allow_read: Vec<ReadException>,
     /// The whole share is read-only (`--mount PATH:ro`).
     all_read_only: bool,
     /// The git guard (on with the defaults, see the module docs).
@@ -435,6 +493,18 @@ impl FileRules {
         }
     }
 
+    /// Add an exception to the deny-read rules (see [`ReadException`]).
+    pub fn push_read_exception(&mut self, path: PathBuf, source: FileRuleSource) {
+        if !self.allow_read.iter().any(|e| e.path == path) {
+            self.allow_read.push(ReadException { path, source });
+        }
+    }
+
+    /// The exceptions to the deny-read rules.
+    pub fn read_exceptions(&self) -> &[ReadException] {
+        &self.allow_read
+    }
+
     /// Make every path of the share read-only.
     pub fn with_all_read_only(mut self, yes: bool) -> FileRules {
         self.all_read_only = yes;
@@ -474,8 +544,20 @@ impl FileRules {
 
     /// The deny-read rule that hides `rel`, if one does. `rel` is relative
     /// to the share's root; the root itself (`""`) is never hidden.
+    ///
+    /// A path named by an `allow_read` exception is hidden only by a rule
+    /// that hides a folder above it.
     pub fn hidden(&self, rel: &Path) -> Option<&PathRule> {
+        if self.allow_read.iter().any(|e| e.path == rel) {
+            return self.hidden_above(rel);
+        }
         self.deny_read.iter().find(|r| r.matches(rel))
+    }
+
+    /// The deny-read rule that hides a folder above `rel`, if one does.
+    pub fn hidden_above(&self, rel: &Path) -> Option<&PathRule> {
+        let parent = rel.parent().filter(|p| !p.as_os_str().is_empty())?;
+        self.deny_read.iter().find(|r| r.matches(parent))
     }
 
     /// May `rel` (which exists or is about to) be changed: written, created,
@@ -548,6 +630,21 @@ impl FileRules {
         {
             return Err(MoveRefused::Secret(r));
         }
+        // A folder moved so that an exception's path falls on something
+        // the deny-read rules hide where it is now would reveal it.
+        if dir {
+            for e in &self.allow_read {
+                let Ok(rest) = e.path.strip_prefix(to) else {
+                    continue;
+                };
+                if rest.as_os_str().is_empty() {
+                    continue;
+                }
+                if let Some(r) = self.hidden(&from.join(rest)) {
+                    return Err(MoveRefused::Hidden(r));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -575,6 +672,14 @@ impl FileRules {
         );
         if !self.secret.is_empty() {
             s.push_str(&format!("; secret {}", join(&self.secret)));
+        }
+        if !self.allow_read.is_empty() {
+            let paths: Vec<String> = self
+                .allow_read
+                .iter()
+                .map(|e| e.path.display().to_string())
+                .collect();
+            s.push_str(&format!("; allow-read {}", paths.join(" ")));
         }
         s
     }
@@ -631,6 +736,10 @@ pub struct PatternEntry {
 pub struct FilesSection {
     pub deny_read: Vec<PatternEntry>,
     pub read_only: Vec<PatternEntry>,
+    /// Exceptions to the deny-read rules: exact paths (see
+    /// [`ReadException`]; only in the user's own files, never in a
+    /// workspace's `.sandpen.toml`).
+    pub allow_read: Vec<PatternEntry>,
     /// `defaults = false` drops the built-in rules (only in the user's own
     /// files, never in a workspace's `.sandpen.toml`).
     pub defaults: Option<bool>,
@@ -771,6 +880,13 @@ pub fn compile(
             for e in list {
                 rules.push(PathRule::new(kind, &e.pattern, src(e.line))?);
             }
+        }
+        for e in &files.allow_read {
+            let path = exception_path(&e.pattern).map_err(|x| PatternError {
+                pattern: x.path,
+                why: x.why.to_string(),
+            })?;
+            rules.push_read_exception(path, src(e.line));
         }
     }
     Ok(rules)
@@ -1099,6 +1215,7 @@ mod tests {
                 line: 3,
             }],
             read_only: vec![],
+            allow_read: vec![],
             defaults: Some(false),
             reserve: None,
         };

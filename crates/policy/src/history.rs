@@ -71,6 +71,14 @@ pub enum Edit {
         from: Option<Preset>,
         to: Preset,
     },
+    /// `[files] allow_read`: an exception to the deny-read rules for one
+    /// path, relative to the shares' roots.
+    AddReadException {
+        path: String,
+    },
+    RemoveReadException {
+        path: String,
+    },
 }
 
 impl fmt::Display for Edit {
@@ -90,6 +98,10 @@ impl fmt::Display for Edit {
                 or_unset(from.map(Preset::as_str)),
                 to.as_str()
             ),
+            Edit::AddReadException { path } => write!(f, "add file exception: allow_read {path}"),
+            Edit::RemoveReadException { path } => {
+                write!(f, "remove file exception: allow_read {path}")
+            }
         }
     }
 }
@@ -303,6 +315,22 @@ impl History {
                     to: from.unwrap_or_default(),
                 }
             }
+            Edit::AddReadException { path } => {
+                if !file.remove_read_exception(path)? {
+                    return Err(HistoryError::CannotUndo {
+                        n,
+                        why: format!(
+                            "allow_read {path} is no longer in {}",
+                            change.file.display()
+                        ),
+                    });
+                }
+                Edit::RemoveReadException { path: path.clone() }
+            }
+            Edit::RemoveReadException { path } => {
+                file.add_read_exception(path)?;
+                Edit::AddReadException { path: path.clone() }
+            }
         };
         file.save()?;
         self.append(
@@ -384,6 +412,67 @@ mod tests {
             h.undo(9, T, Who::Cli),
             Err(HistoryError::NoSuchChange { n: 9, .. })
         ));
+    }
+
+    /// A file exception (`[files] allow_read`) is written with comments
+    /// kept, recorded, undone, and read back into the file rules; a
+    /// workspace file may not carry one, and a glob or `..` is refused.
+    #[test]
+    fn a_read_exception_is_written_recorded_and_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = History::in_dir(dir.path());
+        let path = dir.path().join("policy.toml");
+        std::fs::write(&path, "# mine\n[files]\ndeny_read = [\"x\"]\n").unwrap();
+        let mut f = PolicyFile::load(&path, Scope::Sandbox).unwrap();
+        assert!(f.add_read_exception(".env.example").unwrap());
+        assert!(!f.add_read_exception(".env.example").unwrap(), "once");
+        for bad in ["*.example", "../x", "/abs", "a//b", ""] {
+            assert!(f.add_read_exception(bad).is_err(), "{bad}");
+        }
+        f.save().unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            text.contains("# mine") && text.contains("allow_read = [\".env.example\"]"),
+            "{text}"
+        );
+        let edit = Edit::AddReadException {
+            path: ".env.example".into(),
+        };
+        let c = h
+            .append(T, Who::Approval, &f, edit, "pending 3", None)
+            .unwrap();
+        assert_eq!(
+            c.edit.to_string(),
+            "add file exception: allow_read .env.example"
+        );
+        let rules = crate::Policy::load(None, Some(&path))
+            .unwrap()
+            .file_rules()
+            .unwrap();
+        assert!(rules.hidden(std::path::Path::new(".env.example")).is_none());
+        assert!(rules.hidden(std::path::Path::new(".env.local")).is_some());
+        let u = h.undo(c.n, T, Who::Cli).unwrap();
+        assert_eq!(
+            u.edit,
+            Edit::RemoveReadException {
+                path: ".env.example".into()
+            }
+        );
+        let f = PolicyFile::load(&path, Scope::Sandbox).unwrap();
+        assert!(f.files().allow_read.is_empty());
+        let rules = crate::Policy::load(None, Some(&path))
+            .unwrap()
+            .file_rules()
+            .unwrap();
+        assert!(rules.hidden(std::path::Path::new(".env.example")).is_some());
+        // Never from the workspace.
+        let e = crate::WorkspaceFile::parse(
+            "[files]\nallow_read = [\".env\"]\n",
+            std::path::Path::new("/w/.sandpen.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("a workspace file cannot make exceptions"), "{e}");
     }
 
     #[test]

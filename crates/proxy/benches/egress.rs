@@ -20,7 +20,10 @@
 //! only that connection mode for requests), `BENCH_LAT_N` (sequential requests
 //! per latency figure, default 2000), `BENCH_REFRESH` (set: the proxy
 //! runs a refresh hook that `stat`s three files before every decision and
-//! every chunk sent up, as the supervisor's policy watch does).
+//! every chunk sent up, as the supervisor's policy watch does),
+//! `BENCH_PROCESS` (set: the proxy looks up each connection's client
+//! process through a hook that answers in 300 µs, as the supervisor asks
+//! the guest's PID 1 for the network log's `process`).
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -131,6 +134,18 @@ fn run_proxy_process(log_dir: String) -> Res<()> {
                     let now = std::fs::metadata(f).and_then(|m| m.modified()).ok();
                     assert_eq!(&now, was, "a bench policy file changed");
                 }
+            })));
+        }
+        if std::env::var_os("BENCH_PROCESS").is_some() {
+            // The supervisor's lookup of each connection's guest process
+            // (`Request::Process` to PID 1, docs/egress.md "Audit log"),
+            // with PID 1's answer 300 µs away: it runs beside the
+            // connection, and its record is written when it ends.
+            proxy.set_process_lookup(Some(Arc::new(|port: u16| {
+                Box::pin(async move {
+                    tokio::time::sleep(Duration::from_micros(300)).await;
+                    Some(format!("pid {port} /usr/bin/bench-client --port {port}"))
+                })
             })));
         }
         let listener = TcpListener::bind("127.0.0.1:0").await?;

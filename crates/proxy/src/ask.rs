@@ -32,6 +32,22 @@ use tokio::sync::{broadcast, oneshot};
 /// Text from the guest kept in an entry is cut to this many bytes.
 const MAX_TEXT: usize = 300;
 
+/// How long a one-time allowance (`approve --once` on an agent's
+/// `sandpen-request network HOST:PORT`) waits for its connection
+/// (docs/policy.md, "Requests from inside").
+pub const ONCE_WINDOW: Duration = Duration::from_secs(60);
+
+/// One-time allowances kept at once; the oldest goes first beyond this.
+const MAX_GRANTS: usize = 64;
+
+/// A one-time allowance: the next connection to exactly `host:port`
+/// before `until` that no rule decides is allowed, once.
+struct Grant {
+    host: String,
+    port: u16,
+    until: std::time::Instant,
+}
+
 /// One waiting connection or request, as `sandpen policy pending` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PendingInfo {
@@ -91,6 +107,10 @@ struct Inner {
     next: AtomicU64,
     entries: Mutex<Vec<Entry>>,
     news: broadcast::Sender<PendingInfo>,
+    grants: Mutex<Vec<Grant>>,
+    /// Whether `grants` may hold any: a connection checks the flag, not
+    /// the lock, when there are none.
+    any_grants: std::sync::atomic::AtomicBool,
 }
 
 /// The connections of one sandbox waiting for an answer. Cheap to clone;
@@ -142,6 +162,8 @@ impl AskQueue {
                 next: AtomicU64::new(1),
                 entries: Mutex::new(Vec::new()),
                 news,
+                grants: Mutex::new(Vec::new()),
+                any_grants: std::sync::atomic::AtomicBool::new(false),
             }),
         }
     }
@@ -236,10 +258,67 @@ impl AskQueue {
         n
     }
 
+    /// The user approved an agent's request for `host:port` once: the next
+    /// connection to exactly that destination within `window` that no rule
+    /// decides goes through, once ([`AskQueue::take_grant`]). Only the
+    /// host's answer to a request calls this.
+    pub fn grant_once(&self, host: &str, port: u16, window: Duration) {
+        let now = std::time::Instant::now();
+        let mut grants = lock_grants(&self.inner.grants);
+        grants.retain(|g| g.until > now);
+        if grants.len() >= MAX_GRANTS {
+            grants.remove(0);
+        }
+        grants.push(Grant {
+            host: grant_key(host),
+            port,
+            until: now + window,
+        });
+        self.inner.any_grants.store(true, Ordering::Release);
+    }
+
+    /// Uses up the one-time allowance for exactly `host:port`, if one is
+    /// there and not expired. Cheap (one atomic load) when there is none.
+    pub fn take_grant(&self, host: &str, port: u16) -> bool {
+        if !self.inner.any_grants.load(Ordering::Acquire) {
+            return false;
+        }
+        let now = std::time::Instant::now();
+        let key = grant_key(host);
+        let mut grants = lock_grants(&self.inner.grants);
+        grants.retain(|g| g.until > now);
+        let found = grants.iter().position(|g| g.host == key && g.port == port);
+        if let Some(i) = found {
+            grants.remove(i);
+        }
+        if grants.is_empty() {
+            self.inner.any_grants.store(false, Ordering::Release);
+        }
+        found.is_some()
+    }
+
+    /// Whether a one-time allowance may be waiting (expired ones included).
+    pub fn has_grants(&self) -> bool {
+        self.inner.any_grants.load(Ordering::Acquire)
+    }
+
     /// New entries as they come (for a terminal line or a notification).
     pub fn subscribe(&self) -> broadcast::Receiver<PendingInfo> {
         self.inner.news.subscribe()
     }
+}
+
+fn lock_grants(m: &Mutex<Vec<Grant>>) -> std::sync::MutexGuard<'_, Vec<Grant>> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// A destination's host as allowances compare it: a name normalized (case,
+/// trailing dot), an address as given.
+fn grant_key(host: &str) -> String {
+    sandpen_policy::normalize_name(host).unwrap_or_else(|_| host.to_ascii_lowercase())
 }
 
 /// Keep guest text short and on one line.
@@ -297,6 +376,20 @@ mod tests {
             q.answer(info.id, Answer::Once),
             Err(AskError::NoSuchEntry(info.id))
         );
+    }
+
+    #[test]
+    fn a_one_time_allowance_is_used_once_for_exactly_its_destination() {
+        let q = AskQueue::new("s");
+        assert!(!q.has_grants() && !q.take_grant("a.test", 443));
+        q.grant_once("A.test.", 443, Duration::from_secs(60));
+        assert!(!q.take_grant("a.test", 80), "another port");
+        assert!(!q.take_grant("b.a.test", 443), "another name");
+        assert!(q.take_grant("a.test", 443));
+        assert!(!q.take_grant("a.test", 443), "used up");
+        assert!(!q.has_grants());
+        q.grant_once("a.test", 443, Duration::ZERO);
+        assert!(!q.take_grant("a.test", 443), "expired");
     }
 
     #[tokio::test]

@@ -57,12 +57,91 @@ pub struct ConnectionReport {
     /// the body came from it, `fill` when the vendor's body is being kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<String>,
+    /// The guest process that opened the connection, when PID 1 could tell
+    /// (untrusted: the guest may lie). See [`GuestProcess`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<GuestProcess>,
+    /// The lookup of [`process`](Self::process) under way (not part of the
+    /// record; see [`crate::Proxy::write_record`]).
+    #[serde(skip)]
+    pub(crate) lookup: Option<ProcessSlot>,
     /// Guest to upstream.
     pub bytes_up: u64,
     /// Upstream to guest.
     pub bytes_down: u64,
     pub duration_ms: u64,
 }
+
+/// The guest process behind a connection, as the network log records it:
+/// `"process": {"pid": 1234, "name": "curl"}`. Both come from the guest's
+/// PID 1 (the client socket's owner, found through `/proc`), so they are
+/// untrusted; `name` is the program of its command line (the last `/`
+/// component of the first word), printable, at most 64 bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestProcess {
+    pub pid: u32,
+    pub name: String,
+}
+
+impl GuestProcess {
+    /// From PID 1's answer (`pid 1234 /usr/bin/curl -sS https://...`,
+    /// `sandpen_proto::ProcessInfo`); `None` for anything else.
+    pub fn parse(text: &str) -> Option<GuestProcess> {
+        let rest = text.strip_prefix("pid ")?;
+        let (pid, cmd) = rest.split_once(' ').unwrap_or((rest, ""));
+        let pid = pid.parse().ok()?;
+        let program = cmd.split_whitespace().next().unwrap_or("");
+        let program = program.rsplit('/').next().unwrap_or(program);
+        let mut name: String = program
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(64)
+            .collect();
+        while name.len() > 64 {
+            name.pop();
+        }
+        Some(GuestProcess { pid, name })
+    }
+}
+
+/// A lookup of a connection's guest process started when it opened
+/// (`Proxy::handle`), shared by its records. Cheap to clone.
+#[derive(Debug, Clone)]
+pub(crate) struct ProcessSlot(tokio::sync::watch::Receiver<Option<Option<String>>>);
+
+impl ProcessSlot {
+    pub(crate) fn new() -> (
+        tokio::sync::watch::Sender<Option<Option<String>>>,
+        ProcessSlot,
+    ) {
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        (tx, ProcessSlot(rx))
+    }
+
+    /// The answer, if the lookup is done.
+    pub(crate) fn ready(&self) -> Option<Option<String>> {
+        self.0.borrow().clone()
+    }
+
+    /// The answer, once the lookup is done (`None` if it was dropped).
+    pub(crate) async fn wait(&self) -> Option<String> {
+        let mut rx = self.0.clone();
+        let found = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().flatten(),
+            Err(_) => None,
+        };
+        found
+    }
+}
+
+/// Not part of the record: any two are equal.
+impl PartialEq for ProcessSlot {
+    fn eq(&self, _: &ProcessSlot) -> bool {
+        true
+    }
+}
+
+impl Eq for ProcessSlot {}
 
 impl ConnectionReport {
     pub(crate) fn new(sandbox: &str, mode: &str, host: &str, port: u16) -> Self {
@@ -85,6 +164,8 @@ impl ConnectionReport {
             status: None,
             credential: None,
             cache: None,
+            process: None,
+            lookup: None,
             bytes_up: 0,
             bytes_down: 0,
             duration_ms: 0,
@@ -310,6 +391,25 @@ pub fn read_log(path: &Path, filter: &LogFilter) -> Result<Vec<ConnectionReport>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guest_process_is_its_pid_and_program() {
+        let p = GuestProcess::parse("pid 812 /usr/bin/curl -sS https://x.test/").unwrap();
+        assert_eq!((p.pid, p.name.as_str()), (812, "curl"));
+        let p = GuestProcess::parse("pid 9 ").unwrap();
+        assert_eq!((p.pid, p.name.as_str()), (9, ""));
+        let long = format!("pid 1 /x/{}\u{1b}[2J", "é".repeat(100));
+        let p = GuestProcess::parse(&long).unwrap();
+        assert!(p.name.len() <= 64 && !p.name.contains('\u{1b}'), "{p:?}");
+        assert!(GuestProcess::parse("curl").is_none());
+        assert!(GuestProcess::parse("pid x curl").is_none());
+        let mut r = ConnectionReport::new("s", "transparent", "a.test", 443);
+        r.process = Some(p);
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(line.contains("\"process\":{\"pid\":1,\"name\":"), "{line}");
+        let back: ConnectionReport = serde_json::from_str(&line).unwrap();
+        assert_eq!(back.process, r.process);
+    }
 
     fn rec(sandbox: &str, n: u16) -> ConnectionReport {
         let mut r = ConnectionReport::new(sandbox, "transparent", "x.example", n);

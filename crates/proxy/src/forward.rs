@@ -92,8 +92,6 @@ struct Session {
     /// Ask mode: the `host:port` the user approved once for this
     /// connection.
     once: Mutex<Option<(String, u16)>>,
-    /// The client's source port in the guest.
-    src_port: u16,
 }
 
 /// A decision kept for the next request to the same `host:port`.
@@ -141,7 +139,7 @@ pub(crate) async fn serve<S>(
     first: Vec<u8>,
     template: &ConnectionReport,
     act: &Activity,
-    (bound, src_port): (Option<Bound>, u16),
+    bound: Option<Bound>,
 ) -> Served
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -172,7 +170,6 @@ where
         decided: Mutex::new(decided),
         requests: AtomicU64::new(0),
         once: Mutex::new(once),
-        src_port,
     });
     let service = {
         let session = session.clone();
@@ -336,14 +333,23 @@ impl Session {
             .parse()
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, format!("bad-request: {e}")))?;
         let (mut checked, mut by) = self.decide(&host, port).await;
-        if checked.decision.ask {
+        if let Some(asked) = crate::granted(&self.proxy, &by, &host, port, &checked).await {
+            *lock(&self.once) = Some((host.clone(), port));
+            (checked, by) = (asked.checked, asked.policy);
+            *lock(&self.decided) = Some(Decided {
+                host: host.clone(),
+                port,
+                checked: checked.clone(),
+                by: by.clone(),
+            });
+        } else if checked.decision.ask {
             let said = format!(
                 "{} {} {:?}",
                 req.method(),
                 truncate(&req.uri().to_string()),
                 req.version()
             );
-            let process = self.proxy.process_of(self.src_port).await;
+            let process = self.proxy.process_of(&self.template).await;
             let asked =
                 crate::ask_user(&self.proxy, &host, port, Some(said), process, checked).await;
             if asked.once {

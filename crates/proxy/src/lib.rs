@@ -59,8 +59,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::{timeout_at, Instant};
 
-pub use ask::{Answer, AskError, AskQueue, Asking, PendingInfo};
-pub use audit::{read_log, AuditError, AuditLog, ConnectionReport, LogFilter};
+pub use ask::{Answer, AskError, AskQueue, Asking, PendingInfo, ONCE_WINDOW};
+pub use audit::{read_log, AuditError, AuditLog, ConnectionReport, GuestProcess, LogFilter};
 use http::{FirstBytes, HeadError, RequestHead};
 use mitm::Mitm;
 use relay::{Activity, Dir, Tracked};
@@ -482,8 +482,11 @@ impl Proxy {
         }
     }
 
-    /// The guest process behind `src_port`, if the hook can tell within 2 s.
-    pub(crate) async fn process_of(&self, src_port: u16) -> Option<String> {
+    /// Starts looking up the guest process behind `src_port` (the hook, at
+    /// most 2 s), alongside the connection: nothing waits for it but the
+    /// records' writing ([`Proxy::write_record`]) and ask mode's entry.
+    /// `None`, at no cost, without a hook or a port.
+    fn start_lookup(&self, src_port: u16) -> Option<audit::ProcessSlot> {
         if src_port == 0 {
             return None;
         }
@@ -491,10 +494,21 @@ impl Proxy {
             Ok(l) => l.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
         }?;
-        tokio::time::timeout(Duration::from_secs(2), hook(src_port))
-            .await
-            .ok()
-            .flatten()
+        let (tx, slot) = audit::ProcessSlot::new();
+        tokio::spawn(async move {
+            let found = tokio::time::timeout(Duration::from_secs(2), hook(src_port))
+                .await
+                .ok()
+                .flatten();
+            let _ = tx.send(Some(found));
+        });
+        Some(slot)
+    }
+
+    /// The guest process of the connection whose record is `rec`, once its
+    /// lookup is done (ask mode names it).
+    pub(crate) async fn process_of(&self, rec: &ConnectionReport) -> Option<String> {
+        rec.lookup.as_ref()?.wait().await
     }
 
     /// Ask mode's queue of held connections (see [`ask`]).
@@ -527,8 +541,30 @@ impl Proxy {
         }
     }
 
-    /// Append one record to the audit log; a failure is a warning.
+    /// Append one record to the audit log; a failure is a warning. A record
+    /// whose guest process is still being looked up is written when the
+    /// lookup ends (at most 2 s later; docs/egress.md, "Audit log"), by a
+    /// task of its own: the connection never waits for it.
     pub(crate) fn write_record(&self, rec: &ConnectionReport) {
+        let Some(slot) = rec.lookup.as_ref().filter(|_| rec.process.is_none()) else {
+            return self.append_record(rec);
+        };
+        if let Some(found) = slot.ready() {
+            let mut rec = rec.clone();
+            rec.process = found.as_deref().and_then(GuestProcess::parse);
+            return self.append_record(&rec);
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return self.append_record(rec);
+        };
+        let (proxy, slot, mut rec) = (self.clone(), slot.clone(), rec.clone());
+        rt.spawn(async move {
+            rec.process = slot.wait().await.as_deref().and_then(GuestProcess::parse);
+            proxy.append_record(&rec);
+        });
+    }
+
+    fn append_record(&self, rec: &ConnectionReport) {
         if let Err(e) = self.inner.audit.write(rec) {
             tracing::warn!(sandbox = %rec.sandbox, error = %e, "egress audit record not written");
         }
@@ -556,6 +592,7 @@ impl Proxy {
             EgressMode::HttpProxy => "http-proxy",
         };
         let mut rec = ConnectionReport::new(&cfg.sandbox, mode, &open.host, open.port);
+        rec.lookup = self.start_lookup(open.src_port);
         let mut logged = false;
         match self.inner.limiter.clone().try_acquire_owned() {
             Ok(permit) => {
@@ -569,7 +606,6 @@ impl Proxy {
                     cut: Arc::default(),
                     logged: false,
                     once: false,
-                    src_port: open.src_port,
                 };
                 conn.run(stream, open).await;
                 logged = conn.logged;
@@ -618,7 +654,7 @@ impl Proxy {
 /// [`Proxy::handle`] in `http-proxy` mode. Runs until the task is dropped.
 pub async fn serve_http_proxy(proxy: Proxy, listener: TcpListener) -> io::Result<()> {
     loop {
-        let (sock, _) = match listener.accept().await {
+        let (sock, peer) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 // Out of descriptors and similar: back off instead of spinning.
@@ -634,7 +670,8 @@ pub async fn serve_http_proxy(proxy: Proxy, listener: TcpListener) -> io::Result
                 mode: EgressMode::HttpProxy,
                 host: String::new(),
                 port: 0,
-                src_port: 0,
+                // Named to the process lookup hook, if one is installed.
+                src_port: peer.port(),
             };
             p.handle(sock, open).await;
         });
@@ -657,8 +694,6 @@ struct Conn<'a> {
     logged: bool,
     /// The user approved it once in ask mode.
     once: bool,
-    /// The client's source port in the guest (see [`Proxy::process_of`]).
-    src_port: u16,
 }
 
 /// The plain-HTTP deny page; `body` is its text.
@@ -756,8 +791,10 @@ impl Conn<'_> {
         first: Option<String>,
     ) -> Result<Vec<IpAddr>, Stop> {
         let mut checked = decide(&self.policy, host, port).await;
-        if checked.decision.ask {
-            let process = self.proxy.process_of(self.src_port).await;
+        if let Some(asked) = granted(self.proxy, &self.policy, host, port, &checked).await {
+            (checked, self.policy, self.once) = (asked.checked, asked.policy, asked.once);
+        } else if checked.decision.ask {
+            let process = self.proxy.process_of(self.rec).await;
             let asked = ask_user(self.proxy, host, port, first, process, checked).await;
             (checked, self.policy, self.once) = (asked.checked, asked.policy, asked.once);
         }
@@ -927,7 +964,7 @@ impl Conn<'_> {
             first,
             self.rec,
             self.act,
-            (bound, self.src_port),
+            bound,
         )
         .await;
         if let Some(latest) = served.latest {
@@ -1381,6 +1418,39 @@ pub(crate) async fn ask_user(
         policy,
         once,
     }
+}
+
+/// A connection no rule decides (in any mode) that uses up a one-time
+/// allowance for exactly its `host:port` (`approve --once` on an agent's
+/// request, [`AskQueue::grant_once`]): decided as if approved once, with
+/// `Policy::with_once`, so deny rules, blocked addresses and the flow
+/// narrowing still apply. `None`, at the cost of one atomic load, when no
+/// allowance waits.
+pub(crate) async fn granted(
+    proxy: &Proxy,
+    policy: &Arc<Policy>,
+    host: &str,
+    port: u16,
+    checked: &Checked,
+) -> Option<Asked> {
+    if checked.decision.permits() || !proxy.ask().has_grants() {
+        return None;
+    }
+    let undecided = checked.decision.ask
+        || (**policy)
+            .clone()
+            .with_mode(sandpen_policy::Mode::Ask)
+            .check(host, port, None)
+            .ask;
+    if !undecided || !proxy.ask().take_grant(host, port) {
+        return None;
+    }
+    let once = policy.with_once(host, port)?;
+    Some(Asked {
+        checked: decide(&once, host, port).await,
+        policy: policy.clone(),
+        once: true,
+    })
 }
 
 fn deny_checked(reason: String) -> Checked {

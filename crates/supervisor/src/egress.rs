@@ -291,10 +291,14 @@ async fn guest_request(proxy: &Proxy, paths: &SandboxPaths, req: GuestRequest) -
                 ..Default::default()
             };
             match proxy.ask().hold(asking, policy.ask_timeout()).await {
-                Answer::Once => RequestOutcome::Approved {
-                    always: false,
-                    global: false,
-                },
+                Answer::Once => {
+                    let window = sandpen_proxy::ONCE_WINDOW;
+                    proxy.ask().grant_once(&host, port, window);
+                    RequestOutcome::Decided {
+                        allowed: true,
+                        text: once_text(&host, port, window),
+                    }
+                }
                 Answer::Recheck => {
                     let now = proxy.current_policy();
                     let d = now.check(&host, port, None);
@@ -318,6 +322,7 @@ async fn guest_request(proxy: &Proxy, paths: &SandboxPaths, req: GuestRequest) -
                 return invalid("the path must be absolute".into());
             }
             let policy = proxy.current_policy();
+            let shown = path.clone();
             let asking = Asking {
                 host: path,
                 port: 0,
@@ -326,14 +331,32 @@ async fn guest_request(proxy: &Proxy, paths: &SandboxPaths, req: GuestRequest) -
                 ..Default::default()
             };
             match proxy.ask().hold(asking, policy.ask_timeout()).await {
-                Answer::Once | Answer::Recheck => RequestOutcome::Approved {
-                    always: false,
-                    global: false,
+                // The host sends this only after it wrote the exception
+                // (sandpen_api::decisions::file_exception_for_pending).
+                Answer::Recheck => RequestOutcome::Decided {
+                    allowed: true,
+                    text: format!(
+                        "approved (always, sandbox scope): the user allowed reading {shown}; \
+                         it applies from this sandbox's next start, so it stays hidden until the user restarts the sandbox."
+                    ),
+                },
+                // Not offered for files (docs/policy.md): nothing changed.
+                Answer::Once => RequestOutcome::Decided {
+                    allowed: false,
+                    text: format!("the user answered, but no file rule changed for {shown}."),
                 },
                 refused @ (Answer::Deny | Answer::Timeout) => refusal(refused, &policy),
             }
         }
     }
+}
+
+/// What an agent is told when the user approved its network request once.
+fn once_text(host: &str, port: u16, window: Duration) -> String {
+    format!(
+        "approved (once): the next connection to {host}:{port} within {} s is allowed, once; after that, ask again.",
+        window.as_secs()
+    )
 }
 
 /// What a guest request that the user refused, or left unanswered, is told.

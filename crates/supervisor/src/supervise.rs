@@ -395,7 +395,9 @@ async fn boot(
     let (handle, _, driver) = mux::session(control, Channel::Control, Side::Host);
     let (_, egress_inbound, egress_driver) = mux::session(egress, Channel::Egress, Side::Host);
     let control_proxy = proxy.clone();
-    // Ask mode names a held connection's process: asked of PID 1 on demand.
+    // Every guest connection's process, for its log record and ask mode's
+    // entry: asked of PID 1 beside the connection (docs/egress.md, "Audit
+    // log").
     let lookup_mux = handle.clone();
     proxy.set_process_lookup(Some(Arc::new(move |src_port| {
         let mux = lookup_mux.clone();

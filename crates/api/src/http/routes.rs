@@ -410,13 +410,9 @@ async fn rule_add(
 ) -> Res<Json<policy::RuleInfo>> {
     let action = policy::parse_action(&req.action)?;
     let place = Where::from_name(req.sandbox);
-    Ok(Json(policy::add_rule(
-        &app.dirs,
-        &place,
-        action,
-        &req.target,
-        Who::Web,
-    )?))
+    Ok(Json(
+        policy::add_rule(&app.dirs, &place, action, &req.target, Who::Web, "")?.rule,
+    ))
 }
 
 async fn rule_rm(
@@ -425,7 +421,13 @@ async fn rule_rm(
     Query(q): Query<SandboxQuery>,
 ) -> Res<Json<policy::RuleInfo>> {
     let place = Where::from_name(q.sandbox);
-    Ok(Json(policy::remove_rule(&app.dirs, &place, id, Who::Web)?))
+    Ok(Json(policy::remove_rule(
+        &app.dirs,
+        &place,
+        id,
+        Who::Web,
+        "",
+    )?))
 }
 
 #[derive(Deserialize)]
@@ -456,7 +458,7 @@ async fn preset(
     Json(req): Json<PresetReq>,
 ) -> Res<Json<serde_json::Value>> {
     let place = Where::from_name(req.sandbox);
-    let path = policy::init_preset(&app.dirs, &place, &req.preset, Who::Web)?;
+    let path = policy::init_preset(&app.dirs, &place, &req.preset, Who::Web, "")?;
     Ok(Json(
         serde_json::json!({ "preset": req.preset, "file": path }),
     ))

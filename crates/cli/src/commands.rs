@@ -316,7 +316,7 @@ async fn create_sandbox(
 /// On the first sandbox, with no network policy yet: ask which preset to start
 /// from (at a terminal), or say how the sandbox's network stands.
 fn first_run_policy(dirs: &Dirs) -> Result<()> {
-    use sandpen_policy::{PolicyFile, Preset, Scope};
+    use sandpen_policy::Preset;
     let path = dirs.config.join("policy.toml");
     if path.exists() {
         return Ok(());
@@ -349,9 +349,15 @@ fn first_run_policy(dirs: &Dirs) -> Result<()> {
     };
     std::fs::create_dir_all(&dirs.config)
         .with_context(|| format!("creating {}", dirs.config.display()))?;
-    let mut file = PolicyFile::load(&path, Scope::Global)?;
-    file.init_preset(preset)?;
-    file.save()?;
+    // Through the API, so that the choice is in the policy's history like
+    // every other edit (docs/policy.md, "History").
+    sandpen_api::policy::init_preset(
+        dirs,
+        &sandpen_api::policy::Where::Global,
+        preset.as_str(),
+        sandpen_policy::history::Who::Cli,
+        "chosen at the first run's prompt",
+    )?;
     eprintln!(
         "sandpen: network policy {} saved in {}; change it with `sandpen policy`",
         preset.as_str(),

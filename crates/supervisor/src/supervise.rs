@@ -34,6 +34,10 @@ use crate::SupervisorError;
 /// How long a boot may take before it is given up. Generous: under software
 /// emulation on a loaded host a boot takes seconds, not milliseconds.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Process lookups (a network record's `process`) on the control channel at
+/// once; a connection past them is logged without its process.
+const PROCESS_LOOKUPS: usize = 16;
 /// How long a guest gets to power off after a stop before QEMU is told to quit.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 /// Console logs above this size are rotated at start.
@@ -398,10 +402,19 @@ async fn boot(
     // Every guest connection's process, for its log record and ask mode's
     // entry: asked of PID 1 beside the connection (docs/egress.md, "Audit
     // log").
+    // At most PROCESS_LOOKUPS at once; past it a record goes without its
+    // process: a burst of connections must not crowd the control channel,
+    // whose streams exec and stop need (and whose yamux session a flood of
+    // short streams the guest has not caught up with would end).
     let lookup_mux = handle.clone();
+    let lookups = Arc::new(tokio::sync::Semaphore::new(PROCESS_LOOKUPS));
     proxy.set_process_lookup(Some(Arc::new(move |src_port| {
         let mux = lookup_mux.clone();
-        Box::pin(async move { guest_process(&mux, src_port).await })
+        let permit = lookups.clone().try_acquire_owned().ok();
+        Box::pin(async move {
+            let _permit = permit?;
+            guest_process(&mux, src_port).await
+        })
     })));
     let proxy_task = tokio::spawn(crate::egress::serve(
         egress_inbound,

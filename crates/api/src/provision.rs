@@ -18,26 +18,97 @@ use sandpen_proto::messages::{ExecEvent, ExecInput};
 use sandpen_supervisor::sandbox::SandboxConfig;
 use sandpen_supervisor::{control, Dirs};
 
+use std::os::unix::fs::DirBuilderExt;
+
 use crate::ApiError;
 
 /// Where the lines go: the CLI's stderr, a page job's lines.
 pub type Say<'a> = &'a (dyn Fn(&str) + Sync);
 
-/// The guest's side: for each `TOOL@VERSION` argument, skip what is
-/// installed, install the rest in one `mise install` (its progress on
-/// stderr), link each install's `bin/` into `/usr/local/bin` (never over a
-/// file that is not such a link), and print `SPEC DIR` per tool on stdout.
+/// The guest's side, one script in two steps (`$1`):
+///
+/// - `resolve SPEC…`: first mounts again the trees recorded in
+///   `/opt/mise/.sandpen-trees` (an overlay over the read-only tree, its
+///   changes on the guest's disk), forgetting one whose tree is gone; then
+///   prints, per `TOOL@VERSION`, `have SPEC` when mise has it, `want SPEC
+///   VERSION` with the exact version mise resolves it to (from the vendor's
+///   list, through the policy), or `unknown SPEC`.
+/// - `install ARG…`: each `tree:TOOL:VERSION:NAME` is mounted from the
+///   host's tree NAME and recorded (installed by mise when that fails);
+///   every other `TOOL@VERSION` mise lacks goes to one `mise install` (its
+///   progress on stderr). Then each install's `bin/` is linked into
+///   `/usr/local/bin` (never over a file that is not such a link), and
+///   `SPEC DIR` is printed per tool on stdout.
 const GUEST_SCRIPT: &str = r#"set -u
 command -v mise >/dev/null 2>&1 || { echo "sandpen: this image has no mise (built before sandpen provisioned toolchains): rebuild it with sandpen image build" >&2; exit 90; }
+trees=/opt/sandpen/toolchains
+record=/opt/mise/.sandpen-trees
+mount_tree() {
+  dest=/opt/mise/installs/$1/$2
+  up=/opt/mise/.sandpen-upper/$1-$2
+  mkdir -p "$dest" "$up/data" "$up/work" &&
+    mount -t overlay -o "lowerdir=$trees/$3,upperdir=$up/data,workdir=$up/work" "sandpen-$1-$2" "$dest"
+}
+step=$1
+shift
+if [ "$step" = resolve ]; then
+  if [ -f "$record" ]; then
+    : > "$record.new"
+    while read -r tool version name; do
+      dest=/opt/mise/installs/$tool/$version
+      if mountpoint -q "$dest" || { [ -d "$trees/$name" ] && mount_tree "$tool" "$version" "$name"; }; then
+        echo "$tool $version $name" >> "$record.new"
+      else
+        rmdir "$dest" 2>/dev/null
+        rm -rf "/opt/mise/.sandpen-upper/$tool-$version"
+      fi
+    done < "$record"
+    mv "$record.new" "$record"
+  fi
+  for spec in "$@"; do
+    if mise where "$spec" >/dev/null 2>&1; then
+      echo "have $spec"
+    elif version=$(mise latest "$spec" 2>/dev/null) && [ -n "$version" ]; then
+      echo "want $spec $version"
+    else
+      echo "unknown $spec"
+    fi
+  done
+  exit 0
+fi
 missing=""
-for spec in "$@"; do
-  mise where "$spec" >/dev/null 2>&1 || missing="$missing $spec"
+specs=""
+for arg in "$@"; do
+  case $arg in
+    tree:*)
+      rest=${arg#tree:}
+      tool=${rest%%:*}
+      rest=${rest#*:}
+      version=${rest%%:*}
+      name=${rest#*:}
+      spec=$tool@$version
+      if [ -d "$trees/$name" ] && mount_tree "$tool" "$version" "$name" && mise where "$spec" >/dev/null 2>&1; then
+        echo "$tool $version $name" >> "$record"
+        echo "sandpen: toolchains: $spec from the host's shared tree (read-only; changes stay in this sandbox)" >&2
+      else
+        umount "/opt/mise/installs/$tool/$version" 2>/dev/null
+        rmdir "/opt/mise/installs/$tool/$version" 2>/dev/null
+        missing="$missing $spec"
+      fi
+      ;;
+    *)
+      spec=$arg
+      mise where "$spec" >/dev/null 2>&1 || missing="$missing $spec"
+      ;;
+  esac
+  specs="$specs $spec"
 done
 if [ -n "$missing" ]; then
   # $missing is split on purpose: each word is one checked TOOL@VERSION.
   mise install $missing || exit $?
 fi
-for spec in "$@"; do
+# $specs too: each word is one checked TOOL@VERSION.
+for spec in $specs; do
   dir=$(mise where "$spec") || exit 91
   for bin in "$dir"/bin/*; do
     [ -e "$bin" ] || continue
@@ -161,7 +232,12 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan, say: Sa
         "sandpen: toolchains: provisioning {}",
         specs.join(" ")
     ));
-    match run(dirs, config, &specs, say).await {
+    let args = match step(dirs, config, "resolve", &specs, say).await {
+        Ok((0, resolved)) => with_trees(dirs, config, &specs, &resolved, say).await,
+        // The install step says what is wrong (an image without mise).
+        _ => specs.clone(),
+    };
+    match step(dirs, config, "install", &args, say).await {
         Ok((0, stdout)) => {
             let installed: Vec<String> = stdout
                 .lines()
@@ -195,11 +271,12 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan, say: Sa
     }
 }
 
-/// Runs the guest script as root (see [`guest`]).
-async fn run(
+/// Runs one step of the guest script as root (see [`guest`]).
+async fn step(
     dirs: &Dirs,
     config: &SandboxConfig,
-    specs: &[String],
+    step: &str,
+    args: &[String],
     say: Say<'_>,
 ) -> Result<(i32, String), ApiError> {
     let mut argv = vec![
@@ -207,9 +284,88 @@ async fn run(
         "-c".into(),
         GUEST_SCRIPT.into(),
         "sandpen-provision".into(),
+        step.into(),
     ];
-    argv.extend(specs.iter().cloned());
+    argv.extend(args.iter().cloned());
     guest(dirs, config, argv, say).await
+}
+
+/// Makes the sandbox's view of toolchain trees (`SANDBOX/toolchains/`)
+/// before a start whose workspace names a tool served as a tree, so that
+/// the start serves it (docs/dev-env.md, "Shared toolchain trees").
+pub fn prepare_view(dirs: &Dirs, config: &SandboxConfig) {
+    let Ok(plan) = sandpen_devenv::detect(&config.workspace) else {
+        return;
+    };
+    let wants_tree = plan.tools.iter().any(|c| {
+        sandpen_toolcache::tree::TREE_TOOLS
+            .iter()
+            .any(|t| t.tool == c.tool.name())
+    });
+    if wants_tree {
+        let view = dirs.sandbox(&config.name).toolchain_view();
+        if let Err(e) = std::fs::DirBuilder::new().mode(0o755).create(&view) {
+            if e.kind() != std::io::ErrorKind::AlreadyExists {
+                tracing::warn!("toolchains: {}: {e}", view.display());
+            }
+        }
+    }
+}
+
+/// The install step's arguments: each spec the guest resolved to an exact
+/// version whose archive the host's cache holds becomes
+/// `tree:TOOL:VERSION:NAME`, with the tree unpacked (once) and given to
+/// this sandbox; every other spec stays as it is, for mise. The guest's
+/// lines are untrusted: only a spec of this plan and a version the tree
+/// table accepts (digits and dots) are used.
+async fn with_trees(
+    dirs: &Dirs,
+    config: &SandboxConfig,
+    specs: &[String],
+    resolved: &str,
+    say: Say<'_>,
+) -> Vec<String> {
+    let view = dirs.sandbox(&config.name).toolchain_view();
+    let mut args = specs.to_vec();
+    if !view.is_dir() {
+        return args;
+    }
+    for line in resolved.lines() {
+        let mut words = line.split(' ');
+        let (Some("want"), Some(spec), Some(version), None) =
+            (words.next(), words.next(), words.next(), words.next())
+        else {
+            continue;
+        };
+        let Some(i) = specs.iter().position(|s| s == spec) else {
+            continue;
+        };
+        let tool = spec.split('@').next().unwrap_or(spec);
+        let Some(url) = sandpen_toolcache::archive_url(tool, version) else {
+            continue;
+        };
+        let (dirs2, config2, view2) = (dirs.clone(), config.clone(), view.clone());
+        let given = tokio::task::spawn_blocking(move || -> Result<Option<String>, String> {
+            let cache = sandpen_supervisor::egress::toolchain_cache(&dirs2, &config2)
+                .map_err(|e| format!("the toolchain cache: {e}"))?;
+            let Some(tree) = cache.tree(&url).map_err(|e| e.to_string())? else {
+                return Ok(None);
+            };
+            sandpen_toolcache::publish(&tree, &view2)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        match given {
+            Ok(Ok(Some(name))) => args[i] = format!("tree:{tool}:{version}:{name}"),
+            Ok(Ok(None)) => {}
+            Ok(Err(why)) => say(&format!(
+                "sandpen: toolchains: {tool} {version}: the host's shared tree could not be given ({why}); mise installs it"
+            )),
+            Err(e) => say(&format!("sandpen: toolchains: {tool} {version}: {e}")),
+        }
+    }
+    args
 }
 
 /// Runs `argv` in the guest as root with mise's settings; its stderr

@@ -297,7 +297,8 @@ pub fn default_options(workspace: PathBuf, agent: &str) -> CreateOptions {
 /// Boots a sandbox unless it runs already; the notes the supervisor asked
 /// to be said (limits or jail layers this host cannot give).
 pub async fn start(dirs: &Dirs, name: &str) -> Result<lifecycle::Started, ApiError> {
-    sandbox::load(dirs, name)?;
+    let config = sandbox::load(dirs, name)?;
+    crate::provision::prepare_view(dirs, &config);
     Ok(lifecycle::start(dirs, name).await?)
 }
 

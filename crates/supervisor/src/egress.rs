@@ -151,16 +151,16 @@ pub fn start_proxy(
 /// The host's toolchain cache, as this sandbox's proxy uses it: keyed also
 /// by the sandbox's upstream identity (`--add-host`, `--upstream-ca`), so a
 /// sandbox pointed at a mirror of its own never fills another's.
-fn toolchain_cache(
+pub fn toolchain_cache(
     dirs: &Dirs,
     config: &SandboxConfig,
-) -> std::io::Result<sandpen_proxy::toolcache::ToolCache> {
+) -> std::io::Result<sandpen_toolcache::ToolCache> {
     let mut cas = Vec::new();
     for path in &config.upstream_cas {
         cas.push(std::fs::read(path)?);
     }
-    let identity = sandpen_proxy::toolcache::upstream_identity(&config.add_hosts, &cas);
-    sandpen_proxy::toolcache::ToolCache::open(&dirs.toolchains(), &identity)
+    let identity = sandpen_toolcache::upstream_identity(&config.add_hosts, &cas);
+    sandpen_toolcache::ToolCache::open(&dirs.toolchains(), &identity)
 }
 
 /// Serves guest-opened streams until the channel closes.

@@ -19,6 +19,9 @@ use crate::SupervisorError;
 pub struct ShareSpec {
     pub tag: String,
     pub host_path: PathBuf,
+    /// Where the guest mounts it: the host path itself for the workspace
+    /// and `--mount`s.
+    pub guest_path: PathBuf,
     pub socket: PathBuf,
     pub read_only: bool,
     /// Guest uid/gid that stand for the invoking host user (see `SandboxConfig`).
@@ -221,6 +224,7 @@ mod tests {
         ShareSpec {
             tag: "workspace".into(),
             host_path: "/home/me/p".into(),
+            guest_path: "/home/me/p".into(),
             socket: "/s/run/fs0.sock".into(),
             read_only: false,
             guest_uid: 1000,

@@ -94,6 +94,11 @@ impl SandboxPaths {
     pub fn qmp_socket(&self) -> PathBuf {
         self.run().join("qmp.sock")
     }
+    /// The toolchain trees this sandbox was given (docs/dev-env.md, "Shared
+    /// toolchain trees"): served read-only when the folder exists at a start.
+    pub fn toolchain_view(&self) -> PathBuf {
+        self.dir.join("toolchains")
+    }
     pub fn share_socket(&self, index: usize) -> PathBuf {
         self.run().join(format!("fs{index}.sock"))
     }

@@ -451,7 +451,7 @@ async fn boot(
             .iter()
             .map(|s| ShareMount {
                 tag: s.spec.tag.clone(),
-                path: s.spec.host_path.to_string_lossy().into_owned(),
+                path: s.spec.guest_path.to_string_lossy().into_owned(),
                 read_only: s.spec.read_only,
             })
             .collect(),
@@ -535,6 +535,9 @@ async fn connect_file_server(
     }
 }
 
+/// The tag of the toolchain trees' share.
+const TOOLCHAINS_TAG: &str = "toolchains";
+
 /// The shares: the workspace (tag `workspace`), then each `--mount` (tags
 /// `mount1`, `mount2`, …), every one served with the sandbox's file rules.
 async fn start_shares(
@@ -572,6 +575,7 @@ async fn start_shares(
     for (i, (tag, host_path, read_only)) in list.into_iter().enumerate() {
         let spec = ShareSpec {
             tag,
+            guest_path: host_path.clone(),
             host_path,
             socket: paths.share_socket(i),
             read_only,
@@ -579,6 +583,29 @@ async fn start_shares(
             guest_gid: config.guest_gid,
             rules_json: rules_json.clone(),
             has_rules,
+            sandbox: config.name.clone(),
+            files_log: paths.logs().join("files.jsonl"),
+            flow_state: labels.path().to_path_buf(),
+            reserve: policy.reserve().to_string(),
+        };
+        shares.push(fileserver::start(&spec, &paths.fs_log(), kind).await?);
+    }
+    // The toolchain trees the host gave this sandbox: vendor files, served
+    // read-only and owned by the guest's root, under no file rule (they are
+    // not the user's files). The folder exists once a start provisioned a
+    // toolchain (docs/dev-env.md, "Shared toolchain trees").
+    let view = paths.toolchain_view();
+    if view.is_dir() && kind == fileserver::ServerKind::Sandpen {
+        let spec = ShareSpec {
+            tag: TOOLCHAINS_TAG.into(),
+            host_path: view,
+            guest_path: sandpen_toolcache::GUEST_VIEW.into(),
+            socket: paths.share_socket(shares.len()),
+            read_only: true,
+            guest_uid: 0,
+            guest_gid: 0,
+            rules_json: sandpen_fs::rules_to_json(&sandpen_policy::FileRules::default()),
+            has_rules: false,
             sandbox: config.name.clone(),
             files_log: paths.logs().join("files.jsonl"),
             flow_state: labels.path().to_path_buf(),

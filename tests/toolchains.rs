@@ -431,6 +431,59 @@ fn a_guest_as_root_cannot_change_a_shared_tree() -> Result<(), Failed> {
     check(mode == 0o555, format!("tree file mode {mode:o}"))
 }
 
+/// The saved image's name (unique: the data home is shared).
+fn template_image() -> String {
+    format!("tc-template-{}", std::process::id())
+}
+
+/// `save` of a sandbox whose node is a shared tree: the image keeps a
+/// linked copy of the tree, and a sandbox started from it, in a workspace
+/// that names no tool and with a toolchain cache of its own (empty), has
+/// that node.
+fn a_template_keeps_its_shared_tree() -> Result<(), Failed> {
+    let e = env();
+    let image = template_image();
+    ok(&["stop", SECOND])?;
+    ok(&["save", SECOND, &image])?;
+    let kept = e
+        .cli
+        .data
+        .join("sandpen/images")
+        .join(&image)
+        .join("toolchains")
+        .join(archive_tree().file_name().unwrap_or_default());
+    check(
+        kept.join("bin/node").is_file(),
+        format!("the image kept no tree at {}", kept.display()),
+    )?;
+    let (_root, ws) = common::workspace("sandpen-toolchains-tmpl-", "plain");
+    let cli = Cli::new(ws);
+    let result = (|| {
+        let out = cli.run(&[
+            "run",
+            "--name",
+            "tc-from-tmpl",
+            "--image",
+            &image,
+            "--",
+            "node",
+            "-v",
+        ]);
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        check(
+            stdout.trim() == format!("v{NODE}"),
+            format!("node -v from the template: {stdout:?}\nstderr: {stderr}"),
+        )?;
+        let cache = cli.state.path().join("sandpen/toolchains/trees");
+        check(
+            std::fs::read_dir(&cache).map_or(true, |d| d.count() == 0),
+            "the template's sandbox needed the cache".to_string(),
+        )
+    })();
+    let _ = cli.run(&["rm", "-f", "tc-from-tmpl"]);
+    result
+}
+
 /// A workspace whose only statement is a range (`engines.node`) gets the
 /// newest release the vendor lists that the range allows.
 fn a_range_alone_gets_the_newest_release_it_allows() -> Result<(), Failed> {
@@ -587,6 +640,10 @@ fn main() {
             "a_guest_as_root_cannot_change_a_shared_tree",
             a_guest_as_root_cannot_change_a_shared_tree,
         ),
+        (
+            "a_template_keeps_its_shared_tree",
+            a_template_keeps_its_shared_tree,
+        ),
         ("a_restart_fetches_nothing", a_restart_fetches_nothing),
         (
             "a_range_alone_gets_the_newest_release_it_allows",
@@ -609,5 +666,6 @@ fn main() {
     for name in [FIRST, SECOND, DENIED] {
         let _ = env().cli.run(&["rm", "-f", name]);
     }
+    let _ = env().cli.run(&["image", "rm", &template_image()]);
     conclusion.exit();
 }

@@ -102,17 +102,20 @@ pub async fn after_start(
     config: &SandboxConfig,
     out: &dyn StartOutput,
 ) -> Result<(), ApiError> {
+    // Its lines are whole and carry their own prefix (mise's progress,
+    // `sandpen: toolchains: …`): passed on as output.
+    let say = |l: &str| out.output(true, format!("{l}\n").as_bytes());
     let plan = match sandpen_devenv::detect(&config.workspace) {
         Ok(plan) => plan,
         Err(e) => {
             out.line(&format!("note: {e}"));
+            crate::provision::remount_trees(dirs, config, &say).await;
             return Ok(());
         }
     };
-    if !plan.tools.is_empty() {
-        // Its lines are whole and carry their own prefix (mise's progress,
-        // `sandpen: toolchains: …`): passed on as output.
-        let say = |l: &str| out.output(true, format!("{l}\n").as_bytes());
+    if plan.tools.is_empty() {
+        crate::provision::remount_trees(dirs, config, &say).await;
+    } else {
         crate::provision::provision(dirs, config, &plan, &say).await;
     }
     let Some((file, dc)) = plan.devcontainer else {

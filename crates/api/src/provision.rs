@@ -223,6 +223,7 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan, say: Sa
         }
     }
     if specs.is_empty() {
+        remount_trees(dirs, config, say).await;
         for line in refused_downloads(dirs, &config.name, since) {
             say(&line);
         }
@@ -291,24 +292,58 @@ async fn step(
 }
 
 /// Makes the sandbox's view of toolchain trees (`SANDBOX/toolchains/`)
-/// before a start whose workspace names a tool served as a tree, so that
-/// the start serves it (docs/dev-env.md, "Shared toolchain trees").
+/// before a start, so that the start serves it (docs/dev-env.md, "Shared
+/// toolchain trees"): when its workspace names a tool served as a tree, or
+/// its image (a saved template) kept trees, which are given to it here.
 pub fn prepare_view(dirs: &Dirs, config: &SandboxConfig) {
-    let Ok(plan) = sandpen_devenv::detect(&config.workspace) else {
-        return;
-    };
-    let wants_tree = plan.tools.iter().any(|c| {
-        sandpen_toolcache::tree::TREE_TOOLS
-            .iter()
-            .any(|t| t.tool == c.tool.name())
+    let view = dirs.sandbox(&config.name).toolchain_view();
+    let kept = sandpen_image::load(&dirs.images(), &config.image)
+        .map(|image| image.dir.join(sandpen_image::TOOLCHAINS_DIR))
+        .ok();
+    let kept_trees = kept
+        .as_deref()
+        .map(sandpen_toolcache::tree::trees_in)
+        .unwrap_or_default();
+    let wants_tree = sandpen_devenv::detect(&config.workspace).is_ok_and(|plan| {
+        plan.tools.iter().any(|c| {
+            sandpen_toolcache::tree::TREE_TOOLS
+                .iter()
+                .any(|t| t.tool == c.tool.name())
+        })
     });
-    if wants_tree {
-        let view = dirs.sandbox(&config.name).toolchain_view();
+    if wants_tree || !kept_trees.is_empty() {
         if let Err(e) = std::fs::DirBuilder::new().mode(0o755).create(&view) {
             if e.kind() != std::io::ErrorKind::AlreadyExists {
                 tracing::warn!("toolchains: {}: {e}", view.display());
             }
         }
+    }
+    if let Some(kept) = kept {
+        for name in kept_trees {
+            if let Err(e) = sandpen_toolcache::tree::give(&kept.join(&name), &view, &name) {
+                tracing::warn!("toolchains: the image's tree {name}: {e}");
+            }
+        }
+    }
+}
+
+/// Mounts again the trees the sandbox's disk records, for a start that
+/// provisions nothing (a template whose workspace names no tool): its
+/// installs are there, their files in the trees.
+pub async fn remount_trees(dirs: &Dirs, config: &SandboxConfig, say: Say<'_>) {
+    let view = dirs.sandbox(&config.name).toolchain_view();
+    if sandpen_toolcache::tree::trees_in(&view).is_empty() {
+        return;
+    }
+    match step(dirs, config, "resolve", &[], say).await {
+        Ok((0, _)) => {}
+        Ok((code, _)) => say(&format!(
+            "sandpen: toolchains: mounting the shared trees exited with {code}"
+        )),
+        Err(e) => say(&format!(
+            "sandpen: toolchains: {}",
+            crate::error::one_line(&e)
+        )),
     }
 }
 

@@ -485,6 +485,7 @@ fn save(dirs: &Dirs, name: &str, image: &str) -> Result<i32> {
             name: image,
             sandbox: name,
             remove_certs: &[ca.cert_pem().to_string()],
+            toolchains: Some(&paths.toolchain_view()),
         },
     )?;
     println!(

@@ -14,6 +14,9 @@
 //! - the file has exactly the mode asked for, whatever the umask, and was never
 //!   readable with a wider one (a secret store is never briefly 0644);
 //! - a failed write leaves the old file as it was and removes its temporary.
+//!
+//! And the one way a folder is shared without being copied: [`link_tree`]
+//! (a toolchain tree given to a sandbox, and kept by a saved image).
 
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Write};
@@ -80,6 +83,35 @@ fn temporary_sibling(path: &Path) -> io::Result<PathBuf> {
         std::process::id(),
         TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     )))
+}
+
+/// Makes `to`, which must not exist, a copy of the folder `from` whose
+/// regular files are hard links to `from`'s (copies when the two are on
+/// different file systems): the files' bytes are stored once, and a file
+/// removed on one side stays on the other. Folders are made anew (mode
+/// 0755), symlinks are copied as links (their targets untouched), anything
+/// else (a FIFO, a socket, a device) is left out.
+pub fn link_tree(from: &Path, to: &Path) -> io::Result<()> {
+    fs::DirBuilder::new().create(to)?;
+    fs::set_permissions(to, Permissions::from_mode(0o755))?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if kind.is_dir() {
+            link_tree(&src, &dst)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
+        } else if kind.is_file() {
+            match fs::hard_link(&src, &dst) {
+                Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+                    fs::copy(&src, &dst)?;
+                }
+                other => other?,
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -161,5 +193,28 @@ mod tests {
             libc::kill(pid, libc::SIGKILL);
             libc::waitpid(pid, &mut status, 0);
         }
+    }
+
+    #[test]
+    fn a_linked_tree_shares_files_and_copies_links() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("from");
+        fs::create_dir_all(from.join("bin")).unwrap();
+        fs::write(from.join("bin/tool"), b"tool").unwrap();
+        std::os::unix::fs::symlink("bin/tool", from.join("link")).unwrap();
+        let to = dir.path().join("to");
+        link_tree(&from, &to).unwrap();
+        let ino = |p: &Path| fs::metadata(p).unwrap().ino();
+        assert_eq!(ino(&to.join("bin/tool")), ino(&from.join("bin/tool")));
+        assert_eq!(
+            fs::read_link(to.join("link")).unwrap(),
+            Path::new("bin/tool")
+        );
+        // `to` must not exist.
+        assert!(link_tree(&from, &to).is_err());
+        // A file removed on one side stays on the other.
+        fs::remove_file(from.join("bin/tool")).unwrap();
+        assert_eq!(fs::read(to.join("bin/tool")).unwrap(), b"tool");
     }
 }

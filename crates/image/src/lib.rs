@@ -38,7 +38,9 @@ pub use modules::{BOOT_MODULES, LOAD_ORDER_FILE};
 pub use release::{listed_sha256, ManifestError};
 pub use save::{lineage, save, SaveSpec, GUEST_CA_BUNDLE, GUEST_EXTRA_CA};
 pub use spec::{ImageSpec, BASE_PACKAGES, DEFAULT_SUITE, FALLBACK_MIRROR, RECIPE_VERSION};
-pub use store::{list, load, remove, Image, MODULES_DIR, ROOTFS_FILE, VMLINUX_FILE, VMLINUZ_FILE};
+pub use store::{
+    list, load, remove, Image, MODULES_DIR, ROOTFS_FILE, TOOLCHAINS_DIR, VMLINUX_FILE, VMLINUZ_FILE,
+};
 pub use tree::TREES_DIR;
 
 /// What [`build`] did.

@@ -10,7 +10,10 @@
 //!   are the parent's (hard links where the file system allows).
 //! - Its manifest names its parent image and the sandbox it was saved from.
 //! - Only the disk is read: the sandbox's folder (secrets are never in it;
-//!   the CA key, flow labels, policy and logs are) is never copied. The
+//!   the CA key, flow labels, policy and logs are) is never copied, but for
+//!   the toolchain trees it was given ([`SaveSpec::toolchains`]: vendor
+//!   files, read-only in the guest), which its disk's installs are mounted
+//!   from; the image keeps linked copies of them in `toolchains/`. The
 //!   sandbox CA's certificate, which the guest installs at every boot, is
 //!   taken out of the image ([`SaveSpec::remove_certs`]) and its absence
 //!   checked before the image is published.
@@ -32,7 +35,9 @@ use crate::build::find_tool;
 use crate::error::{ImageError, IoContext};
 use crate::fsutil;
 use crate::manifest::FileEntry;
-use crate::store::{self, Image, MODULES_DIR, ROOTFS_FILE, VMLINUX_FILE, VMLINUZ_FILE};
+use crate::store::{
+    self, Image, MODULES_DIR, ROOTFS_FILE, TOOLCHAINS_DIR, VMLINUX_FILE, VMLINUZ_FILE,
+};
 
 /// Where the guest keeps the sandbox CA: `sandpen_proto::GUEST_EXTRA_CA`
 /// (this crate does not depend on the protocol; the CLI's tests check that
@@ -54,6 +59,8 @@ pub struct SaveSpec<'a> {
     pub sandbox: &'a str,
     /// PEM certificates to take out of the guest's trust (the sandbox CA).
     pub remove_certs: &'a [String],
+    /// The sandbox's view of shared toolchain trees, if it has one.
+    pub toolchains: Option<&'a Path>,
 }
 
 /// Saves `spec.disk` as the image `spec.name` under `images_root`.
@@ -128,6 +135,11 @@ fn save_into(dir: &Path, spec: &SaveSpec<'_>) -> Result<(), ImageError> {
         if parent.join(name).is_file() {
             link_or_copy(&parent.join(name), &dir.join(name))?;
         }
+    }
+    if let Some(view) = spec.toolchains.filter(|v| v.is_dir()) {
+        let kept = dir.join(TOOLCHAINS_DIR);
+        sandpen_fsutil::link_tree(view, &kept)
+            .ctx(|| format!("keeping {} as {}", view.display(), kept.display()))?;
     }
     let modules = parent.join(MODULES_DIR);
     fs::create_dir_all(dir.join(MODULES_DIR)).ctx(|| "creating modules/".to_string())?;

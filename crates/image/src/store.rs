@@ -16,6 +16,9 @@ pub const VMLINUX_FILE: &str = "vmlinux";
 pub const ROOTFS_FILE: &str = "rootfs.img";
 /// Boot modules (`.ko.xz`) and their `load-order`.
 pub const MODULES_DIR: &str = "modules";
+/// The toolchain trees a saved image keeps from its sandbox (linked copies;
+/// docs/dev-env.md, "Shared toolchain trees").
+pub const TOOLCHAINS_DIR: &str = "toolchains";
 
 /// A built image.
 #[derive(Debug, Clone, PartialEq)]

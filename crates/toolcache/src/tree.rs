@@ -271,15 +271,24 @@ pub fn remove_tree(dir: &Path) -> io::Result<()> {
 /// and its files hard-linked (copied when `view` is on another file
 /// system). Returns the name the guest finds it under, in [`GUEST_VIEW`].
 pub fn publish(tree: &Tree, view: &Path) -> Result<String, TreeError> {
-    if !is_sha256_hex(&tree.sha256) {
+    give(&tree.dir, view, &tree.sha256)?;
+    Ok(tree.sha256.clone())
+}
+
+/// Puts a linked copy of `from` in `view` under `name` (a tree's sha256),
+/// whole or not at all; nothing when `view` has it already. A saved image
+/// keeps the trees of the sandbox it came from this way, and gives them to
+/// the sandboxes started from it.
+pub fn give(from: &Path, view: &Path, name: &str) -> Result<(), TreeError> {
+    if !is_sha256_hex(name) {
         return Err(TreeError::Write {
-            path: tree.dir.clone(),
-            source: io::Error::other("not a tree of the cache"),
+            path: from.to_path_buf(),
+            source: io::Error::other(format!("{name:?} is not a tree's name")),
         });
     }
-    let target = view.join(&tree.sha256);
+    let target = view.join(name);
     if target.is_dir() {
-        return Ok(tree.sha256.clone());
+        return Ok(());
     }
     fs::DirBuilder::new()
         .recursive(true)
@@ -287,38 +296,27 @@ pub fn publish(tree: &Tree, view: &Path) -> Result<String, TreeError> {
         .create(view)
         .map_err(write_err(view))?;
     let staging = view.join(format!(".{}", unique("view")));
-    let made = mirror(&tree.dir, &staging).map_err(write_err(&staging));
+    let made = sandpen_fsutil::link_tree(from, &staging).map_err(write_err(&staging));
     let made = made.and_then(|()| match fs::rename(&staging, &target) {
         Ok(()) => Ok(()),
         Err(_) if target.is_dir() => Ok(()),
         Err(e) => Err(write_err(&target)(e)),
     });
     let _ = remove_tree(&staging);
-    made?;
-    Ok(tree.sha256.clone())
+    made
 }
 
-/// `to` becomes a copy of `from` whose files are hard links.
-fn mirror(from: &Path, to: &Path) -> io::Result<()> {
-    fs::DirBuilder::new().mode(0o755).create(to)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        let (src, dst) = (entry.path(), to.join(entry.file_name()));
-        if kind.is_dir() {
-            mirror(&src, &dst)?;
-        } else if kind.is_symlink() {
-            std::os::unix::fs::symlink(fs::read_link(&src)?, &dst)?;
-        } else if kind.is_file() {
-            if let Err(e) = fs::hard_link(&src, &dst) {
-                if e.raw_os_error() != Some(nix::libc::EXDEV) {
-                    return Err(e);
-                }
-                fs::copy(&src, &dst)?;
-            }
-        }
-    }
-    Ok(())
+/// The names of the trees in a view (or in a saved image's `toolchains/`).
+pub fn trees_in(view: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(view)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| is_sha256_hex(n) && view.join(n).is_dir())
+        .collect();
+    names.sort();
+    names
 }
 
 #[cfg(test)]

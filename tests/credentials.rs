@@ -275,7 +275,7 @@ fn the_guest_sees_only_sentinels_and_trusts_the_sandbox_ca() -> Result<(), Faile
         format!("guest environment: {out}"),
     )?;
     check(
-        out.contains("N=/usr/local/share/ca-certificates/sandpen-sandbox-ca.crt")
+        out.contains("N=/etc/ssl/certs/ca-certificates.crt")
             && out.contains("S=/etc/ssl/certs/ca-certificates.crt"),
         format!("CA environment: {out}"),
     )?;

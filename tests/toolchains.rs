@@ -484,6 +484,80 @@ fn a_template_keeps_its_shared_tree() -> Result<(), Failed> {
     result
 }
 
+const PM: &str = "tc-pm";
+/// pnpm 9.15.0's tarball on the npm registry: its `dist.integrity`, as hex,
+/// the way a `packageManager` field pins it.
+const PNPM_SHA512: &str = "76e2379760a4328ec4415815bcd6628dee727af3779aaa4c914e3944156c4299921a89f976381ee107d41f12cfa4b66681ca9c718f0668fa0831ed4c6d8ba56c";
+
+/// `packageManager` pnpm, pinned with its digest: fetched from the npm
+/// registry (reachable here) through the sandbox's policy, checked, and
+/// installed with the sandbox's npm (node 22 from the shared tree). A
+/// digest the tarball does not have is named and nothing is installed.
+fn a_package_manager_is_installed_with_its_digest_checked() -> Result<(), Failed> {
+    let e = env();
+    let (_root, ws) = common::workspace("sandpen-toolchains-pm-", "pm");
+    std::fs::write(ws.join(".nvmrc"), "22\n")?;
+    let package = |pin: &str| format!(r#"{{"name": "pm", "packageManager": "{pin}"}}"#);
+    std::fs::write(
+        ws.join("package.json"),
+        package(&format!("pnpm@9.15.0+sha512.{PNPM_SHA512}")),
+    )?;
+    let ca = e.ca.to_string_lossy().into_owned();
+    let host = format!("nodejs.org:{}", e.mirror.addr.ip());
+    let ws_arg = ws.to_string_lossy().into_owned();
+    let out = e.cli.run(&[
+        "run",
+        "--name",
+        PM,
+        "--add-host",
+        &host,
+        "--upstream-ca",
+        &ca,
+        &ws_arg,
+        "--",
+        "pnpm",
+        "-v",
+    ]);
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    for line in stderr.lines().filter(|l| l.contains("toolchains")) {
+        eprintln!("  {PM}: {line}");
+    }
+    check(
+        stdout.trim() == "9.15.0",
+        format!("pnpm -v: {stdout:?}\nstderr: {stderr}"),
+    )?;
+    check(
+        stderr.contains(&format!(
+            "sandpen: toolchains: node {NODE}, pnpm 9.15.0 (from .nvmrc, package.json)"
+        )),
+        format!("no toolchains line: {stderr}"),
+    )?;
+    // The agent runs it too.
+    let v = ok(&["exec", PM, "--", "pnpm", "-v"])?;
+    check(v.trim() == "9.15.0", format!("pnpm -v as agent: {v}"))?;
+    // Another version, pinned with a digest its tarball does not have.
+    let zeros = "0".repeat(128);
+    std::fs::write(
+        ws.join("package.json"),
+        package(&format!("pnpm@9.14.4+sha512.{zeros}")),
+    )?;
+    ok(&["stop", PM])?;
+    let out = e.cli.run(&["start", PM]);
+    let stderr = text(&out.stderr);
+    check(
+        stderr.contains("pnpm 9.14.4: the registry's tarball has sha512 ")
+            && stderr.contains(&format!(
+                "not the sha512.{zeros} that packageManager pins; not installed"
+            )),
+        format!("the digest mismatch is not named: {stderr}"),
+    )?;
+    let installed = ok(&["exec", PM, "--", "ls", "/opt/sandpen-pm/pnpm"])?;
+    check(
+        installed.split_whitespace().collect::<Vec<_>>() == ["9.15.0"],
+        format!("installed versions: {installed}"),
+    )
+}
+
 /// A workspace whose only statement is a range (`engines.node`) gets the
 /// newest release the vendor lists that the range allows.
 fn a_range_alone_gets_the_newest_release_it_allows() -> Result<(), Failed> {
@@ -601,6 +675,48 @@ fn a_guest_as_root_cannot_poison_the_cache() -> Result<(), Failed> {
     check(mode == 0o700, format!("cache folder mode {mode:o}"))
 }
 
+/// `cache ls` names the archive and the tree in use; `cache prune` keeps a
+/// tree a sandbox uses; `cache prune --all` empties the cache, and the
+/// sandbox whose node is a shared tree still runs it (its view links the
+/// files).
+fn the_cache_is_listed_and_pruned_without_breaking_a_sandbox() -> Result<(), Failed> {
+    let listed = ok(&["cache", "ls"])?;
+    check(
+        listed.contains(&format!("node-v{NODE}-linux-x64.tar.gz"))
+            && listed.contains("tree")
+            && listed.contains("in use"),
+        format!("cache ls: {listed}"),
+    )?;
+    let json: serde_json::Value = serde_json::from_str(&ok(&["cache", "ls", "--json"])?)?;
+    check(
+        json["trees"].as_array().is_some_and(|t| !t.is_empty()),
+        format!("cache ls --json: {json}"),
+    )?;
+    let kept = ok(&["cache", "prune"])?;
+    check(
+        archive_tree().join("bin/node").is_file(),
+        format!("prune removed a tree in use: {kept}"),
+    )?;
+    let all = ok(&["cache", "prune", "--all"])?;
+    check(all.contains("removed "), format!("prune --all: {all}"))?;
+    let after: serde_json::Value = serde_json::from_str(&ok(&["cache", "ls", "--json"])?)?;
+    check(
+        after["blobs"].as_array().is_some_and(|b| b.is_empty())
+            && after["trees"].as_array().is_some_and(|t| t.is_empty()),
+        format!("the cache after prune --all: {after}"),
+    )?;
+    let out = env().cli.run(&["start", SECOND]);
+    check(
+        out.status.success(),
+        format!("start: {}", text(&out.stderr)),
+    )?;
+    let v = ok(&["exec", SECOND, "--", "node", "-v"])?;
+    check(
+        v.trim() == format!("v{NODE}"),
+        format!("node -v after prune --all: {v}"),
+    )
+}
+
 fn deny_all_names_the_host_to_allow() -> Result<(), Failed> {
     ok(&["policy", "init", "deny-all", "-g"])?;
     let (stdout, stderr, seconds) = run_node(DENIED)?;
@@ -644,6 +760,10 @@ fn main() {
             "a_template_keeps_its_shared_tree",
             a_template_keeps_its_shared_tree,
         ),
+        (
+            "a_package_manager_is_installed_with_its_digest_checked",
+            a_package_manager_is_installed_with_its_digest_checked,
+        ),
         ("a_restart_fetches_nothing", a_restart_fetches_nothing),
         (
             "a_range_alone_gets_the_newest_release_it_allows",
@@ -652,6 +772,10 @@ fn main() {
         (
             "a_guest_as_root_cannot_poison_the_cache",
             a_guest_as_root_cannot_poison_the_cache,
+        ),
+        (
+            "the_cache_is_listed_and_pruned_without_breaking_a_sandbox",
+            the_cache_is_listed_and_pruned_without_breaking_a_sandbox,
         ),
         (
             "deny_all_names_the_host_to_allow",
@@ -663,7 +787,7 @@ fn main() {
         .map(|(name, f)| Trial::test(name, f))
         .collect();
     let conclusion = libtest_mimic::run(&args, trials);
-    for name in [FIRST, SECOND, DENIED] {
+    for name in [FIRST, SECOND, DENIED, PM] {
         let _ = env().cli.run(&["rm", "-f", name]);
     }
     let _ = env().cli.run(&["image", "rm", &template_image()]);

@@ -76,8 +76,17 @@ if [ "$step" = resolve ]; then
   done
   exit 0
 fi
+link_bins() {
+  for bin in "$1"/bin/*; do
+    [ -e "$bin" ] || continue
+    link=/usr/local/bin/${bin##*/}
+    if [ -e "$link" ] && [ ! -L "$link" ]; then continue; fi
+    case "$(readlink "$link" 2>/dev/null)" in ""|/opt/mise/*|/opt/sandpen-pm/*) ln -sfn "$bin" "$link" ;; esac
+  done
+}
 missing=""
 specs=""
+pms=""
 for arg in "$@"; do
   case $arg in
     tree:*)
@@ -96,6 +105,10 @@ for arg in "$@"; do
         missing="$missing $spec"
       fi
       ;;
+    pm:*)
+      pms="$pms $arg"
+      continue
+      ;;
     *)
       spec=$arg
       mise where "$spec" >/dev/null 2>&1 || missing="$missing $spec"
@@ -110,13 +123,52 @@ fi
 # $specs too: each word is one checked TOOL@VERSION.
 for spec in $specs; do
   dir=$(mise where "$spec") || exit 91
-  for bin in "$dir"/bin/*; do
-    [ -e "$bin" ] || continue
-    link=/usr/local/bin/${bin##*/}
-    if [ -e "$link" ] && [ ! -L "$link" ]; then continue; fi
-    case "$(readlink "$link" 2>/dev/null)" in ""|/opt/mise/*) ln -sfn "$bin" "$link" ;; esac
-  done
+  link_bins "$dir"
   echo "$spec $dir"
+done
+# Package managers (packageManager): the package's tarball from the npm
+# registry (as corepack fetches it, without the package's metadata), its
+# digest checked as corepack checks it, then installed with the sandbox's
+# npm under its own prefix. A failure is a line, not an exit.
+for pm in $pms; do
+  rest=${pm#pm:}
+  name=${rest%%:*}
+  rest=${rest#*:}
+  version=${rest%%:*}
+  rest=${rest#*:}
+  package=${rest%%:*}
+  digest=${rest#*:}
+  dir=/opt/sandpen-pm/$name/$version
+  if [ ! -x "$dir/bin/$name" ]; then
+    if ! command -v npm >/dev/null 2>&1; then
+      echo "sandpen: toolchains: $name $version needs npm, and this sandbox has none: name a node version (.nvmrc, engines.node)" >&2
+      continue
+    fi
+    tmp=$(mktemp -d)
+    tgz=$tmp/$name-$version.tgz
+    url=https://registry.npmjs.org/$package/-/${package##*/}-$version.tgz
+    if ! curl -fsSL --retry 2 -o "$tgz" "$url"; then
+      echo "sandpen: toolchains: $name $version: $url could not be fetched" >&2
+      rm -rf "$tmp"
+      continue
+    fi
+    if [ "$digest" != - ]; then
+      got=$("${digest%%.*}sum" "$tgz" | cut -d' ' -f1)
+      if [ "$got" != "${digest#*.}" ]; then
+        echo "sandpen: toolchains: $name $version: the registry's tarball has ${digest%%.*} $got, not the $digest that packageManager pins; not installed" >&2
+        rm -rf "$tmp"
+        continue
+      fi
+    fi
+    if ! npm install --global --prefix "$dir" --no-fund --no-audit --no-update-notifier "$tgz" >&2; then
+      echo "sandpen: toolchains: $name $version: npm install failed" >&2
+      rm -rf "$tmp" "$dir"
+      continue
+    fi
+    rm -rf "$tmp"
+  fi
+  link_bins "$dir"
+  echo "$name@$version $dir"
 done
 "#;
 
@@ -141,7 +193,7 @@ pub fn mise_spec(choice: &Choice) -> Result<Option<String>, String> {
     let tool = choice.tool;
     if matches!(tool, Tool::Pnpm | Tool::Yarn) {
         return Err(format!(
-            "{tool} {} ({}): not provisioned; corepack (with node) installs it on first use",
+            "{tool} {} ({}): a package manager is not a mise tool (see package_manager_arg)",
             choice.chosen.version,
             choice.chosen.origin()
         ));
@@ -158,6 +210,35 @@ pub fn mise_spec(choice: &Choice) -> Result<Option<String>, String> {
         }
     };
     Ok(Some(format!("{}@{version}", tool.name())))
+}
+
+/// The install step's argument for a package manager `packageManager`
+/// names (pnpm, yarn): `pm:NAME:VERSION:PACKAGE:DIGEST`, the npm package
+/// (`yarn` for yarn 1, `@yarnpkg/cli-dist` after) and the digest to check
+/// its tarball against (`-` for none). Only a pinned version is taken: a
+/// range (`engines.pnpm`) names no release.
+pub fn package_manager_arg(choice: &Choice) -> Result<String, String> {
+    let tool = choice.tool;
+    let Version::Pinned(version) = &choice.chosen.version else {
+        return Err(format!(
+            "{tool} {} ({}): only a pinned version (packageManager) is provisioned",
+            choice.chosen.version,
+            choice.chosen.origin()
+        ));
+    };
+    let package = match tool {
+        Tool::Pnpm => "pnpm",
+        Tool::Yarn if version == "1" || version.starts_with("1.") => "yarn",
+        Tool::Yarn => "@yarnpkg/cli-dist",
+        _ => return Err(format!("{tool} is not a package manager")),
+    };
+    let digest = match &choice.chosen.digest {
+        None => "-".to_string(),
+        // The plan only keeps a digest that parses.
+        Some(d) if sandpen_devenv::sources::package_digest(d).is_some() => d.clone(),
+        Some(d) => return Err(format!("{tool} {version}: {d:?} is not a digest")),
+    };
+    Ok(format!("pm:{}:{version}:{package}:{digest}", tool.name()))
 }
 
 /// The newest release of `choice`'s tool its range allows, from the
@@ -198,8 +279,19 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan, say: Sa
     let started = std::time::Instant::now();
     let since = time::OffsetDateTime::now_utc();
     let mut specs = Vec::new();
+    let mut managers = Vec::new();
     let mut origins = Vec::new();
     for choice in &plan.tools {
+        if matches!(choice.tool, Tool::Pnpm | Tool::Yarn) {
+            match package_manager_arg(choice) {
+                Ok(arg) => {
+                    managers.push(arg);
+                    origins.push(choice.chosen.file.clone());
+                }
+                Err(why) => say(&format!("sandpen: toolchains: {why}")),
+            }
+            continue;
+        }
         let spec = match mise_spec(choice) {
             Ok(Some(spec)) => Ok(spec),
             Ok(None) => resolve_range(dirs, config, choice, say)
@@ -222,22 +314,35 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan, say: Sa
             Err(why) => say(&format!("sandpen: toolchains: {why}")),
         }
     }
-    if specs.is_empty() {
+    if specs.is_empty() && managers.is_empty() {
         remount_trees(dirs, config, say).await;
         for line in refused_downloads(dirs, &config.name, since) {
             say(&line);
         }
         return;
     }
+    let named: Vec<String> = managers
+        .iter()
+        .filter_map(|m| {
+            let mut f = m.split(':').skip(1);
+            Some(format!("{}@{}", f.next()?, f.next()?))
+        })
+        .collect();
     say(&format!(
         "sandpen: toolchains: provisioning {}",
-        specs.join(" ")
+        specs
+            .iter()
+            .chain(&named)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" ")
     ));
-    let args = match step(dirs, config, "resolve", &specs, say).await {
+    let mut args = match step(dirs, config, "resolve", &specs, say).await {
         Ok((0, resolved)) => with_trees(dirs, config, &specs, &resolved, say).await,
         // The install step says what is wrong (an image without mise).
         _ => specs.clone(),
     };
+    args.extend(managers);
     match step(dirs, config, "install", &args, say).await {
         Ok((0, stdout)) => {
             let installed: Vec<String> = stdout
@@ -525,6 +630,7 @@ mod tests {
                 file: ".nvmrc".into(),
                 key: String::new(),
                 rank: Rank::VersionFile,
+                digest: None,
             },
             others: Vec::new(),
         }
@@ -558,6 +664,31 @@ mod tests {
         let go = spec(Tool::Go, Version::range(">=1.22").unwrap()).unwrap_err();
         assert!(go.contains("a range of go is not provisioned yet"), "{go}");
         let pnpm = spec(Tool::Pnpm, Version::pinned("9.1.0").unwrap()).unwrap_err();
-        assert!(pnpm.contains("not provisioned"), "{pnpm}");
+        assert!(pnpm.contains("not a mise tool"), "{pnpm}");
+    }
+
+    #[test]
+    fn package_managers_become_npm_packages_with_their_digest() {
+        let arg = |t, v: &str, digest: Option<&str>| {
+            let mut c = choice(t, Version::pinned(v).unwrap());
+            c.chosen.digest = digest.map(str::to_string);
+            package_manager_arg(&c)
+        };
+        let sha = format!("sha512.{}", "0f".repeat(64));
+        assert_eq!(
+            arg(Tool::Pnpm, "9.15.0", Some(&sha)),
+            Ok(format!("pm:pnpm:9.15.0:pnpm:{sha}"))
+        );
+        assert_eq!(
+            arg(Tool::Yarn, "1.22.22", None),
+            Ok("pm:yarn:1.22.22:yarn:-".to_string())
+        );
+        assert_eq!(
+            arg(Tool::Yarn, "4.5.0", None),
+            Ok("pm:yarn:4.5.0:@yarnpkg/cli-dist:-".to_string())
+        );
+        assert!(arg(Tool::Pnpm, "9.15.0", Some("sha512.zz")).is_err());
+        let range = package_manager_arg(&choice(Tool::Pnpm, Version::range(">=9").unwrap()));
+        assert!(range.unwrap_err().contains("only a pinned version"));
     }
 }

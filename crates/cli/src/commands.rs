@@ -159,9 +159,65 @@ pub async fn dispatch(command: Command) -> Result<i32> {
         Command::Secret(cmd) => crate::secret_cmd::run(&dirs, cmd),
         Command::Doctor => doctor(&dirs),
         Command::Env(EnvCommand::Plan { path, json }) => env_plan(path, json),
+        Command::Cache(cmd) => cache(&dirs, cmd),
         Command::Ui(args) => crate::ui_cmd::run(dirs, args).await,
         Command::Supervise { .. } | Command::FsServe(_) | Command::Jail => {
             unreachable!("handled before the runtime starts")
+        }
+    }
+}
+
+/// `sandpen cache ls|prune`: the host's toolchain cache (docs/dev-env.md,
+/// "Cache size").
+fn cache(dirs: &Dirs, cmd: crate::CacheCommand) -> Result<i32> {
+    use crate::stats_cmd::human_bytes;
+    let dir = dirs.toolchains();
+    match cmd {
+        crate::CacheCommand::Ls { json } => {
+            let usage = sandpen_toolcache::usage::usage(&dir)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&usage)?);
+                return Ok(0);
+            }
+            println!("{:<6} {:<12} {:>8}  USE", "KIND", "SHA256", "SIZE");
+            for blob in &usage.blobs {
+                let urls = if blob.urls.is_empty() {
+                    "(no index entry)".to_string()
+                } else {
+                    blob.urls.join(" ")
+                };
+                println!(
+                    "{:<6} {:<12} {:>8}  {urls}",
+                    "blob",
+                    &blob.sha256[..12],
+                    human_bytes(blob.size)
+                );
+            }
+            for tree in &usage.trees {
+                println!(
+                    "{:<6} {:<12} {:>8}  {}",
+                    "tree",
+                    &tree.sha256[..12],
+                    human_bytes(tree.size),
+                    if tree.in_use {
+                        "in use (a sandbox or an image links it)"
+                    } else {
+                        "unused"
+                    }
+                );
+            }
+            println!("total {} in {}", human_bytes(usage.total()), dir.display());
+            Ok(0)
+        }
+        crate::CacheCommand::Prune { all } => {
+            let pruned = sandpen_toolcache::usage::prune(&dir, all)?;
+            println!(
+                "removed {} archive(s) and {} tree(s): {} freed",
+                pruned.blobs,
+                pruned.trees,
+                human_bytes(pruned.bytes)
+            );
+            Ok(0)
         }
     }
 }

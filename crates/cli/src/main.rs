@@ -208,6 +208,9 @@ enum Command {
     /// The development environment a workspace asks for (toolchains, devcontainer.json)
     #[command(subcommand)]
     Env(EnvCommand),
+    /// The host's toolchain cache: downloaded archives and the trees unpacked from them
+    #[command(subcommand)]
+    Cache(CacheCommand),
     /// Check this host: QEMU, KVM or TCG, file server, image tools
     Doctor,
     /// The local web page: first run, sandboxes with a terminal, the live
@@ -234,6 +237,22 @@ pub enum EnvCommand {
         path: Option<std::path::PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum CacheCommand {
+    /// What it holds: each archive (its URL) and tree (in use or not), and the total
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the trees no sandbox or image uses (remade when needed)
+    Prune {
+        /// Also every tree and every downloaded archive (fetched again when
+        /// needed); sandboxes and images keep the trees they use
+        #[arg(long)]
+        all: bool,
     },
 }
 

@@ -154,6 +154,7 @@ fn features(value: &Value, tools: &mut Parsed, dc: &mut DevContainer) -> Result<
                         tool: *tool,
                         version,
                         key,
+                        digest: None,
                     }),
                     None => tools.skipped.push(Skipped::BadValue {
                         key,

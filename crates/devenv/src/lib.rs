@@ -178,6 +178,10 @@ pub struct Request {
     pub file: String,
     pub key: String,
     pub rank: Rank,
+    /// The download's digest the file pins (`packageManager`'s
+    /// `sha512.HEX`), checked when it is provisioned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
 }
 
 impl Request {
@@ -366,6 +370,7 @@ pub fn detect(root: &Path) -> Result<Plan, DetectError> {
                 version: found.version,
                 file: file.into(),
                 key: found.key,
+                digest: found.digest,
             });
         }
         for skipped in parsed.skipped {

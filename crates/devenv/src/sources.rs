@@ -11,6 +11,9 @@ pub struct Found {
     pub tool: Tool,
     pub version: Version,
     pub key: String,
+    /// The download's digest the file pins, as it wrote it
+    /// (`packageManager`'s `sha512.HEX`).
+    pub digest: Option<String>,
 }
 
 /// Something in a file that sandpen did not take, with the line when there is
@@ -42,6 +45,7 @@ impl Parsed {
             tool,
             version,
             key: key.into(),
+            digest: None,
         });
     }
 }
@@ -280,6 +284,27 @@ pub fn go_mod(text: &str) -> Parsed {
     out
 }
 
+/// A `packageManager` digest, `ALGORITHM.HEX` (sha1, sha224, sha256 or
+/// sha512, as corepack takes): the algorithm and the digest's bytes.
+pub fn package_digest(text: &str) -> Option<(&str, Vec<u8>)> {
+    let (algorithm, hex) = text.split_once('.')?;
+    let bytes = match algorithm {
+        "sha1" => 20,
+        "sha224" => 28,
+        "sha256" => 32,
+        "sha512" => 64,
+        _ => return None,
+    };
+    if hex.len() != bytes * 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let digest = (0..bytes)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
+        .collect::<Result<Vec<u8>, _>>()
+        .ok()?;
+    Some((algorithm, digest))
+}
+
 /// `package.json`: `engines.node`, `engines.pnpm`, `engines.yarn` (ranges) and
 /// `packageManager` (`pnpm@9.1.0+sha512.…`, corepack's pin).
 pub fn package_json(text: &str) -> Parsed {
@@ -314,8 +339,12 @@ pub fn package_json(text: &str) -> Parsed {
     if let Some(value) = json.get("packageManager") {
         let text = value.as_str().unwrap_or("(not a string)");
         let (name, rest) = text.split_once('@').unwrap_or((text, ""));
-        // The `+sha512.…` suffix is corepack's own check of the download.
-        let version = rest.split('+').next().unwrap_or("");
+        // The `+sha512.HEX` suffix pins the package's tarball (corepack's
+        // check, which provisioning makes too).
+        let (version, digest) = match rest.split_once('+') {
+            Some((version, digest)) => (version, Some(digest)),
+            None => (rest, None),
+        };
         let tool = match name {
             "pnpm" => Some(Tool::Pnpm),
             "yarn" => Some(Tool::Yarn),
@@ -330,9 +359,14 @@ pub fn package_json(text: &str) -> Parsed {
             }
         };
         if let Some(tool) = tool {
-            match Version::pinned(version) {
-                Some(v) => out.push(tool, v, "packageManager"),
-                None => out.skipped.push(Skipped::BadValue {
+            match (Version::pinned(version), digest.map(package_digest)) {
+                (Some(version), None | Some(Some(_))) => out.found.push(Found {
+                    tool,
+                    version,
+                    key: "packageManager".into(),
+                    digest: digest.map(str::to_string),
+                }),
+                _ => out.skipped.push(Skipped::BadValue {
                     key: "packageManager".into(),
                     text: text.into(),
                 }),
@@ -543,9 +577,10 @@ mod tests {
 
     #[test]
     fn package_json_engines_and_package_manager() {
-        let p = package_json(
-            r#"{"engines": {"node": ">=20 <23", "npm": ">=10"}, "packageManager": "pnpm@9.1.0+sha512.abc"}"#,
-        );
+        let digest = format!("sha512.{}", "ab".repeat(64));
+        let p = package_json(&format!(
+            r#"{{"engines": {{"node": ">=20 <23", "npm": ">=10"}}, "packageManager": "pnpm@9.1.0+{digest}"}}"#,
+        ));
         let got: Vec<_> = p
             .found
             .iter()
@@ -558,6 +593,23 @@ mod tests {
                 (Tool::Pnpm, "9.1.0".to_string(), "packageManager"),
             ]
         );
+        assert_eq!(p.found[1].digest.as_deref(), Some(digest.as_str()));
+        assert_eq!(p.found[0].digest, None);
+        // A digest corepack would not take is no pin at all: the whole
+        // statement is skipped, never taken without its check.
+        for bad in [
+            "pnpm@9.1.0+sha512.abc",
+            "pnpm@9.1.0+md5.0123456789abcdef0123456789abcdef",
+            "pnpm@9.1.0+sha1.zz23456789abcdef0123456789abcdef01234567",
+            "pnpm@9.1.0+",
+        ] {
+            let p = package_json(&format!(r#"{{"packageManager": "{bad}"}}"#));
+            assert!(p.found.is_empty() && p.skipped.len() == 1, "{bad}");
+        }
+        let sha1 = package_json(
+            r#"{"packageManager": "yarn@1.22.22+sha1.ac34549e6aa8e7ead463a7407e1c7390f61a6610"}"#,
+        );
+        assert_eq!(sha1.found.len(), 1);
         assert!(package_json("{").skipped[0].to_string().contains("line 1"));
         let bad = package_json(r#"{"engines": {"node": "`reboot`"}}"#);
         assert!(bad.found.is_empty() && bad.skipped.len() == 1);

@@ -93,11 +93,11 @@ pub struct GuestSetup {
 }
 
 /// Where the guest installs [`GuestSetup::ca_certs`] (Debian's place for
-/// local CAs, kept by `update-ca-certificates`); `NODE_EXTRA_CA_CERTS` names it.
+/// local CAs, kept by `update-ca-certificates`).
 pub const GUEST_EXTRA_CA: &str = "/usr/local/share/ca-certificates/sandpen-sandbox-ca.crt";
 /// The guest's system bundle, which gets the same certificates appended;
-/// `SSL_CERT_FILE`, `CURL_CA_BUNDLE`, `REQUESTS_CA_BUNDLE` and `GIT_SSL_CAINFO`
-/// name it.
+/// `SSL_CERT_FILE`, `CURL_CA_BUNDLE`, `REQUESTS_CA_BUNDLE`, `GIT_SSL_CAINFO`
+/// and `NODE_EXTRA_CA_CERTS` name it.
 pub const GUEST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

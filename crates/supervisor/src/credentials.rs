@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 use sandpen_credentials::{
     CustomRoutes, FileStore, Found, Keyring, Route, RouteTable, SandboxCa, Scope,
 };
-use sandpen_proto::{GUEST_CA_BUNDLE, GUEST_EXTRA_CA};
+use sandpen_proto::GUEST_CA_BUNDLE;
 use sandpen_proxy::mitm::{upstream_tls, CredentialSource, Mitm};
 
 use crate::paths::{Dirs, SandboxPaths};
@@ -184,13 +184,17 @@ pub fn mitm(dirs: &Dirs, ca: SandboxCa, config: &SandboxConfig) -> Result<Mitm, 
     Ok(Mitm::new(Arc::new(ca), tls, Arc::new(source)))
 }
 
-/// The guest environment for credentials: where the CA is, for the clients
-/// that do not read the system bundle by default, and the sentinel of each
-/// route whose secret is set now (a variable is only there when it works).
+/// The guest environment for credentials: where the CAs are, for the
+/// clients that do not read the system bundle by default, and the sentinel
+/// of each route whose secret is set now (a variable is only there when it
+/// works). Node gets the whole system bundle, not the sandbox CA alone: it
+/// holds the sandbox CA (appended at boot) and the CAs of a TLS-intercepting
+/// proxy in front of the host (installed at image build), without which
+/// npm in the guest fails with `SELF_SIGNED_CERT_IN_CHAIN` behind one.
 pub fn guest_env(dirs: &Dirs, name: &str) -> Vec<(String, String)> {
     let mut env = vec![(
         "NODE_EXTRA_CA_CERTS".to_string(),
-        GUEST_EXTRA_CA.to_string(),
+        GUEST_CA_BUNDLE.to_string(),
     )];
     for key in [
         "SSL_CERT_FILE",

@@ -10,11 +10,14 @@
 //!   read-only view that its guest mounts, so the second sandbox that needs
 //!   a toolchain neither downloads nor unpacks it.
 //!
+//! [`usage`] lists both and takes them back (`sandpen cache`).
+//!
 //! A guest never writes either: it chooses which URL it asks for, never
 //! what is kept for it.
 
 pub mod store;
 pub mod tree;
+pub mod usage;
 
 pub use store::{
     artifact_host, upstream_identity, ArtifactHost, Filling, Hit, ToolCache, ARTIFACT_HOSTS,

@@ -106,10 +106,10 @@ pub fn artifact_host(host: &str) -> Option<&'static ArtifactHost> {
 
 /// One index entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Entry {
-    url: String,
-    sha256: String,
-    size: u64,
+pub(crate) struct Entry {
+    pub(crate) url: String,
+    pub(crate) sha256: String,
+    pub(crate) size: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     content_type: Option<String>,
 }

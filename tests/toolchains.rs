@@ -489,6 +489,10 @@ const PM: &str = "tc-pm";
 /// the way a `packageManager` field pins it.
 const PNPM_SHA512: &str = "76e2379760a4328ec4415815bcd6628dee727af3779aaa4c914e3944156c4299921a89f976381ee107d41f12cfa4b66681ca9c718f0668fa0831ed4c6d8ba56c";
 
+/// yarn 4.5.0's `packageManager` digest: the sha512 of `bin/yarn.js` in
+/// `@yarnpkg/cli-dist@4.5.0`'s tarball, as corepack computes it.
+const YARN_JS_SHA512: &str = "837566d24eec14ec0f5f1411adb544e892b3454255e61fdef8fd05f3429480102806bac7446bc9daff3896b01ae4b62d00096c7e989f1596f2af10b927532f39";
+
 /// `packageManager` pnpm, pinned with its digest: fetched from the npm
 /// registry (reachable here) through the sandbox's policy, checked, and
 /// installed with the sandbox's npm (node 22 from the shared tree). A
@@ -555,7 +559,21 @@ fn a_package_manager_is_installed_with_its_digest_checked() -> Result<(), Failed
     check(
         installed.split_whitespace().collect::<Vec<_>>() == ["9.15.0"],
         format!("installed versions: {installed}"),
-    )
+    )?;
+    // yarn 4: corepack's digest is that of the bin/yarn.js in the tarball.
+    std::fs::write(
+        ws.join("package.json"),
+        package(&format!("yarn@4.5.0+sha512.{YARN_JS_SHA512}")),
+    )?;
+    ok(&["stop", PM])?;
+    let out = e.cli.run(&["start", PM]);
+    let stderr = text(&out.stderr);
+    check(
+        out.status.success() && stderr.contains("yarn 4.5.0 (from"),
+        format!("yarn not provisioned: {stderr}"),
+    )?;
+    let v = ok(&["exec", PM, "--", "yarn", "--version"])?;
+    check(v.trim() == "4.5.0", format!("yarn --version: {v}"))
 }
 
 /// A workspace whose only statement is a range (`engines.node`) gets the

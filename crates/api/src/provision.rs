@@ -29,7 +29,9 @@ pub type Say<'a> = &'a (dyn Fn(&str) + Sync);
 ///
 /// - `resolve SPEC…`: first mounts again the trees recorded in
 ///   `/opt/mise/.sandpen-trees` (an overlay over the read-only tree, its
-///   changes on the guest's disk), forgetting one whose tree is gone; then
+///   changes on the guest's disk; a record whose tree is missing is kept,
+///   with those changes, and said; one that mise replaced by a real
+///   install is dropped); then
 ///   prints, per `TOOL@VERSION`, `have SPEC` when mise has it, `want SPEC
 ///   VERSION` with the exact version mise resolves it to (from the vendor's
 ///   list, through the policy), or `unknown SPEC`.
@@ -56,11 +58,20 @@ if [ "$step" = resolve ]; then
     : > "$record.new"
     while read -r tool version name; do
       dest=/opt/mise/installs/$tool/$version
-      if mountpoint -q "$dest" || { [ -d "$trees/$name" ] && mount_tree "$tool" "$version" "$name"; }; then
+      if mountpoint -q "$dest"; then
+        echo "$tool $version $name" >> "$record.new"
+      elif [ -n "$(ls -A "$dest" 2>/dev/null)" ]; then
+        # mise installed it for real meanwhile: that install wins.
+        continue
+      elif [ -d "$trees/$name" ] && mount_tree "$tool" "$version" "$name"; then
         echo "$tool $version $name" >> "$record.new"
       else
+        # Kept, with the changes made over it (.sandpen-upper), for a start
+        # that has the tree again; the empty folder goes, or mise would take
+        # it for an install.
         rmdir "$dest" 2>/dev/null
-        rm -rf "/opt/mise/.sandpen-upper/$tool-$version"
+        echo "$tool $version $name" >> "$record.new"
+        echo "sandpen: toolchains: $tool $version's shared tree is not in this sandbox this start; it is installed anew if the workspace asks for it" >&2
       fi
     done < "$record"
     mv "$record.new" "$record"
@@ -97,7 +108,7 @@ for arg in "$@"; do
       name=${rest#*:}
       spec=$tool@$version
       if [ -d "$trees/$name" ] && mount_tree "$tool" "$version" "$name" && mise where "$spec" >/dev/null 2>&1; then
-        echo "$tool $version $name" >> "$record"
+        { grep -v "^$tool $version " "$record" 2>/dev/null; echo "$tool $version $name"; } > "$record.new" && mv "$record.new" "$record"
         echo "sandpen: toolchains: $spec from the host's shared tree (read-only; changes stay in this sandbox)" >&2
       else
         umount "/opt/mise/installs/$tool/$version" 2>/dev/null
@@ -139,7 +150,9 @@ for pm in $pms; do
   package=${rest%%:*}
   digest=${rest#*:}
   dir=/opt/sandpen-pm/$name/$version
-  if [ ! -x "$dir/bin/$name" ]; then
+  # An install is taken as it is only when it was checked against this
+  # same digest (a pin added or changed later is checked again).
+  if [ ! -x "$dir/bin/$name" ] || [ "$(cat "$dir/.sandpen-digest" 2>/dev/null)" != "$digest" ]; then
     if ! command -v npm >/dev/null 2>&1; then
       echo "sandpen: toolchains: $name $version needs npm, and this sandbox has none: name a node version (.nvmrc, engines.node)" >&2
       continue
@@ -153,24 +166,38 @@ for pm in $pms; do
       continue
     fi
     if [ "$digest" != - ]; then
-      got=$("${digest%%.*}sum" "$tgz" | cut -d' ' -f1)
+      # What corepack hashes: the tarball, or for yarn 2 and later the
+      # bin/yarn.js inside it.
+      hashed=$tgz
+      what="the registry's tarball"
+      if [ "$package" = @yarnpkg/cli-dist ]; then
+        tar -xzf "$tgz" -C "$tmp" package/bin/yarn.js 2>/dev/null
+        hashed=$tmp/package/bin/yarn.js
+        what="the registry's bin/yarn.js"
+      fi
+      got=$("${digest%%.*}sum" "$hashed" 2>/dev/null | cut -d' ' -f1)
       if [ "$got" != "${digest#*.}" ]; then
-        echo "sandpen: toolchains: $name $version: the registry's tarball has ${digest%%.*} $got, not the $digest that packageManager pins; not installed" >&2
+        echo "sandpen: toolchains: $name $version: $what has ${digest%%.*} ${got:-(none)}, not the $digest that packageManager pins; not installed" >&2
         rm -rf "$tmp"
         continue
       fi
     fi
+    rm -rf "$dir"
     if ! npm install --global --prefix "$dir" --no-fund --no-audit --no-update-notifier "$tgz" >&2; then
       echo "sandpen: toolchains: $name $version: npm install failed" >&2
       rm -rf "$tmp" "$dir"
       continue
     fi
+    echo "$digest" > "$dir/.sandpen-digest"
     rm -rf "$tmp"
   fi
   link_bins "$dir"
   echo "$name@$version $dir"
 done
 "#;
+
+/// The most of the guest script's stdout the host keeps.
+const MAX_STDOUT: usize = 64 * 1024;
 
 /// mise's settings in the guest: the version host off (versions are listed
 /// by the vendor itself, through the policy), no prompts, plain output.
@@ -337,11 +364,25 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan, say: Sa
             .collect::<Vec<_>>()
             .join(" ")
     ));
-    let mut args = match step(dirs, config, "resolve", &specs, say).await {
-        Ok((0, resolved)) => with_trees(dirs, config, &specs, &resolved, say).await,
-        // The install step says what is wrong (an image without mise).
-        _ => specs.clone(),
-    };
+    // Only a tool served as a tree is resolved first (`mise latest` lists
+    // the vendor's releases: a round trip the others need not make).
+    let tree_specs: Vec<String> = specs
+        .iter()
+        .filter(|spec| {
+            let tool = spec.split('@').next().unwrap_or(spec);
+            sandpen_toolcache::tree::TREE_TOOLS
+                .iter()
+                .any(|t| t.tool == tool)
+        })
+        .cloned()
+        .collect();
+    let mut args = specs.clone();
+    if tree_specs.is_empty() {
+        remount_trees(dirs, config, say).await;
+    } else if let Ok((0, resolved)) = step(dirs, config, "resolve", &tree_specs, say).await {
+        args = with_trees(dirs, config, &specs, &resolved, say).await;
+    }
+    // (Otherwise the install step says what is wrong: an image without mise.)
     args.extend(managers);
     match step(dirs, config, "install", &args, say).await {
         Ok((0, stdout)) => {
@@ -400,7 +441,8 @@ async fn step(
 /// before a start, so that the start serves it (docs/dev-env.md, "Shared
 /// toolchain trees"): when its workspace names a tool served as a tree, or
 /// its image (a saved template) kept trees, which are given to it here.
-pub fn prepare_view(dirs: &Dirs, config: &SandboxConfig) {
+pub fn prepare_view(dirs: &Dirs, config: &SandboxConfig) -> Vec<String> {
+    let mut notes = Vec::new();
     let view = dirs.sandbox(&config.name).toolchain_view();
     let kept = sandpen_image::load(&dirs.images(), &config.image)
         .map(|image| image.dir.join(sandpen_image::TOOLCHAINS_DIR))
@@ -419,17 +461,25 @@ pub fn prepare_view(dirs: &Dirs, config: &SandboxConfig) {
     if wants_tree || !kept_trees.is_empty() {
         if let Err(e) = std::fs::DirBuilder::new().mode(0o755).create(&view) {
             if e.kind() != std::io::ErrorKind::AlreadyExists {
-                tracing::warn!("toolchains: {}: {e}", view.display());
+                notes.push(format!(
+                    "toolchains: {} could not be made ({e}); no shared tree is served this start",
+                    view.display()
+                ));
             }
         }
     }
     if let Some(kept) = kept {
         for name in kept_trees {
             if let Err(e) = sandpen_toolcache::tree::give(&kept.join(&name), &view, &name) {
-                tracing::warn!("toolchains: the image's tree {name}: {e}");
+                notes.push(format!(
+                    "toolchains: image {}'s tree {} was not given to this sandbox: {e}",
+                    config.image,
+                    &name[..12]
+                ));
             }
         }
     }
+    notes
 }
 
 /// Mounts again the trees the sandbox's disk records, for a start that
@@ -470,6 +520,7 @@ async fn with_trees(
     if !view.is_dir() {
         return args;
     }
+    let mut handled = Vec::new();
     for line in resolved.lines() {
         let mut words = line.split(' ');
         let (Some("want"), Some(spec), Some(version), None) =
@@ -480,6 +531,11 @@ async fn with_trees(
         let Some(i) = specs.iter().position(|s| s == spec) else {
             continue;
         };
+        // One answer per spec: a guest repeating a line makes no more work.
+        if handled.contains(&i) {
+            continue;
+        }
+        handled.push(i);
         let tool = spec.split('@').next().unwrap_or(spec);
         let Some(url) = sandpen_toolcache::archive_url(tool, version) else {
             continue;
@@ -550,7 +606,12 @@ async fn guest(
     loop {
         match events.recv::<ExecEvent>().await? {
             Some(ExecEvent::Started { .. }) => {}
-            Some(ExecEvent::Stdout(d)) => stdout.extend_from_slice(&d),
+            // The script prints a line per tool; what a guest adds past
+            // the bound is dropped, not kept in the host's memory.
+            Some(ExecEvent::Stdout(d)) => {
+                let room = MAX_STDOUT.saturating_sub(stdout.len());
+                stdout.extend_from_slice(&d[..d.len().min(room)]);
+            }
             Some(ExecEvent::Stderr(d)) => {
                 stderr.extend_from_slice(&d);
                 flush(&mut stderr, false);

@@ -298,8 +298,10 @@ pub fn default_options(workspace: PathBuf, agent: &str) -> CreateOptions {
 /// to be said (limits or jail layers this host cannot give).
 pub async fn start(dirs: &Dirs, name: &str) -> Result<lifecycle::Started, ApiError> {
     let config = sandbox::load(dirs, name)?;
-    crate::provision::prepare_view(dirs, &config);
-    Ok(lifecycle::start(dirs, name).await?)
+    let notes = crate::provision::prepare_view(dirs, &config);
+    let mut started = lifecycle::start(dirs, name).await?;
+    started.notes.extend(notes);
+    Ok(started)
 }
 
 /// Shuts a sandbox down cleanly, forcing it off after `timeout`.

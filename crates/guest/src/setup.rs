@@ -35,8 +35,7 @@ pub fn apply(setup: &GuestSetup, reaper: &Arc<Reaper>) -> Result<()> {
     Ok(())
 }
 
-/// Trusts the sandbox CA: its own file (for `NODE_EXTRA_CA_CERTS` and a later
-/// `update-ca-certificates`) and appended to the system bundle, unless the
+/// Trusts the sandbox CA: its own file (for a later `update-ca-certificates`) and appended to the system bundle, unless the
 /// bundle has it already (the disk persists across restarts). Running
 /// `update-ca-certificates` instead would cost seconds at every boot.
 fn install_cas(pems: &[String]) -> Result<()> {

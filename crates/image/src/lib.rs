@@ -14,6 +14,7 @@
 //! build.log              output of debootstrap, chroot commands and mkfs
 //! initrd-KEY.img         newc cpio, one per guest binary (Image::ensure_initrd)
 //! save.log               a saved image's (`sandpen save`) commands and output
+//! toolchains/SHA256/     a saved image's shared toolchain trees (linked copies)
 //! ```
 
 mod build;

@@ -137,9 +137,18 @@ fn save_into(dir: &Path, spec: &SaveSpec<'_>) -> Result<(), ImageError> {
         }
     }
     if let Some(view) = spec.toolchains.filter(|v| v.is_dir()) {
+        // Each tree; not a hidden staging folder a crash left behind.
         let kept = dir.join(TOOLCHAINS_DIR);
-        sandpen_fsutil::link_tree(view, &kept)
-            .ctx(|| format!("keeping {} as {}", view.display(), kept.display()))?;
+        fs::create_dir_all(&kept).ctx(|| format!("creating {}", kept.display()))?;
+        for entry in fs::read_dir(view).ctx(|| format!("reading {}", view.display()))? {
+            let entry = entry.ctx(|| format!("reading {}", view.display()))?;
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') || !entry.path().is_dir() {
+                continue;
+            }
+            sandpen_fsutil::link_tree(&entry.path(), &kept.join(&name))
+                .ctx(|| format!("keeping {} in {}", entry.path().display(), kept.display()))?;
+        }
     }
     let modules = parent.join(MODULES_DIR);
     fs::create_dir_all(dir.join(MODULES_DIR)).ctx(|| "creating modules/".to_string())?;

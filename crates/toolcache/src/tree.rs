@@ -102,8 +102,16 @@ pub enum TreeError {
         path: String,
         kind: String,
     },
+    #[error("unpacking the archive {url}: {source}")]
+    Unpack {
+        url: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("the archive {url} unpacks to more than {MAX_TREE_BYTES} bytes")]
     TooLarge { url: String },
+    #[error("{name:?} is not a tree's name (a sha256)")]
+    Name { name: String },
     #[error("writing {path}: {source}")]
     Write {
         path: PathBuf,
@@ -221,7 +229,13 @@ fn unpack(file: File, url: &str, staging: &Path) -> Result<PathBuf, TreeError> {
         // (folders must stay writable while they fill) are dropped.
         entry.set_mask(0o7022);
         entry.set_preserve_mtime(true);
-        if !entry.unpack_in(staging).map_err(read)? {
+        let unpacked = entry
+            .unpack_in(staging)
+            .map_err(|source| TreeError::Unpack {
+                url: url.to_string(),
+                source,
+            })?;
+        if !unpacked {
             return Err(TreeError::Entry {
                 url: url.to_string(),
                 path: entry.path_bytes().escape_ascii().to_string(),
@@ -281,9 +295,8 @@ pub fn publish(tree: &Tree, view: &Path) -> Result<String, TreeError> {
 /// the sandboxes started from it.
 pub fn give(from: &Path, view: &Path, name: &str) -> Result<(), TreeError> {
     if !is_sha256_hex(name) {
-        return Err(TreeError::Write {
-            path: from.to_path_buf(),
-            source: io::Error::other(format!("{name:?} is not a tree's name")),
+        return Err(TreeError::Name {
+            name: name.to_string(),
         });
     }
     let target = view.join(name);

@@ -9,7 +9,9 @@
 //!   A removed blob is downloaded again by the next sandbox that asks.
 //! - **Nothing half-written is taken from a running start.** Temporary
 //!   files and unpacks (`tmp/`) are removed only an hour after they were
-//!   last changed.
+//!   last changed. A tree leaves `trees/` in one rename before it is
+//!   deleted, so a start linking it at that moment fails (and installs
+//!   with mise) rather than giving a sandbox half a tree.
 //! - A tree is **in use** when one of its files has another link: a
 //!   sandbox's view or an image keeps it.
 
@@ -65,7 +67,34 @@ impl Usage {
 pub struct Pruned {
     pub blobs: usize,
     pub trees: usize,
+    /// Bytes the disk got back: a tree a sandbox or an image still links
+    /// is out of the cache but not off the disk.
     pub bytes: u64,
+}
+
+/// Why the cache could not be listed or pruned.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {source}")]
+pub struct UsageError {
+    pub path: std::path::PathBuf,
+    #[source]
+    pub source: io::Error,
+}
+
+fn at(path: &Path) -> impl FnOnce(io::Error) -> UsageError + '_ {
+    move |source| UsageError {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// `Ok(None)` for a file that vanished meanwhile (a prune, a bad blob removed).
+fn present<T>(r: io::Result<T>) -> io::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The names (sha256) of the entries of `dir`, sorted; none when it is
@@ -100,18 +129,26 @@ fn tree_size(dir: &Path) -> io::Result<(u64, bool)> {
     Ok((size, linked))
 }
 
-/// What the cache in `dir` holds.
-pub fn usage(dir: &Path) -> io::Result<Usage> {
+/// What the cache in `dir` holds (what vanishes while it is read is left
+/// out).
+pub fn usage(dir: &Path) -> Result<Usage, UsageError> {
     let mut entries: Vec<Entry> = Vec::new();
-    for entry in fs::read_dir(dir.join("index")).into_iter().flatten() {
-        let path = entry?.path();
-        if let Ok(e) = fs::read(&path).map(|b| serde_json::from_slice::<Entry>(&b)) {
+    for entry in fs::read_dir(dir.join("index"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(e) = fs::read(entry.path()).map(|b| serde_json::from_slice::<Entry>(&b)) {
             entries.extend(e.ok());
         }
     }
     let mut out = Usage::default();
     for sha256 in hashes(&dir.join("blobs")) {
-        let size = fs::symlink_metadata(dir.join("blobs").join(&sha256))?.len();
+        let path = dir.join("blobs").join(&sha256);
+        let Some(meta) = present(fs::symlink_metadata(&path)).map_err(at(&path))? else {
+            continue;
+        };
+        let size = meta.len();
         let mut urls: Vec<String> = entries
             .iter()
             .filter(|e| e.sha256 == sha256)
@@ -122,7 +159,10 @@ pub fn usage(dir: &Path) -> io::Result<Usage> {
         out.blobs.push(BlobUsage { sha256, size, urls });
     }
     for sha256 in hashes(&dir.join("trees")) {
-        let (size, in_use) = tree_size(&dir.join("trees").join(&sha256))?;
+        let path = dir.join("trees").join(&sha256);
+        let Some((size, in_use)) = present(tree_size(&path)).map_err(at(&path))? else {
+            continue;
+        };
         out.trees.push(TreeUsage {
             sha256,
             size,
@@ -135,38 +175,62 @@ pub fn usage(dir: &Path) -> io::Result<Usage> {
 /// Removes the trees no sandbox or image uses (made again from their blob
 /// when needed) and stale temporaries; with `all`, every tree and every
 /// blob with its index entries too (downloaded again when needed).
-pub fn prune(dir: &Path, all: bool) -> io::Result<Pruned> {
+pub fn prune(dir: &Path, all: bool) -> Result<Pruned, UsageError> {
     let before = usage(dir)?;
     let mut pruned = Pruned::default();
-    for tree in before.trees.iter().filter(|t| all || !t.in_use) {
-        remove_tree(&dir.join("trees").join(&tree.sha256))?;
+    for (i, tree) in before.trees.iter().filter(|t| all || !t.in_use).enumerate() {
+        let path = dir.join("trees").join(&tree.sha256);
+        // Out of `trees/` in one step, then deleted.
+        let doomed = dir.join("tmp").join(format!(
+            "pruned-{}-{i}-{}",
+            std::process::id(),
+            &tree.sha256[..12]
+        ));
+        if present(fs::rename(&path, &doomed))
+            .map_err(at(&path))?
+            .is_none()
+        {
+            continue;
+        }
+        remove_tree(&doomed).map_err(at(&doomed))?;
         pruned.trees += 1;
-        pruned.bytes += tree.size;
+        if !tree.in_use {
+            pruned.bytes += tree.size;
+        }
     }
     if all {
-        for entry in fs::read_dir(dir.join("index")).into_iter().flatten() {
-            fs::remove_file(entry?.path())?;
+        let index = dir.join("index");
+        for entry in fs::read_dir(&index).into_iter().flatten().flatten() {
+            present(fs::remove_file(entry.path())).map_err(at(&entry.path()))?;
         }
         for blob in &before.blobs {
-            fs::remove_file(dir.join("blobs").join(&blob.sha256))?;
-            pruned.blobs += 1;
-            pruned.bytes += blob.size;
+            let path = dir.join("blobs").join(&blob.sha256);
+            if present(fs::remove_file(&path))
+                .map_err(at(&path))?
+                .is_some()
+            {
+                pruned.blobs += 1;
+                pruned.bytes += blob.size;
+            }
         }
     }
     let now = SystemTime::now();
-    for entry in fs::read_dir(dir.join("tmp")).into_iter().flatten() {
-        let entry = entry?;
-        let meta = entry.metadata()?;
+    let tmp = dir.join("tmp");
+    for entry in fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let Some(meta) = present(entry.metadata()).map_err(at(&entry.path()))? else {
+            continue;
+        };
         let age = meta
             .modified()
             .ok()
             .and_then(|m| now.duration_since(m).ok())
             .unwrap_or_default();
         if age >= STALE_TMP {
+            let path = entry.path();
             if meta.is_dir() {
-                remove_tree(&entry.path())?;
+                remove_tree(&path).map_err(at(&path))?;
             } else {
-                fs::remove_file(entry.path())?;
+                present(fs::remove_file(&path)).map_err(at(&path))?;
             }
         }
     }
@@ -222,7 +286,8 @@ mod tests {
         // --all takes everything; the sandbox's view is whole.
         let pruned = prune(cache.dir(), true).unwrap();
         assert_eq!((pruned.blobs, pruned.trees), (1, 1));
-        assert_eq!(pruned.bytes, bytes.len() as u64 + 4);
+        // The tree's bytes stay on the disk: the view links them.
+        assert_eq!(pruned.bytes, bytes.len() as u64);
         let after = usage(cache.dir()).unwrap();
         assert!(after.blobs.is_empty() && after.trees.is_empty());
         assert!(cache.lookup(URL).is_none());

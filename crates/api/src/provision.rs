@@ -369,10 +369,7 @@ pub async fn provision(dirs: &Dirs, config: &SandboxConfig, plan: &Plan, say: Sa
     let tree_specs: Vec<String> = specs
         .iter()
         .filter(|spec| {
-            let tool = spec.split('@').next().unwrap_or(spec);
-            sandpen_toolcache::tree::TREE_TOOLS
-                .iter()
-                .any(|t| t.tool == tool)
+            sandpen_toolcache::tree::is_tree_tool(spec.split('@').next().unwrap_or(spec))
         })
         .cloned()
         .collect();
@@ -452,11 +449,9 @@ pub fn prepare_view(dirs: &Dirs, config: &SandboxConfig) -> Vec<String> {
         .map(sandpen_toolcache::tree::trees_in)
         .unwrap_or_default();
     let wants_tree = sandpen_devenv::detect(&config.workspace).is_ok_and(|plan| {
-        plan.tools.iter().any(|c| {
-            sandpen_toolcache::tree::TREE_TOOLS
-                .iter()
-                .any(|t| t.tool == c.tool.name())
-        })
+        plan.tools
+            .iter()
+            .any(|c| sandpen_toolcache::tree::is_tree_tool(c.tool.name()))
     });
     if wants_tree || !kept_trees.is_empty() {
         if let Err(e) = std::fs::DirBuilder::new().mode(0o755).create(&view) {

@@ -78,13 +78,19 @@ fn node_archive(version: &str) -> Option<String> {
         .then(|| format!("https://nodejs.org/dist/v{version}/node-v{version}-linux-{arch}.tar.gz"))
 }
 
+fn tree_tool(tool: &str) -> Option<&'static TreeTool> {
+    TREE_TOOLS.iter().find(|t| t.tool == tool)
+}
+
+/// Whether `tool` (mise's name) is served as a tree.
+pub fn is_tree_tool(tool: &str) -> bool {
+    tree_tool(tool).is_some()
+}
+
 /// The archive of `tool` at `version`, if that tool is served as a tree and
 /// `version` is an exact one.
 pub fn archive_url(tool: &str, version: &str) -> Option<String> {
-    TREE_TOOLS
-        .iter()
-        .find(|t| t.tool == tool)
-        .and_then(|t| (t.archive)(version))
+    tree_tool(tool).and_then(|t| (t.archive)(version))
 }
 
 /// Why a tree could not be made or given.
